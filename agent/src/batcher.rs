@@ -1,0 +1,186 @@
+//! The batcher: collects encoded records of one consistency group in log order and cuts them
+//! into sealed, sequence-numbered batches — when the payload reaches its size target, when the
+//! open batch reaches its age limit, and at every flush, FUA write and bookmark. Sans-IO: time
+//! comes in as arguments.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cdp_shared::Seq;
+use cdp_shared::batch::{self, BatchFlags, Hash, SealParams};
+use cdp_shared::types::{BATCH_PAYLOAD_BYTES_MAX, BATCH_RECORDS_MAX};
+
+/// A batch ready for the spool: its seq and its bytes in the one batch format.
+#[derive(Clone, Debug)]
+pub struct SealedBatch {
+    pub seq: Seq,
+    pub bytes: Bytes,
+    pub flags: BatchFlags,
+}
+
+#[derive(Clone, Debug)]
+pub struct BatcherConfig {
+    pub payload_bytes_target: usize,
+    pub age_max: Duration,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        BatcherConfig {
+            payload_bytes_target: cdp_shared::types::BATCH_PAYLOAD_BYTES_TARGET,
+            age_max: Duration::from_millis(cdp_shared::types::BATCH_AGE_MS_DEFAULT),
+        }
+    }
+}
+
+pub struct Batcher {
+    group: String,
+    config: BatcherConfig,
+    /// The seq the next sealed batch gets.
+    next_seq: Seq,
+    /// Header hash of the last sealed batch.
+    prev_hash: Hash,
+    payload: Vec<u8>,
+    record_count: u32,
+    has_sync_records: bool,
+    opened_at: Option<Instant>,
+}
+
+impl Batcher {
+    /// A batcher whose last sealed batch was `last_seq` with header hash `last_hash`.
+    pub fn new(group: &str, config: BatcherConfig, last_seq: Seq, last_hash: Hash) -> Batcher {
+        assert!(config.payload_bytes_target > 0 && config.payload_bytes_target <= cdp_shared::types::BATCH_PAYLOAD_BYTES_TARGET);
+        Batcher {
+            group: group.to_owned(),
+            config,
+            next_seq: last_seq.next(),
+            prev_hash: last_hash,
+            payload: Vec::new(),
+            record_count: 0,
+            has_sync_records: false,
+            opened_at: None,
+        }
+    }
+
+    /// The last sealed seq.
+    pub fn last_sealed(&self) -> Seq {
+        Seq(self.next_seq.0 - 1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.record_count == 0
+    }
+
+    /// When the open batch must be cut for age, if one is open.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.opened_at.map(|t| t + self.config.age_max)
+    }
+
+    /// Appends `n` encoded records (`encoded` holds exactly them) and returns the batches this
+    /// sealed: the open one first if the records would not fit, and the new one if it reached
+    /// the size target. `inconsistent` says whether the group is inside a sync at this moment.
+    pub fn push(&mut self, encoded: &[u8], n: u32, sync: bool, inconsistent: bool, now: Instant, time_ns: i64) -> Vec<SealedBatch> {
+        let mut out = Vec::new();
+        let would_be = self.payload.len() + encoded.len();
+        if !self.is_empty()
+            && (would_be > self.config.payload_bytes_target || self.record_count as usize + n as usize > BATCH_RECORDS_MAX)
+        {
+            out.extend(self.seal(0, None, inconsistent, time_ns));
+        }
+        assert!(self.payload.len() + encoded.len() <= BATCH_PAYLOAD_BYTES_MAX, "a push larger than a batch");
+        if self.opened_at.is_none() {
+            self.opened_at = Some(now);
+        }
+        self.payload.extend_from_slice(encoded);
+        self.record_count += n;
+        self.has_sync_records |= sync;
+        if self.payload.len() >= self.config.payload_bytes_target {
+            out.extend(self.seal(0, None, inconsistent, time_ns));
+        }
+        out
+    }
+
+    /// Cuts the open batch with `flags` (e.g. FLUSH). Without records and without a bookmark
+    /// there is nothing to cut and this returns `None`: the last sealed batch already holds
+    /// every completed write.
+    pub fn seal(&mut self, flags: u16, bookmark: Option<&str>, inconsistent: bool, time_ns: i64) -> Option<SealedBatch> {
+        if self.is_empty() && bookmark.is_none() {
+            return None;
+        }
+        let mut f = flags;
+        if self.has_sync_records {
+            f |= BatchFlags::SYNC;
+        }
+        if inconsistent {
+            f |= BatchFlags::INCONSISTENT;
+        }
+        let params = SealParams {
+            group: &self.group,
+            seq: self.next_seq,
+            agent_time_ns: time_ns,
+            flags: BatchFlags(f),
+            bookmark,
+            prev_hash: self.prev_hash,
+            record_count: self.record_count,
+        };
+        let (bytes, hash) = batch::seal(&params, &self.payload);
+        let sealed = SealedBatch { seq: self.next_seq, bytes: Bytes::from(bytes), flags: BatchFlags(f) };
+        self.prev_hash = hash;
+        self.next_seq = self.next_seq.next();
+        self.payload.clear();
+        self.record_count = 0;
+        self.has_sync_records = false;
+        self.opened_at = None;
+        Some(sealed)
+    }
+
+    /// Cuts the open batch if it is older than the age limit.
+    pub fn poll_age(&mut self, now: Instant, inconsistent: bool, time_ns: i64) -> Option<SealedBatch> {
+        match self.deadline() {
+            Some(d) if now >= d => self.seal(0, None, inconsistent, time_ns),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cdp_shared::batch::{RecordKind, encode_marker};
+
+    fn marker() -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_marker(0, RecordKind::Zero, 0, 4096, 0, &mut v);
+        v
+    }
+
+    #[test]
+    fn cuts_on_size_age_and_flush_and_chains_hashes() {
+        let cfg = BatcherConfig { payload_bytes_target: 3 * marker().len(), age_max: Duration::from_millis(20) };
+        let mut b = Batcher::new("g", cfg, Seq(0), [0; 32]);
+        let t0 = Instant::now();
+        assert!(b.push(&marker(), 1, false, false, t0, 1).is_empty());
+        assert!(b.push(&marker(), 1, false, false, t0, 1).is_empty());
+        let sealed = b.push(&marker(), 1, false, false, t0, 1);
+        assert_eq!(sealed.len(), 1, "size target reached");
+        assert_eq!(sealed[0].seq, Seq(1));
+        let first = batch::decode(&sealed[0].bytes).expect("decodes");
+        assert_eq!(first.header.record_count, 3);
+
+        assert!(b.poll_age(t0, false, 2).is_none(), "nothing open");
+        b.push(&marker(), 1, false, true, t0, 2);
+        assert!(b.poll_age(t0 + Duration::from_millis(5), false, 2).is_none());
+        let aged = b.poll_age(t0 + Duration::from_millis(25), true, 2).expect("age cut");
+        let second = batch::decode(&aged.bytes).expect("decodes");
+        assert_eq!(second.header.seq, Seq(2));
+        assert_eq!(second.header.prev_hash, first.header.header_hash);
+        assert!(!second.header.flags.consistent());
+
+        assert!(b.seal(BatchFlags::FLUSH, None, false, 3).is_none(), "empty flush seals nothing");
+        let bm = b.seal(BatchFlags::FLUSH, Some("bm"), false, 3).expect("bookmark seals an empty batch");
+        let third = batch::decode(&bm.bytes).expect("decodes");
+        assert_eq!(third.header.bookmark.as_deref(), Some("bm"));
+        assert_eq!(third.header.record_count, 0);
+        assert_eq!(b.last_sealed(), Seq(3));
+    }
+}

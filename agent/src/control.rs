@@ -1,0 +1,145 @@
+//! The agent's local control socket (`DIR/ctl.sock`): `cdp-agent bookmark` and
+//! `cdp-agent status` talk to the running agent through it, one JSON request and one JSON
+//! reply per line.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use cdp_shared::types::check_name;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::status::AgentStatus;
+use crate::write_pipeline::Group;
+
+pub const SOCKET_NAME: &str = "ctl.sock";
+/// Longest request line.
+const REQUEST_BYTES_MAX: usize = 4096;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Seal a named consistent point in every group (or only `group`); with `wait`, reply only
+    /// once the replica has made it durable.
+    Bookmark { name: String, group: Option<String>, wait: bool },
+    Status,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Reply {
+    Bookmarked { points: Vec<BookmarkPoint>, durable: bool },
+    Status(Box<AgentStatus>),
+    Error { message: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BookmarkPoint {
+    pub group: String,
+    pub seq: u64,
+}
+
+pub struct ControlContext {
+    pub groups: Vec<Arc<Group>>,
+    pub status: Arc<dyn Fn() -> AgentStatus + Send + Sync>,
+}
+
+/// Serves the control socket until `shutdown`.
+pub async fn serve(listener: UnixListener, ctx: Arc<ControlContext>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => { tracing::warn!("control socket accept failed: {e}"); continue; }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, ctx, shutdown).await {
+                tracing::debug!("control connection: {e:#}");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, ctx: Arc<ControlContext>, shutdown: CancellationToken) -> Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(r.take(REQUEST_BYTES_MAX as u64));
+    reader.read_line(&mut line).await?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Reply::Error { message: format!("malformed request: {e}") },
+        Ok(Request::Status) => Reply::Status(Box::new((ctx.status)())),
+        Ok(Request::Bookmark { name, group, wait }) => bookmark(&ctx, &name, group.as_deref(), wait, &shutdown).await,
+    };
+    let mut out = serde_json::to_vec(&reply)?;
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    Ok(())
+}
+
+async fn bookmark(ctx: &ControlContext, name: &str, group: Option<&str>, wait: bool, shutdown: &CancellationToken) -> Reply {
+    if let Err(e) = check_name("bookmark", name) {
+        return Reply::Error { message: e };
+    }
+    let groups: Vec<_> = ctx.groups.iter().filter(|g| group.is_none_or(|n| g.name == n)).cloned().collect();
+    if groups.is_empty() {
+        return Reply::Error { message: format!("no group named {:?} is protected by this agent", group.unwrap_or("")) };
+    }
+    let mut points = Vec::new();
+    for g in &groups {
+        match g.bookmark(name).await {
+            Ok(seq) => points.push((g.clone(), seq)),
+            Err(e) => return Reply::Error { message: format!("bookmark {name} in group {}: {e}", g.name) },
+        }
+    }
+    if wait {
+        for (g, seq) in &points {
+            let mut acked = g.acked.subscribe();
+            let done = async {
+                while *acked.borrow_and_update() < *seq {
+                    if acked.changed().await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            };
+            let ok = tokio::select! { ok = done => ok, _ = shutdown.cancelled() => false };
+            if !ok {
+                return Reply::Error { message: format!("the agent stopped before the replica made bookmark {name} durable") };
+            }
+        }
+    }
+    Reply::Bookmarked { points: points.into_iter().map(|(g, seq)| BookmarkPoint { group: g.name.clone(), seq: seq.0 }).collect(), durable: wait }
+}
+
+/// Sends one request to the running agent in `data_dir`. `None` when no agent is running.
+pub async fn request(data_dir: &Path, req: &Request, timeout: Option<Duration>) -> Result<Option<Reply>> {
+    let path = data_dir.join(SOCKET_NAME);
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("connect to {}", path.display())),
+    };
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut reply = String::new();
+    let mut reader = BufReader::new(r);
+    let read = reader.read_line(&mut reply);
+    match timeout {
+        Some(t) => tokio::time::timeout(t, read).await.map_err(|_| anyhow!("the agent did not answer within {t:?}"))??,
+        None => read.await?,
+    };
+    if reply.is_empty() {
+        return Err(anyhow!("the agent closed the control socket without answering"));
+    }
+    Ok(Some(serde_json::from_str(&reply).context("the agent's reply is malformed")?))
+}

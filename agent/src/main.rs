@@ -1,0 +1,236 @@
+//! The `cdp-agent` command line: a thin layer over the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use cdp_agent::control::{self, Reply, Request};
+use cdp_agent::device::{BlockDev, FileDev};
+use cdp_agent::run::{Agent, Listen, RunOptions};
+use cdp_agent::state::{self, AgentConfig, VolumeConfig};
+use cdp_agent::status;
+use cdp_shared::identity::{Fingerprint, Identity};
+use cdp_shared::types::check_name;
+use clap::{Parser, Subcommand};
+
+/// cdp-agent: protects block devices by recording every write and shipping it to a replica.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the agent's data directory and identity; prints its fingerprint.
+    Init {
+        /// The agent's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// The replica to ship to, HOST:PORT.
+        #[arg(long)]
+        replica: String,
+        /// The replica's fingerprint, as `cdp-replica fingerprint` prints it.
+        #[arg(long)]
+        replica_fingerprint: String,
+    },
+    /// Print this agent's certificate fingerprint (authorize it on the replica).
+    Fingerprint {
+        /// The agent's data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Protect a volume: a block device or a regular file. Takes effect at the next `run`.
+    Protect {
+        /// The agent's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the volume (also its NBD export name).
+        #[arg(long)]
+        volume: String,
+        /// The block device or file that holds the volume.
+        #[arg(long)]
+        device: PathBuf,
+        /// Consistency group: volumes of one group share one log and one seq. Defaults to the
+        /// volume's name.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Serve the protected volumes over NBD and replicate every write.
+    Run {
+        /// The agent's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Unix socket for NBD clients (default: DIR/nbd.sock).
+        #[arg(long, conflicts_with = "listen")]
+        socket: Option<PathBuf>,
+        /// Serve NBD over TCP on this address instead of a Unix socket.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Seal a named consistent point in every group of the running agent.
+    Bookmark {
+        /// The agent's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the bookmark.
+        name: String,
+        /// Return only once the replica has made the bookmark durable.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show the state of every protected volume.
+    Status {
+        /// The agent's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Init { data, replica, replica_fingerprint } => init(&data, &replica, &replica_fingerprint),
+        Command::Fingerprint { data } => {
+            println!("{}", Identity::load(&data)?.fingerprint());
+            Ok(())
+        }
+        Command::Protect { data, volume, device, group } => protect(&data, &volume, &device, group).await,
+        Command::Run { data, socket, listen } => run(&data, socket, listen).await,
+        Command::Bookmark { data, name, wait } => bookmark(&data, &name, wait).await,
+        Command::Status { data, json } => show_status(&data, json).await,
+    }
+}
+
+fn init(data: &Path, replica: &str, replica_fingerprint: &str) -> Result<()> {
+    let fp: Fingerprint = replica_fingerprint.parse().context("--replica-fingerprint")?;
+    if data.join(state::CONFIG_FILE).exists() {
+        bail!("{} already holds an agent; use it, or pick another directory", data.display());
+    }
+    if !replica.contains(':') {
+        bail!("--replica {replica:?} must be HOST:PORT");
+    }
+    std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
+    let identity = Identity::generate("cdp-agent")?;
+    identity.save(data)?;
+    let config = AgentConfig {
+        replica: replica.to_owned(),
+        replica_fingerprint: fp.to_string(),
+        batch_age_ms: cdp_shared::types::BATCH_AGE_MS_DEFAULT,
+        batches_in_flight: cdp_shared::types::BATCHES_IN_FLIGHT_DEFAULT,
+        volumes: Vec::new(),
+    };
+    config.save(data)?;
+    println!("fingerprint: {}", identity.fingerprint());
+    Ok(())
+}
+
+async fn protect(data: &Path, volume: &str, device: &Path, group: Option<String>) -> Result<()> {
+    let mut config = AgentConfig::load(data)?;
+    check_name("volume", volume).map_err(anyhow::Error::msg)?;
+    let group = group.unwrap_or_else(|| volume.to_owned());
+    check_name("group", &group).map_err(anyhow::Error::msg)?;
+    if config.volumes.iter().any(|v| v.name == volume) {
+        bail!("volume {volume} is already protected by this agent");
+    }
+    let device = std::fs::canonicalize(device).with_context(|| format!("device {} cannot be opened", device.display()))?;
+    if let Some(v) = config.volumes.iter().find(|v| v.device == device) {
+        bail!("device {} is already protected as volume {}", device.display(), v.name);
+    }
+    let dev = FileDev::open(&device).with_context(|| format!("device {} cannot be opened read-write", device.display()))?;
+    if dev.size() == 0 {
+        bail!("device {} is empty; a volume needs a size", device.display());
+    }
+    let id = config.volumes.iter().filter(|v| v.group == group).count() as u32;
+    config.volumes.push(VolumeConfig { name: volume.to_owned(), device: device.clone(), group: group.clone(), id });
+    config.save(data)?;
+    println!("protecting volume {volume} ({}, {}) in group {group}", device.display(), status::human_bytes(dev.size()));
+    if control::request(data, &Request::Status, Some(Duration::from_secs(2))).await?.is_some() {
+        println!("the agent is running: restart it (`cdp-agent run --data {}`) to start protecting {volume}", data.display());
+    }
+    Ok(())
+}
+
+async fn run(data: &Path, socket: Option<PathBuf>, listen: Option<SocketAddr>) -> Result<()> {
+    let listen = match (socket, listen) {
+        (_, Some(addr)) => Listen::Tcp(addr),
+        (Some(path), None) => Listen::Unix(path),
+        (None, None) => Listen::Unix(data.join("nbd.sock")),
+    };
+    let agent = Agent::start(RunOptions { data_dir: data.to_owned(), listen }).await?;
+    match &agent.nbd {
+        Listen::Unix(p) => tracing::info!("serving {} volume(s) over NBD on {}", agent.groups.iter().map(|g| g.volumes.len()).sum::<usize>(), p.display()),
+        Listen::Tcp(a) => tracing::info!("serving {} volume(s) over NBD on {a}", agent.groups.iter().map(|g| g.volumes.len()).sum::<usize>()),
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("install the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping");
+    agent.stop().await
+}
+
+fn not_running(data: &Path) -> anyhow::Error {
+    anyhow::anyhow!("the agent in {} is not running: start it with `cdp-agent run --data {}`", data.display(), data.display())
+}
+
+async fn bookmark(data: &Path, name: &str, wait: bool) -> Result<()> {
+    AgentConfig::load(data)?;
+    check_name("bookmark", name).map_err(anyhow::Error::msg)?;
+    let reply = control::request(data, &Request::Bookmark { name: name.to_owned(), group: None, wait }, None).await?.ok_or_else(|| not_running(data))?;
+    match reply {
+        Reply::Bookmarked { points, durable } => {
+            for p in points {
+                let how = if durable { "durable on the replica" } else { "sealed in the spool" };
+                println!("bookmark {name}: group {} seq {} ({how})", p.group, p.seq);
+            }
+            Ok(())
+        }
+        Reply::Error { message } => bail!("{message}"),
+        Reply::Status(_) => bail!("the agent answered a bookmark request with a status"),
+    }
+}
+
+async fn show_status(data: &Path, json: bool) -> Result<()> {
+    let config = AgentConfig::load(data)?;
+    let st = match control::request(data, &Request::Status, Some(Duration::from_secs(5))).await? {
+        Some(Reply::Status(s)) => *s,
+        Some(Reply::Error { message }) => bail!("{message}"),
+        Some(_) => bail!("the agent answered a status request with something else"),
+        None => status::offline(data, &config)?,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", status::render(&st));
+    }
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! `cdp-agent run`: opens the devices and spools, serves the volumes over NBD, runs the
+//! initial syncs, the age cutters, the sender and the control socket, and stops them in order.
+//!
+//! Clean stop: stop accepting NBD clients, seal and make durable every open batch, wait (up
+//! to [`DRAIN_TIMEOUT`]) until the replica has acknowledged everything, then stop the rest.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use cdp_shared::identity::{Fingerprint, Identity};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::batcher::BatcherConfig;
+use crate::control::{self, ControlContext};
+use crate::device::{BlockDev, FileDev};
+use crate::exports::VolumeExports;
+use crate::sender::{self, LinkState, SenderConfig, SharedLink};
+use crate::spool::Spool;
+use crate::state::{self, AgentConfig, VolumeState, VolumeStateFile};
+use crate::status::{self, AgentStatus};
+use crate::write_pipeline::{Group, Volume};
+
+/// How long a clean stop waits for the replica to acknowledge the last batches.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Batches sealed but not acknowledged that an initial sync allows before it waits.
+pub const SYNC_BACKLOG_BATCHES: u64 = 64;
+
+/// Where the NBD server listens.
+#[derive(Clone, Debug)]
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+pub struct RunOptions {
+    pub data_dir: PathBuf,
+    pub listen: Listen,
+}
+
+/// A running agent.
+pub struct Agent {
+    pub groups: Vec<Arc<Group>>,
+    pub link: SharedLink,
+    /// Where the NBD server actually listens (the bound port for TCP).
+    pub nbd: Listen,
+    data_dir: PathBuf,
+    nbd_shutdown: CancellationToken,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    nbd_task: tokio::task::JoinHandle<()>,
+    _lock: File,
+}
+
+fn lock_data_dir(data_dir: &Path) -> Result<File> {
+    let path = data_dir.join("run.lock");
+    let file = File::options().create(true).truncate(false).write(true).open(&path).with_context(|| format!("open {}", path.display()))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => bail!("another cdp-agent is already running on {}; stop it first", data_dir.display()),
+        Err(e) => Err(anyhow!("lock {}: {e}", path.display())),
+    }
+}
+
+impl Agent {
+    /// Starts everything; returns once the NBD server and the control socket accept.
+    pub async fn start(opts: RunOptions) -> Result<Agent> {
+        let data_dir = opts.data_dir.clone();
+        let config = AgentConfig::load(&data_dir)?;
+        let lock = lock_data_dir(&data_dir)?;
+        let identity = Identity::load(&data_dir)?;
+        let replica_fingerprint: Fingerprint = config
+            .replica_fingerprint
+            .parse()
+            .with_context(|| format!("{}: replica_fingerprint", data_dir.join(state::CONFIG_FILE).display()))?;
+        if config.volumes.is_empty() {
+            bail!("no volume is protected in {}: run `cdp-agent protect --data {} --volume NAME --device PATH` first", data_dir.display(), data_dir.display());
+        }
+        let marker = data_dir.join("state").join("running");
+        if marker.exists() {
+            tracing::warn!(
+                "the previous run of this agent did not stop cleanly: writes that were in flight at that moment may be on the devices but not on the replica"
+            );
+        }
+        std::fs::create_dir_all(state::state_dir(&data_dir)).context("create the state directory")?;
+        state::write_atomic(&marker, b"running\n").context("write the running marker")?;
+
+        let batcher_config = BatcherConfig { age_max: Duration::from_millis(config.batch_age_ms), ..BatcherConfig::default() };
+        let mut groups = Vec::new();
+        let mut to_sync = Vec::new();
+        for (group_name, vols) in config.groups() {
+            let mut volumes = Vec::new();
+            let mut sorted = vols.clone();
+            sorted.sort_by_key(|v| v.id);
+            for (i, v) in sorted.iter().enumerate() {
+                if v.id as usize != i {
+                    bail!("{}: the volume ids of group {group_name} are not 0, 1, 2, ...; the configuration was edited by hand", data_dir.join(state::CONFIG_FILE).display());
+                }
+                let dev = FileDev::open(&v.device).with_context(|| format!("open device {} of volume {}", v.device.display(), v.name))?;
+                let size = dev.size();
+                let st = state::load_volume_state(&data_dir, &v.name)?;
+                if st.as_ref().is_none_or(|s| s.state == VolumeState::Syncing) {
+                    to_sync.push((group_name.clone(), v.id));
+                }
+                volumes.push(Arc::new(Volume {
+                    id: v.id,
+                    name: v.name.clone(),
+                    dev: Arc::new(dev) as Arc<dyn BlockDev>,
+                    size,
+                    sync_chunks_done: AtomicU64::new(0),
+                    syncing: AtomicBool::new(false),
+                }));
+            }
+            let spool_dir = data_dir.join("spool").join(&group_name);
+            let (spool, recovered) = Spool::open(&spool_dir).with_context(|| format!("open the spool of group {group_name}"))?;
+            if recovered.truncated_bytes > 0 {
+                tracing::warn!(group = %group_name, bytes = recovered.truncated_bytes, "truncated a torn spool tail");
+            }
+            let group = Group::new(&group_name, volumes, spool, batcher_config.clone(), recovered.last_seq, recovered.last_hash);
+            groups.push(group);
+        }
+
+        let shutdown = CancellationToken::new();
+        let nbd_shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let link: SharedLink = Arc::new(std::sync::Mutex::new(LinkState::default()));
+
+        for g in &groups {
+            tasks.spawn(g.clone().run_age_cutter());
+        }
+
+        let exports = Arc::new(VolumeExports::new(&groups));
+        let (nbd, nbd_task) = match &opts.listen {
+            Listen::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))?;
+                let t = tokio::spawn(cdp_shared::nbd::server::serve_unix(listener, exports, nbd_shutdown.clone()));
+                (Listen::Unix(path.clone()), t)
+            }
+            Listen::Tcp(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
+                let bound = listener.local_addr()?;
+                let t = tokio::spawn(cdp_shared::nbd::server::serve_tcp(listener, exports, nbd_shutdown.clone()));
+                (Listen::Tcp(bound), t)
+            }
+        };
+
+        let ctl_path = data_dir.join(control::SOCKET_NAME);
+        let _ = std::fs::remove_file(&ctl_path);
+        let ctl_listener = tokio::net::UnixListener::bind(&ctl_path).with_context(|| format!("listen on {}", ctl_path.display()))?;
+        let status_groups = groups.clone();
+        let status_link = link.clone();
+        let devices: std::collections::BTreeMap<String, String> =
+            config.volumes.iter().map(|v| (v.name.clone(), v.device.display().to_string())).collect();
+        let ctx = Arc::new(ControlContext {
+            groups: groups.clone(),
+            status: Arc::new(move || status::collect(&status_groups, &status_link, &|name| devices.get(name).cloned().unwrap_or_default())),
+        });
+        tasks.spawn(control::serve(ctl_listener, ctx, shutdown.clone()));
+
+        let corrupt_seq_once = std::env::var("CDP_FAULT_CORRUPT_SEQ").ok().and_then(|v| v.parse().ok());
+        let sender_config = SenderConfig {
+            replica: config.replica.clone(),
+            replica_fingerprint,
+            identity,
+            window: config.batches_in_flight,
+            corrupt_seq_once,
+        };
+        tasks.spawn(sender::run(groups.clone(), sender_config, link.clone(), shutdown.clone()));
+
+        for (group_name, vol_id) in to_sync {
+            let Some(group) = groups.iter().find(|g| g.name == group_name).cloned() else { continue };
+            let data_dir = data_dir.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                let name = group.volumes[vol_id as usize].name.clone();
+                tracing::info!(volume = %name, "initial sync started");
+                let result = tokio::select! {
+                    r = group.initial_sync(vol_id, SYNC_BACKLOG_BATCHES) => r,
+                    _ = shutdown.cancelled() => return,
+                };
+                match result {
+                    Ok(seq) => {
+                        let st = VolumeStateFile { state: VolumeState::Protecting, sync_done_seq: Some(seq.0) };
+                        match state::save_volume_state(&data_dir, &name, &st) {
+                            Ok(()) => tracing::info!(volume = %name, seq = seq.0, "initial sync complete"),
+                            Err(e) => tracing::error!(volume = %name, "initial sync complete but its state could not be saved: {e}; it will sync again at the next start"),
+                        }
+                    }
+                    Err(e) => tracing::error!(volume = %name, "initial sync failed: {e}; restart the agent to try again"),
+                }
+            });
+        }
+        // Volumes synced in an earlier run are not marked as syncing.
+        Ok(Agent { groups, link, nbd, data_dir, nbd_shutdown, shutdown, tasks, nbd_task, _lock: lock })
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        status::collect(&self.groups, &self.link, &|_| String::new())
+    }
+
+    /// Stops cleanly (see the module doc).
+    pub async fn stop(mut self) -> Result<()> {
+        self.nbd_shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.nbd_task).await;
+        let mut sealed = Vec::new();
+        for g in &self.groups {
+            match g.seal_and_sync().await {
+                Ok(seq) => sealed.push((g.clone(), seq)),
+                Err(e) => tracing::error!(group = %g.name, "could not seal the last batch: {e}"),
+            }
+        }
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            for (g, seq) in &sealed {
+                let mut rx = g.acked.subscribe();
+                while *rx.borrow_and_update() < *seq {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("the replica has not acknowledged every batch; they stay in the spool and are sent at the next start");
+        }
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        let _ = std::fs::remove_file(self.data_dir.join(control::SOCKET_NAME));
+        if let Listen::Unix(p) = &self.nbd {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_file(self.data_dir.join("state").join("running"));
+        Ok(())
+    }
+}

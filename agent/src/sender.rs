@@ -1,0 +1,286 @@
+//! The sender: one QUIC connection to the replica (mutual TLS, the replica's fingerprint
+//! pinned), a control stream for hello/welcome and acks, and each batch on its own
+//! unidirectional stream, at most `window` batches per group unacknowledged at once.
+//!
+//! The handshake decides where to resume: the replica reports its last durable seq per group
+//! and the sender continues from the spool after it. The link drops and returns without
+//! operator action; reconnects back off from 200 ms to 5 s.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use cdp_shared::Seq;
+use cdp_shared::identity::{self, Fingerprint, Identity};
+use cdp_shared::wire::{self, Control, FrameDecoder, GroupHello, VolumeInfo};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::write_pipeline::Group;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A batch refused this many times in a row means something is wrong on this side: the
+/// connection is restarted.
+const NACKS_IN_A_ROW_MAX: u32 = 5;
+
+/// The state of the link, for `status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LinkState {
+    pub connected: bool,
+    pub replica: String,
+    pub last_error: Option<String>,
+    pub since_ns: i64,
+}
+
+pub type SharedLink = Arc<Mutex<LinkState>>;
+
+pub struct SenderConfig {
+    pub replica: String,
+    pub replica_fingerprint: Fingerprint,
+    pub identity: Identity,
+    pub window: usize,
+    /// Test-only fault injection: flip one bit of this seq's first transmission, so that the
+    /// replica must refuse it and the agent must send it again.
+    pub corrupt_seq_once: Option<u64>,
+}
+
+fn set_link(link: &SharedLink, connected: bool, error: Option<String>) {
+    let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
+    if l.connected != connected {
+        l.since_ns = crate::write_pipeline::now_ns();
+    }
+    l.connected = connected;
+    if error.is_some() || connected {
+        l.last_error = error;
+    }
+}
+
+/// Runs until `shutdown` fires. Cancellation-safe: batches stay in the spool until acked.
+pub async fn run(groups: Vec<Arc<Group>>, config: SenderConfig, link: SharedLink, shutdown: CancellationToken) {
+    let mut backoff = BACKOFF_MIN;
+    let mut corrupt = config.corrupt_seq_once;
+    let mut last_logged: Option<String> = None;
+    link.lock().unwrap_or_else(|p| p.into_inner()).replica = config.replica.clone();
+    loop {
+        let result = tokio::select! {
+            r = session(&groups, &config, &link, &mut corrupt, &mut backoff) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        let msg = match result {
+            Ok(()) => "the replica closed the connection".to_owned(),
+            Err(e) => format!("{e:#}"),
+        };
+        set_link(&link, false, Some(msg.clone()));
+        if last_logged.as_ref() != Some(&msg) {
+            tracing::warn!(replica = %config.replica, "link to the replica is down: {msg}; retrying");
+            last_logged = Some(msg);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("resolve replica address {addr}"))?
+        .next()
+        .ok_or_else(|| anyhow!("replica address {addr} resolves to nothing"))
+}
+
+async fn session(groups: &[Arc<Group>], config: &SenderConfig, link: &SharedLink, corrupt: &mut Option<u64>, backoff: &mut Duration) -> Result<()> {
+    let addr = resolve(&config.replica).await?;
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let mut endpoint = quinn::Endpoint::client(bind).context("open a UDP socket for QUIC")?;
+    endpoint.set_default_client_config(identity::client_config(&config.identity, config.replica_fingerprint)?);
+    let conn = endpoint
+        .connect(addr, identity::SERVER_NAME)
+        .context("start a QUIC connection")?
+        .await
+        .with_context(|| format!("connect to the replica at {addr}"))?;
+    let result = serve_connection(groups, config, link, &conn, corrupt, backoff).await;
+    let reason = conn.close_reason();
+    conn.close(0u32.into(), b"bye");
+    endpoint.wait_idle().await;
+    match (result, reason) {
+        // The replica's reason (e.g. "agent certificate ... is not authorized") says more than
+        // "connection lost".
+        (Err(e), Some(reason)) => Err(e.context(format!("{reason}"))),
+        (r, _) => r,
+    }
+}
+
+struct GroupSend {
+    group: Arc<Group>,
+    next: Seq,
+    acked: Seq,
+    nacks_in_a_row: u32,
+}
+
+async fn serve_connection(groups: &[Arc<Group>], config: &SenderConfig, link: &SharedLink, conn: &quinn::Connection, corrupt: &mut Option<u64>, backoff: &mut Duration) -> Result<()> {
+    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.context("open the control stream")?;
+    let hello = Control::Hello {
+        protocol: wire::PROTOCOL_VERSION,
+        groups: groups
+            .iter()
+            .map(|g| {
+                let head = g.last_sealed();
+                GroupHello {
+                    name: g.name.clone(),
+                    volumes: g.volumes.iter().map(|v| VolumeInfo { id: v.id, name: v.name.clone(), size: v.size }).collect(),
+                    head: head.0,
+                    first_held: g.spool.first_held().unwrap_or(head.next()).0,
+                }
+            })
+            .collect(),
+    };
+    ctl_send.write_all(&wire::encode(&hello)).await.context("send hello")?;
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let welcome = loop {
+        if let Some(msg) = decoder.poll_frame()? {
+            break msg;
+        }
+        match ctl_recv.read(&mut buf).await.context("read the replica's welcome")? {
+            Some(n) => decoder.handle_bytes(&buf[..n]),
+            None => bail!("the replica closed the control stream during the handshake"),
+        }
+    };
+    let welcome_groups = match welcome {
+        Control::Welcome { protocol, groups } if protocol == wire::PROTOCOL_VERSION => groups,
+        Control::Welcome { protocol, .. } => bail!("the replica speaks control protocol {protocol}, this agent {}", wire::PROTOCOL_VERSION),
+        Control::Refused { reason } => bail!("the replica refused this agent: {reason}"),
+        other => bail!("unexpected first message from the replica: {other:?}"),
+    };
+    let mut state: BTreeMap<String, GroupSend> = BTreeMap::new();
+    for g in groups {
+        let w = welcome_groups
+            .iter()
+            .find(|w| w.name == g.name)
+            .ok_or_else(|| anyhow!("the replica did not answer for group {}", g.name))?;
+        let head = g.last_sealed();
+        let durable = Seq(w.durable);
+        if durable > head {
+            bail!(
+                "the replica holds group {} up to seq {durable} but this agent has only reached seq {head}: the agent's spool or state was lost; protect the group under a new name, or reset the replica's copy",
+                g.name
+            );
+        }
+        let first_held = g.spool.first_held().unwrap_or(head.next());
+        if durable.next() < first_held {
+            bail!(
+                "group {}: the replica is at seq {durable} but the spool starts at seq {first_held}; the batches in between are gone and a resync is needed",
+                g.name
+            );
+        }
+        g.spool.ack(durable);
+        g.acked.send_replace(durable);
+        state.insert(g.name.clone(), GroupSend { group: g.clone(), next: durable.next(), acked: durable, nacks_in_a_row: 0 });
+    }
+    set_link(link, true, None);
+    *backoff = BACKOFF_MIN;
+    tracing::info!(replica = %config.replica, "connected to the replica");
+
+    // Wake the loop whenever any group's spool grows.
+    let wake = Arc::new(Notify::new());
+    let mut watchers = JoinSet::new();
+    for g in groups {
+        let mut rx = g.spool.subscribe_written();
+        let wake = wake.clone();
+        watchers.spawn(async move {
+            while rx.changed().await.is_ok() {
+                wake.notify_one();
+            }
+        });
+    }
+    let mut sends: JoinSet<Result<()>> = JoinSet::new();
+    while let Some(msg) = decoder.poll_frame()? {
+        handle_control(msg, &mut state, conn, &mut sends)?;
+    }
+    loop {
+        // Send what the window allows.
+        for s in state.values_mut() {
+            let written = s.group.spool.written();
+            while s.next <= written && (s.next.0 - s.acked.0 - 1) < config.window as u64 {
+                let seq = s.next;
+                let bytes = s.group.spool.get(seq)?.ok_or_else(|| anyhow!("batch {seq} of group {} is missing from the spool", s.group.name))?;
+                let bytes = if *corrupt == Some(seq.0) {
+                    *corrupt = None;
+                    let mut v = bytes.to_vec();
+                    let at = v.len() / 2;
+                    v[at] ^= 0x10;
+                    tracing::warn!(seq = seq.0, "fault injection: sending a corrupted copy of this batch");
+                    bytes::Bytes::from(v)
+                } else {
+                    bytes
+                };
+                sends.spawn(send_batch(conn.clone(), bytes));
+                s.next = s.next.next();
+            }
+        }
+        let wake_fut = wake.notified();
+        tokio::select! {
+            n = ctl_recv.read(&mut buf) => {
+                match n.context("read from the replica")? {
+                    Some(n) => decoder.handle_bytes(&buf[..n]),
+                    None => return Ok(()),
+                }
+                while let Some(msg) = decoder.poll_frame()? {
+                    handle_control(msg, &mut state, conn, &mut sends)?;
+                }
+            }
+            Some(r) = sends.join_next() => {
+                r.map_err(|e| anyhow!("send task failed: {e}"))??;
+            }
+            _ = wake_fut => {}
+        }
+    }
+}
+
+fn handle_control(msg: Control, state: &mut BTreeMap<String, GroupSend>, conn: &quinn::Connection, sends: &mut JoinSet<Result<()>>) -> Result<()> {
+    match msg {
+        Control::Ack { group, durable } => {
+            let s = state.get_mut(&group).ok_or_else(|| anyhow!("ack for unknown group {group}"))?;
+            let durable = Seq(durable);
+            if durable > s.acked {
+                if durable >= s.next {
+                    bail!("the replica acknowledged seq {durable} of group {group}, which was never sent");
+                }
+                s.acked = durable;
+                s.nacks_in_a_row = 0;
+                s.group.spool.ack(durable);
+                s.group.acked.send_replace(durable);
+            }
+        }
+        Control::Nack { group, seq, reason } => {
+            let s = state.get_mut(&group).ok_or_else(|| anyhow!("nack for unknown group {group}"))?;
+            tracing::warn!(group, seq, "the replica refused batch {seq}: {reason}; sending it again");
+            s.nacks_in_a_row += 1;
+            if s.nacks_in_a_row > NACKS_IN_A_ROW_MAX {
+                bail!("the replica refused batches of group {group} {} times in a row (last: seq {seq}: {reason})", s.nacks_in_a_row);
+            }
+            let seq = Seq(seq);
+            if seq > s.acked && seq < s.next {
+                let bytes = s.group.spool.get(seq)?.ok_or_else(|| anyhow!("batch {seq} is missing from the spool"))?;
+                sends.spawn(send_batch(conn.clone(), bytes));
+            }
+        }
+        other => bail!("unexpected message from the replica: {other:?}"),
+    }
+    Ok(())
+}
+
+async fn send_batch(conn: quinn::Connection, bytes: bytes::Bytes) -> Result<()> {
+    let mut stream = conn.open_uni().await.context("open a batch stream")?;
+    stream.write_chunk(bytes).await.context("send a batch")?;
+    stream.finish().context("finish a batch stream")?;
+    Ok(())
+}

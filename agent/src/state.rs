@@ -1,0 +1,130 @@
+//! The agent's files: its configuration (`agent.toml`: the replica and the protected volumes)
+//! and the persisted state of each volume (`state/<volume>.json`: syncing or protecting).
+//! Every file is replaced atomically (temp file, fsync, rename, fsync of the directory).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+pub const CONFIG_FILE: &str = "agent.toml";
+
+/// Writes `data` to `path` atomically and durably.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub device: PathBuf,
+    pub group: String,
+    /// The volume's id inside its group, fixed at `protect`.
+    pub id: u32,
+}
+
+/// `agent.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// The replica, `HOST:PORT`.
+    pub replica: String,
+    /// The replica's certificate fingerprint (hex).
+    pub replica_fingerprint: String,
+    /// Age limit of an open batch, in milliseconds.
+    #[serde(default = "default_batch_age_ms")]
+    pub batch_age_ms: u64,
+    /// Batches sent but not acknowledged, at most.
+    #[serde(default = "default_in_flight")]
+    pub batches_in_flight: usize,
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+fn default_batch_age_ms() -> u64 {
+    cdp_shared::types::BATCH_AGE_MS_DEFAULT
+}
+fn default_in_flight() -> usize {
+    cdp_shared::types::BATCHES_IN_FLIGHT_DEFAULT
+}
+
+impl AgentConfig {
+    pub fn load(data_dir: &Path) -> Result<AgentConfig> {
+        let path = data_dir.join(CONFIG_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                bail!("no agent in {}: run `cdp-agent init --data {}` first", data_dir.display(), data_dir.display())
+            }
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        let config: AgentConfig = toml::from_str(&text).with_context(|| format!("{} is not a valid agent configuration", path.display()))?;
+        if config.batch_age_ms == 0 || config.batches_in_flight == 0 {
+            bail!("{}: batch_age_ms and batches_in_flight must be at least 1", path.display());
+        }
+        Ok(config)
+    }
+
+    pub fn save(&self, data_dir: &Path) -> Result<()> {
+        let text = toml::to_string(self).context("serialize the agent configuration")?;
+        let path = data_dir.join(CONFIG_FILE);
+        write_atomic(&path, text.as_bytes()).with_context(|| format!("write {}", path.display()))
+    }
+
+    /// Volumes by group, in a stable order.
+    pub fn groups(&self) -> BTreeMap<String, Vec<VolumeConfig>> {
+        let mut groups: BTreeMap<String, Vec<VolumeConfig>> = BTreeMap::new();
+        for v in &self.volumes {
+            groups.entry(v.group.clone()).or_default().push(v.clone());
+        }
+        groups
+    }
+}
+
+/// Where a volume is in its life.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeState {
+    /// Its initial sync has not completed: it starts again from the beginning at the next run.
+    Syncing,
+    /// Synced; every write is journaled.
+    Protecting,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeStateFile {
+    pub state: VolumeState,
+    /// The seq of the batch that completed the initial sync.
+    #[serde(default)]
+    pub sync_done_seq: Option<u64>,
+}
+
+pub fn state_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("state")
+}
+
+pub fn load_volume_state(data_dir: &Path, volume: &str) -> Result<Option<VolumeStateFile>> {
+    let path = state_dir(data_dir).join(format!("{volume}.json"));
+    match fs::read(&path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", path.display()))?)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+pub fn save_volume_state(data_dir: &Path, volume: &str, state: &VolumeStateFile) -> io::Result<()> {
+    let dir = state_dir(data_dir);
+    fs::create_dir_all(&dir)?;
+    let bytes = serde_json::to_vec_pretty(state).map_err(io::Error::other)?;
+    write_atomic(&dir.join(format!("{volume}.json")), &bytes)
+}

@@ -1,0 +1,255 @@
+//! The replica's data directory: where each file lives, the configuration file (lenient TOML,
+//! validated once), the authorized agents list, and the `serve.lock` flock that marks a running
+//! `serve`.
+//!
+//! ```text
+//! DIR/replica.toml              listen address (defaults apply to anything missing)
+//! DIR/identity/                 the replica's certificate and key (identity::Identity::save)
+//! DIR/authorized_agents.toml    [[agent]] fingerprint = "<hex>", name = "..."
+//! DIR/meta.db                   the catalog (SQLite, WAL)
+//! DIR/volumes/<name>/target     target disk of each volume (sparse file)
+//! DIR/journal/<group>/<16 digits>.seg   journal segments
+//! DIR/serve.lock                flock held while `serve` runs
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cdp_shared::identity::{Fingerprint, Identity};
+use rustix::fs::FlockOperation;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ReplicaError, Result};
+
+/// Default address `serve` listens on (UDP, QUIC).
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7400";
+/// Longest configuration or authorized-agents file read.
+pub const SMALL_FILE_BYTES_MAX: u64 = 1 << 20;
+
+const CONFIG_FILE: &str = "replica.toml";
+const AGENTS_FILE: &str = "authorized_agents.toml";
+const CATALOG_FILE: &str = "meta.db";
+const LOCK_FILE: &str = "serve.lock";
+const VOLUMES_DIR: &str = "volumes";
+const JOURNAL_DIR: &str = "journal";
+const TARGET_FILE: &str = "target";
+
+/// Paths inside one data directory.
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    pub fn new(root: &Path) -> DataDir {
+        DataDir { root: root.to_path_buf() }
+    }
+
+    /// A data directory that `init` has prepared; otherwise the "run init first" error.
+    pub fn existing(root: &Path) -> Result<DataDir> {
+        let dir = DataDir::new(root);
+        if !dir.catalog().is_file() {
+            return Err(ReplicaError::NotInitialized { dir: root.to_path_buf() });
+        }
+        Ok(dir)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join(CONFIG_FILE)
+    }
+    pub fn agents(&self) -> PathBuf {
+        self.root.join(AGENTS_FILE)
+    }
+    pub fn catalog(&self) -> PathBuf {
+        self.root.join(CATALOG_FILE)
+    }
+    pub fn lock(&self) -> PathBuf {
+        self.root.join(LOCK_FILE)
+    }
+    pub fn volumes(&self) -> PathBuf {
+        self.root.join(VOLUMES_DIR)
+    }
+    pub fn target(&self, volume: &str) -> PathBuf {
+        self.root.join(VOLUMES_DIR).join(volume).join(TARGET_FILE)
+    }
+    pub fn journals(&self) -> PathBuf {
+        self.root.join(JOURNAL_DIR)
+    }
+    pub fn journal(&self, group: &str) -> PathBuf {
+        self.root.join(JOURNAL_DIR).join(group)
+    }
+
+    /// Loads the identity, mapping "no identity" to the "run init first" error.
+    pub fn identity(&self) -> Result<Identity> {
+        if !self.catalog().is_file() {
+            return Err(ReplicaError::NotInitialized { dir: self.root.clone() });
+        }
+        Ok(Identity::load(&self.root)?)
+    }
+}
+
+fn read_small(path: &Path) -> Result<Option<String>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ReplicaError::io("open", path)(e)),
+    };
+    let mut text = String::new();
+    io::Read::read_to_string(&mut io::Read::take(file, SMALL_FILE_BYTES_MAX), &mut text).map_err(ReplicaError::io("read", path))?;
+    Ok(Some(text))
+}
+
+/// Writes `text` to `path` through a fsynced temporary file renamed into place.
+pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(ReplicaError::io("create", &tmp))?;
+    f.write_all(text.as_bytes()).map_err(ReplicaError::io("write", &tmp))?;
+    f.sync_all().map_err(ReplicaError::io("fsync", &tmp))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(ReplicaError::io("rename into place", path))?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(ReplicaError::io("fsync directory", dir))
+}
+
+/// `replica.toml` as written: every field optional.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConfigToml {
+    /// UDP address `serve` listens on.
+    pub listen: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub listen: SocketAddr,
+}
+
+impl ConfigToml {
+    pub fn parse_and_validate(self, path: &Path) -> Result<ReplicaConfig> {
+        let listen = self.listen.as_deref().unwrap_or(LISTEN_DEFAULT);
+        let listen = listen.parse::<SocketAddr>().map_err(|e| ReplicaError::Config {
+            path: path.to_path_buf(),
+            reason: format!("listen = {listen:?} is not an address like {LISTEN_DEFAULT} ({e})"),
+        })?;
+        Ok(ReplicaConfig { listen })
+    }
+}
+
+/// Reads and validates `replica.toml`; a missing file means the defaults.
+pub fn load_config(dir: &DataDir) -> Result<ReplicaConfig> {
+    let path = dir.config();
+    let toml_text = read_small(&path)?.unwrap_or_default();
+    let raw: ConfigToml = toml::from_str(&toml_text).map_err(|e| ReplicaError::Config { path: path.clone(), reason: e.to_string().trim().replace('\n', " ") })?;
+    raw.parse_and_validate(&path)
+}
+
+pub fn write_config(dir: &DataDir, listen: SocketAddr) -> Result<()> {
+    let text = format!("# cdp-replica configuration\n# UDP address that `cdp-replica serve` listens on (QUIC).\nlisten = \"{listen}\"\n");
+    write_atomically(&dir.config(), &text)
+}
+
+/// One authorized agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorizedAgent {
+    pub fingerprint: Fingerprint,
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct AgentsToml {
+    #[serde(default)]
+    agent: Vec<AuthorizedAgent>,
+}
+
+/// The authorized agents (empty when the file is missing).
+pub fn read_agents(dir: &DataDir) -> Result<Vec<AuthorizedAgent>> {
+    let path = dir.agents();
+    let Some(text) = read_small(&path)? else { return Ok(Vec::new()) };
+    let parsed: AgentsToml = toml::from_str(&text).map_err(|e| ReplicaError::AuthorizedAgents { path, reason: e.to_string().trim().replace('\n', " ") })?;
+    Ok(parsed.agent)
+}
+
+pub fn write_agents(dir: &DataDir, agents: &[AuthorizedAgent]) -> Result<()> {
+    let body = toml::to_string(&AgentsToml { agent: agents.to_vec() })
+        .map_err(|e| ReplicaError::AuthorizedAgents { path: dir.agents(), reason: e.to_string() })?;
+    write_atomically(&dir.agents(), &format!("# Agents allowed to connect (cdp-replica authorize). Re-read at every handshake.\n{body}"))
+}
+
+/// The flock on `serve.lock`, held while `serve` runs; released when dropped.
+#[derive(Debug)]
+pub struct ServeLock {
+    _file: File,
+}
+
+impl ServeLock {
+    /// Takes the lock, or fails with "another serve is running".
+    pub fn acquire(dir: &DataDir) -> Result<ServeLock> {
+        let path = dir.lock();
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(ReplicaError::io("open", &path))?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(ServeLock { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(ReplicaError::AlreadyServing { dir: dir.root().to_path_buf() }),
+            Err(e) => Err(ReplicaError::io("lock", &path)(e.into())),
+        }
+    }
+
+    /// Whether a `serve` holds the lock right now.
+    pub fn is_held(dir: &DataDir) -> Result<bool> {
+        let path = dir.lock();
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(ReplicaError::io("open", &path)(e)),
+        };
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockShared) {
+            Ok(()) => {
+                // Released when `file` is closed.
+                Ok(false)
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(true),
+            Err(e) => Err(ReplicaError::io("check the lock", &path)(e.into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_validation() {
+        let p = Path::new("/x/replica.toml");
+        let c: ConfigToml = toml::from_str("").expect("empty config");
+        assert_eq!(c.parse_and_validate(p).expect("valid").listen.to_string(), LISTEN_DEFAULT);
+        let c: ConfigToml = toml::from_str("listen = \"0.0.0.0:9\"\nunknown = 1").expect("lenient");
+        assert_eq!(c.parse_and_validate(p).expect("valid").listen.port(), 9);
+        let c: ConfigToml = toml::from_str("listen = \"nowhere\"").expect("parses");
+        let e = c.parse_and_validate(p).expect_err("invalid address");
+        assert!(e.to_string().contains("nowhere"), "{e}");
+    }
+
+    #[test]
+    fn lock_is_exclusive() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = DataDir::new(tmp.path());
+        assert!(!ServeLock::is_held(&dir).expect("check"));
+        let lock = ServeLock::acquire(&dir).expect("first lock");
+        assert!(ServeLock::is_held(&dir).expect("check"));
+        assert!(matches!(ServeLock::acquire(&dir), Err(ReplicaError::AlreadyServing { .. })));
+        drop(lock);
+        assert!(!ServeLock::is_held(&dir).expect("check"));
+    }
+}

@@ -1,0 +1,101 @@
+//! The replica's error type: every variant renders as one sentence for the operator that names
+//! the thing and what to do. Errors are logged where they are handled (the CLI prints them as
+//! `error: ...`; the server logs the ones it survives), never where they are passed on.
+
+use std::io;
+use std::path::PathBuf;
+
+use cdp_shared::identity::IdentityError;
+
+pub type Result<T, E = ReplicaError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("no replica in {}: run `cdp-replica init --data {}` first", dir.display(), dir.display())]
+    NotInitialized { dir: PathBuf },
+
+    #[error("a replica already exists in {}: use it as it is, or choose another --data directory", dir.display())]
+    AlreadyInitialized { dir: PathBuf },
+
+    #[error("another `cdp-replica serve` is already running on {}: stop it first, or use another --data directory", dir.display())]
+    AlreadyServing { dir: PathBuf },
+
+    #[error("no volume named {volume:?} on the replica in {}: run `cdp-replica status --data {}` to list the volumes", dir.display(), dir.display())]
+    UnknownVolume { volume: String, dir: PathBuf },
+
+    /// A recovery point that cannot be restored; the sentence says why and what can be.
+    #[error("{0}")]
+    Point(String),
+
+    #[error("{} already exists: remove it or choose another --out path (a block device is written in place)", path.display())]
+    OutExists { path: PathBuf },
+
+    #[error("{} is not a regular file or a block device: choose another --out path", path.display())]
+    OutNotWritable { path: PathBuf },
+
+    #[error("block device {} holds {device_bytes} bytes but volume {volume:?} needs {volume_bytes}: choose a larger device", path.display())]
+    OutTooSmall { path: PathBuf, volume: String, device_bytes: u64, volume_bytes: u64 },
+
+    #[error("the configuration file {} is invalid: {reason}; fix it or remove it to use the defaults", path.display())]
+    Config { path: PathBuf, reason: String },
+
+    #[error("the authorized agents file {} is invalid: {reason}; fix it or authorize the agents again", path.display())]
+    AuthorizedAgents { path: PathBuf, reason: String },
+
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+
+    #[error("could not {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("the catalog (meta.db) could not {action}: {source}")]
+    Catalog {
+        action: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    #[error("the catalog (meta.db) schema could not be brought up to date: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    #[error("the catalog (meta.db) is inconsistent: {0}; restore the data directory from a backup")]
+    CatalogCorrupt(String),
+
+    #[error("the journal is damaged: {0}; restore the data directory from a backup")]
+    JournalCorrupt(String),
+
+    #[error("could not listen on {addr}: {source}; choose another --listen address")]
+    Listen {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("ingest stopped: {0}")]
+    Ingest(String),
+
+    #[error("a background task failed: {0}")]
+    Task(String),
+}
+
+impl ReplicaError {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> ReplicaError {
+        let path = path.into();
+        move |source| ReplicaError::Io { action, path, source }
+    }
+
+    pub fn catalog(action: &'static str) -> impl FnOnce(sqlx::Error) -> ReplicaError {
+        move |source| ReplicaError::Catalog { action, source }
+    }
+}
+
+impl From<tokio::task::JoinError> for ReplicaError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ReplicaError::Task(e.to_string())
+    }
+}

@@ -1,0 +1,340 @@
+//! The journal of one consistency group: append-only segment files of batches exactly as
+//! received, and the only code that fsyncs them.
+//!
+//! ```text
+//! journal/<group>/<16-digit segment number>.seg
+//! segment = header batch*
+//! header  = magic "CDPJ" | version u16 | reserved u16 (0) | segment number u64   (16 bytes)
+//! ```
+//! Batches are appended byte for byte as they arrived (the batch format of
+//! `cdp_shared::batch`); the catalog knows where each one starts. A segment is closed once it
+//! holds [`SEGMENT_BYTES_TARGET`] (a batch is never split, so a segment may exceed the target
+//! by at most one batch) and the next number is opened.
+//!
+//! Two positions are kept apart: *written* (appended, maybe only in the page cache) and
+//! *durable* (fsynced). [`Journal::sync`] moves durable up to written. Bytes past the durable
+//! end, or past what committed catalog rows describe, are not part of the journal: on start
+//! [`Journal::recover`] truncates them away.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use cdp_shared::batch::BATCH_BYTES_MAX;
+
+use crate::catalog::SegmentSpan;
+use crate::datadir::sync_dir;
+use crate::error::{ReplicaError, Result};
+
+pub const SEGMENT_MAGIC: [u8; 4] = *b"CDPJ";
+pub const SEGMENT_VERSION: u16 = 1;
+pub const SEGMENT_HEADER_BYTES: u64 = 16;
+/// A segment is rotated once it holds this many bytes.
+pub const SEGMENT_BYTES_TARGET: u64 = 256 << 20;
+/// Largest possible segment: the target plus one batch.
+pub const SEGMENT_BYTES_MAX: u64 = SEGMENT_BYTES_TARGET + BATCH_BYTES_MAX as u64;
+
+const _: () = assert!(SEGMENT_BYTES_TARGET > BATCH_BYTES_MAX as u64);
+const _: () = assert!(SEGMENT_BYTES_MAX <= u32::MAX as u64);
+
+/// File name of segment `n`.
+pub fn segment_name(n: u64) -> String {
+    format!("{n:016}.seg")
+}
+
+fn segment_number(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".seg")?;
+    if digits.len() != 16 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn segment_header(n: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
+    let mut h = [0u8; SEGMENT_HEADER_BYTES as usize];
+    h[0..4].copy_from_slice(&SEGMENT_MAGIC);
+    h[4..6].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    h[8..16].copy_from_slice(&n.to_le_bytes());
+    h
+}
+
+/// Checks a segment header read from disk.
+pub fn check_segment_header(bytes: &[u8], n: u64) -> std::result::Result<(), String> {
+    if bytes.len() < SEGMENT_HEADER_BYTES as usize {
+        return Err("the segment header is truncated".into());
+    }
+    if bytes[0..4] != SEGMENT_MAGIC {
+        return Err("the segment has bad magic".into());
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != SEGMENT_VERSION {
+        return Err(format!("segment format version {version} is not supported (this build reads {SEGMENT_VERSION})"));
+    }
+    if bytes[8..16] != n.to_le_bytes() {
+        return Err("the segment header names another segment number".into());
+    }
+    Ok(())
+}
+
+/// A position in the journal: a segment and a byte offset in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct JournalPos {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// What [`Journal::recover`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// (segment, bytes cut from its tail)
+    pub truncated: Option<(u64, u64)>,
+    /// Segment files deleted because no committed row references them.
+    pub deleted: Vec<u64>,
+}
+
+struct OpenSegment {
+    number: u64,
+    file: File,
+}
+
+/// The append side of one group's journal.
+pub struct Journal {
+    dir: PathBuf,
+    open: Option<OpenSegment>,
+    written: JournalPos,
+    durable: JournalPos,
+    /// A segment file was created since the last sync: the directory needs an fsync too.
+    dir_dirty: bool,
+}
+
+impl Journal {
+    /// Opens the journal directory of a group after a start, making it agree with the catalog:
+    /// `committed` is where the last committed journaled batch lies (None when there is none).
+    /// Segment files newer than the committed one are deleted, and the committed segment's
+    /// tail past the committed end is truncated.
+    pub fn recover(dir: &Path, committed: Option<SegmentSpan>) -> Result<(Journal, RecoveryReport)> {
+        fs::create_dir_all(dir).map_err(ReplicaError::io("create directory", dir))?;
+        let mut numbers = Vec::new();
+        for entry in fs::read_dir(dir).map_err(ReplicaError::io("list", dir))? {
+            let entry = entry.map_err(ReplicaError::io("list", dir))?;
+            if let Some(n) = entry.file_name().to_str().and_then(segment_number) {
+                numbers.push(n);
+            }
+        }
+        numbers.sort_unstable();
+        let mut report = RecoveryReport::default();
+        let last_committed = committed.map(|c| c.segment).unwrap_or(0);
+        for &n in numbers.iter().filter(|&&n| n > last_committed) {
+            let path = dir.join(segment_name(n));
+            fs::remove_file(&path).map_err(ReplicaError::io("delete uncommitted segment", &path))?;
+            report.deleted.push(n);
+        }
+        if !report.deleted.is_empty() {
+            sync_dir(dir)?;
+        }
+        let mut journal = Journal { dir: dir.to_path_buf(), open: None, written: JournalPos::default(), durable: JournalPos::default(), dir_dirty: false };
+        let Some(c) = committed else {
+            journal.written = JournalPos { segment: 0, offset: 0 };
+            journal.durable = journal.written;
+            return Ok((journal, report));
+        };
+        let path = dir.join(segment_name(c.segment));
+        if !numbers.contains(&c.segment) {
+            return Err(ReplicaError::JournalCorrupt(format!("segment {} holds committed batches but is missing", path.display())));
+        }
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(ReplicaError::io("open", &path))?;
+        let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
+        file.read_exact_at(&mut header, 0).map_err(ReplicaError::io("read the header of", &path))?;
+        check_segment_header(&header, c.segment).map_err(|e| ReplicaError::JournalCorrupt(format!("{}: {e}", path.display())))?;
+        let len = file.metadata().map_err(ReplicaError::io("stat", &path))?.len();
+        let end = c.end();
+        if len < end {
+            return Err(ReplicaError::JournalCorrupt(format!("segment {} is {len} bytes long but committed batches end at {end}", path.display())));
+        }
+        if len > end {
+            file.set_len(end).map_err(ReplicaError::io("truncate", &path))?;
+            file.sync_all().map_err(ReplicaError::io("fsync", &path))?;
+            report.truncated = Some((c.segment, len - end));
+        }
+        journal.written = JournalPos { segment: c.segment, offset: end };
+        journal.durable = journal.written;
+        journal.open = Some(OpenSegment { number: c.segment, file });
+        Ok((journal, report))
+    }
+
+    /// Where the next append goes (appended, not necessarily durable).
+    pub fn written(&self) -> JournalPos {
+        self.written
+    }
+
+    /// The end of what is fsynced.
+    pub fn durable(&self) -> JournalPos {
+        self.durable
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends one whole batch; returns where it starts. Rotates to a new segment first when
+    /// the open one has reached its target size. Not durable until [`Journal::sync`].
+    pub fn append(&mut self, batch: &[u8]) -> Result<SegmentSpan> {
+        assert!(!batch.is_empty() && batch.len() <= BATCH_BYTES_MAX);
+        let rotate = match &self.open {
+            None => true,
+            Some(_) => self.written.offset >= SEGMENT_BYTES_TARGET,
+        };
+        if rotate {
+            self.rotate()?;
+        }
+        let Some(open) = &self.open else { unreachable!("rotate opens a segment") };
+        let position = self.written.offset;
+        let path = self.dir.join(segment_name(open.number));
+        open.file.write_all_at(batch, position).map_err(ReplicaError::io("append to", &path))?;
+        self.written.offset = position + batch.len() as u64;
+        debug_assert!(self.written.offset <= SEGMENT_BYTES_MAX);
+        Ok(SegmentSpan { segment: open.number, position, length: batch.len() as u64 })
+    }
+
+    fn rotate(&mut self) -> Result<()> {
+        // The old segment's bytes must be durable before a newer segment can be relied on.
+        self.sync()?;
+        let number = self.written.segment + 1;
+        let path = self.dir.join(segment_name(number));
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(ReplicaError::io("create segment", &path))?;
+        file.write_all_at(&segment_header(number), 0).map_err(ReplicaError::io("write the header of", &path))?;
+        self.open = Some(OpenSegment { number, file });
+        self.written = JournalPos { segment: number, offset: SEGMENT_HEADER_BYTES };
+        self.dir_dirty = true;
+        Ok(())
+    }
+
+    /// Makes everything written durable: fdatasync of the open segment, and of the directory
+    /// when a segment was created. An error here is fatal for the group (the caller stops
+    /// rather than acknowledge bytes that may not be on disk).
+    pub fn sync(&mut self) -> Result<()> {
+        if self.written == self.durable && !self.dir_dirty {
+            return Ok(());
+        }
+        if let Some(open) = &self.open {
+            let path = self.dir.join(segment_name(open.number));
+            open.file.sync_data().map_err(ReplicaError::io("fsync", &path))?;
+        }
+        if self.dir_dirty {
+            sync_dir(&self.dir)?;
+            self.dir_dirty = false;
+        }
+        self.durable = self.written;
+        Ok(())
+    }
+
+    /// Forgets what was appended after `to` in the open segment (a commit that failed).
+    pub fn truncate_to(&mut self, to: JournalPos) -> Result<()> {
+        if let Some(open) = &self.open
+            && open.number == to.segment
+            && to.offset < self.written.offset
+        {
+            let path = self.dir.join(segment_name(open.number));
+            open.file.set_len(to.offset).map_err(ReplicaError::io("truncate", &path))?;
+            self.written = to;
+            self.durable = self.durable.min(to);
+        }
+        Ok(())
+    }
+}
+
+/// Reads records back from the segments of one group (opens each segment once).
+pub struct SegmentReader {
+    dir: PathBuf,
+    files: Vec<(u64, File)>,
+}
+
+/// Segment files a reader keeps open at once.
+const READER_FILES_MAX: usize = 16;
+
+impl SegmentReader {
+    pub fn new(dir: &Path) -> SegmentReader {
+        SegmentReader { dir: dir.to_path_buf(), files: Vec::new() }
+    }
+
+    /// Reads up to `buf.len()` bytes at `position` of segment `segment`; returns the count
+    /// (short only at the end of the file).
+    pub fn read_at(&mut self, segment: u64, position: u64, buf: &mut [u8]) -> Result<usize> {
+        let path = self.dir.join(segment_name(segment));
+        let i = match self.files.iter().position(|(n, _)| *n == segment) {
+            Some(i) => i,
+            None => {
+                let file = File::open(&path).map_err(ReplicaError::io("open journal segment", &path))?;
+                let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
+                file.read_exact_at(&mut header, 0).map_err(ReplicaError::io("read the header of", &path))?;
+                check_segment_header(&header, segment).map_err(|e| ReplicaError::JournalCorrupt(format!("{}: {e}", path.display())))?;
+                if self.files.len() >= READER_FILES_MAX {
+                    self.files.remove(0);
+                }
+                self.files.push((segment, file));
+                self.files.len() - 1
+            }
+        };
+        let file = &self.files[i].1;
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], position + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReplicaError::io("read journal segment", &path)(e)),
+            }
+        }
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_sync_recover_truncates_tail_and_newer_segments() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("g");
+        let (mut j, report) = Journal::recover(&dir, None).expect("new journal");
+        assert_eq!(report, RecoveryReport::default());
+        let a = j.append(&[1u8; 100]).expect("append");
+        assert_eq!(a, SegmentSpan { segment: 1, position: SEGMENT_HEADER_BYTES, length: 100 });
+        assert_eq!(j.durable(), JournalPos::default());
+        j.sync().expect("sync");
+        assert_eq!(j.durable(), j.written());
+        let b = j.append(&[2u8; 50]).expect("append");
+        j.sync().expect("sync");
+        // Garbage after b, and a newer segment nobody references.
+        drop(j);
+        let seg1 = dir.join(segment_name(1));
+        let f = OpenOptions::new().append(true).open(&seg1).expect("open");
+        std::io::Write::write_all(&mut &f, &[9u8; 33]).expect("garbage");
+        fs::write(dir.join(segment_name(2)), segment_header(2)).expect("newer");
+        let (j, report) = Journal::recover(&dir, Some(b)).expect("recover");
+        assert_eq!(report.truncated, Some((1, 33)));
+        assert_eq!(report.deleted, vec![2]);
+        assert_eq!(j.written(), JournalPos { segment: 1, offset: b.end() });
+        assert_eq!(fs::metadata(&seg1).expect("stat").len(), b.end());
+        let mut r = SegmentReader::new(&dir);
+        let mut buf = [0u8; 100];
+        assert_eq!(r.read_at(1, a.position, &mut buf).expect("read"), 100);
+        assert_eq!(buf, [1u8; 100]);
+    }
+
+    #[test]
+    fn recover_without_committed_batches_deletes_every_segment() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("g");
+        let (mut j, _) = Journal::recover(&dir, None).expect("new journal");
+        j.append(&[1u8; 10]).expect("append");
+        j.sync().expect("sync");
+        drop(j);
+        let (mut j, report) = Journal::recover(&dir, None).expect("recover");
+        assert_eq!(report.deleted, vec![1]);
+        let span = j.append(&[1u8; 10]).expect("append");
+        assert_eq!(span.segment, 1);
+    }
+}

@@ -1,0 +1,648 @@
+//! The batch format: the one byte layout a batch has in the agent's spool, on the wire and in
+//! the replica's journal. Encoding, sealing and fully validating decoding, without I/O.
+//!
+//! ```text
+//! batch   = header payload
+//! header  = magic "CDPB" | version u16 | flags u16 | header_len u32 | record_count u32
+//!           | payload_len u32 | reserved u32 (0) | seq u64 | agent_time_ns i64
+//!           | prev_hash [32] | payload_hash [32] | group_len u8 | bookmark_len u8
+//!           | group bytes | bookmark bytes | header_hash [32]
+//! payload = record*
+//! record  = volume u32 | kind u8 | encoding u8 | flags u16 | offset u64 | length u32
+//!           | stored_len u32 | data_hash [32] | stored bytes
+//! ```
+//! All integers little-endian. `header_hash` is blake3 of the header bytes before it and is the
+//! batch's identity: the next batch carries it as `prev_hash`. `payload_hash` is blake3 of the
+//! payload. A data record's `data_hash` is blake3 of its uncompressed bytes; its stored bytes
+//! are zstd-compressed when that shrinks them, raw otherwise. Zero and trim records carry no
+//! bytes and read as zeros. Every record lies inside one chunk.
+//!
+//! Decoding checks every length against the limits in [`crate::types`] before it allocates
+//! and rejects anything malformed with a [`BatchError`]; it never panics.
+
+use crate::types::{BATCH_PAYLOAD_BYTES_MAX, BATCH_RECORDS_MAX, CHUNK_BYTES, NAME_BYTES_MAX, Seq, VolumeId, check_name};
+
+pub const MAGIC: [u8; 4] = *b"CDPB";
+pub const VERSION: u16 = 1;
+/// Bytes of the header before the names.
+pub const HEADER_FIXED_BYTES: usize = 106;
+/// Bytes of the header hash that ends the header.
+pub const HASH_BYTES: usize = 32;
+/// Largest possible header.
+pub const HEADER_BYTES_MAX: usize = HEADER_FIXED_BYTES + 2 * NAME_BYTES_MAX + HASH_BYTES;
+/// Largest possible batch.
+pub const BATCH_BYTES_MAX: usize = HEADER_BYTES_MAX + BATCH_PAYLOAD_BYTES_MAX;
+/// Bytes of a record header.
+pub const RECORD_HEADER_BYTES: usize = 56;
+/// zstd level for records: fast, since the agent compresses on the write path.
+pub const ZSTD_LEVEL: i32 = 1;
+
+const _: () = assert!(NAME_BYTES_MAX <= u8::MAX as usize);
+const _: () = assert!(CHUNK_BYTES <= u32::MAX as u64);
+
+pub type Hash = [u8; 32];
+pub const ZERO_HASH: Hash = [0; 32];
+
+/// Flags of a batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchFlags(pub u16);
+
+impl BatchFlags {
+    /// Cut by a FLUSH or a FUA write: a point the client made durable.
+    pub const FLUSH: u16 = 1;
+    /// Carries a bookmark name.
+    pub const BOOKMARK: u16 = 2;
+    /// Holds sync or resync records.
+    pub const SYNC: u16 = 4;
+    /// The state at the end of this batch is not crash-consistent (a volume of the group is
+    /// inside a sync or resync).
+    pub const INCONSISTENT: u16 = 8;
+    const KNOWN: u16 = Self::FLUSH | Self::BOOKMARK | Self::SYNC | Self::INCONSISTENT;
+
+    pub fn has(self, flag: u16) -> bool {
+        self.0 & flag != 0
+    }
+    pub fn consistent(self) -> bool {
+        !self.has(Self::INCONSISTENT)
+    }
+}
+
+/// What a record does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// Bytes written.
+    Data = 1,
+    /// A range that reads as zeros (NBD WRITE_ZEROES, or a sync read of an all-zero range).
+    Zero = 2,
+    /// A discarded range; reads as zeros.
+    Trim = 3,
+    /// From here the volume is being (re)synchronised: it has no consistent image until the
+    /// matching `SyncEnd`. `offset` and `length` are 0.
+    SyncBegin = 4,
+    /// The volume's (re)synchronisation is complete as of this record.
+    SyncEnd = 5,
+}
+
+impl RecordKind {
+    pub fn from_u8(v: u8) -> Option<RecordKind> {
+        Some(match v {
+            1 => RecordKind::Data,
+            2 => RecordKind::Zero,
+            3 => RecordKind::Trim,
+            4 => RecordKind::SyncBegin,
+            5 => RecordKind::SyncEnd,
+            _ => return None,
+        })
+    }
+    /// Whether the record changes bytes of the volume.
+    pub fn changes_bytes(self) -> bool {
+        matches!(self, RecordKind::Data | RecordKind::Zero | RecordKind::Trim)
+    }
+}
+
+/// How a data record's bytes are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Encoding {
+    Raw = 0,
+    Zstd = 1,
+}
+
+/// Record flag: the record was read from the device by a sync or resync, not written by a client.
+pub const RECORD_FLAG_SYNC: u16 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BatchError {
+    #[error("batch is truncated: {0} more bytes needed")]
+    Truncated(usize),
+    #[error("batch has bad magic")]
+    BadMagic,
+    #[error("batch format version {0} is not supported (this build reads version {VERSION})")]
+    BadVersion(u16),
+    #[error("batch header is malformed: {0}")]
+    BadHeader(&'static str),
+    #[error("batch header checksum does not match")]
+    HeaderHash,
+    #[error("batch payload checksum does not match")]
+    PayloadHash,
+    #[error("batch length {actual} does not match its header ({expected})")]
+    Length { expected: usize, actual: usize },
+    #[error("record {index} is malformed: {reason}")]
+    BadRecord { index: u32, reason: &'static str },
+    #[error("record data checksum does not match (volume {volume}, offset {offset})")]
+    DataHash { volume: VolumeId, offset: u64 },
+    #[error("record data does not decompress: {0}")]
+    Decompress(String),
+}
+
+/// The decoded header of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchHeader {
+    pub seq: Seq,
+    pub agent_time_ns: i64,
+    pub flags: BatchFlags,
+    pub group: String,
+    pub bookmark: Option<String>,
+    pub record_count: u32,
+    pub payload_len: u32,
+    pub prev_hash: Hash,
+    pub payload_hash: Hash,
+    /// The batch's identity; the next batch names it as `prev_hash`.
+    pub header_hash: Hash,
+    pub header_len: u32,
+}
+
+impl BatchHeader {
+    pub fn total_len(&self) -> usize {
+        self.header_len as usize + self.payload_len as usize
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
+}
+fn hash_at(b: &[u8], at: usize) -> Hash {
+    let mut h = [0u8; 32];
+    h.copy_from_slice(&b[at..at + 32]);
+    h
+}
+
+/// Decodes and checks a batch header from the start of `buf` (which may hold more).
+/// Does not look at the payload.
+pub fn decode_header(buf: &[u8]) -> Result<BatchHeader, BatchError> {
+    if buf.len() < HEADER_FIXED_BYTES {
+        return Err(BatchError::Truncated(HEADER_FIXED_BYTES - buf.len()));
+    }
+    if buf[0..4] != MAGIC {
+        return Err(BatchError::BadMagic);
+    }
+    let version = u16_at(buf, 4);
+    if version != VERSION {
+        return Err(BatchError::BadVersion(version));
+    }
+    let flags = u16_at(buf, 6);
+    if flags & !BatchFlags::KNOWN != 0 {
+        return Err(BatchError::BadHeader("unknown flags"));
+    }
+    let header_len = u32_at(buf, 8);
+    let record_count = u32_at(buf, 12);
+    let payload_len = u32_at(buf, 16);
+    if u32_at(buf, 20) != 0 {
+        return Err(BatchError::BadHeader("reserved field is not zero"));
+    }
+    let seq = u64_at(buf, 24);
+    let agent_time_ns = u64_at(buf, 32) as i64;
+    let prev_hash = hash_at(buf, 40);
+    let payload_hash = hash_at(buf, 72);
+    let group_len = buf[104] as usize;
+    let bookmark_len = buf[105] as usize;
+    if group_len == 0 || group_len > NAME_BYTES_MAX || bookmark_len > NAME_BYTES_MAX {
+        return Err(BatchError::BadHeader("name length out of range"));
+    }
+    let expected_len = HEADER_FIXED_BYTES + group_len + bookmark_len + HASH_BYTES;
+    if header_len as usize != expected_len {
+        return Err(BatchError::BadHeader("header length does not match the names"));
+    }
+    if seq == 0 {
+        return Err(BatchError::BadHeader("seq 0"));
+    }
+    if payload_len as usize > BATCH_PAYLOAD_BYTES_MAX {
+        return Err(BatchError::BadHeader("payload too long"));
+    }
+    if record_count as usize > BATCH_RECORDS_MAX {
+        return Err(BatchError::BadHeader("too many records"));
+    }
+    if (bookmark_len > 0) != (flags & BatchFlags::BOOKMARK != 0) {
+        return Err(BatchError::BadHeader("bookmark flag and name disagree"));
+    }
+    if buf.len() < expected_len {
+        return Err(BatchError::Truncated(expected_len - buf.len()));
+    }
+    let hashed_len = expected_len - HASH_BYTES;
+    let header_hash = hash_at(buf, hashed_len);
+    if *blake3::hash(&buf[..hashed_len]).as_bytes() != header_hash {
+        return Err(BatchError::HeaderHash);
+    }
+    let name = |from: usize, len: usize| -> Result<String, BatchError> {
+        let s = std::str::from_utf8(&buf[from..from + len]).map_err(|_| BatchError::BadHeader("name is not UTF-8"))?;
+        check_name("batch", s).map_err(|_| BatchError::BadHeader("name has characters that are not allowed"))?;
+        Ok(s.to_owned())
+    };
+    let group = name(HEADER_FIXED_BYTES, group_len)?;
+    let bookmark = if bookmark_len > 0 { Some(name(HEADER_FIXED_BYTES + group_len, bookmark_len)?) } else { None };
+    Ok(BatchHeader {
+        seq: Seq(seq),
+        agent_time_ns,
+        flags: BatchFlags(flags),
+        group,
+        bookmark,
+        record_count,
+        payload_len,
+        prev_hash,
+        payload_hash,
+        header_hash,
+        header_len,
+    })
+}
+
+/// The fixed part of a record, decoded and checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub volume: VolumeId,
+    pub kind: RecordKind,
+    pub encoding: Encoding,
+    pub flags: u16,
+    pub offset: u64,
+    pub length: u32,
+    pub stored_len: u32,
+    pub data_hash: Hash,
+}
+
+impl RecordHeader {
+    /// Decodes a record header from the start of `buf`, checking it on its own (kind, encoding,
+    /// lengths, chunk bounds). `index` only names the record in errors.
+    pub fn decode(buf: &[u8], index: u32) -> Result<RecordHeader, BatchError> {
+        let bad = |reason| BatchError::BadRecord { index, reason };
+        if buf.len() < RECORD_HEADER_BYTES {
+            return Err(bad("truncated record header"));
+        }
+        let volume = u32_at(buf, 0);
+        let kind = RecordKind::from_u8(buf[4]).ok_or(bad("unknown kind"))?;
+        let encoding = match buf[5] {
+            0 => Encoding::Raw,
+            1 => Encoding::Zstd,
+            _ => return Err(bad("unknown encoding")),
+        };
+        let flags = u16_at(buf, 6);
+        if flags & !RECORD_FLAG_SYNC != 0 {
+            return Err(bad("unknown flags"));
+        }
+        let offset = u64_at(buf, 8);
+        let length = u32_at(buf, 16);
+        let stored_len = u32_at(buf, 20);
+        let data_hash = hash_at(buf, 24);
+        match kind {
+            RecordKind::Data | RecordKind::Zero | RecordKind::Trim => {
+                if length == 0 || u64::from(length) > CHUNK_BYTES {
+                    return Err(bad("length out of range"));
+                }
+                let last = offset.checked_add(u64::from(length) - 1).ok_or(bad("range overflows"))?;
+                if offset / CHUNK_BYTES != last / CHUNK_BYTES {
+                    return Err(bad("record crosses a chunk boundary"));
+                }
+            }
+            RecordKind::SyncBegin | RecordKind::SyncEnd => {
+                if offset != 0 || length != 0 {
+                    return Err(bad("sync marker with a range"));
+                }
+            }
+        }
+        match (kind, encoding) {
+            (RecordKind::Data, Encoding::Raw) if stored_len != length => return Err(bad("raw length mismatch")),
+            (RecordKind::Data, Encoding::Zstd) if stored_len == 0 || stored_len >= length => {
+                return Err(bad("compressed length out of range"));
+            }
+            (RecordKind::Data, _) => {}
+            (_, Encoding::Raw) if stored_len == 0 => {}
+            _ => return Err(bad("record without data carries bytes")),
+        }
+        Ok(RecordHeader { volume, kind, encoding, flags, offset, length, stored_len, data_hash })
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.volume.to_le_bytes());
+        out.push(self.kind as u8);
+        out.push(self.encoding as u8);
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.length.to_le_bytes());
+        out.extend_from_slice(&self.stored_len.to_le_bytes());
+        out.extend_from_slice(&self.data_hash);
+    }
+
+    /// Bytes of the record in a payload, header included.
+    pub fn total_len(&self) -> usize {
+        RECORD_HEADER_BYTES + self.stored_len as usize
+    }
+
+    pub fn is_sync(&self) -> bool {
+        self.flags & RECORD_FLAG_SYNC != 0
+    }
+
+    /// Decodes a data record's stored bytes into `out` (cleared first; its capacity is reused)
+    /// and checks them against the record's hash.
+    pub fn decode_data(&self, stored: &[u8], decompressor: &mut zstd::bulk::Decompressor<'_>, out: &mut Vec<u8>) -> Result<(), BatchError> {
+        debug_assert_eq!(self.kind, RecordKind::Data);
+        if stored.len() != self.stored_len as usize {
+            return Err(BatchError::Length { expected: self.stored_len as usize, actual: stored.len() });
+        }
+        out.clear();
+        match self.encoding {
+            Encoding::Raw => out.extend_from_slice(stored),
+            Encoding::Zstd => {
+                out.reserve(self.length as usize);
+                let n = decompressor.decompress_to_buffer(stored, out).map_err(|e| BatchError::Decompress(e.to_string()))?;
+                if n != self.length as usize {
+                    return Err(BatchError::Decompress(format!("{n} bytes instead of {}", self.length)));
+                }
+            }
+        }
+        if *blake3::hash(out).as_bytes() != self.data_hash {
+            return Err(BatchError::DataHash { volume: self.volume, offset: self.offset });
+        }
+        Ok(())
+    }
+}
+
+/// A record inside a decoded batch.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordView<'a> {
+    pub header: RecordHeader,
+    /// Position of the record header within the payload.
+    pub payload_pos: usize,
+    pub stored: &'a [u8],
+}
+
+/// A batch whose header, payload hash and record structure have all been checked.
+#[derive(Debug)]
+pub struct BatchView<'a> {
+    pub header: BatchHeader,
+    pub bytes: &'a [u8],
+}
+
+impl<'a> BatchView<'a> {
+    pub fn payload(&self) -> &'a [u8] {
+        &self.bytes[self.header.header_len as usize..]
+    }
+
+    /// The records, in order. Their structure was checked by [`decode`], so this cannot fail.
+    pub fn records(&self) -> impl Iterator<Item = RecordView<'a>> + 'a {
+        let payload = self.payload();
+        let mut pos = 0usize;
+        let mut index = 0u32;
+        std::iter::from_fn(move || {
+            if pos >= payload.len() {
+                return None;
+            }
+            let header = RecordHeader::decode(&payload[pos..], index).ok()?;
+            let start = pos + RECORD_HEADER_BYTES;
+            let end = start + header.stored_len as usize;
+            let view = RecordView { header, payload_pos: pos, stored: payload.get(start..end)? };
+            pos = end;
+            index += 1;
+            Some(view)
+        })
+    }
+}
+
+/// Decodes and fully checks a whole batch: header, header hash, exact length, payload hash and
+/// every record's structure. Record data hashes are checked when the data is decoded
+/// ([`RecordHeader::decode_data`]) or by [`check_record_data`].
+pub fn decode(bytes: &[u8]) -> Result<BatchView<'_>, BatchError> {
+    let header = decode_header(bytes)?;
+    let total = header.total_len();
+    if bytes.len() != total {
+        return Err(BatchError::Length { expected: total, actual: bytes.len() });
+    }
+    let payload = &bytes[header.header_len as usize..];
+    if *blake3::hash(payload).as_bytes() != header.payload_hash {
+        return Err(BatchError::PayloadHash);
+    }
+    let mut pos = 0usize;
+    let mut count = 0u32;
+    while pos < payload.len() {
+        if count >= header.record_count {
+            return Err(BatchError::BadHeader("more records than the header says"));
+        }
+        let rh = RecordHeader::decode(&payload[pos..], count)?;
+        let end = pos + rh.total_len();
+        if end > payload.len() {
+            return Err(BatchError::BadRecord { index: count, reason: "record data runs past the payload" });
+        }
+        pos = end;
+        count += 1;
+    }
+    if count != header.record_count {
+        return Err(BatchError::BadHeader("fewer records than the header says"));
+    }
+    Ok(BatchView { header, bytes })
+}
+
+/// Decodes every data record of a checked batch and checks its hash (the receiver's full check).
+pub fn check_record_data(batch: &BatchView<'_>, decompressor: &mut zstd::bulk::Decompressor<'_>, scratch: &mut Vec<u8>) -> Result<(), BatchError> {
+    for r in batch.records() {
+        if r.header.kind == RecordKind::Data {
+            r.header.decode_data(r.stored, decompressor, scratch)?;
+        }
+    }
+    Ok(())
+}
+
+/// Encodes records; holds a reusable zstd compressor and scratch buffer. One per thread/task.
+pub struct RecordEncoder {
+    compressor: zstd::bulk::Compressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl RecordEncoder {
+    pub fn new() -> RecordEncoder {
+        // Creating a compressor only fails when zstd cannot allocate its context.
+        let compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL).unwrap_or_else(|e| panic!("zstd compressor: {e}"));
+        RecordEncoder { compressor, scratch: Vec::new() }
+    }
+
+    /// Appends a data record for `data` at `offset` (which must lie in one chunk) to `out`.
+    pub fn encode_data(&mut self, volume: VolumeId, offset: u64, data: &[u8], flags: u16, out: &mut Vec<u8>) {
+        assert!(!data.is_empty() && data.len() as u64 <= CHUNK_BYTES);
+        assert_eq!(offset / CHUNK_BYTES, (offset + data.len() as u64 - 1) / CHUNK_BYTES);
+        let data_hash = *blake3::hash(data).as_bytes();
+        let length = data.len() as u32;
+        self.scratch.clear();
+        self.scratch.reserve(zstd::zstd_safe::compress_bound(data.len()));
+        let compressed = match self.compressor.compress_to_buffer(data, &mut self.scratch) {
+            Ok(n) => n > 0 && n < data.len(),
+            Err(_) => false,
+        };
+        let (encoding, stored): (Encoding, &[u8]) = if compressed { (Encoding::Zstd, &self.scratch) } else { (Encoding::Raw, data) };
+        let header = RecordHeader {
+            volume,
+            kind: RecordKind::Data,
+            encoding,
+            flags,
+            offset,
+            length,
+            stored_len: stored.len() as u32,
+            data_hash,
+        };
+        out.reserve(RECORD_HEADER_BYTES + stored.len());
+        header.encode(out);
+        out.extend_from_slice(stored);
+    }
+}
+
+impl Default for RecordEncoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Appends a record without data (zero, trim, sync markers) to `out`.
+pub fn encode_marker(volume: VolumeId, kind: RecordKind, offset: u64, length: u32, flags: u16, out: &mut Vec<u8>) {
+    assert_ne!(kind, RecordKind::Data);
+    RecordHeader { volume, kind, encoding: Encoding::Raw, flags, offset, length, stored_len: 0, data_hash: ZERO_HASH }.encode(out);
+}
+
+/// What a sealed batch's header says, apart from what the payload determines.
+#[derive(Clone, Debug)]
+pub struct SealParams<'a> {
+    pub group: &'a str,
+    pub seq: Seq,
+    pub agent_time_ns: i64,
+    pub flags: BatchFlags,
+    pub bookmark: Option<&'a str>,
+    pub prev_hash: Hash,
+    pub record_count: u32,
+}
+
+/// Builds the header for `payload` and returns the whole batch (header then payload) and its
+/// header hash. The payload must be a sequence of `record_count` encoded records.
+pub fn seal(params: &SealParams<'_>, payload: &[u8]) -> (Vec<u8>, Hash) {
+    let bookmark = params.bookmark.unwrap_or("");
+    assert!(!params.group.is_empty() && params.group.len() <= NAME_BYTES_MAX && bookmark.len() <= NAME_BYTES_MAX);
+    assert!(payload.len() <= BATCH_PAYLOAD_BYTES_MAX && params.record_count as usize <= BATCH_RECORDS_MAX);
+    let mut flags = params.flags.0;
+    if params.bookmark.is_some() {
+        flags |= BatchFlags::BOOKMARK;
+    }
+    let header_len = HEADER_FIXED_BYTES + params.group.len() + bookmark.len() + HASH_BYTES;
+    let mut out = Vec::with_capacity(header_len + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.extend_from_slice(&(header_len as u32).to_le_bytes());
+    out.extend_from_slice(&params.record_count.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&params.seq.0.to_le_bytes());
+    out.extend_from_slice(&params.agent_time_ns.to_le_bytes());
+    out.extend_from_slice(&params.prev_hash);
+    out.extend_from_slice(blake3::hash(payload).as_bytes());
+    out.push(params.group.len() as u8);
+    out.push(bookmark.len() as u8);
+    out.extend_from_slice(params.group.as_bytes());
+    out.extend_from_slice(bookmark.as_bytes());
+    let header_hash = *blake3::hash(&out).as_bytes();
+    out.extend_from_slice(&header_hash);
+    debug_assert_eq!(out.len(), header_len);
+    out.extend_from_slice(payload);
+    (out, header_hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Vec<u8> {
+        let mut enc = RecordEncoder::new();
+        let mut payload = Vec::new();
+        enc.encode_data(1, 4096, &[7u8; 8192], 0, &mut payload); // compressible
+        let random: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        enc.encode_data(2, CHUNK_BYTES, &random, RECORD_FLAG_SYNC, &mut payload);
+        encode_marker(1, RecordKind::Zero, 0, 512, 0, &mut payload);
+        encode_marker(1, RecordKind::Trim, CHUNK_BYTES - 512, 512, 0, &mut payload);
+        let params = SealParams {
+            group: "db",
+            seq: Seq(42),
+            agent_time_ns: 1_700_000_000_000_000_000,
+            flags: BatchFlags(BatchFlags::FLUSH),
+            bookmark: Some("before-upgrade"),
+            prev_hash: [9; 32],
+            record_count: 4,
+        };
+        seal(&params, &payload).0
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = sample();
+        let view = decode(&bytes).expect("decode");
+        assert_eq!(view.header.seq, Seq(42));
+        assert_eq!(view.header.group, "db");
+        assert_eq!(view.header.bookmark.as_deref(), Some("before-upgrade"));
+        assert!(view.header.flags.has(BatchFlags::FLUSH) && view.header.flags.has(BatchFlags::BOOKMARK));
+        assert_eq!(view.header.prev_hash, [9; 32]);
+        let records: Vec<_> = view.records().collect();
+        assert_eq!(records.len(), 4);
+        assert_eq!(records[0].header.encoding, Encoding::Zstd);
+        assert_eq!(records[1].header.encoding, Encoding::Raw);
+        assert!(records[1].header.is_sync());
+        assert_eq!(records[2].header.kind, RecordKind::Zero);
+        let mut d = zstd::bulk::Decompressor::new().expect("decompressor");
+        let mut out = Vec::new();
+        records[0].header.decode_data(records[0].stored, &mut d, &mut out).expect("data");
+        assert_eq!(out, vec![7u8; 8192]);
+        check_record_data(&view, &mut d, &mut out).expect("all data");
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let bytes = sample();
+        let mut d = zstd::bulk::Decompressor::new().expect("decompressor");
+        let mut scratch = Vec::new();
+        for i in 0..bytes.len() {
+            for bit in [0u8, 3, 7] {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                let ok = decode(&b).and_then(|v| check_record_data(&v, &mut d, &mut scratch));
+                assert!(ok.is_err(), "flip of bit {bit} in byte {i} went unnoticed");
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_is_an_error() {
+        let bytes = sample();
+        for n in [0, 3, 50, HEADER_FIXED_BYTES, 200, bytes.len() - 1] {
+            assert!(decode(&bytes[..n]).is_err());
+        }
+    }
+
+    #[test]
+    fn record_crossing_a_chunk_is_refused() {
+        let mut buf = Vec::new();
+        encode_marker(0, RecordKind::Zero, CHUNK_BYTES - 1, 2, 0, &mut buf);
+        assert!(matches!(RecordHeader::decode(&buf, 0), Err(BatchError::BadRecord { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode(&bytes);
+            let _ = decode_header(&bytes);
+            let _ = RecordHeader::decode(&bytes, 0);
+        }
+
+        #[test]
+        fn decoding_mutated_batches_never_panics(idx in 0usize..4000, val in any::<u8>(), cut in 0usize..4000) {
+            let mut b = sample();
+            let i = idx % b.len();
+            b[i] = val;
+            b.truncate(b.len() - cut % b.len());
+            if let Ok(v) = decode(&b) {
+                let mut d = zstd::bulk::Decompressor::new().expect("decompressor");
+                let mut s = Vec::new();
+                let _ = check_record_data(&v, &mut d, &mut s);
+            }
+        }
+    }
+}

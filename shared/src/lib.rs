@@ -1,0 +1,14 @@
+//! cdp-shared: what the agent and the replica have in common — the batch format, the control
+//! protocol, the NBD server core, identities and TLS, the extent map, point and time parsing.
+//!
+//! Nothing here depends on `cdp-agent` or `cdp-replica`. Apart from the NBD server shell and
+//! the identity files, nothing here does socket or disk I/O.
+
+pub mod batch;
+pub mod identity;
+pub mod nbd;
+pub mod point;
+pub mod types;
+pub mod wire;
+
+pub use types::*;

@@ -1,0 +1,160 @@
+//! The control protocol between agent and replica, without I/O.
+//!
+//! One QUIC connection per agent. The agent opens one bidirectional *control stream* and sends
+//! [`Control::Hello`]; the replica answers [`Control::Welcome`] (or [`Control::Refused`]) and
+//! from then on sends [`Control::Ack`] / [`Control::Nack`] on it. Each batch travels alone on its
+//! own unidirectional stream as the exact bytes of the batch format ([`crate::batch`]).
+//!
+//! A control frame is `length u32 LE | JSON body`, the length bounded by
+//! [`CONTROL_FRAME_BYTES_MAX`]. [`FrameDecoder`] is the sans-IO reader.
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Seq, VolumeId};
+
+/// Version of this control protocol; a peer with another version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest control frame body.
+pub const CONTROL_FRAME_BYTES_MAX: usize = 1 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub name: String,
+    pub size: u64,
+}
+
+/// What the agent says about one consistency group when it connects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupHello {
+    pub name: String,
+    pub volumes: Vec<VolumeInfo>,
+    /// The last seq the agent has sealed (0 when none).
+    pub head: u64,
+    /// The oldest seq the agent can still send (it holds every batch in `[first_held, head]`);
+    /// `head + 1` when it holds none.
+    pub first_held: u64,
+}
+
+/// What the replica says about one group in return.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupWelcome {
+    pub name: String,
+    /// The last seq durable on the replica (0 when none). The agent resumes after it.
+    pub durable: u64,
+    /// Changes whenever the replica's copy of the group starts over (new, or restored).
+    pub generation: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    Hello { protocol: u32, groups: Vec<GroupHello> },
+    Welcome { protocol: u32, groups: Vec<GroupWelcome> },
+    /// The replica will not serve this agent; `reason` is one sentence for the operator.
+    Refused { reason: String },
+    /// Every batch of `group` up to and including `durable` is durable on the replica.
+    Ack { group: String, durable: u64 },
+    /// The batch `seq` of `group` was refused (it failed its checks); the agent sends it again.
+    Nack { group: String, seq: u64, reason: String },
+}
+
+impl Control {
+    pub fn ack(group: &str, durable: Seq) -> Control {
+        Control::Ack { group: group.to_owned(), durable: durable.0 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("control frame of {0} bytes is longer than the limit of {CONTROL_FRAME_BYTES_MAX}")]
+    TooLong(usize),
+    #[error("control frame is malformed: {0}")]
+    Malformed(String),
+}
+
+/// Encodes one control frame.
+pub fn encode(msg: &Control) -> Vec<u8> {
+    // Serializing these plain types to JSON cannot fail.
+    let body = serde_json::to_vec(msg).unwrap_or_else(|e| panic!("control message serializes: {e}"));
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Accumulates bytes from the control stream and yields complete frames.
+#[derive(Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn new() -> FrameDecoder {
+        FrameDecoder::default()
+    }
+
+    pub fn handle_bytes(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, if one has arrived.
+    pub fn poll_frame(&mut self) -> Result<Option<Control>, WireError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > CONTROL_FRAME_BYTES_MAX {
+            return Err(WireError::TooLong(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let msg = serde_json::from_slice(&self.buf[4..4 + len]).map_err(|e| WireError::Malformed(e.to_string()));
+        self.buf.drain(..4 + len);
+        msg.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_in_pieces() {
+        let msgs = vec![
+            Control::Hello {
+                protocol: PROTOCOL_VERSION,
+                groups: vec![GroupHello {
+                    name: "g".into(),
+                    volumes: vec![VolumeInfo { id: 0, name: "v".into(), size: 1 << 30 }],
+                    head: 5,
+                    first_held: 3,
+                }],
+            },
+            Control::ack("g", Seq(5)),
+            Control::Nack { group: "g".into(), seq: 6, reason: "payload checksum".into() },
+        ];
+        let bytes: Vec<u8> = msgs.iter().flat_map(encode).collect();
+        let mut d = FrameDecoder::new();
+        let mut got = Vec::new();
+        for piece in bytes.chunks(7) {
+            d.handle_bytes(piece);
+            while let Some(m) = d.poll_frame().expect("frame") {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, msgs);
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_errors() {
+        let mut d = FrameDecoder::new();
+        d.handle_bytes(&u32::MAX.to_le_bytes());
+        assert!(matches!(d.poll_frame(), Err(WireError::TooLong(_))));
+        let mut d = FrameDecoder::new();
+        d.handle_bytes(&3u32.to_le_bytes());
+        d.handle_bytes(b"{x}");
+        assert!(matches!(d.poll_frame(), Err(WireError::Malformed(_))));
+    }
+}
