@@ -145,6 +145,7 @@ fn init(data: &Path, replica: &str, replica_fingerprint: &str) -> Result<()> {
         replica_fingerprint: fp.to_string(),
         batch_age_ms: cdp_shared::types::BATCH_AGE_MS_DEFAULT,
         batches_in_flight: cdp_shared::types::BATCHES_IN_FLIGHT_DEFAULT,
+        sync_bytes_per_sec_max: 0,
         volumes: Vec::new(),
     };
     config.save(data)?;

@@ -173,6 +173,7 @@ impl Agent {
         };
         tasks.spawn(sender::run(groups.clone(), sender_config, link.clone(), shutdown.clone()));
 
+        let sync_rate = config.sync_bytes_per_sec_max;
         for (group_name, vol_id) in to_sync {
             let Some(group) = groups.iter().find(|g| g.name == group_name).cloned() else { continue };
             let data_dir = data_dir.clone();
@@ -181,7 +182,7 @@ impl Agent {
                 let name = group.volumes[vol_id as usize].name.clone();
                 tracing::info!(volume = %name, "initial sync started");
                 let result = tokio::select! {
-                    r = group.initial_sync(vol_id, SYNC_BACKLOG_BATCHES) => r,
+                    r = group.initial_sync(vol_id, SYNC_BACKLOG_BATCHES, sync_rate) => r,
                     _ = shutdown.cancelled() => return,
                 };
                 match result {

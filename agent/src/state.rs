@@ -47,6 +47,10 @@ pub struct AgentConfig {
     /// Batches sent but not acknowledged, at most.
     #[serde(default = "default_in_flight")]
     pub batches_in_flight: usize,
+    /// Read rate limit of the initial sync, bytes per second (0: unlimited), so that a first
+    /// sync does not saturate the device or the link.
+    #[serde(default)]
+    pub sync_bytes_per_sec_max: u64,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
 }

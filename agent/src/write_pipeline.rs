@@ -297,8 +297,9 @@ impl Group {
     /// The initial sync of a volume (DESIGN 3.5): a `SyncBegin` record first in its batch, every
     /// chunk read under the range lock and recorded through the log (all-zero chunks as zero
     /// records), and a `SyncEnd` record last in its batch. Returns the seq of that batch.
-    /// `backlog_max` bounds the batches sealed but not acknowledged while it runs.
-    pub async fn initial_sync(self: &Arc<Self>, volume: VolumeId, backlog_max: u64) -> ExportResult<Seq> {
+    /// `backlog_max` bounds the batches sealed but not acknowledged while it runs;
+    /// `bytes_per_sec_max` (0: unlimited) bounds its read rate.
+    pub async fn initial_sync(self: &Arc<Self>, volume: VolumeId, backlog_max: u64, bytes_per_sec_max: u64) -> ExportResult<Seq> {
         let vol = self.volume(volume).clone();
         vol.sync_chunks_done.store(0, Ordering::Relaxed);
         vol.syncing.store(true, Ordering::Relaxed);
@@ -314,7 +315,13 @@ impl Group {
             self.to_spool(sealed);
         }
         let mut acked = self.acked.subscribe();
+        let started = tokio::time::Instant::now();
+        let mut bytes_read = 0u64;
         for chunk in 0..vol.chunks() {
+            if bytes_per_sec_max > 0 {
+                let due = started + std::time::Duration::from_secs_f64(bytes_read as f64 / bytes_per_sec_max as f64);
+                tokio::time::sleep_until(due).await;
+            }
             // Bound the backlog: the sync must not fill the spool with the whole device.
             loop {
                 let sealed = self.last_sealed().0;
@@ -344,6 +351,7 @@ impl Group {
             .await
             .map_err(blocking_err)??;
             place.complete(&encoded, 1, true);
+            bytes_read += len;
             vol.sync_chunks_done.fetch_add(1, Ordering::Relaxed);
         }
         let seq = {

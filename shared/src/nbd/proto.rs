@@ -157,7 +157,8 @@ const _: () = assert!(OPTION_PAYLOAD_BYTES_MAX as usize >= 4 + EXPORT_NAME_BYTES
 const _: () = assert!(BLOCK_SIZE_MIN.is_power_of_two() && BLOCK_SIZE_MIN <= 1 << 16);
 const _: () = assert!(BLOCK_SIZE_PREFERRED.is_power_of_two() && BLOCK_SIZE_PREFERRED >= 512);
 const _: () = assert!(BLOCK_SIZE_PREFERRED >= BLOCK_SIZE_MIN);
-const _: () = assert!(BLOCK_SIZE_MAX % BLOCK_SIZE_MIN == 0 && BLOCK_SIZE_MAX >= BLOCK_SIZE_PREFERRED);
+const _: () = assert!(BLOCK_SIZE_MAX.is_multiple_of(BLOCK_SIZE_MIN));
+const _: () = assert!(BLOCK_SIZE_MAX >= BLOCK_SIZE_PREFERRED);
 // The specification asks servers to accept at least 1 MiB requests when the export is that large.
 const _: () = assert!(BLOCK_SIZE_MAX >= 1 << 20);
 
@@ -169,7 +170,11 @@ const _: () = assert!(BLOCK_SIZE_MAX >= 1 << 20);
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum ProtoError {
     #[error("truncated {what}: need {needed} bytes, got {got}")]
-    Truncated { what: &'static str, needed: usize, got: usize },
+    Truncated {
+        what: &'static str,
+        needed: usize,
+        got: usize,
+    },
     #[error("bad {what} magic {found:#x}")]
     BadMagic { what: &'static str, found: u64 },
     #[error("client flags {0:#x} carry bits this server does not know")]
@@ -241,7 +246,11 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
         if self.bytes.len() < n {
-            return Err(ProtoError::Truncated { what: self.what, needed: n, got: self.bytes.len() });
+            return Err(ProtoError::Truncated {
+                what: self.what,
+                needed: n,
+                got: self.bytes.len(),
+            });
         }
         let (head, tail) = self.bytes.split_at(n);
         self.bytes = tail;
@@ -314,10 +323,17 @@ pub fn parse_option_header(bytes: &[u8]) -> Result<OptionHeader, ProtoError> {
     let option = r.u32()?;
     let length = r.u32()?;
     if magic != NBD_IHAVEOPT {
-        return Err(ProtoError::BadMagic { what: "option", found: magic });
+        return Err(ProtoError::BadMagic {
+            what: "option",
+            found: magic,
+        });
     }
     if length > OPTION_PAYLOAD_BYTES_MAX {
-        return Err(ProtoError::OptionTooLong { option, length, max: OPTION_PAYLOAD_BYTES_MAX });
+        return Err(ProtoError::OptionTooLong {
+            option,
+            length,
+            max: OPTION_PAYLOAD_BYTES_MAX,
+        });
     }
     Ok(OptionHeader { option, length })
 }
@@ -345,31 +361,45 @@ pub enum ClientOption {
 
 fn parse_name(bytes: &[u8]) -> Result<String, ProtoError> {
     if bytes.len() > EXPORT_NAME_BYTES_MAX {
-        return Err(ProtoError::NameTooLong { length: bytes.len(), max: EXPORT_NAME_BYTES_MAX });
+        return Err(ProtoError::NameTooLong {
+            length: bytes.len(),
+            max: EXPORT_NAME_BYTES_MAX,
+        });
     }
     if bytes.contains(&0) {
         return Err(ProtoError::NameContainsNul);
     }
-    std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| ProtoError::NameNotUtf8)
+    std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|_| ProtoError::NameNotUtf8)
 }
 
 fn parse_info_request(payload: &[u8]) -> Result<InfoRequest, ProtoError> {
     let mut r = Reader::new(payload, "INFO/GO payload");
     let name_len = r.u32()? as usize;
     if name_len > EXPORT_NAME_BYTES_MAX {
-        return Err(ProtoError::NameTooLong { length: name_len, max: EXPORT_NAME_BYTES_MAX });
+        return Err(ProtoError::NameTooLong {
+            length: name_len,
+            max: EXPORT_NAME_BYTES_MAX,
+        });
     }
     let name = parse_name(r.take(name_len)?)?;
     let count = r.u16()? as usize;
     let expected = 4 + name_len + 2 + 2 * count;
     if payload.len() != expected {
-        return Err(ProtoError::LengthMismatch { expected, actual: payload.len() });
+        return Err(ProtoError::LengthMismatch {
+            expected,
+            actual: payload.len(),
+        });
     }
     let mut info_requests = Vec::with_capacity(count);
     for _ in 0..count {
         info_requests.push(r.u16()?);
     }
-    Ok(InfoRequest { name, info_requests })
+    Ok(InfoRequest {
+        name,
+        info_requests,
+    })
 }
 
 /// Parses an option's payload. The payload has already been bounded by
@@ -380,7 +410,10 @@ pub fn parse_option(option: u32, payload: &[u8]) -> Result<ClientOption, ProtoEr
         // The specification asks the server to ignore data sent with ABORT.
         NBD_OPT_ABORT => Ok(ClientOption::Abort),
         NBD_OPT_LIST if payload.is_empty() => Ok(ClientOption::List),
-        NBD_OPT_LIST => Err(ProtoError::UnexpectedData { option, length: payload.len() }),
+        NBD_OPT_LIST => Err(ProtoError::UnexpectedData {
+            option,
+            length: payload.len(),
+        }),
         NBD_OPT_INFO => parse_info_request(payload).map(ClientOption::Info),
         NBD_OPT_GO => parse_info_request(payload).map(ClientOption::Go),
         // Answered with ERR_UNSUP whatever it carries.
@@ -404,7 +437,11 @@ pub fn transmission_flags(read_only: bool) -> u16 {
         | NBD_FLAG_SEND_TRIM
         | NBD_FLAG_SEND_WRITE_ZEROES
         | NBD_FLAG_CAN_MULTI_CONN;
-    if read_only { flags | NBD_FLAG_READ_ONLY } else { flags }
+    if read_only {
+        flags | NBD_FLAG_READ_ONLY
+    } else {
+        flags
+    }
 }
 
 /// Appends one fixed-newstyle option reply.
@@ -552,7 +589,12 @@ pub fn handle_option<E>(
             }
         },
         ClientOption::StructuredReply => {
-            encode_option_error(out, option, NBD_REP_ERR_UNSUP, "structured replies are not supported");
+            encode_option_error(
+                out,
+                option,
+                NBD_REP_ERR_UNSUP,
+                "structured replies are not supported",
+            );
             Ok(Negotiation::Continue)
         }
         ClientOption::Unknown(number) => {
@@ -633,9 +675,18 @@ pub fn parse_request(bytes: &[u8]) -> Result<Request, ProtoError> {
     let offset = r.u64()?;
     let length = r.u32()?;
     if magic != NBD_REQUEST_MAGIC {
-        return Err(ProtoError::BadMagic { what: "request", found: u64::from(magic) });
+        return Err(ProtoError::BadMagic {
+            what: "request",
+            found: u64::from(magic),
+        });
     }
-    Ok(Request { flags, command, handle, offset, length })
+    Ok(Request {
+        flags,
+        command,
+        handle,
+        offset,
+        length,
+    })
 }
 
 /// Encodes a request header (for tests and tools; the server only parses them).
@@ -663,30 +714,54 @@ pub fn check_request(
 ) -> Result<(), RequestError> {
     let command = request.command;
     let allowed_flags = match command {
-        Command::Read | Command::Write | Command::Flush | Command::Trim | Command::Disc => NBD_CMD_FLAG_FUA,
+        Command::Read | Command::Write | Command::Flush | Command::Trim | Command::Disc => {
+            NBD_CMD_FLAG_FUA
+        }
         Command::WriteZeroes => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE,
         Command::Other(other) => return Err(RequestError::UnsupportedCommand(other)),
     };
     if request.flags & !allowed_flags != 0 {
-        return Err(RequestError::BadFlags { command: command.to_wire(), flags: request.flags });
+        return Err(RequestError::BadFlags {
+            command: command.to_wire(),
+            flags: request.flags,
+        });
     }
-    let write_like = matches!(command, Command::Write | Command::Trim | Command::WriteZeroes);
+    let write_like = matches!(
+        command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    );
     if write_like && read_only {
         return Err(RequestError::ReadOnly);
     }
-    let bounded = matches!(command, Command::Read | Command::Write | Command::Trim | Command::WriteZeroes);
+    let bounded = matches!(
+        command,
+        Command::Read | Command::Write | Command::Trim | Command::WriteZeroes
+    );
     if !bounded {
         return Ok(());
     }
     if matches!(command, Command::Read | Command::Write) && request.length > request_bytes_max {
-        return Err(RequestError::TooLarge { length: request.length, max: request_bytes_max });
+        return Err(RequestError::TooLarge {
+            length: request.length,
+            max: request_bytes_max,
+        });
     }
     let (offset, length) = (request.offset, request.length);
-    let past_end = offset.checked_add(u64::from(length)).is_none_or(|end| end > size);
+    let past_end = offset
+        .checked_add(u64::from(length))
+        .is_none_or(|end| end > size);
     if past_end {
         return Err(match command {
-            Command::Write | Command::WriteZeroes => RequestError::WritePastEnd { offset, length, size },
-            _ => RequestError::PastEnd { offset, length, size },
+            Command::Write | Command::WriteZeroes => RequestError::WritePastEnd {
+                offset,
+                length,
+                size,
+            },
+            _ => RequestError::PastEnd {
+                offset,
+                length,
+                size,
+            },
         });
     }
     Ok(())
@@ -758,12 +833,40 @@ mod tests {
     #[test]
     fn client_flags_cases() {
         let cases: &[(&[u8], Result<ClientFlags, ProtoError>)] = &[
-            (&[0, 0, 0, 0], Ok(ClientFlags { fixed_newstyle: false, no_zeroes: false })),
-            (&[0, 0, 0, 1], Ok(ClientFlags { fixed_newstyle: true, no_zeroes: false })),
-            (&[0, 0, 0, 3], Ok(ClientFlags { fixed_newstyle: true, no_zeroes: true })),
+            (
+                &[0, 0, 0, 0],
+                Ok(ClientFlags {
+                    fixed_newstyle: false,
+                    no_zeroes: false,
+                }),
+            ),
+            (
+                &[0, 0, 0, 1],
+                Ok(ClientFlags {
+                    fixed_newstyle: true,
+                    no_zeroes: false,
+                }),
+            ),
+            (
+                &[0, 0, 0, 3],
+                Ok(ClientFlags {
+                    fixed_newstyle: true,
+                    no_zeroes: true,
+                }),
+            ),
             (&[0, 0, 0, 4], Err(ProtoError::UnknownClientFlags(4))),
-            (&[0x80, 0, 0, 1], Err(ProtoError::UnknownClientFlags(0x8000_0001))),
-            (&[0, 0, 1], Err(ProtoError::Truncated { what: "client flags", needed: 4, got: 3 })),
+            (
+                &[0x80, 0, 0, 1],
+                Err(ProtoError::UnknownClientFlags(0x8000_0001)),
+            ),
+            (
+                &[0, 0, 1],
+                Err(ProtoError::Truncated {
+                    what: "client flags",
+                    needed: 4,
+                    got: 3,
+                }),
+            ),
         ];
         for (bytes, want) in cases {
             assert_eq!(&parse_client_flags(bytes), want, "input {bytes:?}");
@@ -783,24 +886,40 @@ mod tests {
     #[test]
     fn option_header_cases() {
         let ok = option_bytes(NBD_OPT_GO, &[]);
-        assert_eq!(parse_option_header(&ok), Ok(OptionHeader { option: NBD_OPT_GO, length: 0 }));
+        assert_eq!(
+            parse_option_header(&ok),
+            Ok(OptionHeader {
+                option: NBD_OPT_GO,
+                length: 0
+            })
+        );
 
         let mut bad_magic = ok.clone();
         bad_magic[0] = b'X';
-        assert!(matches!(parse_option_header(&bad_magic), Err(ProtoError::BadMagic { what: "option", .. })));
+        assert!(matches!(
+            parse_option_header(&bad_magic),
+            Err(ProtoError::BadMagic { what: "option", .. })
+        ));
 
         let mut huge = ok.clone();
         huge[12..16].copy_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(
             parse_option_header(&huge),
-            Err(ProtoError::OptionTooLong { option: NBD_OPT_GO, length: u32::MAX, max: OPTION_PAYLOAD_BYTES_MAX })
+            Err(ProtoError::OptionTooLong {
+                option: NBD_OPT_GO,
+                length: u32::MAX,
+                max: OPTION_PAYLOAD_BYTES_MAX
+            })
         );
 
         let mut at_limit = ok.clone();
         at_limit[12..16].copy_from_slice(&OPTION_PAYLOAD_BYTES_MAX.to_be_bytes());
         assert!(parse_option_header(&at_limit).is_ok());
 
-        assert!(matches!(parse_option_header(&ok[..15]), Err(ProtoError::Truncated { .. })));
+        assert!(matches!(
+            parse_option_header(&ok[..15]),
+            Err(ProtoError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -808,20 +927,50 @@ mod tests {
         let long_name = "n".repeat(EXPORT_NAME_BYTES_MAX + 1);
         let max_name = "n".repeat(EXPORT_NAME_BYTES_MAX);
         let cases: Vec<(u32, Vec<u8>, Result<ClientOption, ProtoError>)> = vec![
-            (NBD_OPT_EXPORT_NAME, b"disk".to_vec(), Ok(ClientOption::ExportName("disk".into()))),
-            (NBD_OPT_EXPORT_NAME, vec![], Ok(ClientOption::ExportName(String::new()))),
-            (NBD_OPT_EXPORT_NAME, max_name.clone().into_bytes(), Ok(ClientOption::ExportName(max_name.clone()))),
+            (
+                NBD_OPT_EXPORT_NAME,
+                b"disk".to_vec(),
+                Ok(ClientOption::ExportName("disk".into())),
+            ),
+            (
+                NBD_OPT_EXPORT_NAME,
+                vec![],
+                Ok(ClientOption::ExportName(String::new())),
+            ),
+            (
+                NBD_OPT_EXPORT_NAME,
+                max_name.clone().into_bytes(),
+                Ok(ClientOption::ExportName(max_name.clone())),
+            ),
             (
                 NBD_OPT_EXPORT_NAME,
                 long_name.clone().into_bytes(),
-                Err(ProtoError::NameTooLong { length: EXPORT_NAME_BYTES_MAX + 1, max: EXPORT_NAME_BYTES_MAX }),
+                Err(ProtoError::NameTooLong {
+                    length: EXPORT_NAME_BYTES_MAX + 1,
+                    max: EXPORT_NAME_BYTES_MAX,
+                }),
             ),
-            (NBD_OPT_EXPORT_NAME, vec![0xff, 0xfe], Err(ProtoError::NameNotUtf8)),
-            (NBD_OPT_EXPORT_NAME, b"a\0b".to_vec(), Err(ProtoError::NameContainsNul)),
+            (
+                NBD_OPT_EXPORT_NAME,
+                vec![0xff, 0xfe],
+                Err(ProtoError::NameNotUtf8),
+            ),
+            (
+                NBD_OPT_EXPORT_NAME,
+                b"a\0b".to_vec(),
+                Err(ProtoError::NameContainsNul),
+            ),
             (NBD_OPT_ABORT, vec![], Ok(ClientOption::Abort)),
             (NBD_OPT_ABORT, vec![1, 2, 3], Ok(ClientOption::Abort)),
             (NBD_OPT_LIST, vec![], Ok(ClientOption::List)),
-            (NBD_OPT_LIST, vec![1], Err(ProtoError::UnexpectedData { option: NBD_OPT_LIST, length: 1 })),
+            (
+                NBD_OPT_LIST,
+                vec![1],
+                Err(ProtoError::UnexpectedData {
+                    option: NBD_OPT_LIST,
+                    length: 1,
+                }),
+            ),
             (
                 NBD_OPT_GO,
                 info_payload("disk", &[NBD_INFO_BLOCK_SIZE, NBD_INFO_NAME]),
@@ -833,7 +982,10 @@ mod tests {
             (
                 NBD_OPT_INFO,
                 info_payload("", &[]),
-                Ok(ClientOption::Info(InfoRequest { name: String::new(), info_requests: vec![] })),
+                Ok(ClientOption::Info(InfoRequest {
+                    name: String::new(),
+                    info_requests: vec![],
+                })),
             ),
             (
                 NBD_OPT_GO,
@@ -842,36 +994,72 @@ mod tests {
                     p.push(0);
                     p
                 },
-                Err(ProtoError::LengthMismatch { expected: 12, actual: 13 }),
+                Err(ProtoError::LengthMismatch {
+                    expected: 12,
+                    actual: 13,
+                }),
             ),
             (
                 NBD_OPT_GO,
                 info_payload("disk", &[3])[..9].to_vec(),
-                Err(ProtoError::Truncated { what: "INFO/GO payload", needed: 2, got: 1 }),
+                Err(ProtoError::Truncated {
+                    what: "INFO/GO payload",
+                    needed: 2,
+                    got: 1,
+                }),
             ),
             (
                 NBD_OPT_GO,
                 // Name length claims more than the payload holds.
                 vec![0, 0, 0, 9, b'a'],
-                Err(ProtoError::Truncated { what: "INFO/GO payload", needed: 9, got: 1 }),
+                Err(ProtoError::Truncated {
+                    what: "INFO/GO payload",
+                    needed: 9,
+                    got: 1,
+                }),
             ),
             (
                 NBD_OPT_INFO,
                 vec![0xff, 0xff, 0xff, 0xff],
-                Err(ProtoError::NameTooLong { length: u32::MAX as usize, max: EXPORT_NAME_BYTES_MAX }),
+                Err(ProtoError::NameTooLong {
+                    length: u32::MAX as usize,
+                    max: EXPORT_NAME_BYTES_MAX,
+                }),
             ),
-            (NBD_OPT_STRUCTURED_REPLY, vec![], Ok(ClientOption::StructuredReply)),
-            (NBD_OPT_STARTTLS, vec![], Ok(ClientOption::Unknown(NBD_OPT_STARTTLS))),
-            (NBD_OPT_SET_META_CONTEXT, vec![1, 2], Ok(ClientOption::Unknown(NBD_OPT_SET_META_CONTEXT))),
+            (
+                NBD_OPT_STRUCTURED_REPLY,
+                vec![],
+                Ok(ClientOption::StructuredReply),
+            ),
+            (
+                NBD_OPT_STARTTLS,
+                vec![],
+                Ok(ClientOption::Unknown(NBD_OPT_STARTTLS)),
+            ),
+            (
+                NBD_OPT_SET_META_CONTEXT,
+                vec![1, 2],
+                Ok(ClientOption::Unknown(NBD_OPT_SET_META_CONTEXT)),
+            ),
             (0xdead_beef, vec![], Ok(ClientOption::Unknown(0xdead_beef))),
         ];
         for (option, payload, want) in cases {
-            assert_eq!(parse_option(option, &payload), want, "option {option} payload {payload:?}");
+            assert_eq!(
+                parse_option(option, &payload),
+                want,
+                "option {option} payload {payload:?}"
+            );
         }
     }
 
     fn one_export(name: &str) -> Option<((), ExportInfo)> {
-        (name == "disk" || name.is_empty()).then_some(((), ExportInfo { size: 1 << 20, read_only: false }))
+        (name == "disk" || name.is_empty()).then_some((
+            (),
+            ExportInfo {
+                size: 1 << 20,
+                read_only: false,
+            },
+        ))
     }
 
     fn names() -> Vec<String> {
@@ -880,23 +1068,48 @@ mod tests {
 
     #[test]
     fn handle_option_list_info_go() {
-        let client = ClientFlags { fixed_newstyle: true, no_zeroes: true };
+        let client = ClientFlags {
+            fixed_newstyle: true,
+            no_zeroes: true,
+        };
         let mut out = Vec::new();
 
-        assert_eq!(handle_option(NBD_OPT_LIST, &[], client, one_export, names, &mut out), Ok(Negotiation::Continue));
+        assert_eq!(
+            handle_option(NBD_OPT_LIST, &[], client, one_export, names, &mut out),
+            Ok(Negotiation::Continue)
+        );
         let replies = option_replies(&out);
         // The over-long name is not offered.
         assert_eq!(replies.len(), 2);
-        assert_eq!(replies[0], (NBD_OPT_LIST, NBD_REP_SERVER, [&4u32.to_be_bytes()[..], b"disk"].concat()));
+        assert_eq!(
+            replies[0],
+            (
+                NBD_OPT_LIST,
+                NBD_REP_SERVER,
+                [&4u32.to_be_bytes()[..], b"disk"].concat()
+            )
+        );
         assert_eq!(replies[1], (NBD_OPT_LIST, NBD_REP_ACK, vec![]));
 
         for (option, want) in [
             (NBD_OPT_INFO, Negotiation::Continue),
-            (NBD_OPT_GO, Negotiation::Transmission((), ExportInfo { size: 1 << 20, read_only: false })),
+            (
+                NBD_OPT_GO,
+                Negotiation::Transmission(
+                    (),
+                    ExportInfo {
+                        size: 1 << 20,
+                        read_only: false,
+                    },
+                ),
+            ),
         ] {
             out.clear();
             let payload = info_payload("disk", &[]);
-            assert_eq!(handle_option(option, &payload, client, one_export, names, &mut out), Ok(want));
+            assert_eq!(
+                handle_option(option, &payload, client, one_export, names, &mut out),
+                Ok(want)
+            );
             let replies = option_replies(&out);
             assert_eq!(replies.len(), 3);
             let mut export = NBD_INFO_EXPORT.to_be_bytes().to_vec();
@@ -931,17 +1144,31 @@ mod tests {
             assert_eq!(got, Ok(Negotiation::Continue), "option {option}");
             let replies = option_replies(&out);
             assert_eq!(replies.len(), 1, "option {option}");
-            assert_eq!((replies[0].0, replies[0].1), (option, want), "option {option}");
+            assert_eq!(
+                (replies[0].0, replies[0].1),
+                (option, want),
+                "option {option}"
+            );
         }
     }
 
     #[test]
     fn handle_option_export_name_and_abort() {
-        let info = ExportInfo { size: 1 << 20, read_only: true };
+        let info = ExportInfo {
+            size: 1 << 20,
+            read_only: true,
+        };
         let lookup = |name: &str| (name == "ro").then_some(((), info));
 
         let mut out = Vec::new();
-        let got = handle_option(NBD_OPT_EXPORT_NAME, b"ro", ClientFlags::default(), lookup, Vec::new, &mut out);
+        let got = handle_option(
+            NBD_OPT_EXPORT_NAME,
+            b"ro",
+            ClientFlags::default(),
+            lookup,
+            Vec::new,
+            &mut out,
+        );
         assert_eq!(got, Ok(Negotiation::Transmission((), info)));
         assert_eq!(out.len(), 8 + 2 + EXPORT_NAME_REPLY_ZEROES_BYTES);
         assert_eq!(&out[..8], &(1u64 << 20).to_be_bytes());
@@ -949,21 +1176,49 @@ mod tests {
         assert!(out[10..].iter().all(|&b| b == 0));
 
         out.clear();
-        let no_zeroes = ClientFlags { fixed_newstyle: true, no_zeroes: true };
-        handle_option(NBD_OPT_EXPORT_NAME, b"ro", no_zeroes, lookup, Vec::new, &mut out).unwrap();
+        let no_zeroes = ClientFlags {
+            fixed_newstyle: true,
+            no_zeroes: true,
+        };
+        handle_option(
+            NBD_OPT_EXPORT_NAME,
+            b"ro",
+            no_zeroes,
+            lookup,
+            Vec::new,
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out.len(), 10);
 
         out.clear();
-        let got = handle_option(NBD_OPT_EXPORT_NAME, b"nope", no_zeroes, lookup, Vec::new, &mut out);
+        let got = handle_option(
+            NBD_OPT_EXPORT_NAME,
+            b"nope",
+            no_zeroes,
+            lookup,
+            Vec::new,
+            &mut out,
+        );
         assert_eq!(got, Err(ProtoError::UnknownExport("nope".into())));
         assert!(out.is_empty());
 
-        let got = handle_option(NBD_OPT_EXPORT_NAME, &[0xff], no_zeroes, lookup, Vec::new, &mut out);
+        let got = handle_option(
+            NBD_OPT_EXPORT_NAME,
+            &[0xff],
+            no_zeroes,
+            lookup,
+            Vec::new,
+            &mut out,
+        );
         assert_eq!(got, Err(ProtoError::NameNotUtf8));
 
         let got = handle_option(NBD_OPT_ABORT, &[], no_zeroes, lookup, Vec::new, &mut out);
         assert_eq!(got, Ok(Negotiation::Abort));
-        assert_eq!(option_replies(&out), vec![(NBD_OPT_ABORT, NBD_REP_ACK, vec![])]);
+        assert_eq!(
+            option_replies(&out),
+            vec![(NBD_OPT_ABORT, NBD_REP_ACK, vec![])]
+        );
     }
 
     #[test]
@@ -985,17 +1240,28 @@ mod tests {
         assert_eq!(
             bytes,
             [
-                0x25, 0x60, 0x95, 0x13, 0, 1, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 2, 0
+                0x25, 0x60, 0x95, 0x13, 0, 1, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10,
+                0, 0, 0, 2, 0
             ]
         );
         assert_eq!(parse_request(&bytes), Ok(request));
 
         let mut bad = bytes;
         bad[3] = 0x14;
-        assert_eq!(parse_request(&bad), Err(ProtoError::BadMagic { what: "request", found: 0x2560_9514 }));
+        assert_eq!(
+            parse_request(&bad),
+            Err(ProtoError::BadMagic {
+                what: "request",
+                found: 0x2560_9514
+            })
+        );
         assert_eq!(
             parse_request(&bytes[..27]),
-            Err(ProtoError::Truncated { what: "request header", needed: 4, got: 3 })
+            Err(ProtoError::Truncated {
+                what: "request header",
+                needed: 4,
+                got: 3
+            })
         );
         for (wire, command) in [
             (0, Command::Read),
@@ -1049,17 +1315,31 @@ mod tests {
             (req(Trim, 0, 0, u32::MAX), false, NBD_EINVAL),
             (req(Trim, 0, SIZE - 4096, 8192), false, NBD_EINVAL),
             (req(Trim, 0, 0, 4096), true, NBD_EPERM),
-            (req(WriteZeroes, NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FUA, 0, 4096), false, 0),
+            (
+                req(
+                    WriteZeroes,
+                    NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FUA,
+                    0,
+                    4096,
+                ),
+                false,
+                0,
+            ),
             (req(WriteZeroes, 0, 0, SIZE as u32), false, 0),
             (req(WriteZeroes, 0, 1, SIZE as u32), false, NBD_ENOSPC),
-            (req(WriteZeroes, NBD_CMD_FLAG_FAST_ZERO, 0, 1), false, NBD_EINVAL),
+            (
+                req(WriteZeroes, NBD_CMD_FLAG_FAST_ZERO, 0, 1),
+                false,
+                NBD_EINVAL,
+            ),
             (req(WriteZeroes, 0, 0, 1), true, NBD_EPERM),
             (req(Other(NBD_CMD_CACHE), 0, 0, 1), false, NBD_EINVAL),
             (req(Other(NBD_CMD_BLOCK_STATUS), 0, 0, 1), false, NBD_EINVAL),
             (req(Other(99), 0, 0, 0), false, NBD_EINVAL),
         ];
         for (request, read_only, want) in cases {
-            let got = check_request(&request, SIZE, read_only, MAX).map_or_else(|e| e.nbd_errno(), |()| 0);
+            let got = check_request(&request, SIZE, read_only, MAX)
+                .map_or_else(|e| e.nbd_errno(), |()| 0);
             assert_eq!(got, want, "{request:?} read_only={read_only}");
         }
     }
@@ -1069,7 +1349,12 @@ mod tests {
         let pieces: Vec<_> = split_range(10, 25, 10).collect();
         assert_eq!(pieces, vec![(10, 10), (20, 10), (30, 5)]);
         assert_eq!(split_range(0, 0, 10).count(), 0);
-        assert_eq!(split_range(0, u32::MAX, NBD_REQUEST_BYTES_MAX).map(|(_, l)| u64::from(l)).sum::<u64>(), u64::from(u32::MAX));
+        assert_eq!(
+            split_range(0, u32::MAX, NBD_REQUEST_BYTES_MAX)
+                .map(|(_, l)| u64::from(l))
+                .sum::<u64>(),
+            u64::from(u32::MAX)
+        );
         assert_eq!(split_range(5, 3, 0).count(), 3);
     }
 
@@ -1077,7 +1362,9 @@ mod tests {
     fn simple_reply_bytes() {
         assert_eq!(
             encode_simple_reply(0x0a0b, NBD_EINVAL),
-            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0x0a, 0x0b]
+            [
+                0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0x0a, 0x0b
+            ]
         );
     }
 

@@ -57,7 +57,9 @@ pub enum ServerError {
     Protocol(#[from] proto::ProtoError),
     #[error("client sent more than {max} options during the handshake")]
     TooManyOptions { max: u32 },
-    #[error("client sent a refused {length}-byte WRITE, more than the {max} bytes the server skips")]
+    #[error(
+        "client sent a refused {length}-byte WRITE, more than the {max} bytes the server skips"
+    )]
     WritePayloadTooLarge { length: u32, max: u32 },
 }
 
@@ -77,7 +79,10 @@ pub async fn serve_connection<S: ExportSet, IO: AsyncRead + AsyncWrite + Send + 
 ///
 /// Dropping the returned future closes the connection without waiting; export futures
 /// already spawned still run to completion.
-pub async fn serve_connection_until<S: ExportSet, IO: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+pub async fn serve_connection_until<
+    S: ExportSet,
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+>(
     mut io: IO,
     exports: Arc<S>,
     shutdown: CancellationToken,
@@ -119,11 +124,21 @@ async fn handshake<S: ExportSet, IO: AsyncRead + AsyncWrite + Unpin>(
         out.clear();
         let lookup = |name: &str| {
             exports.get(name).map(|export| {
-                let info = ExportInfo { size: export.size(), read_only: export.read_only() };
+                let info = ExportInfo {
+                    size: export.size(),
+                    read_only: export.read_only(),
+                };
                 (export, info)
             })
         };
-        let negotiation = proto::handle_option(header.option, &payload, client, lookup, || exports.names(), &mut out)?;
+        let negotiation = proto::handle_option(
+            header.option,
+            &payload,
+            client,
+            lookup,
+            || exports.names(),
+            &mut out,
+        )?;
         match negotiation {
             Negotiation::Continue => {
                 io.write_all(&out).await?;
@@ -143,7 +158,9 @@ async fn handshake<S: ExportSet, IO: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    Err(ServerError::TooManyOptions { max: OPTIONS_PER_CONNECTION_MAX })
+    Err(ServerError::TooManyOptions {
+        max: OPTIONS_PER_CONNECTION_MAX,
+    })
 }
 
 /// One simple reply on its way to the writer. The permits it carries are released once it
@@ -174,7 +191,13 @@ impl ReplyTo {
                 (e.nbd_errno(), Vec::new())
             }
         };
-        let reply = Reply { handle: self.handle, error, data, _slot: self.slot, _bytes: self.bytes };
+        let reply = Reply {
+            handle: self.handle,
+            error,
+            data,
+            _slot: self.slot,
+            _bytes: self.bytes,
+        };
         // Fails only when the writer has stopped because the connection broke; the reply
         // then has nowhere to go, and dropping it releases its permits.
         let _ = self.tx.send(reply).await;
@@ -183,18 +206,28 @@ impl ReplyTo {
     /// Answers right away, without calling the export.
     async fn refuse(self, error: &proto::RequestError) {
         tracing::debug!(handle = self.handle, %error, "NBD request refused");
-        let reply =
-            Reply { handle: self.handle, error: error.nbd_errno(), data: Vec::new(), _slot: self.slot, _bytes: None };
+        let reply = Reply {
+            handle: self.handle,
+            error: error.nbd_errno(),
+            data: Vec::new(),
+            _slot: self.slot,
+            _bytes: None,
+        };
         let _ = self.tx.send(reply).await;
     }
 
-    /// Awaits an admitted export operation in its own task and sends its reply.
+    /// Awaits an admitted export operation in its own task and sends its reply. The operation
+    /// runs in a task of its own so that a panic in it still gets an EIO reply instead of
+    /// leaving the client waiting.
     fn spawn<F>(self, operation: F)
     where
         F: Future<Output = ExportResult<Vec<u8>>> + Send + 'static,
     {
         tokio::spawn(async move {
-            let result = operation.await;
+            let result = match tokio::spawn(operation).await {
+                Ok(result) => result,
+                Err(e) => Err(ExportError::Io(format!("export operation failed: {e}"))),
+            };
             self.send(result).await;
         });
     }
@@ -232,11 +265,18 @@ async fn read_request_header<R: AsyncRead + Unpin>(
 }
 
 /// Reads and drops a refused WRITE's payload, without allocating it.
-async fn skip_payload<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> Result<(), ServerError> {
+async fn skip_payload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    length: u32,
+) -> Result<(), ServerError> {
     if length > WRITE_DISCARD_BYTES_MAX {
-        return Err(ServerError::WritePayloadTooLarge { length, max: WRITE_DISCARD_BYTES_MAX });
+        return Err(ServerError::WritePayloadTooLarge {
+            length,
+            max: WRITE_DISCARD_BYTES_MAX,
+        });
     }
-    let skipped = tokio::io::copy(&mut reader.take(u64::from(length)), &mut tokio::io::sink()).await?;
+    let skipped =
+        tokio::io::copy(&mut reader.take(u64::from(length)), &mut tokio::io::sink()).await?;
     if skipped < u64::from(length) {
         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
     }
@@ -282,10 +322,22 @@ async fn read_requests<E: Export, R: AsyncRead + Unpin>(
             return Ok(());
         }
         // The semaphores are never closed; an error cannot happen, and would end the loop.
-        let Ok(slot) = slots.clone().acquire_owned().await else { return Ok(()) };
-        let mut reply_to = ReplyTo { tx: tx.clone(), handle: request.handle, slot, bytes: None };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let mut reply_to = ReplyTo {
+            tx: tx.clone(),
+            handle: request.handle,
+            slot,
+            bytes: None,
+        };
 
-        let checked = proto::check_request(&request, export.size(), export.read_only(), NBD_REQUEST_BYTES_MAX);
+        let checked = proto::check_request(
+            &request,
+            export.size(),
+            export.read_only(),
+            NBD_REQUEST_BYTES_MAX,
+        );
         if let Err(error) = checked {
             if request.command == Command::Write {
                 skip_payload(&mut reader, request.length).await?;
@@ -298,7 +350,9 @@ async fn read_requests<E: Export, R: AsyncRead + Unpin>(
         match request.command {
             Command::Read | Command::Write if length == 0 => reply_to.send(Ok(Vec::new())).await,
             Command::Read => {
-                let Ok(bytes) = payload_bytes.clone().acquire_many_owned(length).await else { return Ok(()) };
+                let Ok(bytes) = payload_bytes.clone().acquire_many_owned(length).await else {
+                    return Ok(());
+                };
                 reply_to.bytes = Some(bytes);
                 let read = export.read(offset, length);
                 reply_to.spawn(async move {
@@ -313,7 +367,9 @@ async fn read_requests<E: Export, R: AsyncRead + Unpin>(
                 });
             }
             Command::Write => {
-                let Ok(bytes) = payload_bytes.clone().acquire_many_owned(length).await else { return Ok(()) };
+                let Ok(bytes) = payload_bytes.clone().acquire_many_owned(length).await else {
+                    return Ok(());
+                };
                 reply_to.bytes = Some(bytes);
                 // Bounded by NBD_REQUEST_BYTES_MAX in check_request.
                 let mut data = vec![0u8; length as usize];
@@ -363,7 +419,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                     }
                 }
             };
-            writer.write_all(&proto::encode_simple_reply(reply.handle, reply.error)).await?;
+            writer
+                .write_all(&proto::encode_simple_reply(reply.handle, reply.error))
+                .await?;
             if !reply.data.is_empty() {
                 writer.write_all(&reply.data).await?;
             }
@@ -411,7 +469,11 @@ impl Listener for TcpListener {
 
 /// Serves NBD on an already-bound Unix socket, each connection in its own task, until
 /// `shutdown` is cancelled. See [`serve_tcp`] for what shutdown does.
-pub async fn serve_unix<S: ExportSet>(listener: UnixListener, exports: Arc<S>, shutdown: CancellationToken) {
+pub async fn serve_unix<S: ExportSet>(
+    listener: UnixListener,
+    exports: Arc<S>,
+    shutdown: CancellationToken,
+) {
     serve_listener(listener, exports, shutdown).await;
 }
 
@@ -425,11 +487,19 @@ pub async fn serve_unix<S: ExportSet>(listener: UnixListener, exports: Arc<S>, s
 /// closes. This function returns when all connections have closed, or after
 /// [`SHUTDOWN_DRAIN_MS_MAX`], when the remaining ones (clients that stopped reading replies)
 /// are dropped. Export futures already spawned always run to completion.
-pub async fn serve_tcp<S: ExportSet>(listener: TcpListener, exports: Arc<S>, shutdown: CancellationToken) {
+pub async fn serve_tcp<S: ExportSet>(
+    listener: TcpListener,
+    exports: Arc<S>,
+    shutdown: CancellationToken,
+) {
     serve_listener(listener, exports, shutdown).await;
 }
 
-async fn serve_listener<L: Listener, S: ExportSet>(listener: L, exports: Arc<S>, shutdown: CancellationToken) {
+async fn serve_listener<L: Listener, S: ExportSet>(
+    listener: L,
+    exports: Arc<S>,
+    shutdown: CancellationToken,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -462,7 +532,10 @@ async fn serve_listener<L: Listener, S: ExportSet>(listener: L, exports: Arc<S>,
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(open = connections.len(), "NBD connections did not drain in time; closing them");
+        tracing::warn!(
+            open = connections.len(),
+            "NBD connections did not drain in time; closing them"
+        );
         connections.shutdown().await;
     }
 }

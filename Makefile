@@ -1,0 +1,36 @@
+# cdp — build, test, demo, bench. `make demo` and `make test` are the quick start.
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: all build release deps test lint demo bench soak clean
+
+all: build
+
+deps:
+	@tests/scripts/deps.sh
+
+build:
+	$(CARGO) build --workspace --bins --locked
+
+release:
+	$(CARGO) build --workspace --bins --release --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+# The whole test suite: formatting and lints, unit and property tests, end-to-end tests with
+# real NBD clients (libnbd, qemu-io, nbdcopy, fio).
+test: deps lint build
+	$(CARGO) test --workspace --locked -- --test-threads=2
+
+# Builds, then runs the main job end to end on loopback in a temporary directory.
+demo: deps release
+	tests/scripts/demo.sh target/release
+
+# Longer runs of the fault and oracle tests (counts raised).
+soak: deps build
+	CDP_ORACLE_OPS=20000 $(CARGO) test --workspace --locked -- --test-threads=1
+
+clean:
+	$(CARGO) clean

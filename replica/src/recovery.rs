@@ -1,0 +1,362 @@
+//! Recovery: resolving a [`PointSpec`] against a volume's window, listing the recovery points,
+//! and `restore` (the image at a point written to a file or a block device).
+//!
+//! A volume's window runs from its `sync_done_seq` (the batch that completed its initial sync)
+//! to its group's head. `latest` is the latest consistent batch in the window; `seq:N` is batch
+//! N exactly (an inconsistent one is allowed, with a warning, since it was asked for); a
+//! bookmark is the latest batch carrying it; a time is the latest consistent batch whose agent
+//! time is at or before it. Anything else is refused with one sentence naming the window.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{IsTerminal, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use cdp_shared::batch::BatchFlags;
+use cdp_shared::point::PointSpec;
+use cdp_shared::types::CHUNK_BYTES;
+use chrono::{DateTime, SecondsFormat, Utc};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Serialize, Serializer};
+
+use crate::catalog::{BatchRow, Catalog, GroupRow, VolumeRow, VolumeState};
+use crate::datadir::{DataDir, sync_dir};
+use crate::error::{ReplicaError, Result};
+use crate::reconstruct::{ImageReader, Plan, RecordRef};
+
+/// Restore writes skip all-zero blocks of this size (leaving holes in a regular file).
+pub const SPARSE_BLOCK_BYTES: usize = 4096;
+const _: () = assert!(CHUNK_BYTES as usize % SPARSE_BLOCK_BYTES == 0);
+
+pub(crate) fn time_of(ns: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_nanos(ns)
+}
+
+pub(crate) fn rfc3339(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+pub(crate) fn ser_time<S: Serializer>(t: &DateTime<Utc>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(&rfc3339(t))
+}
+
+/// The point a spec resolved to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChosenPoint {
+    pub seq: u64,
+    /// Agent clock time of the batch.
+    #[serde(serialize_with = "ser_time")]
+    pub time: DateTime<Utc>,
+    pub bookmark: Option<String>,
+    pub consistent: bool,
+}
+
+impl ChosenPoint {
+    fn of(b: &BatchRow) -> ChosenPoint {
+        ChosenPoint { seq: b.seq, time: time_of(b.agent_ns), bookmark: b.bookmark.clone(), consistent: BatchFlags(b.flags).consistent() }
+    }
+}
+
+impl std::fmt::Display for ChosenPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "seq {} (agent time {}", self.seq, rfc3339(&self.time))?;
+        if let Some(b) = &self.bookmark {
+            write!(f, ", bookmark {b}")?;
+        }
+        if !self.consistent {
+            write!(f, ", NOT crash-consistent")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// One recovery point of `points`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PointInfo {
+    pub seq: u64,
+    /// Agent clock time (RFC 3339).
+    #[serde(serialize_with = "ser_time")]
+    pub time: DateTime<Utc>,
+    /// When the replica received the batch (RFC 3339).
+    #[serde(serialize_with = "ser_time")]
+    pub received: DateTime<Utc>,
+    /// Crash-consistent (offered by `latest` and times).
+    pub consistent: bool,
+    /// Cut by a flush: a point the client made durable.
+    pub flush: bool,
+    pub bookmark: Option<String>,
+    /// Records in the batch.
+    pub records: u32,
+}
+
+/// A volume with its group, opened for reading.
+pub(crate) struct VolumeContext {
+    pub dir: DataDir,
+    pub catalog: Catalog,
+    pub volume: VolumeRow,
+    pub group: GroupRow,
+}
+
+pub(crate) async fn open_volume(root: &Path, name: &str) -> Result<VolumeContext> {
+    let dir = DataDir::existing(root)?;
+    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let Some(volume) = catalog.volume_by_name(name).await? else {
+        catalog.close().await;
+        return Err(ReplicaError::UnknownVolume { volume: name.to_owned(), dir: root.to_path_buf() });
+    };
+    let group = catalog.group_by_id(volume.group_id).await?;
+    Ok(VolumeContext { dir, catalog, volume, group })
+}
+
+/// The window of a volume: (start seq, first and last consistent batches in it).
+pub(crate) struct Window {
+    pub start: u64,
+    pub start_batch: Option<BatchRow>,
+    pub first: Option<BatchRow>,
+    pub last: Option<BatchRow>,
+}
+
+impl Window {
+    fn describe(&self) -> String {
+        match (&self.first, &self.last) {
+            (Some(f), Some(l)) => format!(
+                "the first restorable point is seq {} ({}) and the last is seq {} ({})",
+                f.seq,
+                rfc3339(&time_of(f.agent_ns)),
+                l.seq,
+                rfc3339(&time_of(l.agent_ns))
+            ),
+            _ => "it has no crash-consistent point yet".to_owned(),
+        }
+    }
+
+    fn start_text(&self) -> String {
+        match &self.start_batch {
+            Some(b) => format!("seq {} ({})", b.seq, rfc3339(&time_of(b.agent_ns))),
+            None => format!("seq {}", self.start),
+        }
+    }
+}
+
+/// The window of a protecting volume, or the refusal for one that has none yet.
+pub(crate) async fn window(ctx: &VolumeContext) -> Result<std::result::Result<Window, String>> {
+    let v = &ctx.volume;
+    let start = match (v.state, v.sync_done_seq) {
+        (VolumeState::Protecting, Some(s)) => s,
+        _ => return Ok(Err(format!("volume {} has no restorable point yet: its initial sync has not completed, and its window starts when it does", v.name))),
+    };
+    let g = &ctx.group;
+    Ok(Ok(Window {
+        start,
+        start_batch: ctx.catalog.batch(g.id, start).await?,
+        first: ctx.catalog.consistent_batch(g.id, start, g.head_seq, None, false).await?,
+        last: ctx.catalog.consistent_batch(g.id, start, g.head_seq, None, true).await?,
+    }))
+}
+
+/// Resolves `spec` for the volume; `Err(ReplicaError::Point)` says why it cannot be restored.
+pub(crate) async fn resolve(ctx: &VolumeContext, spec: &PointSpec) -> Result<ChosenPoint> {
+    let v = &ctx.volume.name;
+    let g = &ctx.group;
+    let w = window(ctx).await?.map_err(ReplicaError::Point)?;
+    let refuse = |what: String| ReplicaError::Point(what);
+    let batch = match spec {
+        PointSpec::Latest => w.last.clone().ok_or_else(|| refuse(format!("volume {v} has no crash-consistent point yet; its window starts at {}", w.start_text())))?,
+        PointSpec::Seq(n) => {
+            if *n < w.start {
+                return Err(refuse(format!(
+                    "seq:{n} is before the window of volume {v}, which starts at {} when its initial sync completed; {}",
+                    w.start_text(),
+                    w.describe()
+                )));
+            }
+            if *n > g.head_seq {
+                return Err(refuse(format!("seq:{n} is past the end of the journal of volume {v} (durable up to seq {}); {}", g.head_seq, w.describe())));
+            }
+            ctx.catalog.batch(g.id, *n).await?.ok_or_else(|| refuse(format!("seq:{n} was never recorded for volume {v}; {}", w.describe())))?
+        }
+        PointSpec::Bookmark(name) => {
+            let b = ctx.catalog.bookmark(g.id, name).await?.ok_or_else(|| {
+                refuse(format!("group {} of volume {v} has no bookmark {name:?}; run `cdp-replica points --volume {v}` to list the points", g.name))
+            })?;
+            if b.seq < w.start || b.seq > g.head_seq {
+                return Err(refuse(format!("bookmark {name:?} (seq {}) is outside the window of volume {v}; {}", b.seq, w.describe())));
+            }
+            b
+        }
+        PointSpec::Time(t) => {
+            let ns = t.timestamp_nanos_opt().ok_or_else(|| refuse(format!("time {} is out of range", rfc3339(t))))?;
+            ctx.catalog
+                .consistent_batch(g.id, w.start, g.head_seq, Some(ns), true)
+                .await?
+                .ok_or_else(|| refuse(format!("volume {v} has no crash-consistent point at or before {}; {}", rfc3339(t), w.describe())))?
+        }
+    };
+    Ok(ChosenPoint::of(&batch))
+}
+
+/// Every recovery point of the volume's group in the volume's window, in seq order (empty
+/// before the initial sync completes).
+pub async fn points(root: &Path, volume: &str) -> Result<Vec<PointInfo>> {
+    let ctx = open_volume(root, volume).await?;
+    let list = match window(&ctx).await? {
+        Err(_) => Vec::new(),
+        Ok(w) => ctx
+            .catalog
+            .batches(ctx.group.id, w.start, ctx.group.head_seq)
+            .await?
+            .iter()
+            .map(|b| PointInfo {
+                seq: b.seq,
+                time: time_of(b.agent_ns),
+                received: time_of(b.received_ns),
+                consistent: BatchFlags(b.flags).consistent(),
+                flush: BatchFlags(b.flags).has(BatchFlags::FLUSH),
+                bookmark: b.bookmark.clone(),
+                records: b.record_count,
+            })
+            .collect(),
+    };
+    ctx.catalog.close().await;
+    Ok(list)
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RestoreSummary {
+    pub volume: String,
+    pub point: ChosenPoint,
+    pub out: PathBuf,
+    /// Bytes of the image (the volume size).
+    pub bytes: u64,
+    /// Journal records read and applied over the target.
+    pub records_applied: u64,
+}
+
+enum Output {
+    /// A new regular file, written as `<path>.partial` and renamed.
+    File { partial: PathBuf },
+    /// A block device, written in place.
+    Device,
+}
+
+fn check_out(out: &Path) -> Result<Output> {
+    match fs::metadata(out) {
+        Ok(m) if m.file_type().is_block_device() => Ok(Output::Device),
+        Ok(m) if m.is_file() => Err(ReplicaError::OutExists { path: out.to_path_buf() }),
+        Ok(_) => Err(ReplicaError::OutNotWritable { path: out.to_path_buf() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut partial = out.as_os_str().to_owned();
+            partial.push(".partial");
+            Ok(Output::File { partial: PathBuf::from(partial) })
+        }
+        Err(e) => Err(ReplicaError::io("check", out)(e)),
+    }
+}
+
+/// Restores volume `volume` at `at` to `out` (see the module docs). Prints the chosen point
+/// (and a warning for an inconsistent one) on stderr, and a progress bar when stderr is a
+/// terminal.
+pub async fn restore(root: &Path, volume: &str, at: &PointSpec, out: &Path) -> Result<RestoreSummary> {
+    let output = check_out(out)?;
+    let ctx = open_volume(root, volume).await?;
+    let point = match resolve(&ctx, at).await {
+        Ok(p) => p,
+        Err(e) => {
+            ctx.catalog.close().await;
+            return Err(e);
+        }
+    };
+    if !point.consistent {
+        tracing::warn!(volume, seq = point.seq, "seq {} is not a crash-consistent point (it lies inside a sync); restoring it because it was asked for", point.seq);
+    }
+    eprintln!("restoring volume {volume} at {point}");
+    let start = ctx.volume.sync_done_seq.unwrap_or(0);
+    let rows = ctx.catalog.records(ctx.volume.id, start, point.seq).await?;
+    ctx.catalog.close().await;
+    let plan = Plan::build(ctx.volume.size, rows.iter().map(RecordRef::from_row).collect::<Result<Vec<_>>>()?)?;
+    let reader = ImageReader::open(plan, ctx.volume.agent_volume_id, &ctx.dir.target(&ctx.volume.name), &ctx.dir.journal(&ctx.group.name))?;
+    let out_path = out.to_path_buf();
+    let name = volume.to_owned();
+    let records_applied = tokio::task::spawn_blocking(move || write_image(reader, &name, &out_path, output)).await??;
+    Ok(RestoreSummary { volume: volume.to_owned(), point, out: out.to_path_buf(), bytes: ctx.volume.size, records_applied })
+}
+
+fn progress(size: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(size), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Streams the image chunk by chunk into `out`; returns the records read from the journal.
+fn write_image(mut reader: ImageReader, volume: &str, out: &Path, output: Output) -> Result<u64> {
+    let size = reader.size();
+    let bar = progress(size);
+    let mut buf = vec![0u8; CHUNK_BYTES as usize];
+    let (file, path) = match &output {
+        Output::File { partial } => {
+            let f = OpenOptions::new().write(true).create(true).truncate(true).open(partial).map_err(ReplicaError::io("create", partial))?;
+            f.set_len(size).map_err(ReplicaError::io("size", partial))?;
+            (f, partial.clone())
+        }
+        Output::Device => {
+            let mut f = OpenOptions::new().write(true).open(out).map_err(ReplicaError::io("open", out))?;
+            let device_bytes = f.seek(SeekFrom::End(0)).map_err(ReplicaError::io("measure", out))?;
+            if device_bytes < size {
+                return Err(ReplicaError::OutTooSmall { path: out.to_path_buf(), volume: volume.to_owned(), device_bytes, volume_bytes: size });
+            }
+            (f, out.to_path_buf())
+        }
+    };
+    let sparse = matches!(output, Output::File { .. });
+    let mut offset = 0u64;
+    while offset < size {
+        let n = (size - offset).min(CHUNK_BYTES) as usize;
+        let chunk = &mut buf[..n];
+        reader.read_at(offset, chunk)?;
+        write_chunk(&file, &path, offset, chunk, sparse)?;
+        offset += n as u64;
+        bar.inc(n as u64);
+    }
+    file.sync_all().map_err(ReplicaError::io("fsync", &path))?;
+    drop(file);
+    bar.finish_and_clear();
+    if let Output::File { partial } = &output {
+        fs::rename(partial, out).map_err(ReplicaError::io("rename into place", out))?;
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        sync_dir(parent)?;
+    }
+    Ok(reader.records_read())
+}
+
+/// Writes `chunk` at `offset`; with `sparse`, skips all-zero blocks (runs of non-zero blocks
+/// are written with one call each).
+fn write_chunk(file: &File, path: &Path, offset: u64, chunk: &[u8], sparse: bool) -> Result<()> {
+    if !sparse {
+        return file.write_all_at(chunk, offset).map_err(ReplicaError::io("write", path));
+    }
+    let mut run_start: Option<usize> = None;
+    let mut at = 0;
+    while at < chunk.len() {
+        let end = (at + SPARSE_BLOCK_BYTES).min(chunk.len());
+        let zero = chunk[at..end].iter().all(|&b| b == 0);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(at),
+            (true, Some(s)) => {
+                file.write_all_at(&chunk[s..at], offset + s as u64).map_err(ReplicaError::io("write", path))?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(s) = run_start {
+        file.write_all_at(&chunk[s..], offset + s as u64).map_err(ReplicaError::io("write", path))?;
+    }
+    Ok(())
+}

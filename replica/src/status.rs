@@ -1,0 +1,94 @@
+//! `status`: per volume, its group, state, size, window and journal size, read from the
+//! catalog (works whether or not `serve` runs; `serve.lock` tells which).
+
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::catalog::{Catalog, VolumeState};
+use crate::datadir::{DataDir, ServeLock};
+use crate::error::Result;
+use crate::recovery::{VolumeContext, ser_time, time_of, window};
+
+/// A point named in `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PointRef {
+    pub seq: u64,
+    #[serde(serialize_with = "ser_time")]
+    pub time: DateTime<Utc>,
+}
+
+/// One volume in `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VolumeStatus {
+    pub group: String,
+    pub volume: String,
+    /// `syncing` (initial sync pending or running), `protecting`, or `disconnected` (no agent
+    /// link is up, or `serve` is not running).
+    pub state: String,
+    /// The catalog's state: `new`, `syncing` or `protecting`.
+    pub volume_state: String,
+    /// Whether the agent link of the group is up.
+    pub connected: bool,
+    /// Bytes.
+    pub size: u64,
+    /// First and last crash-consistent points of the window (null before the initial sync
+    /// completes).
+    pub window_first: Option<PointRef>,
+    pub window_last: Option<PointRef>,
+    /// Bytes of the group's batches in journal segments.
+    pub journal_bytes: u64,
+    /// Last durable seq of the group.
+    pub head_seq: u64,
+}
+
+/// The whole `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StatusReport {
+    /// Whether a `serve` holds `serve.lock` on this data directory.
+    pub serving: bool,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+/// Reads the status of every volume.
+pub async fn status(root: &Path) -> Result<StatusReport> {
+    let dir = DataDir::existing(root)?;
+    let serving = ServeLock::is_held(&dir)?;
+    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let mut volumes = Vec::new();
+    for v in catalog.volumes().await? {
+        let group = catalog.group_by_id(v.group_id).await?;
+        let connected = serving && catalog.link(group.id).await?.is_some_and(|l| l.connected);
+        let journal_bytes = catalog.journal_bytes(group.id).await?;
+        let ctx = VolumeContext { dir: dir.clone(), catalog: catalog.clone(), volume: v.clone(), group: group.clone() };
+        let (window_first, window_last) = match window(&ctx).await? {
+            Ok(w) => (
+                w.first.map(|b| PointRef { seq: b.seq, time: time_of(b.agent_ns) }),
+                w.last.map(|b| PointRef { seq: b.seq, time: time_of(b.agent_ns) }),
+            ),
+            Err(_) => (None, None),
+        };
+        let state = if !connected {
+            "disconnected"
+        } else if v.state == VolumeState::Protecting {
+            "protecting"
+        } else {
+            "syncing"
+        };
+        volumes.push(VolumeStatus {
+            group: group.name.clone(),
+            volume: v.name.clone(),
+            state: state.to_owned(),
+            volume_state: v.state.as_str().to_owned(),
+            connected,
+            size: v.size,
+            window_first,
+            window_last,
+            journal_bytes,
+            head_seq: group.head_seq,
+        });
+    }
+    catalog.close().await;
+    Ok(StatusReport { serving, volumes })
+}

@@ -1,0 +1,413 @@
+//! Shared helpers for the end-to-end tests: the built binaries, real-tool checks, child
+//! processes that are stopped on drop, waiting on conditions with deadlines, and a cluster
+//! (one replica, one agent) on loopback in a temporary directory.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The directory holding the built binaries (`target/debug`), found from the test executable.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("deps dir").parent().expect("profile dir").to_owned();
+    dir
+}
+
+/// Path of a workspace binary; it must have been built (`make test` builds them first).
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is not built: run `cargo build --workspace --bins` (make test does) before the tests", p.display());
+    p
+}
+
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Whether an external tool is installed. In CI a missing tool fails the test; elsewhere the
+/// test is skipped with a message saying why.
+pub fn require_tool(tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+        || Path::new(tool).is_file();
+    if !found {
+        if in_ci() {
+            panic!("{tool} is required by this test and is not installed (make deps installs it)");
+        }
+        eprintln!("SKIPPED: {tool} is not installed (run `make deps` as root to install it)");
+    }
+    found
+}
+
+/// Whether /usr/bin/python3 can import libnbd's bindings.
+pub fn require_python_nbd() -> bool {
+    let ok = Command::new("/usr/bin/python3").args(["-c", "import nbd"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !ok {
+        if in_ci() {
+            panic!("python3-libnbd is required by this test and is not installed (make deps installs it)");
+        }
+        eprintln!("SKIPPED: python3-libnbd is not installed (run `make deps` as root)");
+    }
+    ok
+}
+
+/// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free UDP port on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    s.local_addr().expect("addr").port()
+}
+
+/// Runs a command to completion and returns its output.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    out
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A child process whose output goes to a log file; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
+        let f = std::fs::File::create(log).expect("log file");
+        let f2 = f.try_clone().expect("log file");
+        let child = cmd.stdin(Stdio::null()).stdout(f).stderr(f2).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Proc { child, log: log.to_owned(), name: name.to_owned() }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait (up to `timeout`) for a clean exit; returns whether it exited 0.
+    pub fn stop(&mut self, timeout: Duration) -> bool {
+        let pid = self.child.id() as i32;
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.success();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+/// A replica and an agent protecting volumes, on loopback, in a temporary directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub replica_dir: PathBuf,
+    pub agent_dir: PathBuf,
+    pub port: u16,
+    pub replica: Option<Proc>,
+    pub agent: Option<Proc>,
+}
+
+impl Cluster {
+    /// Initializes both sides and pairs them; nothing is running yet.
+    pub fn new() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let replica_dir = dir.path().join("replica");
+        let agent_dir = dir.path().join("agent");
+        let port = free_udp_port();
+        let listen = format!("127.0.0.1:{port}");
+        let out = run_ok(Command::new(bin("cdp-replica")).args(["init", "--data"]).arg(&replica_dir).args(["--listen", &listen]));
+        let replica_fp = out.trim().strip_prefix("fingerprint: ").expect("replica init prints the fingerprint").to_owned();
+        let out = run_ok(Command::new(bin("cdp-agent")).args(["init", "--data"]).arg(&agent_dir).args(["--replica", &listen, "--replica-fingerprint", &replica_fp]));
+        let agent_fp = out.trim().strip_prefix("fingerprint: ").expect("agent init prints the fingerprint").to_owned();
+        run_ok(Command::new(bin("cdp-replica")).args(["authorize", "--data"]).arg(&replica_dir).args(["--agent", &agent_fp, "--name", "test-agent"]));
+        Cluster { dir, replica_dir, agent_dir, port, replica: None, agent: None }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Creates a device file of `size` bytes whose first `data_bytes` are pseudo-random.
+    pub fn make_device(&self, name: &str, size: u64, data_bytes: u64, seed: u64) -> PathBuf {
+        let path = self.path(name);
+        let mut f = std::fs::File::create(&path).expect("create device");
+        f.set_len(size).expect("size device");
+        let mut rng = Lcg(seed);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut written = 0;
+        while written < data_bytes {
+            let n = (data_bytes - written).min(buf.len() as u64) as usize;
+            rng.fill(&mut buf[..n]);
+            f.write_all(&buf[..n]).expect("write device");
+            written += n as u64;
+        }
+        path
+    }
+
+    pub fn protect(&self, volume: &str, device: &Path, group: Option<&str>) {
+        let mut cmd = Command::new(bin("cdp-agent"));
+        cmd.args(["protect", "--data"]).arg(&self.agent_dir).args(["--volume", volume, "--device"]).arg(device);
+        if let Some(g) = group {
+            cmd.args(["--group", g]);
+        }
+        run_ok(&mut cmd);
+    }
+
+    pub fn start_replica(&mut self) {
+        let log = self.path("replica.log");
+        let mut cmd = Command::new(bin("cdp-replica"));
+        cmd.args(["serve", "--data"]).arg(&self.replica_dir).env("RUST_LOG", "info");
+        self.replica = Some(Proc::spawn("replica", &mut cmd, &log));
+    }
+
+    pub fn start_agent(&mut self) {
+        self.start_agent_with_env(&[]);
+    }
+
+    pub fn start_agent_with_env(&mut self, env: &[(&str, &str)]) {
+        let log = self.path("agent.log");
+        let mut cmd = Command::new(bin("cdp-agent"));
+        cmd.args(["run", "--data"]).arg(&self.agent_dir).env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.agent = Some(Proc::spawn("agent", &mut cmd, &log));
+        let sock = self.nbd_socket();
+        let agent = self.agent.as_mut().expect("agent");
+        wait_until("the agent's NBD socket", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = agent.child.try_wait() {
+                panic!("the agent exited ({st}):\n{}", std::fs::read_to_string(&agent.log).unwrap_or_default());
+            }
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.agent_dir.join("nbd.sock")
+    }
+
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.nbd_socket().display())
+    }
+
+    pub fn agent_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("cdp-agent"));
+        cmd.arg(args[0]).arg("--data").arg(&self.agent_dir).args(&args[1..]);
+        cmd
+    }
+
+    pub fn replica_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("cdp-replica"));
+        cmd.arg(args[0]).arg("--data").arg(&self.replica_dir).args(&args[1..]);
+        cmd
+    }
+
+    pub fn agent_status(&self) -> serde_json::Value {
+        let out = run_ok(&mut self.agent_cmd(&["status", "--json"]));
+        serde_json::from_str(&out).expect("agent status JSON")
+    }
+
+    pub fn replica_status(&self) -> serde_json::Value {
+        let out = run_ok(&mut self.replica_cmd(&["status", "--json"]));
+        serde_json::from_str(&out).expect("replica status JSON")
+    }
+
+    pub fn points(&self, volume: &str) -> Vec<serde_json::Value> {
+        let out = run_ok(&mut self.replica_cmd(&["points", "--volume", volume, "--json"]));
+        serde_json::from_str(&out).expect("points JSON")
+    }
+
+    /// The agent's last sealed seq of the group holding `volume`.
+    pub fn agent_last_seq(&self, volume: &str) -> u64 {
+        let st = self.agent_status();
+        let v = st["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == volume).expect("volume in status").clone();
+        v["last_seq"].as_u64().expect("last_seq")
+    }
+
+    pub fn agent_acked_seq(&self, volume: &str) -> u64 {
+        let st = self.agent_status();
+        let v = st["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == volume).expect("volume in status").clone();
+        v["acked_seq"].as_u64().expect("acked_seq")
+    }
+
+    /// Waits until the agent reports `volume` protecting (initial sync done).
+    pub fn wait_protecting(&self, volume: &str, timeout: Duration) {
+        wait_until(&format!("volume {volume} to be protecting"), timeout, || {
+            let st = self.agent_status();
+            st["volumes"].as_array().is_some_and(|vs| vs.iter().any(|v| v["name"] == volume && v["state"] == "protecting"))
+        });
+    }
+
+    /// Waits until the replica has acknowledged everything the agent sealed for `volume`.
+    pub fn wait_caught_up(&self, volume: &str, timeout: Duration) -> u64 {
+        let mut last = 0;
+        wait_until("the replica to acknowledge everything", timeout, || {
+            let st = self.agent_status();
+            let v = st["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == volume).expect("volume").clone();
+            last = v["last_seq"].as_u64().unwrap_or(0);
+            v["acked_seq"].as_u64() == Some(last)
+        });
+        last
+    }
+
+    /// Restores `volume` at `point` to a new file and returns its bytes, or the error text.
+    pub fn restore(&self, volume: &str, point: &str) -> Result<Vec<u8>, String> {
+        let out_path = self.path(&format!("restore-{}-{}.img", volume, point.replace([':', '/'], "_")));
+        let _ = std::fs::remove_file(&out_path);
+        let out = run(self.replica_cmd(&["restore", "--volume", volume, "--at", point, "--out"]).arg(&out_path));
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let bytes = std::fs::read(&out_path).expect("read restored image");
+        let _ = std::fs::remove_file(&out_path);
+        Ok(bytes)
+    }
+}
+
+/// A scripted NBD client (libnbd's Python bindings) speaking to an export.
+pub struct NbdDriver {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl NbdDriver {
+    pub fn connect(uri: &str) -> NbdDriver {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/nbd_driver.py");
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(uri)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn the NBD driver");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        NbdDriver { child, stdin, stdout }
+    }
+
+    fn call(&mut self, cmd: serde_json::Value, data: Option<&[u8]>) -> Result<String, String> {
+        let mut line = serde_json::to_vec(&cmd).expect("json");
+        line.push(b'\n');
+        self.stdin.write_all(&line).expect("driver stdin");
+        if let Some(d) = data {
+            self.stdin.write_all(d).expect("driver stdin");
+        }
+        self.stdin.flush().expect("driver stdin");
+        let mut reply = String::new();
+        self.stdout.read_line(&mut reply).expect("driver stdout");
+        let reply = reply.trim_end();
+        if let Some(rest) = reply.strip_prefix("ok") {
+            Ok(rest.trim().to_owned())
+        } else {
+            Err(reply.to_owned())
+        }
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), String> {
+        self.call(serde_json::json!({"op": "write", "offset": offset, "len": data.len(), "fua": fua}), Some(data)).map(|_| ())
+    }
+    pub fn zero(&mut self, offset: u64, len: u64, fua: bool) -> Result<(), String> {
+        self.call(serde_json::json!({"op": "zero", "offset": offset, "len": len, "fua": fua}), None).map(|_| ())
+    }
+    pub fn trim(&mut self, offset: u64, len: u64, fua: bool) -> Result<(), String> {
+        self.call(serde_json::json!({"op": "trim", "offset": offset, "len": len, "fua": fua}), None).map(|_| ())
+    }
+    pub fn flush(&mut self) -> Result<(), String> {
+        self.call(serde_json::json!({"op": "flush"}), None).map(|_| ())
+    }
+    pub fn read(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+        let hex = self.call(serde_json::json!({"op": "read", "offset": offset, "len": len}), None)?;
+        Ok((0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex")).collect())
+    }
+    pub fn size(&mut self) -> u64 {
+        self.call(serde_json::json!({"op": "size"}), None).expect("size").parse().expect("size number")
+    }
+}
+
+impl Drop for NbdDriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A small deterministic generator for test data (no dependency on rand's stream stability).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let x = self.0;
+        (x ^ (x >> 33)).wrapping_mul(0xff51afd7ed558ccd) ^ (x >> 29)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+/// Compares two images and describes the first difference.
+pub fn assert_same_image(what: &str, got: &[u8], expected: &[u8]) {
+    assert_eq!(got.len(), expected.len(), "{what}: size differs");
+    if let Some(i) = got.iter().zip(expected).position(|(a, b)| a != b) {
+        let end = (i + 16).min(got.len());
+        panic!("{what}: first difference at byte {i} (chunk {}): got {:02x?}, expected {:02x?}", i >> 20, &got[i..end], &expected[i..end]);
+    }
+}
+
+/// Reads a whole file.
+pub fn read_file(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut v)).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    v
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the system packages the demo, the tests and the benchmarks need, when missing.
+# Needs root (or passwordless sudo) to install; prints what is missing otherwise.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have nbdinfo  || need+=(libnbd-bin)
+have nbdcopy  || need+=(libnbd-bin)
+have nbdfuse  || need+=(libnbd-bin)
+have nbdkit   || need+=(nbdkit)
+have qemu-io  || need+=(qemu-utils)
+have qemu-img || need+=(qemu-utils)
+have fio      || need+=(fio)
+have mkfs.ext4 || need+=(e2fsprogs)
+have fusermount3 || need+=(fuse3)
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+# shellcheck disable=SC2207
+need=($(printf '%s\n' "${need[@]}" | sort -u))
+echo "installing: ${need[*]}"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if have sudo; then SUDO="sudo -n"; else
+    echo "error: these packages are missing and installing them needs root: ${need[*]}" >&2
+    exit 1
+  fi
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
