@@ -1,1 +1,251 @@
-fn main() {}
+//! The `cdp-replica` command line: a thin layer over the library. Errors are printed as one
+//! `error: ...` line on stderr with exit code 1; logs go to stderr (RUST_LOG, default info).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cdp_replica::{PointInfo, PointSpec, ReplicaError, StatusReport};
+use cdp_shared::identity::Fingerprint;
+use clap::{Parser, Subcommand};
+
+/// cdp-replica: keeps target disks and journals of protected volumes, restores any point.
+#[derive(Parser, Debug)]
+#[command(name = "cdp-replica", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new replica data directory and its identity; prints its fingerprint.
+    Init {
+        /// Data directory to create (or an empty one to fill).
+        #[arg(long)]
+        data: PathBuf,
+        /// UDP address `serve` will listen on (written to replica.toml).
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: SocketAddr,
+    },
+    /// Print the replica's certificate fingerprint (what agents pin).
+    Fingerprint {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Allow an agent to connect (takes effect at once, also while serving).
+    Authorize {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// The agent's certificate fingerprint (64 hex characters, from `cdp-agent init`).
+        #[arg(long)]
+        agent: String,
+        /// A name for the agent, for people.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// Receive batches from agents until interrupted (Ctrl-C or SIGTERM).
+    Serve {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// UDP address to listen on (default: the one in replica.toml).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Show every volume: state, size, window and journal size.
+    Status {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the recovery points of a volume.
+    Points {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the volume.
+        #[arg(long)]
+        volume: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the image of a volume at a point to a new file or a block device.
+    Restore {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the volume.
+        #[arg(long)]
+        volume: String,
+        /// The point: `latest`, `seq:N`, `bookmark:NAME` or an RFC 3339 time.
+        #[arg(long)]
+        at: String,
+        /// Output: a path that does not exist yet, or a block device (written in place).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: could not start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+async fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Init { data, listen } => {
+            let fp = cdp_replica::init(&data, listen).await?;
+            println!("fingerprint: {fp}");
+        }
+        Command::Fingerprint { data } => println!("{}", cdp_replica::fingerprint(&data)?),
+        Command::Authorize { data, agent, name } => {
+            let fp: Fingerprint = agent.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
+            if cdp_replica::authorize(&data, fp, &name)? {
+                println!("authorized agent {fp}");
+            } else {
+                println!("agent {fp} was already authorized");
+            }
+        }
+        Command::Serve { data, listen } => {
+            let listen = match listen {
+                Some(l) => l,
+                None => cdp_replica::configured_listen(&data)?,
+            };
+            let handle = cdp_replica::Server::start(&data, listen).await?;
+            println!("listening on {} (fingerprint {})", handle.local_addr(), handle.fingerprint());
+            let token = handle.token();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("stopping");
+                token.cancel();
+            });
+            handle.wait().await?;
+        }
+        Command::Status { data, json } => {
+            let report = cdp_replica::status(&data).await?;
+            if json {
+                println!("{}", to_json(&report)?);
+            } else {
+                print_status(&report);
+            }
+        }
+        Command::Points { data, volume, json } => {
+            let points = cdp_replica::points(&data, &volume).await?;
+            if json {
+                println!("{}", to_json(&points)?);
+            } else {
+                print_points(&points);
+            }
+        }
+        Command::Restore { data, volume, at, out } => {
+            let at: PointSpec = at.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
+            let s = cdp_replica::restore(&data, &volume, &at, &out).await?;
+            println!("restored volume {} at {} to {}: {} bytes, {} journal records applied", s.volume, s.point, s.out.display(), s.bytes, s.records_applied);
+        }
+    }
+    Ok(())
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CliError> {
+    serde_json::to_string_pretty(value).map_err(|e| CliError::Usage(format!("could not render JSON: {e}")))
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Prints rows with each column padded to its widest cell.
+fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+fn print_status(report: &StatusReport) {
+    println!("serving: {}", if report.serving { "yes" } else { "no" });
+    if report.volumes.is_empty() {
+        println!("no volumes yet: authorize an agent and let it connect");
+        return;
+    }
+    let point = |p: &Option<cdp_replica::PointRef>| match p {
+        Some(p) => format!("{} {}", p.seq, p.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        None => "-".into(),
+    };
+    let mut rows = vec![["GROUP", "VOLUME", "STATE", "SIZE", "WINDOW FIRST", "WINDOW LAST", "JOURNAL", "HEAD"].map(String::from).to_vec()];
+    for v in &report.volumes {
+        rows.push(vec![
+            v.group.clone(),
+            v.volume.clone(),
+            v.state.clone(),
+            v.size.to_string(),
+            point(&v.window_first),
+            point(&v.window_last),
+            v.journal_bytes.to_string(),
+            v.head_seq.to_string(),
+        ]);
+    }
+    print_table(&rows);
+}
+
+fn print_points(points: &[PointInfo]) {
+    if points.is_empty() {
+        println!("no recovery points yet (the volume's initial sync has not completed)");
+        return;
+    }
+    let mut rows = vec![["SEQ", "TIME", "RECEIVED", "CONSISTENT", "FLUSH", "RECORDS", "BOOKMARK"].map(String::from).to_vec()];
+    for p in points {
+        rows.push(vec![
+            p.seq.to_string(),
+            p.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            p.received.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            if p.consistent { "yes" } else { "no" }.into(),
+            if p.flush { "yes" } else { "no" }.into(),
+            p.records.to_string(),
+            p.bookmark.clone().unwrap_or_default(),
+        ]);
+    }
+    print_table(&rows);
+}

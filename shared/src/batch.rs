@@ -556,7 +556,8 @@ mod tests {
         let mut enc = RecordEncoder::new();
         let mut payload = Vec::new();
         enc.encode_data(1, 4096, &[7u8; 8192], 0, &mut payload); // compressible
-        let random: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let mut random = vec![0u8; 5000];
+        blake3::Hasher::new().update(b"seed").finalize_xof().fill(&mut random);
         enc.encode_data(2, CHUNK_BYTES, &random, RECORD_FLAG_SYNC, &mut payload);
         encode_marker(1, RecordKind::Zero, 0, 512, 0, &mut payload);
         encode_marker(1, RecordKind::Trim, CHUNK_BYTES - 512, 512, 0, &mut payload);

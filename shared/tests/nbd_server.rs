@@ -83,6 +83,7 @@ impl MemExport {
             data: Mutex::new(content),
             read_only,
             delay_us_max,
+            panic_on_read_at: None,
             counters: Default::default(),
         })
     }
@@ -168,7 +169,12 @@ impl Export for MemExport {
         let result = self
             .admit(offset, len, false)
             .map(|range| self.data.lock().unwrap()[range].to_vec());
-        self.finish(result)
+        let finished = self.finish(result);
+        let panics = self.panic_on_read_at == Some(offset);
+        async move {
+            assert!(!panics, "test export panics on purpose");
+            finished.await
+        }
     }
 
     fn write(

@@ -33,7 +33,7 @@ impl ExportError {
             ExportError::Io(_) => proto::NBD_EIO,
             ExportError::NoSpace => proto::NBD_ENOSPC,
             ExportError::Invalid(_) => proto::NBD_EINVAL,
-            ExportError::NotSupported => proto::NBD_ENOTSUP,
+            ExportError::NotSupported => proto::NBD_EINVAL,
             ExportError::ReadOnly => proto::NBD_EPERM,
             ExportError::Shutdown => proto::NBD_ESHUTDOWN,
         }

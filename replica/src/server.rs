@@ -1,0 +1,319 @@
+//! The QUIC shell of `serve`: accepts agent connections (mutual TLS through
+//! `cdp_shared::identity`, agents authorized by `authorized_agents.toml`, re-read at every
+//! handshake), speaks the control protocol and feeds batch streams to [`IngestService`].
+//! It only moves bytes: every decision is made in `ingest`.
+//!
+//! Per connection: the agent opens one bidirectional control stream and sends `Hello`; the
+//! replica answers `Welcome` or `Refused`, then writes `Ack`/`Nack` on that stream. Every batch
+//! arrives alone on its own unidirectional stream.
+//!
+//! Shutdown goes through one `CancellationToken` ([`ServerHandle::shutdown`], or a fatal ingest
+//! error). Connection and stream tasks only wait on the network and are cancelled freely; disk
+//! writes happen in the group tasks of `ingest`, which finish the commit they are in before
+//! stopping.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cdp_shared::batch::BATCH_BYTES_MAX;
+use cdp_shared::identity::{self, AuthorizeFn, Fingerprint};
+use cdp_shared::wire::{self, Control, FrameDecoder};
+use quinn::{Endpoint, EndpointConfig, TokioRuntime};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::catalog::Catalog;
+use crate::datadir::{DataDir, ServeLock, read_agents};
+use crate::error::{ReplicaError, Result};
+use crate::ingest::{CONTROL_OUTBOX_MAX, IngestService};
+use crate::now_ns;
+
+/// How long an agent has, once connected, to open its control stream and say hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refusal waits for the agent to read it before the connection is closed.
+pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+/// How long shutdown waits for connections to close cleanly.
+pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
+/// Control stream read buffer.
+const CONTROL_READ_BYTES: usize = 64 << 10;
+
+/// Starts the replica's server.
+pub struct Server;
+
+/// A running server: where it listens, and how to stop it.
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    fingerprint: Fingerprint,
+    token: CancellationToken,
+    task: JoinHandle<Result<()>>,
+}
+
+impl ServerHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The replica's certificate fingerprint (what agents pin).
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// A token that stops the server when cancelled.
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// Stops accepting, closes connections, lets group commits in progress finish, and
+    /// returns the error that stopped ingest, if any.
+    pub async fn shutdown(self) -> Result<()> {
+        self.token.cancel();
+        self.task.await?
+    }
+
+    /// Waits until the server stops by itself (a fatal ingest error) or through its token.
+    pub async fn wait(self) -> Result<()> {
+        self.task.await?
+    }
+}
+
+impl Server {
+    /// Binds `listen` (UDP) and starts serving the data directory `root`.
+    pub async fn start(root: &Path, listen: SocketAddr) -> Result<ServerHandle> {
+        let socket = UdpSocket::bind(listen).map_err(|source| ReplicaError::Listen { addr: listen.to_string(), source })?;
+        Server::start_with_socket(root, socket).await
+    }
+
+    /// Serves `root` on an already-bound UDP socket (tests bind 127.0.0.1:0).
+    pub async fn start_with_socket(root: &Path, socket: UdpSocket) -> Result<ServerHandle> {
+        let dir = DataDir::existing(root)?;
+        let lock = ServeLock::acquire(&dir)?;
+        let identity = dir.identity()?;
+        let catalog = Catalog::open(&dir.catalog(), false, true).await?;
+        let token = CancellationToken::new();
+        let ingest = IngestService::start(&dir, catalog.clone(), token.clone()).await?;
+        let agents_dir = dir.clone();
+        let authorize: AuthorizeFn = Arc::new(move |fp: &Fingerprint| match read_agents(&agents_dir) {
+            Ok(list) => list.iter().any(|a| a.fingerprint == *fp),
+            Err(e) => {
+                tracing::warn!("{e}");
+                false
+            }
+        });
+        let server_config = identity::server_config(&identity, authorize)?;
+        let addr = socket.local_addr().map_err(|source| ReplicaError::Listen { addr: "the given socket".into(), source })?;
+        let endpoint = Endpoint::new(EndpointConfig::default(), Some(server_config), socket, Arc::new(TokioRuntime))
+            .map_err(|source| ReplicaError::Listen { addr: addr.to_string(), source })?;
+        let local_addr = endpoint.local_addr().map_err(|source| ReplicaError::Listen { addr: addr.to_string(), source })?;
+        tracing::info!(listen = %local_addr, fingerprint = %identity.fingerprint(), "replica serving {}", dir.root().display());
+        let shared = Arc::new(Shared { ingest, catalog, token: token.clone(), links: Mutex::new(HashMap::new()) });
+        let task = tokio::spawn(accept_loop(endpoint, shared, lock));
+        Ok(ServerHandle { local_addr, fingerprint: identity.fingerprint(), token, task })
+    }
+}
+
+struct Shared {
+    ingest: IngestService,
+    catalog: Catalog,
+    token: CancellationToken,
+    /// group id -> the connection currently holding its link.
+    links: Mutex<HashMap<i64, u64>>,
+}
+
+/// Accepts connections until cancelled, then shuts everything down in order.
+async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>, lock: ServeLock) -> Result<()> {
+    let connections = TaskTracker::new();
+    let mut next_id = 0u64;
+    loop {
+        let incoming = tokio::select! {
+            _ = shared.token.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        next_id += 1;
+        connections.spawn(handle_connection(incoming, shared.clone(), next_id));
+    }
+    endpoint.close(0u32.into(), b"replica shutting down");
+    connections.close();
+    connections.wait().await;
+    shared.ingest.shutdown().await;
+    let _ = tokio::time::timeout(SHUTDOWN_LINGER, endpoint.wait_idle()).await;
+    let reset = shared.catalog.reset_links(now_ns()).await;
+    shared.catalog.close().await;
+    drop(lock);
+    if let Some(e) = shared.ingest.fatal_error() {
+        return Err(ReplicaError::Ingest(e));
+    }
+    reset
+}
+
+fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    certs.first().map(|c| Fingerprint::of_der(c.as_ref()))
+}
+
+async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>, id: u64) {
+    let remote = incoming.remote_address();
+    let conn = tokio::select! {
+        _ = shared.token.cancelled() => return,
+        c = incoming => match c {
+            Ok(c) => c,
+            // An unauthorized agent was already logged by the TLS layer.
+            Err(e) => {
+                tracing::debug!(%remote, "handshake failed: {e}");
+                return;
+            }
+        },
+    };
+    let Some(agent) = peer_fingerprint(&conn) else {
+        tracing::warn!(%remote, "closed a connection without a client certificate");
+        conn.close(1u32.into(), b"no client certificate");
+        return;
+    };
+    tracing::info!(%agent, %remote, "agent connected");
+    let result = serve_connection(&conn, agent, &shared, id).await;
+    conn.close(0u32.into(), b"bye");
+    match result {
+        Ok(()) => tracing::info!(%agent, %remote, "agent disconnected"),
+        Err(e) => tracing::warn!(%agent, %remote, "agent disconnected: {e}"),
+    }
+}
+
+async fn write_frame(send: &mut quinn::SendStream, msg: &Control) -> std::result::Result<(), String> {
+    send.write_all(&wire::encode(msg)).await.map_err(|e| format!("control stream write failed: {e}"))
+}
+
+async fn refuse(send: &mut quinn::SendStream, agent: &Fingerprint, reason: String) -> std::result::Result<(), String> {
+    tracing::warn!(%agent, "refused the agent: {reason}");
+    write_frame(send, &Control::Refused { reason: reason.clone() }).await?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(REFUSAL_LINGER, send.stopped()).await;
+    Err(format!("refused: {reason}"))
+}
+
+/// Reads frames from the control stream until one is complete.
+async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder, buf: &mut [u8]) -> std::result::Result<Option<Control>, String> {
+    loop {
+        if let Some(frame) = decoder.poll_frame().map_err(|e| e.to_string())? {
+            return Ok(Some(frame));
+        }
+        match recv.read(buf).await {
+            Ok(Some(n)) => decoder.handle_bytes(&buf[..n]),
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(format!("control stream read failed: {e}")),
+        }
+    }
+}
+
+async fn serve_connection(conn: &quinn::Connection, agent: Fingerprint, shared: &Arc<Shared>, id: u64) -> std::result::Result<(), String> {
+    let accepted = tokio::select! {
+        _ = shared.token.cancelled() => return Ok(()),
+        r = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()) => r,
+    };
+    let (mut send, mut recv) = match accepted {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => return Err(format!("no control stream: {e}")),
+        Err(_) => return Err(format!("no control stream within {HELLO_TIMEOUT:?}")),
+    };
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; CONTROL_READ_BYTES];
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv, &mut decoder, &mut buf)).await {
+        Ok(Ok(Some(frame))) => frame,
+        Ok(Ok(None)) => return Err("the control stream ended before Hello".into()),
+        Ok(Err(e)) => return refuse(&mut send, &agent, format!("the control stream is malformed: {e}")).await,
+        Err(_) => return Err(format!("no Hello within {HELLO_TIMEOUT:?}")),
+    };
+    let Control::Hello { protocol, groups } = hello else {
+        return refuse(&mut send, &agent, "the first control message must be Hello".into()).await;
+    };
+    let welcomes = match shared.ingest.hello(&agent, protocol, &groups).await {
+        Ok(Ok(w)) => w,
+        Ok(Err(reason)) => return refuse(&mut send, &agent, reason).await,
+        Err(e) => {
+            tracing::error!(%agent, "could not admit the agent's groups: {e}");
+            return refuse(&mut send, &agent, format!("the replica could not admit the groups: {e}")).await;
+        }
+    };
+    write_frame(&mut send, &Control::Welcome { protocol: wire::PROTOCOL_VERSION, groups: welcomes.clone() }).await?;
+    let announced: Arc<HashSet<String>> = Arc::new(groups.iter().map(|g| g.name.clone()).collect());
+    let mut group_ids = Vec::new();
+    for w in &welcomes {
+        if let Some(gid) = shared.ingest.group_id(&w.name).await {
+            group_ids.push(gid);
+        }
+    }
+    set_links(shared, &group_ids, id, true, &agent).await;
+    tracing::info!(%agent, groups = ?welcomes.iter().map(|w| (&w.name, w.durable)).collect::<Vec<_>>(), "welcomed the agent");
+
+    let (outbox, mut outbox_rx) = mpsc::channel::<Control>(CONTROL_OUTBOX_MAX);
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = outbox_rx.recv().await {
+            if write_frame(&mut send, &msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let streams = TaskTracker::new();
+    let mut control_open = true;
+    let result = loop {
+        tokio::select! {
+            _ = shared.token.cancelled() => break Ok(()),
+            s = conn.accept_uni() => match s {
+                Ok(mut stream) => {
+                    let ingest = shared.ingest.clone();
+                    let announced = announced.clone();
+                    let outbox = outbox.clone();
+                    streams.spawn(async move {
+                        match stream.read_to_end(BATCH_BYTES_MAX).await {
+                            Ok(bytes) => ingest.submit(&agent, &announced, bytes, &outbox).await,
+                            Err(quinn::ReadToEndError::TooLong) => {
+                                let reason = format!("a batch stream is longer than {BATCH_BYTES_MAX} bytes");
+                                tracing::warn!(%agent, "refused a batch: {reason}");
+                                let _ = outbox.send(Control::Nack { group: String::new(), seq: 0, reason }).await;
+                            }
+                            Err(e) => tracing::debug!(%agent, "a batch stream ended early: {e}"),
+                        }
+                    });
+                }
+                Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => break Ok(()),
+                Err(e) => break Err(e.to_string()),
+            },
+            r = read_frame(&mut recv, &mut decoder, &mut buf), if control_open => match r {
+                Ok(Some(msg)) => tracing::debug!(%agent, ?msg, "ignored a control message"),
+                Ok(None) => control_open = false,
+                Err(e) => break Err(e),
+            },
+        }
+    };
+    set_links(shared, &group_ids, id, false, &agent).await;
+    conn.close(0u32.into(), b"bye");
+    streams.close();
+    streams.wait().await;
+    writer.abort();
+    result
+}
+
+/// Records the link of each group as up or down (down only if this connection still holds it).
+async fn set_links(shared: &Arc<Shared>, group_ids: &[i64], conn: u64, up: bool, agent: &Fingerprint) {
+    let mut changed = Vec::new();
+    if let Ok(mut links) = shared.links.lock() {
+        for gid in group_ids {
+            if up {
+                links.insert(*gid, conn);
+                changed.push(*gid);
+            } else if links.get(gid) == Some(&conn) {
+                links.remove(gid);
+                changed.push(*gid);
+            }
+        }
+    }
+    for gid in changed {
+        if let Err(e) = shared.catalog.set_link(gid, up, &agent.to_string(), now_ns()).await {
+            tracing::warn!(%agent, "could not record the agent link: {e}");
+        }
+    }
+}
