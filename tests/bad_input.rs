@@ -204,6 +204,6 @@ fn unauthorized_and_mispinned_agents_are_refused_and_nothing_crashes() {
     assert!(bm.contains("durable"), "{bm}");
     let status = c.replica_status();
     assert!(!status.to_string().contains("stolen"), "the intruder's volume never reached the replica: {status}");
-    assert!(intruder.stop(Duration::from_secs(20)));
-    assert!(wrong.stop(Duration::from_secs(20)));
+    assert!(intruder.stop(Duration::from_secs(20)), "the intruder stops cleanly: {}", intruder.log_text());
+    assert!(wrong.stop(Duration::from_secs(20)), "the mispinned agent stops cleanly: {}", wrong.log_text());
 }

@@ -80,7 +80,8 @@ fn oracle_random_operations_restore_byte_for_byte() {
     // Slow the initial sync down so that operations run while it is in progress.
     let cfg_path = c.agent_dir.join("agent.toml");
     let cfg = std::fs::read_to_string(&cfg_path).expect("agent.toml");
-    std::fs::write(&cfg_path, format!("sync_bytes_per_sec_max = {}\n{cfg}", 12 * MIB)).expect("agent.toml");
+    assert!(cfg.contains("sync_bytes_per_sec_max = 0"), "agent.toml: {cfg}");
+    std::fs::write(&cfg_path, cfg.replace("sync_bytes_per_sec_max = 0", &format!("sync_bytes_per_sec_max = {}", 12 * MIB))).expect("agent.toml");
     c.start_replica();
     c.start_agent();
     let mut nbd = NbdDriver::connect(&c.nbd_uri("vol"));
@@ -94,6 +95,10 @@ fn oracle_random_operations_restore_byte_for_byte() {
     let mut model = initial.clone();
     let mut data = Vec::new();
     for i in 0..n_ops {
+        if i == n_ops / 3 {
+            // The first third ran during the initial sync; the rest runs after it completed.
+            c.wait_protecting("vol", Duration::from_secs(120));
+        }
         let roll = rng.below(100);
         match roll {
             0..=69 => {

@@ -131,7 +131,7 @@ impl Agent {
         let link: SharedLink = Arc::new(std::sync::Mutex::new(LinkState::default()));
 
         for g in &groups {
-            tasks.spawn(g.clone().run_age_cutter());
+            tasks.spawn(g.clone().run_age_cutter(shutdown.clone()));
         }
 
         let exports = Arc::new(VolumeExports::new(&groups));
@@ -216,7 +216,9 @@ impl Agent {
                 Err(e) => tracing::error!(group = %g.name, "could not seal the last batch: {e}"),
             }
         }
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let connected = self.link.lock().unwrap_or_else(|p| p.into_inner()).connected;
+        let drain_timeout = if connected { DRAIN_TIMEOUT } else { Duration::ZERO };
+        let drained = tokio::time::timeout(drain_timeout, async {
             for (g, seq) in &sealed {
                 let mut rx = g.acked.subscribe();
                 while *rx.borrow_and_update() < *seq {
@@ -231,7 +233,11 @@ impl Agent {
             tracing::warn!("the replica has not acknowledged every batch; they stay in the spool and are sent at the next start");
         }
         self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        // Every task stops at the token; a task stuck in I/O is aborted after a grace period.
+        if tokio::time::timeout(Duration::from_secs(5), async { while self.tasks.join_next().await.is_some() {} }).await.is_err() {
+            tracing::warn!("some tasks did not stop within 5 s; aborting them");
+            self.tasks.shutdown().await;
+        }
         let _ = std::fs::remove_file(self.data_dir.join(control::SOCKET_NAME));
         if let Listen::Unix(p) = &self.nbd {
             let _ = std::fs::remove_file(p);

@@ -214,8 +214,10 @@ async fn serve_connection(groups: &[Arc<Group>], config: &SenderConfig, link: &S
                 let bytes = s.group.spool.get(seq)?.ok_or_else(|| anyhow!("batch {seq} of group {} is missing from the spool", s.group.name))?;
                 let bytes = if *corrupt == Some(seq.0) {
                     *corrupt = None;
+                    // The last byte lies in the payload (or the header hash of an empty
+                    // batch): the header stays readable, so the refusal names the batch.
                     let mut v = bytes.to_vec();
-                    let at = v.len() / 2;
+                    let at = v.len() - 1;
                     v[at] ^= 0x10;
                     tracing::warn!(seq = seq.0, "fault injection: sending a corrupted copy of this batch");
                     bytes::Bytes::from(v)
@@ -261,7 +263,11 @@ fn handle_control(msg: Control, state: &mut BTreeMap<String, GroupSend>, conn: &
             }
         }
         Control::Nack { group, seq, reason } => {
-            let s = state.get_mut(&group).ok_or_else(|| anyhow!("nack for unknown group {group}"))?;
+            let Some(s) = state.get_mut(&group) else {
+                // The replica could not tell which batch it refused (its header was unreadable):
+                // start over, which sends every unacknowledged batch again.
+                bail!("the replica refused a batch it could not attribute ({reason}); reconnecting to send every unacknowledged batch again");
+            };
             tracing::warn!(group, seq, "the replica refused batch {seq}: {reason}; sending it again");
             s.nacks_in_a_row += 1;
             if s.nacks_in_a_row > NACKS_IN_A_ROW_MAX {

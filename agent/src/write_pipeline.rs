@@ -274,16 +274,22 @@ impl Group {
         Ok(seq)
     }
 
-    /// Cuts open batches when they reach their age limit. Runs until the task is dropped;
-    /// cancellation-safe (it only seals under the lock).
-    pub async fn run_age_cutter(self: Arc<Self>) {
+    /// Cuts open batches when they reach their age limit, until `shutdown`. Cancellation-safe
+    /// (it only seals under the lock).
+    pub async fn run_age_cutter(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         loop {
             let notified = self.age_notify.notified();
             let deadline = self.lock().batcher.deadline();
             match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
+                Some(d) => tokio::select! {
+                    _ = tokio::time::sleep_until(d.into()) => {}
+                    _ = shutdown.cancelled() => return,
+                },
                 None => {
-                    notified.await;
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = shutdown.cancelled() => return,
+                    }
                     continue;
                 }
             }

@@ -128,7 +128,8 @@ fn run_case(ops: Vec<Op>) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
         let group = make_group(dir.path());
-        let cutter = tokio::spawn(group.clone().run_age_cutter());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let cutter = tokio::spawn(group.clone().run_age_cutter(stop.clone()));
         // Admit every operation in order (as the NBD server does), then let them all run at once.
         let mut tasks = tokio::task::JoinSet::new();
         for op in &ops {
@@ -151,7 +152,8 @@ fn run_case(ops: Vec<Op>) {
             r.expect("task").expect("operation");
         }
         let last = group.seal_and_sync().await.expect("seal");
-        cutter.abort();
+        stop.cancel();
+        cutter.await.expect("age cutter stops");
         let images = replay(&group, last);
         for (id, image) in images.iter().enumerate() {
             let on_disk = std::fs::read(dir.path().join(format!("vol{id}"))).expect("read device");

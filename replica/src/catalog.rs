@@ -14,7 +14,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use cdp_shared::batch::Hash;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Sqlite};
 
 use crate::error::{ReplicaError, Result};
@@ -54,7 +56,9 @@ impl FromStr for VolumeState {
             "new" => Ok(VolumeState::New),
             "syncing" => Ok(VolumeState::Syncing),
             "protecting" => Ok(VolumeState::Protecting),
-            other => Err(ReplicaError::CatalogCorrupt(format!("unknown volume state {other:?}"))),
+            other => Err(ReplicaError::CatalogCorrupt(format!(
+                "unknown volume state {other:?}"
+            ))),
         }
     }
 }
@@ -169,15 +173,26 @@ impl EventLevel {
 fn hash_of(bytes: Option<Vec<u8>>) -> Result<Option<Hash>> {
     match bytes {
         None => Ok(None),
-        Some(b) => Hash::try_from(b.as_slice()).map(Some).map_err(|_| ReplicaError::CatalogCorrupt(format!("a hash of {} bytes", b.len()))),
+        Some(b) => Hash::try_from(b.as_slice())
+            .map(Some)
+            .map_err(|_| ReplicaError::CatalogCorrupt(format!("a hash of {} bytes", b.len()))),
     }
 }
 
+type RecordTuple = (i64, i64, i64, i64, i64, i64, i64, i64);
 type GroupTuple = (i64, String, String, String, i64, i64, Option<Vec<u8>>);
 const GROUP_COLUMNS: &str = "id, name, owner, generation, base_seq, head_seq, head_hash";
 
 fn group_of(t: GroupTuple) -> Result<GroupRow> {
-    Ok(GroupRow { id: t.0, name: t.1, owner: t.2, generation: t.3, base_seq: t.4 as u64, head_seq: t.5 as u64, head_hash: hash_of(t.6)? })
+    Ok(GroupRow {
+        id: t.0,
+        name: t.1,
+        owner: t.2,
+        generation: t.3,
+        base_seq: t.4 as u64,
+        head_seq: t.5 as u64,
+        head_hash: hash_of(t.6)?,
+    })
 }
 
 type VolumeTuple = (i64, i64, i64, String, i64, String, Option<i64>);
@@ -195,14 +210,35 @@ fn volume_of(t: VolumeTuple) -> Result<VolumeRow> {
     })
 }
 
-type BatchTuple = (i64, i64, i64, i64, i64, Option<String>, Option<i64>, Option<i64>, Option<i64>, i64, Vec<u8>);
+type BatchTuple = (
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+    Vec<u8>,
+);
 const BATCH_COLUMNS: &str = "seq, agent_ns, received_ns, durable_ns, flags, bookmark, segment, position, length, record_count, header_hash";
 
 fn batch_of(t: BatchTuple) -> Result<BatchRow> {
     let span = match (t.6, t.7, t.8) {
-        (Some(segment), Some(position), Some(length)) => Some(SegmentSpan { segment: segment as u64, position: position as u64, length: length as u64 }),
+        (Some(segment), Some(position), Some(length)) => Some(SegmentSpan {
+            segment: segment as u64,
+            position: position as u64,
+            length: length as u64,
+        }),
         (None, None, None) => None,
-        _ => return Err(ReplicaError::CatalogCorrupt(format!("batch {} has a partial segment location", t.0))),
+        _ => {
+            return Err(ReplicaError::CatalogCorrupt(format!(
+                "batch {} has a partial segment location",
+                t.0
+            )));
+        }
     };
     Ok(BatchRow {
         seq: t.0 as u64,
@@ -234,7 +270,11 @@ impl Catalog {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(POOL_CONNECTIONS_MAX).connect_with(options).await.map_err(ReplicaError::catalog("be opened"))?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_CONNECTIONS_MAX)
+            .connect_with(options)
+            .await
+            .map_err(ReplicaError::catalog("be opened"))?;
         if migrate {
             sqlx::migrate!("../migrations").run(&pool).await?;
         }
@@ -248,34 +288,47 @@ impl Catalog {
     // ---- groups and volumes ----
 
     pub async fn groups(&self) -> Result<Vec<GroupRow>> {
-        let rows: Vec<GroupTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {GROUP_COLUMNS} FROM groups ORDER BY name")))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(ReplicaError::catalog("list groups"))?;
+        let rows: Vec<GroupTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {GROUP_COLUMNS} FROM groups ORDER BY name"
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("list groups"))?;
         rows.into_iter().map(group_of).collect()
     }
 
     pub async fn group_by_name(&self, name: &str) -> Result<Option<GroupRow>> {
-        let row: Option<GroupTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {GROUP_COLUMNS} FROM groups WHERE name = ?")))
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(ReplicaError::catalog("read a group"))?;
+        let row: Option<GroupTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {GROUP_COLUMNS} FROM groups WHERE name = ?"
+        )))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read a group"))?;
         row.map(group_of).transpose()
     }
 
     pub async fn group_by_id(&self, id: i64) -> Result<GroupRow> {
-        let row: GroupTuple = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {GROUP_COLUMNS} FROM groups WHERE id = ?")))
-            .bind(id)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(ReplicaError::catalog("read a group"))?;
+        let row: GroupTuple = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {GROUP_COLUMNS} FROM groups WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read a group"))?;
         group_of(row)
     }
 
     /// Creates a group with its volumes (state `new`) in one transaction. `head` is where its
     /// journal starts (base = head; 0 for an agent that starts at seq 1).
-    pub async fn create_group(&self, name: &str, owner: &str, generation: &str, head: u64, now_ns: i64) -> Result<GroupRow> {
+    pub async fn create_group(
+        &self,
+        name: &str,
+        owner: &str,
+        generation: &str,
+        head: u64,
+        now_ns: i64,
+    ) -> Result<GroupRow> {
         let id: i64 = sqlx::query_scalar("INSERT INTO groups (name, owner, generation, base_seq, head_seq, head_hash, created_ns) VALUES (?, ?, ?, ?, ?, NULL, ?) RETURNING id")
             .bind(name)
             .bind(owner)
@@ -312,32 +365,44 @@ impl Catalog {
     }
 
     pub async fn volumes_of_group(&self, group_id: i64) -> Result<Vec<VolumeRow>> {
-        let rows: Vec<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE group_id = ? ORDER BY agent_volume_id")))
-            .bind(group_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(ReplicaError::catalog("list volumes"))?;
+        let rows: Vec<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE group_id = ? ORDER BY agent_volume_id"
+        )))
+        .bind(group_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("list volumes"))?;
         rows.into_iter().map(volume_of).collect()
     }
 
     pub async fn volumes(&self) -> Result<Vec<VolumeRow>> {
-        let rows: Vec<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {VOLUME_COLUMNS} FROM volumes ORDER BY name")))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(ReplicaError::catalog("list volumes"))?;
+        let rows: Vec<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes ORDER BY name"
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("list volumes"))?;
         rows.into_iter().map(volume_of).collect()
     }
 
     pub async fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRow>> {
-        let row: Option<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {VOLUME_COLUMNS} FROM volumes WHERE name = ?")))
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(ReplicaError::catalog("read a volume"))?;
+        let row: Option<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE name = ?"
+        )))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read a volume"))?;
         row.map(volume_of).transpose()
     }
 
-    pub async fn insert_volume(&self, group_id: i64, agent_volume_id: u32, name: &str, size: u64) -> Result<VolumeRow> {
+    pub async fn insert_volume(
+        &self,
+        group_id: i64,
+        agent_volume_id: u32,
+        name: &str,
+        size: u64,
+    ) -> Result<VolumeRow> {
         let id: i64 = sqlx::query_scalar("INSERT INTO volumes (group_id, agent_volume_id, name, size, state, sync_done_seq) VALUES (?, ?, ?, ?, 'new', NULL) RETURNING id")
             .bind(group_id)
             .bind(i64::from(agent_volume_id))
@@ -346,19 +411,28 @@ impl Catalog {
             .fetch_one(&self.pool)
             .await
             .map_err(ReplicaError::catalog("add a volume"))?;
-        Ok(VolumeRow { id, group_id, agent_volume_id, name: name.to_owned(), size, state: VolumeState::New, sync_done_seq: None })
+        Ok(VolumeRow {
+            id,
+            group_id,
+            agent_volume_id,
+            name: name.to_owned(),
+            size,
+            state: VolumeState::New,
+            sync_done_seq: None,
+        })
     }
 
     // ---- ingest ----
 
     /// The header hash of batch `seq` of the group, if it is durable.
     pub async fn batch_hash(&self, group_id: i64, seq: u64) -> Result<Option<Hash>> {
-        let h: Option<Vec<u8>> = sqlx::query_scalar("SELECT header_hash FROM batches WHERE group_id = ? AND seq = ?")
-            .bind(group_id)
-            .bind(seq as i64)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(ReplicaError::catalog("read a batch"))?;
+        let h: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT header_hash FROM batches WHERE group_id = ? AND seq = ?")
+                .bind(group_id)
+                .bind(seq as i64)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(ReplicaError::catalog("read a batch"))?;
         hash_of(h)
     }
 
@@ -371,14 +445,22 @@ impl Catalog {
         .fetch_optional(&self.pool)
         .await
         .map_err(ReplicaError::catalog("find the end of the journal"))?;
-        Ok(row.map(|(s, p, l)| SegmentSpan { segment: s as u64, position: p as u64, length: l as u64 }))
+        Ok(row.map(|(s, p, l)| SegmentSpan {
+            segment: s as u64,
+            position: p as u64,
+            length: l as u64,
+        }))
     }
 
     /// Writes one group commit in ONE transaction: batch rows, record rows, bookmarks, volume
     /// state changes and the group's head. After it returns, the batches are durable.
     pub async fn commit(&self, rows: &CommitRows) -> Result<()> {
         let err = ReplicaError::catalog;
-        let mut tx = self.pool.begin().await.map_err(err("begin a transaction"))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(err("begin a transaction"))?;
         for b in &rows.batches {
             sqlx::query(
                 "INSERT INTO batches (group_id, seq, agent_ns, received_ns, durable_ns, flags, bookmark, segment, position, length, record_count, header_hash) \
@@ -401,7 +483,9 @@ impl Catalog {
             .map_err(err("record a batch"))?;
         }
         for chunk in rows.records.chunks(RECORD_ROWS_PER_INSERT) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO records (volume_id, chunk, seq, idx, chunk_offset, length, kind, segment, position) ");
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO records (volume_id, chunk, seq, idx, chunk_offset, length, kind, segment, position) ",
+            );
             qb.push_values(chunk, |mut v, r| {
                 v.push_bind(r.volume_id)
                     .push_bind(r.row.chunk as i64)
@@ -413,7 +497,10 @@ impl Catalog {
                     .push_bind(r.row.segment as i64)
                     .push_bind(r.row.position as i64);
             });
-            qb.build().execute(&mut *tx).await.map_err(err("record the records of a batch"))?;
+            qb.build()
+                .execute(&mut *tx)
+                .await
+                .map_err(err("record the records of a batch"))?;
         }
         for (name, seq) in &rows.bookmarks {
             sqlx::query("INSERT OR IGNORE INTO bookmarks (group_id, name, seq) VALUES (?, ?, ?)")
@@ -446,7 +533,13 @@ impl Catalog {
 
     // ---- links and events ----
 
-    pub async fn set_link(&self, group_id: i64, connected: bool, peer: &str, since_ns: i64) -> Result<()> {
+    pub async fn set_link(
+        &self,
+        group_id: i64,
+        connected: bool,
+        peer: &str,
+        since_ns: i64,
+    ) -> Result<()> {
         sqlx::query("INSERT INTO links (group_id, connected, peer, since_ns) VALUES (?, ?, ?, ?) ON CONFLICT (group_id) DO UPDATE SET connected = excluded.connected, peer = excluded.peer, since_ns = excluded.since_ns")
             .bind(group_id)
             .bind(connected)
@@ -469,15 +562,27 @@ impl Catalog {
     }
 
     pub async fn link(&self, group_id: i64) -> Result<Option<LinkRow>> {
-        let row: Option<(bool, String, i64)> = sqlx::query_as("SELECT connected, peer, since_ns FROM links WHERE group_id = ?")
-            .bind(group_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(ReplicaError::catalog("read a link"))?;
-        Ok(row.map(|(connected, peer, since_ns)| LinkRow { connected, peer, since_ns }))
+        let row: Option<(bool, String, i64)> =
+            sqlx::query_as("SELECT connected, peer, since_ns FROM links WHERE group_id = ?")
+                .bind(group_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(ReplicaError::catalog("read a link"))?;
+        Ok(row.map(|(connected, peer, since_ns)| LinkRow {
+            connected,
+            peer,
+            since_ns,
+        }))
     }
 
-    pub async fn event(&self, level: EventLevel, group: Option<&str>, volume: Option<&str>, message: &str, now_ns: i64) -> Result<()> {
+    pub async fn event(
+        &self,
+        level: EventLevel,
+        group: Option<&str>,
+        volume: Option<&str>,
+        message: &str,
+        now_ns: i64,
+    ) -> Result<()> {
         sqlx::query("INSERT INTO events (time_ns, level, group_name, volume, message) VALUES (?, ?, ?, ?, ?)")
             .bind(now_ns)
             .bind(level.as_str())
@@ -493,12 +598,14 @@ impl Catalog {
     // ---- readers ----
 
     pub async fn batch(&self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
-        let row: Option<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq = ?")))
-            .bind(group_id)
-            .bind(seq as i64)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(ReplicaError::catalog("read a batch"))?;
+        let row: Option<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq = ?"
+        )))
+        .bind(group_id)
+        .bind(seq as i64)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read a batch"))?;
         row.map(batch_of).transpose()
     }
 
@@ -516,7 +623,14 @@ impl Catalog {
 
     /// The first (or last, `latest`) consistent batch with seq in `[from, to]` and, when given,
     /// agent time at or before `time_ns_max`.
-    pub async fn consistent_batch(&self, group_id: i64, from: u64, to: u64, time_ns_max: Option<i64>, latest: bool) -> Result<Option<BatchRow>> {
+    pub async fn consistent_batch(
+        &self,
+        group_id: i64,
+        from: u64,
+        to: u64,
+        time_ns_max: Option<i64>,
+        latest: bool,
+    ) -> Result<Option<BatchRow>> {
         let order = if latest { "DESC" } else { "ASC" };
         let row: Option<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq >= ? AND seq <= ? AND (flags & 8) = 0 AND agent_ns <= ? ORDER BY seq {order} LIMIT 1"
@@ -533,12 +647,13 @@ impl Catalog {
 
     /// The latest batch of the group that carries bookmark `name`.
     pub async fn bookmark(&self, group_id: i64, name: &str) -> Result<Option<BatchRow>> {
-        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM bookmarks WHERE group_id = ? AND name = ?")
-            .bind(group_id)
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(ReplicaError::catalog("find a bookmark"))?;
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(seq) FROM bookmarks WHERE group_id = ? AND name = ?")
+                .bind(group_id)
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(ReplicaError::catalog("find a bookmark"))?;
         match seq {
             Some(seq) => self.batch(group_id, seq as u64).await,
             None => Ok(None),
@@ -547,18 +662,20 @@ impl Catalog {
 
     /// Bytes of the group's batches held in journal segments.
     pub async fn journal_bytes(&self, group_id: i64) -> Result<u64> {
-        let n: Option<i64> = sqlx::query_scalar("SELECT SUM(length) FROM batches WHERE group_id = ? AND segment IS NOT NULL")
-            .bind(group_id)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(ReplicaError::catalog("sum the journal"))?;
+        let n: Option<i64> = sqlx::query_scalar(
+            "SELECT SUM(length) FROM batches WHERE group_id = ? AND segment IS NOT NULL",
+        )
+        .bind(group_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("sum the journal"))?;
         Ok(n.unwrap_or(0) as u64)
     }
 
     /// The journaled records of a volume with seq in `(after, upto]`, in key order: chunk by
     /// chunk, and within a chunk in (seq, idx) order — the order in which they are overlaid.
     pub async fn records(&self, volume_id: i64, after: u64, upto: u64) -> Result<Vec<RecordRow>> {
-        let rows: Vec<(i64, i64, i64, i64, i64, i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<RecordTuple> = sqlx::query_as(
             "SELECT chunk, seq, idx, chunk_offset, length, kind, segment, position FROM records \
              WHERE volume_id = ? AND seq > ? AND seq <= ? ORDER BY chunk, seq, idx",
         )

@@ -44,14 +44,18 @@ pub struct DataDir {
 
 impl DataDir {
     pub fn new(root: &Path) -> DataDir {
-        DataDir { root: root.to_path_buf() }
+        DataDir {
+            root: root.to_path_buf(),
+        }
     }
 
     /// A data directory that `init` has prepared; otherwise the "run init first" error.
     pub fn existing(root: &Path) -> Result<DataDir> {
         let dir = DataDir::new(root);
         if !dir.catalog().is_file() {
-            return Err(ReplicaError::NotInitialized { dir: root.to_path_buf() });
+            return Err(ReplicaError::NotInitialized {
+                dir: root.to_path_buf(),
+            });
         }
         Ok(dir)
     }
@@ -87,7 +91,9 @@ impl DataDir {
     /// Loads the identity, mapping "no identity" to the "run init first" error.
     pub fn identity(&self) -> Result<Identity> {
         if !self.catalog().is_file() {
-            return Err(ReplicaError::NotInitialized { dir: self.root.clone() });
+            return Err(ReplicaError::NotInitialized {
+                dir: self.root.clone(),
+            });
         }
         Ok(Identity::load(&self.root)?)
     }
@@ -100,7 +106,8 @@ fn read_small(path: &Path) -> Result<Option<String>> {
         Err(e) => return Err(ReplicaError::io("open", path)(e)),
     };
     let mut text = String::new();
-    io::Read::read_to_string(&mut io::Read::take(file, SMALL_FILE_BYTES_MAX), &mut text).map_err(ReplicaError::io("read", path))?;
+    io::Read::read_to_string(&mut io::Read::take(file, SMALL_FILE_BYTES_MAX), &mut text)
+        .map_err(ReplicaError::io("read", path))?;
     Ok(Some(text))
 }
 
@@ -108,7 +115,8 @@ fn read_small(path: &Path) -> Result<Option<String>> {
 pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(ReplicaError::io("create", &tmp))?;
-    f.write_all(text.as_bytes()).map_err(ReplicaError::io("write", &tmp))?;
+    f.write_all(text.as_bytes())
+        .map_err(ReplicaError::io("write", &tmp))?;
     f.sync_all().map_err(ReplicaError::io("fsync", &tmp))?;
     drop(f);
     fs::rename(&tmp, path).map_err(ReplicaError::io("rename into place", path))?;
@@ -119,7 +127,9 @@ pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<()> {
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(ReplicaError::io("fsync directory", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(ReplicaError::io("fsync directory", dir))
 }
 
 /// `replica.toml` as written: every field optional.
@@ -139,10 +149,14 @@ pub struct ReplicaConfig {
 impl ConfigToml {
     pub fn parse_and_validate(self, path: &Path) -> Result<ReplicaConfig> {
         let listen = self.listen.as_deref().unwrap_or(LISTEN_DEFAULT);
-        let listen = listen.parse::<SocketAddr>().map_err(|e| ReplicaError::Config {
-            path: path.to_path_buf(),
-            reason: format!("listen = {listen:?} is not an address like {LISTEN_DEFAULT} ({e})"),
-        })?;
+        let listen = listen
+            .parse::<SocketAddr>()
+            .map_err(|e| ReplicaError::Config {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "listen = {listen:?} is not an address like {LISTEN_DEFAULT} ({e})"
+                ),
+            })?;
         Ok(ReplicaConfig { listen })
     }
 }
@@ -151,12 +165,17 @@ impl ConfigToml {
 pub fn load_config(dir: &DataDir) -> Result<ReplicaConfig> {
     let path = dir.config();
     let toml_text = read_small(&path)?.unwrap_or_default();
-    let raw: ConfigToml = toml::from_str(&toml_text).map_err(|e| ReplicaError::Config { path: path.clone(), reason: e.to_string().trim().replace('\n', " ") })?;
+    let raw: ConfigToml = toml::from_str(&toml_text).map_err(|e| ReplicaError::Config {
+        path: path.clone(),
+        reason: e.to_string().trim().replace('\n', " "),
+    })?;
     raw.parse_and_validate(&path)
 }
 
 pub fn write_config(dir: &DataDir, listen: SocketAddr) -> Result<()> {
-    let text = format!("# cdp-replica configuration\n# UDP address that `cdp-replica serve` listens on (QUIC).\nlisten = \"{listen}\"\n");
+    let text = format!(
+        "# cdp-replica configuration\n# UDP address that `cdp-replica serve` listens on (QUIC).\nlisten = \"{listen}\"\n"
+    );
     write_atomically(&dir.config(), &text)
 }
 
@@ -177,15 +196,30 @@ struct AgentsToml {
 /// The authorized agents (empty when the file is missing).
 pub fn read_agents(dir: &DataDir) -> Result<Vec<AuthorizedAgent>> {
     let path = dir.agents();
-    let Some(text) = read_small(&path)? else { return Ok(Vec::new()) };
-    let parsed: AgentsToml = toml::from_str(&text).map_err(|e| ReplicaError::AuthorizedAgents { path, reason: e.to_string().trim().replace('\n', " ") })?;
+    let Some(text) = read_small(&path)? else {
+        return Ok(Vec::new());
+    };
+    let parsed: AgentsToml = toml::from_str(&text).map_err(|e| ReplicaError::AuthorizedAgents {
+        path,
+        reason: e.to_string().trim().replace('\n', " "),
+    })?;
     Ok(parsed.agent)
 }
 
 pub fn write_agents(dir: &DataDir, agents: &[AuthorizedAgent]) -> Result<()> {
-    let body = toml::to_string(&AgentsToml { agent: agents.to_vec() })
-        .map_err(|e| ReplicaError::AuthorizedAgents { path: dir.agents(), reason: e.to_string() })?;
-    write_atomically(&dir.agents(), &format!("# Agents allowed to connect (cdp-replica authorize). Re-read at every handshake.\n{body}"))
+    let body = toml::to_string(&AgentsToml {
+        agent: agents.to_vec(),
+    })
+    .map_err(|e| ReplicaError::AuthorizedAgents {
+        path: dir.agents(),
+        reason: e.to_string(),
+    })?;
+    write_atomically(
+        &dir.agents(),
+        &format!(
+            "# Agents allowed to connect (cdp-replica authorize). Re-read at every handshake.\n{body}"
+        ),
+    )
 }
 
 /// The flock on `serve.lock`, held while `serve` runs; released when dropped.
@@ -198,10 +232,17 @@ impl ServeLock {
     /// Takes the lock, or fails with "another serve is running".
     pub fn acquire(dir: &DataDir) -> Result<ServeLock> {
         let path = dir.lock();
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(ReplicaError::io("open", &path))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(ReplicaError::io("open", &path))?;
         match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(ServeLock { _file: file }),
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(ReplicaError::AlreadyServing { dir: dir.root().to_path_buf() }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(ReplicaError::AlreadyServing {
+                dir: dir.root().to_path_buf(),
+            }),
             Err(e) => Err(ReplicaError::io("lock", &path)(e.into())),
         }
     }
@@ -233,7 +274,10 @@ mod tests {
     fn config_defaults_and_validation() {
         let p = Path::new("/x/replica.toml");
         let c: ConfigToml = toml::from_str("").expect("empty config");
-        assert_eq!(c.parse_and_validate(p).expect("valid").listen.to_string(), LISTEN_DEFAULT);
+        assert_eq!(
+            c.parse_and_validate(p).expect("valid").listen.to_string(),
+            LISTEN_DEFAULT
+        );
         let c: ConfigToml = toml::from_str("listen = \"0.0.0.0:9\"\nunknown = 1").expect("lenient");
         assert_eq!(c.parse_and_validate(p).expect("valid").listen.port(), 9);
         let c: ConfigToml = toml::from_str("listen = \"nowhere\"").expect("parses");
@@ -248,7 +292,10 @@ mod tests {
         assert!(!ServeLock::is_held(&dir).expect("check"));
         let lock = ServeLock::acquire(&dir).expect("first lock");
         assert!(ServeLock::is_held(&dir).expect("check"));
-        assert!(matches!(ServeLock::acquire(&dir), Err(ReplicaError::AlreadyServing { .. })));
+        assert!(matches!(
+            ServeLock::acquire(&dir),
+            Err(ReplicaError::AlreadyServing { .. })
+        ));
         drop(lock);
         assert!(!ServeLock::is_held(&dir).expect("check"));
     }

@@ -34,7 +34,12 @@ pub enum ReplicaError {
     OutNotWritable { path: PathBuf },
 
     #[error("block device {} holds {device_bytes} bytes but volume {volume:?} needs {volume_bytes}: choose a larger device", path.display())]
-    OutTooSmall { path: PathBuf, volume: String, device_bytes: u64, volume_bytes: u64 },
+    OutTooSmall {
+        path: PathBuf,
+        volume: String,
+        device_bytes: u64,
+        volume_bytes: u64,
+    },
 
     #[error("the configuration file {} is invalid: {reason}; fix it or remove it to use the defaults", path.display())]
     Config { path: PathBuf, reason: String },
@@ -84,9 +89,16 @@ pub enum ReplicaError {
 }
 
 impl ReplicaError {
-    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> ReplicaError {
+    pub fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(io::Error) -> ReplicaError {
         let path = path.into();
-        move |source| ReplicaError::Io { action, path, source }
+        move |source| ReplicaError::Io {
+            action,
+            path,
+            source,
+        }
     }
 
     pub fn catalog(action: &'static str) -> impl FnOnce(sqlx::Error) -> ReplicaError {

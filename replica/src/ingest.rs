@@ -23,12 +23,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::catalog::{BatchRow, Catalog, CommitRows, EventLevel, NewRecord, RecordRow, SegmentSpan, VolumeRow, VolumeState};
+use crate::catalog::{
+    BatchRow, Catalog, CommitRows, EventLevel, NewRecord, RecordRow, SegmentSpan, VolumeRow,
+    VolumeState,
+};
 use crate::datadir::DataDir;
 use crate::error::{ReplicaError, Result};
 use crate::journal::Journal;
-use crate::target::TargetFile;
 use crate::now_ns;
+use crate::target::TargetFile;
 
 /// Batches waiting in a group task's inbox.
 pub const INGEST_QUEUE_BATCHES: usize = 2 * BATCHES_IN_FLIGHT_DEFAULT;
@@ -59,7 +62,13 @@ pub struct VolumeEntry {
 
 impl From<&VolumeRow> for VolumeEntry {
     fn from(v: &VolumeRow) -> Self {
-        VolumeEntry { id: v.id, agent_id: v.agent_volume_id, name: v.name.clone(), size: v.size, state: v.state }
+        VolumeEntry {
+            id: v.id,
+            agent_id: v.agent_volume_id,
+            name: v.name.clone(),
+            size: v.size,
+            state: v.state,
+        }
     }
 }
 
@@ -69,7 +78,11 @@ pub enum TargetOp {
     /// Write the data record whose header is at `payload_pos` of the payload.
     Write { volume: u32, payload_pos: usize },
     /// Make the range read as zeros (zero and trim records).
-    Zero { volume: u32, offset: u64, length: u32 },
+    Zero {
+        volume: u32,
+        offset: u64,
+        length: u32,
+    },
 }
 
 /// A record row before the batch's place in the journal is known.
@@ -98,36 +111,59 @@ pub struct BatchPlan {
 
 /// The semantic checks of one batch and its plan, against `volumes` as they stand when the
 /// batch's turn comes (sans-IO). `Err` is the one-line reason the batch is refused.
-pub fn plan_batch(view: &BatchView<'_>, group: &str, volumes: &HashMap<u32, VolumeEntry>) -> std::result::Result<BatchPlan, String> {
+pub fn plan_batch(
+    view: &BatchView<'_>,
+    group: &str,
+    volumes: &HashMap<u32, VolumeEntry>,
+) -> std::result::Result<BatchPlan, String> {
     let seq = view.header.seq.0;
     let count = view.header.record_count as usize;
     let mut states: HashMap<u32, VolumeState> = HashMap::new();
-    let mut plan = BatchPlan { journal: false, target_ops: Vec::new(), rows: Vec::new(), state_changes: Vec::new() };
+    let mut plan = BatchPlan {
+        journal: false,
+        target_ops: Vec::new(),
+        rows: Vec::new(),
+        state_changes: Vec::new(),
+    };
     for (i, r) in view.records().enumerate() {
         let h = r.header;
         let Some(v) = volumes.get(&h.volume) else {
-            return Err(format!("record {i} names volume id {}, which is not a volume of group {group}", h.volume));
+            return Err(format!(
+                "record {i} names volume id {}, which is not a volume of group {group}",
+                h.volume
+            ));
         };
         let state = *states.get(&h.volume).unwrap_or(&v.state);
         match h.kind {
             RecordKind::SyncBegin => {
                 if i != 0 {
-                    return Err(format!("record {i} is a SyncBegin, which may only be the first record of a batch"));
+                    return Err(format!(
+                        "record {i} is a SyncBegin, which may only be the first record of a batch"
+                    ));
                 }
                 if state == VolumeState::New {
                     states.insert(h.volume, VolumeState::Syncing);
-                    plan.state_changes.push((h.volume, VolumeState::Syncing, None));
+                    plan.state_changes
+                        .push((h.volume, VolumeState::Syncing, None));
                 }
             }
             RecordKind::SyncEnd => {
                 if i + 1 != count {
-                    return Err(format!("record {i} is a SyncEnd, which may only be the last record of a batch"));
+                    return Err(format!(
+                        "record {i} is a SyncEnd, which may only be the last record of a batch"
+                    ));
                 }
                 match state {
-                    VolumeState::New => return Err(format!("record {i} ends a sync of volume {} that never began", v.name)),
+                    VolumeState::New => {
+                        return Err(format!(
+                            "record {i} ends a sync of volume {} that never began",
+                            v.name
+                        ));
+                    }
                     VolumeState::Syncing => {
                         states.insert(h.volume, VolumeState::Protecting);
-                        plan.state_changes.push((h.volume, VolumeState::Protecting, Some(seq)));
+                        plan.state_changes
+                            .push((h.volume, VolumeState::Protecting, Some(seq)));
                     }
                     VolumeState::Protecting => {}
                 }
@@ -135,15 +171,28 @@ pub fn plan_batch(view: &BatchView<'_>, group: &str, volumes: &HashMap<u32, Volu
             RecordKind::Data | RecordKind::Zero | RecordKind::Trim => {
                 let end = h.offset + u64::from(h.length);
                 if end > v.size {
-                    return Err(format!("record {i} reaches byte {end} of volume {}, which has {} bytes", v.name, v.size));
+                    return Err(format!(
+                        "record {i} reaches byte {end} of volume {}, which has {} bytes",
+                        v.name, v.size
+                    ));
                 }
                 match state {
                     VolumeState::New => {
-                        return Err(format!("record {i} changes volume {}, whose initial sync has not begun (a SyncBegin must come first)", v.name));
+                        return Err(format!(
+                            "record {i} changes volume {}, whose initial sync has not begun (a SyncBegin must come first)",
+                            v.name
+                        ));
                     }
                     VolumeState::Syncing => plan.target_ops.push(match h.kind {
-                        RecordKind::Data => TargetOp::Write { volume: h.volume, payload_pos: r.payload_pos },
-                        _ => TargetOp::Zero { volume: h.volume, offset: h.offset, length: h.length },
+                        RecordKind::Data => TargetOp::Write {
+                            volume: h.volume,
+                            payload_pos: r.payload_pos,
+                        },
+                        _ => TargetOp::Zero {
+                            volume: h.volume,
+                            offset: h.offset,
+                            length: h.length,
+                        },
                     }),
                     VolumeState::Protecting => {
                         plan.journal = true;
@@ -196,11 +245,19 @@ impl GroupIo {
     /// Steps 1–3 of a group commit for `batches` (in seq order): apply target ops, append
     /// journaled batches, then fsync the journal and the target files. Returns each batch's
     /// place in the journal. Runs on a blocking thread.
-    fn write(&mut self, batches: &[(&[u8], &BatchPlan)], volumes: &HashMap<u32, VolumeEntry>) -> Result<Vec<Option<SegmentSpan>>> {
+    fn write(
+        &mut self,
+        batches: &[(&[u8], &BatchPlan)],
+        volumes: &HashMap<u32, VolumeEntry>,
+    ) -> Result<Vec<Option<SegmentSpan>>> {
         let mut spans = Vec::with_capacity(batches.len());
         for (bytes, plan) in batches {
             if !plan.target_ops.is_empty() {
-                let header_len = batch::decode_header(bytes).map_err(|e| ReplicaError::Ingest(format!("a checked batch no longer decodes: {e}")))?.header_len as usize;
+                let header_len = batch::decode_header(bytes)
+                    .map_err(|e| {
+                        ReplicaError::Ingest(format!("a checked batch no longer decodes: {e}"))
+                    })?
+                    .header_len as usize;
                 let payload = &bytes[header_len..];
                 for op in &plan.target_ops {
                     let agent_id = match op {
@@ -209,23 +266,33 @@ impl GroupIo {
                     let target = match self.targets.entry(agent_id) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
-                            let v = volumes.get(&agent_id).ok_or_else(|| ReplicaError::Ingest(format!("volume id {agent_id} vanished")))?;
+                            let v = volumes.get(&agent_id).ok_or_else(|| {
+                                ReplicaError::Ingest(format!("volume id {agent_id} vanished"))
+                            })?;
                             e.insert(TargetFile::open(&self.data_dir.target(&v.name), v.size)?)
                         }
                     };
                     match *op {
                         TargetOp::Write { payload_pos, .. } => {
-                            let h = RecordHeader::decode(&payload[payload_pos..], 0).map_err(|e| ReplicaError::Ingest(e.to_string()))?;
+                            let h = RecordHeader::decode(&payload[payload_pos..], 0)
+                                .map_err(|e| ReplicaError::Ingest(e.to_string()))?;
                             let start = payload_pos + batch::RECORD_HEADER_BYTES;
                             let stored = &payload[start..start + h.stored_len as usize];
-                            h.decode_data(stored, &mut self.decompressor, &mut self.scratch).map_err(|e| ReplicaError::Ingest(e.to_string()))?;
+                            h.decode_data(stored, &mut self.decompressor, &mut self.scratch)
+                                .map_err(|e| ReplicaError::Ingest(e.to_string()))?;
                             target.write_at(h.offset, &self.scratch)?;
                         }
-                        TargetOp::Zero { offset, length, .. } => target.zero(offset, u64::from(length))?,
+                        TargetOp::Zero { offset, length, .. } => {
+                            target.zero(offset, u64::from(length))?
+                        }
                     }
                 }
             }
-            spans.push(if plan.journal { Some(self.journal.append(bytes)?) } else { None });
+            spans.push(if plan.journal {
+                Some(self.journal.append(bytes)?)
+            } else {
+                None
+            });
         }
         self.journal.sync()?;
         for t in self.targets.values_mut() {
@@ -254,7 +321,14 @@ type Outbox = Vec<(Reply, Control)>;
 
 fn nack(out: &mut Outbox, r: &Received, reason: String) {
     tracing::warn!(group = %r.header.group, seq = r.header.seq.0, agent = %r.agent, "refused a batch: {reason}");
-    out.push((r.reply.clone(), Control::Nack { group: r.header.group.clone(), seq: r.header.seq.0, reason }));
+    out.push((
+        r.reply.clone(),
+        Control::Nack {
+            group: r.header.group.clone(),
+            seq: r.header.seq.0,
+            reason,
+        },
+    ));
 }
 
 impl GroupIngest {
@@ -263,18 +337,26 @@ impl GroupIngest {
         let g = catalog.group_by_id(group_id).await?;
         let committed = catalog.last_journaled(group_id).await?;
         let jdir = data_dir.journal(&g.name);
-        let (journal, report) = tokio::task::spawn_blocking(move || Journal::recover(&jdir, committed)).await??;
+        let (journal, report) =
+            tokio::task::spawn_blocking(move || Journal::recover(&jdir, committed)).await??;
         if let Some((segment, bytes)) = report.truncated {
-            let msg = format!("truncated {bytes} uncommitted bytes from the tail of journal segment {segment}");
+            let msg = format!(
+                "truncated {bytes} uncommitted bytes from the tail of journal segment {segment}"
+            );
             tracing::warn!(group = %g.name, "{msg}");
-            catalog.event(EventLevel::Warn, Some(&g.name), None, &msg, now_ns()).await?;
+            catalog
+                .event(EventLevel::Warn, Some(&g.name), None, &msg, now_ns())
+                .await?;
         }
         if !report.deleted.is_empty() {
             let msg = format!("deleted uncommitted journal segments {:?}", report.deleted);
             tracing::warn!(group = %g.name, "{msg}");
-            catalog.event(EventLevel::Warn, Some(&g.name), None, &msg, now_ns()).await?;
+            catalog
+                .event(EventLevel::Warn, Some(&g.name), None, &msg, now_ns())
+                .await?;
         }
-        let decompressor = zstd::bulk::Decompressor::new().map_err(|e| ReplicaError::Ingest(format!("zstd decompressor: {e}")))?;
+        let decompressor = zstd::bulk::Decompressor::new()
+            .map_err(|e| ReplicaError::Ingest(format!("zstd decompressor: {e}")))?;
         let mut gi = GroupIngest {
             catalog: catalog.clone(),
             group_id,
@@ -284,7 +366,13 @@ impl GroupIngest {
             volumes: HashMap::new(),
             pending: BTreeMap::new(),
             pending_bytes: 0,
-            io: Some(GroupIo { data_dir: data_dir.clone(), journal, targets: HashMap::new(), decompressor, scratch: Vec::new() }),
+            io: Some(GroupIo {
+                data_dir: data_dir.clone(),
+                journal,
+                targets: HashMap::new(),
+                decompressor,
+                scratch: Vec::new(),
+            }),
         };
         gi.reload().await?;
         Ok(gi)
@@ -299,7 +387,13 @@ impl GroupIngest {
         let g = self.catalog.group_by_id(self.group_id).await?;
         self.head = g.head_seq;
         self.head_hash = g.head_hash;
-        self.volumes = self.catalog.volumes_of_group(self.group_id).await?.iter().map(|v| (v.agent_volume_id, VolumeEntry::from(v))).collect();
+        self.volumes = self
+            .catalog
+            .volumes_of_group(self.group_id)
+            .await?
+            .iter()
+            .map(|v| (v.agent_volume_id, VolumeEntry::from(v)))
+            .collect();
         let stale: Vec<u64> = self.pending.range(..=self.head).map(|(s, _)| *s).collect();
         for s in stale {
             if let Some(p) = self.pending.remove(&s) {
@@ -319,10 +413,27 @@ impl GroupIngest {
             match self.catalog.batch_hash(self.group_id, seq).await? {
                 Some(h) if h != r.header.header_hash => {
                     tracing::error!(group = %self.name, seq, agent = %r.agent, "a resent batch differs from the journaled batch with the same seq");
-                    self.catalog.event(EventLevel::Error, Some(&self.name), None, &format!("batch {seq} was resent with different contents"), now_ns()).await?;
-                    nack(&mut out, &r, format!("batch {seq} conflicts with the journal (a different batch {seq} is already durable)"));
+                    self.catalog
+                        .event(
+                            EventLevel::Error,
+                            Some(&self.name),
+                            None,
+                            &format!("batch {seq} was resent with different contents"),
+                            now_ns(),
+                        )
+                        .await?;
+                    nack(
+                        &mut out,
+                        &r,
+                        format!(
+                            "batch {seq} conflicts with the journal (a different batch {seq} is already durable)"
+                        ),
+                    );
                 }
-                _ => out.push((r.reply.clone(), Control::ack(&self.name, cdp_shared::Seq(self.head)))),
+                _ => out.push((
+                    r.reply.clone(),
+                    Control::ack(&self.name, cdp_shared::Seq(self.head)),
+                )),
             }
             return Ok(out);
         }
@@ -330,12 +441,24 @@ impl GroupIngest {
             if p.received.header.header_hash == r.header.header_hash {
                 p.received.reply = r.reply;
             } else {
-                nack(&mut out, &r, format!("batch {seq} differs from the batch {seq} already received and waiting"));
+                nack(
+                    &mut out,
+                    &r,
+                    format!(
+                        "batch {seq} differs from the batch {seq} already received and waiting"
+                    ),
+                );
             }
             return Ok(out);
         }
-        if seq > self.head + PENDING_BATCHES_MAX as u64 || self.pending.len() >= PENDING_BATCHES_MAX || self.pending_bytes + r.bytes.len() > PENDING_BYTES_MAX {
-            let reason = format!("batch {seq} is too far ahead of the journal (durable up to {}); send the missing batches first", self.head);
+        if seq > self.head + PENDING_BATCHES_MAX as u64
+            || self.pending.len() >= PENDING_BATCHES_MAX
+            || self.pending_bytes + r.bytes.len() > PENDING_BYTES_MAX
+        {
+            let reason = format!(
+                "batch {seq} is too far ahead of the journal (durable up to {}); send the missing batches first",
+                self.head
+            );
             nack(&mut out, &r, reason);
             return Ok(out);
         }
@@ -366,13 +489,22 @@ impl GroupIngest {
             if !chosen.is_empty() && bytes + p.received.bytes.len() > GROUP_COMMIT_BYTES_MAX {
                 break;
             }
-            let Some(p) = self.pending.remove(&next) else { break };
+            let Some(p) = self.pending.remove(&next) else {
+                break;
+            };
             self.pending_bytes -= p.received.bytes.len();
             let r = &p.received;
             if let Some(prev) = expected_prev
                 && r.header.prev_hash != prev
             {
-                nack(out, r, format!("batch {next} does not follow batch {} in the journal (its prev_hash differs)", next - 1));
+                nack(
+                    out,
+                    r,
+                    format!(
+                        "batch {next} does not follow batch {} in the journal (its prev_hash differs)",
+                        next - 1
+                    ),
+                );
                 break;
             }
             let view = match batch::decode(&r.bytes) {
@@ -404,10 +536,18 @@ impl GroupIngest {
         }
 
         // Steps 1-3: target writes, journal append, fsyncs (on a blocking thread).
-        let mut io = self.io.take().ok_or_else(|| ReplicaError::Ingest(format!("group {} lost its journal after an earlier failure", self.name)))?;
+        let mut io = self.io.take().ok_or_else(|| {
+            ReplicaError::Ingest(format!(
+                "group {} lost its journal after an earlier failure",
+                self.name
+            ))
+        })?;
         let volumes = self.volumes.clone();
         let (io, written, chosen) = tokio::task::spawn_blocking(move || {
-            let refs: Vec<(&[u8], &BatchPlan)> = chosen.iter().map(|(p, plan)| (p.received.bytes.as_slice(), plan)).collect();
+            let refs: Vec<(&[u8], &BatchPlan)> = chosen
+                .iter()
+                .map(|(p, plan)| (p.received.bytes.as_slice(), plan))
+                .collect();
             let written = io.write(&refs, &volumes);
             (io, written, chosen)
         })
@@ -417,7 +557,10 @@ impl GroupIngest {
 
         // Step 4: one transaction.
         let durable_ns = now_ns();
-        let mut rows = CommitRows { group_id: self.group_id, ..CommitRows::default() };
+        let mut rows = CommitRows {
+            group_id: self.group_id,
+            ..CommitRows::default()
+        };
         for ((p, plan), span) in chosen.iter().zip(&spans) {
             let h = &p.received.header;
             rows.batches.push(BatchRow {
@@ -443,7 +586,9 @@ impl GroupIngest {
                             length: pr.length,
                             kind: pr.kind as u8,
                             segment: span.segment,
-                            position: span.position + u64::from(h.header_len) + pr.payload_pos as u64,
+                            position: span.position
+                                + u64::from(h.header_len)
+                                + pr.payload_pos as u64,
                         },
                     });
                 }
@@ -457,7 +602,9 @@ impl GroupIngest {
                 }
             }
         }
-        let Some((last, _)) = chosen.last() else { return Ok(()) };
+        let Some((last, _)) = chosen.last() else {
+            return Ok(());
+        };
         rows.head_seq = last.received.header.seq.0;
         rows.head_hash = Some(last.received.header.header_hash);
         self.catalog.commit(&rows).await?;
@@ -470,12 +617,26 @@ impl GroupIngest {
                 if let Some(v) = self.volumes.get_mut(agent_id) {
                     v.state = *state;
                     let msg = match state {
-                        VolumeState::Syncing => format!("volume {} began its initial sync at seq {}", v.name, p.received.header.seq),
-                        VolumeState::Protecting => format!("volume {} completed its initial sync at seq {}; its window starts there", v.name, p.received.header.seq),
+                        VolumeState::Syncing => format!(
+                            "volume {} began its initial sync at seq {}",
+                            v.name, p.received.header.seq
+                        ),
+                        VolumeState::Protecting => format!(
+                            "volume {} completed its initial sync at seq {}; its window starts there",
+                            v.name, p.received.header.seq
+                        ),
                         VolumeState::New => continue,
                     };
                     tracing::info!(group = %self.name, "{msg}");
-                    self.catalog.event(EventLevel::Info, Some(&self.name), Some(&v.name), &msg, now_ns()).await?;
+                    self.catalog
+                        .event(
+                            EventLevel::Info,
+                            Some(&self.name),
+                            Some(&v.name),
+                            &msg,
+                            now_ns(),
+                        )
+                        .await?;
                 }
             }
         }
@@ -504,7 +665,11 @@ impl Received {
 /// commits (disk writes, fsyncs, the SQLite transaction) run to completion outside any
 /// `select!`, so cancelling never leaves half a commit behind — and a commit cut short by a
 /// crash is undone by journal recovery at the next start.
-async fn run_group(mut g: GroupIngest, mut rx: mpsc::Receiver<GroupMsg>, token: CancellationToken) -> Result<()> {
+async fn run_group(
+    mut g: GroupIngest,
+    mut rx: mpsc::Receiver<GroupMsg>,
+    token: CancellationToken,
+) -> Result<()> {
     loop {
         let msg = tokio::select! {
             biased;
@@ -567,7 +732,11 @@ pub struct IngestService {
 impl IngestService {
     /// Recovers every group's journal and starts its task. `token` stops everything; a fatal
     /// ingest error cancels it too (see [`IngestService::fatal_error`]).
-    pub async fn start(dir: &DataDir, catalog: Catalog, token: CancellationToken) -> Result<IngestService> {
+    pub async fn start(
+        dir: &DataDir,
+        catalog: Catalog,
+        token: CancellationToken,
+    ) -> Result<IngestService> {
         catalog.reset_links(now_ns()).await?;
         let service = IngestService {
             inner: Arc::new(ServiceInner {
@@ -616,9 +785,16 @@ impl IngestService {
 
     /// Admits an agent's groups (the reply to its Hello). The outer error is the replica's own
     /// failure; the inner one a refusal sentence for the agent.
-    pub async fn hello(&self, agent: &Fingerprint, protocol: u32, hello: &[GroupHello]) -> Result<std::result::Result<Vec<GroupWelcome>, String>> {
+    pub async fn hello(
+        &self,
+        agent: &Fingerprint,
+        protocol: u32,
+        hello: &[GroupHello],
+    ) -> Result<std::result::Result<Vec<GroupWelcome>, String>> {
         if protocol != PROTOCOL_VERSION {
-            return Ok(Err(format!("this replica speaks control protocol version {PROTOCOL_VERSION}, not {protocol}; upgrade the older side")));
+            return Ok(Err(format!(
+                "this replica speaks control protocol version {PROTOCOL_VERSION}, not {protocol}; upgrade the older side"
+            )));
         }
         let catalog = &self.inner.catalog;
         let owner = agent.to_string();
@@ -639,17 +815,26 @@ impl IngestService {
                     return Ok(Err(e));
                 }
                 if !ids.insert(v.id) || !names.insert(v.name.as_str()) {
-                    return Ok(Err(format!("group {} announces volume id {} or name {} twice", gh.name, v.id, v.name)));
+                    return Ok(Err(format!(
+                        "group {} announces volume id {} or name {} twice",
+                        gh.name, v.id, v.name
+                    )));
                 }
                 if v.size == 0 {
-                    return Ok(Err(format!("volume {} of group {} has size 0", v.name, gh.name)));
+                    return Ok(Err(format!(
+                        "volume {} of group {} has size 0",
+                        v.name, gh.name
+                    )));
                 }
             }
             let existing = catalog.group_by_name(&gh.name).await?;
             let group_id = existing.as_ref().map(|g| g.id);
             if let Some(g) = &existing {
                 if g.owner != owner {
-                    return Ok(Err(format!("group {} belongs to another agent ({}) on this replica; rename the group or remove it from the replica", gh.name, g.owner)));
+                    return Ok(Err(format!(
+                        "group {} belongs to another agent ({}) on this replica; rename the group or remove it from the replica",
+                        gh.name, g.owner
+                    )));
                 }
                 let has_batches = catalog.group_has_batches(g.id).await?;
                 if has_batches && gh.first_held > g.head_seq + 1 {
@@ -663,13 +848,13 @@ impl IngestService {
                 }
                 let known = catalog.volumes_of_group(g.id).await?;
                 for v in &gh.volumes {
-                    if let Some(k) = known.iter().find(|k| k.agent_volume_id == v.id) {
-                        if k.name != v.name || k.size != v.size {
-                            return Ok(Err(format!(
-                                "volume id {} of group {} is {} of {} bytes on this replica, not {} of {} bytes; a volume cannot be renamed or resized while protected",
-                                v.id, gh.name, k.name, k.size, v.name, v.size
-                            )));
-                        }
+                    if let Some(k) = known.iter().find(|k| k.agent_volume_id == v.id)
+                        && (k.name != v.name || k.size != v.size)
+                    {
+                        return Ok(Err(format!(
+                            "volume id {} of group {} is {} of {} bytes on this replica, not {} of {} bytes; a volume cannot be renamed or resized while protected",
+                            v.id, gh.name, k.name, k.size, v.name, v.size
+                        )));
                     }
                 }
             }
@@ -677,7 +862,10 @@ impl IngestService {
                 if let Some(k) = catalog.volume_by_name(&v.name).await?
                     && (Some(k.group_id) != group_id || k.agent_volume_id != v.id)
                 {
-                    return Ok(Err(format!("volume name {} is already used by another volume on this replica; choose another name", v.name)));
+                    return Ok(Err(format!(
+                        "volume name {} is already used by another volume on this replica; choose another name",
+                        v.name
+                    )));
                 }
             }
         }
@@ -695,11 +883,16 @@ impl IngestService {
                 }
                 None => {
                     let generation: [u8; 16] = rand::random();
-                    let generation: String = generation.iter().map(|b| format!("{b:02x}")).collect();
-                    let g = catalog.create_group(&gh.name, &owner, &generation, start, now).await?;
+                    let generation: String =
+                        generation.iter().map(|b| format!("{b:02x}")).collect();
+                    let g = catalog
+                        .create_group(&gh.name, &owner, &generation, start, now)
+                        .await?;
                     let msg = format!("group {} created for agent {owner}", gh.name);
                     tracing::info!("{msg}");
-                    catalog.event(EventLevel::Info, Some(&gh.name), None, &msg, now).await?;
+                    catalog
+                        .event(EventLevel::Info, Some(&gh.name), None, &msg, now)
+                        .await?;
                     g
                 }
             };
@@ -712,9 +905,20 @@ impl IngestService {
                 let size = v.size;
                 tokio::task::spawn_blocking(move || TargetFile::create(&path, size)).await??;
                 catalog.insert_volume(g.id, v.id, &v.name, v.size).await?;
-                let msg = format!("volume {} ({} bytes) added to group {}; waiting for its initial sync", v.name, v.size, gh.name);
+                let msg = format!(
+                    "volume {} ({} bytes) added to group {}; waiting for its initial sync",
+                    v.name, v.size, gh.name
+                );
                 tracing::info!("{msg}");
-                catalog.event(EventLevel::Info, Some(&gh.name), Some(&v.name), &msg, now_ns()).await?;
+                catalog
+                    .event(
+                        EventLevel::Info,
+                        Some(&gh.name),
+                        Some(&v.name),
+                        &msg,
+                        now_ns(),
+                    )
+                    .await?;
             }
             let slot = match groups.get(&gh.name) {
                 Some(slot) => slot,
@@ -725,11 +929,20 @@ impl IngestService {
             };
             let (done_tx, done_rx) = oneshot::channel();
             if slot.tx.send(GroupMsg::Reload(done_tx)).await.is_err() {
-                return Err(ReplicaError::Ingest(self.fatal_error().unwrap_or_else(|| format!("group {} is shutting down", gh.name))));
+                return Err(ReplicaError::Ingest(
+                    self.fatal_error()
+                        .unwrap_or_else(|| format!("group {} is shutting down", gh.name)),
+                ));
             }
-            done_rx.await.map_err(|_| ReplicaError::Ingest(format!("group {} stopped", gh.name)))??;
+            done_rx
+                .await
+                .map_err(|_| ReplicaError::Ingest(format!("group {} stopped", gh.name)))??;
             let g = catalog.group_by_id(g.id).await?;
-            welcomes.push(GroupWelcome { name: g.name, durable: g.head_seq, generation: g.generation });
+            welcomes.push(GroupWelcome {
+                name: g.name,
+                durable: g.head_seq,
+                generation: g.generation,
+            });
         }
         Ok(Ok(welcomes))
     }
@@ -744,22 +957,39 @@ impl IngestService {
     /// `reply` and one warning line. `announced` are the groups of the agent's hello.
     ///
     /// Cancellation-safe: it writes nothing to disk; dropping it drops the batch.
-    pub async fn submit(&self, agent: &Fingerprint, announced: &HashSet<String>, bytes: Vec<u8>, reply: &Reply) {
+    pub async fn submit(
+        &self,
+        agent: &Fingerprint,
+        announced: &HashSet<String>,
+        bytes: Vec<u8>,
+        reply: &Reply,
+    ) {
         let received_ns = now_ns();
         let refuse = |group: &str, seq: u64, reason: String| {
             tracing::warn!(group, seq, agent = %agent, "refused a batch: {reason}");
-            Control::Nack { group: group.to_owned(), seq, reason }
+            Control::Nack {
+                group: group.to_owned(),
+                seq,
+                reason,
+            }
         };
         let header = match batch::decode_header(&bytes) {
             Ok(h) => h,
             Err(e) => {
-                let _ = reply.send(refuse("", 0, format!("unreadable batch header: {e}"))).await;
+                let _ = reply
+                    .send(refuse("", 0, format!("unreadable batch header: {e}")))
+                    .await;
                 return;
             }
         };
         if !announced.contains(&header.group) {
-            let reason = format!("group {} was not announced in this connection's hello", header.group);
-            let _ = reply.send(refuse(&header.group, header.seq.0, reason)).await;
+            let reason = format!(
+                "group {} was not announced in this connection's hello",
+                header.group
+            );
+            let _ = reply
+                .send(refuse(&header.group, header.seq.0, reason))
+                .await;
             return;
         }
         let checked = tokio::task::spawn_blocking(move || {
@@ -770,7 +1000,13 @@ impl IngestService {
         let (bytes, result) = match checked {
             Ok(x) => x,
             Err(e) => {
-                let _ = reply.send(refuse(&header.group, header.seq.0, format!("internal error while checking: {e}"))).await;
+                let _ = reply
+                    .send(refuse(
+                        &header.group,
+                        header.seq.0,
+                        format!("internal error while checking: {e}"),
+                    ))
+                    .await;
                 return;
             }
         };
@@ -784,7 +1020,13 @@ impl IngestService {
         };
         let group = header.group.clone();
         let seq = header.seq.0;
-        let msg = GroupMsg::Batch(Box::new(Received { bytes, header, received_ns, agent: *agent, reply: reply.clone() }));
+        let msg = GroupMsg::Batch(Box::new(Received {
+            bytes,
+            header,
+            received_ns,
+            agent: *agent,
+            reply: reply.clone(),
+        }));
         if tx.send(msg).await.is_err() {
             tracing::debug!(group, seq, "dropped a batch: its group is shutting down");
         }
@@ -813,13 +1055,32 @@ mod tests {
     use cdp_shared::batch::{BatchFlags, RecordEncoder, SealParams, encode_marker, seal};
 
     fn volumes(state: VolumeState) -> HashMap<u32, VolumeEntry> {
-        [(1, VolumeEntry { id: 10, agent_id: 1, name: "v".into(), size: 4 << 20, state })].into_iter().collect()
+        [(
+            1,
+            VolumeEntry {
+                id: 10,
+                agent_id: 1,
+                name: "v".into(),
+                size: 4 << 20,
+                state,
+            },
+        )]
+        .into_iter()
+        .collect()
     }
 
     fn build(records: impl FnOnce(&mut Vec<u8>) -> u32) -> Vec<u8> {
         let mut payload = Vec::new();
         let n = records(&mut payload);
-        let params = SealParams { group: "g", seq: Seq(5), agent_time_ns: 1, flags: BatchFlags(0), bookmark: None, prev_hash: [0; 32], record_count: n };
+        let params = SealParams {
+            group: "g",
+            seq: Seq(5),
+            agent_time_ns: 1,
+            flags: BatchFlags(0),
+            bookmark: None,
+            prev_hash: [0; 32],
+            record_count: n,
+        };
         seal(&params, &payload).0
     }
 
@@ -837,7 +1098,13 @@ mod tests {
         let plan = plan_batch(&view, "g", &volumes(VolumeState::New)).expect("plan");
         assert!(!plan.journal);
         assert_eq!(plan.target_ops.len(), 2);
-        assert_eq!(plan.state_changes, vec![(1, VolumeState::Syncing, None), (1, VolumeState::Protecting, Some(5))]);
+        assert_eq!(
+            plan.state_changes,
+            vec![
+                (1, VolumeState::Syncing, None),
+                (1, VolumeState::Protecting, Some(5))
+            ]
+        );
 
         let plan = plan_batch(&view, "g", &volumes(VolumeState::Protecting)).expect("plan");
         assert!(plan.journal);
@@ -853,7 +1120,11 @@ mod tests {
             1
         });
         let view = batch::decode(&data_first).expect("decode");
-        assert!(plan_batch(&view, "g", &volumes(VolumeState::New)).expect_err("new volume").contains("SyncBegin must come first"));
+        assert!(
+            plan_batch(&view, "g", &volumes(VolumeState::New))
+                .expect_err("new volume")
+                .contains("SyncBegin must come first")
+        );
         assert!(plan_batch(&view, "g", &volumes(VolumeState::Syncing)).is_ok());
 
         let late_begin = build(|p| {
@@ -862,7 +1133,11 @@ mod tests {
             2
         });
         let view = batch::decode(&late_begin).expect("decode");
-        assert!(plan_batch(&view, "g", &volumes(VolumeState::Syncing)).expect_err("late").contains("first record"));
+        assert!(
+            plan_batch(&view, "g", &volumes(VolumeState::Syncing))
+                .expect_err("late")
+                .contains("first record")
+        );
 
         let early_end = build(|p| {
             encode_marker(1, RecordKind::SyncEnd, 0, 0, 0, p);
@@ -870,20 +1145,32 @@ mod tests {
             2
         });
         let view = batch::decode(&early_end).expect("decode");
-        assert!(plan_batch(&view, "g", &volumes(VolumeState::Syncing)).expect_err("early").contains("last record"));
+        assert!(
+            plan_batch(&view, "g", &volumes(VolumeState::Syncing))
+                .expect_err("early")
+                .contains("last record")
+        );
 
         let past_end = build(|p| {
             encode_marker(1, RecordKind::Trim, 4 << 20, 512, 0, p);
             1
         });
         let view = batch::decode(&past_end).expect("decode");
-        assert!(plan_batch(&view, "g", &volumes(VolumeState::Protecting)).expect_err("past end").contains("which has"));
+        assert!(
+            plan_batch(&view, "g", &volumes(VolumeState::Protecting))
+                .expect_err("past end")
+                .contains("which has")
+        );
 
         let stranger = build(|p| {
             encode_marker(7, RecordKind::Trim, 0, 512, 0, p);
             1
         });
         let view = batch::decode(&stranger).expect("decode");
-        assert!(plan_batch(&view, "g", &volumes(VolumeState::Protecting)).expect_err("unknown volume").contains("volume id 7"));
+        assert!(
+            plan_batch(&view, "g", &volumes(VolumeState::Protecting))
+                .expect_err("unknown volume")
+                .contains("volume id 7")
+        );
     }
 }

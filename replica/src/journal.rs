@@ -69,7 +69,9 @@ pub fn check_segment_header(bytes: &[u8], n: u64) -> std::result::Result<(), Str
     }
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
     if version != SEGMENT_VERSION {
-        return Err(format!("segment format version {version} is not supported (this build reads {SEGMENT_VERSION})"));
+        return Err(format!(
+            "segment format version {version} is not supported (this build reads {SEGMENT_VERSION})"
+        ));
     }
     if bytes[8..16] != n.to_le_bytes() {
         return Err("the segment header names another segment number".into());
@@ -113,7 +115,10 @@ impl Journal {
     /// `committed` is where the last committed journaled batch lies (None when there is none).
     /// Segment files newer than the committed one are deleted, and the committed segment's
     /// tail past the committed end is truncated.
-    pub fn recover(dir: &Path, committed: Option<SegmentSpan>) -> Result<(Journal, RecoveryReport)> {
+    pub fn recover(
+        dir: &Path,
+        committed: Option<SegmentSpan>,
+    ) -> Result<(Journal, RecoveryReport)> {
         fs::create_dir_all(dir).map_err(ReplicaError::io("create directory", dir))?;
         let mut numbers = Vec::new();
         for entry in fs::read_dir(dir).map_err(ReplicaError::io("list", dir))? {
@@ -127,39 +132,71 @@ impl Journal {
         let last_committed = committed.map(|c| c.segment).unwrap_or(0);
         for &n in numbers.iter().filter(|&&n| n > last_committed) {
             let path = dir.join(segment_name(n));
-            fs::remove_file(&path).map_err(ReplicaError::io("delete uncommitted segment", &path))?;
+            fs::remove_file(&path)
+                .map_err(ReplicaError::io("delete uncommitted segment", &path))?;
             report.deleted.push(n);
         }
         if !report.deleted.is_empty() {
             sync_dir(dir)?;
         }
-        let mut journal = Journal { dir: dir.to_path_buf(), open: None, written: JournalPos::default(), durable: JournalPos::default(), dir_dirty: false };
+        let mut journal = Journal {
+            dir: dir.to_path_buf(),
+            open: None,
+            written: JournalPos::default(),
+            durable: JournalPos::default(),
+            dir_dirty: false,
+        };
         let Some(c) = committed else {
-            journal.written = JournalPos { segment: 0, offset: 0 };
+            journal.written = JournalPos {
+                segment: 0,
+                offset: 0,
+            };
             journal.durable = journal.written;
             return Ok((journal, report));
         };
         let path = dir.join(segment_name(c.segment));
         if !numbers.contains(&c.segment) {
-            return Err(ReplicaError::JournalCorrupt(format!("segment {} holds committed batches but is missing", path.display())));
+            return Err(ReplicaError::JournalCorrupt(format!(
+                "segment {} holds committed batches but is missing",
+                path.display()
+            )));
         }
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(ReplicaError::io("open", &path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(ReplicaError::io("open", &path))?;
         let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
-        file.read_exact_at(&mut header, 0).map_err(ReplicaError::io("read the header of", &path))?;
-        check_segment_header(&header, c.segment).map_err(|e| ReplicaError::JournalCorrupt(format!("{}: {e}", path.display())))?;
-        let len = file.metadata().map_err(ReplicaError::io("stat", &path))?.len();
+        file.read_exact_at(&mut header, 0)
+            .map_err(ReplicaError::io("read the header of", &path))?;
+        check_segment_header(&header, c.segment)
+            .map_err(|e| ReplicaError::JournalCorrupt(format!("{}: {e}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(ReplicaError::io("stat", &path))?
+            .len();
         let end = c.end();
         if len < end {
-            return Err(ReplicaError::JournalCorrupt(format!("segment {} is {len} bytes long but committed batches end at {end}", path.display())));
+            return Err(ReplicaError::JournalCorrupt(format!(
+                "segment {} is {len} bytes long but committed batches end at {end}",
+                path.display()
+            )));
         }
         if len > end {
-            file.set_len(end).map_err(ReplicaError::io("truncate", &path))?;
+            file.set_len(end)
+                .map_err(ReplicaError::io("truncate", &path))?;
             file.sync_all().map_err(ReplicaError::io("fsync", &path))?;
             report.truncated = Some((c.segment, len - end));
         }
-        journal.written = JournalPos { segment: c.segment, offset: end };
+        journal.written = JournalPos {
+            segment: c.segment,
+            offset: end,
+        };
         journal.durable = journal.written;
-        journal.open = Some(OpenSegment { number: c.segment, file });
+        journal.open = Some(OpenSegment {
+            number: c.segment,
+            file,
+        });
         Ok((journal, report))
     }
 
@@ -188,13 +225,21 @@ impl Journal {
         if rotate {
             self.rotate()?;
         }
-        let Some(open) = &self.open else { unreachable!("rotate opens a segment") };
+        let Some(open) = &self.open else {
+            unreachable!("rotate opens a segment")
+        };
         let position = self.written.offset;
         let path = self.dir.join(segment_name(open.number));
-        open.file.write_all_at(batch, position).map_err(ReplicaError::io("append to", &path))?;
+        open.file
+            .write_all_at(batch, position)
+            .map_err(ReplicaError::io("append to", &path))?;
         self.written.offset = position + batch.len() as u64;
         debug_assert!(self.written.offset <= SEGMENT_BYTES_MAX);
-        Ok(SegmentSpan { segment: open.number, position, length: batch.len() as u64 })
+        Ok(SegmentSpan {
+            segment: open.number,
+            position,
+            length: batch.len() as u64,
+        })
     }
 
     fn rotate(&mut self) -> Result<()> {
@@ -202,10 +247,19 @@ impl Journal {
         self.sync()?;
         let number = self.written.segment + 1;
         let path = self.dir.join(segment_name(number));
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(ReplicaError::io("create segment", &path))?;
-        file.write_all_at(&segment_header(number), 0).map_err(ReplicaError::io("write the header of", &path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(ReplicaError::io("create segment", &path))?;
+        file.write_all_at(&segment_header(number), 0)
+            .map_err(ReplicaError::io("write the header of", &path))?;
         self.open = Some(OpenSegment { number, file });
-        self.written = JournalPos { segment: number, offset: SEGMENT_HEADER_BYTES };
+        self.written = JournalPos {
+            segment: number,
+            offset: SEGMENT_HEADER_BYTES,
+        };
         self.dir_dirty = true;
         Ok(())
     }
@@ -219,7 +273,9 @@ impl Journal {
         }
         if let Some(open) = &self.open {
             let path = self.dir.join(segment_name(open.number));
-            open.file.sync_data().map_err(ReplicaError::io("fsync", &path))?;
+            open.file
+                .sync_data()
+                .map_err(ReplicaError::io("fsync", &path))?;
         }
         if self.dir_dirty {
             sync_dir(&self.dir)?;
@@ -236,7 +292,9 @@ impl Journal {
             && to.offset < self.written.offset
         {
             let path = self.dir.join(segment_name(open.number));
-            open.file.set_len(to.offset).map_err(ReplicaError::io("truncate", &path))?;
+            open.file
+                .set_len(to.offset)
+                .map_err(ReplicaError::io("truncate", &path))?;
             self.written = to;
             self.durable = self.durable.min(to);
         }
@@ -255,7 +313,10 @@ const READER_FILES_MAX: usize = 16;
 
 impl SegmentReader {
     pub fn new(dir: &Path) -> SegmentReader {
-        SegmentReader { dir: dir.to_path_buf(), files: Vec::new() }
+        SegmentReader {
+            dir: dir.to_path_buf(),
+            files: Vec::new(),
+        }
     }
 
     /// Reads up to `buf.len()` bytes at `position` of segment `segment`; returns the count
@@ -265,10 +326,14 @@ impl SegmentReader {
         let i = match self.files.iter().position(|(n, _)| *n == segment) {
             Some(i) => i,
             None => {
-                let file = File::open(&path).map_err(ReplicaError::io("open journal segment", &path))?;
+                let file =
+                    File::open(&path).map_err(ReplicaError::io("open journal segment", &path))?;
                 let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
-                file.read_exact_at(&mut header, 0).map_err(ReplicaError::io("read the header of", &path))?;
-                check_segment_header(&header, segment).map_err(|e| ReplicaError::JournalCorrupt(format!("{}: {e}", path.display())))?;
+                file.read_exact_at(&mut header, 0)
+                    .map_err(ReplicaError::io("read the header of", &path))?;
+                check_segment_header(&header, segment).map_err(|e| {
+                    ReplicaError::JournalCorrupt(format!("{}: {e}", path.display()))
+                })?;
                 if self.files.len() >= READER_FILES_MAX {
                     self.files.remove(0);
                 }
@@ -301,7 +366,14 @@ mod tests {
         let (mut j, report) = Journal::recover(&dir, None).expect("new journal");
         assert_eq!(report, RecoveryReport::default());
         let a = j.append(&[1u8; 100]).expect("append");
-        assert_eq!(a, SegmentSpan { segment: 1, position: SEGMENT_HEADER_BYTES, length: 100 });
+        assert_eq!(
+            a,
+            SegmentSpan {
+                segment: 1,
+                position: SEGMENT_HEADER_BYTES,
+                length: 100
+            }
+        );
         assert_eq!(j.durable(), JournalPos::default());
         j.sync().expect("sync");
         assert_eq!(j.durable(), j.written());
@@ -316,7 +388,13 @@ mod tests {
         let (j, report) = Journal::recover(&dir, Some(b)).expect("recover");
         assert_eq!(report.truncated, Some((1, 33)));
         assert_eq!(report.deleted, vec![2]);
-        assert_eq!(j.written(), JournalPos { segment: 1, offset: b.end() });
+        assert_eq!(
+            j.written(),
+            JournalPos {
+                segment: 1,
+                offset: b.end()
+            }
+        );
         assert_eq!(fs::metadata(&seg1).expect("stat").len(), b.end());
         let mut r = SegmentReader::new(&dir);
         let mut buf = [0u8; 100];

@@ -92,7 +92,7 @@ use cdp_shared::identity::{Fingerprint, Identity};
 
 pub use cdp_shared::point::PointSpec;
 pub use error::{ReplicaError, Result};
-pub use recovery::{ChosenPoint, PointInfo, RestoreSummary, points, restore};
+pub use recovery::{ChosenPoint, PointInfo, RestoreSummary, open_image, points, restore};
 pub use server::{Server, ServerHandle};
 pub use status::{PointRef, StatusReport, VolumeStatus, status};
 
@@ -113,7 +113,9 @@ pub fn now_ns() -> i64 {
 pub async fn init(root: &Path, listen: SocketAddr) -> Result<Fingerprint> {
     let dir = DataDir::new(root);
     if dir.catalog().exists() || root.join("identity").exists() {
-        return Err(ReplicaError::AlreadyInitialized { dir: root.to_path_buf() });
+        return Err(ReplicaError::AlreadyInitialized {
+            dir: root.to_path_buf(),
+        });
     }
     fs::create_dir_all(root).map_err(ReplicaError::io("create directory", root))?;
     let identity = Identity::generate(CERT_COMMON_NAME)?;
@@ -125,7 +127,12 @@ pub async fn init(root: &Path, listen: SocketAddr) -> Result<Fingerprint> {
     for d in [dir.journals(), dir.volumes()] {
         fs::create_dir_all(&d).map_err(ReplicaError::io("create directory", &d))?;
     }
-    fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.lock()).map_err(ReplicaError::io("create", dir.lock()))?;
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.lock())
+        .map_err(ReplicaError::io("create", dir.lock()))?;
     // The catalog last: its presence marks a complete data directory.
     let catalog = Catalog::open(&dir.catalog(), true, true).await?;
     catalog.close().await;
@@ -149,7 +156,10 @@ pub fn authorize(root: &Path, agent: Fingerprint, name: &str) -> Result<bool> {
             false
         }
         None => {
-            agents.push(AuthorizedAgent { fingerprint: agent, name: name.to_owned() });
+            agents.push(AuthorizedAgent {
+                fingerprint: agent,
+                name: name.to_owned(),
+            });
             true
         }
     };

@@ -95,9 +95,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: could not start the async runtime: {e}");
@@ -142,7 +150,11 @@ async fn run(command: Command) -> Result<(), CliError> {
                 None => cdp_replica::configured_listen(&data)?,
             };
             let handle = cdp_replica::Server::start(&data, listen).await?;
-            println!("listening on {} (fingerprint {})", handle.local_addr(), handle.fingerprint());
+            println!(
+                "listening on {} (fingerprint {})",
+                handle.local_addr(),
+                handle.fingerprint()
+            );
             let token = handle.token();
             tokio::spawn(async move {
                 wait_for_signal().await;
@@ -167,17 +179,30 @@ async fn run(command: Command) -> Result<(), CliError> {
                 print_points(&points);
             }
         }
-        Command::Restore { data, volume, at, out } => {
+        Command::Restore {
+            data,
+            volume,
+            at,
+            out,
+        } => {
             let at: PointSpec = at.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
             let s = cdp_replica::restore(&data, &volume, &at, &out).await?;
-            println!("restored volume {} at {} to {}: {} bytes, {} journal records applied", s.volume, s.point, s.out.display(), s.bytes, s.records_applied);
+            println!(
+                "restored volume {} at {} to {}: {} bytes, {} journal records applied",
+                s.volume,
+                s.point,
+                s.out.display(),
+                s.bytes,
+                s.records_applied
+            );
         }
     }
     Ok(())
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CliError> {
-    serde_json::to_string_pretty(value).map_err(|e| CliError::Usage(format!("could not render JSON: {e}")))
+    serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Usage(format!("could not render JSON: {e}")))
 }
 
 async fn wait_for_signal() {
@@ -197,9 +222,21 @@ async fn wait_for_signal() {
 /// Prints rows with each column padded to its widest cell.
 fn print_table(rows: &[Vec<String>]) {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     for r in rows {
-        let line: Vec<String> = r.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| format!("{cell:<w$}", w = widths[i]))
+            .collect();
         println!("{}", line.join("  ").trim_end());
     }
 }
@@ -211,10 +248,27 @@ fn print_status(report: &StatusReport) {
         return;
     }
     let point = |p: &Option<cdp_replica::PointRef>| match p {
-        Some(p) => format!("{} {}", p.seq, p.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        Some(p) => format!(
+            "{} {}",
+            p.seq,
+            p.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
         None => "-".into(),
     };
-    let mut rows = vec![["GROUP", "VOLUME", "STATE", "SIZE", "WINDOW FIRST", "WINDOW LAST", "JOURNAL", "HEAD"].map(String::from).to_vec()];
+    let mut rows = vec![
+        [
+            "GROUP",
+            "VOLUME",
+            "STATE",
+            "SIZE",
+            "WINDOW FIRST",
+            "WINDOW LAST",
+            "JOURNAL",
+            "HEAD",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     for v in &report.volumes {
         rows.push(vec![
             v.group.clone(),
@@ -235,12 +289,25 @@ fn print_points(points: &[PointInfo]) {
         println!("no recovery points yet (the volume's initial sync has not completed)");
         return;
     }
-    let mut rows = vec![["SEQ", "TIME", "RECEIVED", "CONSISTENT", "FLUSH", "RECORDS", "BOOKMARK"].map(String::from).to_vec()];
+    let mut rows = vec![
+        [
+            "SEQ",
+            "TIME",
+            "RECEIVED",
+            "CONSISTENT",
+            "FLUSH",
+            "RECORDS",
+            "BOOKMARK",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     for p in points {
         rows.push(vec![
             p.seq.to_string(),
             p.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            p.received.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            p.received
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             if p.consistent { "yes" } else { "no" }.into(),
             if p.flush { "yes" } else { "no" }.into(),
             p.records.to_string(),

@@ -52,7 +52,12 @@ impl RecordRef {
     pub fn from_row(row: &RecordRow) -> Result<RecordRef> {
         let kind = RecordKind::from_u8(row.kind)
             .filter(|k| k.changes_bytes())
-            .ok_or_else(|| ReplicaError::CatalogCorrupt(format!("record row of seq {} has kind {}", row.seq, row.kind)))?;
+            .ok_or_else(|| {
+                ReplicaError::CatalogCorrupt(format!(
+                    "record row of seq {} has kind {}",
+                    row.seq, row.kind
+                ))
+            })?;
         Ok(RecordRef {
             seq: row.seq,
             idx: row.idx,
@@ -84,7 +89,11 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(size: u64) -> Plan {
-        Plan { size, records: Vec::new(), extents: BTreeMap::new() }
+        Plan {
+            size,
+            records: Vec::new(),
+            extents: BTreeMap::new(),
+        }
     }
 
     /// Builds the plan from records given in overlay order (for each byte, the later record
@@ -115,12 +124,19 @@ impl Plan {
         let start = r.offset;
         let end = r.offset + u64::from(r.length);
         if r.length == 0 || end > self.size {
-            return Err(ReplicaError::CatalogCorrupt(format!("record {}/{} lies outside the volume", r.seq, r.idx)));
+            return Err(ReplicaError::CatalogCorrupt(format!(
+                "record {}/{} lies outside the volume",
+                r.seq, r.idx
+            )));
         }
         let source = if r.kind == RecordKind::Data {
-            let record = u32::try_from(self.records.len()).map_err(|_| ReplicaError::Task("too many records in one plan".into()))?;
+            let record = u32::try_from(self.records.len())
+                .map_err(|_| ReplicaError::Task("too many records in one plan".into()))?;
             self.records.push(r);
-            Source::Record { record, base: r.offset }
+            Source::Record {
+                record,
+                base: r.offset,
+            }
         } else {
             Source::Zero
         };
@@ -152,20 +168,38 @@ impl Plan {
         let end = (offset + len).min(self.size);
         let mut out = Vec::new();
         let mut at = offset;
-        let first = self.extents.range(..=offset).next_back().filter(|(_, (e, _))| *e > offset).map(|(&s, _)| s).unwrap_or(offset);
+        let first = self
+            .extents
+            .range(..=offset)
+            .next_back()
+            .filter(|(_, (e, _))| *e > offset)
+            .map(|(&s, _)| s)
+            .unwrap_or(offset);
         for (&s, &(e, src)) in self.extents.range(first..end) {
             if s > at {
-                out.push(Piece { offset: at, len: s - at, source: Source::Target });
+                out.push(Piece {
+                    offset: at,
+                    len: s - at,
+                    source: Source::Target,
+                });
                 at = s;
             }
             let piece_end = e.min(end);
             if piece_end > at {
-                out.push(Piece { offset: at, len: piece_end - at, source: src });
+                out.push(Piece {
+                    offset: at,
+                    len: piece_end - at,
+                    source: src,
+                });
                 at = piece_end;
             }
         }
         if at < end {
-            out.push(Piece { offset: at, len: end - at, source: Source::Target });
+            out.push(Piece {
+                offset: at,
+                len: end - at,
+                source: Source::Target,
+            });
         }
         out
     }
@@ -189,9 +223,15 @@ pub struct ImageReader {
 }
 
 impl ImageReader {
-    pub fn open(plan: Plan, agent_volume_id: u32, target: &Path, journal_dir: &Path) -> Result<ImageReader> {
+    pub fn open(
+        plan: Plan,
+        agent_volume_id: u32,
+        target: &Path,
+        journal_dir: &Path,
+    ) -> Result<ImageReader> {
         let file = File::open(target).map_err(ReplicaError::io("open target file", target))?;
-        let decompressor = zstd::bulk::Decompressor::new().map_err(|e| ReplicaError::Task(format!("zstd decompressor: {e}")))?;
+        let decompressor = zstd::bulk::Decompressor::new()
+            .map_err(|e| ReplicaError::Task(format!("zstd decompressor: {e}")))?;
         Ok(ImageReader {
             plan,
             agent_volume_id,
@@ -220,7 +260,10 @@ impl ImageReader {
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
         if offset + len > self.plan.size {
-            return Err(ReplicaError::Task(format!("read of {len} bytes at {offset} passes the end of the volume ({} bytes)", self.plan.size)));
+            return Err(ReplicaError::Task(format!(
+                "read of {len} bytes at {offset} passes the end of the volume ({} bytes)",
+                self.plan.size
+            )));
         }
         for (_, b) in self.loaded.drain(..) {
             self.pool.push(b);
@@ -230,7 +273,10 @@ impl ImageReader {
             let out = &mut buf[at..at + piece.len as usize];
             match piece.source {
                 Source::Zero => out.fill(0),
-                Source::Target => self.target.read_exact_at(out, piece.offset).map_err(ReplicaError::io("read target file", &self.target_path))?,
+                Source::Target => self
+                    .target
+                    .read_exact_at(out, piece.offset)
+                    .map_err(ReplicaError::io("read target file", &self.target_path))?,
                 Source::Record { record, base } => {
                     let i = match self.loaded.iter().position(|(r, _)| *r == record) {
                         Some(i) => i,
@@ -253,10 +299,22 @@ impl ImageReader {
         let r = self.plan.records[record as usize];
         let want = RECORD_HEADER_BYTES + r.length as usize;
         self.raw.resize(want, 0);
-        let got = self.segments.read_at(r.segment, r.position, &mut self.raw)?;
-        let damaged = |why: String| ReplicaError::JournalCorrupt(format!("record {} of batch {} (segment {}, position {}): {why}", r.idx, r.seq, r.segment, r.position));
-        let h = RecordHeader::decode(&self.raw[..got], r.idx).map_err(|e| damaged(e.to_string()))?;
-        if h.volume != self.agent_volume_id || h.kind != r.kind || h.offset != r.offset || h.length != r.length {
+        let got = self
+            .segments
+            .read_at(r.segment, r.position, &mut self.raw)?;
+        let damaged = |why: String| {
+            ReplicaError::JournalCorrupt(format!(
+                "record {} of batch {} (segment {}, position {}): {why}",
+                r.idx, r.seq, r.segment, r.position
+            ))
+        };
+        let h =
+            RecordHeader::decode(&self.raw[..got], r.idx).map_err(|e| damaged(e.to_string()))?;
+        if h.volume != self.agent_volume_id
+            || h.kind != r.kind
+            || h.offset != r.offset
+            || h.length != r.length
+        {
             return Err(damaged("the record header does not match the index".into()));
         }
         let stored_end = RECORD_HEADER_BYTES + h.stored_len as usize;
@@ -264,7 +322,12 @@ impl ImageReader {
             return Err(damaged("the segment ends inside the record".into()));
         }
         let mut out = self.pool.pop().unwrap_or_default();
-        h.decode_data(&self.raw[RECORD_HEADER_BYTES..stored_end], &mut self.decompressor, &mut out).map_err(|e| damaged(e.to_string()))?;
+        h.decode_data(
+            &self.raw[RECORD_HEADER_BYTES..stored_end],
+            &mut self.decompressor,
+            &mut out,
+        )
+        .map_err(|e| damaged(e.to_string()))?;
         self.records_read += 1;
         Ok(out)
     }
@@ -275,7 +338,15 @@ mod tests {
     use super::*;
 
     fn rec(n: u32, offset: u64, length: u32, kind: RecordKind) -> RecordRef {
-        RecordRef { seq: u64::from(n), idx: 0, offset, length, kind, segment: 1, position: 0 }
+        RecordRef {
+            seq: u64::from(n),
+            idx: 0,
+            offset,
+            length,
+            kind,
+            segment: 1,
+            position: 0,
+        }
     }
 
     /// The plan applied to a model: which "writer" (0 = target, 255 = zero, n = record n) owns
@@ -288,7 +359,11 @@ mod tests {
                 Source::Zero => 255,
                 Source::Record { record, base } => {
                     let r = plan.records()[record as usize];
-                    assert!(base == r.offset && p.offset >= base && p.offset + p.len <= base + u64::from(r.length));
+                    assert!(
+                        base == r.offset
+                            && p.offset >= base
+                            && p.offset + p.len <= base + u64::from(r.length)
+                    );
                     r.seq as u8
                 }
             };
@@ -311,7 +386,13 @@ mod tests {
         )
         .expect("plan");
         let mut model = vec![0u8; 100];
-        for (n, (o, l)) in [(1u8, (10, 50)), (2, (20, 10)), (255, (25, 2)), (255, (55, 20)), (5, (0, 5))] {
+        for (n, (o, l)) in [
+            (1u8, (10, 50)),
+            (2, (20, 10)),
+            (255, (25, 2)),
+            (255, (55, 20)),
+            (5, (0, 5)),
+        ] {
             model[o..o + l].fill(n);
         }
         assert_eq!(owners(&plan), model);

@@ -26,7 +26,7 @@ use crate::reconstruct::{ImageReader, Plan, RecordRef};
 
 /// Restore writes skip all-zero blocks of this size (leaving holes in a regular file).
 pub const SPARSE_BLOCK_BYTES: usize = 4096;
-const _: () = assert!(CHUNK_BYTES as usize % SPARSE_BLOCK_BYTES == 0);
+const _: () = assert!((CHUNK_BYTES as usize).is_multiple_of(SPARSE_BLOCK_BYTES));
 
 pub(crate) fn time_of(ns: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_nanos(ns)
@@ -36,7 +36,10 @@ pub(crate) fn rfc3339(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
-pub(crate) fn ser_time<S: Serializer>(t: &DateTime<Utc>, s: S) -> std::result::Result<S::Ok, S::Error> {
+pub(crate) fn ser_time<S: Serializer>(
+    t: &DateTime<Utc>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     s.collect_str(&rfc3339(t))
 }
 
@@ -53,7 +56,12 @@ pub struct ChosenPoint {
 
 impl ChosenPoint {
     fn of(b: &BatchRow) -> ChosenPoint {
-        ChosenPoint { seq: b.seq, time: time_of(b.agent_ns), bookmark: b.bookmark.clone(), consistent: BatchFlags(b.flags).consistent() }
+        ChosenPoint {
+            seq: b.seq,
+            time: time_of(b.agent_ns),
+            bookmark: b.bookmark.clone(),
+            consistent: BatchFlags(b.flags).consistent(),
+        }
     }
 }
 
@@ -102,10 +110,18 @@ pub(crate) async fn open_volume(root: &Path, name: &str) -> Result<VolumeContext
     let catalog = Catalog::open(&dir.catalog(), false, false).await?;
     let Some(volume) = catalog.volume_by_name(name).await? else {
         catalog.close().await;
-        return Err(ReplicaError::UnknownVolume { volume: name.to_owned(), dir: root.to_path_buf() });
+        return Err(ReplicaError::UnknownVolume {
+            volume: name.to_owned(),
+            dir: root.to_path_buf(),
+        });
     };
     let group = catalog.group_by_id(volume.group_id).await?;
-    Ok(VolumeContext { dir, catalog, volume, group })
+    Ok(VolumeContext {
+        dir,
+        catalog,
+        volume,
+        group,
+    })
 }
 
 /// The window of a volume: (start seq, first and last consistent batches in it).
@@ -143,14 +159,25 @@ pub(crate) async fn window(ctx: &VolumeContext) -> Result<std::result::Result<Wi
     let v = &ctx.volume;
     let start = match (v.state, v.sync_done_seq) {
         (VolumeState::Protecting, Some(s)) => s,
-        _ => return Ok(Err(format!("volume {} has no restorable point yet: its initial sync has not completed, and its window starts when it does", v.name))),
+        _ => {
+            return Ok(Err(format!(
+                "volume {} has no restorable point yet: its initial sync has not completed, and its window starts when it does",
+                v.name
+            )));
+        }
     };
     let g = &ctx.group;
     Ok(Ok(Window {
         start,
         start_batch: ctx.catalog.batch(g.id, start).await?,
-        first: ctx.catalog.consistent_batch(g.id, start, g.head_seq, None, false).await?,
-        last: ctx.catalog.consistent_batch(g.id, start, g.head_seq, None, true).await?,
+        first: ctx
+            .catalog
+            .consistent_batch(g.id, start, g.head_seq, None, false)
+            .await?,
+        last: ctx
+            .catalog
+            .consistent_batch(g.id, start, g.head_seq, None, true)
+            .await?,
     }))
 }
 
@@ -161,7 +188,12 @@ pub(crate) async fn resolve(ctx: &VolumeContext, spec: &PointSpec) -> Result<Cho
     let w = window(ctx).await?.map_err(ReplicaError::Point)?;
     let refuse = |what: String| ReplicaError::Point(what);
     let batch = match spec {
-        PointSpec::Latest => w.last.clone().ok_or_else(|| refuse(format!("volume {v} has no crash-consistent point yet; its window starts at {}", w.start_text())))?,
+        PointSpec::Latest => w.last.clone().ok_or_else(|| {
+            refuse(format!(
+                "volume {v} has no crash-consistent point yet; its window starts at {}",
+                w.start_text()
+            ))
+        })?,
         PointSpec::Seq(n) => {
             if *n < w.start {
                 return Err(refuse(format!(
@@ -171,25 +203,46 @@ pub(crate) async fn resolve(ctx: &VolumeContext, spec: &PointSpec) -> Result<Cho
                 )));
             }
             if *n > g.head_seq {
-                return Err(refuse(format!("seq:{n} is past the end of the journal of volume {v} (durable up to seq {}); {}", g.head_seq, w.describe())));
+                return Err(refuse(format!(
+                    "seq:{n} is past the end of the journal of volume {v} (durable up to seq {}); {}",
+                    g.head_seq,
+                    w.describe()
+                )));
             }
-            ctx.catalog.batch(g.id, *n).await?.ok_or_else(|| refuse(format!("seq:{n} was never recorded for volume {v}; {}", w.describe())))?
+            ctx.catalog.batch(g.id, *n).await?.ok_or_else(|| {
+                refuse(format!(
+                    "seq:{n} was never recorded for volume {v}; {}",
+                    w.describe()
+                ))
+            })?
         }
         PointSpec::Bookmark(name) => {
             let b = ctx.catalog.bookmark(g.id, name).await?.ok_or_else(|| {
                 refuse(format!("group {} of volume {v} has no bookmark {name:?}; run `cdp-replica points --volume {v}` to list the points", g.name))
             })?;
             if b.seq < w.start || b.seq > g.head_seq {
-                return Err(refuse(format!("bookmark {name:?} (seq {}) is outside the window of volume {v}; {}", b.seq, w.describe())));
+                return Err(refuse(format!(
+                    "bookmark {name:?} (seq {}) is outside the window of volume {v}; {}",
+                    b.seq,
+                    w.describe()
+                )));
             }
             b
         }
         PointSpec::Time(t) => {
-            let ns = t.timestamp_nanos_opt().ok_or_else(|| refuse(format!("time {} is out of range", rfc3339(t))))?;
+            let ns = t
+                .timestamp_nanos_opt()
+                .ok_or_else(|| refuse(format!("time {} is out of range", rfc3339(t))))?;
             ctx.catalog
                 .consistent_batch(g.id, w.start, g.head_seq, Some(ns), true)
                 .await?
-                .ok_or_else(|| refuse(format!("volume {v} has no crash-consistent point at or before {}; {}", rfc3339(t), w.describe())))?
+                .ok_or_else(|| {
+                    refuse(format!(
+                        "volume {v} has no crash-consistent point at or before {}; {}",
+                        rfc3339(t),
+                        w.describe()
+                    ))
+                })?
         }
     };
     Ok(ChosenPoint::of(&batch))
@@ -243,43 +296,90 @@ enum Output {
 fn check_out(out: &Path) -> Result<Output> {
     match fs::metadata(out) {
         Ok(m) if m.file_type().is_block_device() => Ok(Output::Device),
-        Ok(m) if m.is_file() => Err(ReplicaError::OutExists { path: out.to_path_buf() }),
-        Ok(_) => Err(ReplicaError::OutNotWritable { path: out.to_path_buf() }),
+        Ok(m) if m.is_file() => Err(ReplicaError::OutExists {
+            path: out.to_path_buf(),
+        }),
+        Ok(_) => Err(ReplicaError::OutNotWritable {
+            path: out.to_path_buf(),
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut partial = out.as_os_str().to_owned();
             partial.push(".partial");
-            Ok(Output::File { partial: PathBuf::from(partial) })
+            Ok(Output::File {
+                partial: PathBuf::from(partial),
+            })
         }
         Err(e) => Err(ReplicaError::io("check", out)(e)),
     }
 }
 
+/// Resolves `at` for `volume` and opens a reader of the image at that point (the
+/// reconstruction plan is built from the index in one query). `restore` streams it to a file;
+/// an NBD export or the verifier can read it at random with [`ImageReader::read_at`].
+pub async fn open_image(
+    root: &Path,
+    volume: &str,
+    at: &PointSpec,
+) -> Result<(ChosenPoint, ImageReader)> {
+    let ctx = open_volume(root, volume).await?;
+    let result = plan_image(&ctx, at).await;
+    ctx.catalog.close().await;
+    let (point, plan) = result?;
+    let reader = ImageReader::open(
+        plan,
+        ctx.volume.agent_volume_id,
+        &ctx.dir.target(&ctx.volume.name),
+        &ctx.dir.journal(&ctx.group.name),
+    )?;
+    Ok((point, reader))
+}
+
+async fn plan_image(ctx: &VolumeContext, at: &PointSpec) -> Result<(ChosenPoint, Plan)> {
+    let point = resolve(ctx, at).await?;
+    let start = ctx.volume.sync_done_seq.unwrap_or(0);
+    let rows = ctx.catalog.records(ctx.volume.id, start, point.seq).await?;
+    let plan = Plan::build(
+        ctx.volume.size,
+        rows.iter()
+            .map(RecordRef::from_row)
+            .collect::<Result<Vec<_>>>()?,
+    )?;
+    Ok((point, plan))
+}
+
 /// Restores volume `volume` at `at` to `out` (see the module docs). Prints the chosen point
 /// (and a warning for an inconsistent one) on stderr, and a progress bar when stderr is a
 /// terminal.
-pub async fn restore(root: &Path, volume: &str, at: &PointSpec, out: &Path) -> Result<RestoreSummary> {
+pub async fn restore(
+    root: &Path,
+    volume: &str,
+    at: &PointSpec,
+    out: &Path,
+) -> Result<RestoreSummary> {
     let output = check_out(out)?;
-    let ctx = open_volume(root, volume).await?;
-    let point = match resolve(&ctx, at).await {
-        Ok(p) => p,
-        Err(e) => {
-            ctx.catalog.close().await;
-            return Err(e);
-        }
-    };
+    let (point, reader) = open_image(root, volume, at).await?;
     if !point.consistent {
-        tracing::warn!(volume, seq = point.seq, "seq {} is not a crash-consistent point (it lies inside a sync); restoring it because it was asked for", point.seq);
+        tracing::warn!(
+            volume,
+            seq = point.seq,
+            "seq {} is not a crash-consistent point (it lies inside a sync); restoring it because it was asked for",
+            point.seq
+        );
     }
     eprintln!("restoring volume {volume} at {point}");
-    let start = ctx.volume.sync_done_seq.unwrap_or(0);
-    let rows = ctx.catalog.records(ctx.volume.id, start, point.seq).await?;
-    ctx.catalog.close().await;
-    let plan = Plan::build(ctx.volume.size, rows.iter().map(RecordRef::from_row).collect::<Result<Vec<_>>>()?)?;
-    let reader = ImageReader::open(plan, ctx.volume.agent_volume_id, &ctx.dir.target(&ctx.volume.name), &ctx.dir.journal(&ctx.group.name))?;
+    let bytes = reader.size();
     let out_path = out.to_path_buf();
     let name = volume.to_owned();
-    let records_applied = tokio::task::spawn_blocking(move || write_image(reader, &name, &out_path, output)).await??;
-    Ok(RestoreSummary { volume: volume.to_owned(), point, out: out.to_path_buf(), bytes: ctx.volume.size, records_applied })
+    let records_applied =
+        tokio::task::spawn_blocking(move || write_image(reader, &name, &out_path, output))
+            .await??;
+    Ok(RestoreSummary {
+        volume: volume.to_owned(),
+        point,
+        out: out.to_path_buf(),
+        bytes,
+        records_applied,
+    })
 }
 
 fn progress(size: u64) -> ProgressBar {
@@ -287,7 +387,9 @@ fn progress(size: u64) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(Some(size), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
         bar.set_style(style);
     }
     bar
@@ -300,15 +402,30 @@ fn write_image(mut reader: ImageReader, volume: &str, out: &Path, output: Output
     let mut buf = vec![0u8; CHUNK_BYTES as usize];
     let (file, path) = match &output {
         Output::File { partial } => {
-            let f = OpenOptions::new().write(true).create(true).truncate(true).open(partial).map_err(ReplicaError::io("create", partial))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(partial)
+                .map_err(ReplicaError::io("create", partial))?;
             f.set_len(size).map_err(ReplicaError::io("size", partial))?;
             (f, partial.clone())
         }
         Output::Device => {
-            let mut f = OpenOptions::new().write(true).open(out).map_err(ReplicaError::io("open", out))?;
-            let device_bytes = f.seek(SeekFrom::End(0)).map_err(ReplicaError::io("measure", out))?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .open(out)
+                .map_err(ReplicaError::io("open", out))?;
+            let device_bytes = f
+                .seek(SeekFrom::End(0))
+                .map_err(ReplicaError::io("measure", out))?;
             if device_bytes < size {
-                return Err(ReplicaError::OutTooSmall { path: out.to_path_buf(), volume: volume.to_owned(), device_bytes, volume_bytes: size });
+                return Err(ReplicaError::OutTooSmall {
+                    path: out.to_path_buf(),
+                    volume: volume.to_owned(),
+                    device_bytes,
+                    volume_bytes: size,
+                });
             }
             (f, out.to_path_buf())
         }
@@ -328,7 +445,10 @@ fn write_image(mut reader: ImageReader, volume: &str, out: &Path, output: Output
     bar.finish_and_clear();
     if let Output::File { partial } = &output {
         fs::rename(partial, out).map_err(ReplicaError::io("rename into place", out))?;
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         sync_dir(parent)?;
     }
     Ok(reader.records_read())
@@ -338,7 +458,9 @@ fn write_image(mut reader: ImageReader, volume: &str, out: &Path, output: Output
 /// are written with one call each).
 fn write_chunk(file: &File, path: &Path, offset: u64, chunk: &[u8], sparse: bool) -> Result<()> {
     if !sparse {
-        return file.write_all_at(chunk, offset).map_err(ReplicaError::io("write", path));
+        return file
+            .write_all_at(chunk, offset)
+            .map_err(ReplicaError::io("write", path));
     }
     let mut run_start: Option<usize> = None;
     let mut at = 0;
@@ -348,7 +470,8 @@ fn write_chunk(file: &File, path: &Path, offset: u64, chunk: &[u8], sparse: bool
         match (zero, run_start) {
             (false, None) => run_start = Some(at),
             (true, Some(s)) => {
-                file.write_all_at(&chunk[s..at], offset + s as u64).map_err(ReplicaError::io("write", path))?;
+                file.write_all_at(&chunk[s..at], offset + s as u64)
+                    .map_err(ReplicaError::io("write", path))?;
                 run_start = None;
             }
             _ => {}
@@ -356,7 +479,8 @@ fn write_chunk(file: &File, path: &Path, offset: u64, chunk: &[u8], sparse: bool
         at = end;
     }
     if let Some(s) = run_start {
-        file.write_all_at(&chunk[s..], offset + s as u64).map_err(ReplicaError::io("write", path))?;
+        file.write_all_at(&chunk[s..], offset + s as u64)
+            .map_err(ReplicaError::io("write", path))?;
     }
     Ok(())
 }

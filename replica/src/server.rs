@@ -84,7 +84,10 @@ impl ServerHandle {
 impl Server {
     /// Binds `listen` (UDP) and starts serving the data directory `root`.
     pub async fn start(root: &Path, listen: SocketAddr) -> Result<ServerHandle> {
-        let socket = UdpSocket::bind(listen).map_err(|source| ReplicaError::Listen { addr: listen.to_string(), source })?;
+        let socket = UdpSocket::bind(listen).map_err(|source| ReplicaError::Listen {
+            addr: listen.to_string(),
+            source,
+        })?;
         Server::start_with_socket(root, socket).await
     }
 
@@ -97,22 +100,49 @@ impl Server {
         let token = CancellationToken::new();
         let ingest = IngestService::start(&dir, catalog.clone(), token.clone()).await?;
         let agents_dir = dir.clone();
-        let authorize: AuthorizeFn = Arc::new(move |fp: &Fingerprint| match read_agents(&agents_dir) {
-            Ok(list) => list.iter().any(|a| a.fingerprint == *fp),
-            Err(e) => {
-                tracing::warn!("{e}");
-                false
-            }
-        });
+        let authorize: AuthorizeFn =
+            Arc::new(move |fp: &Fingerprint| match read_agents(&agents_dir) {
+                Ok(list) => list.iter().any(|a| a.fingerprint == *fp),
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    false
+                }
+            });
         let server_config = identity::server_config(&identity, authorize)?;
-        let addr = socket.local_addr().map_err(|source| ReplicaError::Listen { addr: "the given socket".into(), source })?;
-        let endpoint = Endpoint::new(EndpointConfig::default(), Some(server_config), socket, Arc::new(TokioRuntime))
-            .map_err(|source| ReplicaError::Listen { addr: addr.to_string(), source })?;
-        let local_addr = endpoint.local_addr().map_err(|source| ReplicaError::Listen { addr: addr.to_string(), source })?;
+        let addr = socket.local_addr().map_err(|source| ReplicaError::Listen {
+            addr: "the given socket".into(),
+            source,
+        })?;
+        let endpoint = Endpoint::new(
+            EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(TokioRuntime),
+        )
+        .map_err(|source| ReplicaError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|source| ReplicaError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
         tracing::info!(listen = %local_addr, fingerprint = %identity.fingerprint(), "replica serving {}", dir.root().display());
-        let shared = Arc::new(Shared { ingest, catalog, token: token.clone(), links: Mutex::new(HashMap::new()) });
+        let shared = Arc::new(Shared {
+            ingest,
+            catalog,
+            token: token.clone(),
+            links: Mutex::new(HashMap::new()),
+        });
         let task = tokio::spawn(accept_loop(endpoint, shared, lock));
-        Ok(ServerHandle { local_addr, fingerprint: identity.fingerprint(), token, task })
+        Ok(ServerHandle {
+            local_addr,
+            fingerprint: identity.fingerprint(),
+            token,
+            task,
+        })
     }
 }
 
@@ -152,7 +182,9 @@ async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>, lock: ServeLock) -
 
 fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
     let any = conn.peer_identity()?;
-    let certs = any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let certs = any
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
     certs.first().map(|c| Fingerprint::of_der(c.as_ref()))
 }
 
@@ -183,20 +215,39 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>, id: u
     }
 }
 
-async fn write_frame(send: &mut quinn::SendStream, msg: &Control) -> std::result::Result<(), String> {
-    send.write_all(&wire::encode(msg)).await.map_err(|e| format!("control stream write failed: {e}"))
+async fn write_frame(
+    send: &mut quinn::SendStream,
+    msg: &Control,
+) -> std::result::Result<(), String> {
+    send.write_all(&wire::encode(msg))
+        .await
+        .map_err(|e| format!("control stream write failed: {e}"))
 }
 
-async fn refuse(send: &mut quinn::SendStream, agent: &Fingerprint, reason: String) -> std::result::Result<(), String> {
+async fn refuse(
+    send: &mut quinn::SendStream,
+    agent: &Fingerprint,
+    reason: String,
+) -> std::result::Result<(), String> {
     tracing::warn!(%agent, "refused the agent: {reason}");
-    write_frame(send, &Control::Refused { reason: reason.clone() }).await?;
+    write_frame(
+        send,
+        &Control::Refused {
+            reason: reason.clone(),
+        },
+    )
+    .await?;
     let _ = send.finish();
     let _ = tokio::time::timeout(REFUSAL_LINGER, send.stopped()).await;
     Err(format!("refused: {reason}"))
 }
 
 /// Reads frames from the control stream until one is complete.
-async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder, buf: &mut [u8]) -> std::result::Result<Option<Control>, String> {
+async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+    buf: &mut [u8],
+) -> std::result::Result<Option<Control>, String> {
     loop {
         if let Some(frame) = decoder.poll_frame().map_err(|e| e.to_string())? {
             return Ok(Some(frame));
@@ -209,7 +260,12 @@ async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder, bu
     }
 }
 
-async fn serve_connection(conn: &quinn::Connection, agent: Fingerprint, shared: &Arc<Shared>, id: u64) -> std::result::Result<(), String> {
+async fn serve_connection(
+    conn: &quinn::Connection,
+    agent: Fingerprint,
+    shared: &Arc<Shared>,
+    id: u64,
+) -> std::result::Result<(), String> {
     let accepted = tokio::select! {
         _ = shared.token.cancelled() => return Ok(()),
         r = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()) => r,
@@ -221,24 +277,51 @@ async fn serve_connection(conn: &quinn::Connection, agent: Fingerprint, shared: 
     };
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; CONTROL_READ_BYTES];
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv, &mut decoder, &mut buf)).await {
-        Ok(Ok(Some(frame))) => frame,
-        Ok(Ok(None)) => return Err("the control stream ended before Hello".into()),
-        Ok(Err(e)) => return refuse(&mut send, &agent, format!("the control stream is malformed: {e}")).await,
-        Err(_) => return Err(format!("no Hello within {HELLO_TIMEOUT:?}")),
-    };
+    let hello =
+        match tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv, &mut decoder, &mut buf))
+            .await
+        {
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) => return Err("the control stream ended before Hello".into()),
+            Ok(Err(e)) => {
+                return refuse(
+                    &mut send,
+                    &agent,
+                    format!("the control stream is malformed: {e}"),
+                )
+                .await;
+            }
+            Err(_) => return Err(format!("no Hello within {HELLO_TIMEOUT:?}")),
+        };
     let Control::Hello { protocol, groups } = hello else {
-        return refuse(&mut send, &agent, "the first control message must be Hello".into()).await;
+        return refuse(
+            &mut send,
+            &agent,
+            "the first control message must be Hello".into(),
+        )
+        .await;
     };
     let welcomes = match shared.ingest.hello(&agent, protocol, &groups).await {
         Ok(Ok(w)) => w,
         Ok(Err(reason)) => return refuse(&mut send, &agent, reason).await,
         Err(e) => {
             tracing::error!(%agent, "could not admit the agent's groups: {e}");
-            return refuse(&mut send, &agent, format!("the replica could not admit the groups: {e}")).await;
+            return refuse(
+                &mut send,
+                &agent,
+                format!("the replica could not admit the groups: {e}"),
+            )
+            .await;
         }
     };
-    write_frame(&mut send, &Control::Welcome { protocol: wire::PROTOCOL_VERSION, groups: welcomes.clone() }).await?;
+    write_frame(
+        &mut send,
+        &Control::Welcome {
+            protocol: wire::PROTOCOL_VERSION,
+            groups: welcomes.clone(),
+        },
+    )
+    .await?;
     let announced: Arc<HashSet<String>> = Arc::new(groups.iter().map(|g| g.name.clone()).collect());
     let mut group_ids = Vec::new();
     for w in &welcomes {
@@ -298,7 +381,13 @@ async fn serve_connection(conn: &quinn::Connection, agent: Fingerprint, shared: 
 }
 
 /// Records the link of each group as up or down (down only if this connection still holds it).
-async fn set_links(shared: &Arc<Shared>, group_ids: &[i64], conn: u64, up: bool, agent: &Fingerprint) {
+async fn set_links(
+    shared: &Arc<Shared>,
+    group_ids: &[i64],
+    conn: u64,
+    up: bool,
+    agent: &Fingerprint,
+) {
     let mut changed = Vec::new();
     if let Ok(mut links) = shared.links.lock() {
         for gid in group_ids {
@@ -312,7 +401,11 @@ async fn set_links(shared: &Arc<Shared>, group_ids: &[i64], conn: u64, up: bool,
         }
     }
     for gid in changed {
-        if let Err(e) = shared.catalog.set_link(gid, up, &agent.to_string(), now_ns()).await {
+        if let Err(e) = shared
+            .catalog
+            .set_link(gid, up, &agent.to_string(), now_ns())
+            .await
+        {
             tracing::warn!(%agent, "could not record the agent link: {e}");
         }
     }

@@ -61,11 +61,22 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
         let group = catalog.group_by_id(v.group_id).await?;
         let connected = serving && catalog.link(group.id).await?.is_some_and(|l| l.connected);
         let journal_bytes = catalog.journal_bytes(group.id).await?;
-        let ctx = VolumeContext { dir: dir.clone(), catalog: catalog.clone(), volume: v.clone(), group: group.clone() };
+        let ctx = VolumeContext {
+            dir: dir.clone(),
+            catalog: catalog.clone(),
+            volume: v.clone(),
+            group: group.clone(),
+        };
         let (window_first, window_last) = match window(&ctx).await? {
             Ok(w) => (
-                w.first.map(|b| PointRef { seq: b.seq, time: time_of(b.agent_ns) }),
-                w.last.map(|b| PointRef { seq: b.seq, time: time_of(b.agent_ns) }),
+                w.first.map(|b| PointRef {
+                    seq: b.seq,
+                    time: time_of(b.agent_ns),
+                }),
+                w.last.map(|b| PointRef {
+                    seq: b.seq,
+                    time: time_of(b.agent_ns),
+                }),
             ),
             Err(_) => (None, None),
         };

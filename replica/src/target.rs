@@ -28,26 +28,55 @@ impl TargetFile {
     /// Creates (or recreates, empty) the sparse target file of a volume of `size` bytes, and
     /// makes its existence durable.
     pub fn create(path: &Path, size: u64) -> Result<TargetFile> {
-        let parent = path.parent().ok_or_else(|| ReplicaError::Task(format!("target path {} has no parent", path.display())))?;
+        let parent = path.parent().ok_or_else(|| {
+            ReplicaError::Task(format!("target path {} has no parent", path.display()))
+        })?;
         fs::create_dir_all(parent).map_err(ReplicaError::io("create directory", parent))?;
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(ReplicaError::io("create target file", path))?;
-        file.set_len(size).map_err(ReplicaError::io("size target file", path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(ReplicaError::io("create target file", path))?;
+        file.set_len(size)
+            .map_err(ReplicaError::io("size target file", path))?;
         file.sync_all().map_err(ReplicaError::io("fsync", path))?;
         sync_dir(parent)?;
         if let Some(volumes) = parent.parent() {
             sync_dir(volumes)?;
         }
-        Ok(TargetFile { path: path.to_path_buf(), file, size, dirty: false })
+        Ok(TargetFile {
+            path: path.to_path_buf(),
+            file,
+            size,
+            dirty: false,
+        })
     }
 
     /// Opens an existing target file for writing.
     pub fn open(path: &Path, size: u64) -> Result<TargetFile> {
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(ReplicaError::io("open target file", path))?;
-        let len = file.metadata().map_err(ReplicaError::io("stat", path))?.len();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(ReplicaError::io("open target file", path))?;
+        let len = file
+            .metadata()
+            .map_err(ReplicaError::io("stat", path))?
+            .len();
         if len != size {
-            return Err(ReplicaError::CatalogCorrupt(format!("target file {} is {len} bytes long but the volume is {size}", path.display())));
+            return Err(ReplicaError::CatalogCorrupt(format!(
+                "target file {} is {len} bytes long but the volume is {size}",
+                path.display()
+            )));
         }
-        Ok(TargetFile { path: path.to_path_buf(), file, size, dirty: false })
+        Ok(TargetFile {
+            path: path.to_path_buf(),
+            file,
+            size,
+            dirty: false,
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -57,33 +86,48 @@ impl TargetFile {
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         debug_assert!(offset + data.len() as u64 <= self.size);
         self.dirty = true;
-        self.file.write_all_at(data, offset).map_err(ReplicaError::io("write target file", &self.path))
+        self.file
+            .write_all_at(data, offset)
+            .map_err(ReplicaError::io("write target file", &self.path))
     }
 
     /// Makes `[offset, offset+len)` read as zeros: a hole when the filesystem can punch one.
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         debug_assert!(offset + len <= self.size);
         self.dirty = true;
-        match rustix::fs::fallocate(&self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len) {
+        match rustix::fs::fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
             Ok(()) => Ok(()),
-            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => {
+            Err(
+                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL,
+            ) => {
                 let zeros = vec![0u8; ZEROS_BYTES.min(len as usize)];
                 let mut at = offset;
                 while at < offset + len {
                     let n = zeros.len().min((offset + len - at) as usize);
-                    self.file.write_all_at(&zeros[..n], at).map_err(ReplicaError::io("write zeros to target file", &self.path))?;
+                    self.file
+                        .write_all_at(&zeros[..n], at)
+                        .map_err(ReplicaError::io("write zeros to target file", &self.path))?;
                     at += n as u64;
                 }
                 Ok(())
             }
-            Err(e) => Err(ReplicaError::io("punch a hole in target file", &self.path)(e.into())),
+            Err(e) => Err(ReplicaError::io("punch a hole in target file", &self.path)(
+                e.into(),
+            )),
         }
     }
 
     /// fdatasync when written since the last sync. An error is fatal for the group.
     pub fn sync(&mut self) -> Result<()> {
         if self.dirty {
-            self.file.sync_data().map_err(ReplicaError::io("fsync target file", &self.path))?;
+            self.file
+                .sync_data()
+                .map_err(ReplicaError::io("fsync target file", &self.path))?;
             self.dirty = false;
         }
         Ok(())

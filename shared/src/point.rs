@@ -12,7 +12,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use crate::types::check_name;
 
 /// The forms [`PointSpec::from_str`] accepts, for error messages and help texts.
-pub const POINT_FORMS: &str = "`latest`, `seq:N`, `bookmark:NAME` or an RFC 3339 time such as 2024-05-01T12:00:00Z";
+pub const POINT_FORMS: &str =
+    "`latest`, `seq:N`, `bookmark:NAME` or an RFC 3339 time such as 2024-05-01T12:00:00Z";
 
 /// A recovery point as asked for, before it is resolved against a journal.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +39,10 @@ impl FromStr for PointSpec {
     type Err = PointSpecError;
 
     fn from_str(input: &str) -> Result<PointSpec, PointSpecError> {
-        let bad = |reason: &str| PointSpecError { input: input.to_owned(), reason: reason.to_owned() };
+        let bad = |reason: &str| PointSpecError {
+            input: input.to_owned(),
+            reason: reason.to_owned(),
+        };
         let s = input.trim();
         if s.is_empty() {
             return Err(bad("it is empty"));
@@ -67,7 +71,10 @@ impl FromStr for PointSpec {
 }
 
 fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    if s.len() >= prefix.len() && s.is_char_boundary(prefix.len()) && s[..prefix.len()].eq_ignore_ascii_case(prefix) {
+    if s.len() >= prefix.len()
+        && s.is_char_boundary(prefix.len())
+        && s[..prefix.len()].eq_ignore_ascii_case(prefix)
+    {
         Some(&s[prefix.len()..])
     } else {
         None
@@ -95,23 +102,49 @@ mod tests {
         assert_eq!("latest".parse(), Ok(PointSpec::Latest));
         assert_eq!(" LATEST ".parse(), Ok(PointSpec::Latest));
         assert_eq!("seq:42".parse(), Ok(PointSpec::Seq(42)));
-        assert_eq!("bookmark:before-upgrade".parse(), Ok(PointSpec::Bookmark("before-upgrade".into())));
+        assert_eq!(
+            "bookmark:before-upgrade".parse(),
+            Ok(PointSpec::Bookmark("before-upgrade".into()))
+        );
         assert_eq!(
             "2024-05-01T12:00:00Z".parse(),
-            Ok(PointSpec::Time(Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0).single().expect("valid time")))
+            Ok(PointSpec::Time(
+                Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0)
+                    .single()
+                    .expect("valid time")
+            ))
         );
         assert_eq!(
             "2024-05-01T14:00:00+02:00".parse(),
-            Ok(PointSpec::Time(Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0).single().expect("valid time")))
+            Ok(PointSpec::Time(
+                Utc.with_ymd_and_hms(2024, 5, 1, 12, 0, 0)
+                    .single()
+                    .expect("valid time")
+            ))
         );
     }
 
     #[test]
     fn rejected_forms_name_the_accepted_ones() {
-        for bad in ["", "seq:", "seq:0", "seq:-1", "seq:x", "bookmark:", "bookmark:a/b", "yesterday", "2024-05-01"] {
+        for bad in [
+            "",
+            "seq:",
+            "seq:0",
+            "seq:-1",
+            "seq:x",
+            "bookmark:",
+            "bookmark:a/b",
+            "yesterday",
+            "2024-05-01",
+        ] {
             let err = bad.parse::<PointSpec>().expect_err(bad);
             let text = err.to_string();
-            assert!(text.contains("`latest`") && text.contains("seq:N") && text.contains("bookmark:NAME"), "{text}");
+            assert!(
+                text.contains("`latest`")
+                    && text.contains("seq:N")
+                    && text.contains("bookmark:NAME"),
+                "{text}"
+            );
             assert!(text.contains("RFC 3339"), "{text}");
         }
     }

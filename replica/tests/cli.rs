@@ -1,0 +1,356 @@
+//! The `cdp-replica` binary: commands, outputs, exit codes and error sentences.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cdp_shared::batch::BatchFlags;
+use cdp_shared::identity::{Fingerprint, Identity};
+use cdp_shared::types::CHUNK_BYTES;
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cdp-replica");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run cdp-replica")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that must fail with one `error:` sentence containing `needle`.
+fn fails(args: &[&str], needle: &str) {
+    let o = run(args);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{args:?} should exit 1; stderr: {err}"
+    );
+    assert!(
+        err.contains("error: ") && err.contains(needle),
+        "{args:?}: stderr {err:?} lacks {needle:?}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(o.status.success(), "{args:?} failed: {}", stderr(&o));
+    stdout(&o)
+}
+
+/// `serve` as a child process; stopped with SIGTERM when dropped.
+struct Serve {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Serve {
+    fn start(data: &Path) -> Serve {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--data",
+                data.to_str().expect("path"),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn serve");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(DEADLINE).expect("serve prints its address");
+        let addr = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Serve { child, addr }
+    }
+
+    /// SIGTERM, then wait (with a deadline) for a clean exit.
+    fn stop(mut self) {
+        self.terminate();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "serve exited with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "serve did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn terminate(&self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_outputs_and_errors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("replica");
+    let d = data.to_str().expect("path");
+
+    // Errors on a directory with no replica.
+    fails(
+        &["status", "--data", d],
+        &format!("no replica in {d}: run `cdp-replica init --data {d}` first"),
+    );
+    fails(&["fingerprint", "--data", d], "no replica in");
+
+    // init, twice.
+    let out = ok(&["init", "--data", d]);
+    let fp_line = out.trim();
+    let fp_hex = fp_line
+        .strip_prefix("fingerprint: ")
+        .unwrap_or_else(|| panic!("init printed {out:?}"));
+    let replica_fp: Fingerprint = fp_hex.parse().expect("hex fingerprint");
+    fails(&["init", "--data", d], "already exists");
+    assert_eq!(ok(&["fingerprint", "--data", d]).trim(), fp_hex);
+
+    let agent = Identity::generate("cli-agent").expect("identity");
+    let agent_hex = agent.fingerprint().to_string();
+    assert!(
+        ok(&[
+            "authorize",
+            "--data",
+            d,
+            "--agent",
+            &agent_hex,
+            "--name",
+            "web1"
+        ])
+        .contains("authorized")
+    );
+    fails(
+        &["authorize", "--data", d, "--agent", "xyz"],
+        "not a certificate fingerprint",
+    );
+
+    let empty: serde_json::Value =
+        serde_json::from_str(&ok(&["status", "--data", d, "--json"])).expect("json");
+    assert_eq!(empty["serving"], false);
+    assert_eq!(empty["volumes"].as_array().map(Vec::len), Some(0));
+
+    // Serve, and let a test agent protect a volume.
+    let serve = Serve::start(&data);
+    fails(
+        &["serve", "--data", d, "--listen", "127.0.0.1:0"],
+        "already running",
+    );
+    let vol = (0u32, "web-data", 3 * CHUNK_BYTES);
+    let mut sim = AgentSim::new("web", &[vol]);
+    sim.images.insert(0, pattern(21, vol.2 as usize));
+    sim.history[0] = sim.images.clone();
+    let mut q = QuicAgent::connect(&agent, replica_fp, serve.addr)
+        .await
+        .expect("connect");
+    q.hello(vec![sim.hello()]).await.expect("welcome");
+    let mut batches = Vec::new();
+    let done = sim.sync_volume(0, &mut batches);
+    batches.push(sim.batch(
+        &[Op::Data {
+            vol: 0,
+            offset: 4096,
+            bytes: pattern(22, 10_000),
+        }],
+        BatchFlags::FLUSH,
+        Some("good"),
+    ));
+    batches.push(sim.batch(
+        &[Op::Trim {
+            vol: 0,
+            offset: 0,
+            len: CHUNK_BYTES,
+        }],
+        BatchFlags::INCONSISTENT,
+        None,
+    ));
+    for (_, b) in &batches {
+        q.send_batch(b).await.expect("send");
+    }
+    let head = sim.seq;
+    q.wait_ack("web", head).await;
+
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&["status", "--data", d, "--json"])).expect("json");
+    assert_eq!(status["serving"], true);
+    let v = &status["volumes"][0];
+    assert_eq!(v["volume"], "web-data");
+    assert_eq!(v["group"], "web");
+    assert_eq!(v["state"], "protecting");
+    assert_eq!(v["size"], 3 * CHUNK_BYTES);
+    assert_eq!(v["head_seq"], head);
+    assert_eq!(v["window_first"]["seq"], done);
+    assert_eq!(v["window_last"]["seq"], head - 1);
+    assert!(v["journal_bytes"].as_u64().expect("bytes") > 0);
+    assert!(ok(&["status", "--data", d]).contains("web-data"));
+
+    let points: serde_json::Value = serde_json::from_str(&ok(&[
+        "points", "--data", d, "--volume", "web-data", "--json",
+    ]))
+    .expect("json");
+    let points = points.as_array().expect("array");
+    assert_eq!(points.len() as u64, head - done + 1);
+    let bm = &points[points.len() - 2];
+    assert_eq!(bm["bookmark"], "good");
+    assert_eq!(bm["consistent"], true);
+    assert_eq!(bm["flush"], true);
+    assert_eq!(bm["records"], 1);
+    assert!(bm["time"].as_str().expect("time").ends_with('Z'));
+    assert!(bm["received"].as_str().is_some());
+    assert_eq!(points[points.len() - 1]["consistent"], false);
+    assert_eq!(
+        points[points.len() - 1]["bookmark"],
+        serde_json::Value::Null
+    );
+    assert!(ok(&["points", "--data", d, "--volume", "web-data"]).contains("good"));
+
+    // Restore while serving.
+    let out1 = tmp.path().join("img1");
+    let o = run(&[
+        "restore",
+        "--data",
+        d,
+        "--volume",
+        "web-data",
+        "--at",
+        "latest",
+        "--out",
+        out1.to_str().expect("path"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("seq {}", head - 1)),
+        "the chosen point is printed: {}",
+        stderr(&o)
+    );
+    assert!(read(&out1) == sim.image_at(head - 1, 0));
+
+    q.conn.close(0u32.into(), b"done");
+    serve.stop();
+
+    // Restore when not serving; an inconsistent point asked for explicitly.
+    let out2 = tmp.path().join("img2");
+    ok(&[
+        "restore",
+        "--data",
+        d,
+        "--volume",
+        "web-data",
+        "--at",
+        &format!("seq:{head}"),
+        "--out",
+        out2.to_str().expect("path"),
+    ]);
+    assert!(read(&out2) == sim.image_at(head, 0));
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&["status", "--data", d, "--json"])).expect("json");
+    assert_eq!(status["volumes"][0]["state"], "disconnected");
+
+    // Errors.
+    let o2 = out2.to_str().expect("path");
+    fails(
+        &[
+            "restore",
+            "--data",
+            d,
+            "--volume",
+            "nope",
+            "--at",
+            "latest",
+            "--out",
+            "/tmp/never",
+        ],
+        "no volume named \"nope\"",
+    );
+    fails(
+        &["points", "--data", d, "--volume", "nope"],
+        "no volume named",
+    );
+    let fresh = tmp.path().join("img3");
+    let f = fresh.to_str().expect("path");
+    fails(
+        &[
+            "restore", "--data", d, "--volume", "web-data", "--at", "seq:999", "--out", f,
+        ],
+        "first restorable point is seq",
+    );
+    fails(
+        &[
+            "restore", "--data", d, "--volume", "web-data", "--at", "seq:1", "--out", f,
+        ],
+        "before the window",
+    );
+    fails(
+        &[
+            "restore",
+            "--data",
+            d,
+            "--volume",
+            "web-data",
+            "--at",
+            "yesterday",
+            "--out",
+            f,
+        ],
+        "bookmark:NAME",
+    );
+    fails(
+        &[
+            "restore", "--data", d, "--volume", "web-data", "--at", "latest", "--out", o2,
+        ],
+        "already exists: remove it or choose another --out path",
+    );
+    assert!(!fresh.exists());
+    fails(
+        &[
+            "restore",
+            "--data",
+            "/nonexistent/replica",
+            "--volume",
+            "web-data",
+            "--at",
+            "latest",
+            "--out",
+            f,
+        ],
+        "no replica in /nonexistent/replica",
+    );
+}
