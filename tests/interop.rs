@@ -30,41 +30,65 @@ fn real_clients_through_the_agent_and_latest_equals_the_device() {
     c.wait_protecting("beta", Duration::from_secs(60));
 
     // nbdinfo: both exports, with their sizes.
-    let list = run_ok(Command::new("nbdinfo").args(["--list", "--json"]).arg(format!("nbd+unix://?socket={}", c.nbd_socket().display())));
+    let list = run_ok(
+        Command::new("nbdinfo")
+            .args(["--list", "--json"])
+            .arg(format!("nbd+unix://?socket={}", c.nbd_socket().display())),
+    );
     let list: serde_json::Value = serde_json::from_str(&list).expect("nbdinfo JSON");
     let exports = list["exports"].as_array().expect("exports");
-    let size_of = |name: &str| exports.iter().find(|e| e["export-name"] == name).and_then(|e| e["export-size"].as_u64());
+    let size_of = |name: &str| {
+        exports
+            .iter()
+            .find(|e| e["export-name"] == name)
+            .and_then(|e| e["export-size"].as_u64())
+    };
     assert_eq!(size_of("alpha"), Some(32 * MIB), "nbdinfo: {list}");
     assert_eq!(size_of("beta"), Some(48 * MIB), "nbdinfo: {list}");
 
     // qemu-io: patterns written and read back (a failed pattern check makes qemu-io print
     // "Pattern verification failed").
-    let out = run_ok(Command::new("qemu-io").args(["-f", "raw", &c.nbd_uri("alpha")]).args([
-        "-c",
-        "write -P 0x11 0 1M",
-        "-c",
-        "write -P 0x22 1044480 8192", // across the first chunk boundary
-        "-c",
-        "write -z 5M 512k",
-        "-c",
-        "discard 6M 1M",
-        "-c",
-        "read -P 0x11 0 1040384",
-        "-c",
-        "read -P 0x22 1044480 8192",
-        "-c",
-        "read -P 0 5M 512k",
-        "-c",
-        "flush",
-    ]));
-    assert!(!out.contains("failed") && !out.contains("error"), "qemu-io: {out}");
+    let out = run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", &c.nbd_uri("alpha")])
+            .args([
+                "-c",
+                "write -P 0x11 0 1M",
+                "-c",
+                "write -P 0x22 1044480 8192", // across the first chunk boundary
+                "-c",
+                "write -z 5M 512k",
+                "-c",
+                "discard 6M 1M",
+                "-c",
+                "read -P 0x11 0 1040384",
+                "-c",
+                "read -P 0x22 1044480 8192",
+                "-c",
+                "read -P 0 5M 512k",
+                "-c",
+                "flush",
+            ]),
+    );
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io: {out}"
+    );
 
     // nbdcopy: a whole image in, then out again.
     let image = c.make_device("in.img", 48 * MIB, 48 * MIB, 99);
     run_ok(Command::new("nbdcopy").arg(&image).arg(c.nbd_uri("beta")));
     let copied_out = c.path("out.img");
-    run_ok(Command::new("nbdcopy").arg(c.nbd_uri("beta")).arg(&copied_out));
-    assert_same_image("nbdcopy out equals nbdcopy in", &read_file(&copied_out), &read_file(&image));
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(c.nbd_uri("beta"))
+            .arg(&copied_out),
+    );
+    assert_same_image(
+        "nbdcopy out equals nbdcopy in",
+        &read_file(&copied_out),
+        &read_file(&image),
+    );
 
     // fio's nbd engine: random writes with verification, several in flight.
     let out = run_ok(Command::new("fio").args([
@@ -81,20 +105,44 @@ fn real_clients_through_the_agent_and_latest_equals_the_device() {
         "--verify_fatal=1",
         "--output-format=json",
     ]));
-    let fio: serde_json::Value = serde_json::from_str(out.trim_start_matches(|ch| ch != '{')).expect("fio JSON");
+    let fio: serde_json::Value =
+        serde_json::from_str(out.trim_start_matches(|ch| ch != '{')).expect("fio JSON");
     let job = &fio["jobs"][0];
-    assert_eq!(job["error"].as_i64(), Some(0), "fio reported an error: {job}");
-    assert!(job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 8 * MIB, "fio wrote the job: {job}");
+    assert_eq!(
+        job["error"].as_i64(),
+        Some(0),
+        "fio reported an error: {job}"
+    );
+    assert!(
+        job["write"]["io_bytes"].as_u64().unwrap_or(0) >= 8 * MIB,
+        "fio wrote the job: {job}"
+    );
 
     // Everything reaches the replica, and `latest` equals each device.
     let bm = run_ok(&mut c.agent_cmd(&["bookmark", "interop-done", "--wait"]));
     assert!(bm.contains("durable"), "{bm}");
     for (name, dev) in [("alpha", &dev_a), ("beta", &dev_b)] {
-        let restored = c.restore(name, "latest").unwrap_or_else(|e| panic!("restore {name}: {e}"));
-        assert_same_image(&format!("latest restore of {name} vs its device"), &restored, &read_file(dev));
-        let by_name = c.restore(name, "bookmark:interop-done").unwrap_or_else(|e| panic!("restore {name}: {e}"));
-        assert_same_image(&format!("bookmark restore of {name}"), &by_name, &read_file(dev));
+        let restored = c
+            .restore(name, "latest")
+            .unwrap_or_else(|e| panic!("restore {name}: {e}"));
+        assert_same_image(
+            &format!("latest restore of {name} vs its device"),
+            &restored,
+            &read_file(dev),
+        );
+        let by_name = c
+            .restore(name, "bookmark:interop-done")
+            .unwrap_or_else(|e| panic!("restore {name}: {e}"));
+        assert_same_image(
+            &format!("bookmark restore of {name}"),
+            &by_name,
+            &read_file(dev),
+        );
     }
     let agent = c.agent.as_mut().expect("agent");
-    assert!(agent.stop(Duration::from_secs(30)), "the agent stops cleanly: {}", agent.log_text());
+    assert!(
+        agent.stop(Duration::from_secs(30)),
+        "the agent stops cleanly: {}",
+        agent.log_text()
+    );
 }

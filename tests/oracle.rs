@@ -36,16 +36,24 @@ impl Op {
 
     fn apply(&self, image: &mut [u8]) {
         match *self {
-            Op::Write { offset, len, seed } => Lcg(seed).fill(&mut image[offset as usize..(offset + len) as usize]),
+            Op::Write { offset, len, seed } => {
+                Lcg(seed).fill(&mut image[offset as usize..(offset + len) as usize])
+            }
             Op::Zero { offset, len } => image[offset as usize..(offset + len) as usize].fill(0),
         }
     }
 }
 
 fn seed() -> u64 {
-    let seed = std::env::var("CDP_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed = std::env::var("CDP_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
     eprintln!("oracle seed: {seed} (replay with CDP_TEST_SEED={seed})");
     seed
 }
@@ -71,7 +79,10 @@ fn oracle_random_operations_restore_byte_for_byte() {
         return;
     }
     let seed = seed();
-    let n_ops: usize = std::env::var("CDP_ORACLE_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(2500);
+    let n_ops: usize = std::env::var("CDP_ORACLE_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2500);
     let mut rng = Lcg(seed);
     let mut c = Cluster::new();
     let device = c.make_device("vol.img", VOLUME_BYTES, DATA_BYTES, seed ^ 0x5eed);
@@ -80,8 +91,18 @@ fn oracle_random_operations_restore_byte_for_byte() {
     // Slow the initial sync down so that operations run while it is in progress.
     let cfg_path = c.agent_dir.join("agent.toml");
     let cfg = std::fs::read_to_string(&cfg_path).expect("agent.toml");
-    assert!(cfg.contains("sync_bytes_per_sec_max = 0"), "agent.toml: {cfg}");
-    std::fs::write(&cfg_path, cfg.replace("sync_bytes_per_sec_max = 0", &format!("sync_bytes_per_sec_max = {}", 12 * MIB))).expect("agent.toml");
+    assert!(
+        cfg.contains("sync_bytes_per_sec_max = 0"),
+        "agent.toml: {cfg}"
+    );
+    std::fs::write(
+        &cfg_path,
+        cfg.replace(
+            "sync_bytes_per_sec_max = 0",
+            &format!("sync_bytes_per_sec_max = {}", 12 * MIB),
+        ),
+    )
+    .expect("agent.toml");
     c.start_replica();
     c.start_agent();
     let mut nbd = NbdDriver::connect(&c.nbd_uri("vol"));
@@ -107,8 +128,13 @@ fn oracle_random_operations_restore_byte_for_byte() {
                 let fua = rng.below(20) == 0;
                 data.resize(len as usize, 0);
                 Lcg(op_seed).fill(&mut data);
-                nbd.write(offset, &data, fua).unwrap_or_else(|e| panic!("write #{i} at {offset}+{len}: {e}"));
-                let op = Op::Write { offset, len, seed: op_seed };
+                nbd.write(offset, &data, fua)
+                    .unwrap_or_else(|e| panic!("write #{i} at {offset}+{len}: {e}"));
+                let op = Op::Write {
+                    offset,
+                    len,
+                    seed: op_seed,
+                };
                 op.apply(&mut model);
                 ops.push(op);
                 if fua {
@@ -117,14 +143,16 @@ fn oracle_random_operations_restore_byte_for_byte() {
             }
             70..=79 => {
                 let (offset, len) = random_range(&mut rng);
-                nbd.zero(offset, len, false).unwrap_or_else(|e| panic!("zero #{i}: {e}"));
+                nbd.zero(offset, len, false)
+                    .unwrap_or_else(|e| panic!("zero #{i}: {e}"));
                 let op = Op::Zero { offset, len };
                 op.apply(&mut model);
                 ops.push(op);
             }
             80..=89 => {
                 let (offset, len) = random_range(&mut rng);
-                nbd.trim(offset, len, false).unwrap_or_else(|e| panic!("trim #{i}: {e}"));
+                nbd.trim(offset, len, false)
+                    .unwrap_or_else(|e| panic!("trim #{i}: {e}"));
                 let op = Op::Zero { offset, len };
                 op.apply(&mut model);
                 ops.push(op);
@@ -156,13 +184,21 @@ fn oracle_random_operations_restore_byte_for_byte() {
             let (offset, len) = random_range(&mut rng);
             let len = len.min(256 * 1024);
             let got = nbd.read(offset, len).expect("read");
-            assert_same_image(&format!("NBD read after op {i}"), &got, &model[offset as usize..(offset + len) as usize]);
+            assert_same_image(
+                &format!("NBD read after op {i}"),
+                &got,
+                &model[offset as usize..(offset + len) as usize],
+            );
         }
     }
     nbd.flush().expect("final flush");
     anchors.push((c.agent_last_seq("vol"), ops.len()));
     drop(nbd);
-    assert_same_image("the device after all operations", &read_file(&device), &model);
+    assert_same_image(
+        "the device after all operations",
+        &read_file(&device),
+        &model,
+    );
 
     c.wait_protecting("vol", Duration::from_secs(120));
     let head = c.wait_caught_up("vol", Duration::from_secs(120));
@@ -171,32 +207,64 @@ fn oracle_random_operations_restore_byte_for_byte() {
     let points = c.points("vol");
     assert!(!points.is_empty(), "the replica lists recovery points");
     let window_start = points[0]["seq"].as_u64().expect("seq");
-    let records: BTreeMap<u64, u64> = points.iter().map(|p| (p["seq"].as_u64().expect("seq"), p["records"].as_u64().expect("records"))).collect();
-    assert_eq!(*records.keys().next_back().expect("points"), head, "the window ends at the head");
+    let records: BTreeMap<u64, u64> = points
+        .iter()
+        .map(|p| {
+            (
+                p["seq"].as_u64().expect("seq"),
+                p["records"].as_u64().expect("records"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        *records.keys().next_back().expect("points"),
+        head,
+        "the window ends at the head"
+    );
     for w in records.keys().collect::<Vec<_>>().windows(2) {
         assert_eq!(*w[0] + 1, *w[1], "points are dense seqs");
     }
-    let during_sync: Vec<_> = anchors.iter().filter(|(s, _)| *s < window_start).copied().collect();
-    assert!(!during_sync.is_empty(), "no point was taken during the initial sync (it completed at seq {window_start}); the test needs a slower sync");
+    let during_sync: Vec<_> = anchors
+        .iter()
+        .filter(|(s, _)| *s < window_start)
+        .copied()
+        .collect();
+    assert!(
+        !during_sync.is_empty(),
+        "no point was taken during the initial sync (it completed at seq {window_start}); the test needs a slower sync"
+    );
 
     // Operations covered by every point in the window, walking the records from an anchor.
-    let (anchor_seq, anchor_ops) = *anchors.iter().find(|(s, _)| *s >= window_start).expect("an anchor after the sync");
+    let (anchor_seq, anchor_ops) = *anchors
+        .iter()
+        .find(|(s, _)| *s >= window_start)
+        .expect("an anchor after the sync");
     let mut ops_at: BTreeMap<u64, usize> = BTreeMap::new();
     ops_at.insert(anchor_seq, anchor_ops);
     let (mut k, mut consumed) = (anchor_ops, 0u64);
     for (&seq, &n) in records.range(anchor_seq + 1..) {
         consumed += n;
         while consumed > 0 {
-            assert!(k < ops.len(), "batch {seq} holds more records than operations remain");
+            assert!(
+                k < ops.len(),
+                "batch {seq} holds more records than operations remain"
+            );
             let r = ops[k].records();
-            assert!(r <= consumed, "batch {seq} ends inside operation {k}: an operation was split across batches");
+            assert!(
+                r <= consumed,
+                "batch {seq} ends inside operation {k}: an operation was split across batches"
+            );
             consumed -= r;
             k += 1;
         }
         ops_at.insert(seq, k);
     }
     let (mut k, mut owed) = (anchor_ops, 0u64);
-    for &seq in records.range(window_start..anchor_seq).rev().map(|(s, _)| s) {
+    for &seq in records
+        .range(window_start..anchor_seq)
+        .rev()
+        .map(|(s, _)| s)
+    {
         owed += records[&(seq + 1)];
         while owed > 0 {
             assert!(k > 0, "batch {seq}: more records than operations");
@@ -208,7 +276,10 @@ fn oracle_random_operations_restore_byte_for_byte() {
         ops_at.insert(seq, k);
     }
     for &(seq, k) in anchors.iter().filter(|(s, _)| *s >= window_start) {
-        assert_eq!(ops_at[&seq], k, "anchor at seq {seq}: the log and the client disagree on what it covers");
+        assert_eq!(
+            ops_at[&seq], k,
+            "anchor at seq {seq}: the log and the client disagree on what it covers"
+        );
     }
 
     // Points to restore: the sync's completion, the head, bookmarks, flush points and random
@@ -216,7 +287,11 @@ fn oracle_random_operations_restore_byte_for_byte() {
     let mut chosen: BTreeMap<u64, String> = BTreeMap::new();
     chosen.insert(window_start, format!("seq:{window_start}"));
     chosen.insert(head, "latest".into());
-    for (name, seq, _) in bookmarks.iter().filter(|(_, s, _)| *s >= window_start).take(4) {
+    for (name, seq, _) in bookmarks
+        .iter()
+        .filter(|(_, s, _)| *s >= window_start)
+        .take(4)
+    {
         chosen.insert(*seq, format!("bookmark:{name}"));
     }
     let seqs: Vec<u64> = records.keys().copied().collect();
@@ -232,18 +307,42 @@ fn oracle_random_operations_restore_byte_for_byte() {
             ops[applied].apply(&mut image);
             applied += 1;
         }
-        let got = c.restore("vol", point).unwrap_or_else(|e| panic!("restore at {point} (seq {seq}) failed: {e}"));
-        assert_same_image(&format!("restore at {point} (seq {seq}, {k} operations)"), &got, &image);
+        let got = c
+            .restore("vol", point)
+            .unwrap_or_else(|e| panic!("restore at {point} (seq {seq}) failed: {e}"));
+        assert_same_image(
+            &format!("restore at {point} (seq {seq}, {k} operations)"),
+            &got,
+            &image,
+        );
     }
-    eprintln!("restored {} points exactly (window {window_start}..={head}, {} operations)", chosen.len(), ops.len());
+    eprintln!(
+        "restored {} points exactly (window {window_start}..={head}, {} operations)",
+        chosen.len(),
+        ops.len()
+    );
 
     // Points taken before the sync completed are refused, saying why.
     for (seq, _) in during_sync.iter().take(3) {
-        let err = c.restore("vol", &format!("seq:{seq}")).expect_err("a point inside the initial sync must be refused");
-        assert!(err.contains("sync") || err.contains("window"), "refusal names the reason: {err}");
+        let err = c
+            .restore("vol", &format!("seq:{seq}"))
+            .expect_err("a point inside the initial sync must be refused");
+        assert!(
+            err.contains("sync") || err.contains("window"),
+            "refusal names the reason: {err}"
+        );
     }
-    for (name, seq, _) in bookmarks.iter().filter(|(_, s, _)| *s < window_start).take(2) {
-        let err = c.restore("vol", &format!("bookmark:{name}")).expect_err("a bookmark inside the initial sync must be refused");
-        assert!(err.contains("sync") || err.contains("window"), "refusal of bookmark at seq {seq} names the reason: {err}");
+    for (name, seq, _) in bookmarks
+        .iter()
+        .filter(|(_, s, _)| *s < window_start)
+        .take(2)
+    {
+        let err = c
+            .restore("vol", &format!("bookmark:{name}"))
+            .expect_err("a bookmark inside the initial sync must be refused");
+        assert!(
+            err.contains("sync") || err.contains("window"),
+            "refusal of bookmark at seq {seq} names the reason: {err}"
+        );
     }
 }

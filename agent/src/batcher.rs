@@ -49,7 +49,10 @@ pub struct Batcher {
 impl Batcher {
     /// A batcher whose last sealed batch was `last_seq` with header hash `last_hash`.
     pub fn new(group: &str, config: BatcherConfig, last_seq: Seq, last_hash: Hash) -> Batcher {
-        assert!(config.payload_bytes_target > 0 && config.payload_bytes_target <= cdp_shared::types::BATCH_PAYLOAD_BYTES_TARGET);
+        assert!(
+            config.payload_bytes_target > 0
+                && config.payload_bytes_target <= cdp_shared::types::BATCH_PAYLOAD_BYTES_TARGET
+        );
         Batcher {
             group: group.to_owned(),
             config,
@@ -79,15 +82,27 @@ impl Batcher {
     /// Appends `n` encoded records (`encoded` holds exactly them) and returns the batches this
     /// sealed: the open one first if the records would not fit, and the new one if it reached
     /// the size target. `inconsistent` says whether the group is inside a sync at this moment.
-    pub fn push(&mut self, encoded: &[u8], n: u32, sync: bool, inconsistent: bool, now: Instant, time_ns: i64) -> Vec<SealedBatch> {
+    pub fn push(
+        &mut self,
+        encoded: &[u8],
+        n: u32,
+        sync: bool,
+        inconsistent: bool,
+        now: Instant,
+        time_ns: i64,
+    ) -> Vec<SealedBatch> {
         let mut out = Vec::new();
         let would_be = self.payload.len() + encoded.len();
         if !self.is_empty()
-            && (would_be > self.config.payload_bytes_target || self.record_count as usize + n as usize > BATCH_RECORDS_MAX)
+            && (would_be > self.config.payload_bytes_target
+                || self.record_count as usize + n as usize > BATCH_RECORDS_MAX)
         {
             out.extend(self.seal(0, None, inconsistent, time_ns));
         }
-        assert!(self.payload.len() + encoded.len() <= BATCH_PAYLOAD_BYTES_MAX, "a push larger than a batch");
+        assert!(
+            self.payload.len() + encoded.len() <= BATCH_PAYLOAD_BYTES_MAX,
+            "a push larger than a batch"
+        );
         if self.opened_at.is_none() {
             self.opened_at = Some(now);
         }
@@ -103,7 +118,13 @@ impl Batcher {
     /// Cuts the open batch with `flags` (e.g. FLUSH). Without records and without a bookmark
     /// there is nothing to cut and this returns `None`: the last sealed batch already holds
     /// every completed write.
-    pub fn seal(&mut self, flags: u16, bookmark: Option<&str>, inconsistent: bool, time_ns: i64) -> Option<SealedBatch> {
+    pub fn seal(
+        &mut self,
+        flags: u16,
+        bookmark: Option<&str>,
+        inconsistent: bool,
+        time_ns: i64,
+    ) -> Option<SealedBatch> {
         if self.is_empty() && bookmark.is_none() {
             return None;
         }
@@ -124,7 +145,11 @@ impl Batcher {
             record_count: self.record_count,
         };
         let (bytes, hash) = batch::seal(&params, &self.payload);
-        let sealed = SealedBatch { seq: self.next_seq, bytes: Bytes::from(bytes), flags: BatchFlags(f) };
+        let sealed = SealedBatch {
+            seq: self.next_seq,
+            bytes: Bytes::from(bytes),
+            flags: BatchFlags(f),
+        };
         self.prev_hash = hash;
         self.next_seq = self.next_seq.next();
         self.payload.clear();
@@ -135,7 +160,12 @@ impl Batcher {
     }
 
     /// Cuts the open batch if it is older than the age limit.
-    pub fn poll_age(&mut self, now: Instant, inconsistent: bool, time_ns: i64) -> Option<SealedBatch> {
+    pub fn poll_age(
+        &mut self,
+        now: Instant,
+        inconsistent: bool,
+        time_ns: i64,
+    ) -> Option<SealedBatch> {
         match self.deadline() {
             Some(d) if now >= d => self.seal(0, None, inconsistent, time_ns),
             _ => None,
@@ -156,7 +186,10 @@ mod tests {
 
     #[test]
     fn cuts_on_size_age_and_flush_and_chains_hashes() {
-        let cfg = BatcherConfig { payload_bytes_target: 3 * marker().len(), age_max: Duration::from_millis(20) };
+        let cfg = BatcherConfig {
+            payload_bytes_target: 3 * marker().len(),
+            age_max: Duration::from_millis(20),
+        };
         let mut b = Batcher::new("g", cfg, Seq(0), [0; 32]);
         let t0 = Instant::now();
         assert!(b.push(&marker(), 1, false, false, t0, 1).is_empty());
@@ -169,15 +202,25 @@ mod tests {
 
         assert!(b.poll_age(t0, false, 2).is_none(), "nothing open");
         b.push(&marker(), 1, false, true, t0, 2);
-        assert!(b.poll_age(t0 + Duration::from_millis(5), false, 2).is_none());
-        let aged = b.poll_age(t0 + Duration::from_millis(25), true, 2).expect("age cut");
+        assert!(
+            b.poll_age(t0 + Duration::from_millis(5), false, 2)
+                .is_none()
+        );
+        let aged = b
+            .poll_age(t0 + Duration::from_millis(25), true, 2)
+            .expect("age cut");
         let second = batch::decode(&aged.bytes).expect("decodes");
         assert_eq!(second.header.seq, Seq(2));
         assert_eq!(second.header.prev_hash, first.header.header_hash);
         assert!(!second.header.flags.consistent());
 
-        assert!(b.seal(BatchFlags::FLUSH, None, false, 3).is_none(), "empty flush seals nothing");
-        let bm = b.seal(BatchFlags::FLUSH, Some("bm"), false, 3).expect("bookmark seals an empty batch");
+        assert!(
+            b.seal(BatchFlags::FLUSH, None, false, 3).is_none(),
+            "empty flush seals nothing"
+        );
+        let bm = b
+            .seal(BatchFlags::FLUSH, Some("bm"), false, 3)
+            .expect("bookmark seals an empty batch");
         let third = batch::decode(&bm.bytes).expect("decodes");
         assert_eq!(third.header.bookmark.as_deref(), Some("bm"));
         assert_eq!(third.header.record_count, 0);

@@ -25,16 +25,25 @@ const REQUEST_BYTES_MAX: usize = 4096;
 pub enum Request {
     /// Seal a named consistent point in every group (or only `group`); with `wait`, reply only
     /// once the replica has made it durable.
-    Bookmark { name: String, group: Option<String>, wait: bool },
+    Bookmark {
+        name: String,
+        group: Option<String>,
+        wait: bool,
+    },
     Status,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Reply {
-    Bookmarked { points: Vec<BookmarkPoint>, durable: bool },
+    Bookmarked {
+        points: Vec<BookmarkPoint>,
+        durable: bool,
+    },
     Status(Box<AgentStatus>),
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,15 +77,23 @@ pub async fn serve(listener: UnixListener, ctx: Arc<ControlContext>, shutdown: C
     }
 }
 
-async fn handle(stream: UnixStream, ctx: Arc<ControlContext>, shutdown: CancellationToken) -> Result<()> {
+async fn handle(
+    stream: UnixStream,
+    ctx: Arc<ControlContext>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(r.take(REQUEST_BYTES_MAX as u64));
     reader.read_line(&mut line).await?;
     let reply = match serde_json::from_str::<Request>(&line) {
-        Err(e) => Reply::Error { message: format!("malformed request: {e}") },
+        Err(e) => Reply::Error {
+            message: format!("malformed request: {e}"),
+        },
         Ok(Request::Status) => Reply::Status(Box::new((ctx.status)())),
-        Ok(Request::Bookmark { name, group, wait }) => bookmark(&ctx, &name, group.as_deref(), wait, &shutdown).await,
+        Ok(Request::Bookmark { name, group, wait }) => {
+            bookmark(&ctx, &name, group.as_deref(), wait, &shutdown).await
+        }
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');
@@ -84,19 +101,39 @@ async fn handle(stream: UnixStream, ctx: Arc<ControlContext>, shutdown: Cancella
     Ok(())
 }
 
-async fn bookmark(ctx: &ControlContext, name: &str, group: Option<&str>, wait: bool, shutdown: &CancellationToken) -> Reply {
+async fn bookmark(
+    ctx: &ControlContext,
+    name: &str,
+    group: Option<&str>,
+    wait: bool,
+    shutdown: &CancellationToken,
+) -> Reply {
     if let Err(e) = check_name("bookmark", name) {
         return Reply::Error { message: e };
     }
-    let groups: Vec<_> = ctx.groups.iter().filter(|g| group.is_none_or(|n| g.name == n)).cloned().collect();
+    let groups: Vec<_> = ctx
+        .groups
+        .iter()
+        .filter(|g| group.is_none_or(|n| g.name == n))
+        .cloned()
+        .collect();
     if groups.is_empty() {
-        return Reply::Error { message: format!("no group named {:?} is protected by this agent", group.unwrap_or("")) };
+        return Reply::Error {
+            message: format!(
+                "no group named {:?} is protected by this agent",
+                group.unwrap_or("")
+            ),
+        };
     }
     let mut points = Vec::new();
     for g in &groups {
         match g.bookmark(name).await {
             Ok(seq) => points.push((g.clone(), seq)),
-            Err(e) => return Reply::Error { message: format!("bookmark {name} in group {}: {e}", g.name) },
+            Err(e) => {
+                return Reply::Error {
+                    message: format!("bookmark {name} in group {}: {e}", g.name),
+                };
+            }
         }
     }
     if wait {
@@ -112,19 +149,43 @@ async fn bookmark(ctx: &ControlContext, name: &str, group: Option<&str>, wait: b
             };
             let ok = tokio::select! { ok = done => ok, _ = shutdown.cancelled() => false };
             if !ok {
-                return Reply::Error { message: format!("the agent stopped before the replica made bookmark {name} durable") };
+                return Reply::Error {
+                    message: format!(
+                        "the agent stopped before the replica made bookmark {name} durable"
+                    ),
+                };
             }
         }
     }
-    Reply::Bookmarked { points: points.into_iter().map(|(g, seq)| BookmarkPoint { group: g.name.clone(), seq: seq.0 }).collect(), durable: wait }
+    Reply::Bookmarked {
+        points: points
+            .into_iter()
+            .map(|(g, seq)| BookmarkPoint {
+                group: g.name.clone(),
+                seq: seq.0,
+            })
+            .collect(),
+        durable: wait,
+    }
 }
 
 /// Sends one request to the running agent in `data_dir`. `None` when no agent is running.
-pub async fn request(data_dir: &Path, req: &Request, timeout: Option<Duration>) -> Result<Option<Reply>> {
+pub async fn request(
+    data_dir: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<Option<Reply>> {
     let path = data_dir.join(SOCKET_NAME);
     let stream = match UnixStream::connect(&path).await {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
         Err(e) => return Err(e).with_context(|| format!("connect to {}", path.display())),
     };
     let (r, mut w) = stream.into_split();
@@ -135,11 +196,17 @@ pub async fn request(data_dir: &Path, req: &Request, timeout: Option<Duration>) 
     let mut reader = BufReader::new(r);
     let read = reader.read_line(&mut reply);
     match timeout {
-        Some(t) => tokio::time::timeout(t, read).await.map_err(|_| anyhow!("the agent did not answer within {t:?}"))??,
+        Some(t) => tokio::time::timeout(t, read)
+            .await
+            .map_err(|_| anyhow!("the agent did not answer within {t:?}"))??,
         None => read.await?,
     };
     if reply.is_empty() {
-        return Err(anyhow!("the agent closed the control socket without answering"));
+        return Err(anyhow!(
+            "the agent closed the control socket without answering"
+        ));
     }
-    Ok(Some(serde_json::from_str(&reply).context("the agent's reply is malformed")?))
+    Ok(Some(
+        serde_json::from_str(&reply).context("the agent's reply is malformed")?,
+    ))
 }

@@ -35,10 +35,17 @@ impl FileDev {
         use std::os::unix::fs::FileTypeExt;
         let ft = meta.file_type();
         if !(ft.is_file() || ft.is_block_device()) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or a block device"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or a block device",
+            ));
         }
         let size = file.seek(SeekFrom::End(0))?;
-        Ok(FileDev { file, size, path: path.to_owned() })
+        Ok(FileDev {
+            file,
+            size,
+            path: path.to_owned(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -75,9 +82,18 @@ impl BlockDev for FileDev {
 
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         use rustix::fs::{FallocateFlags, fallocate};
-        match fallocate(&self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len) {
+        match fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
             Ok(()) => Ok(()),
-            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::INVAL => {
+            Err(e)
+                if e == rustix::io::Errno::OPNOTSUPP
+                    || e == rustix::io::Errno::NOSYS
+                    || e == rustix::io::Errno::INVAL =>
+            {
                 write_zeros(self, offset, len)
             }
             Err(e) => Err(e.into()),

@@ -23,20 +23,41 @@ impl Export for VolumeExport {
     fn read_only(&self) -> bool {
         false
     }
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = ExportResult<Vec<u8>>> + Send + 'static {
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = ExportResult<Vec<u8>>> + Send + 'static {
         self.group.read(self.volume, offset, len)
     }
-    fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> impl Future<Output = ExportResult<()>> + Send + 'static {
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
         self.group.write(self.volume, offset, data, fua)
     }
     fn flush(&self) -> impl Future<Output = ExportResult<()>> + Send + 'static {
         self.group.flush_volume(self.volume)
     }
-    fn trim(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = ExportResult<()>> + Send + 'static {
-        self.group.zero(self.volume, offset, u64::from(len), RecordKind::Trim, fua)
+    fn trim(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
+        self.group
+            .zero(self.volume, offset, u64::from(len), RecordKind::Trim, fua)
     }
-    fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = ExportResult<()>> + Send + 'static {
-        self.group.zero(self.volume, offset, u64::from(len), RecordKind::Zero, fua)
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
+        self.group
+            .zero(self.volume, offset, u64::from(len), RecordKind::Zero, fua)
     }
 }
 
@@ -50,7 +71,14 @@ impl VolumeExports {
         let mut by_name = BTreeMap::new();
         for g in groups {
             for v in &g.volumes {
-                by_name.insert(v.name.clone(), Arc::new(VolumeExport { group: g.clone(), volume: v.id, size: v.size }));
+                by_name.insert(
+                    v.name.clone(),
+                    Arc::new(VolumeExport {
+                        group: g.clone(),
+                        volume: v.id,
+                        size: v.size,
+                    }),
+                );
             }
         }
         VolumeExports { by_name }

@@ -96,11 +96,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -118,22 +123,40 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> Result<()> {
     match command {
-        Command::Init { data, replica, replica_fingerprint } => init(&data, &replica, &replica_fingerprint),
+        Command::Init {
+            data,
+            replica,
+            replica_fingerprint,
+        } => init(&data, &replica, &replica_fingerprint),
         Command::Fingerprint { data } => {
             println!("{}", Identity::load(&data)?.fingerprint());
             Ok(())
         }
-        Command::Protect { data, volume, device, group } => protect(&data, &volume, &device, group).await,
-        Command::Run { data, socket, listen } => run(&data, socket, listen).await,
+        Command::Protect {
+            data,
+            volume,
+            device,
+            group,
+        } => protect(&data, &volume, &device, group).await,
+        Command::Run {
+            data,
+            socket,
+            listen,
+        } => run(&data, socket, listen).await,
         Command::Bookmark { data, name, wait } => bookmark(&data, &name, wait).await,
         Command::Status { data, json } => show_status(&data, json).await,
     }
 }
 
 fn init(data: &Path, replica: &str, replica_fingerprint: &str) -> Result<()> {
-    let fp: Fingerprint = replica_fingerprint.parse().context("--replica-fingerprint")?;
+    let fp: Fingerprint = replica_fingerprint
+        .parse()
+        .context("--replica-fingerprint")?;
     if data.join(state::CONFIG_FILE).exists() {
-        bail!("{} already holds an agent; use it, or pick another directory", data.display());
+        bail!(
+            "{} already holds an agent; use it, or pick another directory",
+            data.display()
+        );
     }
     if !replica.contains(':') {
         bail!("--replica {replica:?} must be HOST:PORT");
@@ -162,20 +185,44 @@ async fn protect(data: &Path, volume: &str, device: &Path, group: Option<String>
     if config.volumes.iter().any(|v| v.name == volume) {
         bail!("volume {volume} is already protected by this agent");
     }
-    let device = std::fs::canonicalize(device).with_context(|| format!("device {} cannot be opened", device.display()))?;
+    let device = std::fs::canonicalize(device)
+        .with_context(|| format!("device {} cannot be opened", device.display()))?;
     if let Some(v) = config.volumes.iter().find(|v| v.device == device) {
-        bail!("device {} is already protected as volume {}", device.display(), v.name);
+        bail!(
+            "device {} is already protected as volume {}",
+            device.display(),
+            v.name
+        );
     }
-    let dev = FileDev::open(&device).with_context(|| format!("device {} cannot be opened read-write", device.display()))?;
+    let dev = FileDev::open(&device)
+        .with_context(|| format!("device {} cannot be opened read-write", device.display()))?;
     if dev.size() == 0 {
-        bail!("device {} is empty; a volume needs a size", device.display());
+        bail!(
+            "device {} is empty; a volume needs a size",
+            device.display()
+        );
     }
     let id = config.volumes.iter().filter(|v| v.group == group).count() as u32;
-    config.volumes.push(VolumeConfig { name: volume.to_owned(), device: device.clone(), group: group.clone(), id });
+    config.volumes.push(VolumeConfig {
+        name: volume.to_owned(),
+        device: device.clone(),
+        group: group.clone(),
+        id,
+    });
     config.save(data)?;
-    println!("protecting volume {volume} ({}, {}) in group {group}", device.display(), status::human_bytes(dev.size()));
-    if control::request(data, &Request::Status, Some(Duration::from_secs(2))).await?.is_some() {
-        println!("the agent is running: restart it (`cdp-agent run --data {}`) to start protecting {volume}", data.display());
+    println!(
+        "protecting volume {volume} ({}, {}) in group {group}",
+        device.display(),
+        status::human_bytes(dev.size())
+    );
+    if control::request(data, &Request::Status, Some(Duration::from_secs(2)))
+        .await?
+        .is_some()
+    {
+        println!(
+            "the agent is running: restart it (`cdp-agent run --data {}`) to start protecting {volume}",
+            data.display()
+        );
     }
     Ok(())
 }
@@ -186,12 +233,24 @@ async fn run(data: &Path, socket: Option<PathBuf>, listen: Option<SocketAddr>) -
         (Some(path), None) => Listen::Unix(path),
         (None, None) => Listen::Unix(data.join("nbd.sock")),
     };
-    let agent = Agent::start(RunOptions { data_dir: data.to_owned(), listen }).await?;
+    let agent = Agent::start(RunOptions {
+        data_dir: data.to_owned(),
+        listen,
+    })
+    .await?;
     match &agent.nbd {
-        Listen::Unix(p) => tracing::info!("serving {} volume(s) over NBD on {}", agent.groups.iter().map(|g| g.volumes.len()).sum::<usize>(), p.display()),
-        Listen::Tcp(a) => tracing::info!("serving {} volume(s) over NBD on {a}", agent.groups.iter().map(|g| g.volumes.len()).sum::<usize>()),
+        Listen::Unix(p) => tracing::info!(
+            "serving {} volume(s) over NBD on {}",
+            agent.groups.iter().map(|g| g.volumes.len()).sum::<usize>(),
+            p.display()
+        ),
+        Listen::Tcp(a) => tracing::info!(
+            "serving {} volume(s) over NBD on {a}",
+            agent.groups.iter().map(|g| g.volumes.len()).sum::<usize>()
+        ),
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("install the SIGTERM handler")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install the SIGTERM handler")?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -201,17 +260,35 @@ async fn run(data: &Path, socket: Option<PathBuf>, listen: Option<SocketAddr>) -
 }
 
 fn not_running(data: &Path) -> anyhow::Error {
-    anyhow::anyhow!("the agent in {} is not running: start it with `cdp-agent run --data {}`", data.display(), data.display())
+    anyhow::anyhow!(
+        "the agent in {} is not running: start it with `cdp-agent run --data {}`",
+        data.display(),
+        data.display()
+    )
 }
 
 async fn bookmark(data: &Path, name: &str, wait: bool) -> Result<()> {
     AgentConfig::load(data)?;
     check_name("bookmark", name).map_err(anyhow::Error::msg)?;
-    let reply = control::request(data, &Request::Bookmark { name: name.to_owned(), group: None, wait }, None).await?.ok_or_else(|| not_running(data))?;
+    let reply = control::request(
+        data,
+        &Request::Bookmark {
+            name: name.to_owned(),
+            group: None,
+            wait,
+        },
+        None,
+    )
+    .await?
+    .ok_or_else(|| not_running(data))?;
     match reply {
         Reply::Bookmarked { points, durable } => {
             for p in points {
-                let how = if durable { "durable on the replica" } else { "sealed in the spool" };
+                let how = if durable {
+                    "durable on the replica"
+                } else {
+                    "sealed in the spool"
+                };
                 println!("bookmark {name}: group {} seq {} ({how})", p.group, p.seq);
             }
             Ok(())

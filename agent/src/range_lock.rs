@@ -56,7 +56,14 @@ impl RangeLock {
             .collect();
         let ticket = Ticket(self.next);
         self.next += 1;
-        self.entries.insert(ticket, Entry { start, end, latch: Latch::default() });
+        self.entries.insert(
+            ticket,
+            Entry {
+                start,
+                end,
+                latch: Latch::default(),
+            },
+        );
         (ticket, waits)
     }
 

@@ -59,10 +59,18 @@ pub struct Agent {
 
 fn lock_data_dir(data_dir: &Path) -> Result<File> {
     let path = data_dir.join("run.lock");
-    let file = File::options().create(true).truncate(false).write(true).open(&path).with_context(|| format!("open {}", path.display()))?;
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => bail!("another cdp-agent is already running on {}; stop it first", data_dir.display()),
+        Err(rustix::io::Errno::WOULDBLOCK) => bail!(
+            "another cdp-agent is already running on {}; stop it first",
+            data_dir.display()
+        ),
         Err(e) => Err(anyhow!("lock {}: {e}", path.display())),
     }
 }
@@ -74,12 +82,19 @@ impl Agent {
         let config = AgentConfig::load(&data_dir)?;
         let lock = lock_data_dir(&data_dir)?;
         let identity = Identity::load(&data_dir)?;
-        let replica_fingerprint: Fingerprint = config
-            .replica_fingerprint
-            .parse()
-            .with_context(|| format!("{}: replica_fingerprint", data_dir.join(state::CONFIG_FILE).display()))?;
+        let replica_fingerprint: Fingerprint =
+            config.replica_fingerprint.parse().with_context(|| {
+                format!(
+                    "{}: replica_fingerprint",
+                    data_dir.join(state::CONFIG_FILE).display()
+                )
+            })?;
         if config.volumes.is_empty() {
-            bail!("no volume is protected in {}: run `cdp-agent protect --data {} --volume NAME --device PATH` first", data_dir.display(), data_dir.display());
+            bail!(
+                "no volume is protected in {}: run `cdp-agent protect --data {} --volume NAME --device PATH` first",
+                data_dir.display(),
+                data_dir.display()
+            );
         }
         let marker = data_dir.join("state").join("running");
         if marker.exists() {
@@ -87,10 +102,14 @@ impl Agent {
                 "the previous run of this agent did not stop cleanly: writes that were in flight at that moment may be on the devices but not on the replica"
             );
         }
-        std::fs::create_dir_all(state::state_dir(&data_dir)).context("create the state directory")?;
+        std::fs::create_dir_all(state::state_dir(&data_dir))
+            .context("create the state directory")?;
         state::write_atomic(&marker, b"running\n").context("write the running marker")?;
 
-        let batcher_config = BatcherConfig { age_max: Duration::from_millis(config.batch_age_ms), ..BatcherConfig::default() };
+        let batcher_config = BatcherConfig {
+            age_max: Duration::from_millis(config.batch_age_ms),
+            ..BatcherConfig::default()
+        };
         let mut groups = Vec::new();
         let mut to_sync = Vec::new();
         for (group_name, vols) in config.groups() {
@@ -99,9 +118,14 @@ impl Agent {
             sorted.sort_by_key(|v| v.id);
             for (i, v) in sorted.iter().enumerate() {
                 if v.id as usize != i {
-                    bail!("{}: the volume ids of group {group_name} are not 0, 1, 2, ...; the configuration was edited by hand", data_dir.join(state::CONFIG_FILE).display());
+                    bail!(
+                        "{}: the volume ids of group {group_name} are not 0, 1, 2, ...; the configuration was edited by hand",
+                        data_dir.join(state::CONFIG_FILE).display()
+                    );
                 }
-                let dev = FileDev::open(&v.device).with_context(|| format!("open device {} of volume {}", v.device.display(), v.name))?;
+                let dev = FileDev::open(&v.device).with_context(|| {
+                    format!("open device {} of volume {}", v.device.display(), v.name)
+                })?;
                 let size = dev.size();
                 let st = state::load_volume_state(&data_dir, &v.name)?;
                 if st.as_ref().is_none_or(|s| s.state == VolumeState::Syncing) {
@@ -117,11 +141,19 @@ impl Agent {
                 }));
             }
             let spool_dir = data_dir.join("spool").join(&group_name);
-            let (spool, recovered) = Spool::open(&spool_dir).with_context(|| format!("open the spool of group {group_name}"))?;
+            let (spool, recovered) = Spool::open(&spool_dir)
+                .with_context(|| format!("open the spool of group {group_name}"))?;
             if recovered.truncated_bytes > 0 {
                 tracing::warn!(group = %group_name, bytes = recovered.truncated_bytes, "truncated a torn spool tail");
             }
-            let group = Group::new(&group_name, volumes, spool, batcher_config.clone(), recovered.last_seq, recovered.last_hash);
+            let group = Group::new(
+                &group_name,
+                volumes,
+                spool,
+                batcher_config.clone(),
+                recovered.last_seq,
+                recovered.last_hash,
+            );
             groups.push(group);
         }
 
@@ -138,32 +170,53 @@ impl Agent {
         let (nbd, nbd_task) = match &opts.listen {
             Listen::Unix(path) => {
                 let _ = std::fs::remove_file(path);
-                let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("listen on {}", path.display()))?;
-                let t = tokio::spawn(cdp_shared::nbd::server::serve_unix(listener, exports, nbd_shutdown.clone()));
+                let listener = tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("listen on {}", path.display()))?;
+                let t = tokio::spawn(cdp_shared::nbd::server::serve_unix(
+                    listener,
+                    exports,
+                    nbd_shutdown.clone(),
+                ));
                 (Listen::Unix(path.clone()), t)
             }
             Listen::Tcp(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen on {addr}"))?;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listen on {addr}"))?;
                 let bound = listener.local_addr()?;
-                let t = tokio::spawn(cdp_shared::nbd::server::serve_tcp(listener, exports, nbd_shutdown.clone()));
+                let t = tokio::spawn(cdp_shared::nbd::server::serve_tcp(
+                    listener,
+                    exports,
+                    nbd_shutdown.clone(),
+                ));
                 (Listen::Tcp(bound), t)
             }
         };
 
         let ctl_path = data_dir.join(control::SOCKET_NAME);
         let _ = std::fs::remove_file(&ctl_path);
-        let ctl_listener = tokio::net::UnixListener::bind(&ctl_path).with_context(|| format!("listen on {}", ctl_path.display()))?;
+        let ctl_listener = tokio::net::UnixListener::bind(&ctl_path)
+            .with_context(|| format!("listen on {}", ctl_path.display()))?;
         let status_groups = groups.clone();
         let status_link = link.clone();
-        let devices: std::collections::BTreeMap<String, String> =
-            config.volumes.iter().map(|v| (v.name.clone(), v.device.display().to_string())).collect();
+        let devices: std::collections::BTreeMap<String, String> = config
+            .volumes
+            .iter()
+            .map(|v| (v.name.clone(), v.device.display().to_string()))
+            .collect();
         let ctx = Arc::new(ControlContext {
             groups: groups.clone(),
-            status: Arc::new(move || status::collect(&status_groups, &status_link, &|name| devices.get(name).cloned().unwrap_or_default())),
+            status: Arc::new(move || {
+                status::collect(&status_groups, &status_link, &|name| {
+                    devices.get(name).cloned().unwrap_or_default()
+                })
+            }),
         });
         tasks.spawn(control::serve(ctl_listener, ctx, shutdown.clone()));
 
-        let corrupt_seq_once = std::env::var("CDP_FAULT_CORRUPT_SEQ").ok().and_then(|v| v.parse().ok());
+        let corrupt_seq_once = std::env::var("CDP_FAULT_CORRUPT_SEQ")
+            .ok()
+            .and_then(|v| v.parse().ok());
         let sender_config = SenderConfig {
             replica: config.replica.clone(),
             replica_fingerprint,
@@ -171,11 +224,18 @@ impl Agent {
             window: config.batches_in_flight,
             corrupt_seq_once,
         };
-        tasks.spawn(sender::run(groups.clone(), sender_config, link.clone(), shutdown.clone()));
+        tasks.spawn(sender::run(
+            groups.clone(),
+            sender_config,
+            link.clone(),
+            shutdown.clone(),
+        ));
 
         let sync_rate = config.sync_bytes_per_sec_max;
         for (group_name, vol_id) in to_sync {
-            let Some(group) = groups.iter().find(|g| g.name == group_name).cloned() else { continue };
+            let Some(group) = groups.iter().find(|g| g.name == group_name).cloned() else {
+                continue;
+            };
             let data_dir = data_dir.clone();
             let shutdown = shutdown.clone();
             tasks.spawn(async move {
@@ -198,7 +258,17 @@ impl Agent {
             });
         }
         // Volumes synced in an earlier run are not marked as syncing.
-        Ok(Agent { groups, link, nbd, data_dir, nbd_shutdown, shutdown, tasks, nbd_task, _lock: lock })
+        Ok(Agent {
+            groups,
+            link,
+            nbd,
+            data_dir,
+            nbd_shutdown,
+            shutdown,
+            tasks,
+            nbd_task,
+            _lock: lock,
+        })
     }
 
     pub fn status(&self) -> AgentStatus {
@@ -216,8 +286,16 @@ impl Agent {
                 Err(e) => tracing::error!(group = %g.name, "could not seal the last batch: {e}"),
             }
         }
-        let connected = self.link.lock().unwrap_or_else(|p| p.into_inner()).connected;
-        let drain_timeout = if connected { DRAIN_TIMEOUT } else { Duration::ZERO };
+        let connected = self
+            .link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .connected;
+        let drain_timeout = if connected {
+            DRAIN_TIMEOUT
+        } else {
+            Duration::ZERO
+        };
         let drained = tokio::time::timeout(drain_timeout, async {
             for (g, seq) in &sealed {
                 let mut rx = g.acked.subscribe();
@@ -230,11 +308,18 @@ impl Agent {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!("the replica has not acknowledged every batch; they stay in the spool and are sent at the next start");
+            tracing::warn!(
+                "the replica has not acknowledged every batch; they stay in the spool and are sent at the next start"
+            );
         }
         self.shutdown.cancel();
         // Every task stops at the token; a task stuck in I/O is aborted after a grace period.
-        if tokio::time::timeout(Duration::from_secs(5), async { while self.tasks.join_next().await.is_some() {} }).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
             tracing::warn!("some tasks did not stop within 5 s; aborting them");
             self.tasks.shutdown().await;
         }

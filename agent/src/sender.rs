@@ -61,7 +61,12 @@ fn set_link(link: &SharedLink, connected: bool, error: Option<String>) {
 }
 
 /// Runs until `shutdown` fires. Cancellation-safe: batches stay in the spool until acked.
-pub async fn run(groups: Vec<Arc<Group>>, config: SenderConfig, link: SharedLink, shutdown: CancellationToken) {
+pub async fn run(
+    groups: Vec<Arc<Group>>,
+    config: SenderConfig,
+    link: SharedLink,
+    shutdown: CancellationToken,
+) {
     let mut backoff = BACKOFF_MIN;
     let mut corrupt = config.corrupt_seq_once;
     let mut last_logged: Option<String> = None;
@@ -96,11 +101,24 @@ async fn resolve(addr: &str) -> Result<SocketAddr> {
         .ok_or_else(|| anyhow!("replica address {addr} resolves to nothing"))
 }
 
-async fn session(groups: &[Arc<Group>], config: &SenderConfig, link: &SharedLink, corrupt: &mut Option<u64>, backoff: &mut Duration) -> Result<()> {
+async fn session(
+    groups: &[Arc<Group>],
+    config: &SenderConfig,
+    link: &SharedLink,
+    corrupt: &mut Option<u64>,
+    backoff: &mut Duration,
+) -> Result<()> {
     let addr = resolve(&config.replica).await?;
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
     let mut endpoint = quinn::Endpoint::client(bind).context("open a UDP socket for QUIC")?;
-    endpoint.set_default_client_config(identity::client_config(&config.identity, config.replica_fingerprint)?);
+    endpoint.set_default_client_config(identity::client_config(
+        &config.identity,
+        config.replica_fingerprint,
+    )?);
     let conn = endpoint
         .connect(addr, identity::SERVER_NAME)
         .context("start a QUIC connection")?
@@ -125,7 +143,14 @@ struct GroupSend {
     nacks_in_a_row: u32,
 }
 
-async fn serve_connection(groups: &[Arc<Group>], config: &SenderConfig, link: &SharedLink, conn: &quinn::Connection, corrupt: &mut Option<u64>, backoff: &mut Duration) -> Result<()> {
+async fn serve_connection(
+    groups: &[Arc<Group>],
+    config: &SenderConfig,
+    link: &SharedLink,
+    conn: &quinn::Connection,
+    corrupt: &mut Option<u64>,
+    backoff: &mut Duration,
+) -> Result<()> {
     let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.context("open the control stream")?;
     let hello = Control::Hello {
         protocol: wire::PROTOCOL_VERSION,
@@ -135,28 +160,46 @@ async fn serve_connection(groups: &[Arc<Group>], config: &SenderConfig, link: &S
                 let head = g.last_sealed();
                 GroupHello {
                     name: g.name.clone(),
-                    volumes: g.volumes.iter().map(|v| VolumeInfo { id: v.id, name: v.name.clone(), size: v.size }).collect(),
+                    volumes: g
+                        .volumes
+                        .iter()
+                        .map(|v| VolumeInfo {
+                            id: v.id,
+                            name: v.name.clone(),
+                            size: v.size,
+                        })
+                        .collect(),
                     head: head.0,
                     first_held: g.spool.first_held().unwrap_or(head.next()).0,
                 }
             })
             .collect(),
     };
-    ctl_send.write_all(&wire::encode(&hello)).await.context("send hello")?;
+    ctl_send
+        .write_all(&wire::encode(&hello))
+        .await
+        .context("send hello")?;
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 << 10];
     let welcome = loop {
         if let Some(msg) = decoder.poll_frame()? {
             break msg;
         }
-        match ctl_recv.read(&mut buf).await.context("read the replica's welcome")? {
+        match ctl_recv
+            .read(&mut buf)
+            .await
+            .context("read the replica's welcome")?
+        {
             Some(n) => decoder.handle_bytes(&buf[..n]),
             None => bail!("the replica closed the control stream during the handshake"),
         }
     };
     let welcome_groups = match welcome {
         Control::Welcome { protocol, groups } if protocol == wire::PROTOCOL_VERSION => groups,
-        Control::Welcome { protocol, .. } => bail!("the replica speaks control protocol {protocol}, this agent {}", wire::PROTOCOL_VERSION),
+        Control::Welcome { protocol, .. } => bail!(
+            "the replica speaks control protocol {protocol}, this agent {}",
+            wire::PROTOCOL_VERSION
+        ),
         Control::Refused { reason } => bail!("the replica refused this agent: {reason}"),
         other => bail!("unexpected first message from the replica: {other:?}"),
     };
@@ -183,7 +226,15 @@ async fn serve_connection(groups: &[Arc<Group>], config: &SenderConfig, link: &S
         }
         g.spool.ack(durable);
         g.acked.send_replace(durable);
-        state.insert(g.name.clone(), GroupSend { group: g.clone(), next: durable.next(), acked: durable, nacks_in_a_row: 0 });
+        state.insert(
+            g.name.clone(),
+            GroupSend {
+                group: g.clone(),
+                next: durable.next(),
+                acked: durable,
+                nacks_in_a_row: 0,
+            },
+        );
     }
     set_link(link, true, None);
     *backoff = BACKOFF_MIN;
@@ -211,7 +262,12 @@ async fn serve_connection(groups: &[Arc<Group>], config: &SenderConfig, link: &S
             let written = s.group.spool.written();
             while s.next <= written && (s.next.0 - s.acked.0 - 1) < config.window as u64 {
                 let seq = s.next;
-                let bytes = s.group.spool.get(seq)?.ok_or_else(|| anyhow!("batch {seq} of group {} is missing from the spool", s.group.name))?;
+                let bytes = s.group.spool.get(seq)?.ok_or_else(|| {
+                    anyhow!(
+                        "batch {seq} of group {} is missing from the spool",
+                        s.group.name
+                    )
+                })?;
                 let bytes = if *corrupt == Some(seq.0) {
                     *corrupt = None;
                     // The last byte lies in the payload (or the header hash of an empty
@@ -219,7 +275,10 @@ async fn serve_connection(groups: &[Arc<Group>], config: &SenderConfig, link: &S
                     let mut v = bytes.to_vec();
                     let at = v.len() - 1;
                     v[at] ^= 0x10;
-                    tracing::warn!(seq = seq.0, "fault injection: sending a corrupted copy of this batch");
+                    tracing::warn!(
+                        seq = seq.0,
+                        "fault injection: sending a corrupted copy of this batch"
+                    );
                     bytes::Bytes::from(v)
                 } else {
                     bytes
@@ -247,14 +306,23 @@ async fn serve_connection(groups: &[Arc<Group>], config: &SenderConfig, link: &S
     }
 }
 
-fn handle_control(msg: Control, state: &mut BTreeMap<String, GroupSend>, conn: &quinn::Connection, sends: &mut JoinSet<Result<()>>) -> Result<()> {
+fn handle_control(
+    msg: Control,
+    state: &mut BTreeMap<String, GroupSend>,
+    conn: &quinn::Connection,
+    sends: &mut JoinSet<Result<()>>,
+) -> Result<()> {
     match msg {
         Control::Ack { group, durable } => {
-            let s = state.get_mut(&group).ok_or_else(|| anyhow!("ack for unknown group {group}"))?;
+            let s = state
+                .get_mut(&group)
+                .ok_or_else(|| anyhow!("ack for unknown group {group}"))?;
             let durable = Seq(durable);
             if durable > s.acked {
                 if durable >= s.next {
-                    bail!("the replica acknowledged seq {durable} of group {group}, which was never sent");
+                    bail!(
+                        "the replica acknowledged seq {durable} of group {group}, which was never sent"
+                    );
                 }
                 s.acked = durable;
                 s.nacks_in_a_row = 0;
@@ -266,16 +334,29 @@ fn handle_control(msg: Control, state: &mut BTreeMap<String, GroupSend>, conn: &
             let Some(s) = state.get_mut(&group) else {
                 // The replica could not tell which batch it refused (its header was unreadable):
                 // start over, which sends every unacknowledged batch again.
-                bail!("the replica refused a batch it could not attribute ({reason}); reconnecting to send every unacknowledged batch again");
+                bail!(
+                    "the replica refused a batch it could not attribute ({reason}); reconnecting to send every unacknowledged batch again"
+                );
             };
-            tracing::warn!(group, seq, "the replica refused batch {seq}: {reason}; sending it again");
+            tracing::warn!(
+                group,
+                seq,
+                "the replica refused batch {seq}: {reason}; sending it again"
+            );
             s.nacks_in_a_row += 1;
             if s.nacks_in_a_row > NACKS_IN_A_ROW_MAX {
-                bail!("the replica refused batches of group {group} {} times in a row (last: seq {seq}: {reason})", s.nacks_in_a_row);
+                bail!(
+                    "the replica refused batches of group {group} {} times in a row (last: seq {seq}: {reason})",
+                    s.nacks_in_a_row
+                );
             }
             let seq = Seq(seq);
             if seq > s.acked && seq < s.next {
-                let bytes = s.group.spool.get(seq)?.ok_or_else(|| anyhow!("batch {seq} is missing from the spool"))?;
+                let bytes = s
+                    .group
+                    .spool
+                    .get(seq)?
+                    .ok_or_else(|| anyhow!("batch {seq} is missing from the spool"))?;
                 sends.spawn(send_batch(conn.clone(), bytes));
             }
         }

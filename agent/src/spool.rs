@@ -42,7 +42,10 @@ pub enum SpoolError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
-    move |source| SpoolError::Io { path: path.to_owned(), source }
+    move |source| SpoolError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 struct Entry {
@@ -107,23 +110,33 @@ fn read_trimmed(dir: &Path) -> Result<(Seq, Hash), SpoolError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Seq(0), [0; 32])),
         Err(e) => return Err(io_err(&path)(e)),
     };
-    let damaged = |reason: &str| SpoolError::Damaged { path: path.clone(), reason: reason.to_owned() };
+    let damaged = |reason: &str| SpoolError::Damaged {
+        path: path.clone(),
+        reason: reason.to_owned(),
+    };
     let mut parts = text.split_whitespace();
-    let seq: u64 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| damaged("no seq"))?;
+    let seq: u64 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| damaged("no seq"))?;
     let hex = parts.next().ok_or_else(|| damaged("no hash"))?;
     let mut hash = [0u8; 32];
     if hex.len() != 64 {
         return Err(damaged("hash is not 64 hex digits"));
     }
     for (i, byte) in hash.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| damaged("hash is not hex"))?;
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| damaged("hash is not hex"))?;
     }
     Ok((Seq(seq), hash))
 }
 
 fn write_trimmed(dir: &Path, seq: Seq, hash: &Hash) -> io::Result<()> {
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    crate::state::write_atomic(&dir.join("trimmed"), format!("{} {hex}\n", seq.0).as_bytes())
+    crate::state::write_atomic(
+        &dir.join("trimmed"),
+        format!("{} {hex}\n", seq.0).as_bytes(),
+    )
 }
 
 impl Spool {
@@ -156,18 +169,30 @@ impl Spool {
                 good = SEGMENT_MAGIC.len() as u64;
                 let mut pos = SEGMENT_MAGIC.len();
                 while pos + HEADER_FIXED_BYTES <= data.len() {
-                    let Ok(header) = batch::decode_header(&data[pos..]) else { break };
+                    let Ok(header) = batch::decode_header(&data[pos..]) else {
+                        break;
+                    };
                     let end = pos + header.total_len();
                     if end > data.len() || batch::decode(&data[pos..end]).is_err() {
                         break;
                     }
                     if header.seq > trimmed_seq {
                         if last_seq.0 != 0 && header.seq != last_seq.next() {
-                            return Err(SpoolError::Damaged { path, reason: format!("seq {} follows seq {}", header.seq, last_seq) });
+                            return Err(SpoolError::Damaged {
+                                path,
+                                reason: format!("seq {} follows seq {}", header.seq, last_seq),
+                            });
                         }
                         entries.insert(
                             header.seq,
-                            Entry { segment: id, offset: pos as u64, len: (end - pos) as u64, hash: header.header_hash, cached: None, written: true },
+                            Entry {
+                                segment: id,
+                                offset: pos as u64,
+                                len: (end - pos) as u64,
+                                hash: header.header_hash,
+                                cached: None,
+                                written: true,
+                            },
                         );
                         last_seq = header.seq;
                         last_hash = header.header_hash;
@@ -179,7 +204,10 @@ impl Spool {
             if good < data.len() as u64 {
                 truncated_bytes += data.len() as u64 - good;
                 tracing::warn!(segment = %path.display(), bytes = data.len() as u64 - good, "truncated a torn spool segment tail");
-                let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
                 f.set_len(good).map_err(io_err(&path))?;
                 f.sync_all().map_err(io_err(&path))?;
             }
@@ -190,7 +218,13 @@ impl Spool {
         let (durable, _) = watch::channel(last_seq);
         let shared = Arc::new(Shared {
             dir: dir.to_owned(),
-            state: Mutex::new(State { entries, segments, cached_bytes: 0, acked: trimmed_seq, failed: None }),
+            state: Mutex::new(State {
+                entries,
+                segments,
+                cached_bytes: 0,
+                acked: trimmed_seq,
+                failed: None,
+            }),
             written,
             durable,
         });
@@ -200,7 +234,15 @@ impl Spool {
             .name("spool-writer".into())
             .spawn(move || writer_thread(writer_shared, rx))
             .map_err(io_err(dir))?;
-        Ok((Spool { shared, tx }, Recovered { last_seq, last_hash, first_held, truncated_bytes }))
+        Ok((
+            Spool { shared, tx },
+            Recovered {
+                last_seq,
+                last_hash,
+                first_held,
+                truncated_bytes,
+            },
+        ))
     }
 
     /// Queues a sealed batch (seq must follow the last appended one). Returns at once.
@@ -210,7 +252,14 @@ impl Spool {
             st.cached_bytes += batch.bytes.len();
             st.entries.insert(
                 batch.seq,
-                Entry { segment: 0, offset: 0, len: batch.bytes.len() as u64, hash: header_hash, cached: Some(batch.bytes.clone()), written: false },
+                Entry {
+                    segment: 0,
+                    offset: 0,
+                    len: batch.bytes.len() as u64,
+                    hash: header_hash,
+                    cached: Some(batch.bytes.clone()),
+                    written: false,
+                },
             );
         }
         // The writer thread only stops when every handle is gone.
@@ -229,10 +278,16 @@ impl Spool {
                 return Ok(());
             }
             if let Some(reason) = self.lock().failed.clone() {
-                return Err(SpoolError::Io { path: self.shared.dir.clone(), source: io::Error::other(reason) });
+                return Err(SpoolError::Io {
+                    path: self.shared.dir.clone(),
+                    source: io::Error::other(reason),
+                });
             }
             if rx.changed().await.is_err() {
-                return Err(SpoolError::Io { path: self.shared.dir.clone(), source: io::Error::other("spool writer stopped") });
+                return Err(SpoolError::Io {
+                    path: self.shared.dir.clone(),
+                    source: io::Error::other("spool writer stopped"),
+                });
             }
         }
     }
@@ -260,7 +315,8 @@ impl Spool {
         let path = segment_path(&self.shared.dir, segment);
         let file = File::open(&path).map_err(io_err(&path))?;
         let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset).map_err(io_err(&path))?;
+        file.read_exact_at(&mut buf, offset)
+            .map_err(io_err(&path))?;
         Ok(Some(Bytes::from(buf)))
     }
 
@@ -278,7 +334,10 @@ impl Spool {
     /// Batches and bytes held (not yet acknowledged).
     pub fn held(&self) -> (u64, u64) {
         let st = self.lock();
-        (st.entries.len() as u64, st.entries.values().map(|e| e.len).sum())
+        (
+            st.entries.len() as u64,
+            st.entries.values().map(|e| e.len).sum(),
+        )
     }
 
     /// The oldest seq still held, if any.
@@ -309,7 +368,11 @@ impl Writer {
         }
         let id = first_seq.0;
         let path = segment_path(&self.shared.dir, id);
-        let mut file = OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
         file.write_all(SEGMENT_MAGIC)?;
         file.sync_all()?;
         File::open(&self.shared.dir)?.sync_all()?;
@@ -319,7 +382,12 @@ impl Writer {
     }
 
     fn resume_last_segment(&mut self) -> io::Result<()> {
-        let last = self.lock().segments.iter().next_back().map(|(id, len)| (*id, *len));
+        let last = self
+            .lock()
+            .segments
+            .iter()
+            .next_back()
+            .map(|(id, len)| (*id, *len));
         if let Some((id, len)) = last
             && len < SEGMENT_BYTES_TARGET
         {
@@ -338,7 +406,9 @@ impl Writer {
         if need_new {
             self.open_segment(batch.seq)?;
         }
-        let Some((id, file, len)) = self.current.as_mut() else { return Err(io::Error::other("no segment")) };
+        let Some((id, file, len)) = self.current.as_mut() else {
+            return Err(io::Error::other("no segment"));
+        };
         file.write_all_at(&batch.bytes, *len)?;
         let offset = *len;
         *len += batch.bytes.len() as u64;
@@ -353,7 +423,13 @@ impl Writer {
         }
         // Keep the cache bounded: drop the oldest written batches' bytes.
         while st.cached_bytes > CACHE_BYTES_MAX {
-            let Some((_, e)) = st.entries.iter_mut().find(|(_, e)| e.cached.is_some() && e.written) else { break };
+            let Some((_, e)) = st
+                .entries
+                .iter_mut()
+                .find(|(_, e)| e.cached.is_some() && e.written)
+            else {
+                break;
+            };
             if let Some(b) = e.cached.take() {
                 st.cached_bytes -= b.len();
             }
@@ -391,8 +467,14 @@ impl Writer {
         st.acked = acked_seq;
         // A segment can go when no held batch lives in it and it is not the one being appended.
         let current = self.current.as_ref().map(|(id, _, _)| *id);
-        let live: std::collections::BTreeSet<u64> = st.entries.values().map(|e| e.segment).collect();
-        let dead: Vec<u64> = st.segments.keys().copied().filter(|id| Some(*id) != current && !live.contains(id)).collect();
+        let live: std::collections::BTreeSet<u64> =
+            st.entries.values().map(|e| e.segment).collect();
+        let dead: Vec<u64> = st
+            .segments
+            .keys()
+            .copied()
+            .filter(|id| Some(*id) != current && !live.contains(id))
+            .collect();
         drop(st);
         if dead.is_empty() {
             return Ok(());
@@ -407,7 +489,11 @@ impl Writer {
 }
 
 fn writer_thread(shared: Arc<Shared>, rx: mpsc::Receiver<Cmd>) {
-    let mut w = Writer { shared: shared.clone(), current: None, synced: true };
+    let mut w = Writer {
+        shared: shared.clone(),
+        current: None,
+        synced: true,
+    };
     let fail = |w: &Writer, what: &str, e: io::Error| {
         tracing::error!(dir = %w.shared.dir.display(), "spool {what} failed: {e}; the agent cannot keep its promise of durability and stops accepting flushes");
         w.lock().failed = Some(format!("{what}: {e}"));
@@ -508,7 +594,7 @@ mod tests {
         spool.ack(Seq(5));
         spool.append(s6, h6);
         spool.wait_durable(Seq(6)).await.expect("durable");
-                spool.ack(Seq(6));
+        spool.ack(Seq(6));
         spool.wait_durable(Seq(6)).await.expect("still durable");
         drop(spool);
         let (_spool, rec) = Spool::open(dir.path()).expect("reopen");

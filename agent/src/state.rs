@@ -68,13 +68,21 @@ impl AgentConfig {
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                bail!("no agent in {}: run `cdp-agent init --data {}` first", data_dir.display(), data_dir.display())
+                bail!(
+                    "no agent in {}: run `cdp-agent init --data {}` first",
+                    data_dir.display(),
+                    data_dir.display()
+                )
             }
             Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
         };
-        let config: AgentConfig = toml::from_str(&text).with_context(|| format!("{} is not a valid agent configuration", path.display()))?;
+        let config: AgentConfig = toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid agent configuration", path.display()))?;
         if config.batch_age_ms == 0 || config.batches_in_flight == 0 {
-            bail!("{}: batch_age_ms and batches_in_flight must be at least 1", path.display());
+            bail!(
+                "{}: batch_age_ms and batches_in_flight must be at least 1",
+                path.display()
+            );
         }
         Ok(config)
     }
@@ -120,7 +128,11 @@ pub fn state_dir(data_dir: &Path) -> PathBuf {
 pub fn load_volume_state(data_dir: &Path, volume: &str) -> Result<Option<VolumeStateFile>> {
     let path = state_dir(data_dir).join(format!("{volume}.json"));
     match fs::read(&path) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", path.display()))?)),
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!("{} is damaged", path.display())
+            })?))
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
     }

@@ -41,7 +41,11 @@ pub struct VolumeStatus {
 }
 
 /// The status of a running agent.
-pub fn collect(groups: &[Arc<Group>], link: &SharedLink, devices: &dyn Fn(&str) -> String) -> AgentStatus {
+pub fn collect(
+    groups: &[Arc<Group>],
+    link: &SharedLink,
+    devices: &dyn Fn(&str) -> String,
+) -> AgentStatus {
     let l = link.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut volumes = Vec::new();
     for g in groups {
@@ -63,7 +67,9 @@ pub fn collect(groups: &[Arc<Group>], link: &SharedLink, devices: &dyn Fn(&str) 
                 device: devices(&v.name),
                 size: v.size,
                 state: state.to_owned(),
-                sync_progress: syncing.then(|| v.sync_chunks_done.load(Ordering::Relaxed) as f64 / v.chunks().max(1) as f64),
+                sync_progress: syncing.then(|| {
+                    v.sync_chunks_done.load(Ordering::Relaxed) as f64 / v.chunks().max(1) as f64
+                }),
                 last_seq: Some(last),
                 acked_seq: Some(acked),
                 spool_batches: Some(batches),
@@ -71,7 +77,13 @@ pub fn collect(groups: &[Arc<Group>], link: &SharedLink, devices: &dyn Fn(&str) 
             });
         }
     }
-    AgentStatus { running: true, replica: l.replica, link_connected: l.connected, link_error: l.last_error, volumes }
+    AgentStatus {
+        running: true,
+        replica: l.replica,
+        link_connected: l.connected,
+        link_error: l.last_error,
+        volumes,
+    }
 }
 
 /// The status of a stopped agent, from its files.
@@ -97,7 +109,13 @@ pub fn offline(data_dir: &Path, config: &AgentConfig) -> Result<AgentStatus> {
             spool_bytes: None,
         });
     }
-    Ok(AgentStatus { running: false, replica: config.replica.clone(), link_connected: false, link_error: None, volumes })
+    Ok(AgentStatus {
+        running: false,
+        replica: config.replica.clone(),
+        link_connected: false,
+        link_error: None,
+        volumes,
+    })
 }
 
 pub fn human_bytes(n: u64) -> String {
@@ -108,7 +126,11 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// An aligned table for a terminal.
@@ -119,11 +141,28 @@ pub fn render(s: &AgentStatus) -> String {
     } else if s.link_connected {
         format!("connected to {}", s.replica)
     } else {
-        format!("disconnected from {} ({})", s.replica, s.link_error.as_deref().unwrap_or("connecting"))
+        format!(
+            "disconnected from {} ({})",
+            s.replica,
+            s.link_error.as_deref().unwrap_or("connecting")
+        )
     };
     out.push_str(&format!("link: {link}\n"));
     let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-    let mut rows = vec![["VOLUME", "GROUP", "STATE", "SIZE", "LAST SEQ", "ACKED SEQ", "SPOOL", "DEVICE"].map(String::from).to_vec()];
+    let mut rows = vec![
+        [
+            "VOLUME",
+            "GROUP",
+            "STATE",
+            "SIZE",
+            "LAST SEQ",
+            "ACKED SEQ",
+            "SPOOL",
+            "DEVICE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     for v in &s.volumes {
         let state = match v.sync_progress {
             Some(p) => format!("{} {:.0}%", v.state, p * 100.0),
@@ -133,11 +172,26 @@ pub fn render(s: &AgentStatus) -> String {
             (Some(n), Some(b)) => format!("{n} batches, {}", human_bytes(b)),
             _ => "-".into(),
         };
-        rows.push(vec![v.name.clone(), v.group.clone(), state, human_bytes(v.size), opt(v.last_seq), opt(v.acked_seq), spool, v.device.clone()]);
+        rows.push(vec![
+            v.name.clone(),
+            v.group.clone(),
+            state,
+            human_bytes(v.size),
+            opt(v.last_seq),
+            opt(v.acked_seq),
+            spool,
+            v.device.clone(),
+        ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
     for r in rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }

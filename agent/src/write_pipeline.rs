@@ -91,12 +91,21 @@ impl Place {
         if records > 0 {
             let was_empty = inner.batcher.is_empty();
             let inconsistent = inner.syncing > 0;
-            let sealed = inner.batcher.push(encoded, records, sync, inconsistent, Instant::now(), now_ns());
+            let sealed = inner.batcher.push(
+                encoded,
+                records,
+                sync,
+                inconsistent,
+                Instant::now(),
+                now_ns(),
+            );
             self.group.to_spool(sealed);
             if was_empty {
                 self.group.age_notify.notify_one();
             }
-            self.group.records_total.fetch_add(u64::from(records), Ordering::Relaxed);
+            self.group
+                .records_total
+                .fetch_add(u64::from(records), Ordering::Relaxed);
         }
         if let Some(t) = self.ticket.take() {
             inner.locks[self.volume as usize].release(t);
@@ -119,7 +128,14 @@ fn blocking_err(e: tokio::task::JoinError) -> ExportError {
 impl Group {
     /// A group whose volumes are indexed by id (`volumes[i].id == i`), continuing its log after
     /// `last_seq` (whose header hash is `last_hash`).
-    pub fn new(name: &str, volumes: Vec<Arc<Volume>>, spool: Spool, config: BatcherConfig, last_seq: Seq, last_hash: batch::Hash) -> Arc<Group> {
+    pub fn new(
+        name: &str,
+        volumes: Vec<Arc<Volume>>,
+        spool: Spool,
+        config: BatcherConfig,
+        last_seq: Seq,
+        last_hash: batch::Hash,
+    ) -> Arc<Group> {
         for (i, v) in volumes.iter().enumerate() {
             assert_eq!(v.id as usize, i, "volume ids are dense indexes");
         }
@@ -128,7 +144,11 @@ impl Group {
         Arc::new(Group {
             name: name.to_owned(),
             volumes,
-            inner: Mutex::new(Inner { locks, batcher: Batcher::new(name, config, last_seq, last_hash), syncing: 0 }),
+            inner: Mutex::new(Inner {
+                locks,
+                batcher: Batcher::new(name, config, last_seq, last_hash),
+                syncing: 0,
+            }),
             spool,
             age_notify: Notify::new(),
             acked,
@@ -157,7 +177,14 @@ impl Group {
 
     fn admit(self: &Arc<Self>, volume: VolumeId, start: u64, end: u64) -> (Place, Vec<Latch>) {
         let (ticket, waits) = self.lock().locks[volume as usize].admit(start, end);
-        (Place { group: self.clone(), volume, ticket: Some(ticket) }, waits)
+        (
+            Place {
+                group: self.clone(),
+                volume,
+                ticket: Some(ticket),
+            },
+            waits,
+        )
     }
 
     fn volume(&self, id: VolumeId) -> &Arc<Volume> {
@@ -166,42 +193,68 @@ impl Group {
 
     /// Writes `data` at `offset` of volume `volume`. Admission happens in this call; the
     /// returned future does the rest (see the module doc).
-    pub fn write(self: &Arc<Self>, volume: VolumeId, offset: u64, data: Vec<u8>, fua: bool) -> impl Future<Output = ExportResult<()>> + Send + 'static {
+    pub fn write(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
         let (place, waits) = self.admit(volume, offset, offset + data.len() as u64);
         let group = self.clone();
         async move {
             wait_all(waits).await;
             let dev = group.volume(volume).dev.clone();
-            let (encoded, records) = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u32)> {
-                dev.write_at(&data, offset)?;
-                let mut out = Vec::with_capacity(data.len() + 64);
-                let mut n = 0;
-                ENCODER.with(|e| {
-                    let mut e = e.borrow_mut();
-                    for (at, len) in split_at_chunks(offset, data.len() as u64) {
-                        let from = (at - offset) as usize;
-                        e.encode_data(volume, at, &data[from..from + len as usize], 0, &mut out);
-                        n += 1;
-                    }
-                });
-                Ok((out, n))
-            })
-            .await
-            .map_err(blocking_err)??;
+            let (encoded, records) =
+                tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u32)> {
+                    dev.write_at(&data, offset)?;
+                    let mut out = Vec::with_capacity(data.len() + 64);
+                    let mut n = 0;
+                    ENCODER.with(|e| {
+                        let mut e = e.borrow_mut();
+                        for (at, len) in split_at_chunks(offset, data.len() as u64) {
+                            let from = (at - offset) as usize;
+                            e.encode_data(
+                                volume,
+                                at,
+                                &data[from..from + len as usize],
+                                0,
+                                &mut out,
+                            );
+                            n += 1;
+                        }
+                    });
+                    Ok((out, n))
+                })
+                .await
+                .map_err(blocking_err)??;
             place.complete(&encoded, records, false);
-            if fua { group.flush_volume(volume).await } else { Ok(()) }
+            if fua {
+                group.flush_volume(volume).await
+            } else {
+                Ok(())
+            }
         }
     }
 
     /// Zero-writes (`kind` Zero) or trims (`kind` Trim) a range. Both read back as zeros.
-    pub fn zero(self: &Arc<Self>, volume: VolumeId, offset: u64, len: u64, kind: RecordKind, fua: bool) -> impl Future<Output = ExportResult<()>> + Send + 'static {
+    pub fn zero(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        offset: u64,
+        len: u64,
+        kind: RecordKind,
+        fua: bool,
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
         debug_assert!(matches!(kind, RecordKind::Zero | RecordKind::Trim));
         let (place, waits) = self.admit(volume, offset, offset + len);
         let group = self.clone();
         async move {
             wait_all(waits).await;
             let dev = group.volume(volume).dev.clone();
-            tokio::task::spawn_blocking(move || dev.zero_range(offset, len)).await.map_err(blocking_err)??;
+            tokio::task::spawn_blocking(move || dev.zero_range(offset, len))
+                .await
+                .map_err(blocking_err)??;
             let mut out = Vec::new();
             let mut n = 0;
             for (at, piece) in split_at_chunks(offset, len) {
@@ -209,12 +262,21 @@ impl Group {
                 n += 1;
             }
             place.complete(&out, n, false);
-            if fua { group.flush_volume(volume).await } else { Ok(()) }
+            if fua {
+                group.flush_volume(volume).await
+            } else {
+                Ok(())
+            }
         }
     }
 
     /// Reads a range of a volume (not ordered against concurrent writes, as NBD allows).
-    pub fn read(&self, volume: VolumeId, offset: u64, len: u32) -> impl Future<Output = ExportResult<Vec<u8>>> + Send + 'static {
+    pub fn read(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = ExportResult<Vec<u8>>> + Send + 'static {
         let dev = self.volume(volume).dev.clone();
         async move {
             tokio::task::spawn_blocking(move || {
@@ -238,20 +300,30 @@ impl Group {
     }
 
     async fn sync_devices(&self, which: Vec<Arc<dyn BlockDev>>) -> ExportResult<()> {
-        tokio::task::spawn_blocking(move || which.iter().try_for_each(|d| d.sync())).await.map_err(blocking_err)??;
+        tokio::task::spawn_blocking(move || which.iter().try_for_each(|d| d.sync()))
+            .await
+            .map_err(blocking_err)??;
         Ok(())
     }
 
     async fn make_durable(&self, seq: Seq) -> ExportResult<()> {
-        self.spool.wait_durable(seq).await.map_err(|e| ExportError::Io(e.to_string()))
+        self.spool
+            .wait_durable(seq)
+            .await
+            .map_err(|e| ExportError::Io(e.to_string()))
     }
 
     /// FLUSH on one volume: its device durable, the batch cut as a flush point, the spool
     /// durable up to it.
-    pub fn flush_volume(self: &Arc<Self>, volume: VolumeId) -> impl Future<Output = ExportResult<()>> + Send + 'static {
+    pub fn flush_volume(
+        self: &Arc<Self>,
+        volume: VolumeId,
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
         let group = self.clone();
         async move {
-            group.sync_devices(vec![group.volume(volume).dev.clone()]).await?;
+            group
+                .sync_devices(vec![group.volume(volume).dev.clone()])
+                .await?;
             let seq = group.cut(BatchFlags::FLUSH, None);
             group.make_durable(seq).await
         }
@@ -260,7 +332,8 @@ impl Group {
     /// Makes every device of the group durable and seals a batch named `name`; returns its seq
     /// once it is durable in the spool.
     pub async fn bookmark(self: &Arc<Self>, name: &str) -> ExportResult<Seq> {
-        self.sync_devices(self.volumes.iter().map(|v| v.dev.clone()).collect()).await?;
+        self.sync_devices(self.volumes.iter().map(|v| v.dev.clone()).collect())
+            .await?;
         let seq = self.cut(BatchFlags::FLUSH, Some(name));
         self.make_durable(seq).await?;
         Ok(seq)
@@ -268,7 +341,8 @@ impl Group {
 
     /// Seals the open batch (used at shutdown) and makes it durable.
     pub async fn seal_and_sync(self: &Arc<Self>) -> ExportResult<Seq> {
-        self.sync_devices(self.volumes.iter().map(|v| v.dev.clone()).collect()).await?;
+        self.sync_devices(self.volumes.iter().map(|v| v.dev.clone()).collect())
+            .await?;
         let seq = self.cut(BatchFlags::FLUSH, None);
         self.make_durable(seq).await?;
         Ok(seq)
@@ -295,7 +369,9 @@ impl Group {
             }
             let mut inner = self.lock();
             let inconsistent = inner.syncing > 0;
-            let sealed = inner.batcher.poll_age(Instant::now(), inconsistent, now_ns());
+            let sealed = inner
+                .batcher
+                .poll_age(Instant::now(), inconsistent, now_ns());
             self.to_spool(sealed);
         }
     }
@@ -305,7 +381,12 @@ impl Group {
     /// records), and a `SyncEnd` record last in its batch. Returns the seq of that batch.
     /// `backlog_max` bounds the batches sealed but not acknowledged while it runs;
     /// `bytes_per_sec_max` (0: unlimited) bounds its read rate.
-    pub async fn initial_sync(self: &Arc<Self>, volume: VolumeId, backlog_max: u64, bytes_per_sec_max: u64) -> ExportResult<Seq> {
+    pub async fn initial_sync(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        backlog_max: u64,
+        bytes_per_sec_max: u64,
+    ) -> ExportResult<Seq> {
         let vol = self.volume(volume).clone();
         vol.sync_chunks_done.store(0, Ordering::Relaxed);
         vol.syncing.store(true, Ordering::Relaxed);
@@ -316,8 +397,17 @@ impl Group {
             let sealed = inner.batcher.seal(0, None, inconsistent, now_ns());
             self.to_spool(sealed);
             let mut rec = Vec::new();
-            batch::encode_marker(volume, RecordKind::SyncBegin, 0, 0, RECORD_FLAG_SYNC, &mut rec);
-            let sealed = inner.batcher.push(&rec, 1, true, inconsistent, Instant::now(), now_ns());
+            batch::encode_marker(
+                volume,
+                RecordKind::SyncBegin,
+                0,
+                0,
+                RECORD_FLAG_SYNC,
+                &mut rec,
+            );
+            let sealed = inner
+                .batcher
+                .push(&rec, 1, true, inconsistent, Instant::now(), now_ns());
             self.to_spool(sealed);
         }
         let mut acked = self.acked.subscribe();
@@ -325,7 +415,10 @@ impl Group {
         let mut bytes_read = 0u64;
         for chunk in 0..vol.chunks() {
             if bytes_per_sec_max > 0 {
-                let due = started + std::time::Duration::from_secs_f64(bytes_read as f64 / bytes_per_sec_max as f64);
+                let due = started
+                    + std::time::Duration::from_secs_f64(
+                        bytes_read as f64 / bytes_per_sec_max as f64,
+                    );
                 tokio::time::sleep_until(due).await;
             }
             // Bound the backlog: the sync must not fill the spool with the whole device.
@@ -348,9 +441,19 @@ impl Group {
                 dev.read_at(&mut buf, start)?;
                 let mut out = Vec::new();
                 if buf.iter().all(|b| *b == 0) {
-                    batch::encode_marker(volume, RecordKind::Zero, start, len as u32, RECORD_FLAG_SYNC, &mut out);
+                    batch::encode_marker(
+                        volume,
+                        RecordKind::Zero,
+                        start,
+                        len as u32,
+                        RECORD_FLAG_SYNC,
+                        &mut out,
+                    );
                 } else {
-                    ENCODER.with(|e| e.borrow_mut().encode_data(volume, start, &buf, RECORD_FLAG_SYNC, &mut out));
+                    ENCODER.with(|e| {
+                        e.borrow_mut()
+                            .encode_data(volume, start, &buf, RECORD_FLAG_SYNC, &mut out)
+                    });
                 }
                 Ok(out)
             })
@@ -368,8 +471,17 @@ impl Group {
             let sealed = inner.batcher.seal(0, None, true, now_ns());
             self.to_spool(sealed);
             let mut rec = Vec::new();
-            batch::encode_marker(volume, RecordKind::SyncEnd, 0, 0, RECORD_FLAG_SYNC, &mut rec);
-            let sealed = inner.batcher.push(&rec, 1, true, true, Instant::now(), now_ns());
+            batch::encode_marker(
+                volume,
+                RecordKind::SyncEnd,
+                0,
+                0,
+                RECORD_FLAG_SYNC,
+                &mut rec,
+            );
+            let sealed = inner
+                .batcher
+                .push(&rec, 1, true, true, Instant::now(), now_ns());
             self.to_spool(sealed);
             inner.syncing -= 1;
             let inconsistent = inner.syncing > 0;

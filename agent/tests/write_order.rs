@@ -52,15 +52,34 @@ const VOLUME_BYTES: u64 = 2 * CHUNK_BYTES + 8192;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { vol: u32, offset: u64, len: u64, seed: u8 },
-    Zero { vol: u32, offset: u64, len: u64 },
-    Trim { vol: u32, offset: u64, len: u64 },
-    Flush { vol: u32 },
+    Write {
+        vol: u32,
+        offset: u64,
+        len: u64,
+        seed: u8,
+    },
+    Zero {
+        vol: u32,
+        offset: u64,
+        len: u64,
+    },
+    Trim {
+        vol: u32,
+        offset: u64,
+        len: u64,
+    },
+    Flush {
+        vol: u32,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     // Offsets cluster around the first chunk boundary so that most operations overlap.
-    let range = (0u32..2, CHUNK_BYTES - 64 * 1024..CHUNK_BYTES + 64 * 1024, 1u64..96 * 1024);
+    let range = (
+        0u32..2,
+        CHUNK_BYTES - 64 * 1024..CHUNK_BYTES + 64 * 1024,
+        1u64..96 * 1024,
+    );
     prop_oneof![
         6 => (range.clone(), any::<u8>()).prop_map(|((vol, offset, len), seed)| Op::Write { vol, offset, len, seed }),
         1 => range.clone().prop_map(|(vol, offset, len)| Op::Zero { vol, offset, len }),
@@ -70,7 +89,9 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn pattern(seed: u8, offset: u64, len: u64) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add(((offset + i) % 251) as u8)).collect()
+    (0..len)
+        .map(|i| seed.wrapping_add(((offset + i) % 251) as u8))
+        .collect()
 }
 
 fn make_group(dir: &Path) -> Arc<Group> {
@@ -91,7 +112,10 @@ fn make_group(dir: &Path) -> Arc<Group> {
     }
     let (spool, rec) = Spool::open(&dir.join("spool")).expect("spool");
     // Small batches so that the log spans many of them.
-    let config = BatcherConfig { payload_bytes_target: 64 * 1024, age_max: Duration::from_millis(5) };
+    let config = BatcherConfig {
+        payload_bytes_target: 64 * 1024,
+        age_max: Duration::from_millis(5),
+    };
     Group::new("g", volumes, spool, config, rec.last_seq, rec.last_hash)
 }
 
@@ -101,7 +125,11 @@ fn replay(group: &Group, last: Seq) -> Vec<Vec<u8>> {
     let mut data = Vec::new();
     let mut prev_hash = [0u8; 32];
     for seq in 1..=last.0 {
-        let bytes = group.spool.get(Seq(seq)).expect("spool read").expect("batch held");
+        let bytes = group
+            .spool
+            .get(Seq(seq))
+            .expect("spool read")
+            .expect("batch held");
         let view = batch::decode(&bytes).expect("batch decodes");
         assert_eq!(view.header.seq, Seq(seq));
         assert_eq!(view.header.prev_hash, prev_hash, "batches are chained");
@@ -112,7 +140,8 @@ fn replay(group: &Group, last: Seq) -> Vec<Vec<u8>> {
             let range = h.offset as usize..(h.offset + u64::from(h.length)) as usize;
             match h.kind {
                 RecordKind::Data => {
-                    h.decode_data(r.stored, &mut d, &mut data).expect("record data");
+                    h.decode_data(r.stored, &mut d, &mut data)
+                        .expect("record data");
                     img[range].copy_from_slice(&data);
                 }
                 RecordKind::Zero | RecordKind::Trim => img[range].fill(0),
@@ -125,7 +154,11 @@ fn replay(group: &Group, last: Seq) -> Vec<Vec<u8>> {
 
 fn run_case(ops: Vec<Op>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let group = make_group(dir.path());
         let stop = tokio_util::sync::CancellationToken::new();
@@ -134,7 +167,12 @@ fn run_case(ops: Vec<Op>) {
         let mut tasks = tokio::task::JoinSet::new();
         for op in &ops {
             match *op {
-                Op::Write { vol, offset, len, seed } => {
+                Op::Write {
+                    vol,
+                    offset,
+                    len,
+                    seed,
+                } => {
                     tasks.spawn(group.write(vol, offset, pattern(seed, offset, len), false));
                 }
                 Op::Zero { vol, offset, len } => {
@@ -157,7 +195,10 @@ fn run_case(ops: Vec<Op>) {
         let images = replay(&group, last);
         for (id, image) in images.iter().enumerate() {
             let on_disk = std::fs::read(dir.path().join(format!("vol{id}"))).expect("read device");
-            assert!(on_disk == *image, "volume {id}: the device differs from the replayed log");
+            assert!(
+                on_disk == *image,
+                "volume {id}: the device differs from the replayed log"
+            );
         }
     });
 }
@@ -177,7 +218,10 @@ proptest! {
 fn heavy_overlap_many_rounds() {
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     for _ in 0..4 {
-        let ops = proptest::collection::vec(op(), 400).new_tree(&mut runner).expect("ops").current();
+        let ops = proptest::collection::vec(op(), 400)
+            .new_tree(&mut runner)
+            .expect("ops")
+            .current();
         run_case(ops);
     }
 }

@@ -20,7 +20,10 @@
 //! Decoding checks every length against the limits in [`crate::types`] before it allocates
 //! and rejects anything malformed with a [`BatchError`]; it never panics.
 
-use crate::types::{BATCH_PAYLOAD_BYTES_MAX, BATCH_RECORDS_MAX, CHUNK_BYTES, NAME_BYTES_MAX, Seq, VolumeId, check_name};
+use crate::types::{
+    BATCH_PAYLOAD_BYTES_MAX, BATCH_RECORDS_MAX, CHUNK_BYTES, NAME_BYTES_MAX, Seq, VolumeId,
+    check_name,
+};
 
 pub const MAGIC: [u8; 4] = *b"CDPB";
 pub const VERSION: u16 = 1;
@@ -210,7 +213,9 @@ pub fn decode_header(buf: &[u8]) -> Result<BatchHeader, BatchError> {
     }
     let expected_len = HEADER_FIXED_BYTES + group_len + bookmark_len + HASH_BYTES;
     if header_len as usize != expected_len {
-        return Err(BatchError::BadHeader("header length does not match the names"));
+        return Err(BatchError::BadHeader(
+            "header length does not match the names",
+        ));
     }
     if seq == 0 {
         return Err(BatchError::BadHeader("seq 0"));
@@ -233,12 +238,18 @@ pub fn decode_header(buf: &[u8]) -> Result<BatchHeader, BatchError> {
         return Err(BatchError::HeaderHash);
     }
     let name = |from: usize, len: usize| -> Result<String, BatchError> {
-        let s = std::str::from_utf8(&buf[from..from + len]).map_err(|_| BatchError::BadHeader("name is not UTF-8"))?;
-        check_name("batch", s).map_err(|_| BatchError::BadHeader("name has characters that are not allowed"))?;
+        let s = std::str::from_utf8(&buf[from..from + len])
+            .map_err(|_| BatchError::BadHeader("name is not UTF-8"))?;
+        check_name("batch", s)
+            .map_err(|_| BatchError::BadHeader("name has characters that are not allowed"))?;
         Ok(s.to_owned())
     };
     let group = name(HEADER_FIXED_BYTES, group_len)?;
-    let bookmark = if bookmark_len > 0 { Some(name(HEADER_FIXED_BYTES + group_len, bookmark_len)?) } else { None };
+    let bookmark = if bookmark_len > 0 {
+        Some(name(HEADER_FIXED_BYTES + group_len, bookmark_len)?)
+    } else {
+        None
+    };
     Ok(BatchHeader {
         seq: Seq(seq),
         agent_time_ns,
@@ -295,7 +306,9 @@ impl RecordHeader {
                 if length == 0 || u64::from(length) > CHUNK_BYTES {
                     return Err(bad("length out of range"));
                 }
-                let last = offset.checked_add(u64::from(length) - 1).ok_or(bad("range overflows"))?;
+                let last = offset
+                    .checked_add(u64::from(length) - 1)
+                    .ok_or(bad("range overflows"))?;
                 if offset / CHUNK_BYTES != last / CHUNK_BYTES {
                     return Err(bad("record crosses a chunk boundary"));
                 }
@@ -307,7 +320,9 @@ impl RecordHeader {
             }
         }
         match (kind, encoding) {
-            (RecordKind::Data, Encoding::Raw) if stored_len != length => return Err(bad("raw length mismatch")),
+            (RecordKind::Data, Encoding::Raw) if stored_len != length => {
+                return Err(bad("raw length mismatch"));
+            }
             (RecordKind::Data, Encoding::Zstd) if stored_len == 0 || stored_len >= length => {
                 return Err(bad("compressed length out of range"));
             }
@@ -315,7 +330,16 @@ impl RecordHeader {
             (_, Encoding::Raw) if stored_len == 0 => {}
             _ => return Err(bad("record without data carries bytes")),
         }
-        Ok(RecordHeader { volume, kind, encoding, flags, offset, length, stored_len, data_hash })
+        Ok(RecordHeader {
+            volume,
+            kind,
+            encoding,
+            flags,
+            offset,
+            length,
+            stored_len,
+            data_hash,
+        })
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
@@ -340,24 +364,40 @@ impl RecordHeader {
 
     /// Decodes a data record's stored bytes into `out` (cleared first; its capacity is reused)
     /// and checks them against the record's hash.
-    pub fn decode_data(&self, stored: &[u8], decompressor: &mut zstd::bulk::Decompressor<'_>, out: &mut Vec<u8>) -> Result<(), BatchError> {
+    pub fn decode_data(
+        &self,
+        stored: &[u8],
+        decompressor: &mut zstd::bulk::Decompressor<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BatchError> {
         debug_assert_eq!(self.kind, RecordKind::Data);
         if stored.len() != self.stored_len as usize {
-            return Err(BatchError::Length { expected: self.stored_len as usize, actual: stored.len() });
+            return Err(BatchError::Length {
+                expected: self.stored_len as usize,
+                actual: stored.len(),
+            });
         }
         out.clear();
         match self.encoding {
             Encoding::Raw => out.extend_from_slice(stored),
             Encoding::Zstd => {
                 out.reserve(self.length as usize);
-                let n = decompressor.decompress_to_buffer(stored, out).map_err(|e| BatchError::Decompress(e.to_string()))?;
+                let n = decompressor
+                    .decompress_to_buffer(stored, out)
+                    .map_err(|e| BatchError::Decompress(e.to_string()))?;
                 if n != self.length as usize {
-                    return Err(BatchError::Decompress(format!("{n} bytes instead of {}", self.length)));
+                    return Err(BatchError::Decompress(format!(
+                        "{n} bytes instead of {}",
+                        self.length
+                    )));
                 }
             }
         }
         if *blake3::hash(out).as_bytes() != self.data_hash {
-            return Err(BatchError::DataHash { volume: self.volume, offset: self.offset });
+            return Err(BatchError::DataHash {
+                volume: self.volume,
+                offset: self.offset,
+            });
         }
         Ok(())
     }
@@ -396,7 +436,11 @@ impl<'a> BatchView<'a> {
             let header = RecordHeader::decode(&payload[pos..], index).ok()?;
             let start = pos + RECORD_HEADER_BYTES;
             let end = start + header.stored_len as usize;
-            let view = RecordView { header, payload_pos: pos, stored: payload.get(start..end)? };
+            let view = RecordView {
+                header,
+                payload_pos: pos,
+                stored: payload.get(start..end)?,
+            };
             pos = end;
             index += 1;
             Some(view)
@@ -411,7 +455,10 @@ pub fn decode(bytes: &[u8]) -> Result<BatchView<'_>, BatchError> {
     let header = decode_header(bytes)?;
     let total = header.total_len();
     if bytes.len() != total {
-        return Err(BatchError::Length { expected: total, actual: bytes.len() });
+        return Err(BatchError::Length {
+            expected: total,
+            actual: bytes.len(),
+        });
     }
     let payload = &bytes[header.header_len as usize..];
     if *blake3::hash(payload).as_bytes() != header.payload_hash {
@@ -426,7 +473,10 @@ pub fn decode(bytes: &[u8]) -> Result<BatchView<'_>, BatchError> {
         let rh = RecordHeader::decode(&payload[pos..], count)?;
         let end = pos + rh.total_len();
         if end > payload.len() {
-            return Err(BatchError::BadRecord { index: count, reason: "record data runs past the payload" });
+            return Err(BatchError::BadRecord {
+                index: count,
+                reason: "record data runs past the payload",
+            });
         }
         pos = end;
         count += 1;
@@ -438,7 +488,11 @@ pub fn decode(bytes: &[u8]) -> Result<BatchView<'_>, BatchError> {
 }
 
 /// Decodes every data record of a checked batch and checks its hash (the receiver's full check).
-pub fn check_record_data(batch: &BatchView<'_>, decompressor: &mut zstd::bulk::Decompressor<'_>, scratch: &mut Vec<u8>) -> Result<(), BatchError> {
+pub fn check_record_data(
+    batch: &BatchView<'_>,
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    scratch: &mut Vec<u8>,
+) -> Result<(), BatchError> {
     for r in batch.records() {
         if r.header.kind == RecordKind::Data {
             r.header.decode_data(r.stored, decompressor, scratch)?;
@@ -456,23 +510,42 @@ pub struct RecordEncoder {
 impl RecordEncoder {
     pub fn new() -> RecordEncoder {
         // Creating a compressor only fails when zstd cannot allocate its context.
-        let compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL).unwrap_or_else(|e| panic!("zstd compressor: {e}"));
-        RecordEncoder { compressor, scratch: Vec::new() }
+        let compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL)
+            .unwrap_or_else(|e| panic!("zstd compressor: {e}"));
+        RecordEncoder {
+            compressor,
+            scratch: Vec::new(),
+        }
     }
 
     /// Appends a data record for `data` at `offset` (which must lie in one chunk) to `out`.
-    pub fn encode_data(&mut self, volume: VolumeId, offset: u64, data: &[u8], flags: u16, out: &mut Vec<u8>) {
+    pub fn encode_data(
+        &mut self,
+        volume: VolumeId,
+        offset: u64,
+        data: &[u8],
+        flags: u16,
+        out: &mut Vec<u8>,
+    ) {
         assert!(!data.is_empty() && data.len() as u64 <= CHUNK_BYTES);
-        assert_eq!(offset / CHUNK_BYTES, (offset + data.len() as u64 - 1) / CHUNK_BYTES);
+        assert_eq!(
+            offset / CHUNK_BYTES,
+            (offset + data.len() as u64 - 1) / CHUNK_BYTES
+        );
         let data_hash = *blake3::hash(data).as_bytes();
         let length = data.len() as u32;
         self.scratch.clear();
-        self.scratch.reserve(zstd::zstd_safe::compress_bound(data.len()));
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(data.len()));
         let compressed = match self.compressor.compress_to_buffer(data, &mut self.scratch) {
             Ok(n) => n > 0 && n < data.len(),
             Err(_) => false,
         };
-        let (encoding, stored): (Encoding, &[u8]) = if compressed { (Encoding::Zstd, &self.scratch) } else { (Encoding::Raw, data) };
+        let (encoding, stored): (Encoding, &[u8]) = if compressed {
+            (Encoding::Zstd, &self.scratch)
+        } else {
+            (Encoding::Raw, data)
+        };
         let header = RecordHeader {
             volume,
             kind: RecordKind::Data,
@@ -496,9 +569,26 @@ impl Default for RecordEncoder {
 }
 
 /// Appends a record without data (zero, trim, sync markers) to `out`.
-pub fn encode_marker(volume: VolumeId, kind: RecordKind, offset: u64, length: u32, flags: u16, out: &mut Vec<u8>) {
+pub fn encode_marker(
+    volume: VolumeId,
+    kind: RecordKind,
+    offset: u64,
+    length: u32,
+    flags: u16,
+    out: &mut Vec<u8>,
+) {
     assert_ne!(kind, RecordKind::Data);
-    RecordHeader { volume, kind, encoding: Encoding::Raw, flags, offset, length, stored_len: 0, data_hash: ZERO_HASH }.encode(out);
+    RecordHeader {
+        volume,
+        kind,
+        encoding: Encoding::Raw,
+        flags,
+        offset,
+        length,
+        stored_len: 0,
+        data_hash: ZERO_HASH,
+    }
+    .encode(out);
 }
 
 /// What a sealed batch's header says, apart from what the payload determines.
@@ -517,8 +607,15 @@ pub struct SealParams<'a> {
 /// header hash. The payload must be a sequence of `record_count` encoded records.
 pub fn seal(params: &SealParams<'_>, payload: &[u8]) -> (Vec<u8>, Hash) {
     let bookmark = params.bookmark.unwrap_or("");
-    assert!(!params.group.is_empty() && params.group.len() <= NAME_BYTES_MAX && bookmark.len() <= NAME_BYTES_MAX);
-    assert!(payload.len() <= BATCH_PAYLOAD_BYTES_MAX && params.record_count as usize <= BATCH_RECORDS_MAX);
+    assert!(
+        !params.group.is_empty()
+            && params.group.len() <= NAME_BYTES_MAX
+            && bookmark.len() <= NAME_BYTES_MAX
+    );
+    assert!(
+        payload.len() <= BATCH_PAYLOAD_BYTES_MAX
+            && params.record_count as usize <= BATCH_RECORDS_MAX
+    );
     let mut flags = params.flags.0;
     if params.bookmark.is_some() {
         flags |= BatchFlags::BOOKMARK;
@@ -557,7 +654,10 @@ mod tests {
         let mut payload = Vec::new();
         enc.encode_data(1, 4096, &[7u8; 8192], 0, &mut payload); // compressible
         let mut random = vec![0u8; 5000];
-        blake3::Hasher::new().update(b"seed").finalize_xof().fill(&mut random);
+        blake3::Hasher::new()
+            .update(b"seed")
+            .finalize_xof()
+            .fill(&mut random);
         enc.encode_data(2, CHUNK_BYTES, &random, RECORD_FLAG_SYNC, &mut payload);
         encode_marker(1, RecordKind::Zero, 0, 512, 0, &mut payload);
         encode_marker(1, RecordKind::Trim, CHUNK_BYTES - 512, 512, 0, &mut payload);
@@ -580,7 +680,9 @@ mod tests {
         assert_eq!(view.header.seq, Seq(42));
         assert_eq!(view.header.group, "db");
         assert_eq!(view.header.bookmark.as_deref(), Some("before-upgrade"));
-        assert!(view.header.flags.has(BatchFlags::FLUSH) && view.header.flags.has(BatchFlags::BOOKMARK));
+        assert!(
+            view.header.flags.has(BatchFlags::FLUSH) && view.header.flags.has(BatchFlags::BOOKMARK)
+        );
         assert_eq!(view.header.prev_hash, [9; 32]);
         let records: Vec<_> = view.records().collect();
         assert_eq!(records.len(), 4);
@@ -590,7 +692,10 @@ mod tests {
         assert_eq!(records[2].header.kind, RecordKind::Zero);
         let mut d = zstd::bulk::Decompressor::new().expect("decompressor");
         let mut out = Vec::new();
-        records[0].header.decode_data(records[0].stored, &mut d, &mut out).expect("data");
+        records[0]
+            .header
+            .decode_data(records[0].stored, &mut d, &mut out)
+            .expect("data");
         assert_eq!(out, vec![7u8; 8192]);
         check_record_data(&view, &mut d, &mut out).expect("all data");
     }
@@ -622,7 +727,10 @@ mod tests {
     fn record_crossing_a_chunk_is_refused() {
         let mut buf = Vec::new();
         encode_marker(0, RecordKind::Zero, CHUNK_BYTES - 1, 2, 0, &mut buf);
-        assert!(matches!(RecordHeader::decode(&buf, 0), Err(BatchError::BadRecord { .. })));
+        assert!(matches!(
+            RecordHeader::decode(&buf, 0),
+            Err(BatchError::BadRecord { .. })
+        ));
     }
 
     proptest! {

@@ -67,12 +67,17 @@ const _: () = assert!(NBD_REQUEST_BYTES_MAX as u64 >= CHUNK_BYTES);
 /// with a dot. Names become file names on both sides, so nothing else is allowed.
 pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > NAME_BYTES_MAX {
-        return Err(format!("{kind} name must be 1 to {NAME_BYTES_MAX} characters long"));
+        return Err(format!(
+            "{kind} name must be 1 to {NAME_BYTES_MAX} characters long"
+        ));
     }
     if name.starts_with('.') {
         return Err(format!("{kind} name {name:?} must not start with a dot"));
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
         return Err(format!(
             "{kind} name {name:?} may only hold letters, digits, '.', '_' and '-'"
         ));

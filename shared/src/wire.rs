@@ -49,19 +49,32 @@ pub struct GroupWelcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Control {
-    Hello { protocol: u32, groups: Vec<GroupHello> },
-    Welcome { protocol: u32, groups: Vec<GroupWelcome> },
+    Hello {
+        protocol: u32,
+        groups: Vec<GroupHello>,
+    },
+    Welcome {
+        protocol: u32,
+        groups: Vec<GroupWelcome>,
+    },
     /// The replica will not serve this agent; `reason` is one sentence for the operator.
     Refused { reason: String },
     /// Every batch of `group` up to and including `durable` is durable on the replica.
     Ack { group: String, durable: u64 },
     /// The batch `seq` of `group` was refused (it failed its checks); the agent sends it again.
-    Nack { group: String, seq: u64, reason: String },
+    Nack {
+        group: String,
+        seq: u64,
+        reason: String,
+    },
 }
 
 impl Control {
     pub fn ack(group: &str, durable: Seq) -> Control {
-        Control::Ack { group: group.to_owned(), durable: durable.0 }
+        Control::Ack {
+            group: group.to_owned(),
+            durable: durable.0,
+        }
     }
 }
 
@@ -76,7 +89,8 @@ pub enum WireError {
 /// Encodes one control frame.
 pub fn encode(msg: &Control) -> Vec<u8> {
     // Serializing these plain types to JSON cannot fail.
-    let body = serde_json::to_vec(msg).unwrap_or_else(|e| panic!("control message serializes: {e}"));
+    let body =
+        serde_json::to_vec(msg).unwrap_or_else(|e| panic!("control message serializes: {e}"));
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
@@ -110,7 +124,8 @@ impl FrameDecoder {
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
-        let msg = serde_json::from_slice(&self.buf[4..4 + len]).map_err(|e| WireError::Malformed(e.to_string()));
+        let msg = serde_json::from_slice(&self.buf[4..4 + len])
+            .map_err(|e| WireError::Malformed(e.to_string()));
         self.buf.drain(..4 + len);
         msg.map(Some)
     }
@@ -127,13 +142,21 @@ mod tests {
                 protocol: PROTOCOL_VERSION,
                 groups: vec![GroupHello {
                     name: "g".into(),
-                    volumes: vec![VolumeInfo { id: 0, name: "v".into(), size: 1 << 30 }],
+                    volumes: vec![VolumeInfo {
+                        id: 0,
+                        name: "v".into(),
+                        size: 1 << 30,
+                    }],
                     head: 5,
                     first_held: 3,
                 }],
             },
             Control::ack("g", Seq(5)),
-            Control::Nack { group: "g".into(), seq: 6, reason: "payload checksum".into() },
+            Control::Nack {
+                group: "g".into(),
+                seq: 6,
+                reason: "payload checksum".into(),
+            },
         ];
         let bytes: Vec<u8> = msgs.iter().flat_map(encode).collect();
         let mut d = FrameDecoder::new();

@@ -12,14 +12,22 @@ use std::time::{Duration, Instant};
 /// The directory holding the built binaries (`target/debug`), found from the test executable.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().expect("deps dir").parent().expect("profile dir").to_owned();
-    dir
+    exe
+        .parent()
+        .expect("deps dir")
+        .parent()
+        .expect("profile dir")
+        .to_owned()
 }
 
 /// Path of a workspace binary; it must have been built (`make test` builds them first).
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} is not built: run `cargo build --workspace --bins` (make test does) before the tests", p.display());
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace --bins` (make test does) before the tests",
+        p.display()
+    );
     p
 }
 
@@ -45,10 +53,16 @@ pub fn require_tool(tool: &str) -> bool {
 
 /// Whether /usr/bin/python3 can import libnbd's bindings.
 pub fn require_python_nbd() -> bool {
-    let ok = Command::new("/usr/bin/python3").args(["-c", "import nbd"]).output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new("/usr/bin/python3")
+        .args(["-c", "import nbd"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     if !ok {
         if in_ci() {
-            panic!("python3-libnbd is required by this test and is not installed (make deps installs it)");
+            panic!(
+                "python3-libnbd is required by this test and is not installed (make deps installs it)"
+            );
         }
         eprintln!("SKIPPED: python3-libnbd is not installed (run `make deps` as root)");
     }
@@ -59,7 +73,10 @@ pub fn require_python_nbd() -> bool {
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -72,8 +89,7 @@ pub fn free_udp_port() -> u16 {
 
 /// Runs a command to completion and returns its output.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    out
+    cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
 }
 
 /// Runs a command that must succeed; returns its stdout.
@@ -100,8 +116,17 @@ impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
         let f = std::fs::File::create(log).expect("log file");
         let f2 = f.try_clone().expect("log file");
-        let child = cmd.stdin(Stdio::null()).stdout(f).stderr(f2).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        Proc { child, log: log.to_owned(), name: name.to_owned() }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(f2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Proc {
+            child,
+            log: log.to_owned(),
+            name: name.to_owned(),
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -111,7 +136,9 @@ impl Proc {
     /// SIGTERM and wait (up to `timeout`) for a clean exit; returns whether it exited 0.
     pub fn stop(&mut self, timeout: Duration) -> bool {
         let pid = self.child.id() as i32;
-        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
@@ -158,12 +185,42 @@ impl Cluster {
         let agent_dir = dir.path().join("agent");
         let port = free_udp_port();
         let listen = format!("127.0.0.1:{port}");
-        let out = run_ok(Command::new(bin("cdp-replica")).args(["init", "--data"]).arg(&replica_dir).args(["--listen", &listen]));
-        let replica_fp = out.trim().strip_prefix("fingerprint: ").expect("replica init prints the fingerprint").to_owned();
-        let out = run_ok(Command::new(bin("cdp-agent")).args(["init", "--data"]).arg(&agent_dir).args(["--replica", &listen, "--replica-fingerprint", &replica_fp]));
-        let agent_fp = out.trim().strip_prefix("fingerprint: ").expect("agent init prints the fingerprint").to_owned();
-        run_ok(Command::new(bin("cdp-replica")).args(["authorize", "--data"]).arg(&replica_dir).args(["--agent", &agent_fp, "--name", "test-agent"]));
-        Cluster { dir, replica_dir, agent_dir, port, replica: None, agent: None }
+        let out = run_ok(
+            Command::new(bin("cdp-replica"))
+                .args(["init", "--data"])
+                .arg(&replica_dir)
+                .args(["--listen", &listen]),
+        );
+        let replica_fp = out
+            .trim()
+            .strip_prefix("fingerprint: ")
+            .expect("replica init prints the fingerprint")
+            .to_owned();
+        let out = run_ok(
+            Command::new(bin("cdp-agent"))
+                .args(["init", "--data"])
+                .arg(&agent_dir)
+                .args(["--replica", &listen, "--replica-fingerprint", &replica_fp]),
+        );
+        let agent_fp = out
+            .trim()
+            .strip_prefix("fingerprint: ")
+            .expect("agent init prints the fingerprint")
+            .to_owned();
+        run_ok(
+            Command::new(bin("cdp-replica"))
+                .args(["authorize", "--data"])
+                .arg(&replica_dir)
+                .args(["--agent", &agent_fp, "--name", "test-agent"]),
+        );
+        Cluster {
+            dir,
+            replica_dir,
+            agent_dir,
+            port,
+            replica: None,
+            agent: None,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -189,7 +246,10 @@ impl Cluster {
 
     pub fn protect(&self, volume: &str, device: &Path, group: Option<&str>) {
         let mut cmd = Command::new(bin("cdp-agent"));
-        cmd.args(["protect", "--data"]).arg(&self.agent_dir).args(["--volume", volume, "--device"]).arg(device);
+        cmd.args(["protect", "--data"])
+            .arg(&self.agent_dir)
+            .args(["--volume", volume, "--device"])
+            .arg(device);
         if let Some(g) = group {
             cmd.args(["--group", g]);
         }
@@ -199,7 +259,9 @@ impl Cluster {
     pub fn start_replica(&mut self) {
         let log = self.path("replica.log");
         let mut cmd = Command::new(bin("cdp-replica"));
-        cmd.args(["serve", "--data"]).arg(&self.replica_dir).env("RUST_LOG", "info");
+        cmd.args(["serve", "--data"])
+            .arg(&self.replica_dir)
+            .env("RUST_LOG", "info");
         self.replica = Some(Proc::spawn("replica", &mut cmd, &log));
     }
 
@@ -210,7 +272,9 @@ impl Cluster {
     pub fn start_agent_with_env(&mut self, env: &[(&str, &str)]) {
         let log = self.path("agent.log");
         let mut cmd = Command::new(bin("cdp-agent"));
-        cmd.args(["run", "--data"]).arg(&self.agent_dir).env("RUST_LOG", "info");
+        cmd.args(["run", "--data"])
+            .arg(&self.agent_dir)
+            .env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -219,7 +283,10 @@ impl Cluster {
         let agent = self.agent.as_mut().expect("agent");
         wait_until("the agent's NBD socket", Duration::from_secs(30), || {
             if let Ok(Some(st)) = agent.child.try_wait() {
-                panic!("the agent exited ({st}):\n{}", std::fs::read_to_string(&agent.log).unwrap_or_default());
+                panic!(
+                    "the agent exited ({st}):\n{}",
+                    std::fs::read_to_string(&agent.log).unwrap_or_default()
+                );
             }
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
         });
@@ -230,18 +297,27 @@ impl Cluster {
     }
 
     pub fn nbd_uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.nbd_socket().display())
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.nbd_socket().display()
+        )
     }
 
     pub fn agent_cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("cdp-agent"));
-        cmd.arg(args[0]).arg("--data").arg(&self.agent_dir).args(&args[1..]);
+        cmd.arg(args[0])
+            .arg("--data")
+            .arg(&self.agent_dir)
+            .args(&args[1..]);
         cmd
     }
 
     pub fn replica_cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin("cdp-replica"));
-        cmd.arg(args[0]).arg("--data").arg(&self.replica_dir).args(&args[1..]);
+        cmd.arg(args[0])
+            .arg("--data")
+            .arg(&self.replica_dir)
+            .args(&args[1..]);
         cmd
     }
 
@@ -263,22 +339,41 @@ impl Cluster {
     /// The agent's last sealed seq of the group holding `volume`.
     pub fn agent_last_seq(&self, volume: &str) -> u64 {
         let st = self.agent_status();
-        let v = st["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == volume).expect("volume in status").clone();
+        let v = st["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == volume)
+            .expect("volume in status")
+            .clone();
         v["last_seq"].as_u64().expect("last_seq")
     }
 
     pub fn agent_acked_seq(&self, volume: &str) -> u64 {
         let st = self.agent_status();
-        let v = st["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == volume).expect("volume in status").clone();
+        let v = st["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == volume)
+            .expect("volume in status")
+            .clone();
         v["acked_seq"].as_u64().expect("acked_seq")
     }
 
     /// Waits until the agent reports `volume` protecting (initial sync done).
     pub fn wait_protecting(&self, volume: &str, timeout: Duration) {
-        wait_until(&format!("volume {volume} to be protecting"), timeout, || {
-            let st = self.agent_status();
-            st["volumes"].as_array().is_some_and(|vs| vs.iter().any(|v| v["name"] == volume && v["state"] == "protecting"))
-        });
+        wait_until(
+            &format!("volume {volume} to be protecting"),
+            timeout,
+            || {
+                let st = self.agent_status();
+                st["volumes"].as_array().is_some_and(|vs| {
+                    vs.iter()
+                        .any(|v| v["name"] == volume && v["state"] == "protecting")
+                })
+            },
+        );
     }
 
     /// Waits until the replica has acknowledged everything the agent sealed for `volume`.
@@ -286,7 +381,13 @@ impl Cluster {
         let mut last = 0;
         wait_until("the replica to acknowledge everything", timeout, || {
             let st = self.agent_status();
-            let v = st["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == volume).expect("volume").clone();
+            let v = st["volumes"]
+                .as_array()
+                .expect("volumes")
+                .iter()
+                .find(|v| v["name"] == volume)
+                .expect("volume")
+                .clone();
             last = v["last_seq"].as_u64().unwrap_or(0);
             v["acked_seq"].as_u64() == Some(last)
         });
@@ -295,9 +396,15 @@ impl Cluster {
 
     /// Restores `volume` at `point` to a new file and returns its bytes, or the error text.
     pub fn restore(&self, volume: &str, point: &str) -> Result<Vec<u8>, String> {
-        let out_path = self.path(&format!("restore-{}-{}.img", volume, point.replace([':', '/'], "_")));
+        let out_path = self.path(&format!(
+            "restore-{}-{}.img",
+            volume,
+            point.replace([':', '/'], "_")
+        ));
         let _ = std::fs::remove_file(&out_path);
-        let out = run(self.replica_cmd(&["restore", "--volume", volume, "--at", point, "--out"]).arg(&out_path));
+        let out = run(self
+            .replica_cmd(&["restore", "--volume", volume, "--at", point, "--out"])
+            .arg(&out_path));
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
@@ -327,7 +434,11 @@ impl NbdDriver {
             .expect("spawn the NBD driver");
         let stdin = child.stdin.take().expect("stdin");
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        NbdDriver { child, stdin, stdout }
+        NbdDriver {
+            child,
+            stdin,
+            stdout,
+        }
     }
 
     fn call(&mut self, cmd: serde_json::Value, data: Option<&[u8]>) -> Result<String, String> {
@@ -349,23 +460,44 @@ impl NbdDriver {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<(), String> {
-        self.call(serde_json::json!({"op": "write", "offset": offset, "len": data.len(), "fua": fua}), Some(data)).map(|_| ())
+        self.call(
+            serde_json::json!({"op": "write", "offset": offset, "len": data.len(), "fua": fua}),
+            Some(data),
+        )
+        .map(|_| ())
     }
     pub fn zero(&mut self, offset: u64, len: u64, fua: bool) -> Result<(), String> {
-        self.call(serde_json::json!({"op": "zero", "offset": offset, "len": len, "fua": fua}), None).map(|_| ())
+        self.call(
+            serde_json::json!({"op": "zero", "offset": offset, "len": len, "fua": fua}),
+            None,
+        )
+        .map(|_| ())
     }
     pub fn trim(&mut self, offset: u64, len: u64, fua: bool) -> Result<(), String> {
-        self.call(serde_json::json!({"op": "trim", "offset": offset, "len": len, "fua": fua}), None).map(|_| ())
+        self.call(
+            serde_json::json!({"op": "trim", "offset": offset, "len": len, "fua": fua}),
+            None,
+        )
+        .map(|_| ())
     }
     pub fn flush(&mut self) -> Result<(), String> {
-        self.call(serde_json::json!({"op": "flush"}), None).map(|_| ())
+        self.call(serde_json::json!({"op": "flush"}), None)
+            .map(|_| ())
     }
     pub fn read(&mut self, offset: u64, len: u64) -> Result<Vec<u8>, String> {
-        let hex = self.call(serde_json::json!({"op": "read", "offset": offset, "len": len}), None)?;
-        Ok((0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex")).collect())
+        let hex = self.call(
+            serde_json::json!({"op": "read", "offset": offset, "len": len}),
+            None,
+        )?;
+        Ok((0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect())
     }
     pub fn size(&mut self) -> u64 {
-        self.call(serde_json::json!({"op": "size"}), None).expect("size").parse().expect("size number")
+        self.call(serde_json::json!({"op": "size"}), None)
+            .expect("size")
+            .parse()
+            .expect("size number")
     }
 }
 
@@ -381,7 +513,10 @@ pub struct Lcg(pub u64);
 
 impl Lcg {
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let x = self.0;
         (x ^ (x >> 33)).wrapping_mul(0xff51afd7ed558ccd) ^ (x >> 29)
     }
@@ -401,13 +536,20 @@ pub fn assert_same_image(what: &str, got: &[u8], expected: &[u8]) {
     assert_eq!(got.len(), expected.len(), "{what}: size differs");
     if let Some(i) = got.iter().zip(expected).position(|(a, b)| a != b) {
         let end = (i + 16).min(got.len());
-        panic!("{what}: first difference at byte {i} (chunk {}): got {:02x?}, expected {:02x?}", i >> 20, &got[i..end], &expected[i..end]);
+        panic!(
+            "{what}: first difference at byte {i} (chunk {}): got {:02x?}, expected {:02x?}",
+            i >> 20,
+            &got[i..end],
+            &expected[i..end]
+        );
     }
 }
 
 /// Reads a whole file.
 pub fn read_file(path: &Path) -> Vec<u8> {
     let mut v = Vec::new();
-    std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut v)).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut v))
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     v
 }

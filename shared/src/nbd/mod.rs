@@ -65,11 +65,30 @@ pub trait Export: Send + Sync + 'static {
     fn size(&self) -> u64;
     /// Whether writes, trims and zero-writes are refused.
     fn read_only(&self) -> bool;
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = ExportResult<Vec<u8>>> + Send + 'static;
-    fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> impl Future<Output = ExportResult<()>> + Send + 'static;
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = ExportResult<Vec<u8>>> + Send + 'static;
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static;
     fn flush(&self) -> impl Future<Output = ExportResult<()>> + Send + 'static;
-    fn trim(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = ExportResult<()>> + Send + 'static;
-    fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = ExportResult<()>> + Send + 'static;
+    fn trim(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static;
 }
 
 /// The exports a server offers, by name.
