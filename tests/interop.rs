@@ -53,6 +53,8 @@ fn real_clients_through_the_agent_and_latest_equals_the_device() {
             .args(["-f", "raw", &c.nbd_uri("alpha")])
             .args([
                 "-c",
+                "write -P 0x33 0 32M", // the largest request: its records span batches
+                "-c",
                 "write -P 0x11 0 1M",
                 "-c",
                 "write -P 0x22 1044480 8192", // across the first chunk boundary
@@ -66,6 +68,8 @@ fn real_clients_through_the_agent_and_latest_equals_the_device() {
                 "read -P 0x22 1044480 8192",
                 "-c",
                 "read -P 0 5M 512k",
+                "-c",
+                "read -P 0x33 24M 8M",
                 "-c",
                 "flush",
             ]),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cdp_shared::Seq;
-use cdp_shared::batch::{self, BatchFlags, Hash, SealParams};
+use cdp_shared::batch::{self, BatchFlags, Hash, RecordHeader, SealParams};
 use cdp_shared::types::{BATCH_PAYLOAD_BYTES_MAX, BATCH_RECORDS_MAX};
 
 /// A batch ready for the spool: its seq and its bytes in the one batch format.
@@ -80,8 +80,10 @@ impl Batcher {
     }
 
     /// Appends `n` encoded records (`encoded` holds exactly them) and returns the batches this
-    /// sealed: the open one first if the records would not fit, and the new one if it reached
-    /// the size target. `inconsistent` says whether the group is inside a sync at this moment.
+    /// sealed. The records of one push stay in one batch when they fit in one (the open batch
+    /// is sealed first if they would overflow it), so a write of up to the size target is never
+    /// split across batches; a larger push is split at record boundaries. `inconsistent` says
+    /// whether the group is inside a sync at this moment.
     pub fn push(
         &mut self,
         encoded: &[u8],
@@ -92,27 +94,48 @@ impl Batcher {
         time_ns: i64,
     ) -> Vec<SealedBatch> {
         let mut out = Vec::new();
-        let would_be = self.payload.len() + encoded.len();
-        if !self.is_empty()
-            && (would_be > self.config.payload_bytes_target
-                || self.record_count as usize + n as usize > BATCH_RECORDS_MAX)
-        {
+        let fits_alone =
+            encoded.len() <= self.config.payload_bytes_target && n as usize <= BATCH_RECORDS_MAX;
+        if fits_alone {
+            if !self.is_empty()
+                && (self.payload.len() + encoded.len() > self.config.payload_bytes_target
+                    || self.record_count as usize + n as usize > BATCH_RECORDS_MAX)
+            {
+                out.extend(self.seal(0, None, inconsistent, time_ns));
+            }
+            self.append(encoded, n, sync, now);
+        } else {
+            let mut pos = 0;
+            while pos < encoded.len() {
+                let len = match RecordHeader::decode(&encoded[pos..], 0) {
+                    Ok(h) => h.total_len(),
+                    Err(e) => panic!("the write pipeline pushed a malformed record: {e}"),
+                };
+                let record = &encoded[pos..pos + len];
+                if !self.is_empty()
+                    && (self.payload.len() + len > self.config.payload_bytes_target
+                        || self.record_count as usize >= BATCH_RECORDS_MAX)
+                {
+                    out.extend(self.seal(0, None, inconsistent, time_ns));
+                }
+                self.append(record, 1, sync, now);
+                pos += len;
+            }
+        }
+        if self.payload.len() >= self.config.payload_bytes_target {
             out.extend(self.seal(0, None, inconsistent, time_ns));
         }
-        assert!(
-            self.payload.len() + encoded.len() <= BATCH_PAYLOAD_BYTES_MAX,
-            "a push larger than a batch"
-        );
+        out
+    }
+
+    fn append(&mut self, encoded: &[u8], n: u32, sync: bool, now: Instant) {
+        debug_assert!(self.payload.len() + encoded.len() <= BATCH_PAYLOAD_BYTES_MAX);
         if self.opened_at.is_none() {
             self.opened_at = Some(now);
         }
         self.payload.extend_from_slice(encoded);
         self.record_count += n;
         self.has_sync_records |= sync;
-        if self.payload.len() >= self.config.payload_bytes_target {
-            out.extend(self.seal(0, None, inconsistent, time_ns));
-        }
-        out
     }
 
     /// Cuts the open batch with `flags` (e.g. FLUSH). Without records and without a bookmark
@@ -225,5 +248,38 @@ mod tests {
         assert_eq!(third.header.bookmark.as_deref(), Some("bm"));
         assert_eq!(third.header.record_count, 0);
         assert_eq!(b.last_sealed(), Seq(3));
+    }
+
+    #[test]
+    fn a_push_larger_than_a_batch_is_split_at_records() {
+        let cfg = BatcherConfig {
+            payload_bytes_target: 2 * marker().len(),
+            age_max: Duration::from_millis(20),
+        };
+        let mut b = Batcher::new("g", cfg, Seq(0), [0; 32]);
+        let five: Vec<u8> = (0..5).flat_map(|_| marker()).collect();
+        let sealed = b.push(&five, 5, false, false, Instant::now(), 1);
+        let counts: Vec<u32> = sealed
+            .iter()
+            .map(|s| {
+                batch::decode(&s.bytes)
+                    .expect("decodes")
+                    .header
+                    .record_count
+            })
+            .collect();
+        assert_eq!(
+            counts,
+            vec![2, 2],
+            "two full batches sealed, one record left open"
+        );
+        let last = b.seal(0, None, false, 1).expect("the rest");
+        assert_eq!(
+            batch::decode(&last.bytes)
+                .expect("decodes")
+                .header
+                .record_count,
+            1
+        );
     }
 }

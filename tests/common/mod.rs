@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 /// The directory holding the built binaries (`target/debug`), found from the test executable.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe
-        .parent()
+    exe.parent()
         .expect("deps dir")
         .parent()
         .expect("profile dir")
