@@ -213,7 +213,7 @@ async fn protect(data: &Path, volume: &str, device: &Path, group: Option<String>
     println!(
         "protecting volume {volume} ({}, {}) in group {group}",
         device.display(),
-        status::human_bytes(dev.size())
+        cdp_shared::types::human_bytes(dev.size())
     );
     if control::request(data, &Request::Status, Some(Duration::from_secs(2)))
         .await?

@@ -118,21 +118,6 @@ pub fn offline(data_dir: &Path, config: &AgentConfig) -> Result<AgentStatus> {
     })
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 /// An aligned table for a terminal.
 pub fn render(s: &AgentStatus) -> String {
     let mut out = String::new();
@@ -169,14 +154,14 @@ pub fn render(s: &AgentStatus) -> String {
             None => v.state.clone(),
         };
         let spool = match (v.spool_batches, v.spool_bytes) {
-            (Some(n), Some(b)) => format!("{n} batches, {}", human_bytes(b)),
+            (Some(n), Some(b)) => format!("{n} batches, {}", cdp_shared::types::human_bytes(b)),
             _ => "-".into(),
         };
         rows.push(vec![
             v.name.clone(),
             v.group.clone(),
             state,
-            human_bytes(v.size),
+            cdp_shared::types::human_bytes(v.size),
             opt(v.last_seq),
             opt(v.acked_seq),
             spool,

@@ -188,11 +188,11 @@ async fn run(command: Command) -> Result<(), CliError> {
             let at: PointSpec = at.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
             let s = cdp_replica::restore(&data, &volume, &at, &out).await?;
             println!(
-                "restored volume {} at {} to {}: {} bytes, {} journal records applied",
+                "restored volume {} at {} to {}: {}, {} journal records read",
                 s.volume,
                 s.point,
                 s.out.display(),
-                s.bytes,
+                cdp_shared::types::human_bytes(s.bytes),
                 s.records_applied
             );
         }
@@ -274,10 +274,10 @@ fn print_status(report: &StatusReport) {
             v.group.clone(),
             v.volume.clone(),
             v.state.clone(),
-            v.size.to_string(),
+            cdp_shared::types::human_bytes(v.size),
             point(&v.window_first),
             point(&v.window_last),
-            v.journal_bytes.to_string(),
+            cdp_shared::types::human_bytes(v.journal_bytes),
             v.head_seq.to_string(),
         ]);
     }

@@ -85,6 +85,22 @@ pub fn check_name(kind: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A byte count for people: `512 B`, `1.5 MiB`, `3.0 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// Splits the byte range `[offset, offset+len)` at chunk boundaries.
 pub fn split_at_chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
     let end = offset + len;
@@ -112,6 +128,13 @@ mod tests {
         let pieces: Vec<_> = split_at_chunks(0, 3 * CHUNK_BYTES).collect();
         assert_eq!(pieces.len(), 3);
         assert_eq!(split_at_chunks(5, 0).count(), 0);
+    }
+
+    #[test]
+    fn human_bytes_reads_well() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536 * 1024), "1.5 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 
     #[test]
