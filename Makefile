@@ -28,6 +28,12 @@ test: deps lint build
 demo: deps release
 	tests/scripts/demo.sh target/release
 
+# Benchmarks side by side with real peers (fio, nbdkit, qemu-nbd, cp); writes BENCHMARKS.md.
+# About 10 minutes on 2 cores by default; BENCH_ARGS='--rounds 5 --runtime 30' for a bigger run.
+BENCH_ARGS ?=
+bench: deps release
+	/usr/bin/python3 tests/bench/bench.py --bin target/release --out BENCHMARKS.md $(BENCH_ARGS)
+
 # Longer runs of the fault and oracle tests (counts raised).
 soak: deps build
 	CDP_ORACLE_OPS=20000 $(CARGO) test --workspace --locked -- --test-threads=1

@@ -72,6 +72,9 @@
 //!     "consistent": true, "flush": true, "bookmark": null, "records": 3 } ]
 //! ```
 //! Times are RFC 3339 in UTC; `time` is the agent's clock, `received` the replica's.
+//!
+//! `points --at POINT --json`: the one point `restore --at POINT` would choose:
+//! `{ "seq": 90, "time": "...", "bookmark": null, "consistent": true }`.
 
 pub mod catalog;
 pub mod datadir;
@@ -92,7 +95,9 @@ use cdp_shared::identity::{Fingerprint, Identity};
 
 pub use cdp_shared::point::PointSpec;
 pub use error::{ReplicaError, Result};
-pub use recovery::{ChosenPoint, PointInfo, RestoreSummary, open_image, points, restore};
+pub use recovery::{
+    ChosenPoint, PointInfo, RestoreSummary, open_image, points, resolve_point, restore,
+};
 pub use server::{Server, ServerHandle};
 pub use status::{PointRef, StatusReport, VolumeStatus, status};
 

@@ -72,6 +72,10 @@ enum Command {
         /// Name of the volume.
         #[arg(long)]
         volume: String,
+        /// Only resolve this point (`latest`, `seq:N`, `bookmark:NAME` or an RFC 3339 time)
+        /// and print the one `restore --at` would choose.
+        #[arg(long)]
+        at: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -171,7 +175,26 @@ async fn run(command: Command) -> Result<(), CliError> {
                 print_status(&report);
             }
         }
-        Command::Points { data, volume, json } => {
+        Command::Points {
+            data,
+            volume,
+            at: Some(at),
+            json,
+        } => {
+            let at: PointSpec = at.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
+            let point = cdp_replica::resolve_point(&data, &volume, &at).await?;
+            if json {
+                println!("{}", to_json(&point)?);
+            } else {
+                println!("{point}");
+            }
+        }
+        Command::Points {
+            data,
+            volume,
+            at: None,
+            json,
+        } => {
             let points = cdp_replica::points(&data, &volume).await?;
             if json {
                 println!("{}", to_json(&points)?);

@@ -248,6 +248,14 @@ pub(crate) async fn resolve(ctx: &VolumeContext, spec: &PointSpec) -> Result<Cho
     Ok(ChosenPoint::of(&batch))
 }
 
+/// The point `at` resolves to for `volume` (what `restore --at` would choose).
+pub async fn resolve_point(root: &Path, volume: &str, at: &PointSpec) -> Result<ChosenPoint> {
+    let ctx = open_volume(root, volume).await?;
+    let result = resolve(&ctx, at).await;
+    ctx.catalog.close().await;
+    result
+}
+
 /// Every recovery point of the volume's group in the volume's window, in seq order (empty
 /// before the initial sync completes).
 pub async fn points(root: &Path, volume: &str) -> Result<Vec<PointInfo>> {
