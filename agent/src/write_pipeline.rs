@@ -28,6 +28,9 @@ use crate::device::BlockDev;
 use crate::range_lock::{Latch, RangeLock, Ticket, wait_all};
 use crate::spool::Spool;
 
+/// Writes up to this size run on the async worker; larger ones on the blocking pool.
+pub const INLINE_WRITE_BYTES_MAX: usize = 64 << 10;
+
 thread_local! {
     static ENCODER: RefCell<RecordEncoder> = RefCell::new(RecordEncoder::new());
 }
@@ -200,34 +203,35 @@ impl Group {
         data: Vec<u8>,
         fua: bool,
     ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
-        let (place, waits) = self.admit(volume, offset, offset + data.len() as u64);
+        let len = data.len();
+        let (place, waits) = self.admit(volume, offset, offset + len as u64);
         let group = self.clone();
         async move {
             wait_all(waits).await;
             let dev = group.volume(volume).dev.clone();
-            let (encoded, records) =
-                tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u32)> {
-                    dev.write_at(&data, offset)?;
-                    let mut out = Vec::with_capacity(data.len() + 64);
-                    let mut n = 0;
-                    ENCODER.with(|e| {
-                        let mut e = e.borrow_mut();
-                        for (at, len) in split_at_chunks(offset, data.len() as u64) {
-                            let from = (at - offset) as usize;
-                            e.encode_data(
-                                volume,
-                                at,
-                                &data[from..from + len as usize],
-                                0,
-                                &mut out,
-                            );
-                            n += 1;
-                        }
-                    });
-                    Ok((out, n))
-                })
-                .await
-                .map_err(blocking_err)??;
+            let work = move || -> std::io::Result<(Vec<u8>, u32)> {
+                dev.write_at(&data, offset)?;
+                let mut out = Vec::with_capacity(data.len() + 64);
+                let mut n = 0;
+                ENCODER.with(|e| {
+                    let mut e = e.borrow_mut();
+                    for (at, len) in split_at_chunks(offset, data.len() as u64) {
+                        let from = (at - offset) as usize;
+                        e.encode_data(volume, at, &data[from..from + len as usize], 0, &mut out);
+                        n += 1;
+                    }
+                });
+                Ok((out, n))
+            };
+            // A small write into the page cache takes microseconds: handing it to the blocking
+            // pool would cost more than doing it here.
+            let (encoded, records) = if len <= INLINE_WRITE_BYTES_MAX {
+                work()?
+            } else {
+                tokio::task::spawn_blocking(work)
+                    .await
+                    .map_err(blocking_err)??
+            };
             place.complete(&encoded, records, false);
             if fua {
                 group.flush_volume(volume).await

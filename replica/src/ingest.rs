@@ -1041,11 +1041,13 @@ impl IngestService {
 }
 
 /// `batch::decode` + `check_record_data`, as a reason string.
+/// The ingest check of a batch: header, header hash, exact length, payload hash (which covers
+/// every byte of every record) and every record's structure. Record data hashes are checked
+/// where record data is decoded (syncing volumes here, every journal read in
+/// reconstruction); decoding every record here as well cost more CPU than all the rest of
+/// ingest together (`make bench`, section 7).
 fn check_fully(bytes: &[u8]) -> std::result::Result<(), String> {
-    let view = batch::decode(bytes).map_err(|e| e.to_string())?;
-    let mut d = zstd::bulk::Decompressor::new().map_err(|e| format!("zstd decompressor: {e}"))?;
-    let mut scratch = Vec::new();
-    batch::check_record_data(&view, &mut d, &mut scratch).map_err(|e| e.to_string())
+    batch::decode(bytes).map(|_| ()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cdp_shared::batch::BATCH_BYTES_MAX;
+use cdp_shared::batch::{BATCH_BYTES_MAX, HEADER_FIXED_BYTES};
 use cdp_shared::identity::{self, AuthorizeFn, Fingerprint};
 use cdp_shared::wire::{self, Control, FrameDecoder};
 use quinn::{Endpoint, EndpointConfig, TokioRuntime};
@@ -351,14 +351,14 @@ async fn serve_connection(
                     let announced = announced.clone();
                     let outbox = outbox.clone();
                     streams.spawn(async move {
-                        match stream.read_to_end(BATCH_BYTES_MAX).await {
+                        match read_batch(&mut stream).await {
                             Ok(bytes) => ingest.submit(&agent, &announced, bytes, &outbox).await,
-                            Err(quinn::ReadToEndError::TooLong) => {
+                            Err(ReadBatchError::TooLong) => {
                                 let reason = format!("a batch stream is longer than {BATCH_BYTES_MAX} bytes");
                                 tracing::warn!(%agent, "refused a batch: {reason}");
                                 let _ = outbox.send(Control::Nack { group: String::new(), seq: 0, reason }).await;
                             }
-                            Err(e) => tracing::debug!(%agent, "a batch stream ended early: {e}"),
+                            Err(ReadBatchError::Read(e)) => tracing::debug!(%agent, "a batch stream ended early: {e}"),
                         }
                     });
                 }
@@ -409,4 +409,38 @@ async fn set_links(
             tracing::warn!(%agent, "could not record the agent link: {e}");
         }
     }
+}
+
+enum ReadBatchError {
+    TooLong,
+    Read(quinn::ReadError),
+}
+
+/// Reads a whole batch stream into one buffer, allocated once at the size its header
+/// announces (bounded by `BATCH_BYTES_MAX`; `batch::decode` checks the rest). Unlike
+/// `read_to_end`, the bytes are copied once and the buffer never grows by reallocation.
+async fn read_batch(
+    stream: &mut quinn::RecvStream,
+) -> std::result::Result<Vec<u8>, ReadBatchError> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut sized = false;
+    while let Some(chunk) = stream
+        .read_chunk(usize::MAX, true)
+        .await
+        .map_err(ReadBatchError::Read)?
+    {
+        if buf.len() + chunk.bytes.len() > BATCH_BYTES_MAX {
+            return Err(ReadBatchError::TooLong);
+        }
+        buf.extend_from_slice(&chunk.bytes);
+        if !sized && buf.len() >= HEADER_FIXED_BYTES {
+            sized = true;
+            let field = |at: usize| {
+                u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize
+            };
+            let announced = field(8).saturating_add(field(16)).min(BATCH_BYTES_MAX);
+            buf.reserve_exact(announced.saturating_sub(buf.len()));
+        }
+    }
+    Ok(buf)
 }

@@ -234,7 +234,7 @@ def bench_nbd(args, rep, work):
     ksock = os.path.join(work, "nbdkit.sock")
     qsock = os.path.join(work, "qemu.sock")
     nbdkit = Proc("nbdkit", ["nbdkit", "-f", "-U", ksock, "file", files["nbdkit"]], os.path.join(work, "nbdkit.log"))
-    qemu = Proc("qemu-nbd", ["qemu-nbd", "-f", "raw", "-k", qsock, "-e", "8", files["qemu"]], os.path.join(work, "qemu-nbd.log"))
+    qemu = Proc("qemu-nbd", ["qemu-nbd", "-t", "-f", "raw", "-k", qsock, "-e", "8", files["qemu"]], os.path.join(work, "qemu-nbd.log"))
     wait_until("nbdkit", 30, lambda: os.path.exists(ksock))
     wait_until("qemu-nbd", 30, lambda: os.path.exists(qsock))
     sides = {"agent": cl.uri, "nbdkit": f"nbd+unix:///?socket={ksock}", "qemu-nbd": f"nbd+unix:///?socket={qsock}"}
@@ -277,7 +277,7 @@ def bench_nbd(args, rep, work):
         rows.append([job, f"{a / k:.2f}", f"{a / q:.2f}"])
     rep.p("Ratio of medians (IOPS; higher is better for the agent):")
     rep.table(["job", "agent / nbdkit", "agent / qemu-nbd"], rows)
-    rep.cmd(f"nbdkit -f -U SOCK file FILE    # and: qemu-nbd -f raw -k SOCK -e 8 FILE")
+    rep.cmd(f"nbdkit -f -U SOCK file FILE    # and: qemu-nbd -t -f raw -k SOCK -e 8 FILE")
     return results
 
 
