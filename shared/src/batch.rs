@@ -582,7 +582,7 @@ impl RecordEncoder {
                     .reserve(zstd::zstd_safe::compress_bound(SAMPLE_BYTES));
                 match self
                     .compressor
-                    .compress_to_buffer(*sample, &mut self.scratch)
+                    .compress_to_buffer(sample, &mut self.scratch)
                 {
                     Ok(n) => n < SAMPLE_BYTES - SAMPLE_BYTES / 16,
                     Err(_) => false,
