@@ -15,10 +15,13 @@
 //!
 //! # The commit protocol (what makes a batch acknowledged)
 //! A batch arrives alone on its own QUIC stream.
-//! 1. The connection task reads it whole (bounded by `BATCH_BYTES_MAX`) and checks it fully:
-//!    header, header hash, exact length, payload hash, every record's structure, every data
-//!    record's decoded bytes against its blake3 hash; and that its group was announced in this
-//!    connection's Hello. A failure is a `Nack` and one warning line; nothing is written.
+//! 1. The connection task reads it whole (bounded by `BATCH_BYTES_MAX`, into one buffer sized
+//!    from its header) and checks it: header, header hash, exact length, payload hash (which
+//!    covers every byte of every record), every record's structure; and that its group was
+//!    announced in this connection's Hello. A failure is a `Nack` and one warning line; nothing
+//!    is written. Record data hashes are checked wherever record data is decoded: records
+//!    applied to a syncing volume's target in step 4, and every journal record read by
+//!    reconstruction.
 //! 2. The batch goes through a bounded channel to its group's ingest task, which keeps the
 //!    journal in seq order: seq ≤ head is a duplicate (re-acked when its header hash equals the
 //!    stored one, otherwise refused as a conflict); seq > head + 1 waits for the gap (at most
