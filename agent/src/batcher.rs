@@ -65,6 +65,22 @@ impl Batcher {
         }
     }
 
+    /// Bytes of the open batch's payload.
+    pub fn open_bytes(&self) -> usize {
+        self.payload.len()
+    }
+
+    /// Continues the chain after `seq` (header hash `hash`), dropping what is open: used when
+    /// the agent must continue after the replica's head instead of its own.
+    pub fn rebase(&mut self, seq: Seq, hash: Hash) {
+        self.next_seq = seq.next();
+        self.prev_hash = hash;
+        self.payload.clear();
+        self.record_count = 0;
+        self.has_sync_records = false;
+        self.opened_at = None;
+    }
+
     /// The last sealed seq.
     pub fn last_sealed(&self) -> Seq {
         Seq(self.next_seq.0 - 1)

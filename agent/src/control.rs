@@ -31,6 +31,10 @@ pub enum Request {
         wait: bool,
     },
     Status,
+    /// Hash-compare resync of one volume (or every volume); replies when done.
+    Resync {
+        volume: Option<String>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,6 +43,9 @@ pub enum Reply {
     Bookmarked {
         points: Vec<BookmarkPoint>,
         durable: bool,
+    },
+    Resynced {
+        volumes: Vec<ResyncResult>,
     },
     Status(Box<AgentStatus>),
     Error {
@@ -50,6 +57,18 @@ pub enum Reply {
 pub struct BookmarkPoint {
     pub group: String,
     pub seq: u64,
+    /// False when the group was syncing or resyncing: the point is recorded but is not a
+    /// consistent recovery point.
+    pub consistent: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResyncResult {
+    pub volume: String,
+    pub chunks_compared: u64,
+    pub chunks_sent: u64,
+    /// Bytes of resync records sent for the volume since the agent started.
+    pub bytes_sent: u64,
 }
 
 pub struct ControlContext {
@@ -94,6 +113,7 @@ async fn handle(
         Ok(Request::Bookmark { name, group, wait }) => {
             bookmark(&ctx, &name, group.as_deref(), wait, &shutdown).await
         }
+        Ok(Request::Resync { volume }) => resync(&ctx, volume.as_deref(), &shutdown).await,
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');
@@ -128,7 +148,7 @@ async fn bookmark(
     let mut points = Vec::new();
     for g in &groups {
         match g.bookmark(name).await {
-            Ok(seq) => points.push((g.clone(), seq)),
+            Ok((seq, consistent)) => points.push((g.clone(), seq, consistent)),
             Err(e) => {
                 return Reply::Error {
                     message: format!("bookmark {name} in group {}: {e}", g.name),
@@ -137,7 +157,7 @@ async fn bookmark(
         }
     }
     if wait {
-        for (g, seq) in &points {
+        for (g, seq, _) in &points {
             let mut acked = g.acked.subscribe();
             let done = async {
                 while *acked.borrow_and_update() < *seq {
@@ -160,13 +180,77 @@ async fn bookmark(
     Reply::Bookmarked {
         points: points
             .into_iter()
-            .map(|(g, seq)| BookmarkPoint {
+            .map(|(g, seq, consistent)| BookmarkPoint {
                 group: g.name.clone(),
                 seq: seq.0,
+                consistent,
             })
             .collect(),
         durable: wait,
     }
+}
+
+async fn resync(ctx: &ControlContext, volume: Option<&str>, shutdown: &CancellationToken) -> Reply {
+    let mut targets = Vec::new();
+    for g in &ctx.groups {
+        for v in &g.volumes {
+            if volume.is_none_or(|n| n == v.name) {
+                targets.push((g.clone(), v.id, v.name.clone()));
+            }
+        }
+    }
+    if targets.is_empty() {
+        return Reply::Error {
+            message: format!(
+                "no volume named {:?} is protected by this agent",
+                volume.unwrap_or("")
+            ),
+        };
+    }
+    let mut results = Vec::new();
+    for (g, v, name) in targets {
+        if g.volumes[v as usize]
+            .syncing
+            .load(std::sync::atomic::Ordering::Relaxed)
+            || g.pending().initial_sync.contains(&v)
+        {
+            return Reply::Error {
+                message: format!("volume {name} is in its initial sync; a resync would repeat it"),
+            };
+        }
+        let mut wake = g.wake.subscribe();
+        let before = {
+            let mut p = g.pending();
+            p.compare.insert(v);
+            p.compares_done
+        };
+        g.bump();
+        let done = loop {
+            {
+                let p = g.pending();
+                if p.compares_done > before && !p.compare.contains(&v) {
+                    break p.last_compare;
+                }
+            }
+            tokio::select! {
+                r = wake.changed() => if r.is_err() { return Reply::Error { message: "the agent stopped during the resync".into() } },
+                _ = shutdown.cancelled() => return Reply::Error { message: "the agent stopped during the resync".into() },
+            }
+        };
+        let (compared, sent) = match done {
+            Some((id, c, s)) if id == v => (c, s),
+            _ => (0, 0),
+        };
+        results.push(ResyncResult {
+            volume: name,
+            chunks_compared: compared,
+            chunks_sent: sent,
+            bytes_sent: g.volumes[v as usize]
+                .resync_bytes_sent
+                .load(std::sync::atomic::Ordering::Relaxed),
+        });
+    }
+    Reply::Resynced { volumes: results }
 }
 
 /// Sends one request to the running agent in `data_dir`. `None` when no agent is running.

@@ -6,11 +6,14 @@
 //! `batcher` → `spool` → `sender`. `run` wires them together; `control` serves `bookmark` and
 //! `status` to the command line.
 
+pub mod activity_log;
 pub mod batcher;
 pub mod control;
 pub mod device;
+pub mod dirty_map;
 pub mod exports;
 pub mod range_lock;
+pub mod resync;
 pub mod run;
 pub mod sender;
 pub mod spool;

@@ -82,6 +82,16 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Compare every chunk of a volume with the replica's latest image (by hash) and send the
+    /// chunks that differ. Returns when done.
+    Resync {
+        /// The agent's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Only this volume (default: every volume).
+        #[arg(long)]
+        volume: Option<String>,
+    },
     /// Show the state of every protected volume.
     Status {
         /// The agent's data directory.
@@ -145,6 +155,7 @@ async fn dispatch(command: Command) -> Result<()> {
         } => run(&data, socket, listen).await,
         Command::Bookmark { data, name, wait } => bookmark(&data, &name, wait).await,
         Command::Status { data, json } => show_status(&data, json).await,
+        Command::Resync { data, volume } => resync(&data, volume).await,
     }
 }
 
@@ -170,6 +181,8 @@ fn init(data: &Path, replica: &str, replica_fingerprint: &str) -> Result<()> {
         batch_age_ms: cdp_shared::types::BATCH_AGE_MS_DEFAULT,
         batches_in_flight: cdp_shared::types::BATCHES_IN_FLIGHT_DEFAULT,
         sync_bytes_per_sec_max: 0,
+        spool_bytes_max: cdp_agent::write_pipeline::SPOOL_BYTES_MAX_DEFAULT,
+        activity_log_chunks: cdp_agent::activity_log::CAPACITY_DEFAULT,
         volumes: Vec::new(),
     };
     config.save(data)?;
@@ -290,11 +303,40 @@ async fn bookmark(data: &Path, name: &str, wait: bool) -> Result<()> {
                     "sealed in the spool"
                 };
                 println!("bookmark {name}: group {} seq {} ({how})", p.group, p.seq);
+                if !p.consistent {
+                    eprintln!(
+                        "warning: group {} is syncing or resyncing: bookmark {name} is recorded but is not a consistent recovery point; take it again once `cdp-agent status` shows the group protecting",
+                        p.group
+                    );
+                }
             }
             Ok(())
         }
         Reply::Error { message } => bail!("{message}"),
-        Reply::Status(_) => bail!("the agent answered a bookmark request with a status"),
+        _ => bail!("the agent answered a bookmark request with something else"),
+    }
+}
+
+async fn resync(data: &Path, volume: Option<String>) -> Result<()> {
+    AgentConfig::load(data)?;
+    let reply = control::request(data, &Request::Resync { volume }, None)
+        .await?
+        .ok_or_else(|| not_running(data))?;
+    match reply {
+        Reply::Resynced { volumes } => {
+            for v in volumes {
+                println!(
+                    "resynced volume {}: {} chunks compared, {} differed and were sent ({} sent by resyncs since the agent started)",
+                    v.volume,
+                    v.chunks_compared,
+                    v.chunks_sent,
+                    cdp_shared::types::human_bytes(v.bytes_sent)
+                );
+            }
+            Ok(())
+        }
+        Reply::Error { message } => bail!("{message}"),
+        _ => bail!("the agent answered a resync request with something else"),
     }
 }
 

@@ -8,7 +8,6 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -20,16 +19,15 @@ use crate::batcher::BatcherConfig;
 use crate::control::{self, ControlContext};
 use crate::device::{BlockDev, FileDev};
 use crate::exports::VolumeExports;
-use crate::sender::{self, LinkState, SenderConfig, SharedLink};
+use crate::resync::Maintenance;
+use crate::sender::{self, LinkState, ReplicaLink, SenderConfig, SharedLink};
 use crate::spool::Spool;
-use crate::state::{self, AgentConfig, VolumeState, VolumeStateFile};
+use crate::state::{self, AgentConfig, VolumeState};
 use crate::status::{self, AgentStatus};
-use crate::write_pipeline::{Group, Volume};
+use crate::write_pipeline::{Group, GroupOptions, Volume};
 
 /// How long a clean stop waits for the replica to acknowledge the last batches.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Batches sealed but not acknowledged that an initial sync allows before it waits.
-pub const SYNC_BACKLOG_BATCHES: u64 = 64;
 
 /// Where the NBD server listens.
 #[derive(Clone, Debug)]
@@ -106,16 +104,21 @@ impl Agent {
             .context("create the state directory")?;
         state::write_atomic(&marker, b"running\n").context("write the running marker")?;
 
-        let batcher_config = BatcherConfig {
-            age_max: Duration::from_millis(config.batch_age_ms),
-            ..BatcherConfig::default()
+        let options = GroupOptions {
+            batcher: BatcherConfig {
+                age_max: Duration::from_millis(config.batch_age_ms),
+                ..BatcherConfig::default()
+            },
+            spool_bytes_max: config.spool_bytes_max,
+            al_capacity: config.activity_log_chunks,
+            state_dir: state::state_dir(&data_dir),
         };
         let mut groups = Vec::new();
-        let mut to_sync = Vec::new();
         for (group_name, vols) in config.groups() {
             let mut volumes = Vec::new();
             let mut sorted = vols.clone();
             sorted.sort_by_key(|v| v.id);
+            let mut to_sync = Vec::new();
             for (i, v) in sorted.iter().enumerate() {
                 if v.id as usize != i {
                     bail!(
@@ -126,19 +129,15 @@ impl Agent {
                 let dev = FileDev::open(&v.device).with_context(|| {
                     format!("open device {} of volume {}", v.device.display(), v.name)
                 })?;
-                let size = dev.size();
                 let st = state::load_volume_state(&data_dir, &v.name)?;
                 if st.as_ref().is_none_or(|s| s.state == VolumeState::Syncing) {
-                    to_sync.push((group_name.clone(), v.id));
+                    to_sync.push(v.id);
                 }
-                volumes.push(Arc::new(Volume {
-                    id: v.id,
-                    name: v.name.clone(),
-                    dev: Arc::new(dev) as Arc<dyn BlockDev>,
-                    size,
-                    sync_chunks_done: AtomicU64::new(0),
-                    syncing: AtomicBool::new(false),
-                }));
+                volumes.push(Arc::new(Volume::new(
+                    v.id,
+                    &v.name,
+                    Arc::new(dev) as Arc<dyn BlockDev>,
+                )));
             }
             let spool_dir = data_dir.join("spool").join(&group_name);
             let (spool, recovered) = Spool::open(&spool_dir)
@@ -146,14 +145,24 @@ impl Agent {
             if recovered.truncated_bytes > 0 {
                 tracing::warn!(group = %group_name, bytes = recovered.truncated_bytes, "truncated a torn spool tail");
             }
-            let group = Group::new(
+            let (group, found) = Group::new(
                 &group_name,
                 volumes,
                 spool,
-                batcher_config.clone(),
+                options.clone(),
                 recovered.last_seq,
                 recovered.last_hash,
-            );
+            )
+            .with_context(|| {
+                format!("open the activity logs and dirty maps of group {group_name}")
+            })?;
+            if found.al_chunks > 0 {
+                tracing::warn!(group = %group_name, chunks = found.al_chunks, "the activity log names {} chunks written just before an unclean stop: they are resynced", found.al_chunks);
+            }
+            if found.dirty_chunks > 0 {
+                tracing::info!(group = %group_name, chunks = found.dirty_chunks, "{} dirty chunks wait for a resync", found.dirty_chunks);
+            }
+            group.pending().initial_sync.extend(to_sync);
             groups.push(group);
         }
 
@@ -224,38 +233,23 @@ impl Agent {
             window: config.batches_in_flight,
             corrupt_seq_once,
         };
+        let (replica_link, queries) = ReplicaLink::new();
         tasks.spawn(sender::run(
             groups.clone(),
             sender_config,
             link.clone(),
+            queries,
             shutdown.clone(),
         ));
-
-        let sync_rate = config.sync_bytes_per_sec_max;
-        for (group_name, vol_id) in to_sync {
-            let Some(group) = groups.iter().find(|g| g.name == group_name).cloned() else {
-                continue;
+        for g in &groups {
+            let m = Maintenance {
+                group: g.clone(),
+                link: replica_link.clone(),
+                link_state: link.clone(),
+                data_dir: data_dir.clone(),
+                sync_bytes_per_sec_max: config.sync_bytes_per_sec_max,
             };
-            let data_dir = data_dir.clone();
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move {
-                let name = group.volumes[vol_id as usize].name.clone();
-                tracing::info!(volume = %name, "initial sync started");
-                let result = tokio::select! {
-                    r = group.initial_sync(vol_id, SYNC_BACKLOG_BATCHES, sync_rate) => r,
-                    _ = shutdown.cancelled() => return,
-                };
-                match result {
-                    Ok(seq) => {
-                        let st = VolumeStateFile { state: VolumeState::Protecting, sync_done_seq: Some(seq.0) };
-                        match state::save_volume_state(&data_dir, &name, &st) {
-                            Ok(()) => tracing::info!(volume = %name, seq = seq.0, "initial sync complete"),
-                            Err(e) => tracing::error!(volume = %name, "initial sync complete but its state could not be saved: {e}; it will sync again at the next start"),
-                        }
-                    }
-                    Err(e) => tracing::error!(volume = %name, "initial sync failed: {e}; restart the agent to try again"),
-                }
-            });
+            tasks.spawn(m.run(shutdown.clone()));
         }
         // Volumes synced in an earlier run are not marked as syncing.
         Ok(Agent {

@@ -1,12 +1,16 @@
 //! The sender: one QUIC connection to the replica (mutual TLS, the replica's fingerprint
-//! pinned), a control stream for hello/welcome and acks, and each batch on its own
-//! unidirectional stream, at most `window` batches per group unacknowledged at once.
+//! pinned), a control stream for hello/welcome, acks and hash requests, and each batch on its
+//! own unidirectional stream, at most `window` batches per group unacknowledged at once.
 //!
-//! The handshake decides where to resume: the replica reports its last durable seq per group
-//! and the sender continues from the spool after it. The link drops and returns without
-//! operator action; reconnects back off from 200 ms to 5 s.
+//! **The handshake decides the catch-up** (DESIGN 3.3). The replica reports, per group, its last
+//! durable seq (and that batch's hash), its generation, and each volume's state. When the
+//! spool holds every batch after the replica's seq, the sender resumes from the spool. When it
+//! does not (the spool overflowed or was lost, or the replica is behind or ahead of it), the
+//! group continues its chain after the replica's seq and every volume gets a hash-compare
+//! resync; a volume the replica has no image of gets an initial sync. The link drops and
+//! returns without operator action; reconnects back off from 200 ms to 5 s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,9 +18,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use cdp_shared::Seq;
 use cdp_shared::identity::{self, Fingerprint, Identity};
+use cdp_shared::nbd::{ExportError, ExportResult};
+use cdp_shared::types::VolumeId;
 use cdp_shared::wire::{self, Control, FrameDecoder, GroupHello, VolumeInfo};
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +33,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A batch refused this many times in a row means something is wrong on this side: the
 /// connection is restarted.
 const NACKS_IN_A_ROW_MAX: u32 = 5;
+/// Hash requests waiting for the connection, at most.
+const HASH_QUERIES_MAX: usize = 16;
 
 /// The state of the link, for `status`.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -35,9 +43,15 @@ pub struct LinkState {
     pub replica: String,
     pub last_error: Option<String>,
     pub since_ns: i64,
+    /// Groups whose ingest the replica paused, with its reason (e.g. its disk is full).
+    pub paused: BTreeMap<String, String>,
 }
 
 pub type SharedLink = Arc<Mutex<LinkState>>;
+
+pub fn link_connected(link: &SharedLink) -> bool {
+    link.lock().unwrap_or_else(|p| p.into_inner()).connected
+}
 
 pub struct SenderConfig {
     pub replica: String,
@@ -49,12 +63,69 @@ pub struct SenderConfig {
     pub corrupt_seq_once: Option<u64>,
 }
 
+type HashAnswer = std::result::Result<Vec<[u8; 32]>, String>;
+type HashWaiters = HashMap<(String, VolumeId, u64), oneshot::Sender<HashAnswer>>;
+
+/// A request for the replica's chunk hashes.
+pub struct HashQuery {
+    group: String,
+    volume: VolumeId,
+    first_chunk: u64,
+    count: u32,
+    reply: oneshot::Sender<HashAnswer>,
+}
+
+/// Asks the replica things through the sender's connection.
+#[derive(Clone)]
+pub struct ReplicaLink {
+    tx: mpsc::Sender<HashQuery>,
+}
+
+impl ReplicaLink {
+    pub fn new() -> (ReplicaLink, mpsc::Receiver<HashQuery>) {
+        let (tx, rx) = mpsc::channel(HASH_QUERIES_MAX);
+        (ReplicaLink { tx }, rx)
+    }
+
+    /// The blake3 hashes of chunks `first_chunk..first_chunk + count` of the replica's latest
+    /// image of a volume. Fails when the link drops before the answer.
+    pub async fn hashes(
+        &self,
+        group: &str,
+        volume: VolumeId,
+        first_chunk: u64,
+        count: u32,
+    ) -> ExportResult<Vec<[u8; 32]>> {
+        let (reply, rx) = oneshot::channel();
+        let q = HashQuery {
+            group: group.to_owned(),
+            volume,
+            first_chunk,
+            count,
+            reply,
+        };
+        self.tx.send(q).await.map_err(|_| ExportError::Shutdown)?;
+        match rx.await {
+            Ok(Ok(h)) => Ok(h),
+            Ok(Err(reason)) => Err(ExportError::Io(format!(
+                "the replica could not hash chunks: {reason}"
+            ))),
+            Err(_) => Err(ExportError::Io(
+                "the link to the replica dropped before it answered".into(),
+            )),
+        }
+    }
+}
+
 fn set_link(link: &SharedLink, connected: bool, error: Option<String>) {
     let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
     if l.connected != connected {
         l.since_ns = crate::write_pipeline::now_ns();
     }
     l.connected = connected;
+    if !connected {
+        l.paused.clear();
+    }
     if error.is_some() || connected {
         l.last_error = error;
     }
@@ -65,6 +136,7 @@ pub async fn run(
     groups: Vec<Arc<Group>>,
     config: SenderConfig,
     link: SharedLink,
+    mut queries: mpsc::Receiver<HashQuery>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -73,7 +145,7 @@ pub async fn run(
     link.lock().unwrap_or_else(|p| p.into_inner()).replica = config.replica.clone();
     loop {
         let result = tokio::select! {
-            r = session(&groups, &config, &link, &mut corrupt, &mut backoff) => r,
+            r = session(&groups, &config, &link, &mut queries, &mut corrupt, &mut backoff) => r,
             _ = shutdown.cancelled() => return,
         };
         let msg = match result {
@@ -84,6 +156,10 @@ pub async fn run(
         if last_logged.as_ref() != Some(&msg) {
             tracing::warn!(replica = %config.replica, "link to the replica is down: {msg}; retrying");
             last_logged = Some(msg);
+        }
+        // Hash requests cannot be answered while the link is down.
+        while let Ok(q) = queries.try_recv() {
+            let _ = q.reply.send(Err("the link to the replica is down".into()));
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -105,6 +181,7 @@ async fn session(
     groups: &[Arc<Group>],
     config: &SenderConfig,
     link: &SharedLink,
+    queries: &mut mpsc::Receiver<HashQuery>,
     corrupt: &mut Option<u64>,
     backoff: &mut Duration,
 ) -> Result<()> {
@@ -124,7 +201,7 @@ async fn session(
         .context("start a QUIC connection")?
         .await
         .with_context(|| format!("connect to the replica at {addr}"))?;
-    let result = serve_connection(groups, config, link, &conn, corrupt, backoff).await;
+    let result = serve_connection(groups, config, link, &conn, queries, corrupt, backoff).await;
     let reason = conn.close_reason();
     conn.close(0u32.into(), b"bye");
     endpoint.wait_idle().await;
@@ -143,11 +220,71 @@ struct GroupSend {
     nacks_in_a_row: u32,
 }
 
+fn parse_hash(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut h = [0u8; 32];
+    for (i, b) in h.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(h)
+}
+
+/// Decides, from the replica's welcome, how a group catches up (see the module doc).
+fn catch_up(g: &Arc<Group>, w: &wire::GroupWelcome) -> Result<Seq> {
+    let head = g.last_sealed();
+    let durable = Seq(w.durable);
+    let first_held = g.spool.first_held().unwrap_or(head.next());
+    // Volumes the replica has no complete image of, while this agent thinks it has sent one.
+    let lost: Vec<VolumeId> = w
+        .volumes
+        .iter()
+        .filter(|v| v.state != "protecting")
+        .filter_map(|v| g.volumes.get(v.id as usize))
+        .filter(|v| {
+            !v.syncing.load(std::sync::atomic::Ordering::Relaxed)
+                && !g.pending().initial_sync.contains(&v.id)
+        })
+        .map(|v| v.id)
+        .collect();
+    let resumable = durable <= head && durable.next() >= first_held;
+    if resumable && lost.is_empty() {
+        return Ok(durable);
+    }
+    let hash = if durable.0 == 0 {
+        [0u8; 32]
+    } else {
+        parse_hash(&w.head_hash)
+            .ok_or_else(|| anyhow!("the replica sent no valid head hash for group {}", g.name))?
+    };
+    if !resumable {
+        tracing::warn!(
+            group = %g.name,
+            "the replica is at seq {durable} but this agent's spool holds seqs {first_held}..={head}: the agent continues after seq {durable} and resyncs every volume by comparing hashes"
+        );
+    }
+    g.rebase(durable, hash).context("reset the spool")?;
+    let mut pending = g.pending();
+    for v in &g.volumes {
+        if lost.contains(&v.id) {
+            tracing::warn!(group = %g.name, volume = %v.name, "the replica has no complete image of volume {}: it is synced again from the start", v.name);
+            pending.initial_sync.insert(v.id);
+        } else if !v.syncing.load(std::sync::atomic::Ordering::Relaxed)
+            && !pending.initial_sync.contains(&v.id)
+        {
+            pending.compare.insert(v.id);
+        }
+    }
+    Ok(durable)
+}
+
 async fn serve_connection(
     groups: &[Arc<Group>],
     config: &SenderConfig,
     link: &SharedLink,
     conn: &quinn::Connection,
+    queries: &mut mpsc::Receiver<HashQuery>,
     corrupt: &mut Option<u64>,
     backoff: &mut Duration,
 ) -> Result<()> {
@@ -209,21 +346,7 @@ async fn serve_connection(
             .iter()
             .find(|w| w.name == g.name)
             .ok_or_else(|| anyhow!("the replica did not answer for group {}", g.name))?;
-        let head = g.last_sealed();
-        let durable = Seq(w.durable);
-        if durable > head {
-            bail!(
-                "the replica holds group {} up to seq {durable} but this agent has only reached seq {head}: the agent's spool or state was lost; protect the group under a new name, or reset the replica's copy",
-                g.name
-            );
-        }
-        let first_held = g.spool.first_held().unwrap_or(head.next());
-        if durable.next() < first_held {
-            bail!(
-                "group {}: the replica is at seq {durable} but the spool starts at seq {first_held}; the batches in between are gone and a resync is needed",
-                g.name
-            );
-        }
+        let durable = catch_up(g, w)?;
         g.spool.ack(durable);
         g.acked.send_replace(durable);
         state.insert(
@@ -239,6 +362,9 @@ async fn serve_connection(
     set_link(link, true, None);
     *backoff = BACKOFF_MIN;
     tracing::info!(replica = %config.replica, "connected to the replica");
+    for g in groups {
+        g.wake.send_modify(|v| *v += 1);
+    }
 
     // Wake the loop whenever any group's spool grows.
     let wake = Arc::new(Notify::new());
@@ -253,12 +379,20 @@ async fn serve_connection(
         });
     }
     let mut sends: JoinSet<Result<()>> = JoinSet::new();
+    let mut hash_waiters: HashWaiters = HashMap::new();
+    let mut ctx = Ctx {
+        state: &mut state,
+        conn,
+        sends: &mut sends,
+        link,
+        hash_waiters: &mut hash_waiters,
+    };
     while let Some(msg) = decoder.poll_frame()? {
-        handle_control(msg, &mut state, conn, &mut sends)?;
+        ctx.handle(msg)?;
     }
     loop {
         // Send what the window allows.
-        for s in state.values_mut() {
+        for s in ctx.state.values_mut() {
             let written = s.group.spool.written();
             while s.next <= written && (s.next.0 - s.acked.0 - 1) < config.window as u64 {
                 let seq = s.next;
@@ -283,7 +417,7 @@ async fn serve_connection(
                 } else {
                     bytes
                 };
-                sends.spawn(send_batch(conn.clone(), bytes));
+                ctx.sends.spawn(send_batch(conn.clone(), bytes));
                 s.next = s.next.next();
             }
         }
@@ -295,74 +429,135 @@ async fn serve_connection(
                     None => return Ok(()),
                 }
                 while let Some(msg) = decoder.poll_frame()? {
-                    handle_control(msg, &mut state, conn, &mut sends)?;
+                    ctx.handle(msg)?;
                 }
             }
-            Some(r) = sends.join_next() => {
+            Some(r) = ctx.sends.join_next() => {
                 r.map_err(|e| anyhow!("send task failed: {e}"))??;
+            }
+            Some(q) = queries.recv() => {
+                let msg = Control::HashRequest { group: q.group.clone(), volume: q.volume, first_chunk: q.first_chunk, count: q.count };
+                ctx.hash_waiters.insert((q.group, q.volume, q.first_chunk), q.reply);
+                ctl_send.write_all(&wire::encode(&msg)).await.context("send a hash request")?;
             }
             _ = wake_fut => {}
         }
     }
 }
 
-fn handle_control(
-    msg: Control,
-    state: &mut BTreeMap<String, GroupSend>,
-    conn: &quinn::Connection,
-    sends: &mut JoinSet<Result<()>>,
-) -> Result<()> {
-    match msg {
-        Control::Ack { group, durable } => {
-            let s = state
-                .get_mut(&group)
-                .ok_or_else(|| anyhow!("ack for unknown group {group}"))?;
-            let durable = Seq(durable);
-            if durable > s.acked {
-                if durable >= s.next {
+struct Ctx<'a> {
+    state: &'a mut BTreeMap<String, GroupSend>,
+    conn: &'a quinn::Connection,
+    sends: &'a mut JoinSet<Result<()>>,
+    link: &'a SharedLink,
+    hash_waiters: &'a mut HashWaiters,
+}
+
+impl Ctx<'_> {
+    fn handle(&mut self, msg: Control) -> Result<()> {
+        match msg {
+            Control::Ack { group, durable } => {
+                let s = self
+                    .state
+                    .get_mut(&group)
+                    .ok_or_else(|| anyhow!("ack for unknown group {group}"))?;
+                let durable = Seq(durable);
+                if durable > s.acked {
+                    if durable >= s.next {
+                        bail!(
+                            "the replica acknowledged seq {durable} of group {group}, which was never sent"
+                        );
+                    }
+                    s.acked = durable;
+                    s.nacks_in_a_row = 0;
+                    s.group.spool.ack(durable);
+                    s.group.acked.send_replace(durable);
+                }
+            }
+            Control::Nack { group, seq, reason } => {
+                let Some(s) = self.state.get_mut(&group) else {
+                    // The replica could not tell which batch it refused (its header was
+                    // unreadable): start over, which sends every unacknowledged batch again.
                     bail!(
-                        "the replica acknowledged seq {durable} of group {group}, which was never sent"
+                        "the replica refused a batch it could not attribute ({reason}); reconnecting to send every unacknowledged batch again"
+                    );
+                };
+                tracing::warn!(
+                    group,
+                    seq,
+                    "the replica refused batch {seq}: {reason}; sending it again"
+                );
+                s.nacks_in_a_row += 1;
+                if s.nacks_in_a_row > NACKS_IN_A_ROW_MAX {
+                    bail!(
+                        "the replica refused batches of group {group} {} times in a row (last: seq {seq}: {reason})",
+                        s.nacks_in_a_row
                     );
                 }
-                s.acked = durable;
-                s.nacks_in_a_row = 0;
-                s.group.spool.ack(durable);
-                s.group.acked.send_replace(durable);
+                let seq = Seq(seq);
+                if seq > s.acked && seq < s.next {
+                    let bytes = s
+                        .group
+                        .spool
+                        .get(seq)?
+                        .ok_or_else(|| anyhow!("batch {seq} is missing from the spool"))?;
+                    self.sends.spawn(send_batch(self.conn.clone(), bytes));
+                }
             }
-        }
-        Control::Nack { group, seq, reason } => {
-            let Some(s) = state.get_mut(&group) else {
-                // The replica could not tell which batch it refused (its header was unreadable):
-                // start over, which sends every unacknowledged batch again.
-                bail!(
-                    "the replica refused a batch it could not attribute ({reason}); reconnecting to send every unacknowledged batch again"
-                );
-            };
-            tracing::warn!(
+            Control::HashReply {
                 group,
-                seq,
-                "the replica refused batch {seq}: {reason}; sending it again"
-            );
-            s.nacks_in_a_row += 1;
-            if s.nacks_in_a_row > NACKS_IN_A_ROW_MAX {
-                bail!(
-                    "the replica refused batches of group {group} {} times in a row (last: seq {seq}: {reason})",
-                    s.nacks_in_a_row
+                volume,
+                seq: _,
+                first_chunk,
+                hashes,
+            } => {
+                if let Some(reply) = self.hash_waiters.remove(&(group, volume, first_chunk)) {
+                    let parsed: Option<Vec<[u8; 32]>> =
+                        hashes.iter().map(|h| parse_hash(h)).collect();
+                    let _ =
+                        reply.send(parsed.ok_or_else(|| "a hash is not 64 hex digits".to_owned()));
+                }
+            }
+            Control::HashError {
+                group,
+                volume,
+                reason,
+            } => {
+                let keys: Vec<_> = self
+                    .hash_waiters
+                    .keys()
+                    .filter(|(g, v, _)| *g == group && *v == volume)
+                    .cloned()
+                    .collect();
+                for k in keys {
+                    if let Some(reply) = self.hash_waiters.remove(&k) {
+                        let _ = reply.send(Err(reason.clone()));
+                    }
+                }
+            }
+            Control::Paused { group, reason } => {
+                tracing::warn!(
+                    group,
+                    "the replica paused ingest: {reason}; batches stay in the spool until it resumes"
                 );
+                self.link
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .paused
+                    .insert(group, reason);
             }
-            let seq = Seq(seq);
-            if seq > s.acked && seq < s.next {
-                let bytes = s
-                    .group
-                    .spool
-                    .get(seq)?
-                    .ok_or_else(|| anyhow!("batch {seq} is missing from the spool"))?;
-                sends.spawn(send_batch(conn.clone(), bytes));
+            Control::Resumed { group } => {
+                tracing::info!(group, "the replica resumed ingest");
+                self.link
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .paused
+                    .remove(&group);
             }
+            other => bail!("unexpected message from the replica: {other:?}"),
         }
-        other => bail!("unexpected message from the replica: {other:?}"),
+        Ok(())
     }
-    Ok(())
 }
 
 async fn send_batch(conn: quinn::Connection, bytes: bytes::Bytes) -> Result<()> {

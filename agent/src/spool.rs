@@ -49,6 +49,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
 }
 
 struct Entry {
+    /// The batch's agent time (when it was sealed).
+    time_ns: i64,
     segment: u64,
     offset: u64,
     len: u64,
@@ -64,6 +66,8 @@ struct State {
     /// Segment id (first seq) → bytes, in order.
     segments: BTreeMap<u64, u64>,
     cached_bytes: usize,
+    /// Bytes of the batches held.
+    held_bytes: u64,
     acked: Seq,
     failed: Option<String>,
 }
@@ -79,6 +83,8 @@ enum Cmd {
     Append(SealedBatch),
     Sync,
     Ack(Seq),
+    /// Forget everything and continue the chain after `seq` (see [`Spool::reset`]).
+    Reset(Seq, Hash, mpsc::Sender<io::Result<()>>),
 }
 
 /// Handle to a group's spool; cheap to clone.
@@ -186,6 +192,7 @@ impl Spool {
                         entries.insert(
                             header.seq,
                             Entry {
+                                time_ns: header.agent_time_ns,
                                 segment: id,
                                 offset: pos as u64,
                                 len: (end - pos) as u64,
@@ -214,6 +221,7 @@ impl Spool {
             segments.insert(id, good);
         }
         let first_held = entries.keys().next().copied().unwrap_or(last_seq.next());
+        let held_bytes = entries.values().map(|e| e.len).sum();
         let (written, _) = watch::channel(last_seq);
         let (durable, _) = watch::channel(last_seq);
         let shared = Arc::new(Shared {
@@ -222,6 +230,7 @@ impl Spool {
                 entries,
                 segments,
                 cached_bytes: 0,
+                held_bytes,
                 acked: trimmed_seq,
                 failed: None,
             }),
@@ -246,13 +255,15 @@ impl Spool {
     }
 
     /// Queues a sealed batch (seq must follow the last appended one). Returns at once.
-    pub fn append(&self, batch: SealedBatch, header_hash: Hash) {
+    pub fn append(&self, batch: SealedBatch, header_hash: Hash, time_ns: i64) {
         {
             let mut st = self.lock();
             st.cached_bytes += batch.bytes.len();
+            st.held_bytes += batch.bytes.len() as u64;
             st.entries.insert(
                 batch.seq,
                 Entry {
+                    time_ns,
                     segment: 0,
                     offset: 0,
                     len: batch.bytes.len() as u64,
@@ -334,10 +345,34 @@ impl Spool {
     /// Batches and bytes held (not yet acknowledged).
     pub fn held(&self) -> (u64, u64) {
         let st = self.lock();
-        (
-            st.entries.len() as u64,
-            st.entries.values().map(|e| e.len).sum(),
-        )
+        (st.entries.len() as u64, st.held_bytes)
+    }
+
+    /// Bytes held (not yet acknowledged).
+    pub fn held_bytes(&self) -> u64 {
+        self.lock().held_bytes
+    }
+
+    /// Agent time of the oldest batch held, if any.
+    pub fn oldest_held_time_ns(&self) -> Option<i64> {
+        self.lock().entries.values().next().map(|e| e.time_ns)
+    }
+
+    /// Forgets every batch and continues the chain after `seq` (header hash `hash`): for an
+    /// agent that cannot resume from its spool (the replica is behind what the spool still
+    /// holds, or ahead of it). Deletes every segment and blocks until that is durable, so the
+    /// caller holds its group's lock across it and no batch of the new chain can interleave.
+    pub fn reset_blocking(&self, seq: Seq, hash: Hash) -> Result<(), SpoolError> {
+        let (tx, rx) = mpsc::channel();
+        let _ = self.tx.send(Cmd::Reset(seq, hash, tx));
+        let dir = self.shared.dir.clone();
+        match rx.recv() {
+            Ok(r) => r.map_err(|source| SpoolError::Io { path: dir, source }),
+            Err(_) => Err(SpoolError::Io {
+                path: dir,
+                source: io::Error::other("spool writer stopped"),
+            }),
+        }
     }
 
     /// The oldest seq still held, if any.
@@ -437,6 +472,27 @@ impl Writer {
         Ok(())
     }
 
+    fn reset(&mut self, seq: Seq, hash: &Hash) -> io::Result<()> {
+        self.current = None;
+        write_trimmed(&self.shared.dir, seq, hash)?;
+        let ids: Vec<u64> = self.lock().segments.keys().copied().collect();
+        for id in ids {
+            fs::remove_file(segment_path(&self.shared.dir, id))?;
+        }
+        File::open(&self.shared.dir)?.sync_all()?;
+        let mut st = self.lock();
+        st.segments.clear();
+        st.entries.clear();
+        st.cached_bytes = 0;
+        st.held_bytes = 0;
+        st.acked = seq;
+        drop(st);
+        self.synced = true;
+        self.shared.written.send_replace(seq);
+        self.shared.durable.send_replace(seq);
+        Ok(())
+    }
+
     fn sync(&mut self) -> io::Result<()> {
         if !self.synced
             && let Some((_, file, _)) = &self.current
@@ -458,12 +514,15 @@ impl Writer {
         let acked_hash = acked_entry.hash;
         let mut freed = 0;
         let keep = st.entries.split_off(&seq.next());
+        let mut freed_held = 0;
         for (_, e) in std::mem::replace(&mut st.entries, keep) {
+            freed_held += e.len;
             if let Some(b) = e.cached {
                 freed += b.len();
             }
         }
         st.cached_bytes -= freed;
+        st.held_bytes -= freed_held;
         st.acked = acked_seq;
         // A segment can go when no held batch lives in it and it is not the one being appended.
         let current = self.current.as_ref().map(|(id, _, _)| *id);
@@ -519,6 +578,13 @@ fn writer_thread(shared: Arc<Shared>, rx: mpsc::Receiver<Cmd>) {
                 }
                 Cmd::Sync => want_sync = true,
                 Cmd::Ack(seq) => acks.push(seq),
+                Cmd::Reset(seq, hash, done) => {
+                    // Whatever was queued before the reset belonged to the old chain.
+                    last_written = None;
+                    want_sync = false;
+                    acks.clear();
+                    let _ = done.send(w.reset(seq, &hash));
+                }
             }
         }
         if let Some(seq) = last_written {
@@ -566,7 +632,7 @@ mod tests {
         for _ in 0..5 {
             let (s, h) = make(&mut b);
             hashes.push(h);
-            spool.append(s, h);
+            spool.append(s, h, 0);
         }
         spool.wait_durable(Seq(5)).await.expect("durable");
         assert_eq!(spool.durable(), Seq(5));
@@ -592,7 +658,7 @@ mod tests {
         let mut b = Batcher::new("g", BatcherConfig::default(), rec.last_seq, rec.last_hash);
         let (s6, h6) = make(&mut b);
         spool.ack(Seq(5));
-        spool.append(s6, h6);
+        spool.append(s6, h6, 0);
         spool.wait_durable(Seq(6)).await.expect("durable");
         spool.ack(Seq(6));
         spool.wait_durable(Seq(6)).await.expect("still durable");

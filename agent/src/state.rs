@@ -51,12 +51,25 @@ pub struct AgentConfig {
     /// sync does not saturate the device or the link.
     #[serde(default)]
     pub sync_bytes_per_sec_max: u64,
+    /// Cap of each group's spool, in bytes. Above it the group tracks dirty regions instead
+    /// of batches, and resyncs them when the replica has caught up.
+    #[serde(default = "default_spool_bytes_max")]
+    pub spool_bytes_max: u64,
+    /// Chunks (1 MiB) each volume's activity log holds: what is resynced after a crash.
+    #[serde(default = "default_al_chunks")]
+    pub activity_log_chunks: usize,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
 }
 
 fn default_batch_age_ms() -> u64 {
     cdp_shared::types::BATCH_AGE_MS_DEFAULT
+}
+fn default_spool_bytes_max() -> u64 {
+    crate::write_pipeline::SPOOL_BYTES_MAX_DEFAULT
+}
+fn default_al_chunks() -> usize {
+    crate::activity_log::CAPACITY_DEFAULT
 }
 fn default_in_flight() -> usize {
     cdp_shared::types::BATCHES_IN_FLIGHT_DEFAULT
@@ -78,9 +91,19 @@ impl AgentConfig {
         };
         let config: AgentConfig = toml::from_str(&text)
             .with_context(|| format!("{} is not a valid agent configuration", path.display()))?;
-        if config.batch_age_ms == 0 || config.batches_in_flight == 0 {
+        if config.spool_bytes_max < 2 * cdp_shared::types::BATCH_PAYLOAD_BYTES_MAX as u64 {
             bail!(
-                "{}: batch_age_ms and batches_in_flight must be at least 1",
+                "{}: spool_bytes_max must be at least {} bytes (two batches)",
+                path.display(),
+                2 * cdp_shared::types::BATCH_PAYLOAD_BYTES_MAX
+            );
+        }
+        if config.batch_age_ms == 0
+            || config.batches_in_flight == 0
+            || config.activity_log_chunks == 0
+        {
+            bail!(
+                "{}: batch_age_ms, batches_in_flight and activity_log_chunks must be at least 1",
                 path.display()
             );
         }

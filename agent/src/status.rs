@@ -22,22 +22,36 @@ pub struct AgentStatus {
     pub volumes: Vec<VolumeStatus>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub name: String,
     pub group: String,
     pub device: String,
     pub size: u64,
-    /// `syncing`, `protecting`, `disconnected` (running, link down) or `stopped`.
+    /// `syncing` (initial sync), `resyncing` (dirty regions or a hash-compare resync),
+    /// `overflow` (the spool is full: writes are tracked as dirty regions), `protecting`,
+    /// `disconnected` (running, link down) or `stopped` (no agent running).
     pub state: String,
-    /// Share of the initial sync done, 0..=1, while syncing.
+    /// Share of the running sync or resync done, 0..=1.
     pub sync_progress: Option<f64>,
     /// The last seq sealed in the group (None when the agent is stopped).
     pub last_seq: Option<u64>,
     /// The last seq the replica acknowledged as durable.
     pub acked_seq: Option<u64>,
+    /// Batches and bytes in the group's spool (sealed, not yet acknowledged).
     pub spool_batches: Option<u64>,
     pub spool_bytes: Option<u64>,
+    /// 1 MiB regions written but not yet in the log (overflow, unclean stop), to be resynced.
+    pub dirty_regions: Option<u64>,
+    /// Bytes of records sent by resyncs since the agent started.
+    pub resync_bytes_sent: Option<u64>,
+    /// RPO lag: age, in milliseconds, of the oldest write not yet durable on the replica
+    /// (0 when everything is).
+    pub rpo_lag_ms: Option<u64>,
+    /// Whether the group's latest sealed point is crash-consistent.
+    pub consistent: Option<bool>,
+    /// Why the replica paused ingest of the group (e.g. its disk is full), if it did.
+    pub replica_paused: Option<String>,
 }
 
 /// The status of a running agent.
@@ -47,33 +61,60 @@ pub fn collect(
     devices: &dyn Fn(&str) -> String,
 ) -> AgentStatus {
     let l = link.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let now = crate::write_pipeline::now_ns();
     let mut volumes = Vec::new();
     for g in groups {
         let last = g.last_sealed().0;
         let acked = g.acked.borrow().0;
         let (batches, bytes) = g.spool.held();
+        let gs = g.state();
+        let oldest = [
+            g.spool.oldest_held_time_ns(),
+            gs.open_since_ns,
+            gs.overflow_since_ns,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let lag_ms = oldest
+            .map(|t| (now.saturating_sub(t).max(0) / 1_000_000) as u64)
+            .unwrap_or(0);
+        let compare: Vec<_> = g.pending().compare.iter().copied().collect();
         for v in &g.volumes {
+            let dirty = gs.dirty_chunks.get(v.id as usize).copied().unwrap_or(0);
             let syncing = v.syncing.load(Ordering::Relaxed);
+            let resyncing = dirty > 0 || compare.contains(&v.id);
             let state = if syncing {
                 "syncing"
+            } else if gs.overflow_since_ns.is_some() {
+                "overflow"
+            } else if resyncing {
+                "resyncing"
             } else if l.connected {
                 "protecting"
             } else {
                 "disconnected"
             };
+            let total = v.sync_chunks_total.load(Ordering::Relaxed).max(1);
+            let progress = (syncing || resyncing).then(|| {
+                (v.sync_chunks_done.load(Ordering::Relaxed) as f64 / total as f64).min(1.0)
+            });
             volumes.push(VolumeStatus {
                 name: v.name.clone(),
                 group: g.name.clone(),
                 device: devices(&v.name),
                 size: v.size,
                 state: state.to_owned(),
-                sync_progress: syncing.then(|| {
-                    v.sync_chunks_done.load(Ordering::Relaxed) as f64 / v.chunks().max(1) as f64
-                }),
+                sync_progress: progress,
                 last_seq: Some(last),
                 acked_seq: Some(acked),
                 spool_batches: Some(batches),
                 spool_bytes: Some(bytes),
+                dirty_regions: Some(dirty),
+                resync_bytes_sent: Some(v.resync_bytes_sent.load(Ordering::Relaxed)),
+                rpo_lag_ms: Some(lag_ms),
+                consistent: Some(!gs.inconsistent),
+                replica_paused: l.paused.get(&g.name).cloned(),
             });
         }
     }
@@ -102,11 +143,7 @@ pub fn offline(data_dir: &Path, config: &AgentConfig) -> Result<AgentStatus> {
             device: v.device.display().to_string(),
             size,
             state: state.to_owned(),
-            sync_progress: None,
-            last_seq: None,
-            acked_seq: None,
-            spool_batches: None,
-            spool_bytes: None,
+            ..VolumeStatus::default()
         });
     }
     Ok(AgentStatus {
@@ -142,12 +179,15 @@ pub fn render(s: &AgentStatus) -> String {
             "SIZE",
             "LAST SEQ",
             "ACKED SEQ",
+            "RPO LAG",
             "SPOOL",
+            "DIRTY",
             "DEVICE",
         ]
         .map(String::from)
         .to_vec(),
     ];
+    let mut paused = Vec::new();
     for v in &s.volumes {
         let state = match v.sync_progress {
             Some(p) => format!("{} {:.0}%", v.state, p * 100.0),
@@ -164,9 +204,30 @@ pub fn render(s: &AgentStatus) -> String {
             cdp_shared::types::human_bytes(v.size),
             opt(v.last_seq),
             opt(v.acked_seq),
+            v.rpo_lag_ms
+                .map(|ms| {
+                    if ms < 10_000 {
+                        format!("{ms} ms")
+                    } else {
+                        format!("{} s", ms / 1000)
+                    }
+                })
+                .unwrap_or_else(|| "-".into()),
             spool,
+            v.dirty_regions
+                .map(|d| {
+                    if d == 0 {
+                        "-".into()
+                    } else {
+                        format!("{d} MiB")
+                    }
+                })
+                .unwrap_or_else(|| "-".into()),
             v.device.clone(),
         ]);
+        if let Some(reason) = &v.replica_paused {
+            paused.push(format!("replica paused group {}: {reason}", v.group));
+        }
     }
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
@@ -178,6 +239,11 @@ pub fn render(s: &AgentStatus) -> String {
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
         out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    paused.dedup();
+    for p in paused {
+        out.push_str(&p);
         out.push('\n');
     }
     out

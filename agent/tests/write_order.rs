@@ -5,13 +5,12 @@
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use cdp_agent::batcher::BatcherConfig;
 use cdp_agent::device::{BlockDev, FileDev};
 use cdp_agent::spool::Spool;
-use cdp_agent::write_pipeline::{Group, Volume};
+use cdp_agent::write_pipeline::{Group, GroupOptions, Volume};
 use cdp_shared::Seq;
 use cdp_shared::batch::{self, RecordKind};
 use cdp_shared::types::CHUNK_BYTES;
@@ -101,22 +100,26 @@ fn make_group(dir: &Path) -> Arc<Group> {
         let f = std::fs::File::create(&path).expect("create device");
         f.set_len(VOLUME_BYTES).expect("size device");
         let dev = SlowDev(FileDev::open(&path).expect("open device"));
-        volumes.push(Arc::new(Volume {
+        volumes.push(Arc::new(Volume::new(
             id,
-            name: format!("vol{id}"),
-            size: dev.size(),
-            dev: Arc::new(dev),
-            sync_chunks_done: AtomicU64::new(0),
-            syncing: AtomicBool::new(false),
-        }));
+            &format!("vol{id}"),
+            Arc::new(dev),
+        )));
     }
     let (spool, rec) = Spool::open(&dir.join("spool")).expect("spool");
     // Small batches so that the log spans many of them.
-    let config = BatcherConfig {
-        payload_bytes_target: 64 * 1024,
-        age_max: Duration::from_millis(5),
+    let options = GroupOptions {
+        batcher: BatcherConfig {
+            payload_bytes_target: 64 * 1024,
+            age_max: Duration::from_millis(5),
+        },
+        spool_bytes_max: 1 << 40,
+        al_capacity: 64,
+        state_dir: dir.join("state"),
     };
-    Group::new("g", volumes, spool, config, rec.last_seq, rec.last_hash)
+    Group::new("g", volumes, spool, options, rec.last_seq, rec.last_hash)
+        .expect("group")
+        .0
 }
 
 fn replay(group: &Group, last: Seq) -> Vec<Vec<u8>> {

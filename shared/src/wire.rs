@@ -44,7 +44,26 @@ pub struct GroupWelcome {
     pub durable: u64,
     /// Changes whenever the replica's copy of the group starts over (new, or restored).
     pub generation: String,
+    /// Header hash (64 hex digits) of batch `durable`; empty when `durable` is 0. An agent
+    /// that cannot resume from its spool continues its chain from here (and resyncs).
+    #[serde(default)]
+    pub head_hash: String,
+    /// Where each volume of the group stands on the replica.
+    #[serde(default)]
+    pub volumes: Vec<VolumeWelcome>,
 }
+
+/// A volume's state on the replica, in [`GroupWelcome`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeWelcome {
+    pub id: VolumeId,
+    /// `new` (no image yet: the agent must run an initial sync), `syncing` (an initial sync
+    /// began and did not complete: the agent starts it again) or `protecting`.
+    pub state: String,
+}
+
+/// Most chunk hashes asked for or answered in one message.
+pub const HASHES_PER_MESSAGE_MAX: u32 = 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -67,6 +86,36 @@ pub enum Control {
         seq: u64,
         reason: String,
     },
+    /// Agent → replica: the blake3 hashes of chunks `first_chunk..first_chunk + count` of a
+    /// volume in the replica's latest image (for a hash-compare resync). `count` is at most
+    /// [`HASHES_PER_MESSAGE_MAX`].
+    HashRequest {
+        group: String,
+        volume: VolumeId,
+        first_chunk: u64,
+        count: u32,
+    },
+    /// Replica → agent: the answer, for the image at `seq` (the group's durable head when the
+    /// hashes were taken). Each hash is 64 hex digits; the last chunk of a volume is hashed
+    /// over its actual length.
+    HashReply {
+        group: String,
+        volume: VolumeId,
+        seq: u64,
+        first_chunk: u64,
+        hashes: Vec<String>,
+    },
+    /// Replica → agent: the hash request could not be answered.
+    HashError {
+        group: String,
+        volume: VolumeId,
+        reason: String,
+    },
+    /// Replica → agent: ingest of `group` is paused (e.g. its disk is full): batches are not
+    /// acknowledged until it resumes by itself. `reason` is for the operator.
+    Paused { group: String, reason: String },
+    /// Replica → agent: ingest of `group` resumed.
+    Resumed { group: String },
 }
 
 impl Control {
