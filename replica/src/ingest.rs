@@ -942,6 +942,8 @@ impl IngestService {
                 name: g.name,
                 durable: g.head_seq,
                 generation: g.generation,
+                head_hash: String::new(),
+                volumes: Vec::new(),
             });
         }
         Ok(Ok(welcomes))
