@@ -472,6 +472,7 @@ impl Ctx<'_> {
                     s.nacks_in_a_row = 0;
                     s.group.spool.ack(durable);
                     s.group.acked.send_replace(durable);
+                    s.group.bump();
                 }
             }
             Control::Nack { group, seq, reason } => {

@@ -552,3 +552,57 @@ pub fn read_file(path: &Path) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     v
 }
+
+impl Cluster {
+    /// Sets `key = value` (a TOML value) in the agent's configuration.
+    pub fn set_agent_config(&self, key: &str, value: &str) {
+        let path = self.agent_dir.join("agent.toml");
+        let text = std::fs::read_to_string(&path).expect("agent.toml");
+        let mut found = false;
+        let mut lines: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.split('=').next().map(str::trim) == Some(key) {
+                    found = true;
+                    format!("{key} = {value}")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        if !found {
+            lines.insert(0, format!("{key} = {value}"));
+        }
+        std::fs::write(&path, lines.join("\n") + "\n").expect("write agent.toml");
+    }
+
+    /// The agent's status of one volume.
+    pub fn volume_status(&self, volume: &str) -> serde_json::Value {
+        let st = self.agent_status();
+        st["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == volume).expect("volume in status").clone()
+    }
+
+    /// The replica's head seq for `volume` (the last point it lists), 0 when none.
+    pub fn replica_head(&self, volume: &str) -> u64 {
+        self.points(volume).last().and_then(|p| p["seq"].as_u64()).unwrap_or(0)
+    }
+
+    /// Takes a bookmark and returns its seq.
+    pub fn bookmark(&self, name: &str, wait: bool) -> u64 {
+        let mut args = vec!["bookmark", name];
+        if wait {
+            args.push("--wait");
+        }
+        let out = run_ok(&mut self.agent_cmd(&args));
+        out.split(" seq ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bookmark prints its seq: {out}"))
+    }
+
+    /// Waits until the agent has nothing left to send or resync for `volume`: protecting, no
+    /// dirty regions, everything sealed acknowledged.
+    pub fn wait_in_step(&self, volume: &str, timeout: Duration) {
+        wait_until(&format!("volume {volume} to be in step with the replica"), timeout, || {
+            let v = self.volume_status(volume);
+            v["state"] == "protecting" && v["dirty_regions"].as_u64() == Some(0) && v["acked_seq"] == v["last_seq"] && v["consistent"] == true
+        });
+    }
+}
