@@ -71,6 +71,9 @@ pub struct Volume {
     pub syncing: AtomicBool,
     /// Bytes of resync records pushed (dirty-chunk and hash-compare resyncs).
     pub resync_bytes_sent: AtomicU64,
+    /// Set when a running initial sync must stop and start again from the beginning (the
+    /// replica lost what it had received of it).
+    pub restart_sync: AtomicBool,
 }
 
 impl Volume {
@@ -84,6 +87,7 @@ impl Volume {
             sync_chunks_total: AtomicU64::new(0),
             syncing: AtomicBool::new(false),
             resync_bytes_sent: AtomicU64::new(0),
+            restart_sync: AtomicBool::new(false),
         }
     }
 
@@ -819,6 +823,9 @@ impl Group {
         let mut wake = self.wake.subscribe();
         let mut acked = self.acked.subscribe();
         loop {
+            if self.overflowing() {
+                self.try_end_overflow();
+            }
             let sealed = self.last_sealed().0;
             let ack = acked.borrow_and_update().0;
             if !self.overflowing()
@@ -896,6 +903,7 @@ impl Group {
         vol.sync_chunks_done.store(0, Ordering::Relaxed);
         vol.sync_chunks_total.store(vol.chunks(), Ordering::Relaxed);
         vol.syncing.store(true, Ordering::Relaxed);
+        vol.restart_sync.store(false, Ordering::Relaxed);
         self.wait_for_room(backlog_max).await?;
         {
             let mut inner = self.lock();
@@ -936,6 +944,14 @@ impl Group {
             }
             // Bound the backlog: the sync must not fill the spool with the whole device.
             self.wait_for_room(backlog_max).await?;
+            if vol.restart_sync.swap(false, Ordering::Relaxed) {
+                self.lock().syncing -= 1;
+                vol.syncing.store(false, Ordering::Relaxed);
+                return Err(ExportError::Io(format!(
+                    "the initial sync of volume {} starts again: the replica lost what it had received of it",
+                    vol.name
+                )));
+            }
             self.sync_chunk(volume, chunk, |_| true).await?;
             bytes_read += vol.chunk_len(chunk);
             vol.sync_chunks_done.fetch_add(1, Ordering::Relaxed);
@@ -944,6 +960,14 @@ impl Group {
         self.wait_for_room(backlog_max).await?;
         let seq = {
             let mut inner = self.lock();
+            if vol.restart_sync.swap(false, Ordering::Relaxed) {
+                inner.syncing -= 1;
+                vol.syncing.store(false, Ordering::Relaxed);
+                return Err(ExportError::Io(format!(
+                    "the initial sync of volume {} starts again: the replica lost what it had received of it",
+                    vol.name
+                )));
+            }
             // The records so far belong to the sync: their batch is not consistent. `SyncEnd`
             // then goes alone into a fresh batch, which is consistent when nothing else of
             // the group is syncing or dirty.
@@ -1089,6 +1113,10 @@ impl Group {
     /// Continues the log after the replica's `seq` (header hash `hash`), forgetting the spool:
     /// for when the spool cannot bring the replica up to date. Every volume then needs a
     /// hash-compare resync (the caller starts it).
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.options.state_dir
+    }
+
     pub fn rebase(&self, seq: Seq, hash: batch::Hash) -> Result<(), crate::spool::SpoolError> {
         let mut inner = self.lock();
         self.spool.reset_blocking(seq, hash)?;
