@@ -20,13 +20,22 @@ use common::*;
 const MIB: u64 = 1 << 20;
 
 fn count(var: &str, default: usize) -> usize {
-    std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn seed() -> u64 {
-    let seed = std::env::var("CDP_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed = std::env::var("CDP_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
     eprintln!("seed: {seed} (replay with CDP_TEST_SEED={seed})");
     seed
 }
@@ -41,7 +50,12 @@ struct Writer {
 
 impl Writer {
     fn new(uri: &str, size: u64, seed: u64) -> Writer {
-        Writer { nbd: NbdDriver::connect(uri), rng: Lcg(seed), size, buf: Vec::new() }
+        Writer {
+            nbd: NbdDriver::connect(uri),
+            rng: Lcg(seed),
+            size,
+            buf: Vec::new(),
+        }
     }
 
     /// One operation; returns the error of the client if it failed.
@@ -78,10 +92,17 @@ fn hash(b: &[u8]) -> [u8; 32] {
 }
 
 fn restore_hash(c: &Cluster, volume: &str, point: &str) -> [u8; 32] {
-    hash(&c.restore(volume, point).unwrap_or_else(|e| panic!("restore {point}: {e}")))
+    hash(
+        &c.restore(volume, point)
+            .unwrap_or_else(|e| panic!("restore {point}: {e}")),
+    )
 }
 
-fn started(volume_bytes: u64, data_bytes: u64, seed: u64) -> (Cluster, std::path::PathBuf, Vec<u8>) {
+fn started(
+    volume_bytes: u64,
+    data_bytes: u64,
+    seed: u64,
+) -> (Cluster, std::path::PathBuf, Vec<u8>) {
     let mut c = Cluster::new();
     let dev = c.make_device("v.img", volume_bytes, data_bytes, seed);
     c.protect("v", &dev, None);
@@ -114,18 +135,30 @@ fn link_outage_loses_nothing() {
     replica.kill9();
     // Writes go on while the replica is away, and none fails.
     for i in 0..300 {
-        w.op(&mut model).unwrap_or_else(|e| panic!("write {i} during the outage failed: {e}"));
+        w.op(&mut model)
+            .unwrap_or_else(|e| panic!("write {i} during the outage failed: {e}"));
     }
     w.nbd.flush().expect("flush during the outage");
     let v = c.volume_status("v");
     assert_eq!(v["state"], "disconnected", "{v}");
-    assert!(v["rpo_lag_ms"].as_u64().unwrap_or(0) > 0, "the RPO lag grows while the replica is away: {v}");
+    assert!(
+        v["rpo_lag_ms"].as_u64().unwrap_or(0) > 0,
+        "the RPO lag grows while the replica is away: {v}"
+    );
     c.start_replica();
     c.wait_in_step("v", Duration::from_secs(120));
     assert_same_image("the device", &read_file(&dev), &model);
-    assert_eq!(restore_hash(&c, "v", "latest"), hash(&model), "latest equals the device after the outage");
+    assert_eq!(
+        restore_hash(&c, "v", "latest"),
+        hash(&model),
+        "latest equals the device after the outage"
+    );
     for (name, h) in &marks {
-        assert_eq!(restore_hash(&c, "v", &format!("bookmark:{name}")), *h, "bookmark {name} from before the outage");
+        assert_eq!(
+            restore_hash(&c, "v", &format!("bookmark:{name}")),
+            *h,
+            "bookmark {name} from before the outage"
+        );
     }
 }
 
@@ -144,7 +177,8 @@ fn replica_killed_at_random_loses_no_acknowledged_batch() {
         // Heavy ingest for a random while, with a bookmark in the middle.
         let ops = 20 + rng.below(60);
         for i in 0..ops {
-            w.op(&mut model).unwrap_or_else(|e| panic!("write failed in round {k}: {e}"));
+            w.op(&mut model)
+                .unwrap_or_else(|e| panic!("write failed in round {k}: {e}"));
             if i == ops / 2 {
                 w.nbd.flush().expect("flush");
                 let name = format!("k{k}");
@@ -157,19 +191,34 @@ fn replica_killed_at_random_loses_no_acknowledged_batch() {
         c.start_replica();
         // Everything the agent saw acknowledged is there, before the agent even reconnects.
         let head = c.replica_head("v");
-        assert!(head >= acked, "round {k}: the agent saw seq {acked} acknowledged but the restarted replica only has {head}");
+        assert!(
+            head >= acked,
+            "round {k}: the agent saw seq {acked} acknowledged but the restarted replica only has {head}"
+        );
         // Restores at acknowledged bookmarks equal the oracle.
         for (name, seq, h) in marks.iter().filter(|(_, s, _)| *s <= acked).rev().take(2) {
-            assert_eq!(restore_hash(&c, "v", &format!("bookmark:{name}")), *h, "round {k}: bookmark {name} (seq {seq})");
+            assert_eq!(
+                restore_hash(&c, "v", &format!("bookmark:{name}")),
+                *h,
+                "round {k}: bookmark {name} (seq {seq})"
+            );
         }
     }
     w.nbd.flush().expect("flush");
     c.wait_in_step("v", Duration::from_secs(120));
-    assert_eq!(restore_hash(&c, "v", "latest"), hash(&model), "latest equals the oracle");
+    assert_eq!(
+        restore_hash(&c, "v", "latest"),
+        hash(&model),
+        "latest equals the oracle"
+    );
     let mut rng = Lcg(seed);
     for _ in 0..3 {
         let (name, _, h) = &marks[rng.below(marks.len() as u64) as usize];
-        assert_eq!(restore_hash(&c, "v", &format!("bookmark:{name}")), *h, "bookmark {name}");
+        assert_eq!(
+            restore_hash(&c, "v", &format!("bookmark:{name}")),
+            *h,
+            "bookmark {name}"
+        );
     }
 }
 
@@ -188,7 +237,8 @@ fn agent_killed_at_random_resyncs_what_it_had_in_flight() {
         let flush_at = rng.below(ops);
         let mut flushed = model.clone();
         for i in 0..ops {
-            w.op(&mut model).unwrap_or_else(|e| panic!("write failed in round {k}: {e}"));
+            w.op(&mut model)
+                .unwrap_or_else(|e| panic!("write failed in round {k}: {e}"));
             if i == flush_at {
                 w.nbd.flush().expect("flush");
                 flushed = model.clone();
@@ -200,16 +250,27 @@ fn agent_killed_at_random_resyncs_what_it_had_in_flight() {
         // No flushed write is missing from the device (a killed process loses nothing that
         // reached the page cache, so every replied write is there too).
         let device = read_file(&dev);
-        assert_same_image(&format!("round {k}: the device after the kill"), &device, &model);
+        assert_same_image(
+            &format!("round {k}: the device after the kill"),
+            &device,
+            &model,
+        );
         let _ = flushed;
         c.start_agent();
         c.wait_in_step("v", Duration::from_secs(120));
         if k % 4 == 3 || k + 1 == kills {
-            assert_eq!(restore_hash(&c, "v", "latest"), hash(&model), "round {k}: latest equals the device after the resync");
+            assert_eq!(
+                restore_hash(&c, "v", "latest"),
+                hash(&model),
+                "round {k}: latest equals the device after the resync"
+            );
         }
     }
     let log = c.agent.as_ref().expect("agent").log_text();
-    assert!(log.contains("did not stop cleanly") || log.contains("activity log"), "the agent noticed the unclean stop: {log}");
+    assert!(
+        log.contains("did not stop cleanly") || log.contains("activity log"),
+        "the agent noticed the unclean stop: {log}"
+    );
 }
 
 #[test]
@@ -242,22 +303,44 @@ fn spool_overflow_tracks_dirty_regions_and_resyncs_them() {
         let offset = (written * 7) % (62 * MIB);
         let mut buf = vec![0u8; len as usize];
         Lcg(written).fill(&mut buf);
-        w.nbd.write(offset, &buf, false).expect("a write during the overflow must not fail");
+        w.nbd
+            .write(offset, &buf, false)
+            .expect("a write during the overflow must not fail");
         model[offset as usize..(offset + len) as usize].copy_from_slice(&buf);
         written += len;
     }
     w.nbd.flush().expect("flush during the overflow");
     let v = c.volume_status("v");
     assert_eq!(v["state"], "overflow", "{v}");
-    assert!(v["dirty_regions"].as_u64().unwrap_or(0) > 0, "dirty regions are tracked: {v}");
-    assert!(std::fs::metadata(c.agent_dir.join("state").join("v.dirty")).is_ok(), "the dirty map is on disk after a flush");
+    assert!(
+        v["dirty_regions"].as_u64().unwrap_or(0) > 0,
+        "dirty regions are tracked: {v}"
+    );
+    assert!(
+        std::fs::metadata(c.agent_dir.join("state").join("v.dirty")).is_ok(),
+        "the dirty map is on disk after a flush"
+    );
     c.start_replica();
     c.wait_in_step("v", Duration::from_secs(120));
     assert_same_image("the device", &read_file(&dev), &model);
-    assert_eq!(restore_hash(&c, "v", "latest"), hash(&model), "latest equals the device after the resync");
-    assert_eq!(restore_hash(&c, "v", "bookmark:before"), before, "the point before the overflow");
+    assert_eq!(
+        restore_hash(&c, "v", "latest"),
+        hash(&model),
+        "latest equals the device after the resync"
+    );
+    assert_eq!(
+        restore_hash(&c, "v", "bookmark:before"),
+        before,
+        "the point before the overflow"
+    );
     let points = c.points("v");
-    assert!(points.iter().any(|p| p["consistent"] == false), "points inside the resync are recorded as not consistent");
+    assert!(
+        points.iter().any(|p| p["consistent"] == false),
+        "points inside the resync are recorded as not consistent"
+    );
     let last = points.last().expect("points");
-    assert_eq!(last["consistent"], true, "the resync ends with a consistent point: {last}");
+    assert_eq!(
+        last["consistent"], true,
+        "the resync ends with a consistent point: {last}"
+    );
 }

@@ -38,7 +38,7 @@ pub const SERVER_NAME: &str = "cdp-replica";
 /// Interval of QUIC keep-alive pings, so that an idle but healthy link is never timed out.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
 /// A link silent for this long (no packet at all, keep-alives included) is declared dead.
-pub const IDLE_TIMEOUT_MS: u32 = 15_000;
+pub const IDLE_TIMEOUT_MS: u32 = 6_000;
 /// Largest batch frame the link is sized for (payload bound plus headers, rounded up).
 pub const BATCH_STREAM_BYTES_MAX: u64 = 8 << 20;
 /// Flow-control window of one stream: a whole batch fits, so a batch stream never stalls on

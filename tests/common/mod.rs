@@ -579,12 +579,21 @@ impl Cluster {
     /// The agent's status of one volume.
     pub fn volume_status(&self, volume: &str) -> serde_json::Value {
         let st = self.agent_status();
-        st["volumes"].as_array().expect("volumes").iter().find(|v| v["name"] == volume).expect("volume in status").clone()
+        st["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == volume)
+            .expect("volume in status")
+            .clone()
     }
 
     /// The replica's head seq for `volume` (the last point it lists), 0 when none.
     pub fn replica_head(&self, volume: &str) -> u64 {
-        self.points(volume).last().and_then(|p| p["seq"].as_u64()).unwrap_or(0)
+        self.points(volume)
+            .last()
+            .and_then(|p| p["seq"].as_u64())
+            .unwrap_or(0)
     }
 
     /// Takes a bookmark and returns its seq.
@@ -594,15 +603,42 @@ impl Cluster {
             args.push("--wait");
         }
         let out = run_ok(&mut self.agent_cmd(&args));
-        out.split(" seq ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bookmark prints its seq: {out}"))
+        out.split(" seq ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bookmark prints its seq: {out}"))
     }
 
     /// Waits until the agent has nothing left to send or resync for `volume`: protecting, no
     /// dirty regions, everything sealed acknowledged.
     pub fn wait_in_step(&self, volume: &str, timeout: Duration) {
-        wait_until(&format!("volume {volume} to be in step with the replica"), timeout, || {
+        let deadline = Instant::now() + timeout;
+        loop {
             let v = self.volume_status(volume);
-            v["state"] == "protecting" && v["dirty_regions"].as_u64() == Some(0) && v["acked_seq"] == v["last_seq"] && v["consistent"] == true
-        });
+            if v["state"] == "protecting"
+                && v["dirty_regions"].as_u64() == Some(0)
+                && v["acked_seq"] == v["last_seq"]
+                && v["consistent"] == true
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                let agent = self.agent.as_ref().map(|a| a.log_text()).unwrap_or_default();
+                let replica = self.replica.as_ref().map(|a| a.log_text()).unwrap_or_default();
+                panic!(
+                    "timed out after {timeout:?} waiting for volume {volume} to be in step with the replica; last status: {v}\nagent log (tail):\n{}\nreplica log (tail):\n{}",
+                    tail(&agent, 30),
+                    tail(&replica, 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
+}
+
+/// The last `n` lines of a text.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
