@@ -139,11 +139,19 @@ fn link_outage_loses_nothing() {
             .unwrap_or_else(|e| panic!("write {i} during the outage failed: {e}"));
     }
     w.nbd.flush().expect("flush during the outage");
+    wait_until(
+        "the agent to notice the replica is gone",
+        Duration::from_secs(30),
+        || c.volume_status("v")["state"] == "disconnected",
+    );
     let v = c.volume_status("v");
-    assert_eq!(v["state"], "disconnected", "{v}");
     assert!(
         v["rpo_lag_ms"].as_u64().unwrap_or(0) > 0,
         "the RPO lag grows while the replica is away: {v}"
+    );
+    assert!(
+        v["spool_batches"].as_u64().unwrap_or(0) > 0,
+        "the spool holds what the replica has not acknowledged: {v}"
     );
     c.start_replica();
     c.wait_in_step("v", Duration::from_secs(120));

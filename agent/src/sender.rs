@@ -252,7 +252,11 @@ fn catch_up(g: &Arc<Group>, w: &wire::GroupWelcome) -> Result<Seq> {
     let replaced = known_generation
         .as_ref()
         .is_some_and(|k| *k != w.generation);
+    // A replica that lists no volumes (an older one) says nothing about them.
     let replica_state = |id: VolumeId| {
+        if w.volumes.is_empty() {
+            return "protecting";
+        }
         w.volumes
             .iter()
             .find(|v| v.id == id)

@@ -624,8 +624,16 @@ impl Cluster {
                 return;
             }
             if Instant::now() > deadline {
-                let agent = self.agent.as_ref().map(|a| a.log_text()).unwrap_or_default();
-                let replica = self.replica.as_ref().map(|a| a.log_text()).unwrap_or_default();
+                let agent = self
+                    .agent
+                    .as_ref()
+                    .map(|a| a.log_text())
+                    .unwrap_or_default();
+                let replica = self
+                    .replica
+                    .as_ref()
+                    .map(|a| a.log_text())
+                    .unwrap_or_default();
                 panic!(
                     "timed out after {timeout:?} waiting for volume {volume} to be in step with the replica; last status: {v}\nagent log (tail):\n{}\nreplica log (tail):\n{}",
                     tail(&agent, 30),
