@@ -1,6 +1,7 @@
 //! A lossy link (issue 4): a UDP proxy on loopback between the agent and the replica drops 5 %
 //! of the datagrams, duplicates some, delays each by a random few milliseconds (which reorders
-//! them), and cuts the link completely for a few seconds. Writes go on throughout; at the end
+//! them), and cuts the link completely for a few seconds. (At 5 % loss QUIC's congestion
+//! control keeps the throughput near 1 MB/s, so the volume is small.) Writes go on throughout; at the end
 //! the replica's `latest` equals the device, and every acknowledged bookmark restores exactly.
 
 mod common;
@@ -83,7 +84,7 @@ impl Proxy {
                     let copies = if rng.below(100) < 2 { 2 } else { 1 };
                     let mut heap = q1.heap.lock().expect("lock");
                     for _ in 0..copies {
-                        let due = Instant::now() + Duration::from_micros(rng.below(8000));
+                        let due = Instant::now() + Duration::from_micros(rng.below(4000));
                         n_seq += 1;
                         heap.push(std::cmp::Reverse((due, n_seq, buf[..n].to_vec())));
                     }
@@ -162,7 +163,7 @@ fn a_lossy_link_that_also_goes_down_loses_nothing() {
     let replica: SocketAddr = format!("127.0.0.1:{}", c.port).parse().expect("addr");
     let proxy = Proxy::start(replica, seed);
     c.set_agent_config("replica", &format!("\"{}\"", proxy.addr));
-    let dev = c.make_device("v.img", 32 * MIB, 8 * MIB, seed);
+    let dev = c.make_device("v.img", 8 * MIB, 2 * MIB, seed);
     c.protect("v", &dev, None);
     c.start_replica();
     c.start_agent();
@@ -178,8 +179,8 @@ fn a_lossy_link_that_also_goes_down_loses_nothing() {
             proxy.cut.store(true, Ordering::Relaxed);
         }
         for _ in 0..40 {
-            let len = (1 + rng.below(64)) * 4096;
-            let offset = rng.below(32 * MIB - len);
+            let len = (1 + rng.below(16)) * 4096;
+            let offset = rng.below(8 * MIB - len);
             buf.resize(len as usize, 0);
             rng.fill(&mut buf);
             nbd.write(offset, &buf, false)
