@@ -34,9 +34,9 @@ BENCH_ARGS ?=
 bench: deps release
 	/usr/bin/python3 tests/bench/bench.py --bin target/release --out BENCHMARKS.md $(BENCH_ARGS)
 
-# Longer runs of the fault and oracle tests (counts raised).
+# Longer runs of the randomized and fault tests (counts raised).
 soak: deps build
-	CDP_ORACLE_OPS=20000 $(CARGO) test --workspace --locked -- --test-threads=1
+	CDP_ORACLE_OPS=20000 CDP_REPLICA_KILLS=200 CDP_AGENT_KILLS=200 $(CARGO) test --workspace --locked -- --test-threads=1
 
 clean:
 	$(CARGO) clean
