@@ -95,7 +95,7 @@ fn real_clients_through_the_agent_and_latest_equals_the_device() {
     );
 
     // fio's nbd engine: random writes with verification, several in flight.
-    let out = run_ok(Command::new("fio").args([
+    let out = run_ok(Command::new("fio").current_dir(c.dir.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", c.nbd_uri("alpha")),
