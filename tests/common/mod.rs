@@ -179,8 +179,14 @@ pub struct Cluster {
 impl Cluster {
     /// Initializes both sides and pairs them; nothing is running yet.
     pub fn new() -> Cluster {
+        Cluster::with_replica_dir(None)
+    }
+
+    /// Like [`Cluster::new`], with the replica's data directory at `replica_dir` (which must
+    /// not exist yet) instead of inside the cluster's temporary directory.
+    pub fn with_replica_dir(replica_dir: Option<PathBuf>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let replica_dir = dir.path().join("replica");
+        let replica_dir = replica_dir.unwrap_or_else(|| dir.path().join("replica"));
         let agent_dir = dir.path().join("agent");
         let port = free_udp_port();
         let listen = format!("127.0.0.1:{port}");
