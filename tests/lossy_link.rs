@@ -17,9 +17,12 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
+/// A datagram and when to deliver it (the `u64` keeps equal times in arrival order).
+type Scheduled = std::cmp::Reverse<(Instant, u64, Vec<u8>)>;
+
 /// Datagrams waiting for their delivery time.
 struct Queue {
-    heap: Mutex<BinaryHeap<std::cmp::Reverse<(Instant, u64, Vec<u8>)>>>,
+    heap: Mutex<BinaryHeap<Scheduled>>,
     ready: Condvar,
 }
 

@@ -167,6 +167,18 @@ impl Batcher {
         if self.is_empty() && bookmark.is_none() {
             return None;
         }
+        Some(self.seal_always(flags, bookmark, inconsistent, time_ns))
+    }
+
+    /// Seals the open batch even when it holds nothing: a point of its own (after a resync,
+    /// the consistent point that ends it).
+    pub fn seal_always(
+        &mut self,
+        flags: u16,
+        bookmark: Option<&str>,
+        inconsistent: bool,
+        time_ns: i64,
+    ) -> SealedBatch {
         let mut f = flags;
         if self.has_sync_records {
             f |= BatchFlags::SYNC;
@@ -195,7 +207,7 @@ impl Batcher {
         self.record_count = 0;
         self.has_sync_records = false;
         self.opened_at = None;
-        Some(sealed)
+        sealed
     }
 
     /// Cuts the open batch if it is older than the age limit.

@@ -676,6 +676,17 @@ impl Group {
         (inner.batcher.last_sealed(), !inconsistent, ended)
     }
 
+    /// Seals a point even if nothing is open (a sync or resync just ended: its last records may
+    /// all sit in batches sealed as not consistent, and the point that says the group is
+    /// consistent again must exist).
+    fn cut_point(&self) -> (Seq, bool) {
+        let mut inner = self.lock();
+        let inconsistent = inner.inconsistent();
+        let sealed = inner.batcher.seal_always(0, None, inconsistent, now_ns());
+        self.to_spool([sealed]);
+        (inner.batcher.last_sealed(), !inconsistent)
+    }
+
     async fn sync_devices(&self, which: Vec<Arc<dyn BlockDev>>) -> ExportResult<()> {
         tokio::task::spawn_blocking(move || which.iter().try_for_each(|d| d.sync()))
             .await
@@ -1042,7 +1053,10 @@ impl Group {
                 next = chunk + 1;
             }
         }
-        let (seq, consistent, _) = self.cut(0, None, &[]);
+        if sent == 0 {
+            return Ok(0);
+        }
+        let (seq, consistent) = self.cut_point();
         self.make_durable(seq, &[]).await?;
         if consistent {
             tracing::info!(group = %self.name, seq = seq.0, "resync complete: seq {seq} is consistent again");
@@ -1101,9 +1115,9 @@ impl Group {
             Ok((compared, sent))
         }
         .await;
-        let (seq, _, _) = {
+        let (seq, _) = {
             self.lock().syncing -= 1;
-            self.cut(0, None, &[])
+            self.cut_point()
         };
         self.make_durable(seq, &[]).await?;
         self.bump();

@@ -180,6 +180,19 @@ fn hash_of(bytes: Option<Vec<u8>>) -> Result<Option<Hash>> {
 }
 
 type RecordTuple = (i64, i64, i64, i64, i64, i64, i64, i64);
+fn record_of(r: RecordTuple) -> RecordRow {
+    RecordRow {
+        chunk: r.0 as u64,
+        seq: r.1 as u64,
+        idx: r.2 as u32,
+        chunk_offset: r.3 as u32,
+        length: r.4 as u32,
+        kind: r.5 as u8,
+        segment: r.6 as u64,
+        position: r.7 as u64,
+    }
+}
+
 type GroupTuple = (i64, String, String, String, i64, i64, Option<Vec<u8>>);
 const GROUP_COLUMNS: &str = "id, name, owner, generation, base_seq, head_seq, head_hash";
 
@@ -453,12 +466,29 @@ impl Catalog {
     }
 
     /// Writes one group commit in ONE transaction: batch rows, record rows, bookmarks, volume
-    /// state changes and the group's head. After it returns, the batches are durable.
+    /// state changes and the group's head. After it returns, the batches are durable. After an
+    /// error the transaction is rolled back and its connection closed rather than reused (a
+    /// failed COMMIT may leave SQLite and sqlx disagreeing about the open transaction); the
+    /// caller that must know whether it took effect reads the head back ([`Catalog::head`]).
     pub async fn commit(&self, rows: &CommitRows) -> Result<()> {
-        let err = ReplicaError::catalog;
-        let mut tx = self
+        let mut conn = self
             .pool
-            .begin()
+            .acquire()
+            .await
+            .map_err(ReplicaError::catalog("get a connection"))?;
+        let result = Self::commit_on(&mut conn, rows).await;
+        if result.is_err() {
+            conn.close_on_drop();
+        }
+        result
+    }
+
+    async fn commit_on(
+        conn: &mut sqlx::pool::PoolConnection<Sqlite>,
+        rows: &CommitRows,
+    ) -> Result<()> {
+        let err = ReplicaError::catalog;
+        let mut tx = sqlx::Connection::begin(&mut **conn)
             .await
             .map_err(err("begin a transaction"))?;
         for b in &rows.batches {
@@ -597,6 +627,18 @@ impl Catalog {
 
     // ---- readers ----
 
+    /// The latest `limit` events of a group, newest first: (level, message).
+    pub async fn events(&self, group: &str, limit: u32) -> Result<Vec<(String, String)>> {
+        sqlx::query_as(
+            "SELECT level, message FROM events WHERE group_name = ? ORDER BY time_ns DESC, id DESC LIMIT ?",
+        )
+        .bind(group)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read events"))
+    }
+
     pub async fn batch(&self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
         let row: Option<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq = ?"
@@ -685,19 +727,42 @@ impl Catalog {
         .fetch_all(&self.pool)
         .await
         .map_err(ReplicaError::catalog("read the journal index"))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| RecordRow {
-                chunk: r.0 as u64,
-                seq: r.1 as u64,
-                idx: r.2 as u32,
-                chunk_offset: r.3 as u32,
-                length: r.4 as u32,
-                kind: r.5 as u8,
-                segment: r.6 as u64,
-                position: r.7 as u64,
-            })
-            .collect())
+        Ok(rows.into_iter().map(record_of).collect())
+    }
+
+    /// The journaled records of a volume with seq in `(after, upto]` and chunk in
+    /// `[first_chunk, end_chunk)`, in key order (one range of the primary key).
+    pub async fn records_in_chunks(
+        &self,
+        volume_id: i64,
+        after: u64,
+        upto: u64,
+        first_chunk: u64,
+        end_chunk: u64,
+    ) -> Result<Vec<RecordRow>> {
+        let rows: Vec<RecordTuple> = sqlx::query_as(
+            "SELECT chunk, seq, idx, chunk_offset, length, kind, segment, position FROM records \
+             WHERE volume_id = ? AND chunk >= ? AND chunk < ? AND seq > ? AND seq <= ? ORDER BY chunk, seq, idx",
+        )
+        .bind(volume_id)
+        .bind(first_chunk as i64)
+        .bind(end_chunk as i64)
+        .bind(after as i64)
+        .bind(upto as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read the journal index"))?;
+        Ok(rows.into_iter().map(record_of).collect())
+    }
+
+    /// The group's durable head seq as committed (read back after a failed commit).
+    pub async fn head(&self, group_id: i64) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT head_seq FROM groups WHERE id = ?")
+            .bind(group_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("read a group's head"))?;
+        Ok(n as u64)
     }
 
     /// Number of record rows of a volume (tests and measurements).

@@ -10,6 +10,7 @@
 //! DIR/volumes/<name>/target     target disk of each volume (sparse file)
 //! DIR/journal/<group>/<16 digits>.seg   journal segments
 //! DIR/serve.lock                flock held while `serve` runs
+//! DIR/paused.json               groups whose ingest is paused, for `status` (pause_board)
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -32,6 +33,7 @@ const CONFIG_FILE: &str = "replica.toml";
 const AGENTS_FILE: &str = "authorized_agents.toml";
 const CATALOG_FILE: &str = "meta.db";
 const LOCK_FILE: &str = "serve.lock";
+const PAUSE_BOARD_FILE: &str = "paused.json";
 const VOLUMES_DIR: &str = "volumes";
 const JOURNAL_DIR: &str = "journal";
 const TARGET_FILE: &str = "target";
@@ -74,6 +76,9 @@ impl DataDir {
     }
     pub fn lock(&self) -> PathBuf {
         self.root.join(LOCK_FILE)
+    }
+    pub fn pause_board(&self) -> PathBuf {
+        self.root.join(PAUSE_BOARD_FILE)
     }
     pub fn volumes(&self) -> PathBuf {
         self.root.join(VOLUMES_DIR)

@@ -104,10 +104,48 @@ impl ReplicaError {
     pub fn catalog(action: &'static str) -> impl FnOnce(sqlx::Error) -> ReplicaError {
         move |source| ReplicaError::Catalog { action, source }
     }
+
+    /// Whether this is a full disk (ENOSPC, or a disk quota reached), which ingest waits out
+    /// rather than stopping: a file write, an fsync (ext4 reports delayed-allocation ENOSPC
+    /// there) or SQLite's `SQLITE_FULL`. Any other error, EIO above all, is not.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            ReplicaError::Io { source, .. } => matches!(
+                rustix::io::Errno::from_io_error(source),
+                Some(rustix::io::Errno::NOSPC | rustix::io::Errno::DQUOT)
+            ),
+            ReplicaError::Catalog {
+                source: sqlx::Error::Database(e),
+                ..
+            } => e.code().is_some_and(|c| c == SQLITE_FULL),
+            _ => false,
+        }
+    }
 }
+
+/// SQLite's result code for "database or disk is full".
+const SQLITE_FULL: &str = "13";
 
 impl From<tokio::task::JoinError> for ReplicaError {
     fn from(e: tokio::task::JoinError) -> Self {
         ReplicaError::Task(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_full_disk_is_waited_out() {
+        let io = |errno: rustix::io::Errno| {
+            ReplicaError::io("append to", "/d/journal/g/1.seg")(io::Error::from(errno))
+        };
+        assert!(io(rustix::io::Errno::NOSPC).is_disk_full());
+        assert!(io(rustix::io::Errno::DQUOT).is_disk_full());
+        assert!(!io(rustix::io::Errno::IO).is_disk_full());
+        assert!(!io(rustix::io::Errno::ROFS).is_disk_full());
+        assert!(!ReplicaError::JournalCorrupt("x".into()).is_disk_full());
+        assert!(!ReplicaError::catalog("commit a batch")(sqlx::Error::PoolTimedOut).is_disk_full());
     }
 }

@@ -8,18 +8,23 @@
 //! * [`GroupIngest`] keeps one group's journal in seq order: it holds out-of-order batches
 //!   (bounded) until the gap fills, checks the hash chain, and runs group commits.
 //! * [`IngestService`] is what the QUIC server (and in-process tests) talk to: `hello` admits
-//!   an agent's groups, `submit` fully checks a batch and hands it to its group's task through
-//!   a bounded channel. Replies (`Ack`/`Nack`) go back on the [`Reply`] channel that came with
-//!   the batch.
+//!   an agent's groups, `attach` subscribes a connection to its groups' `Paused`/`Resumed`
+//!   news, `submit` fully checks a batch and hands it to its group's task through a bounded
+//!   channel. Replies (`Ack`/`Nack`) go back on the [`Reply`] channel that came with the batch.
+//! * A group commit that fails on a full disk is undone and retried every
+//!   [`PAUSE_RETRY_INTERVAL`] (the group is *paused*, see the crate docs); any other failure
+//!   stops ingest.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cdp_shared::batch::{self, BatchHeader, BatchView, Hash, RecordHeader, RecordKind};
 use cdp_shared::identity::Fingerprint;
 use cdp_shared::types::{BATCHES_IN_FLIGHT_DEFAULT, CHUNK_BYTES, check_name};
-use cdp_shared::wire::{Control, GroupHello, GroupWelcome, PROTOCOL_VERSION};
+use cdp_shared::wire::{Control, GroupHello, GroupWelcome, PROTOCOL_VERSION, VolumeWelcome};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,8 +34,9 @@ use crate::catalog::{
 };
 use crate::datadir::DataDir;
 use crate::error::{ReplicaError, Result};
-use crate::journal::Journal;
+use crate::journal::{Journal, JournalPos};
 use crate::now_ns;
+use crate::pause_board::{Pause, PauseBoard};
 use crate::target::TargetFile;
 
 /// Batches waiting in a group task's inbox.
@@ -43,6 +49,8 @@ pub const PENDING_BYTES_MAX: usize = 512 << 20;
 pub const GROUP_COMMIT_BYTES_MAX: usize = 32 << 20;
 /// Control messages queued for one connection's control stream.
 pub const CONTROL_OUTBOX_MAX: usize = 4 * PENDING_BATCHES_MAX;
+/// How often a group paused by a full disk tries its commit again.
+pub const PAUSE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 const _: () = assert!(PENDING_BYTES_MAX >= 2 * batch::BATCH_BYTES_MAX);
 const _: () = assert!(GROUP_COMMIT_BYTES_MAX >= batch::BATCH_BYTES_MAX);
@@ -226,6 +234,8 @@ enum GroupMsg {
     Batch(Box<Received>),
     /// Re-read the group and its volumes from the catalog (after a hello changed them).
     Reload(oneshot::Sender<Result<()>>),
+    /// A connection of the group's agent: it hears `Paused`/`Resumed` (at once if paused).
+    Attach(Reply),
 }
 
 struct Pending {
@@ -239,10 +249,13 @@ struct GroupIo {
     targets: HashMap<u32, TargetFile>,
     decompressor: zstd::bulk::Decompressor<'static>,
     scratch: Vec<u8>,
+    /// A failed commit's journal bytes still to be undone (the undo itself failed on a full
+    /// disk): the journal goes back here before anything else is written.
+    rollback_due: Option<JournalPos>,
 }
 
 impl GroupIo {
-    /// Steps 1–3 of a group commit for `batches` (in seq order): apply target ops, append
+    /// Steps 4–5 of a group commit for `batches` (in seq order): apply target ops, append
     /// journaled batches, then fsync the journal and the target files. Returns each batch's
     /// place in the journal. Runs on a blocking thread.
     fn write(
@@ -250,6 +263,8 @@ impl GroupIo {
         batches: &[(&[u8], &BatchPlan)],
         volumes: &HashMap<u32, VolumeEntry>,
     ) -> Result<Vec<Option<SegmentSpan>>> {
+        self.rollback()?;
+        debug_assert_eq!(self.journal.written(), self.journal.durable());
         let mut spans = Vec::with_capacity(batches.len());
         for (bytes, plan) in batches {
             if !plan.target_ops.is_empty() {
@@ -300,6 +315,16 @@ impl GroupIo {
         }
         Ok(spans)
     }
+
+    /// Undoes the journal bytes of a failed commit, if any are still due. Target writes are
+    /// not undone: they are re-applied, identically, when the same batches are committed.
+    fn rollback(&mut self) -> Result<()> {
+        if let Some(to) = self.rollback_due {
+            self.journal.rollback_to(to)?;
+            self.rollback_due = None;
+        }
+        Ok(())
+    }
 }
 
 /// One consistency group's ingest state: the journal in seq order (see the crate docs).
@@ -314,10 +339,49 @@ pub struct GroupIngest {
     pending: BTreeMap<u64, Pending>,
     pending_bytes: usize,
     io: Option<GroupIo>,
+    board: Arc<PauseBoard>,
+    /// Control streams of the agent's connections (closed ones are dropped as found).
+    attached: Vec<Reply>,
+    /// Set while a full disk keeps the group from committing.
+    paused: Option<Paused>,
+}
+
+/// A group whose commits fail on a full disk.
+struct Paused {
+    reason: String,
+    since_ns: i64,
+    since: Instant,
+    /// When the pending batches are tried again.
+    retry_at: Instant,
+    /// Commit attempts that failed.
+    attempts: u64,
+    /// The pause was recorded in the events table (it may be full too: then it is recorded at
+    /// the resume).
+    event_recorded: bool,
 }
 
 /// A message for a connection: (where, what).
 type Outbox = Vec<(Reply, Control)>;
+
+/// Records an event. A full disk costs only the event (it is logged at debug level instead;
+/// returns false), never the group; any other error is returned.
+async fn record_event(
+    catalog: &Catalog,
+    level: EventLevel,
+    group: Option<&str>,
+    volume: Option<&str>,
+    msg: &str,
+    at_ns: i64,
+) -> Result<bool> {
+    match catalog.event(level, group, volume, msg, at_ns).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_disk_full() => {
+            tracing::debug!(group, "could not record an event ({e}): {msg}");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
 
 fn nack(out: &mut Outbox, r: &Received, reason: String) {
     tracing::warn!(group = %r.header.group, seq = r.header.seq.0, agent = %r.agent, "refused a batch: {reason}");
@@ -333,7 +397,12 @@ fn nack(out: &mut Outbox, r: &Received, reason: String) {
 
 impl GroupIngest {
     /// Loads a group and recovers its journal (truncating what no committed row describes).
-    pub async fn open(catalog: &Catalog, data_dir: &DataDir, group_id: i64) -> Result<GroupIngest> {
+    pub async fn open(
+        catalog: &Catalog,
+        data_dir: &DataDir,
+        group_id: i64,
+        board: Arc<PauseBoard>,
+    ) -> Result<GroupIngest> {
         let g = catalog.group_by_id(group_id).await?;
         let committed = catalog.last_journaled(group_id).await?;
         let jdir = data_dir.journal(&g.name);
@@ -344,16 +413,28 @@ impl GroupIngest {
                 "truncated {bytes} uncommitted bytes from the tail of journal segment {segment}"
             );
             tracing::warn!(group = %g.name, "{msg}");
-            catalog
-                .event(EventLevel::Warn, Some(&g.name), None, &msg, now_ns())
-                .await?;
+            record_event(
+                catalog,
+                EventLevel::Warn,
+                Some(&g.name),
+                None,
+                &msg,
+                now_ns(),
+            )
+            .await?;
         }
         if !report.deleted.is_empty() {
             let msg = format!("deleted uncommitted journal segments {:?}", report.deleted);
             tracing::warn!(group = %g.name, "{msg}");
-            catalog
-                .event(EventLevel::Warn, Some(&g.name), None, &msg, now_ns())
-                .await?;
+            record_event(
+                catalog,
+                EventLevel::Warn,
+                Some(&g.name),
+                None,
+                &msg,
+                now_ns(),
+            )
+            .await?;
         }
         let decompressor = zstd::bulk::Decompressor::new()
             .map_err(|e| ReplicaError::Ingest(format!("zstd decompressor: {e}")))?;
@@ -372,7 +453,11 @@ impl GroupIngest {
                 targets: HashMap::new(),
                 decompressor,
                 scratch: Vec::new(),
+                rollback_due: None,
             }),
+            board,
+            attached: Vec::new(),
+            paused: None,
         };
         gi.reload().await?;
         Ok(gi)
@@ -380,6 +465,43 @@ impl GroupIngest {
 
     pub fn head(&self) -> u64 {
         self.head
+    }
+
+    /// Why the group's ingest is paused, if it is.
+    pub fn paused(&self) -> Option<&str> {
+        self.paused.as_ref().map(|p| p.reason.as_str())
+    }
+
+    /// When a paused group tries its commit again.
+    fn retry_at(&self) -> Option<Instant> {
+        self.paused.as_ref().map(|p| p.retry_at)
+    }
+
+    /// Subscribes a connection to the group's `Paused`/`Resumed` news; it hears `Paused` at
+    /// once when the group is paused.
+    fn attach(&mut self, reply: Reply, out: &mut Outbox) {
+        self.attached.retain(|r| !r.is_closed());
+        if let Some(p) = &self.paused {
+            out.push((
+                reply.clone(),
+                Control::Paused {
+                    group: self.name.clone(),
+                    reason: p.reason.clone(),
+                },
+            ));
+        }
+        self.attached.push(reply);
+    }
+
+    /// Records an event of the group; see [`record_event`].
+    async fn event(
+        &self,
+        level: EventLevel,
+        volume: Option<&str>,
+        msg: &str,
+        at_ns: i64,
+    ) -> Result<bool> {
+        record_event(&self.catalog, level, Some(&self.name), volume, msg, at_ns).await
     }
 
     /// Re-reads the group's head and volumes from the catalog.
@@ -413,15 +535,13 @@ impl GroupIngest {
             match self.catalog.batch_hash(self.group_id, seq).await? {
                 Some(h) if h != r.header.header_hash => {
                     tracing::error!(group = %self.name, seq, agent = %r.agent, "a resent batch differs from the journaled batch with the same seq");
-                    self.catalog
-                        .event(
-                            EventLevel::Error,
-                            Some(&self.name),
-                            None,
-                            &format!("batch {seq} was resent with different contents"),
-                            now_ns(),
-                        )
-                        .await?;
+                    self.event(
+                        EventLevel::Error,
+                        None,
+                        &format!("batch {seq} was resent with different contents"),
+                        now_ns(),
+                    )
+                    .await?;
                     nack(
                         &mut out,
                         &r,
@@ -455,10 +575,18 @@ impl GroupIngest {
             || self.pending.len() >= PENDING_BATCHES_MAX
             || self.pending_bytes + r.bytes.len() > PENDING_BYTES_MAX
         {
-            let reason = format!(
-                "batch {seq} is too far ahead of the journal (durable up to {}); send the missing batches first",
-                self.head
-            );
+            let reason = match &self.paused {
+                Some(p) => format!(
+                    "batch {seq} cannot wait: ingest of group {} is paused ({}) and {} batches already wait; send it again after Resumed",
+                    self.name,
+                    p.reason,
+                    self.pending.len()
+                ),
+                None => format!(
+                    "batch {seq} is too far ahead of the journal (durable up to {}); send the missing batches first",
+                    self.head
+                ),
+            };
             nack(&mut out, &r, reason);
             return Ok(out);
         }
@@ -467,18 +595,30 @@ impl GroupIngest {
         Ok(out)
     }
 
-    /// Runs group commits while the next batch in seq order is waiting. An `Err` means the
-    /// group cannot go on (a write, fsync or commit failed): the caller stops ingest rather
-    /// than acknowledge anything it cannot vouch for.
+    /// Runs group commits while the next batch in seq order is waiting. A paused group tries
+    /// only when its retry is due. An `Err` means the group cannot go on (a write, fsync or
+    /// commit failed other than on a full disk): the caller stops ingest rather than
+    /// acknowledge anything it cannot vouch for.
     pub async fn commit_ready(&mut self) -> Result<Outbox> {
         let mut out = Outbox::new();
+        if self
+            .paused
+            .as_ref()
+            .is_some_and(|p| Instant::now() < p.retry_at)
+        {
+            return Ok(out);
+        }
         while self.pending.contains_key(&(self.head + 1)) {
-            self.commit_once(&mut out).await?;
+            if !self.commit_once(&mut out).await? {
+                break;
+            }
         }
         Ok(out)
     }
 
-    async fn commit_once(&mut self, out: &mut Outbox) -> Result<()> {
+    /// One group commit. Returns false when it failed on a full disk (undone, and the group
+    /// paused).
+    async fn commit_once(&mut self, out: &mut Outbox) -> Result<bool> {
         // Choose and plan the in-order batches of this commit.
         let mut sim = self.volumes.clone();
         let mut expected_prev = self.head_hash;
@@ -532,16 +672,19 @@ impl GroupIngest {
             chosen.push((p, plan));
         }
         if chosen.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
 
-        // Steps 1-3: target writes, journal append, fsyncs (on a blocking thread).
+        // Steps 4-5: target writes, journal append, fsyncs (on a blocking thread).
         let mut io = self.io.take().ok_or_else(|| {
             ReplicaError::Ingest(format!(
                 "group {} lost its journal after an earlier failure",
                 self.name
             ))
         })?;
+        // Where the journal goes back to if this commit fails on a full disk (a rollback
+        // still due from an earlier failure goes back to the same place).
+        let undo_to = io.rollback_due.unwrap_or_else(|| io.journal.durable());
         let volumes = self.volumes.clone();
         let (io, written, chosen) = tokio::task::spawn_blocking(move || {
             let refs: Vec<(&[u8], &BatchPlan)> = chosen
@@ -552,16 +695,90 @@ impl GroupIngest {
             (io, written, chosen)
         })
         .await?;
-        let spans = written?;
         self.io = Some(io);
 
-        // Step 4: one transaction.
+        // Step 6: one transaction.
+        let committed = match written {
+            Ok(spans) => {
+                let rows = self.commit_rows(&chosen, &spans);
+                match self.catalog.commit(&rows).await {
+                    Ok(()) => Ok(rows),
+                    // A COMMIT that failed may still have taken effect: the head says.
+                    Err(e) if e.is_disk_full() => {
+                        if self.catalog.head(self.group_id).await? == rows.head_seq {
+                            Ok(rows)
+                        } else {
+                            Err(e)
+                        }
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let rows = match committed {
+            Ok(rows) => rows,
+            Err(e) if e.is_disk_full() => {
+                self.undo(undo_to, chosen).await?;
+                self.pause(&e, out).await?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+
+        // Durable: advance, then step 7, the acks.
+        self.head = rows.head_seq;
+        self.head_hash = rows.head_hash;
+        if self.paused.is_some() {
+            self.resume(out).await?;
+        }
+        for (p, plan) in &chosen {
+            for (agent_id, state, _) in &plan.state_changes {
+                let Some(v) = self.volumes.get_mut(agent_id) else {
+                    continue;
+                };
+                v.state = *state;
+                let msg = match state {
+                    VolumeState::Syncing => format!(
+                        "volume {} began its initial sync at seq {}",
+                        v.name, p.received.header.seq
+                    ),
+                    VolumeState::Protecting => format!(
+                        "volume {} completed its initial sync at seq {}; its window starts there",
+                        v.name, p.received.header.seq
+                    ),
+                    VolumeState::New => continue,
+                };
+                let volume = v.name.clone();
+                tracing::info!(group = %self.name, "{msg}");
+                self.event(EventLevel::Info, Some(&volume), &msg, now_ns())
+                    .await?;
+            }
+        }
+        let mut replies: Vec<Reply> = Vec::new();
+        for (p, _) in &chosen {
+            if !replies.iter().any(|r| r.same_channel(&p.received.reply)) {
+                replies.push(p.received.reply.clone());
+            }
+        }
+        for r in replies {
+            out.push((r, Control::ack(&self.name, cdp_shared::Seq(self.head))));
+        }
+        Ok(true)
+    }
+
+    /// The rows of one group commit (step 6).
+    fn commit_rows(
+        &self,
+        chosen: &[(Pending, BatchPlan)],
+        spans: &[Option<SegmentSpan>],
+    ) -> CommitRows {
         let durable_ns = now_ns();
         let mut rows = CommitRows {
             group_id: self.group_id,
             ..CommitRows::default()
         };
-        for ((p, plan), span) in chosen.iter().zip(&spans) {
+        for ((p, plan), span) in chosen.iter().zip(spans) {
             let h = &p.received.header;
             rows.batches.push(BatchRow {
                 seq: h.seq.0,
@@ -602,54 +819,149 @@ impl GroupIngest {
                 }
             }
         }
-        let Some((last, _)) = chosen.last() else {
+        if let Some((last, _)) = chosen.last() {
+            rows.head_seq = last.received.header.seq.0;
+            rows.head_hash = Some(last.received.header.header_hash);
+        }
+        rows
+    }
+
+    /// Undoes a commit that failed on a full disk: the journal goes back to `to` (now, or
+    /// before the next commit writes anything if the undo itself fails on the full disk), and
+    /// the batches wait again in `pending`, exactly as before the commit took them.
+    async fn undo(&mut self, to: JournalPos, chosen: Vec<(Pending, BatchPlan)>) -> Result<()> {
+        for (p, _) in chosen {
+            self.pending_bytes += p.received.bytes.len();
+            self.pending.insert(p.received.header.seq.0, p);
+        }
+        let mut io = self
+            .io
+            .take()
+            .ok_or_else(|| ReplicaError::Ingest(format!("group {} lost its journal", self.name)))?;
+        io.rollback_due = Some(to);
+        let (io, undone) = tokio::task::spawn_blocking(move || {
+            let undone = io.rollback();
+            (io, undone)
+        })
+        .await?;
+        self.io = Some(io);
+        match undone {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_disk_full() => {
+                tracing::debug!(group = %self.name, "the undo of a failed commit waits for space: {e}");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Marks the group paused after a commit failed on a full disk (`e`), or schedules the
+    /// next retry when it already is. The first time: one warning line, an event, the pause
+    /// board, and `Paused` to every attached connection.
+    async fn pause(&mut self, e: &ReplicaError, out: &mut Outbox) -> Result<()> {
+        let now = Instant::now();
+        if let Some(p) = &mut self.paused {
+            p.retry_at = now + PAUSE_RETRY_INTERVAL;
+            p.attempts += 1;
+            tracing::debug!(group = %self.name, attempts = p.attempts, "commit retry failed: {e}");
+            return Ok(());
+        }
+        let reason = self.disk_full_reason(e);
+        let since_ns = now_ns();
+        tracing::warn!(group = %self.name, "ingest paused: {reason}");
+        self.board.set(
+            &self.name,
+            Some(Pause {
+                reason: reason.clone(),
+                since_ns,
+            }),
+        );
+        self.attached.retain(|r| !r.is_closed());
+        for r in &self.attached {
+            out.push((
+                r.clone(),
+                Control::Paused {
+                    group: self.name.clone(),
+                    reason: reason.clone(),
+                },
+            ));
+        }
+        let event_recorded = self
+            .event(
+                EventLevel::Warn,
+                None,
+                &format!("ingest paused: {reason}"),
+                since_ns,
+            )
+            .await?;
+        self.paused = Some(Paused {
+            reason,
+            since_ns,
+            since: now,
+            retry_at: now + PAUSE_RETRY_INTERVAL,
+            attempts: 1,
+            event_recorded,
+        });
+        Ok(())
+    }
+
+    /// A commit succeeded while paused: `Resumed` to every attached connection, the board
+    /// cleared, a log line and an event (and the pause's own event if the full catalog could
+    /// not take it then).
+    async fn resume(&mut self, out: &mut Outbox) -> Result<()> {
+        let Some(p) = self.paused.take() else {
             return Ok(());
         };
-        rows.head_seq = last.received.header.seq.0;
-        rows.head_hash = Some(last.received.header.header_hash);
-        self.catalog.commit(&rows).await?;
-
-        // Durable: advance, then step 5, the acks.
-        self.head = rows.head_seq;
-        self.head_hash = rows.head_hash;
-        for (p, plan) in &chosen {
-            for (agent_id, state, _) in &plan.state_changes {
-                if let Some(v) = self.volumes.get_mut(agent_id) {
-                    v.state = *state;
-                    let msg = match state {
-                        VolumeState::Syncing => format!(
-                            "volume {} began its initial sync at seq {}",
-                            v.name, p.received.header.seq
-                        ),
-                        VolumeState::Protecting => format!(
-                            "volume {} completed its initial sync at seq {}; its window starts there",
-                            v.name, p.received.header.seq
-                        ),
-                        VolumeState::New => continue,
-                    };
-                    tracing::info!(group = %self.name, "{msg}");
-                    self.catalog
-                        .event(
-                            EventLevel::Info,
-                            Some(&self.name),
-                            Some(&v.name),
-                            &msg,
-                            now_ns(),
-                        )
-                        .await?;
-                }
-            }
+        self.board.set(&self.name, None);
+        self.attached.retain(|r| !r.is_closed());
+        for r in &self.attached {
+            out.push((
+                r.clone(),
+                Control::Resumed {
+                    group: self.name.clone(),
+                },
+            ));
         }
-        let mut replies: Vec<Reply> = Vec::new();
-        for (p, _) in &chosen {
-            if !replies.iter().any(|r| r.same_channel(&p.received.reply)) {
-                replies.push(p.received.reply.clone());
-            }
+        let msg = format!(
+            "ingest resumed after {:.1} s paused ({} commit attempts failed); batches are acknowledged again",
+            p.since.elapsed().as_secs_f64(),
+            p.attempts
+        );
+        tracing::info!(group = %self.name, "{msg}");
+        if !p.event_recorded {
+            self.event(
+                EventLevel::Warn,
+                None,
+                &format!("ingest paused: {}", p.reason),
+                p.since_ns,
+            )
+            .await?;
         }
-        for r in replies {
-            out.push((r, Control::ack(&self.name, cdp_shared::Seq(self.head))));
-        }
+        self.event(EventLevel::Info, None, &msg, now_ns()).await?;
         Ok(())
+    }
+
+    /// The operator's sentence for a full disk: which disk, the error, and what happens.
+    fn disk_full_reason(&self, e: &ReplicaError) -> String {
+        let which = match (e, &self.io) {
+            (ReplicaError::Io { path, .. }, Some(io))
+                if path.starts_with(io.data_dir.journals()) =>
+            {
+                "the journal's disk is full"
+            }
+            (ReplicaError::Io { path, .. }, Some(io))
+                if path.starts_with(io.data_dir.volumes()) =>
+            {
+                "the target disks' filesystem is full"
+            }
+            (ReplicaError::Catalog { .. }, _) => "the catalog's disk is full",
+            _ => "the replica's disk is full",
+        };
+        format!(
+            "{which} ({e}); no batch of group {} is acknowledged until space is freed there, and ingest resumes by itself (it retries every {} s)",
+            self.name,
+            PAUSE_RETRY_INTERVAL.as_secs_f64()
+        )
     }
 }
 
@@ -659,25 +971,31 @@ impl Received {
     }
 }
 
-/// Runs one group's ingest until `token` is cancelled or every sender is gone.
+/// Runs one group's ingest until `token` is cancelled or every sender is gone. While the
+/// group is paused it wakes up every [`PAUSE_RETRY_INTERVAL`] to try its commit again, and
+/// keeps taking batches in meanwhile (within the pending bounds).
 ///
-/// Cancellation-safe at its one await point that races cancellation (the inbox `recv`);
-/// commits (disk writes, fsyncs, the SQLite transaction) run to completion outside any
-/// `select!`, so cancelling never leaves half a commit behind — and a commit cut short by a
-/// crash is undone by journal recovery at the next start.
+/// Cancellation-safe at its await points that race cancellation (the inbox `recv`, the retry
+/// timer); commits (disk writes, fsyncs, the SQLite transaction) run to completion outside
+/// any `select!`, so cancelling never leaves half a commit behind — and a commit cut short by
+/// a crash is undone by journal recovery at the next start.
 async fn run_group(
     mut g: GroupIngest,
     mut rx: mpsc::Receiver<GroupMsg>,
     token: CancellationToken,
 ) -> Result<()> {
     loop {
+        let retry_at = g.retry_at();
         let msg = tokio::select! {
             biased;
             _ = token.cancelled() => return Ok(()),
-            m = rx.recv() => match m { Some(m) => m, None => return Ok(()) },
+            m = rx.recv() => match m { Some(m) => Some(m), None => return Ok(()) },
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => None,
         };
         let mut out = Outbox::new();
-        handle_msg(&mut g, msg, &mut out).await?;
+        if let Some(msg) = msg {
+            handle_msg(&mut g, msg, &mut out).await?;
+        }
         // Group commit: take whatever else is already waiting before writing.
         while let Ok(msg) = rx.try_recv() {
             handle_msg(&mut g, msg, &mut out).await?;
@@ -704,6 +1022,7 @@ async fn handle_msg(g: &mut GroupIngest, msg: GroupMsg, out: &mut Outbox) -> Res
                 return Err(ReplicaError::Ingest(e));
             }
         }
+        GroupMsg::Attach(reply) => g.attach(reply, out),
     }
     Ok(())
 }
@@ -721,6 +1040,7 @@ struct ServiceInner {
     token: CancellationToken,
     tasks: TaskTracker,
     fatal: Mutex<Option<String>>,
+    board: Arc<PauseBoard>,
 }
 
 /// The ingest side of a running replica (see the module docs). Cheap to clone.
@@ -737,7 +1057,14 @@ impl IngestService {
         catalog: Catalog,
         token: CancellationToken,
     ) -> Result<IngestService> {
-        catalog.reset_links(now_ns()).await?;
+        // On a full disk this write fails: serve starts anyway (its groups pause at their
+        // first commit, and resume when space returns).
+        match catalog.reset_links(now_ns()).await {
+            Err(e) if e.is_disk_full() => {
+                tracing::warn!("could not mark the agent links down at start: {e}")
+            }
+            other => other?,
+        }
         let service = IngestService {
             inner: Arc::new(ServiceInner {
                 dir: dir.clone(),
@@ -746,6 +1073,7 @@ impl IngestService {
                 token,
                 tasks: TaskTracker::new(),
                 fatal: Mutex::new(None),
+                board: Arc::new(PauseBoard::open(dir)),
             }),
         };
         let mut groups = service.inner.groups.lock().await;
@@ -762,7 +1090,13 @@ impl IngestService {
     }
 
     async fn spawn_group(&self, group_id: i64) -> Result<GroupSlot> {
-        let g = GroupIngest::open(&self.inner.catalog, &self.inner.dir, group_id).await?;
+        let g = GroupIngest::open(
+            &self.inner.catalog,
+            &self.inner.dir,
+            group_id,
+            self.inner.board.clone(),
+        )
+        .await?;
         let name = g.name.clone();
         let (tx, rx) = mpsc::channel(INGEST_QUEUE_BATCHES);
         let inner = self.inner.clone();
@@ -836,16 +1170,6 @@ impl IngestService {
                         gh.name, g.owner
                     )));
                 }
-                let has_batches = catalog.group_has_batches(g.id).await?;
-                if has_batches && gh.first_held > g.head_seq + 1 {
-                    return Ok(Err(format!(
-                        "group {} needs batches {} to {} but the agent holds batches from {} on; the group must be protected anew (not yet supported)",
-                        gh.name,
-                        g.head_seq + 1,
-                        gh.first_held - 1,
-                        gh.first_held
-                    )));
-                }
                 let known = catalog.volumes_of_group(g.id).await?;
                 for v in &gh.volumes {
                     if let Some(k) = known.iter().find(|k| k.agent_volume_id == v.id)
@@ -896,6 +1220,17 @@ impl IngestService {
                     g
                 }
             };
+            if gh.first_held > g.head_seq + 1 && catalog.group_has_batches(g.id).await? {
+                // The agent's spool no longer holds what follows the head (it overflowed, or
+                // was lost): the agent continues its chain after the head and resyncs.
+                tracing::info!(
+                    group = %gh.name,
+                    "the agent holds batches from {} on but this replica is durable up to {}: the agent continues after {} and resyncs",
+                    gh.first_held,
+                    g.head_seq,
+                    g.head_seq
+                );
+            }
             let known = catalog.volumes_of_group(g.id).await?;
             for v in &gh.volumes {
                 if known.iter().any(|k| k.agent_volume_id == v.id) {
@@ -938,15 +1273,43 @@ impl IngestService {
                 .await
                 .map_err(|_| ReplicaError::Ingest(format!("group {} stopped", gh.name)))??;
             let g = catalog.group_by_id(g.id).await?;
+            let volumes = catalog
+                .volumes_of_group(g.id)
+                .await?
+                .iter()
+                .map(|v| VolumeWelcome {
+                    id: v.agent_volume_id,
+                    state: v.state.as_str().to_owned(),
+                })
+                .collect();
+            let head_hash = match g.head_hash {
+                Some(h) if g.head_seq > 0 => blake3::Hash::from_bytes(h).to_hex().to_string(),
+                _ => String::new(),
+            };
             welcomes.push(GroupWelcome {
                 name: g.name,
                 durable: g.head_seq,
                 generation: g.generation,
-                head_hash: String::new(),
-                volumes: Vec::new(),
+                head_hash,
+                volumes,
             });
         }
         Ok(Ok(welcomes))
+    }
+
+    /// Subscribes a connection (its control stream's outbox) to the `Paused`/`Resumed` news
+    /// of `group`, after its Welcome; it hears `Paused` at once when the group is paused.
+    pub async fn attach(&self, group: &str, reply: &Reply) {
+        let tx = match self.inner.groups.lock().await.get(group) {
+            Some(slot) => slot.tx.clone(),
+            None => return,
+        };
+        let _ = tx.send(GroupMsg::Attach(reply.clone())).await;
+    }
+
+    /// The data directory served.
+    pub fn data_dir(&self) -> &DataDir {
+        &self.inner.dir
     }
 
     /// The catalog id of a group that has a running task.

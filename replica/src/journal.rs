@@ -285,19 +285,61 @@ impl Journal {
         Ok(())
     }
 
-    /// Forgets what was appended after `to` in the open segment (a commit that failed).
-    pub fn truncate_to(&mut self, to: JournalPos) -> Result<()> {
-        if let Some(open) = &self.open
-            && open.number == to.segment
-            && to.offset < self.written.offset
-        {
-            let path = self.dir.join(segment_name(open.number));
-            open.file
-                .set_len(to.offset)
-                .map_err(ReplicaError::io("truncate", &path))?;
-            self.written = to;
-            self.durable = self.durable.min(to);
+    /// Undoes a group commit that failed on a full disk: forgets everything appended after
+    /// `to` (the durable end when the commit began). Segment files newer than `to.segment`
+    /// are deleted (one the commit created, even one whose header could not be written), and
+    /// the segment of `to` is cut back to `to.offset`. Afterwards the journal is as it was
+    /// before the commit began. Nothing is fsynced here: bytes past `to` that a crash might
+    /// leave behind are described by no committed row, so recovery removes them anyway, and the
+    /// next [`Journal::sync`] makes the shorter length durable with the next bytes.
+    pub fn rollback_to(&mut self, to: JournalPos) -> Result<()> {
+        assert!(to <= self.written, "a rollback goes back, not forth");
+        let mut newer = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(ReplicaError::io("list", &self.dir))? {
+            let entry = entry.map_err(ReplicaError::io("list", &self.dir))?;
+            if let Some(n) = entry.file_name().to_str().and_then(segment_number)
+                && n > to.segment
+            {
+                newer.push(n);
+            }
         }
+        if self.open.as_ref().is_some_and(|o| o.number != to.segment) {
+            self.open = None;
+        }
+        for n in newer {
+            let path = self.dir.join(segment_name(n));
+            fs::remove_file(&path)
+                .map_err(ReplicaError::io("delete an uncommitted segment", &path))?;
+            self.dir_dirty = true;
+        }
+        if to.segment > 0 {
+            let path = self.dir.join(segment_name(to.segment));
+            if self.open.is_none() {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(ReplicaError::io("open", &path))?;
+                self.open = Some(OpenSegment {
+                    number: to.segment,
+                    file,
+                });
+            }
+            if let Some(open) = &self.open {
+                let len = open
+                    .file
+                    .metadata()
+                    .map_err(ReplicaError::io("stat", &path))?
+                    .len();
+                if len > to.offset {
+                    open.file
+                        .set_len(to.offset)
+                        .map_err(ReplicaError::io("truncate", &path))?;
+                }
+            }
+        }
+        self.written = to;
+        self.durable = to;
         Ok(())
     }
 }
@@ -400,6 +442,44 @@ mod tests {
         let mut buf = [0u8; 100];
         assert_eq!(r.read_at(1, a.position, &mut buf).expect("read"), 100);
         assert_eq!(buf, [1u8; 100]);
+    }
+
+    #[test]
+    fn rollback_forgets_a_failed_commit_across_a_rotation() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("g");
+        let (mut j, _) = Journal::recover(&dir, None).expect("new journal");
+        // Nothing durable yet: a rollback removes the segment the failed commit created.
+        j.append(&[1u8; 10]).expect("append");
+        j.rollback_to(JournalPos::default()).expect("rollback");
+        assert!(!dir.join(segment_name(1)).exists());
+        let a = j.append(&[1u8; 10]).expect("append");
+        assert_eq!(a.segment, 1);
+        j.sync().expect("sync");
+        let durable = j.durable();
+        // A commit that filled the segment, rotated, and appended to the next one.
+        j.append(&[2u8; 20]).expect("append");
+        j.written.offset = SEGMENT_BYTES_TARGET;
+        j.append(&[3u8; 30]).expect("append after rotation");
+        assert_eq!(j.written().segment, 2);
+        // A half-made segment file too.
+        fs::write(dir.join(segment_name(3)), b"CD").expect("half a header");
+        j.rollback_to(durable).expect("rollback");
+        assert_eq!((j.written(), j.durable()), (durable, durable));
+        assert!(!dir.join(segment_name(2)).exists());
+        assert!(!dir.join(segment_name(3)).exists());
+        assert_eq!(
+            fs::metadata(dir.join(segment_name(1))).expect("stat").len(),
+            a.end()
+        );
+        // The journal carries on where it was.
+        let b = j.append(&[4u8; 40]).expect("append");
+        assert_eq!((b.segment, b.position), (1, a.end()));
+        j.sync().expect("sync");
+        let mut r = SegmentReader::new(&dir);
+        let mut buf = [0u8; 40];
+        assert_eq!(r.read_at(1, b.position, &mut buf).expect("read"), 40);
+        assert_eq!(buf, [4u8; 40]);
     }
 
     #[test]

@@ -7,11 +7,23 @@
 //! * [`catalog`] — `meta.db` (SQLite): the only module that talks to SQLite.
 //! * [`journal`] — append-only segments, the only code that fsyncs them; written vs durable.
 //! * [`target`] — the sparse target files.
-//! * [`ingest`] — semantic checks (sans-IO), per-group ordering and group commit.
-//! * [`server`] — the QUIC shell: handshake, control stream, batch streams.
+//! * [`ingest`] — semantic checks (sans-IO), per-group ordering, group commit, and the pause
+//!   of a group whose disk is full.
+//! * [`pause_board`] — `DIR/paused.json`: the paused groups, written in place by `serve`, read
+//!   by `status`.
+//! * [`server`] — the QUIC shell: handshake, control stream, batch streams, hash requests.
+//! * [`hashes`] — the chunk-hash service (blake3 per 1 MiB chunk of a volume's latest image).
 //! * [`reconstruct`] — the reconstruction plan (sans-IO extent map) and `read_at` reader.
 //! * [`recovery`] — resolving recovery points, `points`, `restore`.
-//! * [`status`] — `status`.
+//! * [`status`](mod@status) — `status`.
+//!
+//! # The handshake
+//! `Hello` names the agent's groups; the replica creates what is new and answers, per group,
+//! `Welcome { durable, generation, head_hash, volumes }`: the last durable seq, the header
+//! hash (hex) of that batch (empty when `durable` is 0, or for a group rebased before its first
+//! batch), and every volume of the group with its state (`new`, `syncing`, `protecting`).
+//! An agent whose spool no longer holds what follows `durable` is welcomed too: it continues
+//! its chain after `durable` (with `head_hash`) and resyncs.
 //!
 //! # The commit protocol (what makes a batch acknowledged)
 //! A batch arrives alone on its own QUIC stream.
@@ -32,10 +44,10 @@
 //!    group's volumes as they will be at its turn (volume ids, ranges, SyncBegin first /
 //!    SyncEnd last, no byte change to a volume whose sync has not begun). A batch that fails is
 //!    refused (`Nack`) before anything of it is written; the batches after it wait.
-//! 4. For each batch in seq order: records of volumes in their initial sync are applied to
-//!    the target files (pwrite; zero and trim punch holes); a batch that changes bytes of a
-//!    protecting volume is appended whole, byte for byte, to the open journal segment
-//!    (*written*).
+//! 4. The journal's durable end is noted (where an undo goes back to). For each batch in seq
+//!    order: records of volumes in their initial sync are applied to the target files (pwrite;
+//!    zero and trim punch holes); a batch that changes bytes of a protecting volume is appended
+//!    whole, byte for byte, to the open journal segment (*written*).
 //! 5. fdatasync the segment (and its directory when the segment is new), then fdatasync the
 //!    target files written: the journal's *durable* position moves up to *written*.
 //! 6. ONE SQLite transaction (WAL, synchronous=FULL): batch rows, record rows of protecting
@@ -46,27 +58,64 @@
 //! 7. `Ack { group, durable: head }` on the control stream of each connection that sent one of
 //!    the batches.
 //!
-//! A failure in steps 4–6 (a write, an fsync, the commit) stops ingest and the server (an
-//! fsync error is never retried: the process stops rather than acknowledge what may be lost).
-//! On the next start, each group's journal is made to agree with the catalog: the tail of the
-//! last committed segment past the last committed batch is truncated, and segments newer than
-//! that one are deleted (both logged, and recorded as events). Target writes of a crashed
-//! commit are redone when the agent resends the unacknowledged batches (applying them is
-//! idempotent).
+//! # A full disk (ENOSPC, EDQUOT, `SQLITE_FULL`) in steps 4–6: the group pauses
+//! 1. The failed commit is undone: if step 6 failed, the group's head is read back from the
+//!    catalog, and a commit that took effect after all counts as a success. Otherwise the
+//!    journal goes back to the durable end noted in step 4 (segment files created since are
+//!    deleted, the open segment is truncated back; if that undo itself meets the full disk it
+//!    is done first thing at the next attempt). Target writes are not undone: re-applying the
+//!    same batches writes the same bytes. The failed SQLite transaction is rolled back and its
+//!    connection closed. The batches go back to the group's pending batches, as they were.
+//! 2. Nothing is acknowledged. The first time, the group is *paused*: one warning line
+//!    (`ingest paused: <reason>`), an event (recorded at the resume if the catalog's disk is
+//!    full too), the pause board (`status` shows `state: "paused"` and `ingest_reason`), and
+//!    `Paused { group, reason }` to every connection of the group's agent (a connection that
+//!    arrives while paused hears it right after its Welcome).
+//! 3. Batches keep arriving and wait in the pending bounds (beyond them, a `Nack` that says the
+//!    group is paused). Every [`ingest::PAUSE_RETRY_INTERVAL`] (1 s) the group commit runs
+//!    again from step 3 with the pending batches.
+//! 4. When a commit succeeds: `Resumed { group }` to the connections, an info line and an
+//!    event, the board cleared, then the acks as usual.
+//!
+//! `serve` also starts and stops cleanly on a full disk: its other catalog writes (events,
+//! agent links) are then skipped with a log line, and its groups pause at their first commit.
+//!
+//! Any other failure in steps 4–6 — EIO above all, on a write or an fsync — stops ingest and
+//! the server: an fsync that failed so is never retried (the process stops rather than
+//! acknowledge what may be lost). On the next start, each group's journal is made to agree
+//! with the catalog: the tail of the last committed segment past the last committed batch is
+//! truncated, and segments newer than that one are deleted (both logged, and recorded as
+//! events). Target writes of a crashed commit are redone when the agent resends the
+//! unacknowledged batches (applying them is idempotent).
+//!
+//! # The chunk-hash service
+//! `HashRequest { group, volume, first_chunk, count }` (a group of the connection's hello,
+//! `count` ≤ `HASHES_PER_MESSAGE_MAX`) is answered with `HashReply { seq, hashes }`: the
+//! blake3 (hex) of each 1 MiB chunk — the last one over what is left of the volume — of the
+//! volume's image at `seq`, the group's durable head when the request was taken. An unknown
+//! group or volume, a volume that is not protecting, a range past the end or a bad count get
+//! `HashError { reason }` (one sentence). See [`hashes`]; the server answers at most
+//! [`server::HASH_REQUESTS_PER_CONNECTION_MAX`] requests of a connection at once.
 //!
 //! # JSON output
 //! `status --json`:
 //! ```json
 //! { "serving": true,
 //!   "volumes": [ { "group": "db", "volume": "db-data",
-//!                  "state": "protecting",        // syncing | protecting | disconnected
+//!                  "state": "protecting",  // paused | syncing | protecting | disconnected
 //!                  "volume_state": "protecting", // new | syncing | protecting
 //!                  "connected": true, "size": 1073741824,
 //!                  "window_first": { "seq": 12, "time": "2024-05-01T12:00:00.123Z" },
 //!                  "window_last":  { "seq": 90, "time": "2024-05-01T12:05:00Z" },
-//!                  "journal_bytes": 5242880, "head_seq": 90 } ] }
+//!                  "journal_bytes": 5242880, "head_seq": 90,
+//!                  "ingest_reason": null, "paused_since": null } ] }
 //! ```
-//! `window_first`/`window_last` are `null` before the initial sync completes.
+//! `window_first`/`window_last` are `null` before the initial sync completes. `state` is
+//! `paused` while `serve` runs and cannot commit the group's batches (its disk is full);
+//! `ingest_reason` then says why in one sentence (e.g. `"the journal's disk is full (could
+//! not append to …: No space left on device (os error 28)); no batch of group db is
+//! acknowledged until space is freed there, and ingest resumes by itself (it retries every
+//! 1 s)"`) and `paused_since` since when (RFC 3339); both are `null` otherwise.
 //!
 //! `points --json`: an array, in seq order, of every batch of the volume's group in the
 //! volume's window (from its `sync_done_seq` to the head):
@@ -82,8 +131,10 @@
 pub mod catalog;
 pub mod datadir;
 pub mod error;
+pub mod hashes;
 pub mod ingest;
 pub mod journal;
+pub mod pause_board;
 pub mod reconstruct;
 pub mod recovery;
 pub mod server;

@@ -305,6 +305,18 @@ fn print_status(report: &StatusReport) {
         ]);
     }
     print_table(&rows);
+    let mut told = std::collections::HashSet::new();
+    for v in &report.volumes {
+        if let Some(reason) = &v.ingest_reason
+            && told.insert(&v.group)
+        {
+            println!(
+                "group {}: ingest PAUSED since {}: {reason}",
+                v.group,
+                v.paused_since.as_deref().unwrap_or("?")
+            );
+        }
+    }
 }
 
 fn print_points(points: &[PointInfo]) {

@@ -4,8 +4,12 @@
 //! It only moves bytes: every decision is made in `ingest`.
 //!
 //! Per connection: the agent opens one bidirectional control stream and sends `Hello`; the
-//! replica answers `Welcome` or `Refused`, then writes `Ack`/`Nack` on that stream. Every batch
-//! arrives alone on its own unidirectional stream.
+//! replica answers `Welcome` or `Refused`, then writes `Ack`/`Nack`, `Paused`/`Resumed` and
+//! the answers to `HashRequest`s on that stream (one writer task per connection). Every batch
+//! arrives alone on its own unidirectional stream. Hash requests are answered by tasks beside
+//! the connection loop ([`crate::hashes`]), at most [`HASH_REQUESTS_PER_CONNECTION_MAX`] at
+//! once: while that many run, the control stream is not read (the agent waits), and batch
+//! streams are still taken.
 //!
 //! Shutdown goes through one `CancellationToken` ([`ServerHandle::shutdown`], or a fatal ingest
 //! error). Connection and stream tasks only wait on the network and are cancelled freely; disk
@@ -23,13 +27,14 @@ use cdp_shared::identity::{self, AuthorizeFn, Fingerprint};
 use cdp_shared::wire::{self, Control, FrameDecoder};
 use quinn::{Endpoint, EndpointConfig, TokioRuntime};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
 use crate::datadir::{DataDir, ServeLock, read_agents};
 use crate::error::{ReplicaError, Result};
+use crate::hashes;
 use crate::ingest::{CONTROL_OUTBOX_MAX, IngestService};
 use crate::now_ns;
 
@@ -41,6 +46,9 @@ pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 /// Control stream read buffer.
 const CONTROL_READ_BYTES: usize = 64 << 10;
+/// Hash requests of one connection answered at once (each reads up to
+/// `HASHES_PER_MESSAGE_MAX` MiB of image), so that they never starve ingest.
+pub const HASH_REQUESTS_PER_CONNECTION_MAX: usize = 2;
 
 /// Starts the replica's server.
 pub struct Server;
@@ -171,7 +179,14 @@ async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>, lock: ServeLock) -
     connections.wait().await;
     shared.ingest.shutdown().await;
     let _ = tokio::time::timeout(SHUTDOWN_LINGER, endpoint.wait_idle()).await;
-    let reset = shared.catalog.reset_links(now_ns()).await;
+    let reset = match shared.catalog.reset_links(now_ns()).await {
+        // The next start marks them down; a full disk must not make a clean stop fail.
+        Err(e) if e.is_disk_full() => {
+            tracing::warn!("could not mark the agent links down: {e}");
+            Ok(())
+        }
+        other => other,
+    };
     shared.catalog.close().await;
     drop(lock);
     if let Some(e) = shared.ingest.fatal_error() {
@@ -340,7 +355,11 @@ async fn serve_connection(
             }
         }
     });
+    for w in &welcomes {
+        shared.ingest.attach(&w.name, &outbox).await;
+    }
     let streams = TaskTracker::new();
+    let mut hash_jobs: JoinSet<()> = JoinSet::new();
     let mut control_open = true;
     let result = loop {
         tokio::select! {
@@ -365,19 +384,78 @@ async fn serve_connection(
                 Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => break Ok(()),
                 Err(e) => break Err(e.to_string()),
             },
-            r = read_frame(&mut recv, &mut decoder, &mut buf), if control_open => match r {
+            r = read_frame(&mut recv, &mut decoder, &mut buf), if control_open && hash_jobs.len() < HASH_REQUESTS_PER_CONNECTION_MAX => match r {
+                Ok(Some(Control::HashRequest { group, volume, first_chunk, count })) => {
+                    let ingest = shared.ingest.clone();
+                    let outbox = outbox.clone();
+                    let announced = announced.clone();
+                    hash_jobs.spawn(async move {
+                        let reply = answer_hashes(&ingest, &agent, &announced, group, volume, first_chunk, count).await;
+                        let _ = outbox.send(reply).await;
+                    });
+                }
                 Ok(Some(msg)) => tracing::debug!(%agent, ?msg, "ignored a control message"),
                 Ok(None) => control_open = false,
                 Err(e) => break Err(e),
             },
+            Some(_) = hash_jobs.join_next(), if !hash_jobs.is_empty() => {}
         }
     };
+    hash_jobs.abort_all();
     set_links(shared, &group_ids, id, false, &agent).await;
     conn.close(0u32.into(), b"bye");
     streams.close();
     streams.wait().await;
     writer.abort();
     result
+}
+
+/// The answer to one `HashRequest`: `HashReply`, or `HashError` with one sentence.
+async fn answer_hashes(
+    ingest: &IngestService,
+    agent: &Fingerprint,
+    announced: &HashSet<String>,
+    group: String,
+    volume: u32,
+    first_chunk: u64,
+    count: u32,
+) -> Control {
+    let refuse = |group: String, reason: String| {
+        tracing::debug!(%agent, group, volume, "refused a hash request: {reason}");
+        Control::HashError {
+            group,
+            volume,
+            reason,
+        }
+    };
+    if !announced.contains(&group) {
+        let reason = format!("group {group} was not announced in this connection's hello");
+        return refuse(group, reason);
+    }
+    match hashes::chunk_hashes(
+        ingest.data_dir(),
+        ingest.catalog(),
+        &group,
+        volume,
+        first_chunk,
+        count,
+    )
+    .await
+    {
+        Ok(Ok(h)) => Control::HashReply {
+            hashes: h.hex(),
+            group,
+            volume,
+            seq: h.seq,
+            first_chunk,
+        },
+        Ok(Err(reason)) => refuse(group, reason),
+        Err(e) => {
+            tracing::error!(%agent, group, volume, "could not hash chunks {first_chunk}.. of a volume: {e}");
+            let reason = format!("the replica could not read the image of volume {volume}: {e}");
+            refuse(group, reason)
+        }
+    }
 }
 
 /// Records the link of each group as up or down (down only if this connection still holds it).

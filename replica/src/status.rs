@@ -1,5 +1,6 @@
 //! `status`: per volume, its group, state, size, window and journal size, read from the
-//! catalog (works whether or not `serve` runs; `serve.lock` tells which).
+//! catalog (works whether or not `serve` runs; `serve.lock` tells which), and whether the
+//! running `serve` has paused its group's ingest (the pause board).
 
 use std::path::Path;
 
@@ -9,7 +10,8 @@ use serde::Serialize;
 use crate::catalog::{Catalog, VolumeState};
 use crate::datadir::{DataDir, ServeLock};
 use crate::error::Result;
-use crate::recovery::{VolumeContext, ser_time, time_of, window};
+use crate::pause_board;
+use crate::recovery::{VolumeContext, rfc3339, ser_time, time_of, window};
 
 /// A point named in `status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -24,6 +26,7 @@ pub struct PointRef {
 pub struct VolumeStatus {
     pub group: String,
     pub volume: String,
+    /// `paused` (`serve` runs but cannot commit the group's batches: see `ingest_reason`),
     /// `syncing` (initial sync pending or running), `protecting`, or `disconnected` (no agent
     /// link is up, or `serve` is not running).
     pub state: String,
@@ -41,6 +44,10 @@ pub struct VolumeStatus {
     pub journal_bytes: u64,
     /// Last durable seq of the group.
     pub head_seq: u64,
+    /// Why ingest of the group is paused (its disk is full), null when it is not.
+    pub ingest_reason: Option<String>,
+    /// Since when it is paused (RFC 3339), null when it is not.
+    pub paused_since: Option<String>,
 }
 
 /// The whole `status`.
@@ -55,6 +62,11 @@ pub struct StatusReport {
 pub async fn status(root: &Path) -> Result<StatusReport> {
     let dir = DataDir::existing(root)?;
     let serving = ServeLock::is_held(&dir)?;
+    let board = if serving {
+        pause_board::read(&dir)?
+    } else {
+        pause_board::Board::default()
+    };
     let catalog = Catalog::open(&dir.catalog(), false, false).await?;
     let mut volumes = Vec::new();
     for v in catalog.volumes().await? {
@@ -80,7 +92,10 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             ),
             Err(_) => (None, None),
         };
-        let state = if !connected {
+        let pause = board.groups.get(&group.name);
+        let state = if pause.is_some() {
+            "paused"
+        } else if !connected {
             "disconnected"
         } else if v.state == VolumeState::Protecting {
             "protecting"
@@ -98,6 +113,8 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             window_last,
             journal_bytes,
             head_seq: group.head_seq,
+            ingest_reason: pause.map(|p| p.reason.clone()),
+            paused_since: pause.map(|p| rfc3339(&time_of(p.since_ns))),
         });
     }
     catalog.close().await;

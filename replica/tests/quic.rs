@@ -10,7 +10,7 @@ use cdp_replica::{PointSpec, Server};
 use cdp_shared::batch::BatchFlags;
 use cdp_shared::identity::Identity;
 use cdp_shared::types::CHUNK_BYTES;
-use cdp_shared::wire::Control;
+use cdp_shared::wire::{self, Control};
 use common::*;
 
 const VOL: (u32, &str, u64) = (0, "disk0", 2 * CHUNK_BYTES);
@@ -283,5 +283,197 @@ async fn refusals_in_the_handshake() {
         Control::Refused { reason } => assert!(reason.contains("protocol version"), "{reason}"),
         other => panic!("expected Refused, got {other:?}"),
     }
+    server.shutdown().await.expect("shutdown");
+}
+
+/// Reads control messages until one that is not an Ack.
+async fn next_non_ack(agent: &mut QuicAgent) -> Control {
+    loop {
+        match agent.next_control().await.expect("control message") {
+            Control::Ack { .. } => {}
+            other => return other,
+        }
+    }
+}
+
+fn hash_request(group: &str, volume: u32, first_chunk: u64, count: u32) -> Control {
+    Control::HashRequest {
+        group: group.into(),
+        volume,
+        first_chunk,
+        count,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_hashes_over_quic() {
+    const VOL: (u32, &str, u64) = (0, "hashed", 6 * CHUNK_BYTES + 12_345);
+    const NEW: (u32, &str, u64) = (1, "unsynced", 2 * CHUNK_BYTES);
+    let chunks = VOL.2.div_ceil(CHUNK_BYTES);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("replica");
+    let replica_fp = init_replica(&root).await;
+    let agent_id = Identity::generate("hash-agent").expect("identity");
+    cdp_replica::authorize(&root, agent_id.fingerprint(), "owner").expect("authorize");
+
+    // Ingest in-process (as the agent): the initial sync of one volume, then journaled
+    // writes of every kind, one of them in the short last chunk.
+    let mut sim = AgentSim::new("g", &[VOL, NEW]);
+    sim.keep_history = false;
+    sim.images.insert(0, pattern(31, VOL.2 as usize));
+    let mut h = Harness::open(&root).await;
+    h.agent = agent_id.fingerprint();
+    h.hello(vec![sim.hello()]).await.expect("welcome");
+    let mut batches = Vec::new();
+    sim.sync_volume(0, &mut batches);
+    for (i, op) in [
+        Op::Data {
+            vol: 0,
+            offset: CHUNK_BYTES - 700,
+            bytes: pattern(32, 3000),
+        },
+        Op::Zero {
+            vol: 0,
+            offset: 2 * CHUNK_BYTES + 4096,
+            len: 70_000,
+        },
+        Op::Trim {
+            vol: 0,
+            offset: 4 * CHUNK_BYTES,
+            len: CHUNK_BYTES,
+        },
+        Op::Data {
+            vol: 0,
+            offset: VOL.2 - 5000,
+            bytes: pattern(33, 5000),
+        },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        batches.push(sim.batch(&[op], BatchFlags::FLUSH, Some(&format!("b{i}"))));
+    }
+    for (_, b) in batches {
+        h.submit(b).await;
+    }
+    h.wait_ack("g", sim.seq).await;
+    h.shutdown().await;
+
+    let server = Server::start(&root, "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("server");
+    let mut agent = QuicAgent::connect(&agent_id, replica_fp, server.local_addr())
+        .await
+        .expect("connect");
+    // The welcome names the head's hash and every volume's state.
+    match agent.hello(vec![sim.hello()]).await.expect("welcome") {
+        Control::Welcome { groups, .. } => {
+            let w = &groups[0];
+            assert_eq!(w.durable, sim.seq);
+            assert_eq!(
+                w.head_hash,
+                blake3::Hash::from_bytes(sim.hashes[&sim.seq])
+                    .to_hex()
+                    .to_string()
+            );
+            let states: Vec<(u32, &str)> =
+                w.volumes.iter().map(|v| (v.id, v.state.as_str())).collect();
+            assert_eq!(states, vec![(0, "protecting"), (1, "new")]);
+        }
+        m => panic!("expected Welcome, got {m:?}"),
+    }
+
+    // Every chunk at once.
+    let model = chunk_hashes_of(&sim.images[&0]);
+    assert_eq!(model.len() as u64, chunks);
+    agent
+        .send_control(&hash_request("g", 0, 0, chunks as u32))
+        .await
+        .expect("send");
+    match next_non_ack(&mut agent).await {
+        Control::HashReply {
+            group,
+            volume,
+            seq,
+            first_chunk,
+            hashes,
+        } => {
+            assert_eq!(
+                (group.as_str(), volume, seq, first_chunk),
+                ("g", 0, sim.seq, 0)
+            );
+            assert_eq!(hashes, model);
+        }
+        m => panic!("expected HashReply, got {m:?}"),
+    }
+    // Several requests in flight at once (answered two at a time), each on its own.
+    for c in 0..chunks {
+        agent
+            .send_control(&hash_request("g", 0, c, 1))
+            .await
+            .expect("send");
+    }
+    let mut got = vec![String::new(); chunks as usize];
+    for _ in 0..chunks {
+        match next_non_ack(&mut agent).await {
+            Control::HashReply {
+                first_chunk,
+                mut hashes,
+                ..
+            } => {
+                assert_eq!(hashes.len(), 1);
+                got[first_chunk as usize] = hashes.remove(0);
+            }
+            m => panic!("expected HashReply, got {m:?}"),
+        }
+    }
+    assert_eq!(got, model);
+
+    // Refusals, each one sentence.
+    for (req, needle) in [
+        (hash_request("nope", 0, 0, 1), "not announced"),
+        (hash_request("g", 9, 0, 1), "no volume with id 9"),
+        (hash_request("g", 1, 0, 1), "not protecting"),
+        (hash_request("g", 0, chunks - 1, 2), "past the end"),
+        (
+            hash_request("g", 0, 0, wire::HASHES_PER_MESSAGE_MAX + 1),
+            "at a time",
+        ),
+        (hash_request("g", 0, 0, 0), "at a time"),
+    ] {
+        agent.send_control(&req).await.expect("send");
+        match next_non_ack(&mut agent).await {
+            Control::HashError { reason, .. } => {
+                assert!(reason.contains(needle), "{reason:?} lacks {needle:?}")
+            }
+            m => panic!("expected HashError for {req:?}, got {m:?}"),
+        }
+    }
+
+    // A new write moves the head: the next answer is the image at the new seq.
+    let (s, b) = sim.batch(
+        &[Op::Data {
+            vol: 0,
+            offset: 2 * CHUNK_BYTES + 10,
+            bytes: pattern(34, 9000),
+        }],
+        BatchFlags::FLUSH,
+        None,
+    );
+    agent.send_batch(&b).await.expect("send");
+    agent.wait_ack("g", s).await;
+    agent
+        .send_control(&hash_request("g", 0, 1, 3))
+        .await
+        .expect("send");
+    match next_non_ack(&mut agent).await {
+        Control::HashReply { seq, hashes, .. } => {
+            assert_eq!(seq, s);
+            assert_eq!(hashes, chunk_hashes_of(&sim.images[&0])[1..4].to_vec());
+            assert_ne!(hashes[1], model[2]);
+        }
+        m => panic!("expected HashReply, got {m:?}"),
+    }
+    agent.conn.close(0u32.into(), b"done");
     server.shutdown().await.expect("shutdown");
 }

@@ -63,6 +63,11 @@ pub struct AgentSim {
     pub history: Vec<HashMap<u32, Vec<u8>>>,
     /// The bytes of every batch built, by seq.
     pub batches: HashMap<u64, Vec<u8>>,
+    /// Header hash of every batch built, by seq.
+    pub hashes: HashMap<u64, Hash>,
+    /// Keep a copy of every image after every seq in `history` (tests with big volumes or
+    /// many batches turn it off and keep their own model).
+    pub keep_history: bool,
 }
 
 pub const TIME_BASE_NS: i64 = 1_700_000_000_000_000_000;
@@ -91,6 +96,8 @@ impl AgentSim {
             history: vec![images.clone()],
             images,
             batches: HashMap::new(),
+            hashes: HashMap::new(),
+            keep_history: true,
         }
     }
 
@@ -163,7 +170,12 @@ impl AgentSim {
         };
         let (bytes, hash) = batch::seal(&params, &payload);
         self.prev = hash;
-        self.history.push(self.images.clone());
+        self.hashes.insert(self.seq, hash);
+        self.history.push(if self.keep_history {
+            self.images.clone()
+        } else {
+            HashMap::new()
+        });
         self.batches.insert(self.seq, bytes.clone());
         (self.seq, bytes)
     }
@@ -271,14 +283,20 @@ impl Harness {
         }
     }
 
+    /// Says hello, and attaches the reply channel to the groups welcomed.
     pub async fn hello(&mut self, groups: Vec<GroupHello>) -> Result<Vec<GroupWelcome>, String> {
         for g in &groups {
             self.announced.insert(g.name.clone());
         }
-        self.service
+        let welcomes = self
+            .service
             .hello(&self.agent, PROTOCOL_VERSION, &groups)
             .await
-            .expect("hello")
+            .expect("hello")?;
+        for w in &welcomes {
+            self.service.attach(&w.name, &self.reply).await;
+        }
+        Ok(welcomes)
     }
 
     pub async fn submit(&self, bytes: Vec<u8>) {
@@ -407,6 +425,14 @@ impl QuicAgent {
             }
         }
     }
+}
+
+/// The blake3 hash (hex) of each 1 MiB chunk of `image` (the last one over what is left).
+pub fn chunk_hashes_of(image: &[u8]) -> Vec<String> {
+    image
+        .chunks(CHUNK_BYTES as usize)
+        .map(|c| blake3::hash(c).to_hex().to_string())
+        .collect()
 }
 
 /// Reads a whole file.
