@@ -26,20 +26,6 @@ fn count(var: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("CDP_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("seed: {seed} (replay with CDP_TEST_SEED={seed})");
-    seed
-}
-
 /// Random writes (some zero-writes and trims) through an NBD client, mirrored in `model`.
 struct Writer {
     nbd: NbdDriver,
@@ -118,7 +104,7 @@ fn link_outage_loses_nothing() {
     if !require_python_nbd() {
         return;
     }
-    let seed = seed();
+    let seed = test_seed();
     let (mut c, dev, mut model) = started(32 * MIB, 8 * MIB, seed);
     let mut w = Writer::new(&c.nbd_uri("v"), 32 * MIB, seed);
     let mut marks: BTreeMap<String, [u8; 32]> = BTreeMap::new();
@@ -175,7 +161,7 @@ fn replica_killed_at_random_loses_no_acknowledged_batch() {
     if !require_python_nbd() {
         return;
     }
-    let seed = seed();
+    let seed = test_seed();
     let kills = count("CDP_REPLICA_KILLS", 20);
     let (mut c, _dev, mut model) = started(16 * MIB, 4 * MIB, seed);
     let mut w = Writer::new(&c.nbd_uri("v"), 16 * MIB, seed);
@@ -235,7 +221,7 @@ fn agent_killed_at_random_resyncs_what_it_had_in_flight() {
     if !require_python_nbd() {
         return;
     }
-    let seed = seed();
+    let seed = test_seed();
     let kills = count("CDP_AGENT_KILLS", 20);
     let (mut c, dev, mut model) = started(16 * MIB, 4 * MIB, seed);
     let mut rng = Lcg(seed ^ 0xbeef);
@@ -284,7 +270,7 @@ fn spool_overflow_tracks_dirty_regions_and_resyncs_them() {
     if !require_python_nbd() {
         return;
     }
-    let seed = seed();
+    let seed = test_seed();
     let mut c = Cluster::new();
     let dev = c.make_device("v.img", 64 * MIB, 8 * MIB, seed);
     c.protect("v", &dev, None);

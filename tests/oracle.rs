@@ -44,20 +44,6 @@ impl Op {
     }
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("CDP_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("oracle seed: {seed} (replay with CDP_TEST_SEED={seed})");
-    seed
-}
-
 /// A random range: mostly small, sometimes up to 3 chunks, sometimes unaligned.
 fn random_range(rng: &mut Lcg) -> (u64, u64) {
     let len = match rng.below(10) {
@@ -78,7 +64,7 @@ fn oracle_random_operations_restore_byte_for_byte() {
     if !require_python_nbd() {
         return;
     }
-    let seed = seed();
+    let seed = test_seed();
     let n_ops: usize = std::env::var("CDP_ORACLE_OPS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -899,6 +899,19 @@ impl Group {
         }
     }
 
+    /// Seals what is open (records of a sync: not consistent) and pushes `kind` (`SyncBegin` or
+    /// `SyncEnd`) as the first record of a fresh batch.
+    fn push_sync_marker(&self, inner: &mut Inner, volume: VolumeId, kind: RecordKind) {
+        let sealed = inner.batcher.seal(0, None, true, now_ns());
+        self.to_spool(sealed);
+        let mut rec = Vec::new();
+        batch::encode_marker(volume, kind, 0, 0, RECORD_FLAG_SYNC, &mut rec);
+        let sealed = inner
+            .batcher
+            .push(&rec, 1, true, true, Instant::now(), now_ns());
+        self.to_spool(sealed);
+    }
+
     /// The initial sync of a volume (DESIGN 3.5): a `SyncBegin` record first in its batch, every
     /// chunk read under the range lock and recorded through the log (all-zero chunks as zero
     /// records), and a `SyncEnd` record last in its batch. Returns the seq of that batch.
@@ -919,21 +932,7 @@ impl Group {
         {
             let mut inner = self.lock();
             inner.syncing += 1;
-            let sealed = inner.batcher.seal(0, None, true, now_ns());
-            self.to_spool(sealed);
-            let mut rec = Vec::new();
-            batch::encode_marker(
-                volume,
-                RecordKind::SyncBegin,
-                0,
-                0,
-                RECORD_FLAG_SYNC,
-                &mut rec,
-            );
-            let sealed = inner
-                .batcher
-                .push(&rec, 1, true, true, Instant::now(), now_ns());
-            self.to_spool(sealed);
+            self.push_sync_marker(&mut inner, volume, RecordKind::SyncBegin);
             // The whole volume is being copied: nothing of it is dirty any more once it is.
             let v = &mut inner.vols[volume as usize];
             let cleared = v.dirty.count();
@@ -982,21 +981,7 @@ impl Group {
             // The records so far belong to the sync: their batch is not consistent. `SyncEnd`
             // then goes alone into a fresh batch, which is consistent when nothing else of
             // the group is syncing or dirty.
-            let sealed = inner.batcher.seal(0, None, true, now_ns());
-            self.to_spool(sealed);
-            let mut rec = Vec::new();
-            batch::encode_marker(
-                volume,
-                RecordKind::SyncEnd,
-                0,
-                0,
-                RECORD_FLAG_SYNC,
-                &mut rec,
-            );
-            let sealed = inner
-                .batcher
-                .push(&rec, 1, true, true, Instant::now(), now_ns());
-            self.to_spool(sealed);
+            self.push_sync_marker(&mut inner, volume, RecordKind::SyncEnd);
             inner.syncing -= 1;
             let inconsistent = inner.inconsistent();
             let sealed = inner.batcher.seal(0, None, inconsistent, now_ns());

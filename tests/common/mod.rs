@@ -656,3 +656,18 @@ pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// The seed of a randomized test: `CDP_TEST_SEED`, or the clock; printed so a run can be replayed.
+pub fn test_seed() -> u64 {
+    let seed = std::env::var("CDP_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("seed: {seed} (replay with CDP_TEST_SEED={seed})");
+    seed
+}
