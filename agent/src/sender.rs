@@ -35,6 +35,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const NACKS_IN_A_ROW_MAX: u32 = 5;
 /// Hash requests waiting for the connection, at most.
 const HASH_QUERIES_MAX: usize = 16;
+/// Verify answers waiting to be written, at most (the replica's verifier asks few at a time).
+const VERIFIES_IN_FLIGHT_MAX: usize = 64;
 
 /// The state of the link, for `status`.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -425,12 +427,16 @@ async fn serve_connection(
     }
     let mut sends: JoinSet<Result<()>> = JoinSet::new();
     let mut hash_waiters: HashWaiters = HashMap::new();
+    let (replies, mut reply_rx) = mpsc::channel::<Control>(VERIFIES_IN_FLIGHT_MAX);
+    let mut verifies = JoinSet::new();
     let mut ctx = Ctx {
         state: &mut state,
         conn,
         sends: &mut sends,
         link,
         hash_waiters: &mut hash_waiters,
+        replies,
+        verifies: &mut verifies,
     };
     while let Some(msg) = decoder.poll_frame()? {
         ctx.handle(msg)?;
@@ -485,6 +491,10 @@ async fn serve_connection(
                 ctx.hash_waiters.insert((q.group, q.volume, q.first_chunk), q.reply);
                 ctl_send.write_all(&wire::encode(&msg)).await.context("send a hash request")?;
             }
+            Some(reply) = reply_rx.recv() => {
+                ctl_send.write_all(&wire::encode(&reply)).await.context("answer a verify request")?;
+            }
+            Some(_) = ctx.verifies.join_next() => {}
             _ = wake_fut => {}
         }
     }
@@ -496,6 +506,9 @@ struct Ctx<'a> {
     sends: &'a mut JoinSet<Result<()>>,
     link: &'a SharedLink,
     hash_waiters: &'a mut HashWaiters,
+    /// Answers to the replica's verify requests, written by the connection loop.
+    replies: mpsc::Sender<Control>,
+    verifies: &'a mut JoinSet<()>,
 }
 
 impl Ctx<'_> {
@@ -599,6 +612,33 @@ impl Ctx<'_> {
                     .unwrap_or_else(|p| p.into_inner())
                     .paused
                     .remove(&group);
+            }
+            Control::VerifyRequest {
+                id,
+                group,
+                volume,
+                chunk,
+            } => {
+                let Some(s) = self.state.get(&group) else {
+                    let _ = self.replies.try_send(Control::VerifyRefused {
+                        id,
+                        reason: format!("no group {group} on this agent"),
+                    });
+                    return Ok(());
+                };
+                let g = s.group.clone();
+                let replies = self.replies.clone();
+                self.verifies.spawn(async move {
+                    let msg = match g.hash_chunk_at_boundary(volume, chunk).await {
+                        Ok((seq, hash)) => Control::VerifyReply {
+                            id,
+                            seq: seq.0,
+                            hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
+                        },
+                        Err(reason) => Control::VerifyRefused { id, reason },
+                    };
+                    let _ = replies.send(msg).await;
+                });
             }
             other => bail!("unexpected message from the replica: {other:?}"),
         }

@@ -994,6 +994,67 @@ impl Group {
         Ok(seq)
     }
 
+    /// The verifier's question: the blake3 of a chunk as the device holds it at a batch
+    /// boundary, and that boundary's seq S. The chunk is read under its range lock after every
+    /// earlier write to it completed and with the open batch sealed, so its bytes are exactly
+    /// the image at S in that chunk; later writes wait until the read is done. Refused while
+    /// the chunk's writes are not all in the log (an initial sync, an overflow, a dirty chunk,
+    /// a hash-compare resync).
+    pub async fn hash_chunk_at_boundary(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        chunk: u64,
+    ) -> Result<(Seq, [u8; 32]), String> {
+        let vol = self
+            .volumes
+            .get(volume as usize)
+            .ok_or_else(|| format!("no volume {volume} in group {}", self.name))?
+            .clone();
+        if chunk >= vol.chunks() {
+            return Err(format!(
+                "chunk {chunk} is past the end of volume {}",
+                vol.name
+            ));
+        }
+        let start = chunk * CHUNK_BYTES;
+        let len = vol.chunk_len(chunk);
+        let (place, waits) = self.admit(volume, start, start + len);
+        wait_all(waits).await;
+        let seq = {
+            let mut inner = self.lock();
+            if vol.syncing.load(Ordering::Relaxed) || inner.syncing > 0 {
+                return Err(format!("volume {} is being synced", vol.name));
+            }
+            if inner.overflow_since.is_some() {
+                return Err(format!(
+                    "group {} overflowed: its latest writes are not in the log",
+                    self.name
+                ));
+            }
+            if inner.vols[volume as usize].dirty.is_set(chunk) {
+                return Err(format!(
+                    "chunk {chunk} of volume {} waits for a resync",
+                    vol.name
+                ));
+            }
+            let inconsistent = inner.inconsistent();
+            let sealed = inner.batcher.seal(0, None, inconsistent, now_ns());
+            self.to_spool(sealed);
+            inner.batcher.last_sealed()
+        };
+        let dev = vol.dev.clone();
+        let hash = tokio::task::spawn_blocking(move || -> std::io::Result<[u8; 32]> {
+            let mut buf = vec![0u8; len as usize];
+            dev.read_at(&mut buf, start)?;
+            Ok(*blake3::hash(&buf).as_bytes())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("read chunk {chunk} of volume {}: {e}", vol.name))?;
+        drop(place);
+        Ok((seq, hash))
+    }
+
     /// Ends an overflow once the spool has room again (at most half its cap).
     pub fn try_end_overflow(&self) -> bool {
         let mut inner = self.lock();

@@ -116,6 +116,21 @@ pub enum Control {
     Paused { group: String, reason: String },
     /// Replica → agent: ingest of `group` resumed.
     Resumed { group: String },
+    /// Replica → agent (the verifier): the blake3 of chunk `chunk` of a volume as the device
+    /// holds it at a batch boundary. `id` pairs the answer with the question.
+    VerifyRequest {
+        id: u64,
+        group: String,
+        volume: VolumeId,
+        chunk: u64,
+    },
+    /// Agent → replica: the chunk's hash (64 hex digits; the last chunk of a volume over its
+    /// actual length) and the seq `seq` of the batch boundary it was read at: the replica's
+    /// image at `seq` must hold the same bytes in that chunk.
+    VerifyReply { id: u64, seq: u64, hash: String },
+    /// Agent → replica: the chunk cannot be verified now (it is being synced or resynced, or
+    /// the group's writes are not all in the log); `reason` says which.
+    VerifyRefused { id: u64, reason: String },
 }
 
 impl Control {
