@@ -86,9 +86,76 @@ pub fn free_udp_port() -> u16 {
     s.local_addr().expect("addr").port()
 }
 
-/// Runs a command to completion and returns its output.
+/// How long one command run by a test may take before it is killed and the test fails
+/// (`CDP_TEST_CMD_TIMEOUT_S` overrides it): a hang becomes a failure with the command's output,
+/// never a CI run that times out without saying where.
+pub fn command_deadline() -> Duration {
+    let secs = std::env::var("CDP_TEST_CMD_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
+
+/// Runs a command to completion (within [`command_deadline`]) and returns its output.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
+    run_within(cmd, command_deadline())
+}
+
+/// Runs a command to completion and returns its output; kills it and panics with what it
+/// printed if it takes longer than `limit`.
+pub fn run_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_t = drain(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err_t = drain(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let stdout = out_t.join().unwrap_or_default();
+                let stderr = err_t.join().unwrap_or_default();
+                panic!(
+                    "{cmd:?} did not finish within {limit:?}; killed.\nstdout: {}\nstderr: {}",
+                    String::from_utf8_lossy(&stdout),
+                    String::from_utf8_lossy(&stderr)
+                );
+            }
+            Err(e) => panic!("wait for {cmd:?}: {e}"),
+        }
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    }
 }
 
 /// Runs a command that must succeed; returns its stdout.
@@ -102,6 +169,67 @@ pub fn run_ok(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The long-running children of this test process, killed by the watchdog.
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn register_child(pid: u32) {
+    if let Ok(mut c) = CHILDREN.lock() {
+        c.push(pid);
+    }
+}
+
+/// How long one cluster test may run (`CDP_TEST_DEADLINE_S` overrides it; `make soak` raises
+/// it).
+pub fn test_deadline() -> Duration {
+    let secs = std::env::var("CDP_TEST_DEADLINE_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(900);
+    Duration::from_secs(secs)
+}
+
+/// Fails the whole test process, loudly, if a cluster test outlives [`test_deadline`]: prints
+/// the tails of the cluster's logs, kills every child this process started, and aborts. A
+/// hang thus ends as a failure that says where, never as a CI run cut off without a word.
+fn start_watchdog(dir: PathBuf, done: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let limit = test_deadline();
+    let name = std::thread::current().name().unwrap_or("test").to_owned();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if done.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        eprintln!(
+            "WATCHDOG: test {name} did not finish within {limit:?}; aborting the test process"
+        );
+        for log in ["replica.log", "agent.log"] {
+            print_tail(&dir.join(log), 120);
+        }
+        if let Ok(c) = CHILDREN.lock() {
+            for pid in c.iter() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+        std::process::abort();
+    });
+}
+
+/// Prints the last `n` lines of a log file to stderr.
+pub fn print_tail(path: &Path, n: usize) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(n)..];
+    eprintln!("---- last {} lines of {} ----", tail.len(), path.display());
+    for l in tail {
+        eprintln!("{l}");
+    }
 }
 
 /// A child process whose output goes to a log file; stopped (SIGTERM, then SIGKILL) on drop.
@@ -121,6 +249,7 @@ impl Proc {
             .stderr(f2)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        register_child(child.id());
         Proc {
             child,
             log: log.to_owned(),
@@ -174,6 +303,8 @@ pub struct Cluster {
     pub port: u16,
     pub replica: Option<Proc>,
     pub agent: Option<Proc>,
+    /// Tells the watchdog the test is over.
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cluster {
@@ -218,6 +349,8 @@ impl Cluster {
                 .arg(&replica_dir)
                 .args(["--agent", &agent_fp, "--name", "test-agent"]),
         );
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        start_watchdog(dir.path().to_owned(), done.clone());
         Cluster {
             dir,
             replica_dir,
@@ -225,6 +358,7 @@ impl Cluster {
             port,
             replica: None,
             agent: None,
+            done,
         }
     }
 
@@ -416,6 +550,23 @@ impl Cluster {
         let bytes = std::fs::read(&out_path).expect("read restored image");
         let _ = std::fs::remove_file(&out_path);
         Ok(bytes)
+    }
+}
+
+impl Drop for Cluster {
+    /// When a test fails, the last lines of the agent's and the replica's logs go to stderr
+    /// (the test harness shows them with the failure), then the processes are stopped.
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        if !std::thread::panicking() {
+            return;
+        }
+        for p in [self.replica.as_ref(), self.agent.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            print_tail(&p.log, 80);
+        }
     }
 }
 
