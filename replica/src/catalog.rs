@@ -7,7 +7,14 @@
 //! `init` and `serve` apply migrations ([`Catalog::open`] with `migrate`).
 //!
 //! All queries are runtime-checked (`sqlx::query`/`query_as`); integers are SQLite's i64 and
-//! converted at this boundary.
+//! converted at this boundary. A catalog opened without `migrate` must already have every
+//! migration this build knows applied (otherwise: "start `serve` once to upgrade it").
+//!
+//! [`Catalog::write_lock`] takes SQLite's write lock (`BEGIN IMMEDIATE`) for a transaction that
+//! reads, decides and writes: while it is held no other transaction commits, so reads made
+//! meanwhile — on the lock's connection or on any other — see exactly the state the writes are
+//! made against. Pins and the trimmer's intent are serialized with it (see `pins` and
+//! `trimmer`).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -20,6 +27,10 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Sqlite};
 
 use crate::error::{ReplicaError, Result};
+use crate::retention::{BatchWeight, Retention};
+
+/// The migrations this build applies (and requires of a catalog it opens).
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// How long a connection waits for another writer before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -73,6 +84,19 @@ pub struct GroupRow {
     pub base_seq: u64,
     pub head_seq: u64,
     pub head_hash: Option<Hash>,
+    pub retention: Retention,
+    /// The base a trim under way is moving to (step (a) of the trim protocol).
+    pub trimming_to: Option<u64>,
+    /// Where the last trimmed journaled batch ended: (segment, offset).
+    pub trimmed_end: Option<(u64, u64)>,
+}
+
+impl GroupRow {
+    /// Where every window of the group starts at the earliest: the base, or the base a trim
+    /// under way is moving to.
+    pub fn window_floor(&self) -> u64 {
+        self.base_seq.max(self.trimming_to.unwrap_or(0))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -193,8 +217,21 @@ fn record_of(r: RecordTuple) -> RecordRow {
     }
 }
 
-type GroupTuple = (i64, String, String, String, i64, i64, Option<Vec<u8>>);
-const GROUP_COLUMNS: &str = "id, name, owner, generation, base_seq, head_seq, head_hash";
+type GroupTuple = (
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    Option<Vec<u8>>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+const GROUP_COLUMNS: &str = "id, name, owner, generation, base_seq, head_seq, head_hash, retention_window_s, retention_journal_bytes_max, trimming_to, trimmed_end_segment, trimmed_end_offset";
 
 fn group_of(t: GroupTuple) -> Result<GroupRow> {
     Ok(GroupRow {
@@ -205,7 +242,84 @@ fn group_of(t: GroupTuple) -> Result<GroupRow> {
         base_seq: t.4 as u64,
         head_seq: t.5 as u64,
         head_hash: hash_of(t.6)?,
+        retention: Retention {
+            window: Duration::from_secs(t.7.max(1) as u64),
+            journal_bytes_max: t.8.map(|n| n as u64),
+        },
+        trimming_to: t.9.map(|n| n as u64),
+        trimmed_end: match (t.10, t.11) {
+            (Some(s), Some(o)) => Some((s as u64, o as u64)),
+            _ => None,
+        },
     })
+}
+
+/// A reader's pin (see `pins`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinRow {
+    pub id: i64,
+    pub group_id: i64,
+    pub volume_id: i64,
+    pub seq: u64,
+    pub segment_min: Option<u64>,
+    pub holder: String,
+    pub pid: i64,
+    pub pid_ns: Option<String>,
+    pub created_ns: i64,
+    pub expires_ns: i64,
+}
+
+type PinTuple = (
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    String,
+    i64,
+    Option<String>,
+    i64,
+    i64,
+);
+const PIN_COLUMNS: &str =
+    "id, group_id, volume_id, seq, segment_min, holder, pid, pid_ns, created_ns, expires_ns";
+
+fn pin_of(t: PinTuple) -> PinRow {
+    PinRow {
+        id: t.0,
+        group_id: t.1,
+        volume_id: t.2,
+        seq: t.3 as u64,
+        segment_min: t.4.map(|n| n as u64),
+        holder: t.5,
+        pid: t.6,
+        pid_ns: t.7,
+        created_ns: t.8,
+        expires_ns: t.9,
+    }
+}
+
+/// A pin to record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewPin<'a> {
+    pub group_id: i64,
+    pub volume_id: i64,
+    pub seq: u64,
+    pub segment_min: Option<u64>,
+    pub holder: &'a str,
+    pub pid: u32,
+    pub pid_ns: Option<&'a str>,
+    pub now_ns: i64,
+    pub expires_ns: i64,
+}
+
+/// What step (d) of a trim did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrimDone {
+    /// Journal bytes of the batches trimmed (no longer counted in `journal_bytes`).
+    pub journal_bytes: u64,
+    pub batches: u64,
+    pub records: u64,
 }
 
 type VolumeTuple = (i64, i64, i64, String, i64, String, Option<i64>);
@@ -289,9 +403,39 @@ impl Catalog {
             .await
             .map_err(ReplicaError::catalog("be opened"))?;
         if migrate {
-            sqlx::migrate!("../migrations").run(&pool).await?;
+            MIGRATOR.run(&pool).await?;
+        } else {
+            let newest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+            let applied: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap_or(None);
+            if applied.unwrap_or(0) < newest {
+                pool.close().await;
+                return Err(ReplicaError::CatalogOutdated {
+                    path: path.to_path_buf(),
+                });
+            }
         }
         Ok(Catalog { pool })
+    }
+
+    /// Takes SQLite's write lock for one transaction (see the module docs).
+    pub async fn write_lock(&self) -> Result<WriteLock> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(ReplicaError::catalog("get a connection"))?;
+        if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+            conn.close_on_drop();
+            return Err(ReplicaError::catalog("take the write lock")(e));
+        }
+        Ok(WriteLock {
+            conn: Some(conn),
+            committed: false,
+        })
     }
 
     pub async fn close(&self) {
@@ -340,15 +484,18 @@ impl Catalog {
         owner: &str,
         generation: &str,
         head: u64,
+        retention: &Retention,
         now_ns: i64,
     ) -> Result<GroupRow> {
-        let id: i64 = sqlx::query_scalar("INSERT INTO groups (name, owner, generation, base_seq, head_seq, head_hash, created_ns) VALUES (?, ?, ?, ?, ?, NULL, ?) RETURNING id")
+        let id: i64 = sqlx::query_scalar("INSERT INTO groups (name, owner, generation, base_seq, head_seq, head_hash, created_ns, retention_window_s, retention_journal_bytes_max) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?) RETURNING id")
             .bind(name)
             .bind(owner)
             .bind(generation)
             .bind(head as i64)
             .bind(head as i64)
             .bind(now_ns)
+            .bind(retention.window.as_secs() as i64)
+            .bind(retention.journal_bytes_max.map(|n| n as i64))
             .fetch_one(&self.pool)
             .await
             .map_err(ReplicaError::catalog("create a group"))?;
@@ -399,14 +546,7 @@ impl Catalog {
     }
 
     pub async fn volume_by_name(&self, name: &str) -> Result<Option<VolumeRow>> {
-        let row: Option<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE name = ?"
-        )))
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("read a volume"))?;
-        row.map(volume_of).transpose()
+        volume_by_name_on(&self.pool, name).await
     }
 
     pub async fn insert_volume(
@@ -450,6 +590,8 @@ impl Catalog {
     }
 
     /// Where the last journaled batch of the group ends (the committed end of the journal).
+    /// Once the trimmer has removed every journaled batch row, that is where the last trimmed
+    /// one ended (a span of length 0 there).
     pub async fn last_journaled(&self, group_id: i64) -> Result<Option<SegmentSpan>> {
         let row: Option<(i64, i64, i64)> = sqlx::query_as(
             "SELECT segment, position, length FROM batches WHERE group_id = ? AND segment IS NOT NULL ORDER BY segment DESC, position DESC LIMIT 1",
@@ -458,11 +600,22 @@ impl Catalog {
         .fetch_optional(&self.pool)
         .await
         .map_err(ReplicaError::catalog("find the end of the journal"))?;
-        Ok(row.map(|(s, p, l)| SegmentSpan {
-            segment: s as u64,
-            position: p as u64,
-            length: l as u64,
-        }))
+        if let Some((s, p, l)) = row {
+            return Ok(Some(SegmentSpan {
+                segment: s as u64,
+                position: p as u64,
+                length: l as u64,
+            }));
+        }
+        Ok(self
+            .group_by_id(group_id)
+            .await?
+            .trimmed_end
+            .map(|(segment, offset)| SegmentSpan {
+                segment,
+                position: offset,
+                length: 0,
+            }))
     }
 
     /// Writes one group commit in ONE transaction: batch rows, record rows, bookmarks, volume
@@ -640,15 +793,7 @@ impl Catalog {
     }
 
     pub async fn batch(&self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
-        let row: Option<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq = ?"
-        )))
-        .bind(group_id)
-        .bind(seq as i64)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("read a batch"))?;
-        row.map(batch_of).transpose()
+        batch_on(&self.pool, group_id, seq).await
     }
 
     /// The batches of the group with seq in `[from, to]`, in seq order.
@@ -673,45 +818,17 @@ impl Catalog {
         time_ns_max: Option<i64>,
         latest: bool,
     ) -> Result<Option<BatchRow>> {
-        let order = if latest { "DESC" } else { "ASC" };
-        let row: Option<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq >= ? AND seq <= ? AND (flags & 8) = 0 AND agent_ns <= ? ORDER BY seq {order} LIMIT 1"
-        )))
-        .bind(group_id)
-        .bind(from as i64)
-        .bind(to as i64)
-        .bind(time_ns_max.unwrap_or(i64::MAX))
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("find a recovery point"))?;
-        row.map(batch_of).transpose()
+        consistent_batch_on(&self.pool, group_id, from, to, time_ns_max, latest).await
     }
 
     /// The latest batch of the group that carries bookmark `name`.
     pub async fn bookmark(&self, group_id: i64, name: &str) -> Result<Option<BatchRow>> {
-        let seq: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(seq) FROM bookmarks WHERE group_id = ? AND name = ?")
-                .bind(group_id)
-                .bind(name)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(ReplicaError::catalog("find a bookmark"))?;
-        match seq {
-            Some(seq) => self.batch(group_id, seq as u64).await,
-            None => Ok(None),
-        }
+        bookmark_on(&self.pool, group_id, name).await
     }
 
     /// Bytes of the group's batches held in journal segments.
     pub async fn journal_bytes(&self, group_id: i64) -> Result<u64> {
-        let n: Option<i64> = sqlx::query_scalar(
-            "SELECT SUM(length) FROM batches WHERE group_id = ? AND segment IS NOT NULL",
-        )
-        .bind(group_id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("sum the journal"))?;
-        Ok(n.unwrap_or(0) as u64)
+        journal_bytes_on(&self.pool, group_id).await
     }
 
     /// The journaled records of a volume with seq in `(after, upto]`, in key order: chunk by
@@ -775,6 +892,115 @@ impl Catalog {
         Ok(n as u64)
     }
 
+    // ---- retention and the trimmer ----
+
+    /// Sets a group's retention (picked up by a running `serve` at its trimmer's next round).
+    pub async fn set_retention(&self, group_id: i64, retention: &Retention) -> Result<()> {
+        sqlx::query("UPDATE groups SET retention_window_s = ?, retention_journal_bytes_max = ? WHERE id = ?")
+            .bind(retention.window.as_secs() as i64)
+            .bind(retention.journal_bytes_max.map(|n| n as i64))
+            .bind(group_id)
+            .execute(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("set a group's retention"))?;
+        Ok(())
+    }
+
+    /// The first batch with seq in `(after, upto]` whose agent time is at or after
+    /// `cutoff_ns` (the trimmer's window test).
+    pub async fn first_batch_since(
+        &self,
+        group_id: i64,
+        after: u64,
+        upto: u64,
+        cutoff_ns: i64,
+    ) -> Result<Option<u64>> {
+        first_batch_since_on(&self.pool, group_id, after, upto, cutoff_ns).await
+    }
+
+    /// The first `limit` batches after `after`, in seq order, as the trimmer weighs them.
+    pub async fn batch_weights(
+        &self,
+        group_id: i64,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<BatchWeight>> {
+        batch_weights_on(&self.pool, group_id, after, limit).await
+    }
+
+    /// The journaled records of a volume with seq in `(after, upto]` in the order they are
+    /// applied: by seq, and within a batch by index.
+    pub async fn records_in_seq_order(
+        &self,
+        volume_id: i64,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<RecordRow>> {
+        let rows: Vec<RecordTuple> = sqlx::query_as(
+            "SELECT chunk, seq, idx, chunk_offset, length, kind, segment, position FROM records \
+             WHERE volume_id = ? AND seq > ? AND seq <= ? ORDER BY seq, idx",
+        )
+        .bind(volume_id)
+        .bind(after as i64)
+        .bind(upto as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read the journal index"))?;
+        Ok(rows.into_iter().map(record_of).collect())
+    }
+
+    /// The lowest segment holding a journaled batch with seq in `(after, upto]`.
+    pub async fn first_segment(&self, group_id: i64, after: u64, upto: u64) -> Result<Option<u64>> {
+        first_segment_on(&self.pool, group_id, after, upto).await
+    }
+
+    /// Step (d) of the trim protocol, in ONE transaction: the records of the group's volumes
+    /// with seq ≤ `to`, its batch rows and bookmarks with seq < `to` are deleted, batch `to`
+    /// is kept but no longer counted as journaled, the end of the last trimmed journaled batch
+    /// is remembered, the base moves to `to` and the intent is cleared. Does nothing (and
+    /// returns `None`) unless the group's intent is `to`.
+    pub async fn finish_trim(&self, group_id: i64, to: u64) -> Result<Option<TrimDone>> {
+        let mut lock = self.write_lock().await?;
+        let done = lock.finish_trim(group_id, to).await?;
+        lock.commit().await?;
+        Ok(done)
+    }
+
+    /// Every pin of a group, oldest seq first.
+    pub async fn pins_of_group(&self, group_id: i64) -> Result<Vec<PinRow>> {
+        let rows: Vec<PinTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {PIN_COLUMNS} FROM pins WHERE group_id = ? ORDER BY seq, id"
+        )))
+        .bind(group_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("list pins"))?;
+        Ok(rows.into_iter().map(pin_of).collect())
+    }
+
+    /// Moves a pin's expiry; false when the pin is gone (the trimmer found it dead).
+    pub async fn renew_pin(&self, id: i64, expires_ns: i64) -> Result<bool> {
+        let n = sqlx::query("UPDATE pins SET expires_ns = ? WHERE id = ?")
+            .bind(expires_ns)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("renew a pin"))?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Removes a pin; false when it was already gone.
+    pub async fn delete_pin(&self, id: i64) -> Result<bool> {
+        let n = sqlx::query("DELETE FROM pins WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("remove a pin"))?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
     /// Number of batch rows of a group (tests and measurements).
     pub async fn batch_count(&self, group_id: i64) -> Result<u64> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM batches WHERE group_id = ?")
@@ -784,4 +1010,426 @@ impl Catalog {
             .map_err(ReplicaError::catalog("count batches"))?;
         Ok(n as u64)
     }
+}
+
+/// SQLite's write lock, held for one transaction ([`Catalog::write_lock`]). Dropped without
+/// [`WriteLock::commit`], its connection is closed, which rolls the transaction back.
+pub struct WriteLock {
+    conn: Option<sqlx::pool::PoolConnection<Sqlite>>,
+    committed: bool,
+}
+
+impl WriteLock {
+    fn conn(&mut self) -> Result<&mut sqlx::SqliteConnection> {
+        self.conn
+            .as_deref_mut()
+            .ok_or_else(|| ReplicaError::Task("a catalog write lock was used after its end".into()))
+    }
+
+    /// Commits the transaction and releases the lock.
+    pub async fn commit(mut self) -> Result<()> {
+        let result = sqlx::query("COMMIT").execute(self.conn()?).await;
+        match result {
+            Ok(_) => {
+                self.committed = true;
+                Ok(())
+            }
+            Err(e) => Err(ReplicaError::catalog("commit")(e)),
+        }
+    }
+
+    /// The group row, read inside the transaction.
+    pub async fn group(&mut self, group_id: i64) -> Result<GroupRow> {
+        let row: GroupTuple = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {GROUP_COLUMNS} FROM groups WHERE id = ?"
+        )))
+        .bind(group_id)
+        .fetch_one(self.conn()?)
+        .await
+        .map_err(ReplicaError::catalog("read a group"))?;
+        group_of(row)
+    }
+
+    pub async fn volume_by_name(&mut self, name: &str) -> Result<Option<VolumeRow>> {
+        volume_by_name_on(self.conn()?, name).await
+    }
+
+    pub async fn journal_bytes(&mut self, group_id: i64) -> Result<u64> {
+        journal_bytes_on(self.conn()?, group_id).await
+    }
+
+    pub async fn first_batch_since(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        upto: u64,
+        cutoff_ns: i64,
+    ) -> Result<Option<u64>> {
+        first_batch_since_on(self.conn()?, group_id, after, upto, cutoff_ns).await
+    }
+
+    pub async fn batch_weights(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<BatchWeight>> {
+        batch_weights_on(self.conn()?, group_id, after, limit).await
+    }
+
+    pub async fn first_segment(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        upto: u64,
+    ) -> Result<Option<u64>> {
+        first_segment_on(self.conn()?, group_id, after, upto).await
+    }
+
+    /// Every pin of the group, read inside the transaction.
+    pub async fn pins_of_group(&mut self, group_id: i64) -> Result<Vec<PinRow>> {
+        let rows: Vec<PinTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {PIN_COLUMNS} FROM pins WHERE group_id = ? ORDER BY seq, id"
+        )))
+        .bind(group_id)
+        .fetch_all(self.conn()?)
+        .await
+        .map_err(ReplicaError::catalog("list pins"))?;
+        Ok(rows.into_iter().map(pin_of).collect())
+    }
+
+    /// Records a pin; returns its id.
+    pub async fn insert_pin(&mut self, pin: &NewPin<'_>) -> Result<i64> {
+        sqlx::query_scalar("INSERT INTO pins (group_id, volume_id, seq, segment_min, holder, pid, pid_ns, created_ns, expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id")
+            .bind(pin.group_id)
+            .bind(pin.volume_id)
+            .bind(pin.seq as i64)
+            .bind(pin.segment_min.map(|n| n as i64))
+            .bind(pin.holder)
+            .bind(i64::from(pin.pid))
+            .bind(pin.pid_ns)
+            .bind(pin.now_ns)
+            .bind(pin.expires_ns)
+            .fetch_one(self.conn()?)
+            .await
+            .map_err(ReplicaError::catalog("record a pin"))
+    }
+
+    /// Deletes a pin found dead, unless it was renewed since it was read (`expires_ns`).
+    pub async fn delete_dead_pin(&mut self, pin: &PinRow) -> Result<()> {
+        sqlx::query("DELETE FROM pins WHERE id = ? AND expires_ns = ?")
+            .bind(pin.id)
+            .bind(pin.expires_ns)
+            .execute(self.conn()?)
+            .await
+            .map_err(ReplicaError::catalog("remove a dead pin"))?;
+        Ok(())
+    }
+
+    /// Step (a) of the trim protocol: records the intent to move the base to `to`.
+    pub async fn set_trimming_to(&mut self, group_id: i64, to: u64) -> Result<()> {
+        sqlx::query("UPDATE groups SET trimming_to = ? WHERE id = ?")
+            .bind(to as i64)
+            .bind(group_id)
+            .execute(self.conn()?)
+            .await
+            .map_err(ReplicaError::catalog("record the trimmer's intent"))?;
+        Ok(())
+    }
+
+    /// See [`Catalog::finish_trim`].
+    async fn finish_trim(&mut self, group_id: i64, to: u64) -> Result<Option<TrimDone>> {
+        let err = ReplicaError::catalog;
+        let g = self.group(group_id).await?;
+        if g.trimming_to != Some(to) {
+            return Ok(None);
+        }
+        let conn = self.conn()?;
+        let base = g.base_seq as i64;
+        let to_i = to as i64;
+        let (journal_bytes, batches): (Option<i64>, i64) = sqlx::query_as(
+            "SELECT SUM(length), COUNT(*) FROM batches WHERE group_id = ? AND seq > ? AND seq <= ?",
+        )
+        .bind(group_id)
+        .bind(base)
+        .bind(to_i)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(err("weigh the trimmed batches"))?;
+        let end: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT segment, position + length FROM batches WHERE group_id = ? AND seq > ? AND seq <= ? AND segment IS NOT NULL ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(group_id)
+        .bind(base)
+        .bind(to_i)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(err("find the end of the trimmed journal"))?;
+        let mut records = 0u64;
+        let volume_ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM volumes WHERE group_id = ?")
+            .bind(group_id)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(err("list volumes"))?;
+        for v in volume_ids {
+            records += sqlx::query("DELETE FROM records WHERE volume_id = ? AND seq <= ?")
+                .bind(v)
+                .bind(to_i)
+                .execute(&mut *conn)
+                .await
+                .map_err(err("delete trimmed records"))?
+                .rows_affected();
+        }
+        sqlx::query("DELETE FROM batches WHERE group_id = ? AND seq < ?")
+            .bind(group_id)
+            .bind(to_i)
+            .execute(&mut *conn)
+            .await
+            .map_err(err("delete trimmed batches"))?;
+        sqlx::query(
+            "UPDATE batches SET segment = NULL, position = NULL, length = NULL WHERE group_id = ? AND seq = ?",
+        )
+        .bind(group_id)
+        .bind(to_i)
+        .execute(&mut *conn)
+        .await
+        .map_err(err("mark the base batch as applied"))?;
+        sqlx::query("DELETE FROM bookmarks WHERE group_id = ? AND seq < ?")
+            .bind(group_id)
+            .bind(to_i)
+            .execute(&mut *conn)
+            .await
+            .map_err(err("delete trimmed bookmarks"))?;
+        let (end_segment, end_offset) = match (end, g.trimmed_end) {
+            (Some((s, o)), _) => (Some(s), Some(o)),
+            (None, Some((s, o))) => (Some(s as i64), Some(o as i64)),
+            (None, None) => (None, None),
+        };
+        sqlx::query("UPDATE groups SET base_seq = ?, trimming_to = NULL, trimmed_end_segment = ?, trimmed_end_offset = ? WHERE id = ?")
+            .bind(to_i)
+            .bind(end_segment)
+            .bind(end_offset)
+            .bind(group_id)
+            .execute(&mut *conn)
+            .await
+            .map_err(err("advance the group's base"))?;
+        Ok(Some(TrimDone {
+            journal_bytes: journal_bytes.unwrap_or(0) as u64,
+            batches: batches as u64,
+            records,
+        }))
+    }
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        if !self.committed
+            && let Some(mut conn) = self.conn.take()
+        {
+            // Closing the connection rolls back its open transaction; it is never reused.
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// The reads that resolve a recovery point, on the pool ([`Catalog`]) or inside a transaction
+/// ([`WriteLock`]).
+pub(crate) trait PointReads {
+    async fn batch(&mut self, group_id: i64, seq: u64) -> Result<Option<BatchRow>>;
+    /// See [`Catalog::consistent_batch`].
+    async fn consistent_batch(
+        &mut self,
+        group_id: i64,
+        from: u64,
+        to: u64,
+        time_ns_max: Option<i64>,
+        latest: bool,
+    ) -> Result<Option<BatchRow>>;
+    async fn bookmark(&mut self, group_id: i64, name: &str) -> Result<Option<BatchRow>>;
+}
+
+impl PointReads for Catalog {
+    async fn batch(&mut self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
+        batch_on(&self.pool, group_id, seq).await
+    }
+    async fn consistent_batch(
+        &mut self,
+        group_id: i64,
+        from: u64,
+        to: u64,
+        time_ns_max: Option<i64>,
+        latest: bool,
+    ) -> Result<Option<BatchRow>> {
+        consistent_batch_on(&self.pool, group_id, from, to, time_ns_max, latest).await
+    }
+    async fn bookmark(&mut self, group_id: i64, name: &str) -> Result<Option<BatchRow>> {
+        bookmark_on(&self.pool, group_id, name).await
+    }
+}
+
+impl PointReads for WriteLock {
+    async fn batch(&mut self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
+        batch_on(self.conn()?, group_id, seq).await
+    }
+    async fn consistent_batch(
+        &mut self,
+        group_id: i64,
+        from: u64,
+        to: u64,
+        time_ns_max: Option<i64>,
+        latest: bool,
+    ) -> Result<Option<BatchRow>> {
+        consistent_batch_on(self.conn()?, group_id, from, to, time_ns_max, latest).await
+    }
+    async fn bookmark(&mut self, group_id: i64, name: &str) -> Result<Option<BatchRow>> {
+        bookmark_on(self.conn()?, group_id, name).await
+    }
+}
+
+// ---- queries on the pool or on one connection ----
+
+async fn volume_by_name_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    name: &str,
+) -> Result<Option<VolumeRow>> {
+    let row: Option<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {VOLUME_COLUMNS} FROM volumes WHERE name = ?"
+    )))
+    .bind(name)
+    .fetch_optional(e)
+    .await
+    .map_err(ReplicaError::catalog("read a volume"))?;
+    row.map(volume_of).transpose()
+}
+
+async fn batch_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    group_id: i64,
+    seq: u64,
+) -> Result<Option<BatchRow>> {
+    let row: Option<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq = ?"
+    )))
+    .bind(group_id)
+    .bind(seq as i64)
+    .fetch_optional(e)
+    .await
+    .map_err(ReplicaError::catalog("read a batch"))?;
+    row.map(batch_of).transpose()
+}
+
+async fn consistent_batch_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    group_id: i64,
+    from: u64,
+    to: u64,
+    time_ns_max: Option<i64>,
+    latest: bool,
+) -> Result<Option<BatchRow>> {
+    let order = if latest { "DESC" } else { "ASC" };
+    let row: Option<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq >= ? AND seq <= ? AND (flags & 8) = 0 AND agent_ns <= ? ORDER BY seq {order} LIMIT 1"
+        )))
+        .bind(group_id)
+        .bind(from as i64)
+        .bind(to as i64)
+        .bind(time_ns_max.unwrap_or(i64::MAX))
+        .fetch_optional(e)
+        .await
+        .map_err(ReplicaError::catalog("find a recovery point"))?;
+    row.map(batch_of).transpose()
+}
+
+async fn bookmark_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    group_id: i64,
+    name: &str,
+) -> Result<Option<BatchRow>> {
+    let row: Option<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq = (SELECT MAX(seq) FROM bookmarks WHERE group_id = ? AND name = ?)"
+    )))
+    .bind(group_id)
+    .bind(group_id)
+    .bind(name)
+    .fetch_optional(e)
+    .await
+    .map_err(ReplicaError::catalog("find a bookmark"))?;
+    row.map(batch_of).transpose()
+}
+
+async fn journal_bytes_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    group_id: i64,
+) -> Result<u64> {
+    let n: Option<i64> = sqlx::query_scalar(
+        "SELECT SUM(length) FROM batches WHERE group_id = ? AND segment IS NOT NULL",
+    )
+    .bind(group_id)
+    .fetch_one(e)
+    .await
+    .map_err(ReplicaError::catalog("sum the journal"))?;
+    Ok(n.unwrap_or(0) as u64)
+}
+
+async fn first_batch_since_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    group_id: i64,
+    after: u64,
+    upto: u64,
+    cutoff_ns: i64,
+) -> Result<Option<u64>> {
+    let seq: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(seq) FROM batches WHERE group_id = ? AND seq > ? AND seq <= ? AND agent_ns >= ?",
+        )
+        .bind(group_id)
+        .bind(after as i64)
+        .bind(upto as i64)
+        .bind(cutoff_ns)
+        .fetch_one(e)
+        .await
+        .map_err(ReplicaError::catalog("find the window's start"))?;
+    Ok(seq.map(|s| s as u64))
+}
+
+async fn batch_weights_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    group_id: i64,
+    after: u64,
+    limit: u64,
+) -> Result<Vec<BatchWeight>> {
+    let rows: Vec<(i64, Option<i64>, i64)> = sqlx::query_as(
+            "SELECT seq, length, record_count FROM batches WHERE group_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(group_id)
+        .bind(after as i64)
+        .bind(limit as i64)
+        .fetch_all(e)
+        .await
+        .map_err(ReplicaError::catalog("weigh batches"))?;
+    Ok(rows
+        .into_iter()
+        .map(|(seq, length, records)| BatchWeight {
+            seq: seq as u64,
+            journal_bytes: length.unwrap_or(0) as u64,
+            records: records as u64,
+        })
+        .collect())
+}
+
+async fn first_segment_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    group_id: i64,
+    after: u64,
+    upto: u64,
+) -> Result<Option<u64>> {
+    let n: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(segment) FROM batches WHERE group_id = ? AND seq > ? AND seq <= ? AND segment IS NOT NULL",
+        )
+        .bind(group_id)
+        .bind(after as i64)
+        .bind(upto as i64)
+        .fetch_one(e)
+        .await
+        .map_err(ReplicaError::catalog("find the first journal segment"))?;
+    Ok(n.map(|n| n as u64))
 }

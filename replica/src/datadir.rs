@@ -3,7 +3,8 @@
 //! `serve`.
 //!
 //! ```text
-//! DIR/replica.toml              listen address (defaults apply to anything missing)
+//! DIR/replica.toml              listen address, [retention] of new groups (defaults apply
+//!                               to anything missing)
 //! DIR/identity/                 the replica's certificate and key (identity::Identity::save)
 //! DIR/authorized_agents.toml    [[agent]] fingerprint = "<hex>", name = "..."
 //! DIR/meta.db                   the catalog (SQLite, WAL)
@@ -23,6 +24,7 @@ use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ReplicaError, Result};
+use crate::retention::{Retention, format_duration, format_size, parse_duration, parse_size};
 
 /// Default address `serve` listens on (UDP, QUIC).
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:7400";
@@ -143,26 +145,51 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 pub struct ConfigToml {
     /// UDP address `serve` listens on.
     pub listen: Option<String>,
+    /// The retention of groups created from now on.
+    pub retention: RetentionToml,
+}
+
+/// `[retention]` of `replica.toml`: the retention a new group starts with (a group's own is in
+/// the catalog, changed with `cdp-replica retention`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RetentionToml {
+    /// The window, e.g. "24h" (default 24h).
+    pub window: Option<String>,
+    /// The journal cap, e.g. "100GiB", or "none" (default none).
+    pub max_journal: Option<String>,
 }
 
 /// The validated configuration.
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
     pub listen: SocketAddr,
+    /// The retention of groups created from now on.
+    pub retention: Retention,
 }
 
 impl ConfigToml {
     pub fn parse_and_validate(self, path: &Path) -> Result<ReplicaConfig> {
+        let invalid = |reason: String| ReplicaError::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
         let listen = self.listen.as_deref().unwrap_or(LISTEN_DEFAULT);
-        let listen = listen
-            .parse::<SocketAddr>()
-            .map_err(|e| ReplicaError::Config {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "listen = {listen:?} is not an address like {LISTEN_DEFAULT} ({e})"
-                ),
-            })?;
-        Ok(ReplicaConfig { listen })
+        let listen = listen.parse::<SocketAddr>().map_err(|e| {
+            invalid(format!(
+                "listen = {listen:?} is not an address like {LISTEN_DEFAULT} ({e})"
+            ))
+        })?;
+        let mut retention = Retention::default();
+        if let Some(w) = &self.retention.window {
+            retention.window =
+                parse_duration(w).map_err(|e| invalid(format!("[retention] window: {e}")))?;
+        }
+        if let Some(m) = &self.retention.max_journal {
+            retention.journal_bytes_max =
+                parse_size(m).map_err(|e| invalid(format!("[retention] max_journal: {e}")))?;
+        }
+        Ok(ReplicaConfig { listen, retention })
     }
 }
 
@@ -177,9 +204,21 @@ pub fn load_config(dir: &DataDir) -> Result<ReplicaConfig> {
     raw.parse_and_validate(&path)
 }
 
-pub fn write_config(dir: &DataDir, listen: SocketAddr) -> Result<()> {
+pub fn write_config(dir: &DataDir, listen: SocketAddr, retention: &Retention) -> Result<()> {
+    let cap = match retention.journal_bytes_max {
+        Some(n) => format_size(n),
+        None => "none".to_owned(),
+    };
     let text = format!(
-        "# cdp-replica configuration\n# UDP address that `cdp-replica serve` listens on (QUIC).\nlisten = \"{listen}\"\n"
+        "# cdp-replica configuration\n# UDP address that `cdp-replica serve` listens on (QUIC).\nlisten = \"{listen}\"\n\n\
+         # The retention a group starts with when its agent first connects; change a group's own\n\
+         # later with `cdp-replica retention --group NAME`.\n\
+         [retention]\n\
+         # How far back points are kept, in agent time before the group's newest batch: 30s, 15m, 24h, 7d.\n\
+         window = \"{}\"\n\
+         # Cap on the group's journal bytes (512MiB, 100GiB, 1TB), or \"none\".\n\
+         max_journal = \"{cap}\"\n",
+        format_duration(retention.window)
     );
     write_atomically(&dir.config(), &text)
 }
@@ -288,6 +327,32 @@ mod tests {
         let c: ConfigToml = toml::from_str("listen = \"nowhere\"").expect("parses");
         let e = c.parse_and_validate(p).expect_err("invalid address");
         assert!(e.to_string().contains("nowhere"), "{e}");
+        let c: ConfigToml =
+            toml::from_str("[retention]\nwindow = \"2h\"\nmax_journal = \"1GiB\"").expect("parses");
+        let r = c.parse_and_validate(p).expect("valid").retention;
+        assert_eq!(r.window.as_secs(), 7200);
+        assert_eq!(r.journal_bytes_max, Some(1 << 30));
+        let c: ConfigToml = toml::from_str("[retention]\nwindow = \"2 weeks\"").expect("parses");
+        let e = c.parse_and_validate(p).expect_err("invalid window");
+        assert!(e.to_string().contains("[retention] window"), "{e}");
+    }
+
+    #[test]
+    fn the_config_written_by_init_reads_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = DataDir::new(tmp.path());
+        let listen: SocketAddr = "127.0.0.1:7401".parse().expect("addr");
+        for retention in [
+            Retention::default(),
+            Retention {
+                window: std::time::Duration::from_secs(90),
+                journal_bytes_max: Some(100 << 30),
+            },
+        ] {
+            write_config(&dir, listen, &retention).expect("write");
+            let c = load_config(&dir).expect("load");
+            assert_eq!((c.listen, c.retention), (listen, retention));
+        }
     }
 
     #[test]

@@ -23,6 +23,18 @@ pub enum ReplicaError {
     #[error("no volume named {volume:?} on the replica in {}: run `cdp-replica status --data {}` to list the volumes", dir.display(), dir.display())]
     UnknownVolume { volume: String, dir: PathBuf },
 
+    #[error("no group named {group:?} on the replica in {}: run `cdp-replica status --data {}` to see the groups (a group appears when its agent first connects)", dir.display(), dir.display())]
+    UnknownGroup { group: String, dir: PathBuf },
+
+    /// A retention setting that is not valid; the sentence says why and what is.
+    #[error("{0}")]
+    Retention(String),
+
+    /// A reader lost its pin (its process stalled longer than the pin's time to live): what it
+    /// read may have been trimmed meanwhile.
+    #[error("{0}")]
+    PinLost(String),
+
     /// A recovery point that cannot be restored; the sentence says why and what can be.
     #[error("{0}")]
     Point(String),
@@ -67,6 +79,9 @@ pub enum ReplicaError {
 
     #[error("the catalog (meta.db) schema could not be brought up to date: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+
+    #[error("the catalog {} was written by an older cdp-replica: start `cdp-replica serve --data` on that directory once to bring it up to date", path.display())]
+    CatalogOutdated { path: PathBuf },
 
     #[error("the catalog (meta.db) is inconsistent: {0}; restore the data directory from a backup")]
     CatalogCorrupt(String),

@@ -4,21 +4,22 @@
 //!
 //! * [`check_request`] is the sans-IO part: which requests are answered, and the one-sentence
 //!   refusal of the others.
-//! * [`chunk_hashes`] reads the image: the volume row, then the head seq S (in that order, so
-//!   that S is inside the volume's window), then ONE index query for the records of the chunk
-//!   range with seq in (window start, S], a reconstruction plan over them, and the target file
-//!   and journal records read through [`ImageReader`] (every record read once and checked
-//!   against its hash) into one reused chunk buffer, on a blocking thread. Records with seq
-//!   ≤ S never change once committed and a protecting volume's target file is not written by
-//!   ingest, so the answer is the image at S however ingest moves on meanwhile.
+//! * [`chunk_hashes`] reads the image: it pins the group's durable head S (`pins`), then makes
+//!   ONE index query for the records of the chunk range with seq in (base, S], a
+//!   reconstruction plan over them, and reads the target file and journal records through
+//!   `ImageReader` (every record read once and checked against its hash) into one reused chunk
+//!   buffer, on a blocking thread; then it releases the pin. Records with seq ≤ S never change
+//!   once committed, ingest does not write a protecting volume's target file, and the pin
+//!   keeps the trimmer from moving the base past S or unlinking a segment the plan reads; so
+//!   the answer is the image at S however ingest and the trimmer move on meanwhile.
 
 use cdp_shared::types::{CHUNK_BYTES, VolumeId};
 use cdp_shared::wire::{CONTROL_FRAME_BYTES_MAX, HASHES_PER_MESSAGE_MAX};
 
 use crate::catalog::{Catalog, VolumeState};
 use crate::datadir::DataDir;
-use crate::error::Result;
-use crate::reconstruct::{ImageReader, Plan, RecordRef};
+use crate::error::{ReplicaError, Result};
+use crate::pins::{PinAt, pin_in};
 
 // A full reply (64 hex digits, quotes and a comma per hash, plus the envelope) fits a frame.
 const _: () = assert!((HASHES_PER_MESSAGE_MAX as usize) * 70 + 1024 <= CONTROL_FRAME_BYTES_MAX);
@@ -103,23 +104,26 @@ pub async fn chunk_hashes(
     if let Err(reason) = check_request(&v.name, v.size, v.state, first_chunk, count) {
         return Ok(Err(reason));
     }
-    let window_start = v.sync_done_seq.unwrap_or(0);
-    // After the volume row: a head read now is inside the volume's window.
-    let seq = catalog.head(g.id).await?;
+    // The head, pinned for as long as the chunks are read (the trimmer may move the base up to
+    // it meanwhile, but not past it).
+    let (point, pin) = match pin_in(dir, catalog, &v.name, PinAt::Head, "hash service", false).await
+    {
+        Ok(p) => p,
+        Err(ReplicaError::Point(reason)) => return Ok(Err(reason)),
+        Err(e) => return Err(e),
+    };
+    let seq = point.seq;
     let end_chunk = first_chunk + u64::from(count);
-    let rows = catalog
-        .records_in_chunks(v.id, window_start, seq, first_chunk, end_chunk)
-        .await?;
-    let records = rows
-        .iter()
-        .map(RecordRef::from_row)
-        .collect::<Result<Vec<_>>>()?;
-    let plan = Plan::build(v.size, records)?;
-    let target = dir.target(&v.name);
-    let journal = dir.journal(group);
+    let reader = match pin.open_image_chunks(first_chunk..end_chunk).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = pin.release().await;
+            return Err(e);
+        }
+    };
     let size = v.size;
-    let hashes = tokio::task::spawn_blocking(move || -> Result<Vec<blake3::Hash>> {
-        let mut reader = ImageReader::open(plan, volume, &target, &journal)?;
+    let read = tokio::task::spawn_blocking(move || -> Result<Vec<blake3::Hash>> {
+        let mut reader = reader;
         let mut buf = vec![0u8; CHUNK_BYTES as usize];
         let mut hashes = Vec::with_capacity(count as usize);
         for chunk in first_chunk..end_chunk {
@@ -130,7 +134,10 @@ pub async fn chunk_hashes(
         }
         Ok(hashes)
     })
-    .await??;
+    .await;
+    let released = pin.release().await;
+    let hashes = read??;
+    released?;
     Ok(Ok(ChunkHashes {
         seq,
         first_chunk,

@@ -37,7 +37,9 @@ use crate::error::{ReplicaError, Result};
 use crate::journal::{Journal, JournalPos};
 use crate::now_ns;
 use crate::pause_board::{Pause, PauseBoard};
+use crate::retention::Retention;
 use crate::target::TargetFile;
+use crate::trimmer::{self, TrimLink, Trimmer};
 
 /// Batches waiting in a group task's inbox.
 pub const INGEST_QUEUE_BATCHES: usize = 2 * BATCHES_IN_FLIGHT_DEFAULT;
@@ -54,6 +56,39 @@ pub const PAUSE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 const _: () = assert!(PENDING_BYTES_MAX >= 2 * batch::BATCH_BYTES_MAX);
 const _: () = assert!(GROUP_COMMIT_BYTES_MAX >= batch::BATCH_BYTES_MAX);
+
+/// Test-only: the environment variable that shrinks journal segments (bytes), read by
+/// [`IngestOptions::from_env`] (`serve` reads it; tests make many small segments).
+pub const TEST_SEGMENT_BYTES_ENV: &str = "CDP_TEST_SEGMENT_BYTES";
+
+/// How a running ingest is tuned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngestOptions {
+    /// Where journal segments are rotated (`journal::SEGMENT_BYTES_TARGET`; tests shrink it).
+    pub segment_bytes_target: u64,
+}
+
+impl Default for IngestOptions {
+    fn default() -> IngestOptions {
+        IngestOptions {
+            segment_bytes_target: crate::journal::SEGMENT_BYTES_TARGET,
+        }
+    }
+}
+
+impl IngestOptions {
+    /// The defaults, with the test-only `CDP_TEST_SEGMENT_BYTES` applied when set.
+    pub fn from_env() -> IngestOptions {
+        let mut o = IngestOptions::default();
+        if let Some(n) = std::env::var(TEST_SEGMENT_BYTES_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            o.segment_bytes_target = n;
+        }
+        o
+    }
+}
 
 /// Where a batch's replies go: the control stream of the connection it came on.
 pub type Reply = mpsc::Sender<Control>;
@@ -344,6 +379,8 @@ pub struct GroupIngest {
     attached: Vec<Reply>,
     /// Set while a full disk keeps the group from committing.
     paused: Option<Paused>,
+    /// Shared with the group's trimmer: the journal's bytes and cap.
+    link: Arc<TrimLink>,
 }
 
 /// A group whose commits fail on a full disk.
@@ -402,12 +439,18 @@ impl GroupIngest {
         data_dir: &DataDir,
         group_id: i64,
         board: Arc<PauseBoard>,
+        options: &IngestOptions,
     ) -> Result<GroupIngest> {
         let g = catalog.group_by_id(group_id).await?;
         let committed = catalog.last_journaled(group_id).await?;
         let jdir = data_dir.journal(&g.name);
-        let (journal, report) =
+        let (mut journal, report) =
             tokio::task::spawn_blocking(move || Journal::recover(&jdir, committed)).await??;
+        journal.set_segment_bytes_target(options.segment_bytes_target);
+        let link = TrimLink::new(
+            catalog.journal_bytes(group_id).await?,
+            g.retention.journal_bytes_max,
+        );
         if let Some((segment, bytes)) = report.truncated {
             let msg = format!(
                 "truncated {bytes} uncommitted bytes from the tail of journal segment {segment}"
@@ -458,9 +501,20 @@ impl GroupIngest {
             board,
             attached: Vec::new(),
             paused: None,
+            link,
         };
         gi.reload().await?;
         Ok(gi)
+    }
+
+    /// What the group's ingest shares with its trimmer.
+    pub fn trim_link(&self) -> Arc<TrimLink> {
+        self.link.clone()
+    }
+
+    /// The next batch is ready but waits for the trimmer (the journal is over its cap).
+    fn waits_for_trimmer(&self) -> bool {
+        self.pending.contains_key(&(self.head + 1)) && self.link.must_wait()
     }
 
     pub fn head(&self) -> u64 {
@@ -609,6 +663,10 @@ impl GroupIngest {
             return Ok(out);
         }
         while self.pending.contains_key(&(self.head + 1)) {
+            // Over the journal's cap: the trimmer brings it under first (see `trimmer`).
+            if self.link.must_wait() {
+                break;
+            }
             if !self.commit_once(&mut out).await? {
                 break;
             }
@@ -729,6 +787,12 @@ impl GroupIngest {
         // Durable: advance, then step 7, the acks.
         self.head = rows.head_seq;
         self.head_hash = rows.head_hash;
+        self.link.committed(
+            rows.batches
+                .iter()
+                .filter_map(|b| b.span.map(|s| s.length))
+                .sum(),
+        );
         if self.paused.is_some() {
             self.resume(out).await?;
         }
@@ -973,7 +1037,8 @@ impl Received {
 
 /// Runs one group's ingest until `token` is cancelled or every sender is gone. While the
 /// group is paused it wakes up every [`PAUSE_RETRY_INTERVAL`] to try its commit again, and
-/// keeps taking batches in meanwhile (within the pending bounds).
+/// keeps taking batches in meanwhile (within the pending bounds). While its journal is over
+/// its cap it waits for the trimmer before the next commit.
 ///
 /// Cancellation-safe at its await points that race cancellation (the inbox `recv`, the retry
 /// timer); commits (disk writes, fsyncs, the SQLite transaction) run to completion outside
@@ -984,13 +1049,16 @@ async fn run_group(
     mut rx: mpsc::Receiver<GroupMsg>,
     token: CancellationToken,
 ) -> Result<()> {
+    let link = g.trim_link();
     loop {
         let retry_at = g.retry_at();
+        let trim_wait = g.waits_for_trimmer();
         let msg = tokio::select! {
             biased;
             _ = token.cancelled() => return Ok(()),
             m = rx.recv() => match m { Some(m) => Some(m), None => return Ok(()) },
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => None,
+            _ = link.wait_for_trimmer(), if trim_wait => None,
         };
         let mut out = Outbox::new();
         if let Some(msg) = msg {
@@ -1041,6 +1109,20 @@ struct ServiceInner {
     tasks: TaskTracker,
     fatal: Mutex<Option<String>>,
     board: Arc<PauseBoard>,
+    /// The retention of groups created from now on (`replica.toml`).
+    retention_default: Retention,
+    options: IngestOptions,
+}
+
+impl ServiceInner {
+    /// A task failed: one error line, the fatal error noted, everything stopped.
+    fn stop(&self, what: &str, verb: &str, e: &ReplicaError) {
+        tracing::error!("{what}: {verb}: {e}");
+        if let Ok(mut fatal) = self.fatal.lock() {
+            fatal.get_or_insert_with(|| format!("{what}: {e}"));
+        }
+        self.token.cancel();
+    }
 }
 
 /// The ingest side of a running replica (see the module docs). Cheap to clone.
@@ -1057,6 +1139,18 @@ impl IngestService {
         catalog: Catalog,
         token: CancellationToken,
     ) -> Result<IngestService> {
+        IngestService::start_with(dir, catalog, token, IngestOptions::default()).await
+    }
+
+    /// [`IngestService::start`] with explicit options. Every group gets its ingest task and its
+    /// trimmer task (`trimmer`).
+    pub async fn start_with(
+        dir: &DataDir,
+        catalog: Catalog,
+        token: CancellationToken,
+        options: IngestOptions,
+    ) -> Result<IngestService> {
+        let retention_default = crate::datadir::load_config(dir)?.retention;
         // On a full disk this write fails: serve starts anyway (its groups pause at their
         // first commit, and resume when space returns).
         match catalog.reset_links(now_ns()).await {
@@ -1074,6 +1168,8 @@ impl IngestService {
                 tasks: TaskTracker::new(),
                 fatal: Mutex::new(None),
                 board: Arc::new(PauseBoard::open(dir)),
+                retention_default,
+                options,
             }),
         };
         let mut groups = service.inner.groups.lock().await;
@@ -1095,18 +1191,24 @@ impl IngestService {
             &self.inner.dir,
             group_id,
             self.inner.board.clone(),
+            &self.inner.options,
         )
         .await?;
         let name = g.name.clone();
+        let group = self.inner.catalog.group_by_id(group_id).await?;
+        let trimmer = Trimmer::new(&self.inner.catalog, &self.inner.dir, &group, g.trim_link());
         let (tx, rx) = mpsc::channel(INGEST_QUEUE_BATCHES);
         let inner = self.inner.clone();
         self.inner.tasks.spawn(async move {
             if let Err(e) = run_group(g, rx, inner.token.clone()).await {
-                tracing::error!(group = %name, "ingest stopped: {e}");
-                if let Ok(mut fatal) = inner.fatal.lock() {
-                    fatal.get_or_insert_with(|| format!("group {name}: {e}"));
-                }
-                inner.token.cancel();
+                inner.stop(&format!("group {name}"), "ingest stopped", &e);
+            }
+        });
+        let inner = self.inner.clone();
+        let name = group.name.clone();
+        self.inner.tasks.spawn(async move {
+            if let Err(e) = trimmer::run(trimmer, inner.token.clone()).await {
+                inner.stop(&format!("group {name}"), "trimming stopped", &e);
             }
         });
         Ok(GroupSlot { id: group_id, tx })
@@ -1209,10 +1311,14 @@ impl IngestService {
                     let generation: [u8; 16] = rand::random();
                     let generation: String =
                         generation.iter().map(|b| format!("{b:02x}")).collect();
+                    let retention = self.inner.retention_default;
                     let g = catalog
-                        .create_group(&gh.name, &owner, &generation, start, now)
+                        .create_group(&gh.name, &owner, &generation, start, &retention, now)
                         .await?;
-                    let msg = format!("group {} created for agent {owner}", gh.name);
+                    let msg = format!(
+                        "group {} created for agent {owner} (retention: {retention})",
+                        gh.name
+                    );
                     tracing::info!("{msg}");
                     catalog
                         .event(EventLevel::Info, Some(&gh.name), None, &msg, now)

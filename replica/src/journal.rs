@@ -11,6 +11,11 @@
 //! holds [`SEGMENT_BYTES_TARGET`] (a batch is never split, so a segment may exceed the target
 //! by at most one batch) and the next number is opened.
 //!
+//! Segments only ever get new numbers (a segment number is never reused while older ones are
+//! still on disk), so segment order is seq order. The trimmer unlinks the segments at the
+//! front whose batches have all been applied to the target files
+//! ([`remove_segments_before`]); the committed end's segment is never among them.
+//!
 //! Two positions are kept apart: *written* (appended, maybe only in the page cache) and
 //! *durable* (fsynced). [`Journal::sync`] moves durable up to written. Bytes past the durable
 //! end, or past what committed catalog rows describe, are not part of the journal: on start
@@ -103,6 +108,9 @@ struct OpenSegment {
 /// The append side of one group's journal.
 pub struct Journal {
     dir: PathBuf,
+    /// A segment is rotated once it holds this many bytes ([`SEGMENT_BYTES_TARGET`] unless a
+    /// test shrinks it).
+    segment_bytes_target: u64,
     open: Option<OpenSegment>,
     written: JournalPos,
     durable: JournalPos,
@@ -112,7 +120,9 @@ pub struct Journal {
 
 impl Journal {
     /// Opens the journal directory of a group after a start, making it agree with the catalog:
-    /// `committed` is where the last committed journaled batch lies (None when there is none).
+    /// `committed` is where the last committed journaled batch lies (None when there is none;
+    /// once the trimmer has removed every journaled batch row, a span of length 0 where the
+    /// last trimmed one ended).
     /// Segment files newer than the committed one are deleted, and the committed segment's
     /// tail past the committed end is truncated.
     pub fn recover(
@@ -141,6 +151,7 @@ impl Journal {
         }
         let mut journal = Journal {
             dir: dir.to_path_buf(),
+            segment_bytes_target: SEGMENT_BYTES_TARGET,
             open: None,
             written: JournalPos::default(),
             durable: JournalPos::default(),
@@ -200,6 +211,12 @@ impl Journal {
         Ok((journal, report))
     }
 
+    /// Rotates segments at `bytes` instead of [`SEGMENT_BYTES_TARGET`] (tests make many small
+    /// segments; at most the default, at least one segment header).
+    pub fn set_segment_bytes_target(&mut self, bytes: u64) {
+        self.segment_bytes_target = bytes.clamp(SEGMENT_HEADER_BYTES + 1, SEGMENT_BYTES_TARGET);
+    }
+
     /// Where the next append goes (appended, not necessarily durable).
     pub fn written(&self) -> JournalPos {
         self.written
@@ -220,7 +237,7 @@ impl Journal {
         assert!(!batch.is_empty() && batch.len() <= BATCH_BYTES_MAX);
         let rotate = match &self.open {
             None => true,
-            Some(_) => self.written.offset >= SEGMENT_BYTES_TARGET,
+            Some(_) => self.written.offset >= self.segment_bytes_target,
         };
         if rotate {
             self.rotate()?;
@@ -342,6 +359,40 @@ impl Journal {
         self.durable = to;
         Ok(())
     }
+}
+
+/// Unlinks the segment files of the journal in `dir` numbered below `keep_from` (the trimmer's
+/// step (e): every batch in them has been applied to the target files and no reader needs
+/// them), then fsyncs the directory. Returns the numbers unlinked, in order. A file already
+/// gone is skipped, so a step cut short by a crash is simply done again.
+pub fn remove_segments_before(dir: &Path, keep_from: u64) -> Result<Vec<u64>> {
+    let mut old = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(old),
+        Err(e) => return Err(ReplicaError::io("list", dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(ReplicaError::io("list", dir))?;
+        if let Some(n) = entry.file_name().to_str().and_then(segment_number)
+            && n < keep_from
+        {
+            old.push(n);
+        }
+    }
+    old.sort_unstable();
+    for &n in &old {
+        let path = dir.join(segment_name(n));
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ReplicaError::io("unlink trimmed segment", &path)(e)),
+        }
+    }
+    if !old.is_empty() {
+        sync_dir(dir)?;
+    }
+    Ok(old)
 }
 
 /// Reads records back from the segments of one group (opens each segment once).

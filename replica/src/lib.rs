@@ -13,8 +13,14 @@
 //!   by `status`.
 //! * [`server`] — the QUIC shell: handshake, control stream, batch streams, hash requests.
 //! * [`hashes`] — the chunk-hash service (blake3 per 1 MiB chunk of a volume's latest image).
-//! * [`reconstruct`] — the reconstruction plan (sans-IO extent map) and `read_at` reader.
+//! * [`reconstruct`] — the reconstruction plan (sans-IO extent map), the `read_at` reader, and
+//!   the one reader of journal records (`RecordLoader`).
 //! * [`recovery`] — resolving recovery points, `points`, `restore`.
+//! * [`retention`] — a group's window and journal cap, their syntax, and the choice of the
+//!   trimmer's next base (sans-IO).
+//! * [`trimmer`] — the task per group that applies the oldest batches to the target files and
+//!   forgets them (the trim protocol below).
+//! * [`pins`] — readers' holds on points: [`pin_point`] / [`PinGuard`].
 //! * [`status`](mod@status) — `status`.
 //!
 //! # The handshake
@@ -39,7 +45,8 @@
 //!    stored one, otherwise refused as a conflict); seq > head + 1 waits for the gap (at most
 //!    `PENDING_BATCHES_MAX` batches / `PENDING_BYTES_MAX` bytes, beyond that `Nack`).
 //! 3. When batch head + 1 is there, a group commit takes the run of in-order batches that are
-//!    waiting (at most `GROUP_COMMIT_BYTES_MAX` bytes). Each is checked against the hash chain
+//!    waiting (at most `GROUP_COMMIT_BYTES_MAX` bytes) — unless the group's journal is over its
+//!    cap and the trimmer can bring it under, in which case it waits for the trimmer first. Each is checked against the hash chain
 //!    (`prev_hash` = header hash of the batch before it, when that is known) and against the
 //!    group's volumes as they will be at its turn (volume ids, ranges, SyncBegin first /
 //!    SyncEnd last, no byte change to a volume whose sync has not begun). A batch that fails is
@@ -88,13 +95,44 @@
 //! events). Target writes of a crashed commit are redone when the agent resends the
 //! unacknowledged batches (applying them is idempotent).
 //!
+//! # The window, the trimmer and pins
+//! A volume's window runs from max(its group's base, the group's `trimming_to`, the volume's
+//! `sync_done_seq`) to the group's head — in `points`, `restore`, `status`, the hash service
+//! and every other reader. The group's base B is the point its target files hold: every batch
+//! ≤ B is in them. Each group has a retention (`cdp-replica retention`): a window of agent
+//! time (default 24 h) and an optional cap on its journal bytes (default none); the trimmer
+//! moves B forward to keep to it, never past the head and never past a live pin.
+//!
+//! The trim protocol (crash-safe and idempotent; details in [`trimmer`]):
+//! 1. (a) One write transaction: drop dead pins, choose B' (the newest seq whose batches are
+//!    all older than the window, or further if the cap needs it; at most the oldest live pin
+//!    and the head), record `trimming_to = B'`. Readers now see the window start at B'.
+//! 2. (b) Apply every journal record with seq in (B, B'] to its target file in seq order
+//!    (data: decoded, hash-checked, pwritten; zero/trim: a hole punched).
+//! 3. (c) fsync the target files.
+//! 4. (d) One transaction: delete records ≤ B', batches and bookmarks < B' (batch B' stays, no
+//!    longer journaled: the window's first point); remember where the trimmed journal ended;
+//!    base = B'; clear `trimming_to`.
+//! 5. (e) Unlink the segments below the first one still needed (the committed end's, and the
+//!    lowest a live pin may read).
+//!
+//! A `trimming_to` left by a crash is completed first ((b)–(e) again) when the trimmer starts.
+//!
+//! Pins ([`pins`]): every reader pins its point for as long as it reads, with
+//! [`pin_point`], which resolves the point and records the pin in one write transaction;
+//! SQLite serializes it with the trimmer's step (a), so either the trimmer sees the pin, or the
+//! pin sees `trimming_to` and resolves only points ≥ B'. A pin is renewed in the background
+//! (TTL [`pins::PIN_TTL`], renewed every [`pins::PIN_RENEW_INTERVAL`]); one that expired, or
+//! whose process is gone, is dropped by the trimmer.
+//!
 //! # The chunk-hash service
 //! `HashRequest { group, volume, first_chunk, count }` (a group of the connection's hello,
 //! `count` ≤ `HASHES_PER_MESSAGE_MAX`) is answered with `HashReply { seq, hashes }`: the
 //! blake3 (hex) of each 1 MiB chunk — the last one over what is left of the volume — of the
 //! volume's image at `seq`, the group's durable head when the request was taken. An unknown
 //! group or volume, a volume that is not protecting, a range past the end or a bad count get
-//! `HashError { reason }` (one sentence). See [`hashes`]; the server answers at most
+//! `HashError { reason }` (one sentence). The head is pinned while its chunks are read. See
+//! [`hashes`]; the server answers at most
 //! [`server::HASH_REQUESTS_PER_CONNECTION_MAX`] requests of a connection at once.
 //!
 //! # JSON output
@@ -107,10 +145,16 @@
 //!                  "connected": true, "size": 1073741824,
 //!                  "window_first": { "seq": 12, "time": "2024-05-01T12:00:00.123Z" },
 //!                  "window_last":  { "seq": 90, "time": "2024-05-01T12:05:00Z" },
-//!                  "journal_bytes": 5242880, "head_seq": 90,
+//!                  "journal_bytes": 5242880, "head_seq": 90, "base_seq": 11,
+//!                  "retention": { "window": "24h", "window_s": 86400,
+//!                                 "max_journal_bytes": null },
+//!                  "pins": { "count": 1, "oldest_seq": 40 },
 //!                  "ingest_reason": null, "paused_since": null } ] }
 //! ```
-//! `window_first`/`window_last` are `null` before the initial sync completes. `state` is
+//! `window_first`/`window_last` are `null` before the initial sync completes. `base_seq` is
+//! the group's base (the target files' point); `retention` the group's retention
+//! (`max_journal_bytes` `null`: no cap); `pins` the group's live pins — readers holding points
+//! — and the oldest seq they hold (`null` without pins): the base does not pass it. `state` is
 //! `paused` while `serve` runs and cannot commit the group's batches (its disk is full);
 //! `ingest_reason` then says why in one sentence (e.g. `"the journal's disk is full (could
 //! not append to …: No space left on device (os error 28)); no batch of group db is
@@ -118,7 +162,8 @@
 //! 1 s)"`) and `paused_since` since when (RFC 3339); both are `null` otherwise.
 //!
 //! `points --json`: an array, in seq order, of every batch of the volume's group in the
-//! volume's window (from its `sync_done_seq` to the head):
+//! volume's window (from its start, above, to the head; a batch carries at most one
+//! bookmark):
 //! ```json
 //! [ { "seq": 12, "time": "2024-05-01T12:00:00.123Z", "received": "2024-05-01T12:00:00.125Z",
 //!     "consistent": true, "flush": true, "bookmark": null, "records": 3 } ]
@@ -135,11 +180,14 @@ pub mod hashes;
 pub mod ingest;
 pub mod journal;
 pub mod pause_board;
+pub mod pins;
 pub mod reconstruct;
 pub mod recovery;
+pub mod retention;
 pub mod server;
 pub mod status;
 pub mod target;
+pub mod trimmer;
 
 use std::fs;
 use std::net::SocketAddr;
@@ -149,11 +197,13 @@ use cdp_shared::identity::{Fingerprint, Identity};
 
 pub use cdp_shared::point::PointSpec;
 pub use error::{ReplicaError, Result};
+pub use pins::{PinGuard, pin_point};
 pub use recovery::{
     ChosenPoint, PointInfo, RestoreSummary, open_image, points, resolve_point, restore,
 };
+pub use retention::Retention;
 pub use server::{Server, ServerHandle};
-pub use status::{PointRef, StatusReport, VolumeStatus, status};
+pub use status::{PinsStatus, PointRef, RetentionStatus, StatusReport, VolumeStatus, status};
 
 use crate::catalog::Catalog;
 use crate::datadir::{AuthorizedAgent, DataDir};
@@ -168,8 +218,17 @@ pub fn now_ns() -> i64 {
 
 /// Prepares a new data directory: configuration, identity, empty authorized agents list,
 /// catalog. Refuses a directory that already holds a replica. Returns the fingerprint agents
-/// must pin.
+/// must pin. New groups get the default retention (see [`init_with`]).
 pub async fn init(root: &Path, listen: SocketAddr) -> Result<Fingerprint> {
+    init_with(root, listen, &Retention::default()).await
+}
+
+/// [`init`], with the retention new groups start with (written to `replica.toml`).
+pub async fn init_with(
+    root: &Path,
+    listen: SocketAddr,
+    retention: &Retention,
+) -> Result<Fingerprint> {
     let dir = DataDir::new(root);
     if dir.catalog().exists() || root.join("identity").exists() {
         return Err(ReplicaError::AlreadyInitialized {
@@ -179,7 +238,7 @@ pub async fn init(root: &Path, listen: SocketAddr) -> Result<Fingerprint> {
     fs::create_dir_all(root).map_err(ReplicaError::io("create directory", root))?;
     let identity = Identity::generate(CERT_COMMON_NAME)?;
     identity.save(root)?;
-    datadir::write_config(&dir, listen)?;
+    datadir::write_config(&dir, listen, retention)?;
     if !dir.agents().exists() {
         datadir::write_agents(&dir, &[])?;
     }
@@ -230,4 +289,70 @@ pub fn authorize(root: &Path, agent: Fingerprint, name: &str) -> Result<bool> {
 pub fn configured_listen(root: &Path) -> Result<SocketAddr> {
     let dir = DataDir::existing(root)?;
     Ok(datadir::load_config(&dir)?.listen)
+}
+
+/// A change of a group's retention; `None` leaves that part as it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionChange {
+    pub window: Option<std::time::Duration>,
+    /// `Some(None)` removes the cap.
+    pub journal_bytes_max: Option<Option<u64>>,
+}
+
+/// Changes a group's retention (when `change` asks for anything) and returns it as it now is.
+/// A running `serve` applies it at its trimmer's next round (within [`trimmer::TRIM_INTERVAL`]).
+pub async fn set_retention(
+    root: &Path,
+    group: &str,
+    change: &RetentionChange,
+) -> Result<Retention> {
+    let dir = DataDir::existing(root)?;
+    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let result = async {
+        let Some(g) = catalog.group_by_name(group).await? else {
+            return Err(ReplicaError::UnknownGroup {
+                group: group.to_owned(),
+                dir: root.to_path_buf(),
+            });
+        };
+        let mut r = g.retention;
+        if let Some(w) = change.window {
+            if w < retention::WINDOW_MIN || w > retention::WINDOW_MAX {
+                return Err(ReplicaError::Retention(format!(
+                    "a window of {} s is outside 1s..3650d",
+                    w.as_secs()
+                )));
+            }
+            r.window = std::time::Duration::from_secs(w.as_secs());
+        }
+        if let Some(cap) = change.journal_bytes_max {
+            if let Some(n) = cap
+                && !(retention::JOURNAL_CAP_MIN_BYTES..=retention::JOURNAL_CAP_MAX_BYTES)
+                    .contains(&n)
+            {
+                return Err(ReplicaError::Retention(format!(
+                    "a journal cap of {n} bytes is outside 1MiB..1EiB"
+                )));
+            }
+            r.journal_bytes_max = cap;
+        }
+        if r != g.retention {
+            catalog.set_retention(g.id, &r).await?;
+            let msg = format!(
+                "retention of group {group} set to {r} (it was {})",
+                g.retention
+            );
+            tracing::info!("{msg}");
+            if let Err(e) = catalog
+                .event(catalog::EventLevel::Info, Some(group), None, &msg, now_ns())
+                .await
+            {
+                tracing::warn!("could not record an event: {e}");
+            }
+        }
+        Ok(r)
+    }
+    .await;
+    catalog.close().await;
+    result
 }

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cdp_replica::{PointInfo, PointSpec, ReplicaError, StatusReport};
+use cdp_replica::retention::{format_size, parse_duration, parse_size};
+use cdp_replica::{PointInfo, PointSpec, ReplicaError, Retention, RetentionChange, StatusReport};
 use cdp_shared::identity::Fingerprint;
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,30 @@ enum Command {
         /// UDP address `serve` will listen on (written to replica.toml).
         #[arg(long, default_value = "127.0.0.1:7400")]
         listen: SocketAddr,
+        /// Window of new groups: how far back points are kept, in agent time before the
+        /// group's newest batch (30s, 15m, 24h, 7d; written to replica.toml).
+        #[arg(long, default_value = "24h")]
+        window: String,
+        /// Journal cap of new groups (512MiB, 100GiB, 1TB), or `none` (written to
+        /// replica.toml).
+        #[arg(long, default_value = "none")]
+        max_journal: String,
+    },
+    /// Show a group's retention, or change it (also while serving: applied within a second).
+    Retention {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the consistency group.
+        #[arg(long)]
+        group: String,
+        /// New window: how far back points are kept, in agent time before the group's newest
+        /// batch (30s, 15m, 24h, 7d).
+        #[arg(long)]
+        window: Option<String>,
+        /// New journal cap (512MiB, 100GiB, 1TB), or `none` for no cap.
+        #[arg(long)]
+        max_journal: Option<String>,
     },
     /// Print the replica's certificate fingerprint (what agents pin).
     Fingerprint {
@@ -135,9 +160,39 @@ enum CliError {
 
 async fn run(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Init { data, listen } => {
-            let fp = cdp_replica::init(&data, listen).await?;
+        Command::Init {
+            data,
+            listen,
+            window,
+            max_journal,
+        } => {
+            let retention = Retention {
+                window: parse_duration(&window).map_err(CliError::Usage)?,
+                journal_bytes_max: parse_size(&max_journal).map_err(CliError::Usage)?,
+            };
+            let fp = cdp_replica::init_with(&data, listen, &retention).await?;
             println!("fingerprint: {fp}");
+        }
+        Command::Retention {
+            data,
+            group,
+            window,
+            max_journal,
+        } => {
+            let change = RetentionChange {
+                window: window
+                    .as_deref()
+                    .map(parse_duration)
+                    .transpose()
+                    .map_err(CliError::Usage)?,
+                journal_bytes_max: max_journal
+                    .as_deref()
+                    .map(parse_size)
+                    .transpose()
+                    .map_err(CliError::Usage)?,
+            };
+            let r = cdp_replica::set_retention(&data, &group, &change).await?;
+            println!("group {group}: {r}");
         }
         Command::Fingerprint { data } => println!("{}", cdp_replica::fingerprint(&data)?),
         Command::Authorize { data, agent, name } => {
@@ -288,6 +343,8 @@ fn print_status(report: &StatusReport) {
             "WINDOW LAST",
             "JOURNAL",
             "HEAD",
+            "RETENTION",
+            "PINS",
         ]
         .map(String::from)
         .to_vec(),
@@ -302,6 +359,14 @@ fn print_status(report: &StatusReport) {
             point(&v.window_last),
             cdp_shared::types::human_bytes(v.journal_bytes),
             v.head_seq.to_string(),
+            match v.retention.max_journal_bytes {
+                Some(cap) => format!("{}, cap {}", v.retention.window, format_size(cap)),
+                None => v.retention.window.clone(),
+            },
+            match v.pins.oldest_seq {
+                Some(seq) => format!("{} (oldest {seq})", v.pins.count),
+                None => "0".into(),
+            },
         ]);
     }
     print_table(&rows);

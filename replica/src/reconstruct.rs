@@ -1,5 +1,8 @@
 //! Reconstruction: the image of a volume at seq S = its target file overlaid by its journal
-//! records with seq in (window start, S], the later winning (DESIGN 3.8).
+//! records with seq in (base, S], the later winning (DESIGN 3.8). A reader holds a pin on S
+//! (`pins`) for as long as it reads: the trimmer may meanwhile apply records ≤ S to the target
+//! file and delete their rows, but every byte it writes there is covered by a record of the
+//! plan, so the plan still reads the image at S, and no segment the plan reads is unlinked.
 //!
 //! * [`Plan`] is the sans-IO part: an extent map (a `BTreeMap` from start offset to
 //!   (end, [`Source`])) built from the index rows in overlay order. Every byte of the volume
@@ -11,6 +14,8 @@
 //!   (record header + stored bytes in one pread), checked against its index row, decoded and
 //!   checked against its blake3 hash. A caller that reads chunk-aligned ranges (restore reads
 //!   whole chunks) reads every record exactly once, since records never cross chunks.
+//! * [`RecordLoader`] is the one place that reads a journal record back (the image reader and
+//!   the trimmer use it).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -205,21 +210,84 @@ impl Plan {
     }
 }
 
+/// Reads journal records back from one group's segments: each record is read in one pread
+/// (header + stored bytes), checked against its index row, decoded and checked against its
+/// blake3 hash. Used by [`ImageReader`] and by the trimmer, which applies records to the target
+/// files.
+pub struct RecordLoader {
+    segments: SegmentReader,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    /// Record bytes as stored (header + data), reused.
+    raw: Vec<u8>,
+    records_read: u64,
+}
+
+impl RecordLoader {
+    pub fn new(journal_dir: &Path) -> Result<RecordLoader> {
+        let decompressor = zstd::bulk::Decompressor::new()
+            .map_err(|e| ReplicaError::Task(format!("zstd decompressor: {e}")))?;
+        Ok(RecordLoader {
+            segments: SegmentReader::new(journal_dir),
+            decompressor,
+            raw: Vec::new(),
+            records_read: 0,
+        })
+    }
+
+    /// Data records read so far.
+    pub fn records_read(&self) -> u64 {
+        self.records_read
+    }
+
+    /// Reads data record `r` of volume `agent_volume_id` from its segment into `out` (its
+    /// decoded bytes), after checking it against its row and its hash.
+    pub fn load(&mut self, r: &RecordRef, agent_volume_id: u32, out: &mut Vec<u8>) -> Result<()> {
+        let want = RECORD_HEADER_BYTES + r.length as usize;
+        self.raw.resize(want, 0);
+        let got = self
+            .segments
+            .read_at(r.segment, r.position, &mut self.raw)?;
+        let damaged = |why: String| {
+            ReplicaError::JournalCorrupt(format!(
+                "record {} of batch {} (segment {}, position {}): {why}",
+                r.idx, r.seq, r.segment, r.position
+            ))
+        };
+        let h =
+            RecordHeader::decode(&self.raw[..got], r.idx).map_err(|e| damaged(e.to_string()))?;
+        if h.volume != agent_volume_id
+            || h.kind != r.kind
+            || h.offset != r.offset
+            || h.length != r.length
+        {
+            return Err(damaged("the record header does not match the index".into()));
+        }
+        let stored_end = RECORD_HEADER_BYTES + h.stored_len as usize;
+        if stored_end > got {
+            return Err(damaged("the segment ends inside the record".into()));
+        }
+        h.decode_data(
+            &self.raw[RECORD_HEADER_BYTES..stored_end],
+            &mut self.decompressor,
+            out,
+        )
+        .map_err(|e| damaged(e.to_string()))?;
+        self.records_read += 1;
+        Ok(())
+    }
+}
+
 /// Reads the image described by a [`Plan`] (target file + journal segments).
 pub struct ImageReader {
     plan: Plan,
     agent_volume_id: u32,
     target_path: std::path::PathBuf,
     target: File,
-    segments: SegmentReader,
-    decompressor: zstd::bulk::Decompressor<'static>,
-    /// Record bytes as stored (header + data), reused.
-    raw: Vec<u8>,
+    records: RecordLoader,
     /// Decoded records of the current call: (record index, data).
     loaded: Vec<(u32, Vec<u8>)>,
     /// Spare buffers for `loaded`.
     pool: Vec<Vec<u8>>,
-    records_read: u64,
 }
 
 impl ImageReader {
@@ -230,19 +298,14 @@ impl ImageReader {
         journal_dir: &Path,
     ) -> Result<ImageReader> {
         let file = File::open(target).map_err(ReplicaError::io("open target file", target))?;
-        let decompressor = zstd::bulk::Decompressor::new()
-            .map_err(|e| ReplicaError::Task(format!("zstd decompressor: {e}")))?;
         Ok(ImageReader {
             plan,
             agent_volume_id,
             target_path: target.to_path_buf(),
             target: file,
-            segments: SegmentReader::new(journal_dir),
-            decompressor,
-            raw: Vec::new(),
+            records: RecordLoader::new(journal_dir)?,
             loaded: Vec::new(),
             pool: Vec::new(),
-            records_read: 0,
         })
     }
 
@@ -252,7 +315,7 @@ impl ImageReader {
 
     /// Data records read from the journal so far.
     pub fn records_read(&self) -> u64 {
-        self.records_read
+        self.records.records_read()
     }
 
     /// Fills `buf` with the image bytes at `offset` (`offset + buf.len()` must not pass the
@@ -294,41 +357,11 @@ impl ImageReader {
         Ok(())
     }
 
-    /// Reads record `record` from its segment, checks it against its row and its hash.
+    /// Reads record `record` of the plan from its segment (checked against its row and hash).
     fn load(&mut self, record: u32) -> Result<Vec<u8>> {
         let r = self.plan.records[record as usize];
-        let want = RECORD_HEADER_BYTES + r.length as usize;
-        self.raw.resize(want, 0);
-        let got = self
-            .segments
-            .read_at(r.segment, r.position, &mut self.raw)?;
-        let damaged = |why: String| {
-            ReplicaError::JournalCorrupt(format!(
-                "record {} of batch {} (segment {}, position {}): {why}",
-                r.idx, r.seq, r.segment, r.position
-            ))
-        };
-        let h =
-            RecordHeader::decode(&self.raw[..got], r.idx).map_err(|e| damaged(e.to_string()))?;
-        if h.volume != self.agent_volume_id
-            || h.kind != r.kind
-            || h.offset != r.offset
-            || h.length != r.length
-        {
-            return Err(damaged("the record header does not match the index".into()));
-        }
-        let stored_end = RECORD_HEADER_BYTES + h.stored_len as usize;
-        if stored_end > got {
-            return Err(damaged("the segment ends inside the record".into()));
-        }
         let mut out = self.pool.pop().unwrap_or_default();
-        h.decode_data(
-            &self.raw[RECORD_HEADER_BYTES..stored_end],
-            &mut self.decompressor,
-            &mut out,
-        )
-        .map_err(|e| damaged(e.to_string()))?;
-        self.records_read += 1;
+        self.records.load(&r, self.agent_volume_id, &mut out)?;
         Ok(out)
     }
 }

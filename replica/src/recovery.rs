@@ -1,11 +1,17 @@
 //! Recovery: resolving a [`PointSpec`] against a volume's window, listing the recovery points,
 //! and `restore` (the image at a point written to a file or a block device).
 //!
-//! A volume's window runs from its `sync_done_seq` (the batch that completed its initial sync)
-//! to its group's head. `latest` is the latest consistent batch in the window; `seq:N` is batch
-//! N exactly (an inconsistent one is allowed, with a warning, since it was asked for); a
-//! bookmark is the latest batch carrying it; a time is the latest consistent batch whose agent
-//! time is at or before it. Anything else is refused with one sentence naming the window.
+//! A volume's window runs from max(its group's base, the base a trim under way moves to, its
+//! `sync_done_seq` — the batch that completed its initial sync) to its group's head; its
+//! first point is the image the target file holds once the trim is done. `latest` is the
+//! latest consistent batch in the window; `seq:N` is batch N exactly (an inconsistent one is
+//! allowed, with a warning, since it was asked for); a bookmark is the latest batch carrying
+//! it; a time is the latest consistent batch whose agent time is at or before it. Anything else is refused with one sentence naming the window's
+//! first and last restorable points.
+//!
+//! Every reader of an image pins its point first ([`crate::pins`]): [`restore`] pins before it
+//! plans, and releases the pin once its output is complete (after checking it held all
+//! along).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{IsTerminal, Seek, SeekFrom};
@@ -19,10 +25,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Serialize, Serializer};
 
-use crate::catalog::{BatchRow, Catalog, GroupRow, VolumeRow, VolumeState};
+use crate::catalog::{BatchRow, Catalog, GroupRow, PointReads, VolumeRow, VolumeState};
 use crate::datadir::{DataDir, sync_dir};
 use crate::error::{ReplicaError, Result};
-use crate::reconstruct::{ImageReader, Plan, RecordRef};
+use crate::pins::{PinGuard, pin_point};
+use crate::reconstruct::ImageReader;
 
 /// Restore writes skip all-zero blocks of this size (leaving holes in a regular file).
 pub const SPARSE_BLOCK_BYTES: usize = 4096;
@@ -99,7 +106,6 @@ pub struct PointInfo {
 
 /// A volume with its group, opened for reading.
 pub(crate) struct VolumeContext {
-    pub dir: DataDir,
     pub catalog: Catalog,
     pub volume: VolumeRow,
     pub group: GroupRow,
@@ -117,7 +123,6 @@ pub(crate) async fn open_volume(root: &Path, name: &str) -> Result<VolumeContext
     };
     let group = catalog.group_by_id(volume.group_id).await?;
     Ok(VolumeContext {
-        dir,
         catalog,
         volume,
         group,
@@ -127,6 +132,8 @@ pub(crate) async fn open_volume(root: &Path, name: &str) -> Result<VolumeContext
 /// The window of a volume: (start seq, first and last consistent batches in it).
 pub(crate) struct Window {
     pub start: u64,
+    /// The window starts later than the volume's initial sync: retention trimmed it.
+    pub trimmed: bool,
     pub start_batch: Option<BatchRow>,
     pub first: Option<BatchRow>,
     pub last: Option<BatchRow>,
@@ -146,6 +153,14 @@ impl Window {
         }
     }
 
+    fn start_reason(&self) -> &'static str {
+        if self.trimmed {
+            "(older points have left it: the group's retention trimmed them)"
+        } else {
+            "(when its initial sync completed)"
+        }
+    }
+
     fn start_text(&self) -> String {
         match &self.start_batch {
             Some(b) => format!("seq {} ({})", b.seq, rfc3339(&time_of(b.agent_ns))),
@@ -154,10 +169,15 @@ impl Window {
     }
 }
 
-/// The window of a protecting volume, or the refusal for one that has none yet.
-pub(crate) async fn window(ctx: &VolumeContext) -> Result<std::result::Result<Window, String>> {
-    let v = &ctx.volume;
-    let start = match (v.state, v.sync_done_seq) {
+/// The window of a protecting volume, or the refusal for one that has none yet. It starts at
+/// max(the group's base, the base a trim under way moves to, the volume's sync_done_seq) and
+/// ends at the group's head.
+pub(crate) async fn window(
+    reads: &mut impl PointReads,
+    v: &VolumeRow,
+    g: &GroupRow,
+) -> Result<std::result::Result<Window, String>> {
+    let sync_done = match (v.state, v.sync_done_seq) {
         (VolumeState::Protecting, Some(s)) => s,
         _ => {
             return Ok(Err(format!(
@@ -166,26 +186,30 @@ pub(crate) async fn window(ctx: &VolumeContext) -> Result<std::result::Result<Wi
             )));
         }
     };
-    let g = &ctx.group;
+    let start = sync_done.max(g.window_floor());
     Ok(Ok(Window {
         start,
-        start_batch: ctx.catalog.batch(g.id, start).await?,
-        first: ctx
-            .catalog
+        trimmed: start > sync_done,
+        start_batch: reads.batch(g.id, start).await?,
+        first: reads
             .consistent_batch(g.id, start, g.head_seq, None, false)
             .await?,
-        last: ctx
-            .catalog
+        last: reads
             .consistent_batch(g.id, start, g.head_seq, None, true)
             .await?,
     }))
 }
 
-/// Resolves `spec` for the volume; `Err(ReplicaError::Point)` says why it cannot be restored.
-pub(crate) async fn resolve(ctx: &VolumeContext, spec: &PointSpec) -> Result<ChosenPoint> {
-    let v = &ctx.volume.name;
-    let g = &ctx.group;
-    let w = window(ctx).await?.map_err(ReplicaError::Point)?;
+/// Resolves `spec` for volume `v` of group `g`; `Err(ReplicaError::Point)` says why it cannot
+/// be restored.
+pub(crate) async fn resolve(
+    reads: &mut impl PointReads,
+    v: &VolumeRow,
+    g: &GroupRow,
+    spec: &PointSpec,
+) -> Result<ChosenPoint> {
+    let w = window(reads, v, g).await?.map_err(ReplicaError::Point)?;
+    let v = &v.name;
     let refuse = |what: String| ReplicaError::Point(what);
     let batch = match spec {
         PointSpec::Latest => w.last.clone().ok_or_else(|| {
@@ -197,8 +221,9 @@ pub(crate) async fn resolve(ctx: &VolumeContext, spec: &PointSpec) -> Result<Cho
         PointSpec::Seq(n) => {
             if *n < w.start {
                 return Err(refuse(format!(
-                    "seq:{n} is before the window of volume {v}, which starts at {} when its initial sync completed; {}",
+                    "seq:{n} is before the window of volume {v}, which starts at {} {}; {}",
                     w.start_text(),
+                    w.start_reason(),
                     w.describe()
                 )));
             }
@@ -209,7 +234,7 @@ pub(crate) async fn resolve(ctx: &VolumeContext, spec: &PointSpec) -> Result<Cho
                     w.describe()
                 )));
             }
-            ctx.catalog.batch(g.id, *n).await?.ok_or_else(|| {
+            reads.batch(g.id, *n).await?.ok_or_else(|| {
                 refuse(format!(
                     "seq:{n} was never recorded for volume {v}; {}",
                     w.describe()
@@ -217,8 +242,16 @@ pub(crate) async fn resolve(ctx: &VolumeContext, spec: &PointSpec) -> Result<Cho
             })?
         }
         PointSpec::Bookmark(name) => {
-            let b = ctx.catalog.bookmark(g.id, name).await?.ok_or_else(|| {
-                refuse(format!("group {} of volume {v} has no bookmark {name:?}; run `cdp-replica points --volume {v}` to list the points", g.name))
+            let b = reads.bookmark(g.id, name).await?.ok_or_else(|| {
+                let left = if w.trimmed {
+                    format!(
+                        " (a bookmark older than the window, which starts at {}, has left it)",
+                        w.start_text()
+                    )
+                } else {
+                    String::new()
+                };
+                refuse(format!("group {} of volume {v} has no bookmark {name:?}{left}; {}; run `cdp-replica points --volume {v}` to list the points", g.name, w.describe()))
             })?;
             if b.seq < w.start || b.seq > g.head_seq {
                 return Err(refuse(format!(
@@ -233,7 +266,7 @@ pub(crate) async fn resolve(ctx: &VolumeContext, spec: &PointSpec) -> Result<Cho
             let ns = t
                 .timestamp_nanos_opt()
                 .ok_or_else(|| refuse(format!("time {} is out of range", rfc3339(t))))?;
-            ctx.catalog
+            reads
                 .consistent_batch(g.id, w.start, g.head_seq, Some(ns), true)
                 .await?
                 .ok_or_else(|| {
@@ -250,8 +283,8 @@ pub(crate) async fn resolve(ctx: &VolumeContext, spec: &PointSpec) -> Result<Cho
 
 /// The point `at` resolves to for `volume` (what `restore --at` would choose).
 pub async fn resolve_point(root: &Path, volume: &str, at: &PointSpec) -> Result<ChosenPoint> {
-    let ctx = open_volume(root, volume).await?;
-    let result = resolve(&ctx, at).await;
+    let mut ctx = open_volume(root, volume).await?;
+    let result = resolve(&mut ctx.catalog, &ctx.volume, &ctx.group, at).await;
     ctx.catalog.close().await;
     result
 }
@@ -259,8 +292,8 @@ pub async fn resolve_point(root: &Path, volume: &str, at: &PointSpec) -> Result<
 /// Every recovery point of the volume's group in the volume's window, in seq order (empty
 /// before the initial sync completes).
 pub async fn points(root: &Path, volume: &str) -> Result<Vec<PointInfo>> {
-    let ctx = open_volume(root, volume).await?;
-    let list = match window(&ctx).await? {
+    let mut ctx = open_volume(root, volume).await?;
+    let list = match window(&mut ctx.catalog, &ctx.volume, &ctx.group).await? {
         Err(_) => Vec::new(),
         Ok(w) => ctx
             .catalog
@@ -321,38 +354,24 @@ fn check_out(out: &Path) -> Result<Output> {
     }
 }
 
-/// Resolves `at` for `volume` and opens a reader of the image at that point (the
-/// reconstruction plan is built from the index in one query). `restore` streams it to a file;
-/// an NBD export or the verifier can read it at random with [`ImageReader::read_at`].
+/// Resolves `at` for `volume`, pins the point chosen (see [`crate::pins`]) and opens a reader
+/// of the image there (the reconstruction plan is built from the index in one query).
+/// `restore` streams it to a file; an NBD export or the verifier can read it at random with
+/// [`ImageReader::read_at`]. The image stays readable as long as the guard lives.
 pub async fn open_image(
     root: &Path,
     volume: &str,
     at: &PointSpec,
-) -> Result<(ChosenPoint, ImageReader)> {
-    let ctx = open_volume(root, volume).await?;
-    let result = plan_image(&ctx, at).await;
-    ctx.catalog.close().await;
-    let (point, plan) = result?;
-    let reader = ImageReader::open(
-        plan,
-        ctx.volume.agent_volume_id,
-        &ctx.dir.target(&ctx.volume.name),
-        &ctx.dir.journal(&ctx.group.name),
-    )?;
-    Ok((point, reader))
-}
-
-async fn plan_image(ctx: &VolumeContext, at: &PointSpec) -> Result<(ChosenPoint, Plan)> {
-    let point = resolve(ctx, at).await?;
-    let start = ctx.volume.sync_done_seq.unwrap_or(0);
-    let rows = ctx.catalog.records(ctx.volume.id, start, point.seq).await?;
-    let plan = Plan::build(
-        ctx.volume.size,
-        rows.iter()
-            .map(RecordRef::from_row)
-            .collect::<Result<Vec<_>>>()?,
-    )?;
-    Ok((point, plan))
+    holder: &str,
+) -> Result<(ChosenPoint, ImageReader, PinGuard)> {
+    let (point, pin) = pin_point(root, volume, at, holder).await?;
+    match pin.open_image().await {
+        Ok(reader) => Ok((point, reader, pin)),
+        Err(e) => {
+            let _ = pin.release().await;
+            Err(e)
+        }
+    }
 }
 
 /// Restores volume `volume` at `at` to `out` (see the module docs). Prints the chosen point
@@ -365,7 +384,8 @@ pub async fn restore(
     out: &Path,
 ) -> Result<RestoreSummary> {
     let output = check_out(out)?;
-    let (point, reader) = open_image(root, volume, at).await?;
+    let holder = format!("restore to {}", out.display());
+    let (point, reader, pin) = open_image(root, volume, at, &holder).await?;
     if !point.consistent {
         tracing::warn!(
             volume,
@@ -378,9 +398,32 @@ pub async fn restore(
     let bytes = reader.size();
     let out_path = out.to_path_buf();
     let name = volume.to_owned();
-    let records_applied =
-        tokio::task::spawn_blocking(move || write_image(reader, &name, &out_path, output))
-            .await??;
+    let written = tokio::task::spawn_blocking(move || {
+        let records = write_image(reader, &name, &out_path, &output)?;
+        Ok::<_, ReplicaError>((records, output))
+    })
+    .await?;
+    let (records_applied, output) = match written {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = pin.release().await;
+            return Err(e);
+        }
+    };
+    // The pin held all along, or what was read may have been trimmed under the reader.
+    if let Err(e) = pin.check_held().await {
+        if let Output::File { partial } = &output {
+            let _ = fs::remove_file(partial);
+        }
+        let _ = pin.release().await;
+        return Err(e);
+    }
+    let finished = finish_output(&output, out);
+    if let Err(e) = pin.release().await {
+        // The output is complete; the pin just expires by itself.
+        tracing::warn!(volume, "could not remove the restore's pin: {e}");
+    }
+    finished?;
     Ok(RestoreSummary {
         volume: volume.to_owned(),
         point,
@@ -403,12 +446,13 @@ fn progress(size: u64) -> ProgressBar {
     bar
 }
 
-/// Streams the image chunk by chunk into `out`; returns the records read from the journal.
-fn write_image(mut reader: ImageReader, volume: &str, out: &Path, output: Output) -> Result<u64> {
+/// Streams the image chunk by chunk into `out` (a new file's `.partial` first) and fsyncs it;
+/// returns the records read from the journal.
+fn write_image(mut reader: ImageReader, volume: &str, out: &Path, output: &Output) -> Result<u64> {
     let size = reader.size();
     let bar = progress(size);
     let mut buf = vec![0u8; CHUNK_BYTES as usize];
-    let (file, path) = match &output {
+    let (file, path) = match output {
         Output::File { partial } => {
             let f = OpenOptions::new()
                 .write(true)
@@ -451,7 +495,12 @@ fn write_image(mut reader: ImageReader, volume: &str, out: &Path, output: Output
     file.sync_all().map_err(ReplicaError::io("fsync", &path))?;
     drop(file);
     bar.finish_and_clear();
-    if let Output::File { partial } = &output {
+    Ok(reader.records_read())
+}
+
+/// Puts a restored file in place (a block device is already).
+fn finish_output(output: &Output, out: &Path) -> Result<()> {
+    if let Output::File { partial } = output {
         fs::rename(partial, out).map_err(ReplicaError::io("rename into place", out))?;
         let parent = out
             .parent()
@@ -459,7 +508,7 @@ fn write_image(mut reader: ImageReader, volume: &str, out: &Path, output: Output
             .unwrap_or(Path::new("."));
         sync_dir(parent)?;
     }
-    Ok(reader.records_read())
+    Ok(())
 }
 
 /// Writes `chunk` at `offset`; with `sparse`, skips all-zero blocks (runs of non-zero blocks

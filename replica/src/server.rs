@@ -35,7 +35,7 @@ use crate::catalog::Catalog;
 use crate::datadir::{DataDir, ServeLock, read_agents};
 use crate::error::{ReplicaError, Result};
 use crate::hashes;
-use crate::ingest::{CONTROL_OUTBOX_MAX, IngestService};
+use crate::ingest::{CONTROL_OUTBOX_MAX, IngestOptions, IngestService};
 use crate::now_ns;
 
 /// How long an agent has, once connected, to open its control stream and say hello.
@@ -106,7 +106,13 @@ impl Server {
         let identity = dir.identity()?;
         let catalog = Catalog::open(&dir.catalog(), false, true).await?;
         let token = CancellationToken::new();
-        let ingest = IngestService::start(&dir, catalog.clone(), token.clone()).await?;
+        let ingest = IngestService::start_with(
+            &dir,
+            catalog.clone(),
+            token.clone(),
+            IngestOptions::from_env(),
+        )
+        .await?;
         let agents_dir = dir.clone();
         let authorize: AuthorizeFn =
             Arc::new(move |fp: &Fingerprint| match read_agents(&agents_dir) {

@@ -1,6 +1,6 @@
-//! `status`: per volume, its group, state, size, window and journal size, read from the
-//! catalog (works whether or not `serve` runs; `serve.lock` tells which), and whether the
-//! running `serve` has paused its group's ingest (the pause board).
+//! `status`: per volume, its group, state, size, window, journal size, retention and live pins,
+//! read from the catalog (works whether or not `serve` runs; `serve.lock` tells which), and
+//! whether the running `serve` has paused its group's ingest (the pause board).
 
 use std::path::Path;
 
@@ -11,7 +11,9 @@ use crate::catalog::{Catalog, VolumeState};
 use crate::datadir::{DataDir, ServeLock};
 use crate::error::Result;
 use crate::pause_board;
-use crate::recovery::{VolumeContext, rfc3339, ser_time, time_of, window};
+use crate::pins::live_pins;
+use crate::recovery::{rfc3339, ser_time, time_of, window};
+use crate::retention::{Retention, format_duration};
 
 /// A point named in `status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -44,10 +46,45 @@ pub struct VolumeStatus {
     pub journal_bytes: u64,
     /// Last durable seq of the group.
     pub head_seq: u64,
+    /// The group's base: every batch up to it is in the target files.
+    pub base_seq: u64,
+    /// The group's retention.
+    pub retention: RetentionStatus,
+    /// The live pins of the group (readers holding points; the base does not pass them).
+    pub pins: PinsStatus,
     /// Why ingest of the group is paused (its disk is full), null when it is not.
     pub ingest_reason: Option<String>,
     /// Since when it is paused (RFC 3339), null when it is not.
     pub paused_since: Option<String>,
+}
+
+/// A group's retention in `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RetentionStatus {
+    /// The window as `cdp-replica retention` takes it (`24h`).
+    pub window: String,
+    /// The window in seconds.
+    pub window_s: u64,
+    /// The journal cap in bytes; null: none.
+    pub max_journal_bytes: Option<u64>,
+}
+
+impl From<&Retention> for RetentionStatus {
+    fn from(r: &Retention) -> Self {
+        RetentionStatus {
+            window: format_duration(r.window),
+            window_s: r.window.as_secs(),
+            max_journal_bytes: r.journal_bytes_max,
+        }
+    }
+}
+
+/// The live pins of a group in `status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PinsStatus {
+    pub count: usize,
+    /// The oldest pinned seq; null when there is no pin.
+    pub oldest_seq: Option<u64>,
 }
 
 /// The whole `status`.
@@ -73,13 +110,8 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
         let group = catalog.group_by_id(v.group_id).await?;
         let connected = serving && catalog.link(group.id).await?.is_some_and(|l| l.connected);
         let journal_bytes = catalog.journal_bytes(group.id).await?;
-        let ctx = VolumeContext {
-            dir: dir.clone(),
-            catalog: catalog.clone(),
-            volume: v.clone(),
-            group: group.clone(),
-        };
-        let (window_first, window_last) = match window(&ctx).await? {
+        let pins = live_pins(&catalog, group.id).await?;
+        let (window_first, window_last) = match window(&mut catalog.clone(), &v, &group).await? {
             Ok(w) => (
                 w.first.map(|b| PointRef {
                     seq: b.seq,
@@ -113,6 +145,12 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             window_last,
             journal_bytes,
             head_seq: group.head_seq,
+            base_seq: group.base_seq,
+            retention: RetentionStatus::from(&group.retention),
+            pins: PinsStatus {
+                count: pins.len(),
+                oldest_seq: pins.iter().map(|p| p.seq).min(),
+            },
             ingest_reason: pause.map(|p| p.reason.clone()),
             paused_since: pause.map(|p| rfc3339(&time_of(p.since_ns))),
         });

@@ -1,5 +1,6 @@
 //! Target disks: one sparse file per volume (`volumes/<name>/target`), the volume as it was at
-//! the start of its window. Ingest writes it only while the volume is in its initial sync;
+//! its group's base. Ingest writes it only while the volume is in its initial sync; the
+//! trimmer writes it once the volume protects (applying the journal records it trims);
 //! reconstruction reads it. Zeroed and trimmed ranges become holes
 //! (`fallocate(PUNCH_HOLE | KEEP_SIZE)`), or are written as zeros where holes are unsupported.
 
@@ -127,6 +128,18 @@ impl TargetFile {
         if self.dirty {
             self.file
                 .sync_data()
+                .map_err(ReplicaError::io("fsync target file", &self.path))?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// fsync (data and metadata, so punched holes are durable too) when written since the last
+    /// sync: the trimmer's step (c). An error is fatal for the group.
+    pub fn sync_all(&mut self) -> Result<()> {
+        if self.dirty {
+            self.file
+                .sync_all()
                 .map_err(ReplicaError::io("fsync target file", &self.path))?;
             self.dirty = false;
         }

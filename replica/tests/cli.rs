@@ -354,3 +354,99 @@ async fn commands_outputs_and_errors() {
         "no replica in /nonexistent/replica",
     );
 }
+
+/// `init --window/--max-journal` (defaults of new groups), `retention` (show, set — also while
+/// serving — and refuse bad values), and the retention in `status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_is_set_shown_and_checked() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("replica");
+    let d = data.to_str().expect("path");
+    fails(
+        &["init", "--data", d, "--window", "5x"],
+        "\"5x\" is not a window",
+    );
+    fails(
+        &["init", "--data", d, "--max-journal", "12"],
+        "it has no unit",
+    );
+    assert!(
+        !data.join("meta.db").exists(),
+        "a refused init makes nothing"
+    );
+    ok(&[
+        "init",
+        "--data",
+        d,
+        "--window",
+        "2h",
+        "--max-journal",
+        "1GiB",
+    ]);
+    let toml = std::fs::read_to_string(data.join("replica.toml")).expect("replica.toml");
+    assert!(
+        toml.contains("window = \"2h\"") && toml.contains("max_journal = \"1GiB\""),
+        "{toml}"
+    );
+    fails(
+        &["retention", "--data", d, "--group", "g"],
+        "no group named \"g\"",
+    );
+
+    // A group appears when its agent first connects; it starts with the defaults.
+    let mut h = Harness::open(&data).await;
+    let sim = AgentSim::new("g", &[(0, "r-disk", CHUNK_BYTES)]);
+    h.hello(vec![sim.hello()]).await.expect("welcome");
+    h.shutdown().await;
+    let show = |args: &[&str]| {
+        let mut all = vec!["retention", "--data", d, "--group", "g"];
+        all.extend_from_slice(args);
+        ok(&all).trim().to_owned()
+    };
+    assert_eq!(show(&[]), "group g: window 2h, journal cap 1GiB");
+
+    // Changed while serving.
+    let serve = Serve::start(&data);
+    assert_eq!(
+        show(&["--window", "30s"]),
+        "group g: window 30s, journal cap 1GiB"
+    );
+    assert_eq!(
+        show(&["--max-journal", "none"]),
+        "group g: window 30s, journal cap none"
+    );
+    assert_eq!(
+        show(&["--window", "7d", "--max-journal", "512MiB"]),
+        "group g: window 7d, journal cap 512MiB"
+    );
+    for (flag, value, why) in [
+        ("--window", "0s", "it must be at least 1s"),
+        ("--window", "1.5h", "the number must be whole"),
+        ("--window", "10", "it has no unit"),
+        ("--window", "3651d", "longer than 3650d"),
+        ("--max-journal", "100XB", "\"XB\" is not a unit"),
+        ("--max-journal", "1KiB", "it must be at least 1MiB"),
+        ("--max-journal", "lots", "it does not start with a number"),
+    ] {
+        fails(
+            &["retention", "--data", d, "--group", "g", flag, value],
+            why,
+        );
+    }
+    assert_eq!(show(&[]), "group g: window 7d, journal cap 512MiB");
+
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&["status", "--data", d, "--json"])).expect("json");
+    let v = &status["volumes"][0];
+    assert_eq!(
+        v["retention"],
+        serde_json::json!({ "window": "7d", "window_s": 604800, "max_journal_bytes": 536870912 })
+    );
+    assert_eq!(
+        v["pins"],
+        serde_json::json!({ "count": 0, "oldest_seq": null })
+    );
+    assert_eq!(v["base_seq"], 0);
+    assert!(ok(&["status", "--data", d]).contains("7d, cap 512MiB"));
+    serve.stop();
+}

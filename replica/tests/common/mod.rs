@@ -2,7 +2,7 @@
 //! volume after every seq), an in-process ingest harness, and a QUIC test agent.
 #![allow(dead_code)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use cdp_replica::catalog::Catalog;
 use cdp_replica::datadir::DataDir;
-use cdp_replica::ingest::IngestService;
+use cdp_replica::ingest::{IngestOptions, IngestService};
 use cdp_shared::Seq;
 use cdp_shared::batch::{
     self, BatchFlags, Hash, RecordEncoder, RecordKind, SealParams, encode_marker,
@@ -68,6 +68,18 @@ pub struct AgentSim {
     /// Keep a copy of every image after every seq in `history` (tests with big volumes or
     /// many batches turn it off and keep their own model).
     pub keep_history: bool,
+    /// Stamp batches with the real clock (now, strictly increasing) instead of one second per
+    /// seq from `TIME_BASE_NS`.
+    pub real_time: bool,
+    /// Agent time of every batch built, by seq.
+    pub times: BTreeMap<u64, i64>,
+    /// Byte length of every batch built, by seq.
+    pub lengths: BTreeMap<u64, u64>,
+    /// With `keep_history` off: a copy of every image every this many seqs, and the ops of
+    /// every batch, so that [`AgentSim::model_image`] can replay any seq.
+    pub checkpoint_every: Option<u64>,
+    checkpoints: BTreeMap<u64, HashMap<u32, Vec<u8>>>,
+    ops_log: BTreeMap<u64, Vec<Op>>,
 }
 
 pub const TIME_BASE_NS: i64 = 1_700_000_000_000_000_000;
@@ -98,7 +110,62 @@ impl AgentSim {
             batches: HashMap::new(),
             hashes: HashMap::new(),
             keep_history: true,
+            real_time: false,
+            times: BTreeMap::new(),
+            lengths: BTreeMap::new(),
+            checkpoint_every: None,
+            checkpoints: BTreeMap::new(),
+            ops_log: BTreeMap::new(),
         }
+    }
+
+    /// Keeps a checkpointed model instead of every image (see `checkpoint_every`); the
+    /// current images are the first checkpoint.
+    pub fn checkpointed(mut self, every: u64) -> AgentSim {
+        self.keep_history = false;
+        self.checkpoint_every = Some(every);
+        self.checkpoints.insert(self.seq, self.images.clone());
+        self
+    }
+
+    /// The image of `vol` after `seq`, from `history` or replayed from the checkpoints.
+    pub fn model_image(&self, seq: u64, vol: u32) -> Vec<u8> {
+        if self.checkpoint_every.is_none() {
+            return self.image_at(seq, vol).to_vec();
+        }
+        let (&at, images) = self
+            .checkpoints
+            .range(..=seq)
+            .next_back()
+            .expect("a checkpoint at or before");
+        let mut image = images[&vol].clone();
+        for (_, ops) in self.ops_log.range((
+            std::ops::Bound::Excluded(at),
+            std::ops::Bound::Included(seq),
+        )) {
+            for op in ops {
+                match op {
+                    Op::Data {
+                        vol: v,
+                        offset,
+                        bytes,
+                    } if *v == vol => image[*offset as usize..*offset as usize + bytes.len()]
+                        .copy_from_slice(bytes),
+                    Op::Zero {
+                        vol: v,
+                        offset,
+                        len,
+                    }
+                    | Op::Trim {
+                        vol: v,
+                        offset,
+                        len,
+                    } if *v == vol => image[*offset as usize..(*offset + *len) as usize].fill(0),
+                    _ => {}
+                }
+            }
+        }
+        image
     }
 
     pub fn hello(&self) -> GroupHello {
@@ -159,10 +226,16 @@ impl AgentSim {
             }
         }
         self.seq += 1;
+        let agent_time_ns = if self.real_time {
+            let last = self.times.values().next_back().copied().unwrap_or(0);
+            (chrono::Utc::now().timestamp_nanos_opt().expect("now")).max(last + 1)
+        } else {
+            Self::agent_time(self.seq)
+        };
         let params = SealParams {
             group: &self.group,
             seq: Seq(self.seq),
-            agent_time_ns: Self::agent_time(self.seq),
+            agent_time_ns,
             flags: BatchFlags(flags),
             bookmark,
             prev_hash: self.prev,
@@ -177,6 +250,14 @@ impl AgentSim {
             HashMap::new()
         });
         self.batches.insert(self.seq, bytes.clone());
+        self.times.insert(self.seq, agent_time_ns);
+        self.lengths.insert(self.seq, bytes.len() as u64);
+        if let Some(every) = self.checkpoint_every {
+            self.ops_log.insert(self.seq, ops.to_vec());
+            if self.seq.is_multiple_of(every) {
+                self.checkpoints.insert(self.seq, self.images.clone());
+            }
+        }
         (self.seq, bytes)
     }
 
@@ -263,12 +344,17 @@ pub async fn init_replica(root: &Path) -> Fingerprint {
 impl Harness {
     /// Opens the ingest of an initialized data directory (recovering its journals).
     pub async fn open(root: &Path) -> Harness {
+        Harness::open_with(root, IngestOptions::default()).await
+    }
+
+    /// [`Harness::open`] with explicit options (small segments).
+    pub async fn open_with(root: &Path, options: IngestOptions) -> Harness {
         let dir = DataDir::existing(root).expect("data dir");
         let catalog = Catalog::open(&dir.catalog(), false, true)
             .await
             .expect("catalog");
         let token = CancellationToken::new();
-        let service = IngestService::start(&dir, catalog, token.clone())
+        let service = IngestService::start_with(&dir, catalog, token.clone(), options)
             .await
             .expect("ingest");
         let (reply, replies) = mpsc::channel(1024);

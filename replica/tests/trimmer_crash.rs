@@ -1,0 +1,428 @@
+//! Trimmer crash safety (issue 5): the real `cdp-replica serve` binary trims all the time — a
+//! 2 s window, a 1 MiB journal cap, 128 KiB journal segments — while a test agent streams
+//! batches to it, and it is killed with SIGKILL at random moments (some while it starts, when
+//! it completes a trim left under way). After every restart the test checks that
+//!
+//! * every acknowledged batch is durable, and the journal agrees with the catalog;
+//! * `points` lists exactly the window, from max(base, trimming_to, sync) to the head;
+//! * nothing the window still needs was trimmed: the window starts no later than retention
+//!   allows (the newest seq older than the window, or the one the cap needs);
+//! * restores at every point of the window equal the model.
+//!
+//! At the end, trimmed segments are unlinked. `CDP_TRIMMER_KILLS` raises the number of kills
+//! (default 10); `CDP_TRIMMER_CRASH_SEED` replays a run (the seed is printed).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cdp_replica::catalog::Catalog;
+use cdp_replica::datadir::DataDir;
+use cdp_replica::journal::segment_name;
+use cdp_replica::{PointSpec, Retention};
+use cdp_shared::batch::BatchFlags;
+use cdp_shared::identity::{Fingerprint, Identity};
+use cdp_shared::types::CHUNK_BYTES;
+use cdp_shared::wire::{Control, GroupHello};
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cdp-replica");
+const KILLS_DEFAULT: u32 = 10;
+const VOL: (u32, &str, u64) = (0, "trim-disk", 2 * CHUNK_BYTES + 4608);
+const GROUP: &str = "g";
+const WINDOW: Duration = Duration::from_secs(2);
+const CAP: u64 = 1 << 20;
+const SEGMENT_BYTES: u64 = 128 << 10;
+/// Batches the agent keeps unacknowledged.
+const IN_FLIGHT: u64 = 32;
+/// How long the agent streams before the kill, at most.
+const STREAM_MS_MAX: u64 = 400;
+
+struct Agent {
+    identity: Identity,
+    sim: AgentSim,
+    acked: u64,
+    synced: u64,
+    rng: StdRng,
+}
+
+impl Agent {
+    fn new_batch(&mut self) {
+        let n = self.rng.random_range(4..=16);
+        let mut ops = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = self.rng.random_range(1..=16u64 << 10);
+            let offset = self.rng.random_range(0..=VOL.2 - len);
+            ops.push(if self.rng.random_ratio(1, 16) {
+                Op::Zero {
+                    vol: 0,
+                    offset,
+                    len,
+                }
+            } else {
+                Op::Data {
+                    vol: 0,
+                    offset,
+                    bytes: pattern(self.rng.random(), len as usize),
+                }
+            });
+        }
+        self.sim.batch(&ops, BatchFlags::FLUSH, None);
+    }
+
+    fn hello(&self) -> GroupHello {
+        GroupHello {
+            first_held: self.acked + 1,
+            ..self.sim.hello()
+        }
+    }
+
+    fn saw_ack(&mut self, durable: u64) {
+        if durable > self.acked {
+            self.acked = durable;
+            self.sim.batches.retain(|&s, _| s > durable);
+        }
+    }
+
+    /// The base retention asks for with `head` as the head: the newest seq older than the
+    /// window, or the seq up to which the cap needs batches gone, whichever is further.
+    fn retention_base(&self, head: u64) -> u64 {
+        let cutoff = self.sim.times[&head] - WINDOW.as_nanos() as i64;
+        let first_young = self
+            .sim
+            .times
+            .range(..=head)
+            .find(|(_, t)| **t >= cutoff)
+            .map(|(s, _)| *s)
+            .expect("the head is young");
+        // Batches after the sync are journaled whole; the sync's are not journaled.
+        let mut bytes = 0u64;
+        let mut for_cap = 0;
+        for seq in (self.synced + 1..=head).rev() {
+            bytes += self.sim.lengths[&seq];
+            if bytes > CAP {
+                for_cap = seq;
+                break;
+            }
+        }
+        (first_young - 1).max(for_cap)
+    }
+}
+
+/// `serve` as a child process (stderr appended to a log file).
+struct Serve {
+    child: Child,
+}
+
+impl Serve {
+    fn spawn(data: &Path, listen: &str, log: &Path) -> Serve {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = Command::new(BIN)
+            .args([
+                "serve",
+                "--data",
+                data.to_str().expect("path"),
+                "--listen",
+                listen,
+            ])
+            .env("RUST_LOG", "info,cdp_replica::trimmer=debug")
+            .env(
+                cdp_replica::ingest::TEST_SEGMENT_BYTES_ENV,
+                SEGMENT_BYTES.to_string(),
+            )
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn serve");
+        Serve { child }
+    }
+
+    fn wait_listening(&mut self, log: &Path) -> SocketAddr {
+        let out = self.child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(DEADLINE).unwrap_or_default();
+        line.split_whitespace()
+            .nth(2)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "serve did not start ({line:?}); its log ends with:\n{}",
+                    log_tail(log)
+                )
+            })
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("SIGKILL serve");
+        self.child.wait().expect("reap serve");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+async fn connect(agent: &Agent, replica: Fingerprint, addr: SocketAddr) -> (QuicAgent, u64) {
+    let mut q = QuicAgent::connect(&agent.identity, replica, addr)
+        .await
+        .expect("connect");
+    match q.hello(vec![agent.hello()]).await.expect("welcome") {
+        Control::Welcome { groups, .. } => (q, groups[0].durable),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+/// Streams batches, at most IN_FLIGHT unacknowledged; never returns (cut short by the kill).
+async fn stream(q: &mut QuicAgent, agent: &mut Agent) {
+    let mut next = agent.acked + 1;
+    loop {
+        while next <= agent.acked + IN_FLIGHT {
+            if next > agent.sim.seq {
+                agent.new_batch();
+            }
+            let bytes = agent.sim.batches[&next].clone();
+            q.send_batch(&bytes).await.expect("send a batch");
+            next += 1;
+            tokio::task::yield_now().await;
+        }
+        match q.next_control().await.expect("control message") {
+            Control::Ack { durable, .. } => agent.saw_ack(durable),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn segments(root: &Path) -> Vec<u64> {
+    let dir = DataDir::new(root).journal(GROUP);
+    let mut n: Vec<u64> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                name.strip_suffix(".seg")?.parse().ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    n.sort_unstable();
+    n
+}
+
+/// The checks after a restart (serve has recovered: it answered the hello).
+async fn check(root: &Path, out_dir: &Path, agent: &mut Agent, acked_before: u64, durable: u64) {
+    assert!(
+        durable >= acked_before,
+        "batch {acked_before} was acknowledged before the kill, but the replica is durable only up to {durable}"
+    );
+    assert!(durable <= agent.sim.seq, "durable {durable} was never sent");
+    agent.saw_ack(durable);
+
+    let dir = DataDir::existing(root).expect("data dir");
+    let catalog = Catalog::open(&dir.catalog(), false, false)
+        .await
+        .expect("catalog");
+    let g = catalog
+        .group_by_name(GROUP)
+        .await
+        .expect("query")
+        .expect("group");
+    assert_eq!(g.head_seq, durable);
+    if let Some(end) = catalog.last_journaled(g.id).await.expect("query") {
+        let seg = dir.journal(GROUP).join(segment_name(end.segment));
+        assert_eq!(
+            std::fs::metadata(&seg)
+                .expect("the committed end's segment")
+                .len(),
+            end.end(),
+            "segment {} does not end where its last committed batch does",
+            end.segment
+        );
+        assert!(
+            !dir.journal(GROUP)
+                .join(segment_name(end.segment + 1))
+                .exists(),
+            "an uncommitted newer segment survived recovery"
+        );
+    }
+    catalog.close().await;
+    if durable < agent.synced {
+        return;
+    }
+    let start = g.window_floor().max(agent.synced);
+    let allowed = agent.retention_base(durable).max(agent.synced);
+    assert!(
+        start <= allowed,
+        "the window starts at {start} (base {}, trimming to {:?}) but retention allows trimming only up to {allowed}",
+        g.base_seq,
+        g.trimming_to
+    );
+    let points = cdp_replica::points(root, VOL.1).await.expect("points");
+    let seqs: Vec<u64> = points.iter().map(|p| p.seq).collect();
+    assert_eq!(seqs, (start..=durable).collect::<Vec<_>>());
+    for seq in start..=durable {
+        let out = out_dir.join(format!("restore-{seq}"));
+        let _ = std::fs::remove_file(&out);
+        cdp_replica::restore(root, VOL.1, &PointSpec::Seq(seq), &out)
+            .await
+            .unwrap_or_else(|e| panic!("restore at seq {seq}: {e}"));
+        assert!(
+            read(&out) == agent.sim.model_image(seq, 0),
+            "the restore at seq {seq} differs from the model"
+        );
+        std::fs::remove_file(&out).expect("remove restored image");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
+    let kills: u32 = std::env::var("CDP_TRIMMER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(KILLS_DEFAULT);
+    let seed: u64 = std::env::var("CDP_TRIMMER_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!(
+        "trimmer crash test: {kills} kills, seed {seed} (CDP_TRIMMER_CRASH_SEED={seed} replays it)"
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("replica");
+    let log: PathBuf = tmp.path().join("serve.log");
+    let retention = Retention {
+        window: WINDOW,
+        journal_bytes_max: Some(CAP),
+    };
+    let replica_fp =
+        cdp_replica::init_with(&root, "127.0.0.1:0".parse().expect("addr"), &retention)
+            .await
+            .expect("init");
+    let identity = Identity::generate("trim-agent").expect("identity");
+    cdp_replica::authorize(&root, identity.fingerprint(), "trim").expect("authorize");
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sim = AgentSim::new(GROUP, &[VOL]);
+    sim.real_time = true;
+    sim.images.insert(0, pattern(rng.random(), VOL.2 as usize));
+    let mut sim = sim.checkpointed(64);
+    let mut batches = Vec::new();
+    let synced = sim.sync_volume(0, &mut batches);
+    let mut agent = Agent {
+        identity,
+        sim,
+        acked: 0,
+        synced,
+        rng,
+    };
+
+    let started = std::time::Instant::now();
+    let mut listen = "127.0.0.1:0".to_owned();
+    let mut startup_kills = 0u32;
+    for _ in 0..kills {
+        if agent.rng.random_ratio(1, 4) && listen != "127.0.0.1:0" {
+            let serve = Serve::spawn(&root, &listen, &log);
+            let delay = agent.rng.random_range(0..40);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            serve.kill();
+            startup_kills += 1;
+        }
+        let mut serve = Serve::spawn(&root, &listen, &log);
+        let addr = serve.wait_listening(&log);
+        listen = addr.to_string();
+        let acked_before = agent.acked;
+        let (mut q, durable) = connect(&agent, replica_fp, addr).await;
+        check(&root, tmp.path(), &mut agent, acked_before, durable).await;
+        let stream_ms = agent.rng.random_range(50..=STREAM_MS_MAX);
+        tokio::select! {
+            _ = stream(&mut q, &mut agent) => unreachable!("stream never returns"),
+            _ = tokio::time::sleep(Duration::from_millis(stream_ms)) => {}
+        }
+        serve.kill();
+        drop(q);
+    }
+
+    // A last start: everything sent is acknowledged; the window settles where retention says
+    // and the trimmed segments are unlinked.
+    let mut serve = Serve::spawn(&root, &listen, &log);
+    let addr = serve.wait_listening(&log);
+    let acked_before = agent.acked;
+    let (mut q, durable) = connect(&agent, replica_fp, addr).await;
+    check(&root, tmp.path(), &mut agent, acked_before, durable).await;
+    let last = agent.sim.seq;
+    for seq in agent.acked + 1..=last {
+        q.send_batch(&agent.sim.batches[&seq])
+            .await
+            .expect("send a batch");
+    }
+    q.wait_ack(GROUP, last).await;
+    agent.saw_ack(last);
+    let settled = agent.retention_base(last);
+    let dir = DataDir::existing(&root).expect("data dir");
+    let catalog = Catalog::open(&dir.catalog(), false, false)
+        .await
+        .expect("catalog");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let g = catalog
+            .group_by_name(GROUP)
+            .await
+            .expect("query")
+            .expect("group");
+        let first = segments(&root).first().copied();
+        if g.base_seq == settled && g.trimming_to.is_none() && g.trimmed_end.map(|e| e.0) == first {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the trimmer did not settle: base {} (want {settled}), trimming to {:?}, oldest segment {first:?}, committed end {:?}",
+            g.base_seq,
+            g.trimming_to,
+            g.trimmed_end
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    catalog.close().await;
+    check(&root, tmp.path(), &mut agent, last, last).await;
+    q.conn.close(0u32.into(), b"done");
+    drop(q);
+    let pid = rustix::process::Pid::from_raw(serve.child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    let status = serve.child.wait().expect("wait for serve");
+    assert!(
+        status.success(),
+        "serve exited with {status}; log:\n{}",
+        log_tail(&log)
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    eprintln!(
+        "trimmer crash test: {kills} kills during ingest and trimming, {startup_kills} during start, {last} batches, {} trims, {} trims completed after a kill, {} s",
+        text.matches("trimmed to seq").count(),
+        text.matches("completing the trim to seq").count(),
+        started.elapsed().as_secs()
+    );
+}
