@@ -80,10 +80,27 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// A free UDP port on 127.0.0.1.
+/// A free UDP port on 127.0.0.1, below the kernel's ephemeral range (32768 and up by
+/// default): a port from that range, released here and bound by the replica only later, could
+/// meanwhile be handed to some agent's QUIC socket (bound to port 0), and the replica would
+/// then fail to listen.
 pub fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-    s.local_addr().expect("addr").port()
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut rng = Lcg(
+        u64::from(std::process::id()) << 32
+            ^ NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
+    );
+    for _ in 0..1000 {
+        let port = 20000 + rng.below(12000) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free UDP port in 20000..32000 on 127.0.0.1")
 }
 
 /// How long one command run by a test may take before it is killed and the test fails
@@ -401,7 +418,14 @@ impl Cluster {
         cmd.args(["serve", "--data"])
             .arg(&self.replica_dir)
             .env("RUST_LOG", "info");
-        self.replica = Some(Proc::spawn("replica", &mut cmd, &log));
+        let mut p = Proc::spawn("replica", &mut cmd, &log);
+        wait_until("the replica to listen", Duration::from_secs(60), || {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                panic!("the replica exited ({st}):\n{}", p.log_text());
+            }
+            p.log_text().contains("listening on")
+        });
+        self.replica = Some(p);
     }
 
     pub fn start_agent(&mut self) {
@@ -531,6 +555,27 @@ impl Cluster {
             v["acked_seq"].as_u64() == Some(last)
         });
         last
+    }
+
+    /// Starts `cdp-replica export` of `volume` at `point` on the Unix socket `socket` (with
+    /// `extra` arguments, e.g. `--writable`) and waits until it accepts connections.
+    pub fn start_export(&self, volume: &str, point: &str, socket: &Path, extra: &[&str]) -> Proc {
+        let _ = std::fs::remove_file(socket);
+        let mut cmd = self.replica_cmd(&["export", "--volume", volume, "--at", point]);
+        cmd.arg("--socket").arg(socket).args(extra);
+        let name = socket.file_name().expect("socket name").to_string_lossy().into_owned();
+        let mut p = Proc::spawn("export", &mut cmd, &self.path(&format!("{name}.log")));
+        wait_until(
+            &format!("the export of {volume} at {point}"),
+            Duration::from_secs(30),
+            || {
+                if let Ok(Some(st)) = p.child.try_wait() {
+                    panic!("the export exited ({st}):\n{}", p.log_text());
+                }
+                std::os::unix::net::UnixStream::connect(socket).is_ok()
+            },
+        );
+        p
     }
 
     /// Restores `volume` at `point` to a new file and returns its bytes, or the error text.
