@@ -1,7 +1,8 @@
 //! A real filesystem (issue 5): ext4 made on a loop device over `nbdfuse` over the agent's
 //! export. Files are written, the filesystem is frozen and bookmarked, more files are written
-//! and some deleted; the bookmark restored to an image passes `fsck.ext4 -fn` and, mounted,
-//! shows exactly the files of the bookmark.
+//! and some deleted; the bookmark restored to an image, and exported over NBD (nbdfuse over
+//! `cdp-replica export`, a read-only loop device), passes `fsck.ext4 -fn` and, mounted, shows
+//! exactly the files of the bookmark.
 //!
 //! Needs root, FUSE and loop devices (CI has them); elsewhere it is skipped with a reason.
 
@@ -199,6 +200,64 @@ fn ext4_over_nbdfuse_restores_exactly_the_files_of_a_bookmark() {
         expected,
         "the restored bookmark holds exactly its files"
     );
+
+    // The bookmark exported (no copy): nbdfuse over the export, a read-only loop device,
+    // fsck clean and exactly the files of the bookmark.
+    let export_sock = c.path("export.sock");
+    let mut export = c.start_export("fs", "bookmark:fs-consistent", &export_sock, &[]);
+    let efuse_dir = c.path("efuse");
+    std::fs::create_dir_all(&efuse_dir).expect("fuse dir");
+    let epidfile = c.path("nbdfuse-export.pid");
+    let mut efuse = Proc::spawn(
+        "nbdfuse-export",
+        Command::new("nbdfuse")
+            .arg("-r")
+            .arg("-P")
+            .arg(&epidfile)
+            .arg(efuse_dir.join("vol"))
+            .arg(format!("nbd+unix:///fs?socket={}", export_sock.display())),
+        &c.path("nbdfuse-export.log"),
+    );
+    cleanup.push("fusermount3", &["-u", &efuse_dir.to_string_lossy()]);
+    wait_until(
+        "nbdfuse to serve the export",
+        Duration::from_secs(30),
+        || epidfile.exists() && efuse_dir.join("vol").exists(),
+    );
+    let eloop = run_ok(
+        Command::new("losetup")
+            .args(["-r", "-f", "--show"])
+            .arg(efuse_dir.join("vol")),
+    )
+    .trim()
+    .to_owned();
+    cleanup.push("losetup", &["-d", &eloop]);
+    let fsck = run(Command::new("fsck.ext4").arg("-fn").arg(&eloop));
+    assert!(
+        fsck.status.success(),
+        "fsck.ext4 -fn of the exported bookmark: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let emnt = c.path("export-mnt");
+    std::fs::create_dir_all(&emnt).expect("mount point");
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "ro,noload"])
+            .arg(&eloop)
+            .arg(&emnt),
+    );
+    cleanup.push("umount", &[&emnt.to_string_lossy()]);
+    assert_eq!(
+        files(&emnt),
+        expected,
+        "the exported bookmark holds exactly its files"
+    );
+    run_ok(Command::new("umount").arg(&emnt));
+    run_ok(Command::new("losetup").args(["-d", &eloop]));
+    run_ok(Command::new("fusermount3").arg("-u").arg(&efuse_dir));
+    efuse.stop(Duration::from_secs(10));
+    assert!(export.stop(Duration::from_secs(10)), "the export exits 0");
 
     // And latest (after unmounting, so the filesystem is clean) holds the later files.
     run_ok(Command::new("umount").arg(&fs));

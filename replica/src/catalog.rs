@@ -872,6 +872,22 @@ impl Catalog {
         Ok(rows.into_iter().map(record_of).collect())
     }
 
+    /// The chunks of a volume that records with seq in `(after, upto]` change, ascending (the
+    /// candidates of `diff`; one range of the `(volume_id, seq)` index).
+    pub async fn chunks_changed(&self, volume_id: i64, after: u64, upto: u64) -> Result<Vec<u64>> {
+        let chunks: Vec<i64> = sqlx::query_scalar(
+            "SELECT DISTINCT chunk FROM records WHERE volume_id = ? AND seq > ? AND seq <= ? \
+             ORDER BY chunk",
+        )
+        .bind(volume_id)
+        .bind(after as i64)
+        .bind(upto as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read the journal index"))?;
+        Ok(chunks.into_iter().map(|c| c as u64).collect())
+    }
+
     /// The group's durable head seq as committed (read back after a failed commit).
     pub async fn head(&self, group_id: i64) -> Result<u64> {
         let n: i64 = sqlx::query_scalar("SELECT head_seq FROM groups WHERE id = ?")

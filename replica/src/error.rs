@@ -96,6 +96,9 @@ pub enum ReplicaError {
         source: io::Error,
     },
 
+    #[error("could not serve on the socket {}: {reason}; choose another --socket path", path.display())]
+    ExportSocket { path: PathBuf, reason: String },
+
     #[error("ingest stopped: {0}")]
     Ingest(String),
 

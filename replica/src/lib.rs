@@ -16,6 +16,11 @@
 //! * [`reconstruct`] — the reconstruction plan (sans-IO extent map), the `read_at` reader, and
 //!   the one reader of journal records (`RecordLoader`).
 //! * [`recovery`] — resolving recovery points, `points`, `restore`.
+//! * [`lazy_image`] — the image at a pinned point planned chunk by chunk as reads reach it
+//!   (`export`, `diff`), and why the trimmer cannot disturb it.
+//! * [`export`] — `export`: a point served over NBD, read-only or with a throw-away
+//!   copy-on-write [`overlay`].
+//! * [`diff`](mod@diff) — `diff`: the chunks whose bytes differ between two points.
 //! * [`retention`] — a group's window and journal cap, their syntax, and the choice of the
 //!   trimmer's next base (sans-IO).
 //! * [`trimmer`] — the task per group that applies the oldest batches to the target files and
@@ -175,10 +180,14 @@
 
 pub mod catalog;
 pub mod datadir;
+pub mod diff;
 pub mod error;
+pub mod export;
 pub mod hashes;
 pub mod ingest;
 pub mod journal;
+pub mod lazy_image;
+pub mod overlay;
 pub mod pause_board;
 pub mod pins;
 pub mod reconstruct;
@@ -196,7 +205,9 @@ use std::path::Path;
 use cdp_shared::identity::{Fingerprint, Identity};
 
 pub use cdp_shared::point::PointSpec;
+pub use diff::{DiffReport, Extent, diff};
 pub use error::{ReplicaError, Result};
+pub use export::{Endpoint, ExportHandle, ExportInfo};
 pub use pins::{PinGuard, pin_point};
 pub use recovery::{
     ChosenPoint, PointInfo, RestoreSummary, open_image, points, resolve_point, restore,

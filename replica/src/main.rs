@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cdp_replica::retention::{format_size, parse_duration, parse_size};
-use cdp_replica::{PointInfo, PointSpec, ReplicaError, Retention, RetentionChange, StatusReport};
+use cdp_replica::{
+    DiffReport, Endpoint, PointInfo, PointSpec, ReplicaError, Retention, RetentionChange,
+    StatusReport,
+};
 use cdp_shared::identity::Fingerprint;
 use clap::{Parser, Subcommand};
 
@@ -119,6 +122,48 @@ enum Command {
         /// Output: a path that does not exist yet, or a block device (written in place).
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Serve the image of a volume at a point over NBD until interrupted (Ctrl-C or SIGTERM).
+    /// Ready at once however long the journal; the point is pinned while it runs.
+    Export {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the volume (also the NBD export name).
+        #[arg(long)]
+        volume: String,
+        /// The point: `latest`, `seq:N`, `bookmark:NAME` or an RFC 3339 time.
+        #[arg(long)]
+        at: String,
+        /// Unix socket to serve on (default: DIR/export-VOLUME.sock).
+        #[arg(long, conflicts_with = "listen")]
+        socket: Option<PathBuf>,
+        /// TCP address to serve on instead of a Unix socket (port 0: any free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Accept writes into a copy-on-write overlay that is thrown away when the export
+        /// stops (the journal and the target disk are never written).
+        #[arg(long)]
+        writable: bool,
+    },
+    /// List the extents (1 MiB chunks, adjacent ones merged) whose bytes differ between two
+    /// points of a volume.
+    Diff {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the volume.
+        #[arg(long)]
+        volume: String,
+        /// One point: `latest`, `seq:N`, `bookmark:NAME` or an RFC 3339 time.
+        #[arg(long)]
+        from: String,
+        /// The other point (same syntax).
+        #[arg(long)]
+        to: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -274,6 +319,57 @@ async fn run(command: Command) -> Result<(), CliError> {
                 s.records_applied
             );
         }
+        Command::Export {
+            data,
+            volume,
+            at,
+            socket,
+            listen,
+            writable,
+        } => {
+            let at: PointSpec = at.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
+            let endpoint = match (socket, listen) {
+                (_, Some(addr)) => Some(Endpoint::Tcp(addr)),
+                (Some(path), None) => Some(Endpoint::Unix(path)),
+                (None, None) => None,
+            };
+            let handle =
+                cdp_replica::export::start(&data, &volume, &at, endpoint, writable).await?;
+            let info = handle.info();
+            if !info.point.consistent {
+                tracing::warn!(
+                    volume,
+                    "seq {} is not a crash-consistent point (it lies inside a sync); exporting it because it was asked for",
+                    info.point.seq
+                );
+            }
+            println!("{info}");
+            let token = handle.token();
+            tokio::spawn(async move {
+                wait_for_signal().await;
+                tracing::info!("stopping the export");
+                token.cancel();
+            });
+            handle.wait().await?;
+        }
+        Command::Diff {
+            data,
+            volume,
+            from,
+            to,
+            json,
+        } => {
+            let parse = |p: &str| -> Result<PointSpec, CliError> {
+                p.parse().map_err(|e| CliError::Usage(format!("{e}")))
+            };
+            let (from, to) = (parse(&from)?, parse(&to)?);
+            let report = cdp_replica::diff(&data, &volume, &from, &to).await?;
+            if json {
+                println!("{}", to_json(&report)?);
+            } else {
+                print_diff(&report);
+            }
+        }
     }
     Ok(())
 }
@@ -415,4 +511,29 @@ fn print_points(points: &[PointInfo]) {
         ]);
     }
     print_table(&rows);
+}
+
+fn print_diff(report: &DiffReport) {
+    println!(
+        "volume {} from {} to {}",
+        report.volume, report.from, report.to
+    );
+    if !report.extents.is_empty() {
+        let mut rows = vec![["OFFSET", "LENGTH", "SIZE"].map(String::from).to_vec()];
+        for e in &report.extents {
+            rows.push(vec![
+                e.offset.to_string(),
+                e.length.to_string(),
+                cdp_shared::types::human_bytes(e.length),
+            ]);
+        }
+        print_table(&rows);
+    }
+    println!(
+        "{} extent{}, {} bytes differ ({})",
+        report.extents.len(),
+        if report.extents.len() == 1 { "" } else { "s" },
+        report.bytes,
+        cdp_shared::types::human_bytes(report.bytes)
+    );
 }

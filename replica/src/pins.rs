@@ -54,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{Catalog, GroupRow, NewPin, PinRow, VolumeRow, WriteLock};
 use crate::datadir::DataDir;
 use crate::error::{ReplicaError, Result};
+use crate::lazy_image::{LazyImage, LazyImageSpec};
 use crate::now_ns;
 use crate::reconstruct::{ImageReader, Plan, RecordRef};
 use crate::recovery::{ChosenPoint, resolve};
@@ -420,6 +421,36 @@ impl PinGuard {
             .records_in_chunks(i.volume.id, group.base_seq, i.seq, chunks.start, chunks.end)
             .await?;
         self.reader(&group, &rows)
+    }
+
+    /// Opens the image at the pinned point for reads at random, planned chunk by chunk as
+    /// reads reach them ([`LazyImage`]: no full plan, so this is quick however long the
+    /// journal). It shares the guard's catalog: read it before the guard is released.
+    pub async fn lazy_image(&self) -> Result<LazyImage> {
+        let i = self.inner();
+        let group = i.catalog.group_by_id(i.volume.group_id).await?;
+        LazyImage::open(
+            LazyImageSpec {
+                volume_id: i.volume.id,
+                agent_volume_id: i.volume.agent_volume_id,
+                size: i.volume.size,
+                seq: i.seq,
+                base_floor: group.base_seq.min(i.seq),
+                target: i.dir.target(&i.volume.name),
+                journal_dir: i.dir.journal(&group.name),
+            },
+            i.catalog.clone(),
+        )
+    }
+
+    /// The guard's catalog (the readers of the pinned image query it).
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner().catalog
+    }
+
+    /// The pinned volume.
+    pub fn volume_row(&self) -> &VolumeRow {
+        &self.inner().volume
     }
 
     fn reader(&self, group: &GroupRow, rows: &[crate::catalog::RecordRow]) -> Result<ImageReader> {

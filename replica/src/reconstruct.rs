@@ -277,6 +277,72 @@ impl RecordLoader {
     }
 }
 
+/// Decoded records of one read (reused between reads): what [`read_planned`] loaded, and
+/// spare buffers.
+#[derive(Default)]
+pub struct ReadScratch {
+    /// Decoded records of the current call: (record index in the plan, data).
+    loaded: Vec<(u32, Vec<u8>)>,
+    /// Spare buffers for `loaded`.
+    pool: Vec<Vec<u8>>,
+}
+
+/// Where [`read_planned`] reads from: the target file and the group's journal.
+pub struct ImageSources<'a> {
+    pub target: &'a File,
+    pub target_path: &'a Path,
+    pub records: &'a mut RecordLoader,
+    pub agent_volume_id: u32,
+}
+
+/// Fills `buf` with the image bytes at `offset` as `plan` describes them: each byte is read
+/// once, from the target file, from one record (each record needed is read and hash-checked
+/// once per call), or zeros. `offset + buf.len()` must not pass the end of the volume.
+pub fn read_planned(
+    plan: &Plan,
+    offset: u64,
+    buf: &mut [u8],
+    src: &mut ImageSources<'_>,
+    scratch: &mut ReadScratch,
+) -> Result<()> {
+    let len = buf.len() as u64;
+    if offset + len > plan.size {
+        return Err(ReplicaError::Task(format!(
+            "read of {len} bytes at {offset} passes the end of the volume ({} bytes)",
+            plan.size
+        )));
+    }
+    for (_, b) in scratch.loaded.drain(..) {
+        scratch.pool.push(b);
+    }
+    for piece in plan.pieces(offset, len) {
+        let at = (piece.offset - offset) as usize;
+        let out = &mut buf[at..at + piece.len as usize];
+        match piece.source {
+            Source::Zero => out.fill(0),
+            Source::Target => src
+                .target
+                .read_exact_at(out, piece.offset)
+                .map_err(ReplicaError::io("read target file", src.target_path))?,
+            Source::Record { record, base } => {
+                let i = match scratch.loaded.iter().position(|(r, _)| *r == record) {
+                    Some(i) => i,
+                    None => {
+                        let r = plan.records[record as usize];
+                        let mut data = scratch.pool.pop().unwrap_or_default();
+                        src.records.load(&r, src.agent_volume_id, &mut data)?;
+                        scratch.loaded.push((record, data));
+                        scratch.loaded.len() - 1
+                    }
+                };
+                let from = (piece.offset - base) as usize;
+                out.copy_from_slice(&scratch.loaded[i].1[from..from + piece.len as usize]);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads the image described by a [`Plan`] (target file + journal segments).
 pub struct ImageReader {
     plan: Plan,
@@ -284,10 +350,7 @@ pub struct ImageReader {
     target_path: std::path::PathBuf,
     target: File,
     records: RecordLoader,
-    /// Decoded records of the current call: (record index, data).
-    loaded: Vec<(u32, Vec<u8>)>,
-    /// Spare buffers for `loaded`.
-    pool: Vec<Vec<u8>>,
+    scratch: ReadScratch,
 }
 
 impl ImageReader {
@@ -304,8 +367,7 @@ impl ImageReader {
             target_path: target.to_path_buf(),
             target: file,
             records: RecordLoader::new(journal_dir)?,
-            loaded: Vec::new(),
-            pool: Vec::new(),
+            scratch: ReadScratch::default(),
         })
     }
 
@@ -321,48 +383,13 @@ impl ImageReader {
     /// Fills `buf` with the image bytes at `offset` (`offset + buf.len()` must not pass the
     /// end of the volume).
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let len = buf.len() as u64;
-        if offset + len > self.plan.size {
-            return Err(ReplicaError::Task(format!(
-                "read of {len} bytes at {offset} passes the end of the volume ({} bytes)",
-                self.plan.size
-            )));
-        }
-        for (_, b) in self.loaded.drain(..) {
-            self.pool.push(b);
-        }
-        for piece in self.plan.pieces(offset, len) {
-            let at = (piece.offset - offset) as usize;
-            let out = &mut buf[at..at + piece.len as usize];
-            match piece.source {
-                Source::Zero => out.fill(0),
-                Source::Target => self
-                    .target
-                    .read_exact_at(out, piece.offset)
-                    .map_err(ReplicaError::io("read target file", &self.target_path))?,
-                Source::Record { record, base } => {
-                    let i = match self.loaded.iter().position(|(r, _)| *r == record) {
-                        Some(i) => i,
-                        None => {
-                            let data = self.load(record)?;
-                            self.loaded.push((record, data));
-                            self.loaded.len() - 1
-                        }
-                    };
-                    let from = (piece.offset - base) as usize;
-                    out.copy_from_slice(&self.loaded[i].1[from..from + piece.len as usize]);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads record `record` of the plan from its segment (checked against its row and hash).
-    fn load(&mut self, record: u32) -> Result<Vec<u8>> {
-        let r = self.plan.records[record as usize];
-        let mut out = self.pool.pop().unwrap_or_default();
-        self.records.load(&r, self.agent_volume_id, &mut out)?;
-        Ok(out)
+        let mut src = ImageSources {
+            target: &self.target,
+            target_path: &self.target_path,
+            records: &mut self.records,
+            agent_volume_id: self.agent_volume_id,
+        };
+        read_planned(&self.plan, offset, buf, &mut src, &mut self.scratch)
     }
 }
 

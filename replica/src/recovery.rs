@@ -9,6 +9,13 @@
 //! it; a time is the latest consistent batch whose agent time is at or before it. Anything else is refused with one sentence naming the window's
 //! first and last restorable points.
 //!
+//! `restore` writes to a new regular file as `PATH.partial`, sparse (all-zero 4 KiB blocks
+//! are not written, leaving holes), fsyncs it and renames it into place. An existing block
+//! device is written in place, every byte including zeros (a device's old contents are not
+//! known to be zero, and holes mean nothing there), then fsynced; it must be at least as
+//! large as the volume. A progress bar (bytes, rate, time left) is drawn on stderr when
+//! stderr is a terminal, and nothing otherwise.
+//!
 //! Every reader of an image pins its point first ([`crate::pins`]): [`restore`] pins before it
 //! plans, and releases the pin once its output is complete (after checking it held all
 //! along).

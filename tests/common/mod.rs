@@ -86,14 +86,12 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 /// then fail to listen.
 pub fn free_udp_port() -> u16 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let mut rng = Lcg(
-        u64::from(std::process::id()) << 32
-            ^ NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            ^ std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0),
-    );
+    let mut rng = Lcg(u64::from(std::process::id()) << 32
+        ^ NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0));
     for _ in 0..1000 {
         let port = 20000 + rng.below(12000) as u16;
         if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
@@ -563,7 +561,11 @@ impl Cluster {
         let _ = std::fs::remove_file(socket);
         let mut cmd = self.replica_cmd(&["export", "--volume", volume, "--at", point]);
         cmd.arg("--socket").arg(socket).args(extra);
-        let name = socket.file_name().expect("socket name").to_string_lossy().into_owned();
+        let name = socket
+            .file_name()
+            .expect("socket name")
+            .to_string_lossy()
+            .into_owned();
         let mut p = Proc::spawn("export", &mut cmd, &self.path(&format!("{name}.log")));
         wait_until(
             &format!("the export of {volume} at {point}"),
