@@ -640,6 +640,37 @@ impl Ctx<'_> {
                     let _ = replies.send(msg).await;
                 });
             }
+            Control::RepairRequest {
+                id,
+                group,
+                volume,
+                chunks,
+            } => {
+                let refuse = |reason: String| Control::RepairRefused { id, reason };
+                let Some(s) = self.state.get(&group) else {
+                    let _ = self
+                        .replies
+                        .try_send(refuse(format!("no group {group} on this agent")));
+                    return Ok(());
+                };
+                if chunks.len() > cdp_shared::wire::REPAIR_CHUNKS_PER_MESSAGE_MAX {
+                    let _ = self.replies.try_send(refuse(format!(
+                        "{} chunks in one repair request (at most {})",
+                        chunks.len(),
+                        cdp_shared::wire::REPAIR_CHUNKS_PER_MESSAGE_MAX
+                    )));
+                    return Ok(());
+                }
+                let g = s.group.clone();
+                let replies = self.replies.clone();
+                self.verifies.spawn(async move {
+                    let msg = match g.repair_chunks(volume, &chunks).await {
+                        Ok(seq) => Control::RepairStarted { id, seq: seq.0 },
+                        Err(reason) => Control::RepairRefused { id, reason },
+                    };
+                    let _ = replies.send(msg).await;
+                });
+            }
             other => bail!("unexpected message from the replica: {other:?}"),
         }
         Ok(())

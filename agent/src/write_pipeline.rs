@@ -1055,6 +1055,49 @@ impl Group {
         Ok((seq, hash))
     }
 
+    /// Marks `chunks` of `volume` for resync (the verifier's repair): durably in the dirty
+    /// map, then wakes the maintenance task, which sends them through the ordered log as the
+    /// device holds them and seals the consistent point that ends the resync. Returns the last
+    /// sealed seq: the repaired bytes arrive in batches after it. Refused for an unknown volume,
+    /// a chunk past the end, or a volume in its initial sync (the sync sends every chunk).
+    pub async fn repair_chunks(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        chunks: &[u64],
+    ) -> Result<Seq, String> {
+        let vol = self
+            .volumes
+            .get(volume as usize)
+            .ok_or_else(|| format!("no volume {volume} in group {}", self.name))?
+            .clone();
+        if let Some(c) = chunks.iter().find(|c| **c >= vol.chunks()) {
+            return Err(format!(
+                "chunk {c} is past the end of volume {} ({} chunks)",
+                vol.name,
+                vol.chunks()
+            ));
+        }
+        if vol.syncing.load(Ordering::Relaxed) {
+            return Err(format!(
+                "volume {} is in its initial sync, which sends every chunk anyway",
+                vol.name
+            ));
+        }
+        let seq = {
+            let mut inner = self.lock();
+            for c in chunks {
+                inner.mark_dirty(volume, *c, *c);
+            }
+            inner.batcher.last_sealed()
+        };
+        self.save_dirty_maps()
+            .await
+            .map_err(|e| format!("save the dirty map of volume {}: {e}", vol.name))?;
+        tracing::info!(group = %self.name, volume = %vol.name, chunks = chunks.len(), "the replica asked for a repair: chunks marked for resync");
+        self.bump();
+        Ok(seq)
+    }
+
     /// Ends an overflow once the spool has room again (at most half its cap).
     pub fn try_end_overflow(&self) -> bool {
         let mut inner = self.lock();

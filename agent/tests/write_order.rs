@@ -295,3 +295,58 @@ fn chunk_hashes_at_batch_boundaries_match_the_replayed_log() {
         }
     });
 }
+
+/// The verifier's repair: a chunk whose bytes on the device were never shipped (changed behind
+/// the agent's back) is marked durably, refused by the hash service until it is resynced, and
+/// then sent through the log as the device holds it; the log replayed then equals the device.
+#[test]
+fn a_repair_resends_the_named_chunks_as_the_device_holds_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let group = make_group(dir.path());
+        let len = VOLUME_BYTES.min(3 * CHUNK_BYTES);
+        group
+            .write(0, 0, pattern(7, 0, len), false)
+            .await
+            .expect("write");
+        group.flush_volume(0).await.expect("flush");
+        // A write that reaches the device but never the log.
+        let path = dir.path().join("vol0");
+        let mut device = std::fs::read(&path).expect("device");
+        device[(CHUNK_BYTES + 5) as usize] ^= 0xff;
+        std::fs::write(&path, &device).expect("device");
+
+        assert!(
+            group
+                .repair_chunks(0, &[VOLUME_BYTES.div_ceil(CHUNK_BYTES)])
+                .await
+                .is_err(),
+            "a chunk past the end is refused"
+        );
+        let before = group.repair_chunks(0, &[1]).await.expect("repair");
+        assert!(
+            dir.path().join("state/vol0.dirty").exists(),
+            "the chunk is marked durably"
+        );
+        assert!(
+            group.hash_chunk_at_boundary(0, 1).await.is_err(),
+            "a chunk waiting for its repair is not verified"
+        );
+        assert_eq!(group.resync_dirty(u64::MAX / 2).await.expect("resync"), 1);
+        let last = group.seal_and_sync().await.expect("seal");
+        assert!(last > before);
+        let images = replay(&group, last);
+        assert_eq!(images[0], device, "the log replayed equals the device");
+        assert!(!dir.path().join("state/vol0.dirty").exists());
+        let (seq, hash) = group.hash_chunk_at_boundary(0, 1).await.expect("hash");
+        let start = CHUNK_BYTES as usize;
+        let end = (2 * CHUNK_BYTES).min(VOLUME_BYTES) as usize;
+        assert!(seq >= last);
+        assert_eq!(hash, *blake3::hash(&device[start..end]).as_bytes());
+    });
+}

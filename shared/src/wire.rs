@@ -131,7 +131,24 @@ pub enum Control {
     /// Agent → replica: the chunk cannot be verified now (it is being synced or resynced, or
     /// the group's writes are not all in the log); `reason` says which.
     VerifyRefused { id: u64, reason: String },
+    /// Replica → agent (verifier repair): send chunks `chunks` of a volume again, as the
+    /// device holds them, through the ordered log (at most [`REPAIR_CHUNKS_PER_MESSAGE_MAX`]).
+    RepairRequest {
+        id: u64,
+        group: String,
+        volume: VolumeId,
+        chunks: Vec<u64>,
+    },
+    /// Agent → replica: the chunks are marked for resync (durably, in the dirty map); their
+    /// bytes arrive in batches after `seq`, and the batch that completes the resync is a
+    /// consistent point.
+    RepairStarted { id: u64, seq: u64 },
+    /// Agent → replica: the repair cannot start; `reason` says why.
+    RepairRefused { id: u64, reason: String },
 }
+
+/// Chunks one [`Control::RepairRequest`] may name.
+pub const REPAIR_CHUNKS_PER_MESSAGE_MAX: usize = 4096;
 
 impl Control {
     pub fn ack(group: &str, durable: Seq) -> Control {
