@@ -1,6 +1,7 @@
 //! A real filesystem (issue 5): ext4 made on a loop device over `nbdfuse` over the agent's
 //! export. Files are written, the filesystem is frozen and bookmarked, more files are written
-//! and some deleted; the bookmark restored to an image, and exported over NBD (nbdfuse over
+//! and some deleted; the bookmark restored to an image (and onto a loop block device), and
+//! exported over NBD (nbdfuse over
 //! `cdp-replica export`, a read-only loop device), passes `fsck.ext4 -fn` and, mounted, shows
 //! exactly the files of the bookmark.
 //!
@@ -199,6 +200,37 @@ fn ext4_over_nbdfuse_restores_exactly_the_files_of_a_bookmark() {
         files_of_image(&dir, &image, &mut cleanup),
         expected,
         "the restored bookmark holds exactly its files"
+    );
+
+    // The bookmark restored onto a block device (a loop device over a file of garbage): the
+    // device then holds exactly the image, zeros included.
+    let blk_file = c.path("blk.img");
+    {
+        let mut junk = vec![0u8; 256 * MIB as usize];
+        Lcg(5).fill(&mut junk);
+        std::fs::write(&blk_file, &junk).expect("block device file");
+    }
+    let blk = run_ok(
+        Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&blk_file),
+    )
+    .trim()
+    .to_owned();
+    cleanup.push("losetup", &["-d", &blk]);
+    run_ok(&mut c.replica_cmd(&[
+        "restore",
+        "--volume",
+        "fs",
+        "--at",
+        "bookmark:fs-consistent",
+        "--out",
+        &blk,
+    ]));
+    run_ok(Command::new("losetup").args(["-d", &blk]));
+    assert!(
+        read_file(&blk_file) == read_file(&image),
+        "the block device holds exactly the restored image"
     );
 
     // The bookmark exported (no copy): nbdfuse over the export, a read-only loop device,
