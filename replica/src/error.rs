@@ -99,6 +99,16 @@ pub enum ReplicaError {
     #[error("could not serve on the socket {}: {reason}; choose another --socket path", path.display())]
     ExportSocket { path: PathBuf, reason: String },
 
+    /// A failover refused (or an ingest commit refused because its group is failed over);
+    /// the sentence says why and what to do.
+    #[error("{0}")]
+    Failover(String),
+
+    /// A group commit found its group failed over (the fence, see `failover`): nothing of it
+    /// is committed. Handled inside ingest, never shown to an operator.
+    #[error("ingest of a failed-over group: {0}")]
+    Fenced(String),
+
     #[error("ingest stopped: {0}")]
     Ingest(String),
 

@@ -28,6 +28,11 @@
 //! once without syncing anything: the overlay is discardable by design, so there is nothing
 //! to make durable.
 //!
+//! A failover ([`crate::failover`]) is served by the same code, with a persistent overlay and
+//! without a pin (its catalog row holds the point): there FLUSH, and FUA on a write, go
+//! through the writer task like a write, so they come after every write admitted before them,
+//! and make them durable ([`Overlay::sync`]) before they are answered.
+//!
 //! Writes are applied one at a time, in admission order, by one task per export (fed through
 //! a channel at admission, so the order is the order in which requests arrived; the NBD
 //! server bounds what is in flight per connection). Reads are not ordered against writes in
@@ -101,6 +106,35 @@ pub struct ExportHandle {
     writer: Option<JoinHandle<()>>,
     export: Option<Arc<PointExport>>,
     pin: Option<Arc<PinGuard>>,
+}
+
+/// What keeps an exported point from being trimmed.
+#[derive(Clone)]
+pub(crate) enum Hold {
+    /// A reader's pin (`export`): renewed while the export runs, and it may be lost.
+    Pin(Arc<PinGuard>),
+    /// A failover row: it holds the point until the operator ends the failover.
+    Failover,
+}
+
+impl Hold {
+    fn is_held(&self) -> bool {
+        match self {
+            Hold::Pin(p) => p.is_held(),
+            Hold::Failover => true,
+        }
+    }
+}
+
+/// An image to serve ([`serve_image`]).
+pub(crate) struct Served {
+    pub name: String,
+    pub point: ChosenPoint,
+    pub image: LazyImage,
+    pub hold: Hold,
+    pub overlay: Option<Arc<Overlay>>,
+    /// FLUSH and FUA make the overlay's writes durable (a failover).
+    pub durable: bool,
 }
 
 impl ExportHandle {
@@ -207,20 +241,46 @@ async fn serve(
         Ok(l) => l,
         Err(e) => return Err((e, pin)),
     };
-    let token = CancellationToken::new();
     let pin = Arc::new(pin);
-    let (writes, writer) = match &overlay {
+    let mut handle = serve_image(
+        Served {
+            name: volume.to_owned(),
+            point,
+            image,
+            hold: Hold::Pin(pin.clone()),
+            overlay,
+            durable: false,
+        },
+        listener,
+    );
+    handle.pin = Some(pin);
+    handle.info.writable = writable;
+    Ok(handle)
+}
+
+/// Serves `s` on `listener` (steps 3–4 of the module docs, once the image is open).
+pub(crate) fn serve_image(s: Served, listener: Listener) -> ExportHandle {
+    let token = CancellationToken::new();
+    let writable = s.overlay.is_some();
+    let (writes, writer) = match &s.overlay {
         Some(o) => {
             let (tx, rx) = mpsc::unbounded_channel();
-            let w = tokio::spawn(run_writer(image.clone(), o.clone(), pin.clone(), rx));
+            let w = tokio::spawn(run_writer(
+                s.image.clone(),
+                o.clone(),
+                s.hold.clone(),
+                s.durable,
+                rx,
+            ));
             (Some(tx), Some(w))
         }
         None => (None, None),
     };
+    let volume = s.name.as_str();
     let export = Arc::new(PointExport {
-        image,
-        pin: pin.clone(),
-        overlay,
+        image: s.image,
+        hold: s.hold,
+        overlay: s.overlay,
         writes,
     });
     let set = Arc::new(PointExports {
@@ -240,10 +300,10 @@ async fn serve(
             (server, Endpoint::Tcp(local), uri)
         }
     };
-    Ok(ExportHandle {
+    ExportHandle {
         info: ExportInfo {
             volume: volume.to_owned(),
-            point,
+            point: s.point,
             writable,
             uri,
             endpoint,
@@ -252,16 +312,17 @@ async fn serve(
         server,
         writer,
         export: Some(export),
-        pin: Some(pin),
-    })
+        pin: None,
+    }
 }
 
-enum Listener {
+/// A bound listener of an export.
+pub(crate) enum Listener {
     Unix(tokio::net::UnixListener, PathBuf),
     Tcp(tokio::net::TcpListener, SocketAddr),
 }
 
-async fn bind(endpoint: &Endpoint) -> Result<Listener> {
+pub(crate) async fn bind(endpoint: &Endpoint) -> Result<Listener> {
     match endpoint {
         Endpoint::Unix(path) => tokio::net::UnixListener::bind(path)
             .map(|l| Listener::Unix(l, path.clone()))
@@ -283,7 +344,7 @@ async fn bind(endpoint: &Endpoint) -> Result<Listener> {
 
 /// Removes a socket file no process listens on any more; refuses a live one or a path that
 /// is not a socket.
-fn clear_stale_socket(path: &Path) -> Result<()> {
+pub(crate) fn clear_stale_socket(path: &Path) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -323,10 +384,12 @@ impl ExportSet for PointExports {
     }
 }
 
-/// A write waiting for the export's writer task.
+/// A write (or a flush) waiting for the export's writer task.
 struct WriteOp {
     offset: u64,
     kind: WriteKind,
+    /// Durable before the reply (FUA), where the export is durable.
+    fua: bool,
     reply: oneshot::Sender<ExportResult<()>>,
 }
 
@@ -334,12 +397,14 @@ enum WriteKind {
     Data(Vec<u8>),
     /// A zero-write or a trim: the range reads as zeros afterwards.
     Zero(u64),
+    /// FLUSH: every write before it durable, where the export is durable.
+    Flush,
 }
 
 /// The image at the pinned point, with its overlay when writable.
 pub struct PointExport {
     image: LazyImage,
-    pin: Arc<PinGuard>,
+    hold: Hold,
     overlay: Option<Arc<Overlay>>,
     writes: Option<mpsc::UnboundedSender<WriteOp>>,
 }
@@ -364,6 +429,7 @@ impl PointExport {
         &self,
         offset: u64,
         kind: WriteKind,
+        fua: bool,
     ) -> impl Future<Output = ExportResult<()>> + use<> {
         let (reply, rx) = oneshot::channel();
         let sent = match &self.writes {
@@ -372,6 +438,7 @@ impl PointExport {
                 .send(WriteOp {
                     offset,
                     kind,
+                    fua,
                     reply,
                 })
                 .map_err(|_| ExportError::Shutdown),
@@ -399,16 +466,16 @@ impl Export for PointExport {
     ) -> impl Future<Output = ExportResult<Vec<u8>>> + Send + 'static {
         let image = self.image.clone();
         let overlay = self.overlay.clone();
-        let pin = self.pin.clone();
+        let hold = self.hold.clone();
         async move {
-            if !pin.is_held() {
+            if !hold.is_held() {
                 return Err(pin_lost(image.seq()));
             }
             let data = merged_read(&image, overlay.as_ref(), offset, u64::from(len))
                 .await
                 .map_err(|e| export_error(&format!("a read of {len} bytes at {offset}"), e))?;
             // Trimmed under the read? Then what was read cannot be vouched for.
-            if !pin.is_held() {
+            if !hold.is_held() {
                 return Err(pin_lost(image.seq()));
             }
             Ok(data)
@@ -419,32 +486,39 @@ impl Export for PointExport {
         &self,
         offset: u64,
         data: Vec<u8>,
-        _fua: bool,
+        fua: bool,
     ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
-        self.submit(offset, WriteKind::Data(data))
+        self.submit(offset, WriteKind::Data(data), fua)
     }
 
     fn flush(&self) -> impl Future<Output = ExportResult<()>> + Send + 'static {
-        // Nothing to make durable: the overlay is thrown away when the export stops.
-        std::future::ready(Ok(()))
+        // Read-only: nothing to flush. A throw-away overlay: the writer answers at once.
+        let read_only = self.writes.is_none();
+        let op = self.submit(0, WriteKind::Flush, false);
+        async move {
+            if read_only {
+                return Ok(());
+            }
+            op.await
+        }
     }
 
     fn trim(
         &self,
         offset: u64,
         len: u32,
-        _fua: bool,
+        fua: bool,
     ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
-        self.submit(offset, WriteKind::Zero(u64::from(len)))
+        self.submit(offset, WriteKind::Zero(u64::from(len)), fua)
     }
 
     fn write_zeroes(
         &self,
         offset: u64,
         len: u32,
-        _fua: bool,
+        fua: bool,
     ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
-        self.submit(offset, WriteKind::Zero(u64::from(len)))
+        self.submit(offset, WriteKind::Zero(u64::from(len)), fua)
     }
 }
 
@@ -481,24 +555,40 @@ async fn merged_read(
 }
 
 /// Applies the export's writes to its overlay one at a time, in admission order, until the
-/// export is dropped.
+/// export is dropped; with `durable`, a FLUSH (or a write with FUA) makes them durable before
+/// it is answered.
 async fn run_writer(
     image: LazyImage,
     overlay: Arc<Overlay>,
-    pin: Arc<PinGuard>,
+    hold: Hold,
+    durable: bool,
     mut ops: mpsc::UnboundedReceiver<WriteOp>,
 ) {
     while let Some(op) = ops.recv().await {
-        let result = if pin.is_held() {
+        let sync = durable && (op.fua || matches!(op.kind, WriteKind::Flush));
+        let result = if !hold.is_held() {
+            Err(pin_lost(image.seq()))
+        } else {
             let what = match &op.kind {
                 WriteKind::Data(d) => format!("a write of {} bytes at {}", d.len(), op.offset),
                 WriteKind::Zero(n) => format!("a zero-write of {n} bytes at {}", op.offset),
+                WriteKind::Flush => "a flush".to_owned(),
             };
-            apply(&image, &overlay, op.offset, op.kind)
-                .await
-                .map_err(|e| export_error(&what, e))
-        } else {
-            Err(pin_lost(image.seq()))
+            let applied = match op.kind {
+                WriteKind::Flush => Ok(()),
+                kind => apply(&image, &overlay, op.offset, kind).await,
+            };
+            let synced = match applied {
+                Ok(()) if sync => {
+                    let o = overlay.clone();
+                    tokio::task::spawn_blocking(move || o.sync())
+                        .await
+                        .map_err(ReplicaError::from)
+                        .and_then(|r| r)
+                }
+                other => other,
+            };
+            synced.map_err(|e| export_error(&what, e))
         };
         let _ = op.reply.send(result);
     }
@@ -516,6 +606,7 @@ async fn apply(
     let len = match &kind {
         WriteKind::Data(d) => d.len() as u64,
         WriteKind::Zero(n) => *n,
+        WriteKind::Flush => 0,
     };
     if len == 0 {
         return Ok(());
@@ -537,6 +628,7 @@ async fn apply(
             let o = overlay.clone();
             tokio::task::spawn_blocking(move || o.write_blocks(start, &buf)).await?
         }
+        WriteKind::Flush => Ok(()),
         WriteKind::Zero(_) => {
             // Whole blocks inside the range are punched; partial edge blocks are rewritten.
             let inner_start = offset.div_ceil(OVERLAY_BLOCK_BYTES) * OVERLAY_BLOCK_BYTES;

@@ -381,6 +381,9 @@ pub struct GroupIngest {
     paused: Option<Paused>,
     /// Shared with the group's trimmer: the journal's bytes and cap.
     link: Arc<TrimLink>,
+    /// The group is failed over (see `failover`): its batches are dropped, never committed.
+    /// Said once; cleared by a reload that finds no failover row.
+    fenced: bool,
 }
 
 /// A group whose commits fail on a full disk.
@@ -502,6 +505,7 @@ impl GroupIngest {
             attached: Vec::new(),
             paused: None,
             link,
+            fenced: false,
         };
         gi.reload().await?;
         Ok(gi)
@@ -570,6 +574,7 @@ impl GroupIngest {
             .iter()
             .map(|v| (v.agent_volume_id, VolumeEntry::from(v)))
             .collect();
+        self.fenced = self.catalog.failover(self.group_id).await?.is_some();
         let stale: Vec<u64> = self.pending.range(..=self.head).map(|(s, _)| *s).collect();
         for s in stale {
             if let Some(p) = self.pending.remove(&s) {
@@ -732,6 +737,13 @@ impl GroupIngest {
         if chosen.is_empty() {
             return Ok(true);
         }
+        // The fence: a failed-over group commits nothing (checked again inside the
+        // transaction, for a failover that starts while this commit writes).
+        if let Some(f) = self.catalog.failover(self.group_id).await? {
+            drop(chosen);
+            self.fence(f.seq);
+            return Ok(false);
+        }
 
         // Steps 4-5: target writes, journal append, fsyncs (on a blocking thread).
         let mut io = self.io.take().ok_or_else(|| {
@@ -776,6 +788,12 @@ impl GroupIngest {
         };
         let rows = match committed {
             Ok(rows) => rows,
+            Err(ReplicaError::Fenced(why)) => {
+                self.undo(undo_to, chosen).await?;
+                tracing::debug!(group = %self.name, "a commit met the fence: {why}");
+                self.fence(0);
+                return Ok(false);
+            }
             Err(e) if e.is_disk_full() => {
                 self.undo(undo_to, chosen).await?;
                 self.pause(&e, out).await?;
@@ -917,6 +935,22 @@ impl GroupIngest {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The group is failed over: every batch waiting is dropped unacknowledged (the agent
+    /// keeps it in its spool, and the server closes its connection within
+    /// `server::FENCE_CHECK_INTERVAL`). One warning line the first time.
+    fn fence(&mut self, seq: u64) {
+        if !self.fenced {
+            tracing::warn!(
+                group = %self.name,
+                "the group is failed over on this replica{}: its batches are no longer committed",
+                if seq > 0 { format!(" at seq {seq}") } else { String::new() }
+            );
+            self.fenced = true;
+        }
+        self.pending.clear();
+        self.pending_bytes = 0;
     }
 
     /// Marks the group paused after a commit failed on a full disk (`e`), or schedules the
@@ -1273,6 +1307,13 @@ impl IngestService {
                     )));
                 }
                 let known = catalog.volumes_of_group(g.id).await?;
+                if let Some(f) = catalog.failover(g.id).await? {
+                    let volume = known
+                        .iter()
+                        .find(|k| k.id == f.volume_id)
+                        .map_or("?", |k| k.name.as_str());
+                    return Ok(Err(crate::failover::fence_reason(&gh.name, volume, &f)));
+                }
                 for v in &gh.volumes {
                     if let Some(k) = known.iter().find(|k| k.agent_volume_id == v.id)
                         && (k.name != v.name || k.size != v.size)

@@ -20,6 +20,8 @@
 //!   (`export`, `diff`), and why the trimmer cannot disturb it.
 //! * [`export`] — `export`: a point served over NBD, read-only or with a throw-away
 //!   copy-on-write [`overlay`].
+//! * [`failover`] — `failover`: the image at a point made the live volume, served read-write
+//!   with a persistent overlay, the group fenced, ended by `--undo` or `--commit`.
 //! * [`diff`](mod@diff) — `diff`: the chunks whose bytes differ between two points.
 //! * [`retention`] — a group's window and journal cap, their syntax, and the choice of the
 //!   trimmer's next base (sans-IO).
@@ -154,8 +156,13 @@
 //!                  "retention": { "window": "24h", "window_s": 86400,
 //!                                 "max_journal_bytes": null },
 //!                  "pins": { "count": 1, "oldest_seq": 40 },
-//!                  "ingest_reason": null, "paused_since": null } ] }
+//!                  "ingest_reason": null, "paused_since": null,
+//!                  "failover": null } ] }
 //! ```
+//! `failover` is `{ "seq": 123, "state": "active", "since": "…" }` while the volume's group
+//! is failed over (`state` `active`, `committing` or `committed`; `since` when it started, or
+//! when it was committed), and `state` above then reads `failed over at seq 123` (with
+//! ` (committed)` once committed).
 //! `window_first`/`window_last` are `null` before the initial sync completes. `base_seq` is
 //! the group's base (the target files' point); `retention` the group's retention
 //! (`max_journal_bytes` `null`: no cap); `pins` the group's live pins — readers holding points
@@ -183,6 +190,7 @@ pub mod datadir;
 pub mod diff;
 pub mod error;
 pub mod export;
+pub mod failover;
 pub mod hashes;
 pub mod ingest;
 pub mod journal;
@@ -214,7 +222,9 @@ pub use recovery::{
 };
 pub use retention::Retention;
 pub use server::{Server, ServerHandle};
-pub use status::{PinsStatus, PointRef, RetentionStatus, StatusReport, VolumeStatus, status};
+pub use status::{
+    FailoverStatus, PinsStatus, PointRef, RetentionStatus, StatusReport, VolumeStatus, status,
+};
 
 use crate::catalog::Catalog;
 use crate::datadir::{AuthorizedAgent, DataDir};

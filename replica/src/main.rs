@@ -146,6 +146,35 @@ enum Command {
         #[arg(long)]
         writable: bool,
     },
+    /// Make the image of a volume at a point the live volume, served read-write over NBD until
+    /// interrupted (Ctrl-C or SIGTERM); the volume's agent is refused meanwhile. End it with
+    /// --undo (everything as before) or --commit (the volume continues from the failover).
+    Failover {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the volume (also the NBD export name).
+        #[arg(long)]
+        volume: String,
+        /// The point: `latest`, `seq:N`, `bookmark:NAME` or an RFC 3339 time. Without it, the
+        /// active failover of the volume is served again (its writes kept).
+        #[arg(long, conflicts_with_all = ["undo", "commit"])]
+        at: Option<String>,
+        /// Unix socket to serve on (default: DIR/failover-VOLUME.sock).
+        #[arg(long, conflicts_with_all = ["listen", "undo", "commit"])]
+        socket: Option<PathBuf>,
+        /// TCP address to serve on instead of a Unix socket (port 0: any free port).
+        #[arg(long, conflicts_with_all = ["undo", "commit"])]
+        listen: Option<SocketAddr>,
+        /// End the failover: discard its writes; the journal and every point are as before,
+        /// and the agent is accepted again.
+        #[arg(long, conflicts_with = "commit")]
+        undo: bool,
+        /// End the failover for good: the volume continues from the failover point and the
+        /// writes made through it; the points after it are dropped. `serve` must be stopped.
+        #[arg(long)]
+        commit: bool,
+    },
     /// List the extents (1 MiB chunks, adjacent ones merged) whose bytes differ between two
     /// points of a volume.
     Diff {
@@ -352,6 +381,70 @@ async fn run(command: Command) -> Result<(), CliError> {
             });
             handle.wait().await?;
         }
+        Command::Failover {
+            data,
+            volume,
+            undo: true,
+            ..
+        } => {
+            let seq = cdp_replica::failover::undo(&data, &volume).await?;
+            println!(
+                "failover of volume {volume} at seq {seq} undone: its writes are discarded, the journal and every point are as before, and the agent is accepted again"
+            );
+        }
+        Command::Failover {
+            data,
+            volume,
+            commit: true,
+            ..
+        } => {
+            let s = cdp_replica::failover::commit(&data, &volume).await?;
+            println!(
+                "failover of volume {volume} at seq {} committed: the volume continues from it ({} written through the failover); {} batch rows and {} journal segments removed; the agent stays refused (failback is not built yet)",
+                s.seq,
+                cdp_shared::types::human_bytes(s.overlay_bytes),
+                s.batches_removed,
+                s.segments_removed
+            );
+        }
+        Command::Failover {
+            data,
+            volume,
+            at,
+            socket,
+            listen,
+            ..
+        } => {
+            let at: Option<PointSpec> = at
+                .map(|a| a.parse().map_err(|e| CliError::Usage(format!("{e}"))))
+                .transpose()?;
+            let endpoint = match (socket, listen) {
+                (_, Some(addr)) => Some(Endpoint::Tcp(addr)),
+                (Some(path), None) => Some(Endpoint::Unix(path)),
+                (None, None) => None,
+            };
+            // Signals are caught from before the line is printed: a SIGTERM right after it
+            // stops serving cleanly (the overlay synced once more).
+            let stop = signal_waiter();
+            let handle =
+                cdp_replica::failover::start(&data, &volume, at.as_ref(), endpoint).await?;
+            let info = handle.info();
+            if !info.point.consistent {
+                tracing::warn!(
+                    volume,
+                    "seq {} is not a crash-consistent point (it lies inside a sync); failing over to it because it was asked for",
+                    info.point.seq
+                );
+            }
+            println!("{info}");
+            let token = handle.token();
+            tokio::spawn(async move {
+                stop.await;
+                tracing::info!("stopping serving the failover (it stays until --undo or --commit)");
+                token.cancel();
+            });
+            handle.wait().await?;
+        }
         Command::Diff {
             data,
             volume,
@@ -377,6 +470,24 @@ async fn run(command: Command) -> Result<(), CliError> {
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CliError> {
     serde_json::to_string_pretty(value)
         .map_err(|e| CliError::Usage(format!("could not render JSON: {e}")))
+}
+
+/// A future that completes at SIGINT or SIGTERM, both caught from the moment it is made.
+fn signal_waiter() -> impl Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => wait_for_signal().await,
+        }
+    }
 }
 
 async fn wait_for_signal() {

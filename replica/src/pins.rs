@@ -247,10 +247,7 @@ pub(crate) async fn pin_in(
         PinAt::Spec(s) => s.clone(),
         PinAt::Head => PointSpec::Seq(group.head_seq),
     };
-    let point = resolve(&mut lock, &v, &group, &spec).await?;
-    let segment_min = lock
-        .first_segment(group.id, group.base_seq, point.seq)
-        .await?;
+    let (point, segment_min) = resolve_held(&mut lock, &v, &group, &spec).await?;
     let now = now_ns();
     let id = lock
         .insert_pin(&NewPin {
@@ -280,6 +277,22 @@ pub(crate) async fn pin_in(
         timing,
     });
     Ok((point, guard))
+}
+
+/// Inside the write transaction that records a hold on a point (a pin, or a failover row):
+/// resolves `spec` for `v` (the window check included) and returns the point with the lowest
+/// journal segment a reader of its image may read (`segment_min`).
+pub(crate) async fn resolve_held(
+    lock: &mut WriteLock,
+    v: &VolumeRow,
+    group: &GroupRow,
+    spec: &PointSpec,
+) -> Result<(ChosenPoint, Option<u64>)> {
+    let point = resolve(lock, v, group, spec).await?;
+    let segment_min = lock
+        .first_segment(group.id, group.base_seq, point.seq)
+        .await?;
+    Ok((point, segment_min))
 }
 
 struct PinInner {

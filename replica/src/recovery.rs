@@ -193,6 +193,14 @@ pub(crate) async fn window(
             )));
         }
     };
+    if let Some(f) = reads.failover(g.id).await?
+        && f.state == crate::catalog::FailoverState::Committing
+    {
+        return Ok(Err(format!(
+            "volume {} is being failed over for good at seq {} (a `cdp-replica failover --commit` began and has not completed, so its target disk is being rewritten): run `cdp-replica failover --volume {} --commit` again to complete it",
+            v.name, f.seq, v.name
+        )));
+    }
     let start = sync_done.max(g.window_floor());
     Ok(Ok(Window {
         start,

@@ -46,6 +46,9 @@ pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 /// Control stream read buffer.
 const CONTROL_READ_BYTES: usize = 64 << 10;
+/// How often a connection checks whether one of its groups was failed over meanwhile (the
+/// fence, see `failover`); ingest itself commits nothing of a failed-over group at once.
+pub const FENCE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Hash requests of one connection answered at once (each reads up to
 /// `HASHES_PER_MESSAGE_MAX` MiB of image), so that they never starve ingest.
 pub const HASH_REQUESTS_PER_CONNECTION_MAX: usize = 2;
@@ -367,9 +370,18 @@ async fn serve_connection(
     let streams = TaskTracker::new();
     let mut hash_jobs: JoinSet<()> = JoinSet::new();
     let mut control_open = true;
+    let mut fence_check = tokio::time::interval(FENCE_CHECK_INTERVAL);
+    fence_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             _ = shared.token.cancelled() => break Ok(()),
+            _ = fence_check.tick() => {
+                if let Some(reason) = fenced(shared, &group_ids).await {
+                    tracing::warn!(%agent, "closing the agent's connection: {reason}");
+                    conn.close(2u32.into(), reason.as_bytes());
+                    break Err(format!("fenced: {reason}"));
+                }
+            }
             s = conn.accept_uni() => match s {
                 Ok(mut stream) => {
                     let ingest = shared.ingest.clone();
@@ -414,6 +426,29 @@ async fn serve_connection(
     streams.wait().await;
     writer.abort();
     result
+}
+
+/// The refusal sentence of the first of `group_ids` that is failed over, if any.
+async fn fenced(shared: &Arc<Shared>, group_ids: &[i64]) -> Option<String> {
+    for &gid in group_ids {
+        match shared.catalog.failover(gid).await {
+            Ok(Some(f)) => {
+                let group = shared.catalog.group_by_id(gid).await.ok()?;
+                let volume = shared
+                    .catalog
+                    .volumes_of_group(gid)
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .find(|v| v.id == f.volume_id)
+                    .map_or_else(|| "?".to_owned(), |v| v.name);
+                return Some(crate::failover::fence_reason(&group.name, &volume, &f));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!("could not check the fence of group {gid}: {e}"),
+        }
+    }
+    None
 }
 
 /// The answer to one `HashRequest`: `HashReply`, or `HashError` with one sentence.

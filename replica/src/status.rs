@@ -1,13 +1,14 @@
 //! `status`: per volume, its group, state, size, window, journal size, retention and live pins,
 //! read from the catalog (works whether or not `serve` runs; `serve.lock` tells which), and
-//! whether the running `serve` has paused its group's ingest (the pause board).
+//! whether the running `serve` has paused its group's ingest (the pause board), and the
+//! group's failover.
 
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::catalog::{Catalog, VolumeState};
+use crate::catalog::{Catalog, FailoverState, VolumeState};
 use crate::datadir::{DataDir, ServeLock};
 use crate::error::Result;
 use crate::pause_board;
@@ -56,6 +57,19 @@ pub struct VolumeStatus {
     pub ingest_reason: Option<String>,
     /// Since when it is paused (RFC 3339), null when it is not.
     pub paused_since: Option<String>,
+    /// The group's failover (see `failover`), null when there is none.
+    pub failover: Option<FailoverStatus>,
+}
+
+/// A group's failover in `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FailoverStatus {
+    /// The failover point.
+    pub seq: u64,
+    /// `active`, `committing` or `committed`.
+    pub state: String,
+    /// When it started (active, committing) or was committed (committed), RFC 3339.
+    pub since: String,
 }
 
 /// A group's retention in `status`.
@@ -125,19 +139,26 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             Err(_) => (None, None),
         };
         let pause = board.groups.get(&group.name);
-        let state = if pause.is_some() {
-            "paused"
+        let failover = catalog.failover(group.id).await?;
+        let state: String = if let Some(f) = &failover {
+            match f.state {
+                FailoverState::Active => format!("failed over at seq {}", f.seq),
+                FailoverState::Committing => format!("failed over at seq {} (committing)", f.seq),
+                FailoverState::Committed => format!("failed over at seq {} (committed)", f.seq),
+            }
+        } else if pause.is_some() {
+            "paused".to_owned()
         } else if !connected {
-            "disconnected"
+            "disconnected".to_owned()
         } else if v.state == VolumeState::Protecting {
-            "protecting"
+            "protecting".to_owned()
         } else {
-            "syncing"
+            "syncing".to_owned()
         };
         volumes.push(VolumeStatus {
             group: group.name.clone(),
             volume: v.name.clone(),
-            state: state.to_owned(),
+            state,
             volume_state: v.state.as_str().to_owned(),
             connected,
             size: v.size,
@@ -153,6 +174,11 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             },
             ingest_reason: pause.map(|p| p.reason.clone()),
             paused_since: pause.map(|p| rfc3339(&time_of(p.since_ns))),
+            failover: failover.map(|f| FailoverStatus {
+                seq: f.seq,
+                state: f.state.as_str().to_owned(),
+                since: rfc3339(&time_of(f.committed_ns.unwrap_or(f.started_ns))),
+            }),
         });
     }
     catalog.close().await;

@@ -10,7 +10,9 @@
 //!
 //! # The trim protocol (crash-safe and idempotent)
 //! (a) ONE write transaction (`BEGIN IMMEDIATE`): drop the group's dead pins, read the live
-//!     ones, choose B' (never past the oldest live pin, never past the head), and record the
+//!     ones and the group's failover row (a failover not yet committed holds its point like a
+//!     pin that never expires, see `failover`), choose B' (never past the oldest live pin or
+//!     failover point, never past the head), and record the
 //!     intent `trimming_to = B'`. From this commit on, readers treat the window as starting
 //!     at B' (it starts at max(base, trimming_to, the volume's sync_done_seq)), so no new
 //!     reader pins a point before it; a reader pinning at the same moment is serialized with
@@ -29,7 +31,8 @@
 //!     journal's committed end when no journaled batch row is left); set base = B' and clear
 //!     `trimming_to`.
 //! (e) Unlink the journal segments numbered below the first one still needed: the one holding
-//!     the journal's committed end, and the lowest `segment_min` of the group's pins (a
+//!     the journal's committed end, and the lowest `segment_min` of the group's pins and of its
+//!     failover row while not committed (a
 //!     reader's plan may still read a record ≤ B' from a segment that held one when it
 //!     pinned). The segment a commit may append to is never unlinked.
 //!
@@ -64,7 +67,7 @@ use cdp_shared::batch::RecordKind;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, GroupRow, PointReads, RecordRow, VolumeRow};
+use crate::catalog::{Catalog, FailoverState, GroupRow, PointReads, RecordRow, VolumeRow};
 use crate::datadir::DataDir;
 use crate::error::Result;
 use crate::journal;
@@ -261,6 +264,12 @@ impl Trimmer {
         let mut lock = self.catalog.write_lock().await?;
         let g = lock.group(self.group_id).await?;
         let live = pins::collect_dead_pins(&mut lock, &g).await?;
+        // A failover not yet committed holds its point like a pin that never expires.
+        let failover_seq = lock
+            .failover(g.id)
+            .await?
+            .filter(|f| f.state != FailoverState::Committed)
+            .map(|f| f.seq);
         let none = TrimChoice {
             to: g.trimming_to,
             wanted: g.base_seq,
@@ -310,7 +319,12 @@ impl Trimmer {
                 head: g.head_seq,
                 older_than_window,
                 excess_bytes,
-                oldest_pin: live.first().map(|p| p.seq),
+                oldest_pin: live
+                    .first()
+                    .map(|p| p.seq)
+                    .into_iter()
+                    .chain(failover_seq)
+                    .min(),
             },
             &batches,
         );
@@ -324,41 +338,16 @@ impl Trimmer {
     /// Steps (b) and (c): applies the records in (base, to] to the target files, and fsyncs
     /// them when `sync`. Returns the number of target files written.
     async fn apply(&self, base: u64, to: u64, sync: bool) -> Result<usize> {
-        let mut work: Vec<(VolumeRow, Vec<RecordRow>)> = Vec::new();
-        for v in self.catalog.volumes_of_group(self.group_id).await? {
-            let rows = self.catalog.records_in_seq_order(v.id, base, to).await?;
-            if !rows.is_empty() {
-                work.push((v, rows));
-            }
-        }
-        let dir = self.dir.clone();
-        let journal_dir = self.dir.journal(&self.name);
-        tokio::task::spawn_blocking(move || -> Result<usize> {
-            let mut loader = RecordLoader::new(&journal_dir)?;
-            let mut data = Vec::new();
-            let mut targets = Vec::with_capacity(work.len());
-            for (v, rows) in &work {
-                let mut target = TargetFile::open(&dir.target(&v.name), v.size)?;
-                for row in rows {
-                    let r = RecordRef::from_row(row)?;
-                    match r.kind {
-                        RecordKind::Data => {
-                            loader.load(&r, v.agent_volume_id, &mut data)?;
-                            target.write_at(r.offset, &data)?;
-                        }
-                        _ => target.zero(r.offset, u64::from(r.length))?,
-                    }
-                }
-                targets.push(target);
-            }
-            if sync {
-                for t in &mut targets {
-                    t.sync_all()?;
-                }
-            }
-            Ok(targets.len())
-        })
-        .await?
+        apply_journal(
+            &self.catalog,
+            &self.dir,
+            self.group_id,
+            &self.name,
+            base,
+            to,
+            sync,
+        )
+        .await
     }
 
     /// Step (e): unlinks the segments below the first one still needed.
@@ -378,7 +367,13 @@ impl Trimmer {
             .iter()
             .filter_map(|p| p.segment_min)
             .min();
-        let keep_from = [Some(end_segment), first_live, pinned]
+        let failover = self
+            .catalog
+            .failover(g.id)
+            .await?
+            .filter(|f| f.state != FailoverState::Committed)
+            .and_then(|f| f.segment_min);
+        let keep_from = [Some(end_segment), first_live, pinned, failover]
             .into_iter()
             .flatten()
             .min()
@@ -397,6 +392,55 @@ impl Trimmer {
     fn publish(&self, outcome: &RoundOutcome) {
         self.link.set_held(self.link.over_cap() && !outcome.more);
     }
+}
+
+/// Applies every journal record of group `group_id` (named `name`) with seq in (base, to] to
+/// its target file in (seq, index) order, and fsyncs the files written when `sync` (steps (b)
+/// and (c); also what a failover commit applies). Returns the number of target files written.
+pub(crate) async fn apply_journal(
+    catalog: &Catalog,
+    dir: &DataDir,
+    group_id: i64,
+    name: &str,
+    base: u64,
+    to: u64,
+    sync: bool,
+) -> Result<usize> {
+    let mut work: Vec<(VolumeRow, Vec<RecordRow>)> = Vec::new();
+    for v in catalog.volumes_of_group(group_id).await? {
+        let rows = catalog.records_in_seq_order(v.id, base, to).await?;
+        if !rows.is_empty() {
+            work.push((v, rows));
+        }
+    }
+    let dir = dir.clone();
+    let journal_dir = dir.journal(name);
+    tokio::task::spawn_blocking(move || -> Result<usize> {
+        let mut loader = RecordLoader::new(&journal_dir)?;
+        let mut data = Vec::new();
+        let mut targets = Vec::with_capacity(work.len());
+        for (v, rows) in &work {
+            let mut target = TargetFile::open(&dir.target(&v.name), v.size)?;
+            for row in rows {
+                let r = RecordRef::from_row(row)?;
+                match r.kind {
+                    RecordKind::Data => {
+                        loader.load(&r, v.agent_volume_id, &mut data)?;
+                        target.write_at(r.offset, &data)?;
+                    }
+                    _ => target.zero(r.offset, u64::from(r.length))?,
+                }
+            }
+            targets.push(target);
+        }
+        if sync {
+            for t in &mut targets {
+                t.sync_all()?;
+            }
+        }
+        Ok(targets.len())
+    })
+    .await?
 }
 
 /// Runs a group's trimmer until `token` is cancelled (see the module docs). An `Err` is an
