@@ -148,7 +148,7 @@ async fn bookmark(
     let mut points = Vec::new();
     for g in &groups {
         match g.bookmark(name).await {
-            Ok((seq, consistent)) => points.push((g.clone(), seq, consistent)),
+            Ok((seq, consistent, rebases)) => points.push((g.clone(), seq, consistent, rebases)),
             Err(e) => {
                 return Reply::Error {
                     message: format!("bookmark {name} in group {}: {e}", g.name),
@@ -157,7 +157,7 @@ async fn bookmark(
         }
     }
     if wait {
-        for (g, seq, _) in &points {
+        for (g, seq, _, rebases) in &points {
             let mut acked = g.acked.subscribe();
             let done = async {
                 while *acked.borrow_and_update() < *seq {
@@ -175,12 +175,22 @@ async fn bookmark(
                     ),
                 };
             }
+            if g.rebases() != *rebases {
+                // The spool could not bring the replica up to date and was reset: the batch
+                // holding the bookmark may be gone, and acks now count a new chain.
+                return Reply::Error {
+                    message: format!(
+                        "bookmark {name} was lost: the agent had to resync group {} with the replica while it waited; take the bookmark again once `cdp-agent status` shows the group protecting",
+                        g.name
+                    ),
+                };
+            }
         }
     }
     Reply::Bookmarked {
         points: points
             .into_iter()
-            .map(|(g, seq, consistent)| BookmarkPoint {
+            .map(|(g, seq, consistent, _)| BookmarkPoint {
                 group: g.name.clone(),
                 seq: seq.0,
                 consistent,

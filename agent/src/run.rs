@@ -162,6 +162,7 @@ impl Agent {
             if found.dirty_chunks > 0 {
                 tracing::info!(group = %group_name, chunks = found.dirty_chunks, "{} dirty chunks wait for a resync", found.dirty_chunks);
             }
+            group.await_initial_sync(to_sync.iter().copied());
             group.pending().initial_sync.extend(to_sync);
             groups.push(group);
         }

@@ -309,6 +309,7 @@ fn catch_up(g: &Arc<Group>, w: &wire::GroupWelcome) -> Result<Seq> {
                 tracing::warn!(group = %g.name, volume = %v.name, "the replica has no complete image of volume {}: it is synced again from the start", v.name);
                 pending.compare.remove(&v.id);
                 pending.initial_sync.insert(v.id);
+                g.await_initial_sync([v.id]);
                 if v.syncing.load(std::sync::atomic::Ordering::Relaxed) {
                     v.restart_sync
                         .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -121,6 +121,10 @@ struct VolState {
     /// The open epoch of this volume's writes, and the last one whose flush completed.
     epoch: u64,
     durable_epoch: u64,
+    /// An initial sync of this volume is due and has not begun: the replica refuses records of
+    /// a volume before its `SyncBegin`, so client writes are not logged (they are on the
+    /// device, and the sync reads every chunk after its `SyncBegin`).
+    awaiting_sync: bool,
 }
 
 struct Inner {
@@ -132,11 +136,20 @@ struct Inner {
     overflow_since: Option<i64>,
     /// Dirty chunks over all volumes.
     dirty_total: u64,
+    /// Volumes whose initial sync is due and has not begun.
+    awaiting: usize,
+    /// Times the group continued after the replica's head (`rebase`): a batch sealed before
+    /// one may have been dropped from the spool, so a wait for its seq must not trust acks
+    /// that come after.
+    rebases: u64,
 }
 
 impl Inner {
     fn inconsistent(&self) -> bool {
-        self.syncing > 0 || self.overflow_since.is_some() || self.dirty_total > 0
+        self.syncing > 0
+            || self.overflow_since.is_some()
+            || self.dirty_total > 0
+            || self.awaiting > 0
     }
 
     fn mark_dirty(&mut self, volume: VolumeId, first: u64, last: u64) {
@@ -217,6 +230,13 @@ impl Place {
     fn complete(mut self, what: Recorded<'_>) -> bool {
         let group = self.group.clone();
         let mut inner = group.lock();
+        if inner.vols[self.volume as usize].awaiting_sync {
+            // A client write is on the device already, and the volume's initial sync, not
+            // begun yet, copies it. A sync read here belongs to a sync that starts again from
+            // the beginning (the replica lost what it had received of it).
+            self.release(&mut inner);
+            return false;
+        }
         let (encoded, records, sync) = match what {
             Recorded::Write(e, n) => (e, n, false),
             Recorded::Sync(e, _) => (e, 1, true),
@@ -382,6 +402,7 @@ impl Group {
                 dirty_changed: false,
                 epoch: 1,
                 durable_epoch: 0,
+                awaiting_sync: false,
             });
             al_files.push(tokio::sync::Mutex::new(al_file));
         }
@@ -397,6 +418,8 @@ impl Group {
                 syncing: 0,
                 overflow_since: None,
                 dirty_total,
+                awaiting: 0,
+                rebases: 0,
             }),
             spool,
             options,
@@ -470,6 +493,23 @@ impl Group {
     /// Whether the group is overflowing.
     pub fn overflowing(&self) -> bool {
         self.lock().overflow_since.is_some()
+    }
+
+    /// How many times the group continued after the replica's head (see [`Group::rebase`]).
+    pub fn rebases(&self) -> u64 {
+        self.lock().rebases
+    }
+
+    /// Marks volumes whose initial sync is due: until it begins, their client writes are not
+    /// logged (the replica refuses records of a volume before its `SyncBegin`; the sync copies
+    /// those writes from the device), and the group's points are not consistent.
+    pub fn await_initial_sync(&self, volumes: impl IntoIterator<Item = VolumeId>) {
+        let mut inner = self.lock();
+        for v in volumes {
+            if !std::mem::replace(&mut inner.vols[v as usize].awaiting_sync, true) {
+                inner.awaiting += 1;
+            }
+        }
     }
 
     /// Dirty chunks over all volumes.
@@ -660,7 +700,7 @@ impl Group {
         flags: u16,
         bookmark: Option<&str>,
         volumes: &[VolumeId],
-    ) -> (Seq, bool, Vec<u64>) {
+    ) -> (Seq, bool, Vec<u64>, u64) {
         let mut inner = self.lock();
         let ended = volumes
             .iter()
@@ -673,7 +713,12 @@ impl Group {
         let inconsistent = inner.inconsistent();
         let sealed = inner.batcher.seal(flags, bookmark, inconsistent, now_ns());
         self.to_spool(sealed);
-        (inner.batcher.last_sealed(), !inconsistent, ended)
+        (
+            inner.batcher.last_sealed(),
+            !inconsistent,
+            ended,
+            inner.rebases,
+        )
     }
 
     /// Seals a point even if nothing is open (a sync or resync just ended: its last records may
@@ -757,7 +802,7 @@ impl Group {
             group
                 .sync_devices(vec![group.volume(volume).dev.clone()])
                 .await?;
-            let (seq, _, ended) = group.cut(BatchFlags::FLUSH, None, &[volume]);
+            let (seq, _, ended, _) = group.cut(BatchFlags::FLUSH, None, &[volume]);
             group.make_durable(seq, &[(volume, ended[0])]).await
         }
     }
@@ -768,14 +813,14 @@ impl Group {
 
     /// Makes every device of the group durable and seals a batch named `name`; returns its seq,
     /// once it is durable in the spool, and whether it is a consistent point.
-    pub async fn bookmark(self: &Arc<Self>, name: &str) -> ExportResult<(Seq, bool)> {
+    pub async fn bookmark(self: &Arc<Self>, name: &str) -> ExportResult<(Seq, bool, u64)> {
         self.sync_devices(self.volumes.iter().map(|v| v.dev.clone()).collect())
             .await?;
         let all = self.all_volumes();
-        let (seq, consistent, ended) = self.cut(BatchFlags::FLUSH, Some(name), &all);
+        let (seq, consistent, ended, rebases) = self.cut(BatchFlags::FLUSH, Some(name), &all);
         let ended: Vec<_> = all.into_iter().zip(ended).collect();
         self.make_durable(seq, &ended).await?;
-        Ok((seq, consistent))
+        Ok((seq, consistent, rebases))
     }
 
     /// Seals the open batch and makes everything durable (used at a clean stop); then empties
@@ -784,7 +829,7 @@ impl Group {
         self.sync_devices(self.volumes.iter().map(|v| v.dev.clone()).collect())
             .await?;
         let all = self.all_volumes();
-        let (seq, _, ended) = self.cut(BatchFlags::FLUSH, None, &all);
+        let (seq, _, ended, _) = self.cut(BatchFlags::FLUSH, None, &all);
         let ended: Vec<_> = all.iter().copied().zip(ended).collect();
         self.make_durable(seq, &ended).await?;
         for v in all {
@@ -933,6 +978,9 @@ impl Group {
             let mut inner = self.lock();
             inner.syncing += 1;
             self.push_sync_marker(&mut inner, volume, RecordKind::SyncBegin);
+            if std::mem::take(&mut inner.vols[volume as usize].awaiting_sync) {
+                inner.awaiting -= 1;
+            }
             // The whole volume is being copied: nothing of it is dirty any more once it is.
             let v = &mut inner.vols[volume as usize];
             let cleared = v.dirty.count();
@@ -1022,7 +1070,10 @@ impl Group {
         wait_all(waits).await;
         let seq = {
             let mut inner = self.lock();
-            if vol.syncing.load(Ordering::Relaxed) || inner.syncing > 0 {
+            if vol.syncing.load(Ordering::Relaxed)
+                || inner.syncing > 0
+                || inner.vols[volume as usize].awaiting_sync
+            {
                 return Err(format!("volume {} is being synced", vol.name));
             }
             if inner.overflow_since.is_some() {
@@ -1224,6 +1275,7 @@ impl Group {
         let mut inner = self.lock();
         self.spool.reset_blocking(seq, hash)?;
         inner.batcher.rebase(seq, hash);
+        inner.rebases += 1;
         self.acked.send_replace(seq);
         tracing::warn!(group = %self.name, seq = seq.0, "the spool cannot bring the replica up to date: continuing after the replica's seq {seq} with a resync");
         Ok(())

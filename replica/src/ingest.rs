@@ -575,12 +575,11 @@ impl GroupIngest {
             .map(|v| (v.agent_volume_id, VolumeEntry::from(v)))
             .collect();
         self.fenced = self.catalog.failover(self.group_id).await?.is_some();
-        let stale: Vec<u64> = self.pending.range(..=self.head).map(|(s, _)| *s).collect();
-        for s in stale {
-            if let Some(p) = self.pending.remove(&s) {
-                self.pending_bytes -= p.received.bytes.len();
-            }
-        }
+        // A reload comes with an agent's Hello: batches still waiting for a gap came over an
+        // earlier connection and may belong to a chain the agent has since given up (it
+        // rebased and numbers its batches anew). It sends again everything not acknowledged.
+        self.pending.clear();
+        self.pending_bytes = 0;
         Ok(())
     }
 
@@ -620,13 +619,12 @@ impl GroupIngest {
             if p.received.header.header_hash == r.header.header_hash {
                 p.received.reply = r.reply;
             } else {
-                nack(
-                    &mut out,
-                    &r,
-                    format!(
-                        "batch {seq} differs from the batch {seq} already received and waiting"
-                    ),
-                );
+                // Nothing waiting is acknowledged, and a group's batches come from its one
+                // agent: a different batch with the same seq is the agent's newer chain (after
+                // a rebase), so it replaces the older one.
+                tracing::debug!(group = %self.name, seq, "a newer batch {seq} replaces the one waiting");
+                self.pending_bytes = self.pending_bytes - p.received.bytes.len() + r.bytes.len();
+                p.received = r;
             }
             return Ok(out);
         }
