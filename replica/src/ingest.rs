@@ -575,11 +575,16 @@ impl GroupIngest {
             .map(|v| (v.agent_volume_id, VolumeEntry::from(v)))
             .collect();
         self.fenced = self.catalog.failover(self.group_id).await?.is_some();
-        // A reload comes with an agent's Hello: batches still waiting for a gap came over an
-        // earlier connection and may belong to a chain the agent has since given up (it
-        // rebased and numbers its batches anew). It sends again everything not acknowledged.
-        self.pending.clear();
-        self.pending_bytes = 0;
+        // Batches still waiting may have come over an earlier connection, and even belong to
+        // a chain the agent has since given up (it rebased): they stay, since that
+        // connection may still be there; a newer batch with the same seq replaces one
+        // (`handle_batch`), and one that does not follow the journal is refused at its commit.
+        let stale: Vec<u64> = self.pending.range(..=self.head).map(|(s, _)| *s).collect();
+        for s in stale {
+            if let Some(p) = self.pending.remove(&s) {
+                self.pending_bytes -= p.received.bytes.len();
+            }
+        }
         Ok(())
     }
 
