@@ -27,6 +27,8 @@
 //!   forgets them (the trim protocol below).
 //! * [`pins`] — readers' holds on points: [`pin_point`] / [`PinGuard`].
 //! * [`status`](mod@status) — `status`.
+//! * [`verifier`] — the background verifier inside `serve`, `verify run|repair|report`
+//!   (its JSON is documented there).
 //!
 //! # The handshake
 //! `Hello` names the agent's groups; the replica creates what is new and answers, per group,
@@ -154,8 +156,11 @@
 //!                  "retention": { "window": "24h", "window_s": 86400,
 //!                                 "max_journal_bytes": null },
 //!                  "pins": { "count": 1, "oldest_seq": 40 },
-//!                  "ingest_reason": null, "paused_since": null } ] }
+//!                  "ingest_reason": null, "paused_since": null,
+//!                  "degraded": null } ] }
 //! ```
+//! `degraded` is `{ "mismatches": N, "reason": "…" }` while the verifier's mismatches of the
+//! volume are open (then `state` is `degraded`, unless `paused`), null otherwise.
 //! `window_first`/`window_last` are `null` before the initial sync completes. `base_seq` is
 //! the group's base (the target files' point); `retention` the group's retention
 //! (`max_journal_bytes` `null`: no cap); `pins` the group's live pins — readers holding points
@@ -197,6 +202,7 @@ pub mod server;
 pub mod status;
 pub mod target;
 pub mod trimmer;
+pub mod verifier;
 
 use std::fs;
 use std::net::SocketAddr;
@@ -214,7 +220,9 @@ pub use recovery::{
 };
 pub use retention::Retention;
 pub use server::{Server, ServerHandle};
-pub use status::{PinsStatus, PointRef, RetentionStatus, StatusReport, VolumeStatus, status};
+pub use status::{
+    Degraded, PinsStatus, PointRef, RetentionStatus, StatusReport, VolumeStatus, status,
+};
 
 use crate::catalog::Catalog;
 use crate::datadir::{AuthorizedAgent, DataDir};

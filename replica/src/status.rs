@@ -1,6 +1,7 @@
 //! `status`: per volume, its group, state, size, window, journal size, retention and live pins,
 //! read from the catalog (works whether or not `serve` runs; `serve.lock` tells which), and
-//! whether the running `serve` has paused its group's ingest (the pause board).
+//! whether the running `serve` has paused its group's ingest (the pause board), and whether the
+//! verifier found chunks that differ from the agent's (`degraded` until they are repaired).
 
 use std::path::Path;
 
@@ -29,6 +30,7 @@ pub struct VolumeStatus {
     pub group: String,
     pub volume: String,
     /// `paused` (`serve` runs but cannot commit the group's batches: see `ingest_reason`),
+    /// `degraded` (the verifier found chunks that differ from the agent's: see `degraded`),
     /// `syncing` (initial sync pending or running), `protecting`, or `disconnected` (no agent
     /// link is up, or `serve` is not running).
     pub state: String,
@@ -56,6 +58,16 @@ pub struct VolumeStatus {
     pub ingest_reason: Option<String>,
     /// Since when it is paused (RFC 3339), null when it is not.
     pub paused_since: Option<String>,
+    /// Open verification mismatches (null when there is none).
+    pub degraded: Option<Degraded>,
+}
+
+/// A volume's open verification mismatches in `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Degraded {
+    pub mismatches: u64,
+    /// One sentence: which chunks, why, and what to do.
+    pub reason: String,
 }
 
 /// A group's retention in `status`.
@@ -125,8 +137,24 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             Err(_) => (None, None),
         };
         let pause = board.groups.get(&group.name);
+        let open = catalog.open_mismatches(v.id).await?;
+        let degraded = open.first().map(|first| {
+            let more = match open.len() {
+                1 => String::new(),
+                n => format!(" and {} more", n - 1),
+            };
+            Degraded {
+                mismatches: open.len() as u64,
+                reason: format!(
+                    "the verifier found chunk {} (at seq {}: {}){more} different from the agent's device; run `cdp-replica verify repair --volume {}` and see `cdp-replica verify report --volume {}`",
+                    first.chunk, first.seq, first.reason, v.name, v.name
+                ),
+            }
+        });
         let state = if pause.is_some() {
             "paused"
+        } else if degraded.is_some() {
+            "degraded"
         } else if !connected {
             "disconnected"
         } else if v.state == VolumeState::Protecting {
@@ -153,6 +181,7 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             },
             ingest_reason: pause.map(|p| p.reason.clone()),
             paused_since: pause.map(|p| rfc3339(&time_of(p.since_ns))),
+            degraded,
         });
     }
     catalog.close().await;
