@@ -392,6 +392,27 @@ mod tests {
         let c: ConfigToml = toml::from_str("[retention]\nwindow = \"2 weeks\"").expect("parses");
         let e = c.parse_and_validate(p).expect_err("invalid window");
         assert!(e.to_string().contains("[retention] window"), "{e}");
+        // [verifier]: defaults, a budget, off, out of range.
+        let c: ConfigToml = toml::from_str("").expect("empty config");
+        assert_eq!(
+            c.parse_and_validate(p).expect("valid").verifier,
+            VerifierConfig::default()
+        );
+        let c: ConfigToml =
+            toml::from_str("[verifier]\nchunks_per_sec = 0.5\nauto_repair = true").expect("parses");
+        let v = c.parse_and_validate(p).expect("valid").verifier;
+        assert_eq!((v.chunks_per_sec, v.auto_repair), (0.5, true));
+        let c: ConfigToml = toml::from_str("[verifier]\nchunks_per_sec = 0").expect("parses");
+        assert_eq!(
+            c.parse_and_validate(p)
+                .expect("valid")
+                .verifier
+                .chunks_per_sec,
+            0.0
+        );
+        let c: ConfigToml = toml::from_str("[verifier]\nchunks_per_sec = -1").expect("parses");
+        let e = c.parse_and_validate(p).expect_err("negative budget");
+        assert!(e.to_string().contains("[verifier] chunks_per_sec"), "{e}");
     }
 
     #[test]
@@ -409,6 +430,7 @@ mod tests {
             write_config(&dir, listen, &retention).expect("write");
             let c = load_config(&dir).expect("load");
             assert_eq!((c.listen, c.retention), (listen, retention));
+            assert_eq!(c.verifier, VerifierConfig::default());
         }
     }
 

@@ -717,3 +717,112 @@ async fn read_batch(
     }
     Ok(buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(conn: u64) -> (AgentPort, mpsc::Receiver<Control>) {
+        let (outbox, rx) = mpsc::channel(16);
+        (
+            AgentPort {
+                conn,
+                outbox,
+                waiting: Arc::new(Mutex::new(HashMap::new())),
+                slots: Arc::new(Semaphore::new(QUESTIONS_PER_CONNECTION_MAX)),
+            },
+            rx,
+        )
+    }
+
+    fn question(id: u64) -> Control {
+        Control::VerifyRequest {
+            id,
+            group: "g".into(),
+            volume: 0,
+            chunk: 3,
+        }
+    }
+
+    #[tokio::test]
+    async fn questions_are_routed_by_id() {
+        let ports = AgentPorts::new();
+        let short = Duration::from_millis(50);
+        assert!(matches!(
+            ports.ask(7, question, short).await,
+            Asked::NoAgent
+        ));
+        let (p, mut rx) = port(1);
+        ports.register(&[7], &p);
+        assert!(ports.connected(7));
+        // The agent answers the questions in reverse order; each asker gets its own answer.
+        let answerer = {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for _ in 0..3 {
+                    match rx.recv().await {
+                        Some(Control::VerifyRequest { id, .. }) => ids.push(id),
+                        other => panic!("expected a question, got {other:?}"),
+                    }
+                }
+                for id in ids.into_iter().rev() {
+                    assert!(p.answer(
+                        id,
+                        Control::VerifyReply {
+                            id,
+                            seq: id * 10,
+                            hash: String::new()
+                        }
+                    ));
+                }
+                // An answer nobody waits for is dropped.
+                assert!(!p.answer(
+                    999,
+                    Control::VerifyRefused {
+                        id: 999,
+                        reason: String::new()
+                    }
+                ));
+                rx
+            })
+        };
+        let asks = (0..3).map(|_| {
+            let ports = ports.clone();
+            async move { ports.ask(7, question, DEFAULT_TEST_WAIT).await }
+        });
+        for answer in futures_join(asks).await {
+            match answer {
+                Asked::Answer(Control::VerifyReply { id, seq, .. }) => assert_eq!(seq, id * 10),
+                other => panic!("expected a reply, got {other:?}"),
+            }
+        }
+        let _rx = answerer.await.expect("answerer");
+        // No answer in time: Timeout, and the question is forgotten.
+        assert!(matches!(
+            ports.ask(7, question, short).await,
+            Asked::Timeout
+        ));
+        assert!(p.waiting.lock().expect("lock").is_empty());
+        // Another connection took the link: unregistering the old one leaves it.
+        let (p2, _rx2) = port(2);
+        ports.register(&[7], &p2);
+        ports.unregister(&[7], 1);
+        assert!(ports.connected(7));
+        ports.unregister(&[7], 2);
+        assert!(!ports.connected(7));
+    }
+
+    const DEFAULT_TEST_WAIT: Duration = Duration::from_secs(10);
+
+    async fn futures_join<F: std::future::Future<Output = Asked> + Send + 'static>(
+        futs: impl Iterator<Item = F>,
+    ) -> Vec<Asked> {
+        let handles: Vec<_> = futs.map(tokio::spawn).collect();
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.expect("ask"));
+        }
+        out
+    }
+}

@@ -1,4 +1,5 @@
-//! The verifier: background checks under continuous ingest find no false mismatch; every kind
+//! The verifier: background checks under continuous ingest find no false mismatch (and then
+//! find an unshipped write and repair it automatically); every kind
 //! of damage (a flipped byte of the target file, a flipped byte of a journal record, a journal
 //! record lost, a write the agent applied but never shipped) is found with the right volume,
 //! chunk and seq, turns `status` degraded, and `verify repair` clears it; `verify run --full`
@@ -206,6 +207,32 @@ fn set_verify_rate(root: &Path, rate: f64) {
     std::fs::write(&path, text).expect("write replica.toml");
 }
 
+fn set_auto_repair(root: &Path) {
+    let path = DataDir::new(root).config();
+    let text = std::fs::read_to_string(&path).expect("replica.toml");
+    let text = text.replace("auto_repair = false", "auto_repair = true");
+    std::fs::write(&path, text).expect("write replica.toml");
+}
+
+/// Reads the report of volume `busy` until `cond` holds (with a deadline).
+async fn wait_for_report(
+    root: &Path,
+    what: &str,
+    cond: impl Fn(&cdp_replica::verifier::VolumeReport) -> bool,
+) -> cdp_replica::verifier::VolumeReport {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let report = cdp_replica::verifier::report(root, Some("busy"), None)
+            .await
+            .expect("report");
+        if cond(&report.volumes[0]) {
+            return report.volumes[0].clone();
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_false_mismatch_under_continuous_ingest() {
     const VOL: (u32, &str, u64) = (0, "busy", 8 * CHUNK_BYTES - 3000);
@@ -213,6 +240,7 @@ async fn no_false_mismatch_under_continuous_ingest() {
     let root = tmp.path().join("replica");
     let replica_fp = init_replica(&root).await;
     set_verify_rate(&root, 60.0);
+    set_auto_repair(&root);
     let agent_id = Identity::generate("busy-agent").expect("identity");
     cdp_replica::authorize(&root, agent_id.fingerprint(), "busy").expect("authorize");
     let server = Server::start(&root, "127.0.0.1:0".parse().expect("addr"))
@@ -275,6 +303,37 @@ async fn no_false_mismatch_under_continuous_ingest() {
     );
     // The sweep went round: every chunk compared.
     assert_eq!(v.coverage.chunks, 8, "{:?}", v.coverage);
+
+    // The background verifier finds a write the agent never shipped, and (auto_repair) has it
+    // resent and verified again by itself.
+    let head = {
+        let mut sim = agent.sim.lock().expect("sim");
+        let img = sim.images.get_mut(&0).expect("image");
+        let at = (4 * CHUNK_BYTES + 10) as usize;
+        img[at..at + 100].copy_from_slice(&pattern(4242, 100));
+        sim.seq
+    };
+    let found = wait_for_report(&root, "the background verifier to find chunk 4", |v| {
+        v.mismatches.iter().any(|m| m.chunk == 4)
+    })
+    .await;
+    let m = found
+        .mismatches
+        .iter()
+        .find(|m| m.chunk == 4)
+        .expect("chunk 4");
+    assert_eq!((m.seq, m.reason.as_str()), (head, "the hashes differ"));
+    let repaired = wait_for_report(&root, "the automatic repair of chunk 4", |v| {
+        v.open_mismatches == 0 && v.mismatches.iter().all(|m| m.repaired.is_some())
+    })
+    .await;
+    assert_eq!(repaired.mismatches.len(), 1, "{:?}", repaired.mismatches);
+    let r = repaired.mismatches[0].repaired.as_ref().expect("repaired");
+    assert!(r.seq > head);
+    assert_eq!(
+        repaired.mismatches[0].suspect_points.before_seq,
+        Some(r.seq)
+    );
     agent.close().await;
     server.shutdown().await.expect("shutdown");
     let status = cdp_replica::status(&root).await.expect("status");
