@@ -623,7 +623,16 @@ async fn verify(command: VerifyCommand) -> Result<(), CliError> {
                 );
                 b
             });
+            let mut told_waiting = false;
             let summary = cdp_replica::verifier::run(&data, volume.as_deref(), full, rate, |p| {
+                if p.waiting_for_agent && !told_waiting {
+                    told_waiting = true;
+                    let note = "waiting for the agent to connect: the verification goes on when it does (Ctrl-C to stop waiting; serve keeps the run)";
+                    match &bar {
+                        Some(b) => b.println(note),
+                        None => eprintln!("{note}"),
+                    }
+                }
                 if let Some(b) = &bar {
                     b.set_length(p.chunks_total);
                     b.set_position(p.chunks_done);

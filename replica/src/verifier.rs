@@ -51,7 +51,8 @@
 //!   `--full` checks every chunk of the volume, each at its own S; otherwise a sample of at most
 //!   [`SAMPLE_RUN_CHUNKS`]: the chunks written in the window, then the sweep. At most
 //!   [`RUN_CHECKS_IN_FLIGHT`] checks at once, not limited by `chunks_per_sec` (the CLI may give
-//!   `--rate`). A chunk waits while no agent is connected. Progress is written after every
+//!   `--rate`). A chunk waits while no agent is connected (the CLI says so once). Progress is
+//!   written after every
 //!   chunk; the run ends `done` (mismatches are results, not a failure of the run) or
 //!   `failed` with a sentence. A run or repair left `running` by a serve that stopped is marked
 //!   `failed` when serve starts again. `verify run` refuses at once when serve is not running.
@@ -959,6 +960,8 @@ pub struct RunProgress {
     pub chunks_total: u64,
     pub chunks_done: u64,
     pub mismatches: u64,
+    /// Whether a run that is not over waits for the agent of its group to connect.
+    pub waiting_for_agent: bool,
 }
 
 /// How the runs of one `verify run` ended.
@@ -1031,12 +1034,14 @@ pub async fn run(
             ));
         }
         let mut ids = Vec::new();
+        let mut groups = Vec::new();
         for v in &volumes {
             let total = if full {
                 chunk_count(v.size)
             } else {
                 SAMPLE_RUN_CHUNKS.min(chunk_count(v.size))
             };
+            groups.push(v.group_id);
             ids.push((
                 v.name.clone(),
                 catalog
@@ -1052,10 +1057,17 @@ pub async fn run(
                 })?;
                 rows.push((name.clone(), row));
             }
+            let mut waiting_for_agent = false;
+            for ((_, r), g) in rows.iter().zip(&groups) {
+                if r.state == "requested" || r.state == "running" {
+                    waiting_for_agent |= !catalog.link(*g).await?.is_some_and(|l| l.connected);
+                }
+            }
             progress(RunProgress {
                 chunks_total: rows.iter().map(|(_, r)| r.chunks_total).sum(),
                 chunks_done: rows.iter().map(|(_, r)| r.chunks_done).sum(),
                 mismatches: rows.iter().map(|(_, r)| r.mismatches).sum(),
+                waiting_for_agent,
             });
             if rows.iter().all(|(_, r)| r.state == "done" || r.state == "failed") {
                 return Ok(RunSummary {
