@@ -1652,26 +1652,35 @@ impl Catalog {
     }
 
     /// Deletes results older than `before_ns`, and those of each volume beyond its newest
-    /// `keep_per_volume`. Returns the rows deleted.
+    /// `keep_per_volume` (by time). Every statement is one range of the `(volume_id, time_ns)`
+    /// index. Returns the rows deleted.
     pub async fn prune_verify_results(&self, before_ns: i64, keep_per_volume: u64) -> Result<u64> {
-        let mut n = sqlx::query("DELETE FROM verify_results WHERE time_ns < ?")
-            .bind(before_ns)
-            .execute(&self.pool)
+        let volumes: Vec<i64> = sqlx::query_scalar("SELECT id FROM volumes")
+            .fetch_all(&self.pool)
             .await
-            .map_err(ReplicaError::catalog("prune verification results"))?
-            .rows_affected();
+            .map_err(ReplicaError::catalog("prune verification results"))?;
         let keep = i64::try_from(keep_per_volume).unwrap_or(i64::MAX);
-        let volumes: Vec<i64> = sqlx::query_scalar(
-            "SELECT volume_id FROM verify_results GROUP BY volume_id HAVING COUNT(*) > ?",
-        )
-        .bind(keep)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("prune verification results"))?;
+        let mut n = 0;
         for v in volumes {
+            n += sqlx::query("DELETE FROM verify_results WHERE volume_id = ? AND time_ns < ?")
+                .bind(v)
+                .bind(before_ns)
+                .execute(&self.pool)
+                .await
+                .map_err(ReplicaError::catalog("prune verification results"))?
+                .rows_affected();
+            let count: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM verify_results WHERE volume_id = ?")
+                    .bind(v)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(ReplicaError::catalog("prune verification results"))?;
+            if count <= keep {
+                continue;
+            }
             n += sqlx::query(
-                "DELETE FROM verify_results WHERE volume_id = ? AND id <= \
-                 (SELECT id FROM verify_results WHERE volume_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                "DELETE FROM verify_results WHERE volume_id = ? AND time_ns <= \
+                 (SELECT time_ns FROM verify_results WHERE volume_id = ? ORDER BY time_ns DESC LIMIT 1 OFFSET ?)",
             )
             .bind(v)
             .bind(v)

@@ -1357,3 +1357,128 @@ pub async fn report(
     catalog.close().await;
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retention::Retention;
+
+    fn result(volume_id: i64, chunk: u64, time_ns: i64, outcome: VerifyOutcome) -> NewVerifyResult {
+        NewVerifyResult {
+            time_ns,
+            volume_id,
+            chunk,
+            seq: Some(1),
+            agent_hash: None,
+            replica_hash: None,
+            outcome,
+            reason: None,
+            duration_us: 10,
+            run_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn results_are_counted_bounded_and_mismatches_open_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let catalog = Catalog::open(&tmp.path().join("meta.db"), true, true)
+            .await
+            .expect("catalog");
+        let g = catalog
+            .create_group("g", "owner", "gen", 0, &Retention::default(), 0)
+            .await
+            .expect("group");
+        let v = catalog
+            .insert_volume(g.id, 0, "v", 4 * CHUNK_BYTES)
+            .await
+            .expect("volume");
+        // 10 results at times 100..110: chunks 0..5 twice, one mismatch, one skipped.
+        for i in 0..10u64 {
+            let outcome = match i {
+                3 => VerifyOutcome::Mismatch,
+                4 => VerifyOutcome::Skipped,
+                _ => VerifyOutcome::Match,
+            };
+            catalog
+                .insert_verify_result(&result(v.id, i % 5, 100 + i as i64, outcome))
+                .await
+                .expect("insert");
+        }
+        let c = catalog.verify_counts(v.id, 0).await.expect("counts");
+        assert_eq!(
+            (
+                c.checks,
+                c.chunks,
+                c.matches,
+                c.mismatches,
+                c.skipped,
+                c.last_ns
+            ),
+            (10, 5, 8, 1, 1, Some(109))
+        );
+        // Compared since 105: chunks 0..5 at 105..110, but 4 was skipped at 104 only.
+        assert_eq!(
+            catalog.chunks_compared_since(v.id, 105).await.expect("n"),
+            5
+        );
+        assert_eq!(
+            catalog.chunks_compared_since(v.id, 108).await.expect("n"),
+            2
+        );
+        // Older than 102 go, then all but the newest 4.
+        assert_eq!(
+            catalog.prune_verify_results(102, 100).await.expect("prune"),
+            2
+        );
+        assert_eq!(catalog.prune_verify_results(0, 4).await.expect("prune"), 4);
+        let c = catalog.verify_counts(v.id, 0).await.expect("counts");
+        assert_eq!((c.checks, c.last_ns), (4, Some(109)));
+
+        let m = MismatchRow {
+            id: 0,
+            volume_id: v.id,
+            chunk: 2,
+            seq: 7,
+            found_ns: 50,
+            reason: "the hashes differ".into(),
+            agent_hash: "a".into(),
+            replica_hash: Some("b".into()),
+            repaired_ns: None,
+            repaired_seq: None,
+        };
+        assert!(catalog.insert_mismatch(&m).await.expect("insert"));
+        assert!(
+            !catalog.insert_mismatch(&m).await.expect("insert"),
+            "one open row per chunk"
+        );
+        let open = catalog.open_mismatches(v.id).await.expect("open");
+        assert_eq!(open.len(), 1);
+        catalog
+            .mark_repaired(open[0].id, 60, 9)
+            .await
+            .expect("repair");
+        assert!(
+            catalog
+                .open_mismatches(v.id)
+                .await
+                .expect("open")
+                .is_empty()
+        );
+        // Repaired, it is still reported (found in the period), with its repair.
+        let listed = catalog.mismatches_for_report(v.id, 0).await.expect("list");
+        assert_eq!(
+            (listed[0].repaired_ns, listed[0].repaired_seq),
+            (Some(60), Some(9))
+        );
+        assert!(
+            catalog
+                .mismatches_for_report(v.id, 51)
+                .await
+                .expect("list")
+                .is_empty()
+        );
+        // Found again later: a new open row.
+        assert!(catalog.insert_mismatch(&m).await.expect("insert"));
+        catalog.close().await;
+    }
+}
