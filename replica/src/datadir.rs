@@ -147,6 +147,40 @@ pub struct ConfigToml {
     pub listen: Option<String>,
     /// The retention of groups created from now on.
     pub retention: RetentionToml,
+    /// The background verifier.
+    pub verifier: VerifierToml,
+}
+
+/// `[verifier]` of `replica.toml`, read when `serve` starts.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VerifierToml {
+    /// Chunks the background verifier checks per second (default 2; 0 turns it off).
+    pub chunks_per_sec: Option<f64>,
+    /// Resend mismatched chunks from the agent as soon as they are found (default false).
+    pub auto_repair: Option<bool>,
+}
+
+/// The validated `[verifier]` section.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VerifierConfig {
+    /// 0: no background verification (on-demand runs still work).
+    pub chunks_per_sec: f64,
+    pub auto_repair: bool,
+}
+
+/// Default background verification budget.
+pub const VERIFY_CHUNKS_PER_SEC_DEFAULT: f64 = 2.0;
+/// Highest budget accepted.
+pub const VERIFY_CHUNKS_PER_SEC_MAX: f64 = 10_000.0;
+
+impl Default for VerifierConfig {
+    fn default() -> Self {
+        VerifierConfig {
+            chunks_per_sec: VERIFY_CHUNKS_PER_SEC_DEFAULT,
+            auto_repair: false,
+        }
+    }
 }
 
 /// `[retention]` of `replica.toml`: the retention a new group starts with (a group's own is in
@@ -166,6 +200,7 @@ pub struct ReplicaConfig {
     pub listen: SocketAddr,
     /// The retention of groups created from now on.
     pub retention: Retention,
+    pub verifier: VerifierConfig,
 }
 
 impl ConfigToml {
@@ -189,7 +224,23 @@ impl ConfigToml {
             retention.journal_bytes_max =
                 parse_size(m).map_err(|e| invalid(format!("[retention] max_journal: {e}")))?;
         }
-        Ok(ReplicaConfig { listen, retention })
+        let mut verifier = VerifierConfig::default();
+        if let Some(r) = self.verifier.chunks_per_sec {
+            if !(0.0..=VERIFY_CHUNKS_PER_SEC_MAX).contains(&r) {
+                return Err(invalid(format!(
+                    "[verifier] chunks_per_sec = {r} is outside 0..={VERIFY_CHUNKS_PER_SEC_MAX} (0 turns the background verifier off)"
+                )));
+            }
+            verifier.chunks_per_sec = r;
+        }
+        if let Some(a) = self.verifier.auto_repair {
+            verifier.auto_repair = a;
+        }
+        Ok(ReplicaConfig {
+            listen,
+            retention,
+            verifier,
+        })
     }
 }
 
@@ -217,7 +268,13 @@ pub fn write_config(dir: &DataDir, listen: SocketAddr, retention: &Retention) ->
          # How far back points are kept, in agent time before the group's newest batch: 30s, 15m, 24h, 7d.\n\
          window = \"{}\"\n\
          # Cap on the group's journal bytes (512MiB, 100GiB, 1TB), or \"none\".\n\
-         max_journal = \"{cap}\"\n",
+         max_journal = \"{cap}\"\n\n\
+         # The background verifier, read when `serve` starts.\n\
+         [verifier]\n\
+         # Chunks (1 MiB) compared with the agent per second; 0 turns it off.\n\
+         chunks_per_sec = 2\n\
+         # Resend mismatched chunks from the agent as soon as they are found.\n\
+         auto_repair = false\n",
         format_duration(retention.window)
     );
     write_atomically(&dir.config(), &text)
@@ -335,6 +392,27 @@ mod tests {
         let c: ConfigToml = toml::from_str("[retention]\nwindow = \"2 weeks\"").expect("parses");
         let e = c.parse_and_validate(p).expect_err("invalid window");
         assert!(e.to_string().contains("[retention] window"), "{e}");
+        // [verifier]: defaults, a budget, off, out of range.
+        let c: ConfigToml = toml::from_str("").expect("empty config");
+        assert_eq!(
+            c.parse_and_validate(p).expect("valid").verifier,
+            VerifierConfig::default()
+        );
+        let c: ConfigToml =
+            toml::from_str("[verifier]\nchunks_per_sec = 0.5\nauto_repair = true").expect("parses");
+        let v = c.parse_and_validate(p).expect("valid").verifier;
+        assert_eq!((v.chunks_per_sec, v.auto_repair), (0.5, true));
+        let c: ConfigToml = toml::from_str("[verifier]\nchunks_per_sec = 0").expect("parses");
+        assert_eq!(
+            c.parse_and_validate(p)
+                .expect("valid")
+                .verifier
+                .chunks_per_sec,
+            0.0
+        );
+        let c: ConfigToml = toml::from_str("[verifier]\nchunks_per_sec = -1").expect("parses");
+        let e = c.parse_and_validate(p).expect_err("negative budget");
+        assert!(e.to_string().contains("[verifier] chunks_per_sec"), "{e}");
     }
 
     #[test]
@@ -352,6 +430,7 @@ mod tests {
             write_config(&dir, listen, &retention).expect("write");
             let c = load_config(&dir).expect("load");
             assert_eq!((c.listen, c.retention), (listen, retention));
+            assert_eq!(c.verifier, VerifierConfig::default());
         }
     }
 

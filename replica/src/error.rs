@@ -109,6 +109,14 @@ pub enum ReplicaError {
     #[error("ingest of a failed-over group: {0}")]
     Fenced(String),
 
+    #[error("`cdp-replica serve` is not running on {}: `{command}` works through the running serve; start it (`cdp-replica serve --data {}`) and try again", dir.display(), dir.display())]
+    NotServing { dir: PathBuf, command: &'static str },
+
+    /// A verification or repair that could not be done or did not succeed; the sentence says
+    /// what and what to do.
+    #[error("{0}")]
+    Verify(String),
+
     #[error("ingest stopped: {0}")]
     Ingest(String),
 

@@ -29,6 +29,8 @@
 //!   forgets them (the trim protocol below).
 //! * [`pins`] — readers' holds on points: [`pin_point`] / [`PinGuard`].
 //! * [`status`](mod@status) — `status`.
+//! * [`verifier`] — the background verifier inside `serve`, `verify run|repair|report`
+//!   (its JSON is documented there).
 //!
 //! # The handshake
 //! `Hello` names the agent's groups; the replica creates what is new and answers, per group,
@@ -157,12 +159,16 @@
 //!                                 "max_journal_bytes": null },
 //!                  "pins": { "count": 1, "oldest_seq": 40 },
 //!                  "ingest_reason": null, "paused_since": null,
-//!                  "failover": null } ] }
+//!                  "failover": null,
+//!                  "degraded": null } ] }
 //! ```
 //! `failover` is `{ "seq": 123, "state": "active", "since": "…" }` while the volume's group
 //! is failed over (`state` `active`, `committing` or `committed`; `since` when it started, or
 //! when it was committed), and `state` above then reads `failed over at seq 123` (with
 //! ` (committed)` once committed).
+//! `degraded` is `{ "mismatches": N, "reason": "…" }` while the verifier's mismatches of the
+//! volume are open (then `state` is `degraded`, unless `paused` or failed over), null
+//! otherwise.
 //! `window_first`/`window_last` are `null` before the initial sync completes. `base_seq` is
 //! the group's base (the target files' point); `retention` the group's retention
 //! (`max_journal_bytes` `null`: no cap); `pins` the group's live pins — readers holding points
@@ -205,6 +211,7 @@ pub mod server;
 pub mod status;
 pub mod target;
 pub mod trimmer;
+pub mod verifier;
 
 use std::fs;
 use std::net::SocketAddr;
@@ -223,7 +230,8 @@ pub use recovery::{
 pub use retention::Retention;
 pub use server::{Server, ServerHandle};
 pub use status::{
-    FailoverStatus, PinsStatus, PointRef, RetentionStatus, StatusReport, VolumeStatus, status,
+    Degraded, FailoverStatus, PinsStatus, PointRef, RetentionStatus, StatusReport, VolumeStatus,
+    status,
 };
 
 use crate::catalog::Catalog;

@@ -175,6 +175,11 @@ enum Command {
         #[arg(long)]
         commit: bool,
     },
+    /// Verify the replica against the agents' devices: on demand, report, repair.
+    Verify {
+        #[command(subcommand)]
+        command: VerifyCommand,
+    },
     /// List the extents (1 MiB chunks, adjacent ones merged) whose bytes differ between two
     /// points of a volume.
     Diff {
@@ -193,6 +198,55 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VerifyCommand {
+    /// Verify chunks now, through the running serve (which asks the agent), and wait for the
+    /// result: a sample of recently written chunks, or every chunk with --full.
+    Run {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the volume (default: every protecting volume).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Check every chunk of the volume, each at its own seq.
+        #[arg(long)]
+        full: bool,
+        /// Chunks per second at most (default: as fast as 4 checks at once allow).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// Per volume: chunks verified and mismatches in a period, coverage of the last 24 h, the
+    /// last full pass, and every mismatch in detail.
+    Report {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the volume (default: every volume).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Start of the period: an RFC 3339 time, or a duration ago (30m, 24h, 7d); default 24h.
+        #[arg(long)]
+        since: Option<String>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resend the volume's mismatched chunks from the agent (through the running serve), verify
+    /// them again, and wait for the outcome.
+    Repair {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Name of the volume.
+        #[arg(long)]
+        volume: String,
+        /// How long to wait for the outcome (30s, 5m); serve goes on after it.
+        #[arg(long, default_value = "300s")]
+        timeout: String,
     },
 }
 
@@ -445,6 +499,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             });
             handle.wait().await?;
         }
+        Command::Verify { command } => verify(command).await?,
         Command::Diff {
             data,
             volume,
@@ -577,6 +632,11 @@ fn print_status(report: &StatusReport) {
         ]);
     }
     print_table(&rows);
+    for v in &report.volumes {
+        if let Some(d) = &v.degraded {
+            println!("volume {}: DEGRADED: {}", v.volume, d.reason);
+        }
+    }
     let mut told = std::collections::HashSet::new();
     for v in &report.volumes {
         if let Some(reason) = &v.ingest_reason
@@ -647,4 +707,245 @@ fn print_diff(report: &DiffReport) {
         report.bytes,
         cdp_shared::types::human_bytes(report.bytes)
     );
+}
+
+async fn verify(command: VerifyCommand) -> Result<(), CliError> {
+    match command {
+        VerifyCommand::Run {
+            data,
+            volume,
+            full,
+            rate,
+        } => {
+            if let Some(r) = rate
+                && !(r > 0.0 && r <= 1e6)
+            {
+                return Err(CliError::Usage(format!(
+                    "--rate {r} is not a number of chunks per second above 0"
+                )));
+            }
+            let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                let b = indicatif::ProgressBar::new(0);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "verifying {bar:40} {pos}/{len} chunks, {msg} ({elapsed})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                b
+            });
+            let mut told_waiting = false;
+            let summary = cdp_replica::verifier::run(&data, volume.as_deref(), full, rate, |p| {
+                if p.waiting_for_agent && !told_waiting {
+                    told_waiting = true;
+                    let note = "waiting for the agent to connect: the verification goes on when it does (Ctrl-C to stop waiting; serve keeps the run)";
+                    match &bar {
+                        Some(b) => b.println(note),
+                        None => eprintln!("{note}"),
+                    }
+                }
+                if let Some(b) = &bar {
+                    b.set_length(p.chunks_total);
+                    b.set_position(p.chunks_done);
+                    b.set_message(format!("{} mismatches", p.mismatches));
+                }
+            })
+            .await;
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            let summary = summary?;
+            let mut failed = Vec::new();
+            let mut mismatches = 0;
+            for v in &summary.volumes {
+                mismatches += v.mismatches;
+                let skipped = if v.skipped > 0 {
+                    format!(", {} skipped or timed out", v.skipped)
+                } else {
+                    String::new()
+                };
+                match &v.error {
+                    Some(e) => {
+                        println!("volume {}: verification failed: {e}", v.volume);
+                        failed.push(v.volume.clone());
+                    }
+                    None => println!(
+                        "volume {}: verified {} of {} chunks{}: {} mismatch{}{skipped}",
+                        v.volume,
+                        v.chunks_done,
+                        v.chunks_total,
+                        if full { " (full pass)" } else { "" },
+                        v.mismatches,
+                        if v.mismatches == 1 { "" } else { "es" },
+                    ),
+                }
+            }
+            if !failed.is_empty() {
+                return Err(CliError::Usage(format!(
+                    "the verification of {} failed (see above)",
+                    failed.join(", ")
+                )));
+            }
+            if mismatches > 0 {
+                return Err(CliError::Usage(format!(
+                    "the verification found {mismatches} chunk{} that differ from the agent's device: see `cdp-replica verify report` and repair with `cdp-replica verify repair --volume NAME`",
+                    if mismatches == 1 { "" } else { "s" }
+                )));
+            }
+        }
+        VerifyCommand::Report {
+            data,
+            volume,
+            since,
+            json,
+        } => {
+            let since_ns = match since.as_deref() {
+                None => None,
+                Some(s) => Some(parse_since(s)?),
+            };
+            let report = cdp_replica::verifier::report(&data, volume.as_deref(), since_ns).await?;
+            if json {
+                println!("{}", to_json(&report)?);
+            } else {
+                print_verify_report(&report);
+            }
+        }
+        VerifyCommand::Repair {
+            data,
+            volume,
+            timeout,
+        } => {
+            let timeout =
+                parse_duration(&timeout).map_err(|e| CliError::Usage(format!("--timeout: {e}")))?;
+            let msg = cdp_replica::verifier::repair(&data, &volume, timeout).await?;
+            println!("{msg}");
+        }
+    }
+    Ok(())
+}
+
+/// `--since`: an RFC 3339 time, or a duration before now.
+fn parse_since(s: &str) -> Result<i64, CliError> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return t
+            .timestamp_nanos_opt()
+            .ok_or_else(|| CliError::Usage(format!("--since {s}: the time is out of range")));
+    }
+    let ago = parse_duration(s).map_err(|_| {
+        CliError::Usage(format!(
+            "--since {s:?} is neither an RFC 3339 time (2024-05-01T12:00:00Z) nor a duration ago (30m, 24h, 7d)"
+        ))
+    })?;
+    Ok(cdp_replica::now_ns() - i64::try_from(ago.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// A time for people: `2024-05-01 12:00:00Z (3 min ago)`.
+fn human_time(rfc: &str) -> String {
+    let Ok(t) = chrono::DateTime::parse_from_rfc3339(rfc) else {
+        return rfc.to_owned();
+    };
+    let t = t.with_timezone(&chrono::Utc);
+    let age = (chrono::Utc::now() - t).num_seconds().max(0);
+    let ago = match age {
+        0..60 => format!("{age} s ago"),
+        60..3600 => format!("{} min ago", age / 60),
+        3600..86400 => format!("{:.1} h ago", age as f64 / 3600.0),
+        _ => format!("{:.1} d ago", age as f64 / 86400.0),
+    };
+    format!("{} ({ago})", t.format("%Y-%m-%d %H:%M:%SZ"))
+}
+
+fn print_verify_report(report: &cdp_replica::verifier::VerifyReport) {
+    println!(
+        "verification since {} (coverage over the last 24 h)",
+        human_time(&report.since)
+    );
+    if report.volumes.is_empty() {
+        println!("no volumes yet");
+        return;
+    }
+    let mut rows = vec![
+        [
+            "VOLUME",
+            "GROUP",
+            "SIZE",
+            "CHECKS",
+            "CHUNKS",
+            "MISMATCHES",
+            "SKIPPED",
+            "COVERAGE 24H",
+            "LAST CHECK",
+            "LAST FULL PASS",
+            "OPEN",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for v in &report.volumes {
+        rows.push(vec![
+            v.volume.clone(),
+            v.group.clone(),
+            cdp_shared::types::human_bytes(v.size),
+            v.checks.total.to_string(),
+            v.checks.chunks.to_string(),
+            v.checks.mismatch.to_string(),
+            (v.checks.skipped + v.checks.timeout).to_string(),
+            format!(
+                "{:.1} % ({}/{})",
+                v.coverage.share * 100.0,
+                v.coverage.chunks,
+                v.coverage.of
+            ),
+            v.last_check
+                .as_deref()
+                .map(human_time)
+                .unwrap_or("-".into()),
+            v.last_full_pass
+                .as_deref()
+                .map(human_time)
+                .unwrap_or("never".into()),
+            v.open_mismatches.to_string(),
+        ]);
+    }
+    print_table(&rows);
+    for v in &report.volumes {
+        for m in &v.mismatches {
+            println!();
+            println!(
+                "mismatch: volume {} chunk {} (bytes {}..{}, {}) at seq {}, found {}: {}",
+                v.volume,
+                m.chunk,
+                m.offset,
+                m.offset + m.length,
+                cdp_shared::types::human_bytes(m.length),
+                m.seq,
+                human_time(&m.found),
+                match &m.repaired {
+                    Some(r) =>
+                        format!("repaired {} (good from seq {})", human_time(&r.time), r.seq),
+                    None => "OPEN".into(),
+                }
+            );
+            print_table(&[
+                vec!["  reason".into(), m.reason.clone()],
+                vec!["  agent hash".into(), m.agent_hash.clone()],
+                vec![
+                    "  replica hash".into(),
+                    m.replica_hash.clone().unwrap_or("- (not readable)".into()),
+                ],
+                vec![
+                    "  suspect points".into(),
+                    format!(
+                        "seq {} {}; most likely from seq {}",
+                        m.suspect_points.from_seq,
+                        match m.suspect_points.before_seq {
+                            Some(s) => format!("to {} (repaired at seq {s})", s.saturating_sub(1)),
+                            None => "to the head (not repaired)".into(),
+                        },
+                        m.suspect_points.likely_from_seq
+                    ),
+                ],
+            ]);
+        }
+    }
 }

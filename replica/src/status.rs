@@ -1,7 +1,8 @@
 //! `status`: per volume, its group, state, size, window, journal size, retention and live pins,
 //! read from the catalog (works whether or not `serve` runs; `serve.lock` tells which), and
-//! whether the running `serve` has paused its group's ingest (the pause board), and the
-//! group's failover.
+//! whether the running `serve` has paused its group's ingest (the pause board), the group's
+//! failover, and whether the verifier found chunks that differ from the agent's (`degraded`
+//! until they are repaired).
 
 use std::path::Path;
 
@@ -30,6 +31,7 @@ pub struct VolumeStatus {
     pub group: String,
     pub volume: String,
     /// `paused` (`serve` runs but cannot commit the group's batches: see `ingest_reason`),
+    /// `degraded` (the verifier found chunks that differ from the agent's: see `degraded`),
     /// `syncing` (initial sync pending or running), `protecting`, or `disconnected` (no agent
     /// link is up, or `serve` is not running).
     pub state: String,
@@ -59,6 +61,8 @@ pub struct VolumeStatus {
     pub paused_since: Option<String>,
     /// The group's failover (see `failover`), null when there is none.
     pub failover: Option<FailoverStatus>,
+    /// Open verification mismatches (null when there is none).
+    pub degraded: Option<Degraded>,
 }
 
 /// A group's failover in `status`.
@@ -70,6 +74,14 @@ pub struct FailoverStatus {
     pub state: String,
     /// When it started (active, committing) or was committed (committed), RFC 3339.
     pub since: String,
+}
+
+/// A volume's open verification mismatches in `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Degraded {
+    pub mismatches: u64,
+    /// One sentence: which chunks, why, and what to do.
+    pub reason: String,
 }
 
 /// A group's retention in `status`.
@@ -139,6 +151,20 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             Err(_) => (None, None),
         };
         let pause = board.groups.get(&group.name);
+        let open = catalog.open_mismatches(v.id).await?;
+        let degraded = open.first().map(|first| {
+            let more = match open.len() {
+                1 => String::new(),
+                n => format!(" and {} more", n - 1),
+            };
+            Degraded {
+                mismatches: open.len() as u64,
+                reason: format!(
+                    "the verifier found chunk {} (at seq {}: {}){more} different from the agent's device; run `cdp-replica verify repair --volume {}` and see `cdp-replica verify report --volume {}`",
+                    first.chunk, first.seq, first.reason, v.name, v.name
+                ),
+            }
+        });
         let failover = catalog.failover(group.id).await?;
         let state: String = if let Some(f) = &failover {
             match f.state {
@@ -148,6 +174,8 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             }
         } else if pause.is_some() {
             "paused".to_owned()
+        } else if degraded.is_some() {
+            "degraded".to_owned()
         } else if !connected {
             "disconnected".to_owned()
         } else if v.state == VolumeState::Protecting {
@@ -179,6 +207,7 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
                 state: f.state.as_str().to_owned(),
                 since: rfc3339(&time_of(f.committed_ns.unwrap_or(f.started_ns))),
             }),
+            degraded,
         });
     }
     catalog.close().await;

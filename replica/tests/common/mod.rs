@@ -469,12 +469,25 @@ impl QuicAgent {
             .map_err(|e| e.to_string())
     }
 
+    /// The next control message from the replica; `VerifyRequest`s are answered with
+    /// `VerifyRefused` and skipped.
     pub async fn next_control(&mut self) -> Result<Control, String> {
         let mut buf = vec![0u8; 65536];
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            if let Some(m) = self.decoder.poll_frame().map_err(|e| e.to_string())? {
-                return Ok(m);
+            match self.decoder.poll_frame().map_err(|e| e.to_string())? {
+                // The replica's background verifier asks every agent; this one does not keep
+                // the device image, so it refuses (the verifier records `skipped`).
+                Some(Control::VerifyRequest { id, .. }) => {
+                    self.send_control(&Control::VerifyRefused {
+                        id,
+                        reason: "the test agent does not verify".into(),
+                    })
+                    .await?;
+                    continue;
+                }
+                Some(m) => return Ok(m),
+                None => {}
             }
             match tokio::time::timeout_at(deadline, self.recv.read(&mut buf)).await {
                 Err(_) => return Err("no control message in time".into()),
