@@ -36,7 +36,7 @@ bench: deps release
 
 # Longer runs of the randomized and fault tests (counts raised).
 soak: deps build
-	CDP_TEST_DEADLINE_S=14400 CDP_ORACLE_OPS=20000 CDP_REPLICA_KILLS=200 CDP_AGENT_KILLS=200 $(CARGO) test --workspace --locked -- --test-threads=1
+	CDP_TEST_DEADLINE_S=14400 CDP_VERIFY_SECS=600 CDP_ORACLE_OPS=20000 CDP_REPLICA_KILLS=200 CDP_AGENT_KILLS=200 $(CARGO) test --workspace --locked -- --test-threads=1
 
 clean:
 	$(CARGO) clean

@@ -140,13 +140,13 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a check waits for the journal to hold the agent's seq.
 pub const HEAD_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the group's head is read while waiting for it.
-pub const HEAD_POLL_INTERVAL: Duration = Duration::from_millis(20);
+pub const HEAD_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// How long a check waits before asking again when no agent is connected.
 pub const NO_AGENT_RETRY: Duration = Duration::from_millis(500);
 /// How often serve looks for requested runs and repairs (and the CLI at their progress).
 pub const REQUEST_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// Checks of the background verifier at once.
-pub const BACKGROUND_CHECKS_IN_FLIGHT: usize = 4;
+pub const BACKGROUND_CHECKS_IN_FLIGHT: usize = 8;
 /// Checks of an on-demand run at once.
 pub const RUN_CHECKS_IN_FLIGHT: usize = 4;
 /// Recent chunks queued per volume and round.
