@@ -51,6 +51,9 @@
 //! (a reader never stops protection) and the cap is exceeded until the pin is released.
 //!
 //! # Errors
+//! A journal record that fails its checks (damaged in its segment) is left out — its bytes
+//! are not applied — with an error in the log and an event, and the round goes on: the
+//! verifier reports the chunks it leaves wrong, and a repair resends them in later batches.
 //! A full disk (writing a target file) is logged once and the round tried again at the next
 //! wake-up, `trimming_to` staying set meanwhile; ingest is then not held back by the cap. Any
 //! other error stops the server, as in ingest (an fsync that failed is never retried: the next
@@ -67,9 +70,11 @@ use cdp_shared::batch::RecordKind;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, FailoverState, GroupRow, PointReads, RecordRow, VolumeRow};
+use crate::catalog::{
+    Catalog, EventLevel, FailoverState, GroupRow, PointReads, RecordRow, VolumeRow,
+};
 use crate::datadir::DataDir;
-use crate::error::Result;
+use crate::error::{ReplicaError, Result};
 use crate::journal;
 use crate::pins;
 use crate::reconstruct::{RecordLoader, RecordRef};
@@ -415,32 +420,56 @@ pub(crate) async fn apply_journal(
     }
     let dir = dir.clone();
     let journal_dir = dir.journal(name);
-    tokio::task::spawn_blocking(move || -> Result<usize> {
-        let mut loader = RecordLoader::new(&journal_dir)?;
-        let mut data = Vec::new();
-        let mut targets = Vec::with_capacity(work.len());
-        for (v, rows) in &work {
-            let mut target = TargetFile::open(&dir.target(&v.name), v.size)?;
-            for row in rows {
-                let r = RecordRef::from_row(row)?;
-                match r.kind {
-                    RecordKind::Data => {
-                        loader.load(&r, v.agent_volume_id, &mut data)?;
-                        target.write_at(r.offset, &data)?;
+    let (written, damaged) =
+        tokio::task::spawn_blocking(move || -> Result<(usize, Vec<(String, String)>)> {
+            let mut loader = RecordLoader::new(&journal_dir)?;
+            let mut data = Vec::new();
+            let mut targets = Vec::with_capacity(work.len());
+            let mut damaged = Vec::new();
+            for (v, rows) in &work {
+                let mut target = TargetFile::open(&dir.target(&v.name), v.size)?;
+                for row in rows {
+                    let r = RecordRef::from_row(row)?;
+                    match r.kind {
+                        RecordKind::Data => match loader.load(&r, v.agent_volume_id, &mut data) {
+                            Ok(()) => target.write_at(r.offset, &data)?,
+                            // A damaged record (the verifier reports the chunk; a repair
+                            // resends it in a later batch): its bytes are not applied, and
+                            // trimming goes on instead of stopping the replica.
+                            Err(ReplicaError::JournalCorrupt(why)) => {
+                                damaged.push((v.name.clone(), why))
+                            }
+                            Err(e) => return Err(e),
+                        },
+                        _ => target.zero(r.offset, u64::from(r.length))?,
                     }
-                    _ => target.zero(r.offset, u64::from(r.length))?,
+                }
+                targets.push(target);
+            }
+            if sync {
+                for t in &mut targets {
+                    t.sync_all()?;
                 }
             }
-            targets.push(target);
-        }
-        if sync {
-            for t in &mut targets {
-                t.sync_all()?;
-            }
-        }
-        Ok(targets.len())
-    })
-    .await?
+            Ok((targets.len(), damaged))
+        })
+        .await??;
+    for (volume, why) in damaged {
+        let msg = format!(
+            "a damaged journal record was left out when trimming: {why}; `cdp-replica verify run --volume {volume} --full` finds the chunks it leaves wrong and `verify repair` resends them"
+        );
+        tracing::error!(group = %name, volume = %volume, "{msg}");
+        catalog
+            .event(
+                EventLevel::Error,
+                Some(name),
+                Some(&volume),
+                &msg,
+                crate::now_ns(),
+            )
+            .await?;
+    }
+    Ok(written)
 }
 
 /// Runs a group's trimmer until `token` is cancelled (see the module docs). An `Err` is an

@@ -770,3 +770,73 @@ async fn a_trim_cut_short_after_any_step_completes_the_same() {
         );
     }
 }
+
+/// A journal record damaged in its segment (a flipped byte of its payload) does not stop the
+/// trimmer: the window slides past it, an error event names it, and ingest goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_is_left_out_by_the_trimmer_which_goes_on() {
+    const WINDOW: Duration = Duration::from_secs(1);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("replica");
+    let retention = Retention {
+        window: WINDOW,
+        journal_bytes_max: None,
+    };
+    let mut rig = Rig::start(&root, retention, true, 11).await;
+    // A batch with one data record, then damage the record's payload in its segment.
+    let (seq, bytes) = rig.sim.batch(
+        &[Op::Data {
+            vol: 0,
+            offset: 4096,
+            bytes: pattern(77, 16 << 10),
+        }],
+        BatchFlags::FLUSH,
+        None,
+    );
+    rig.h.submit(bytes).await;
+    rig.h.wait_ack(GROUP, seq).await;
+    let volume = rig
+        .catalog
+        .volume_by_name(VOL.1)
+        .await
+        .expect("query")
+        .expect("volume");
+    let rows = rig
+        .catalog
+        .records(volume.id, seq - 1, seq)
+        .await
+        .expect("records");
+    let row = rows.first().expect("the record");
+    let seg = root
+        .join("journal")
+        .join(GROUP)
+        .join(segment_name(row.segment));
+    let mut data = std::fs::read(&seg).expect("segment");
+    let at = row.position as usize + 60;
+    data[at] ^= 0x40;
+    std::fs::write(&seg, &data).expect("damage the segment");
+
+    // Batches go on arriving; the window must slide past the damaged batch.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        rig.ingest(None).await;
+        if rig.group().await.base_seq >= seq {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the trimmer did not pass the damaged batch {seq}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = rig.catalog.events(GROUP, 100).await.expect("events");
+    assert!(
+        events
+            .iter()
+            .any(|(_, m)| m.contains("damaged journal record was left out")),
+        "an event names the damaged record: {events:?}"
+    );
+    // Ingest still acknowledges.
+    rig.ingest(None).await;
+    rig.h.shutdown().await;
+}
