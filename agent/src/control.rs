@@ -159,8 +159,10 @@ async fn bookmark(
     if wait {
         for (g, seq, _, rebases) in &points {
             let mut acked = g.acked.subscribe();
+            // A rebase ends the wait too: the bookmark's batch may be gone, and the new
+            // chain may never reach its seq.
             let done = async {
-                while *acked.borrow_and_update() < *seq {
+                while *acked.borrow_and_update() < *seq && g.rebases() == *rebases {
                     if acked.changed().await.is_err() {
                         return false;
                     }
