@@ -90,18 +90,19 @@ fn no_false_positives_under_heavy_overwrite_at_the_highest_rate() {
     let r = report(&c, "v");
     let checks = &r["checks"];
     eprintln!(
-        "{} checks in {:?} of overwrite: {checks}",
+        "{} checks in {:?} of overwrite at {} write IOPS: {checks}",
         checks["total"],
-        started.elapsed()
+        started.elapsed(),
+        fio["jobs"][0]["write"]["iops"]
     );
     assert_eq!(checks["mismatch"], 0, "no false positives: {r}");
     assert_eq!(r["open_mismatches"], 0, "{r}");
-    // Under saturating writes a check waits for its boundary batch to become durable (the
-    // replication lag), so the rate is bounded by the lag, not the budget: about 12 checks a
-    // second here with a build running beside it.
+    // Thousands: about 70 checks a second here alone (each check waits for its boundary batch
+    // to become durable, many wait at once, and a chunk's reconstruction reads only the records
+    // of its last full rewrite); 1000 a minute leaves room for a loaded CI machine.
     assert!(
-        checks["match"].as_u64().unwrap_or(0) >= 4 * secs,
-        "the verifier at its highest rate checks at least 4 chunks a second under load: {r}"
+        checks["match"].as_u64().unwrap_or(0) >= secs * 1000 / 60,
+        "the verifier at its highest rate checks thousands of chunks under constant overwrite: {r}"
     );
     assert_eq!(
         r["coverage"]["chunks"], 8,

@@ -203,6 +203,49 @@ fn hash_of(bytes: Option<Vec<u8>>) -> Result<Option<Hash>> {
     }
 }
 
+/// Rows of one page of [`Catalog::records_in_chunks`].
+const COVER_PAGE_ROWS: i64 = 1024;
+
+/// The byte ranges of a chunk that newer records already cover: sorted, disjoint, merged.
+#[derive(Default)]
+struct Coverage {
+    ranges: Vec<(u64, u64)>,
+    bytes: u64,
+}
+
+impl Coverage {
+    /// Adds `[start, end)`; true when it covers a byte not covered before.
+    fn add(&mut self, start: u64, end: u64) -> bool {
+        if start >= end {
+            return false;
+        }
+        // The ranges that touch or overlap [start, end) are ranges[lo..hi].
+        let lo = self.ranges.partition_point(|&(_, e)| e < start);
+        let hi = self.ranges.partition_point(|&(s, _)| s <= end);
+        if lo < hi && self.ranges[lo].0 <= start && self.ranges[lo].1 >= end {
+            return false;
+        }
+        let (mut s, mut e) = (start, end);
+        for &(rs, re) in &self.ranges[lo..hi] {
+            s = s.min(rs);
+            e = e.max(re);
+            self.bytes -= re - rs;
+        }
+        self.ranges.splice(lo..hi, [(s, e)]);
+        self.bytes += e - s;
+        true
+    }
+
+    /// Whether `[0, len)` is covered.
+    fn covers(&self, len: u64) -> bool {
+        self.bytes >= len
+            && self
+                .ranges
+                .first()
+                .is_some_and(|&(s, e)| s == 0 && e >= len)
+    }
+}
+
 type RecordTuple = (i64, i64, i64, i64, i64, i64, i64, i64);
 fn record_of(r: RecordTuple) -> RecordRow {
     RecordRow {
@@ -929,7 +972,13 @@ impl Catalog {
     }
 
     /// The journaled records of a volume with seq in `(after, upto]` and chunk in
-    /// `[first_chunk, end_chunk)`, in key order (one range of the primary key).
+    /// `[first_chunk, end_chunk)` that the image at `upto` reads, in key order (chunk, seq,
+    /// idx). A record whose bytes newer records of the range all overwrite is left out: each
+    /// chunk is read newest first (backwards along the primary key, [`COVER_PAGE_ROWS`] rows
+    /// a page) and only until its records cover all of it (`chunk_len(chunk)` bytes), so a
+    /// chunk under constant overwrite costs about the records of its last full rewrite, not
+    /// every record of the window. The records returned overlay, in order, to exactly the
+    /// same bytes as all of them would.
     pub async fn records_in_chunks(
         &self,
         volume_id: i64,
@@ -937,20 +986,59 @@ impl Catalog {
         upto: u64,
         first_chunk: u64,
         end_chunk: u64,
+        chunk_len: impl Fn(u64) -> u64,
     ) -> Result<Vec<RecordRow>> {
-        let rows: Vec<RecordTuple> = sqlx::query_as(
-            "SELECT chunk, seq, idx, chunk_offset, length, kind, segment, position FROM records \
-             WHERE volume_id = ? AND chunk >= ? AND chunk < ? AND seq > ? AND seq <= ? ORDER BY chunk, seq, idx",
-        )
-        .bind(volume_id)
-        .bind(first_chunk as i64)
-        .bind(end_chunk as i64)
-        .bind(after as i64)
-        .bind(upto as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("read the journal index"))?;
-        Ok(rows.into_iter().map(record_of).collect())
+        let mut out: Vec<RecordRow> = Vec::new();
+        if first_chunk >= end_chunk || upto <= after {
+            return Ok(out);
+        }
+        // Rows are read in descending key order, below the key `below`.
+        let mut below = (end_chunk as i64, -1i64, -1i64);
+        let mut cover: Option<(u64, Coverage)> = None;
+        'pages: loop {
+            let rows: Vec<RecordTuple> = sqlx::query_as(
+                "SELECT chunk, seq, idx, chunk_offset, length, kind, segment, position FROM records \
+                 WHERE volume_id = ? AND chunk >= ? AND (chunk, seq, idx) < (?, ?, ?) \
+                 AND seq > ? AND seq <= ? ORDER BY chunk DESC, seq DESC, idx DESC LIMIT ?",
+            )
+            .bind(volume_id)
+            .bind(first_chunk as i64)
+            .bind(below.0)
+            .bind(below.1)
+            .bind(below.2)
+            .bind(after as i64)
+            .bind(upto as i64)
+            .bind(COVER_PAGE_ROWS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("read the journal index"))?;
+            let full_page = rows.len() as i64 == COVER_PAGE_ROWS;
+            for t in rows {
+                below = (t.0, t.1, t.2);
+                let r = record_of(t);
+                if cover.as_ref().is_none_or(|(c, _)| *c != r.chunk) {
+                    cover = Some((r.chunk, Coverage::default()));
+                }
+                let Some((chunk, seen)) = cover.as_mut() else {
+                    continue;
+                };
+                let start = u64::from(r.chunk_offset);
+                if seen.add(start, start + u64::from(r.length)) {
+                    out.push(r);
+                }
+                if seen.covers(chunk_len(*chunk)) {
+                    // The rest of this chunk is hidden: go on below it.
+                    below = (*chunk as i64, -1, -1);
+                    cover = None;
+                    continue 'pages;
+                }
+            }
+            if !full_page {
+                break;
+            }
+        }
+        out.reverse();
+        Ok(out)
     }
 
     /// The chunks of a volume that records with seq in `(after, upto]` change, ascending (the
@@ -2210,15 +2298,17 @@ impl Catalog {
         Ok(())
     }
 
+    /// Records a running run's progress; false when the run is no longer `running` (ended by
+    /// its command: `verify run --timeout`).
     pub async fn verify_run_progress(
         &self,
         id: i64,
         chunks_done: u64,
         mismatches: u64,
         skipped: u64,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE verify_runs SET chunks_done = ?, mismatches = ?, skipped = ? WHERE id = ?",
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE verify_runs SET chunks_done = ?, mismatches = ?, skipped = ? WHERE id = ? AND state = 'running'",
         )
         .bind(chunks_done as i64)
         .bind(mismatches as i64)
@@ -2227,7 +2317,7 @@ impl Catalog {
         .execute(&self.pool)
         .await
         .map_err(ReplicaError::catalog("record a run's progress"))?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// Ends a run: `done`, or `failed` with `error`.
@@ -2345,5 +2435,169 @@ impl Catalog {
         .await
         .map_err(ReplicaError::catalog("delete records"))?
         .rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconstruct::{Plan, RecordRef, Source};
+    use cdp_shared::types::CHUNK_BYTES;
+
+    #[test]
+    fn coverage_merges_and_says_what_is_new() {
+        let mut c = Coverage::default();
+        assert!(c.add(10, 20));
+        assert!(!c.add(12, 18), "inside a covered range");
+        assert!(c.add(30, 40));
+        assert!(c.add(20, 30), "joins the two");
+        assert_eq!(c.ranges, vec![(10, 40)]);
+        assert!(!c.add(10, 40));
+        assert!(c.add(0, 5));
+        assert!(!c.covers(40));
+        assert!(c.add(5, 10));
+        assert!(c.covers(40));
+        assert!(!c.covers(41));
+        assert_eq!(c.bytes, 40);
+        assert!(!c.add(7, 7), "empty");
+    }
+
+    /// A piece as (offset, len, (seq, idx, byte within the record) or none, zero).
+    type Origin = (u64, u64, Option<(u64, u32, u64)>, bool);
+
+    /// Where each byte of the image comes from: comparable between plans built from
+    /// different record lists.
+    fn sources(plan: &Plan) -> Vec<Origin> {
+        plan.pieces(0, plan.size())
+            .into_iter()
+            .map(|p| match p.source {
+                Source::Target => (p.offset, p.len, None, false),
+                Source::Zero => (p.offset, p.len, None, true),
+                Source::Record { record, base } => {
+                    let r = plan.records()[record as usize];
+                    (
+                        p.offset,
+                        p.len,
+                        Some((r.seq, r.idx, p.offset - base)),
+                        false,
+                    )
+                }
+            })
+            .collect()
+    }
+
+    /// The records `records_in_chunks` leaves out are exactly ones that change nothing: a plan
+    /// of what it returns reads every byte from the same place as a plan of every record; a
+    /// chunk overwritten many times returns few records.
+    #[tokio::test]
+    async fn records_in_chunks_returns_what_the_image_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("meta.db"), true, true)
+            .await
+            .unwrap();
+        let g = catalog
+            .create_group("g", "agent", "gen", 0, &Retention::default(), 0)
+            .await
+            .unwrap();
+        // 3 chunks and a half: chunk 0 cold (a few small writes), chunk 1 rewritten whole
+        // many times in 4 KiB writes, chunk 2 half written, chunk 3 short and rewritten.
+        let size = 3 * CHUNK_BYTES + CHUNK_BYTES / 2;
+        let v = catalog.insert_volume(g.id, 0, "v", size).await.unwrap();
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut records = Vec::new();
+        let mut push = |chunk: u64, seq: u64, idx: u32, off: u64, len: u64, kind: u8| {
+            records.push(NewRecord {
+                volume_id: v.id,
+                row: RecordRow {
+                    chunk,
+                    seq,
+                    idx,
+                    chunk_offset: off as u32,
+                    length: len as u32,
+                    kind,
+                    segment: 1,
+                    position: seq * 1000 + u64::from(idx),
+                },
+            });
+        };
+        for seq in 1..=60u64 {
+            for idx in 0..100u32 {
+                let chunk = next() % 4;
+                let chunk_len = if chunk == 3 {
+                    CHUNK_BYTES / 2
+                } else {
+                    CHUNK_BYTES
+                };
+                let (off, len) = match chunk {
+                    0 if idx % 50 != 0 => continue,
+                    2 => ((next() % 128) * 4096, 4096 * (1 + next() % 3)),
+                    _ => ((next() % (chunk_len / 4096)) * 4096, 4096),
+                };
+                let len = len.min(chunk_len - off);
+                let kind = [1u8, 1, 1, 2, 3][(next() % 5) as usize];
+                push(chunk, seq, idx, off, len, kind);
+            }
+        }
+        let total = records.len();
+        catalog
+            .commit(&CommitRows {
+                group_id: g.id,
+                head_seq: 60,
+                records,
+                ..CommitRows::default()
+            })
+            .await
+            .unwrap();
+        for (after, upto) in [(0, 60), (0, 30), (10, 60), (59, 60), (0, 1), (30, 30)] {
+            for (first, end) in [(0, 4), (1, 2), (0, 1), (2, 4), (3, 4)] {
+                let every: Vec<RecordRow> = catalog
+                    .records_in_seq_order(v.id, after, upto)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .filter(|r| r.chunk >= first && r.chunk < end)
+                    .collect();
+                let some = catalog
+                    .records_in_chunks(
+                        v.id,
+                        after,
+                        upto,
+                        first,
+                        end,
+                        crate::hashes::chunk_len_of(size),
+                    )
+                    .await
+                    .unwrap();
+                let mut sorted = some.clone();
+                sorted.sort_by_key(|r| (r.chunk, r.seq, r.idx));
+                assert_eq!(some, sorted, "in key order");
+                assert!(some.iter().all(|r| every.contains(r)));
+                let plan = |rows: &[RecordRow]| {
+                    let mut rows = rows.to_vec();
+                    rows.sort_by_key(|r| (r.seq, r.idx));
+                    Plan::build(size, rows.iter().map(|r| RecordRef::from_row(r).unwrap())).unwrap()
+                };
+                assert_eq!(
+                    sources(&plan(&every)),
+                    sources(&plan(&some)),
+                    "({after}, {upto}] chunks {first}..{end}"
+                );
+                if (after, upto, first, end) == (0, 60, 1, 2) {
+                    assert!(
+                        some.len() * 2 < every.len(),
+                        "hidden records of a rewritten chunk are left out: {} of {}",
+                        some.len(),
+                        every.len()
+                    );
+                }
+            }
+        }
+        assert!(total > 4000);
     }
 }

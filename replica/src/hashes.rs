@@ -45,6 +45,14 @@ pub fn chunk_count(size: u64) -> u64 {
     size.div_ceil(CHUNK_BYTES)
 }
 
+/// The length of each chunk of a volume of `size` bytes (the last one may be short).
+pub fn chunk_len_of(size: u64) -> impl Fn(u64) -> u64 {
+    move |chunk| {
+        size.saturating_sub(chunk.saturating_mul(CHUNK_BYTES))
+            .min(CHUNK_BYTES)
+    }
+}
+
 /// Whether a hash request for chunks `first_chunk..first_chunk + count` of volume `name`
 /// (`size` bytes, in `state`) is answered; `Err` is the sentence for the agent.
 pub fn check_request(

@@ -196,7 +196,14 @@ impl LazyImage {
         if let (Some(&lo), Some(&hi)) = (missing.first(), missing.last()) {
             let rows = i
                 .catalog
-                .records_in_chunks(i.spec.volume_id, i.spec.base_floor, i.spec.seq, lo, hi + 1)
+                .records_in_chunks(
+                    i.spec.volume_id,
+                    i.spec.base_floor,
+                    i.spec.seq,
+                    lo,
+                    hi + 1,
+                    crate::hashes::chunk_len_of(i.spec.size),
+                )
                 .await?;
             let mut by_chunk: BTreeMap<u64, Vec<RecordRow>> = BTreeMap::new();
             for r in rows {

@@ -218,6 +218,11 @@ enum VerifyCommand {
         /// Chunks per second at most (default: as fast as 4 checks at once allow).
         #[arg(long)]
         rate: Option<f64>,
+        /// Stop the run if it has not ended within this long (30s, 5m, 2h): serve stops it
+        /// (the chunks checked so far keep their results) and the command fails. Default: wait
+        /// until it ends.
+        #[arg(long)]
+        timeout: Option<String>,
     },
     /// Per volume: chunks verified and mismatches in a period, coverage of the last 24 h, the
     /// last full pass, and every mismatch in detail.
@@ -716,7 +721,12 @@ async fn verify(command: VerifyCommand) -> Result<(), CliError> {
             volume,
             full,
             rate,
+            timeout,
         } => {
+            let timeout = timeout
+                .map(|t| parse_duration(&t))
+                .transpose()
+                .map_err(|e| CliError::Usage(format!("--timeout: {e}")))?;
             if let Some(r) = rate
                 && !(r > 0.0 && r <= 1e6)
             {
@@ -735,7 +745,7 @@ async fn verify(command: VerifyCommand) -> Result<(), CliError> {
                 b
             });
             let mut told_waiting = false;
-            let summary = cdp_replica::verifier::run(&data, volume.as_deref(), full, rate, |p| {
+            let summary = cdp_replica::verifier::run(&data, volume.as_deref(), full, rate, timeout, |p| {
                 if p.waiting_for_agent && !told_waiting {
                     told_waiting = true;
                     let note = "waiting for the agent to connect: the verification goes on when it does (Ctrl-C to stop waiting; serve keeps the run)";

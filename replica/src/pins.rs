@@ -431,7 +431,14 @@ impl PinGuard {
         let group = i.catalog.group_by_id(i.volume.group_id).await?;
         let rows = i
             .catalog
-            .records_in_chunks(i.volume.id, group.base_seq, i.seq, chunks.start, chunks.end)
+            .records_in_chunks(
+                i.volume.id,
+                group.base_seq,
+                i.seq,
+                chunks.start,
+                chunks.end,
+                crate::hashes::chunk_len_of(i.volume.size),
+            )
             .await?;
         self.reader(&group, &rows)
     }

@@ -11,11 +11,14 @@
 //!    synced or resynced, the group overflowed): outcome `skipped` with the reason (the chunk
 //!    comes round again). No agent connected, or the connection lost: nothing is recorded and
 //!    the verifier waits. No answer within [`ANSWER_TIMEOUT`]: outcome `timeout`.
-//! 2. Wait until the group's durable head (the catalog's `head_seq`, polled every
-//!    [`HEAD_POLL_INTERVAL`]) reaches S; not within [`HEAD_WAIT_TIMEOUT`]: outcome `timeout`
-//!    (not a mismatch).
-//! 3. Pin S (`pins`, holder `verifier`) — the trimmer cannot move past it while the chunk is
-//!    read — plan the chunk's records in (base, S] (one catalog key range), read it from the
+//! 2. Wait until the group's durable head (the catalog's `head_seq`, read every
+//!    [`HEAD_POLL_INTERVAL`] by one task, [`poll_heads`], for all the checks that wait)
+//!    reaches S; not within [`HEAD_WAIT_TIMEOUT`]: outcome `timeout` (not a mismatch).
+//! 3. Pin S (`pins`, holder `verifier`; at most [`RECONSTRUCTIONS_AT_ONCE`] checks are in
+//!    this step at once) — the trimmer cannot move past it while the chunk is
+//!    read — plan the chunk from its records in (base, S] that the image at S reads (newest
+//!    first, only until they cover the chunk: a chunk under constant overwrite costs its last
+//!    full rewrite, not the whole window), read it from the
 //!    target file and the journal on a blocking thread, blake3 it (the last chunk over the
 //!    volume's actual length, as the agent does), release the pin. A point outside the window
 //!    (trimmed meanwhile): `skipped`.
@@ -119,6 +122,7 @@ use cdp_shared::point::PointSpec;
 use cdp_shared::types::CHUNK_BYTES;
 use cdp_shared::wire::{Control, REPAIR_CHUNKS_PER_MESSAGE_MAX};
 use serde::Serialize;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -145,8 +149,13 @@ pub const HEAD_POLL_INTERVAL: Duration = Duration::from_millis(10);
 pub const NO_AGENT_RETRY: Duration = Duration::from_millis(500);
 /// How often serve looks for requested runs and repairs (and the CLI at their progress).
 pub const REQUEST_POLL_INTERVAL: Duration = Duration::from_millis(250);
-/// Checks of the background verifier at once.
-pub const BACKGROUND_CHECKS_IN_FLIGHT: usize = 8;
+/// Checks of the background verifier at once. Most of a check's time under load is the wait
+/// for its seq to become durable (the replication lag), which costs nothing, so many wait at
+/// once; the agent's answers are bounded by its connection's question slots and the
+/// reconstructions by [`RECONSTRUCTIONS_AT_ONCE`].
+pub const BACKGROUND_CHECKS_IN_FLIGHT: usize = 128;
+/// Chunks read and hashed by the replica at once.
+pub const RECONSTRUCTIONS_AT_ONCE: usize = 2;
 /// Checks of an on-demand run at once.
 pub const RUN_CHECKS_IN_FLIGHT: usize = 4;
 /// Recent chunks queued per volume and round.
@@ -181,6 +190,38 @@ struct Ctx {
     ports: AgentPorts,
     config: VerifierConfig,
     token: CancellationToken,
+    /// Group id → durable head, published by [`poll_heads`] while checks wait on it.
+    heads: watch::Sender<HashMap<i64, u64>>,
+    /// Reconstructions at once (each reads and hashes a chunk).
+    reconstructions: Semaphore,
+}
+
+/// Reads every group's durable head from the catalog each [`HEAD_POLL_INTERVAL`] while a
+/// check waits on one, and publishes it: one query per interval however many checks wait.
+async fn poll_heads(ctx: Arc<Ctx>) {
+    loop {
+        tokio::select! {
+            _ = ctx.token.cancelled() => return,
+            _ = tokio::time::sleep(HEAD_POLL_INTERVAL) => {}
+        }
+        if ctx.heads.receiver_count() == 0 {
+            continue;
+        }
+        match ctx.catalog.groups().await {
+            Ok(groups) => {
+                ctx.heads.send_if_modified(|heads| {
+                    let mut changed = false;
+                    for g in &groups {
+                        if heads.insert(g.id, g.head_seq) != Some(g.head_seq) {
+                            changed = true;
+                        }
+                    }
+                    changed
+                });
+            }
+            Err(e) => tracing::warn!("the verifier could not read the groups' heads: {e}"),
+        }
+    }
 }
 
 /// A volume to check, with its group.
@@ -236,9 +277,12 @@ pub async fn start(
         ports,
         config,
         token,
+        heads: watch::Sender::new(HashMap::new()),
+        reconstructions: Semaphore::new(RECONSTRUCTIONS_AT_ONCE),
     });
     Ok(tokio::spawn(async move {
         let tasks = TaskTracker::new();
+        tasks.spawn(poll_heads(ctx.clone()));
         if ctx.config.chunks_per_sec > 0.0 {
             tasks.spawn(background(ctx.clone()));
         }
@@ -251,14 +295,16 @@ pub async fn start(
 
 /// Checks one chunk (steps 1–4 of the module docs). `Ok(None)`: no agent connected (or the
 /// connection was lost, or serve is stopping) — nothing to record, try again later.
-pub async fn check_chunk(
-    dir: &DataDir,
-    catalog: &Catalog,
-    ports: &AgentPorts,
-    t: &Target,
-    chunk: u64,
-    token: &CancellationToken,
-) -> Result<Option<Check>> {
+async fn check_chunk(ctx: &Ctx, t: &Target, chunk: u64) -> Result<Option<Check>> {
+    let Ctx {
+        dir,
+        catalog,
+        ports,
+        heads,
+        reconstructions,
+        token,
+        ..
+    } = ctx;
     let asked = ports
         .ask(
             t.group_id,
@@ -301,28 +347,38 @@ pub async fn check_chunk(
         reason,
     };
     // 2. The journal must hold S.
-    let deadline = Instant::now() + HEAD_WAIT_TIMEOUT;
-    loop {
-        let head = catalog.head(t.group_id).await?;
-        if head >= seq {
-            break;
-        }
-        if Instant::now() >= deadline {
-            return Ok(Some(with_seq(
-                VerifyOutcome::Timeout,
-                None,
-                Some(format!(
-                    "the journal did not reach seq {seq} within {} s (durable up to {head})",
-                    HEAD_WAIT_TIMEOUT.as_secs()
-                )),
-            )));
-        }
+    let deadline = tokio::time::Instant::now() + HEAD_WAIT_TIMEOUT;
+    let mut heads = heads.subscribe();
+    let mut head = catalog.head(t.group_id).await?;
+    while head < seq {
         tokio::select! {
             _ = token.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(HEAD_POLL_INTERVAL) => {}
+            changed = heads.changed() => {
+                if changed.is_err() {
+                    return Ok(None);
+                }
+                head = head.max(heads.borrow_and_update().get(&t.group_id).copied().unwrap_or(0));
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Ok(Some(with_seq(
+                    VerifyOutcome::Timeout,
+                    None,
+                    Some(format!(
+                        "the journal did not reach seq {seq} within {} s (durable up to {head})",
+                        HEAD_WAIT_TIMEOUT.as_secs()
+                    )),
+                )));
+            }
         }
     }
-    // 3. Pin S and reconstruct the chunk.
+    // 3. Pin S and reconstruct the chunk (at most RECONSTRUCTIONS_AT_ONCE at once).
+    let _slot = tokio::select! {
+        _ = token.cancelled() => return Ok(None),
+        s = reconstructions.acquire() => match s {
+            Ok(s) => s,
+            Err(_) => return Ok(None),
+        },
+    };
     let spec = PointSpec::Seq(seq);
     let (_, pin) = match pin_in(
         dir,
@@ -475,7 +531,7 @@ async fn check_and_record(
 ) -> Result<Option<Check>> {
     loop {
         let started = Instant::now();
-        match check_chunk(&ctx.dir, &ctx.catalog, &ctx.ports, &t, chunk, &ctx.token).await? {
+        match check_chunk(&ctx, &t, chunk).await? {
             Some(check) => {
                 record(&ctx, &t, chunk, &check, started.elapsed(), run_id).await?;
                 return Ok(Some(check));
@@ -747,9 +803,17 @@ async fn do_run(ctx: &Arc<Ctx>, run: &RunRow) -> Result<()> {
             }
             None => return Ok(()),
         }
-        ctx.catalog
+        if !ctx
+            .catalog
             .verify_run_progress(run.id, done, mismatches, skipped)
-            .await?;
+            .await?
+        {
+            // Ended from outside (`verify run --timeout`): let the checks under way record
+            // their results, start no more.
+            tracing::info!(run = run.id, volume = %t.volume.name, done, "verification run stopped by its command");
+            while jobs.join_next().await.is_some() {}
+            return Ok(());
+        }
     }
     tracing::info!(run = run.id, volume = %t.volume.name, done, mismatches, skipped, "verification run done");
     Ok(())
@@ -1018,8 +1082,10 @@ pub async fn run(
     volume: Option<&str>,
     full: bool,
     rate: Option<f64>,
+    timeout: Option<Duration>,
     mut progress: impl FnMut(RunProgress),
 ) -> Result<RunSummary> {
+    let deadline = timeout.map(|t| Instant::now() + t);
     let dir = DataDir::existing(root)?;
     serving(&dir, "verify run")?;
     let catalog = Catalog::open(&dir.catalog(), false, false).await?;
@@ -1085,6 +1151,20 @@ pub async fn run(
                         })
                         .collect(),
                 });
+            }
+            if let (Some(d), Some(t)) = (deadline, timeout)
+                && Instant::now() >= d
+            {
+                // Serve sees the run ended and stops it (`do_run`); the next round of this
+                // loop reads the rows back as failed.
+                let why = format!(
+                    "stopped: not done within {} (verify run --timeout)",
+                    crate::retention::format_duration(t)
+                );
+                for (_, id) in &ids {
+                    catalog.finish_verify_run(*id, Some(&why), now_ns()).await?;
+                }
+                continue;
             }
             if !ServeLock::is_held(&dir)? {
                 return Err(ReplicaError::Verify(format!(

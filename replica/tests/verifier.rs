@@ -532,7 +532,7 @@ async fn faults_are_found_reported_and_repaired() {
     flip_byte(&dir.target("vault"), 5 * CHUNK_BYTES + 777);
     // (b) A byte flipped inside the payload of chunk 1's journal record.
     let rec = catalog
-        .records_in_chunks(vrow.id, 0, head, 1, 2)
+        .records_in_chunks(vrow.id, 0, head, 1, 2, |_| CHUNK_BYTES)
         .await
         .expect("records");
     assert_eq!(rec.len(), 1, "{rec:?}");
@@ -681,5 +681,50 @@ async fn faults_are_found_reported_and_repaired() {
         &["verify", "report", "--data", d, "--since", "yesterday"],
         "--since",
     );
+
+    // `--timeout`: a full run at 1 chunk a second cannot end within 2 s; the command fails
+    // saying so, and serve stops the run: only a few of its 8 checks happen (a run that went on
+    // would add all 8 before serve takes the next run).
+    let total = |r: &serde_json::Value| r["volumes"][0]["checks"]["total"].as_u64().expect("total");
+    let before = total(&json(&[
+        "verify", "report", "--data", d, "--volume", "vault", "--json",
+    ]));
+    let (out, _) = fails(
+        &[
+            "verify",
+            "run",
+            "--data",
+            d,
+            "--volume",
+            "vault",
+            "--full",
+            "--rate",
+            "1",
+            "--timeout",
+            "2s",
+        ],
+        "failed",
+    );
+    assert!(
+        out.contains("verification failed: stopped: not done within 2s (verify run --timeout)"),
+        "{out}"
+    );
+    fails(
+        &["verify", "run", "--data", d, "--timeout", "soon"],
+        "--timeout",
+    );
+    let out = ok(&["verify", "run", "--data", d, "--volume", "vault", "--full"]);
+    assert!(out.contains("verified 8 of 8 chunks"), "{out}");
+    let r = json(&[
+        "verify", "report", "--data", d, "--volume", "vault", "--json",
+    ]);
+    let added = total(&r) - before;
+    assert!(
+        (8..8 + 6).contains(&added),
+        "the stopped run checked at most a few chunks: {added} checks in all: {r}"
+    );
+    let stopped = &r["volumes"][0]["runs"][1];
+    assert_eq!(stopped["state"], "failed", "{r}");
+    assert!(stopped["chunks_done"].as_u64().expect("done") < 8, "{r}");
     agent.close().await;
 }

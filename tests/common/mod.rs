@@ -605,6 +605,16 @@ impl Drop for Cluster {
     /// (the test harness shows them with the failure), then the processes are stopped.
     fn drop(&mut self) {
         self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        // CDP_TEST_KEEP=1: the test's directory (logs, catalog, journal) stays for a look.
+        if std::env::var_os("CDP_TEST_KEEP").is_some()
+            && let Ok(d) = tempfile::tempdir()
+        {
+            let kept = std::mem::replace(&mut self.dir, d).keep();
+            eprintln!(
+                "CDP_TEST_KEEP: the test's directory is kept: {}",
+                kept.display()
+            );
+        }
         if !std::thread::panicking() {
             return;
         }
