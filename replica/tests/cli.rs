@@ -2,124 +2,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
 use cdp_shared::batch::BatchFlags;
 use cdp_shared::identity::{Fingerprint, Identity};
 use cdp_shared::types::CHUNK_BYTES;
+use common::cli::*;
+use common::serve::Serve;
 use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cdp-replica");
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run cdp-replica")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Runs a command that must fail with one `error:` sentence containing `needle`.
-fn fails(args: &[&str], needle: &str) {
-    let o = run(args);
-    let err = stderr(&o);
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "{args:?} should exit 1; stderr: {err}"
-    );
-    assert!(
-        err.contains("error: ") && err.contains(needle),
-        "{args:?}: stderr {err:?} lacks {needle:?}"
-    );
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(o.status.success(), "{args:?} failed: {}", stderr(&o));
-    stdout(&o)
-}
-
-/// `serve` as a child process; stopped with SIGTERM when dropped.
-struct Serve {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Serve {
-    fn start(data: &Path) -> Serve {
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--data",
-                data.to_str().expect("path"),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn serve");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(DEADLINE).expect("serve prints its address");
-        let addr = line
-            .split_whitespace()
-            .nth(2)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Serve { child, addr }
-    }
-
-    /// SIGTERM, then wait (with a deadline) for a clean exit.
-    fn stop(mut self) {
-        self.terminate();
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "serve exited with {status}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "serve did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn terminate(&self) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_outputs_and_errors() {

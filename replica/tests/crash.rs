@@ -17,11 +17,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cdp_replica::PointSpec;
@@ -32,11 +30,11 @@ use cdp_shared::batch::BatchFlags;
 use cdp_shared::identity::{Fingerprint, Identity};
 use cdp_shared::types::CHUNK_BYTES;
 use cdp_shared::wire::{Control, GroupHello};
+use common::serve::{Serve, log_tail};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cdp-replica");
 /// Kills during ingest in `cargo test`.
 const KILLS_DEFAULT: u32 = 20;
 /// Kills one replica takes before the run goes on with a fresh one (restores grow with the
@@ -158,80 +156,6 @@ impl Agent {
             self.sim.batches.retain(|&s, _| s > durable);
         }
     }
-}
-
-/// `serve` as a child process (stderr appended to a log file).
-struct Serve {
-    child: Child,
-    addr: Option<SocketAddr>,
-}
-
-impl Serve {
-    fn spawn(data: &Path, listen: &str, log: &Path) -> Serve {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--data",
-                data.to_str().expect("path"),
-                "--listen",
-                listen,
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn serve");
-        Serve { child, addr: None }
-    }
-
-    /// Waits (with a deadline) for the "listening on ADDR" line.
-    fn wait_listening(&mut self, log: &Path) -> SocketAddr {
-        let out = self.child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(DEADLINE).unwrap_or_default();
-        let addr = line
-            .split_whitespace()
-            .nth(2)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "serve did not start ({line:?}); its log ends with:\n{}",
-                    log_tail(log)
-                )
-            });
-        self.addr = Some(addr);
-        addr
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL serve");
-        self.child.wait().expect("reap serve");
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
 /// Connects and says hello; returns the agent connection and the group's durable seq.
@@ -374,14 +298,14 @@ async fn one_replica(kills: u32, seed: u64) -> RunStats {
     while done < kills {
         // Sometimes the kill lands while serve is starting (recovering its journal).
         if agent.rng.random_ratio(1, 6) && listen != "127.0.0.1:0" {
-            let serve = Serve::spawn(&root, &listen, &log);
+            let serve = Serve::spawn(&root, &listen, &log, &[]);
             let delay = agent.rng.random_range(0..30);
             tokio::time::sleep(Duration::from_millis(delay)).await;
             serve.kill();
             startup_kills += 1;
         }
-        let mut serve = Serve::spawn(&root, &listen, &log);
-        let addr = serve.wait_listening(&log);
+        let mut serve = Serve::spawn(&root, &listen, &log, &[]);
+        let addr = serve.wait_listening();
         listen = addr.to_string();
         let acked_before = agent.acked;
         let (mut q, durable) = connect(&agent, replica_fp, addr).await;
@@ -398,8 +322,8 @@ async fn one_replica(kills: u32, seed: u64) -> RunStats {
     }
 
     // A last start: everything sent is acknowledged, and the head restores exactly.
-    let mut serve = Serve::spawn(&root, &listen, &log);
-    let addr = serve.wait_listening(&log);
+    let mut serve = Serve::spawn(&root, &listen, &log, &[]);
+    let addr = serve.wait_listening();
     let acked_before = agent.acked;
     let (mut q, durable) = connect(&agent, replica_fp, addr).await;
     check(&root, tmp.path(), &mut agent, acked_before, durable).await;

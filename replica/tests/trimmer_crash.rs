@@ -14,10 +14,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cdp_replica::catalog::Catalog;
@@ -28,11 +26,11 @@ use cdp_shared::batch::BatchFlags;
 use cdp_shared::identity::{Fingerprint, Identity};
 use cdp_shared::types::CHUNK_BYTES;
 use cdp_shared::wire::{Control, GroupHello};
+use common::serve::{Serve, log_tail};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cdp-replica");
 const KILLS_DEFAULT: u32 = 10;
 const VOL: (u32, &str, u64) = (0, "trim-disk", 2 * CHUNK_BYTES + 4608);
 const GROUP: &str = "g";
@@ -115,77 +113,15 @@ impl Agent {
     }
 }
 
-/// `serve` as a child process (stderr appended to a log file).
-struct Serve {
-    child: Child,
-}
-
-impl Serve {
-    fn spawn(data: &Path, listen: &str, log: &Path) -> Serve {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--data",
-                data.to_str().expect("path"),
-                "--listen",
-                listen,
-            ])
-            .env("RUST_LOG", "info,cdp_replica::trimmer=debug")
-            .env(
-                cdp_replica::ingest::TEST_SEGMENT_BYTES_ENV,
-                SEGMENT_BYTES.to_string(),
-            )
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn serve");
-        Serve { child }
-    }
-
-    fn wait_listening(&mut self, log: &Path) -> SocketAddr {
-        let out = self.child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(DEADLINE).unwrap_or_default();
-        line.split_whitespace()
-            .nth(2)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "serve did not start ({line:?}); its log ends with:\n{}",
-                    log_tail(log)
-                )
-            })
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL serve");
-        self.child.wait().expect("reap serve");
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+/// serve's environment: the trimmer's decisions logged, small journal segments.
+fn serve_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("RUST_LOG", "info,cdp_replica::trimmer=debug".into()),
+        (
+            cdp_replica::ingest::TEST_SEGMENT_BYTES_ENV,
+            SEGMENT_BYTES.to_string(),
+        ),
+    ]
 }
 
 async fn connect(agent: &Agent, replica: Fingerprint, addr: SocketAddr) -> (QuicAgent, u64) {
@@ -359,14 +295,14 @@ async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
     let mut startup_kills = 0u32;
     for _ in 0..kills {
         if agent.rng.random_ratio(1, 4) && listen != "127.0.0.1:0" {
-            let serve = Serve::spawn(&root, &listen, &log);
+            let serve = Serve::spawn(&root, &listen, &log, &serve_env());
             let delay = agent.rng.random_range(0..40);
             tokio::time::sleep(Duration::from_millis(delay)).await;
             serve.kill();
             startup_kills += 1;
         }
-        let mut serve = Serve::spawn(&root, &listen, &log);
-        let addr = serve.wait_listening(&log);
+        let mut serve = Serve::spawn(&root, &listen, &log, &serve_env());
+        let addr = serve.wait_listening();
         listen = addr.to_string();
         let acked_before = agent.acked;
         let (mut q, durable) = connect(&agent, replica_fp, addr).await;
@@ -382,8 +318,8 @@ async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
 
     // A last start: everything sent is acknowledged; the window settles where retention says
     // and the trimmed segments are unlinked.
-    let mut serve = Serve::spawn(&root, &listen, &log);
-    let addr = serve.wait_listening(&log);
+    let mut serve = Serve::spawn(&root, &listen, &log, &serve_env());
+    let addr = serve.wait_listening();
     let acked_before = agent.acked;
     let (mut q, durable) = connect(&agent, replica_fp, addr).await;
     check(&root, tmp.path(), &mut agent, acked_before, durable).await;

@@ -11,9 +11,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,9 +23,10 @@ use cdp_shared::batch::{BatchFlags, RECORD_HEADER_BYTES};
 use cdp_shared::identity::{Fingerprint, Identity};
 use cdp_shared::types::CHUNK_BYTES;
 use cdp_shared::wire::{self, Control, FrameDecoder};
+use common::cli::*;
+use common::serve::Serve;
 use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cdp-replica");
 /// Unacknowledged batches the test agent lets out at once.
 const WINDOW: u64 = 16;
 
@@ -341,91 +340,6 @@ async fn no_false_mismatch_under_continuous_ingest() {
 }
 
 // ---- the CLI, against a `serve` child process ----
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run cdp-replica")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs a command that must exit 1; returns (stdout, stderr).
-fn fails(args: &[&str], needle: &str) -> (String, String) {
-    let o = run(args);
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert_eq!(o.status.code(), Some(1), "{args:?} should fail: {out}{err}");
-    assert!(
-        err.contains("error: ") && err.contains(needle),
-        "{args:?}: {err:?} lacks {needle:?}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
-    (out, err)
-}
-
-fn json(args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&ok(args)).expect("json")
-}
-
-struct Serve {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Serve {
-    fn start(data: &Path) -> Serve {
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--data",
-                data.to_str().expect("path"),
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn serve");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(DEADLINE).expect("serve prints its address");
-        let addr = line
-            .split_whitespace()
-            .nth(2)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        Serve { child, addr }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn flip_byte(path: &Path, at: u64) {
     use std::os::unix::fs::FileExt;

@@ -2,6 +2,10 @@
 //! volume after every seq), an in-process ingest harness, and a QUIC test agent.
 #![allow(dead_code)]
 
+pub mod cli;
+pub mod nbd;
+pub mod serve;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
