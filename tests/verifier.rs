@@ -80,18 +80,23 @@ fn no_false_positives_under_heavy_overwrite_at_the_highest_rate() {
     );
 
     let started = Instant::now();
-    let out = run_ok(Command::new("fio").current_dir(c.dir.path()).args([
-        "--name=overwrite",
-        "--ioengine=nbd",
-        &format!("--uri={}", c.nbd_uri("v")),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--size=8M",
-        "--iodepth=8",
-        "--time_based",
-        &format!("--runtime={secs}"),
-        "--output-format=json",
-    ]));
+    // fio runs `secs` by design; the usual command deadline comes on top of that.
+    let limit = command_deadline() + Duration::from_secs(secs);
+    let out = run_ok_within(
+        Command::new("fio").current_dir(c.dir.path()).args([
+            "--name=overwrite",
+            "--ioengine=nbd",
+            &format!("--uri={}", c.nbd_uri("v")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=8M",
+            "--iodepth=8",
+            "--time_based",
+            &format!("--runtime={secs}"),
+            "--output-format=json",
+        ]),
+        limit,
+    );
     let fio: serde_json::Value =
         serde_json::from_str(out.trim_start_matches(|ch| ch != '{')).expect("fio JSON");
     assert_eq!(fio["jobs"][0]["error"].as_i64(), Some(0), "fio: {fio}");

@@ -175,7 +175,13 @@ pub fn run_within(cmd: &mut Command, limit: Duration) -> Output {
 
 /// Runs a command that must succeed; returns its stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
+    run_ok_within(cmd, command_deadline())
+}
+
+/// Like [`run_ok`], for a command that runs for a while by design (fio with `--runtime`):
+/// killed, and the test failed, after `limit`.
+pub fn run_ok_within(cmd: &mut Command, limit: Duration) -> String {
+    let out = run_within(cmd, limit);
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
