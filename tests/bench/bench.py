@@ -640,20 +640,19 @@ def main():
     rep = Report()
     started = time.time()
     try:
-        if 1 in only:
-            bench_nbd(args, rep, work)
-        if 2 in only:
-            bench_replication(args, rep, work)
-        if 3 in only:
-            bench_restore(args, rep, work)
-        if 4 in only:
-            bench_export(args, rep, work)
-        if 5 in only:
-            bench_verifier(args, rep, work)
-        if 6 in only:
-            bench_metadata(args, rep, work)
-        if 7 in only:
-            bench_cpu(args, rep, work)
+        sections = [bench_nbd, bench_replication, bench_restore, bench_export, bench_verifier,
+                    bench_metadata, bench_cpu]
+        for n, section in enumerate(sections, start=1):
+            if n not in only:
+                continue
+            # Each section in a directory of its own, removed when it ends: the sections'
+            # volumes and journals together would need tens of GB.
+            sub = os.path.join(work, f"section-{n}")
+            os.makedirs(sub)
+            try:
+                section(args, rep, sub)
+            finally:
+                shutil.rmtree(sub, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
