@@ -477,5 +477,19 @@ async fn a_full_disk_pauses_ingest_and_it_resumes_when_space_returns() {
     assert_eq!(count("ingest paused"), 4, "{events:?}");
     assert_eq!(count("ingest resumed"), 4, "{events:?}");
     catalog.close().await;
+
+    // A restore onto a filesystem too small for the image fails with the reason, and leaves
+    // nothing behind (neither the image nor its partial file).
+    let tiny = mount_small_fs(&tmp.path().join("tiny"), 512 << 10).expect("mounted above");
+    let out = tiny.path.join("restored.img");
+    let e = cdp_replica::restore(&root, VOL.1, &PointSpec::Latest, &out)
+        .await
+        .expect_err("the image does not fit");
+    assert!(e.to_string().contains("No space left"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(&tiny.path)
+        .expect("read the tiny fs")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    drop(tiny);
     drop(fs);
 }
