@@ -206,11 +206,11 @@ fn hash_of(bytes: Option<Vec<u8>>) -> Result<Option<Hash>> {
 /// Rows of one page of [`Catalog::records_in_chunks`].
 const COVER_PAGE_ROWS: i64 = 1024;
 
-/// The byte ranges of a chunk that newer records already cover: sorted, disjoint, merged.
+/// The byte ranges of a chunk that newer records already cover: sorted, disjoint, merged
+/// (ranges that touch are one).
 #[derive(Default)]
 struct Coverage {
     ranges: Vec<(u64, u64)>,
-    bytes: u64,
 }
 
 impl Coverage {
@@ -229,20 +229,16 @@ impl Coverage {
         for &(rs, re) in &self.ranges[lo..hi] {
             s = s.min(rs);
             e = e.max(re);
-            self.bytes -= re - rs;
         }
         self.ranges.splice(lo..hi, [(s, e)]);
-        self.bytes += e - s;
         true
     }
 
-    /// Whether `[0, len)` is covered.
+    /// Whether `[0, len)` is covered (merged ranges: the first one must span it).
     fn covers(&self, len: u64) -> bool {
-        self.bytes >= len
-            && self
-                .ranges
-                .first()
-                .is_some_and(|&(s, e)| s == 0 && e >= len)
+        self.ranges
+            .first()
+            .is_some_and(|&(s, e)| s == 0 && e >= len)
     }
 }
 
@@ -2286,16 +2282,17 @@ impl Catalog {
         .map_err(ReplicaError::catalog("read verification runs"))
     }
 
-    /// A requested run becomes running (with its real chunk count).
-    pub async fn start_verify_run(&self, id: i64, chunks_total: u64, now_ns: i64) -> Result<()> {
-        sqlx::query("UPDATE verify_runs SET state = 'running', started_ns = ?, chunks_total = ? WHERE id = ?")
+    /// A requested run becomes running (with its real chunk count); false when it is no
+    /// longer requested (its command ended it first: `verify run --timeout`).
+    pub async fn start_verify_run(&self, id: i64, chunks_total: u64, now_ns: i64) -> Result<bool> {
+        let started = sqlx::query("UPDATE verify_runs SET state = 'running', started_ns = ?, chunks_total = ? WHERE id = ? AND state = 'requested'")
             .bind(now_ns)
             .bind(chunks_total as i64)
             .bind(id)
             .execute(&self.pool)
             .await
             .map_err(ReplicaError::catalog("start a verification run"))?;
-        Ok(())
+        Ok(started.rows_affected() == 1)
     }
 
     /// Records a running run's progress; false when the run is no longer `running` (ended by
@@ -2458,7 +2455,7 @@ mod tests {
         assert!(c.add(5, 10));
         assert!(c.covers(40));
         assert!(!c.covers(41));
-        assert_eq!(c.bytes, 40);
+        assert_eq!(c.ranges, vec![(0, 40)]);
         assert!(!c.add(7, 7), "empty");
     }
 

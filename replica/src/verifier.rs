@@ -758,9 +758,14 @@ async fn do_run(ctx: &Arc<Ctx>, run: &RunRow) -> Result<()> {
         ctx.catalog.set_sweep_next(t.volume.id, next).await?;
         list
     };
-    ctx.catalog
+    if !ctx
+        .catalog
         .start_verify_run(run.id, chunks.len() as u64, now_ns())
-        .await?;
+        .await?
+    {
+        // Ended by its command before serve took it (`verify run --timeout`).
+        return Ok(());
+    }
     tracing::info!(run = run.id, volume = %t.volume.name, chunks = chunks.len(), full = run.full, "verification run started");
     let t = Arc::new(t);
     let mut pace = run
@@ -1513,6 +1518,51 @@ mod tests {
         assert_eq!(catalog.prune_verify_results(0, 4).await.expect("prune"), 4);
         let c = catalog.verify_counts(v.id, 0).await.expect("counts");
         assert_eq!((c.checks, c.last_ns), (4, Some(109)));
+
+        // A run its command ended before serve took it is not started; a requested one is,
+        // once, and its progress is recorded only while it runs.
+        let stopped = catalog
+            .insert_verify_run(v.id, true, None, 4, 1)
+            .await
+            .expect("run");
+        catalog
+            .finish_verify_run(stopped, Some("stopped"), 2)
+            .await
+            .expect("finish");
+        assert!(
+            !catalog
+                .start_verify_run(stopped, 4, 3)
+                .await
+                .expect("start")
+        );
+        let row = catalog
+            .verify_run(stopped)
+            .await
+            .expect("read")
+            .expect("row");
+        assert_eq!(row.state, "failed");
+        let run = catalog
+            .insert_verify_run(v.id, true, None, 4, 4)
+            .await
+            .expect("run");
+        assert!(catalog.start_verify_run(run, 4, 5).await.expect("start"));
+        assert!(!catalog.start_verify_run(run, 4, 6).await.expect("start"));
+        assert!(
+            catalog
+                .verify_run_progress(run, 1, 0, 0)
+                .await
+                .expect("progress")
+        );
+        catalog
+            .finish_verify_run(run, Some("stopped"), 7)
+            .await
+            .expect("finish");
+        assert!(
+            !catalog
+                .verify_run_progress(run, 2, 0, 0)
+                .await
+                .expect("progress")
+        );
 
         let m = MismatchRow {
             id: 0,
