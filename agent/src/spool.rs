@@ -69,6 +69,9 @@ struct State {
     /// Bytes of the batches held.
     held_bytes: u64,
     acked: Seq,
+    /// The newest acknowledged batch and its header hash, once acknowledged batches have been
+    /// forgotten: the writer saves it in `trimmed` before it deletes their segments.
+    trim_to: Option<(Seq, Hash)>,
     failed: Option<String>,
 }
 
@@ -82,7 +85,8 @@ struct Shared {
 enum Cmd {
     Append(SealedBatch),
     Sync,
-    Ack(Seq),
+    /// Delete the segments that hold no batch any more (see [`Spool::ack`]).
+    Trim,
     /// Forget everything and continue the chain after `seq` (see [`Spool::reset`]).
     Reset(Seq, Hash, mpsc::Sender<io::Result<()>>),
 }
@@ -232,6 +236,7 @@ impl Spool {
                 cached_bytes: 0,
                 held_bytes,
                 acked: trimmed_seq,
+                trim_to: None,
                 failed: None,
             }),
             written,
@@ -305,8 +310,34 @@ impl Spool {
 
     /// Everything up to `seq` is acknowledged by the replica: forget it and delete the segments
     /// that hold nothing newer.
+    ///
+    /// The batches are forgotten (and `held_bytes` drops) before this returns, so whoever
+    /// waits for room in the spool and is woken by the acknowledgement sees it; only the
+    /// deletion of the segment files is left to the writer thread.
     pub fn ack(&self, seq: Seq) {
-        let _ = self.tx.send(Cmd::Ack(seq));
+        {
+            let mut st = self.lock();
+            if seq <= st.acked {
+                return;
+            }
+            let Some((&acked_seq, acked_entry)) = st.entries.range(..=seq).next_back() else {
+                return;
+            };
+            let acked_hash = acked_entry.hash;
+            let keep = st.entries.split_off(&seq.next());
+            let (mut freed_cached, mut freed_held) = (0, 0);
+            for (_, e) in std::mem::replace(&mut st.entries, keep) {
+                freed_held += e.len;
+                if let Some(b) = e.cached {
+                    freed_cached += b.len();
+                }
+            }
+            st.cached_bytes -= freed_cached;
+            st.held_bytes -= freed_held;
+            st.acked = acked_seq;
+            st.trim_to = Some((acked_seq, acked_hash));
+        }
+        let _ = self.tx.send(Cmd::Trim);
     }
 
     /// The bytes of batch `seq`, from memory or read back from its segment.
@@ -486,6 +517,7 @@ impl Writer {
         st.cached_bytes = 0;
         st.held_bytes = 0;
         st.acked = seq;
+        st.trim_to = None;
         drop(st);
         self.synced = true;
         self.shared.written.send_replace(seq);
@@ -503,28 +535,13 @@ impl Writer {
         Ok(())
     }
 
-    fn ack(&mut self, seq: Seq) -> io::Result<()> {
-        let mut st = self.lock();
-        if seq <= st.acked {
-            return Ok(());
-        }
-        let Some((&acked_seq, acked_entry)) = st.entries.range(..=seq).next_back() else {
+    /// Deletes the segments that hold no batch (except the one being appended), after saving
+    /// the newest acknowledged seq and hash in `trimmed` so the chain survives them.
+    fn trim(&mut self) -> io::Result<()> {
+        let st = self.lock();
+        let Some((acked_seq, acked_hash)) = st.trim_to else {
             return Ok(());
         };
-        let acked_hash = acked_entry.hash;
-        let mut freed = 0;
-        let keep = st.entries.split_off(&seq.next());
-        let mut freed_held = 0;
-        for (_, e) in std::mem::replace(&mut st.entries, keep) {
-            freed_held += e.len;
-            if let Some(b) = e.cached {
-                freed += b.len();
-            }
-        }
-        st.cached_bytes -= freed;
-        st.held_bytes -= freed_held;
-        st.acked = acked_seq;
-        // A segment can go when no held batch lives in it and it is not the one being appended.
         let current = self.current.as_ref().map(|(id, _, _)| *id);
         let live: std::collections::BTreeSet<u64> =
             st.entries.values().map(|e| e.segment).collect();
@@ -566,7 +583,7 @@ fn writer_thread(shared: Arc<Shared>, rx: mpsc::Receiver<Cmd>) {
         cmds.extend(rx.try_iter());
         let mut want_sync = false;
         let mut last_written = None;
-        let mut acks = Vec::new();
+        let mut trim = false;
         for cmd in cmds {
             match cmd {
                 Cmd::Append(batch) => {
@@ -577,12 +594,12 @@ fn writer_thread(shared: Arc<Shared>, rx: mpsc::Receiver<Cmd>) {
                     last_written = Some(batch.seq);
                 }
                 Cmd::Sync => want_sync = true,
-                Cmd::Ack(seq) => acks.push(seq),
+                Cmd::Trim => trim = true,
                 Cmd::Reset(seq, hash, done) => {
                     // Whatever was queued before the reset belonged to the old chain.
                     last_written = None;
                     want_sync = false;
-                    acks.clear();
+                    trim = false;
                     let _ = done.send(w.reset(seq, &hash));
                 }
             }
@@ -598,10 +615,8 @@ fn writer_thread(shared: Arc<Shared>, rx: mpsc::Receiver<Cmd>) {
             let written = *shared.written.borrow();
             shared.durable.send_replace(written);
         }
-        for seq in acks {
-            if let Err(e) = w.ack(seq) {
-                tracing::warn!(dir = %shared.dir.display(), "could not trim the spool: {e}");
-            }
+        if trim && let Err(e) = w.trim() {
+            tracing::warn!(dir = %shared.dir.display(), "could not trim the spool: {e}");
         }
     }
 }
@@ -657,7 +672,15 @@ mod tests {
         // Acknowledge everything; the chain continues after the acknowledged batches.
         let mut b = Batcher::new("g", BatcherConfig::default(), rec.last_seq, rec.last_hash);
         let (s6, h6) = make(&mut b);
+        assert!(spool.held_bytes() > 0);
         spool.ack(Seq(5));
+        // Whoever the acknowledgement wakes sees the room it made, without waiting for the
+        // writer thread.
+        assert_eq!(
+            spool.held(),
+            (0, 0),
+            "acknowledged batches are forgotten at once"
+        );
         spool.append(s6, h6, 0);
         spool.wait_durable(Seq(6)).await.expect("durable");
         spool.ack(Seq(6));
