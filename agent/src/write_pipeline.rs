@@ -899,22 +899,28 @@ impl Group {
 
     /// Reads one chunk under the range lock and records it through the log as a sync record.
     /// `keep` decides from the chunk's bytes whether it is sent (a hash-compare resync skips
-    /// chunks the replica already holds). Returns the bytes of the records pushed.
+    /// chunks the replica already holds). `in_order`: the caller reads the next chunk next
+    /// (initial sync, hash-compare resync), which is then read in while this one is
+    /// recorded. The read leaves nothing cached ([`BlockDev::read_uncached`]). Returns the
+    /// bytes of the records pushed.
     async fn sync_chunk(
         self: &Arc<Self>,
         volume: VolumeId,
         chunk: u64,
+        in_order: bool,
         keep: impl FnOnce(&[u8]) -> bool + Send + 'static,
     ) -> ExportResult<u64> {
         let vol = self.volume(volume).clone();
         let start = chunk * CHUNK_BYTES;
         let len = vol.chunk_len(chunk);
+        let then = (in_order && chunk + 1 < vol.chunks())
+            .then(|| (start + CHUNK_BYTES, vol.chunk_len(chunk + 1)));
         let (place, waits) = self.admit(volume, start, start + len);
         wait_all(waits).await;
         let dev = vol.dev.clone();
         let encoded = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Vec<u8>>> {
             let mut buf = vec![0u8; len as usize];
-            dev.read_at(&mut buf, start)?;
+            dev.read_uncached(&mut buf, start, then)?;
             Ok(keep(&buf).then(|| encode_chunk(volume, start, &buf)))
         })
         .await
@@ -1010,7 +1016,7 @@ impl Group {
                     vol.name
                 )));
             }
-            self.sync_chunk(volume, chunk, |_| true).await?;
+            self.sync_chunk(volume, chunk, true, |_| true).await?;
             bytes_read += vol.chunk_len(chunk);
             vol.sync_chunks_done.fetch_add(1, Ordering::Relaxed);
         }
@@ -1096,7 +1102,7 @@ impl Group {
         let dev = vol.dev.clone();
         let hash = tokio::task::spawn_blocking(move || -> std::io::Result<[u8; 32]> {
             let mut buf = vec![0u8; len as usize];
-            dev.read_at(&mut buf, start)?;
+            dev.read_uncached(&mut buf, start, None)?;
             Ok(*blake3::hash(&buf).as_bytes())
         })
         .await
@@ -1186,7 +1192,7 @@ impl Group {
                 let Some(chunk) = self.lock().vols[vol.id as usize].dirty.next_set(next) else {
                     break;
                 };
-                let n = self.sync_chunk(vol.id, chunk, |_| true).await?;
+                let n = self.sync_chunk(vol.id, chunk, false, |_| true).await?;
                 vol.resync_bytes_sent.fetch_add(n, Ordering::Relaxed);
                 vol.sync_chunks_done.fetch_add(1, Ordering::Relaxed);
                 sent += 1;
@@ -1239,7 +1245,7 @@ impl Group {
                     self.wait_for_room(backlog_max).await?;
                     let chunk = first + i as u64;
                     let n = self
-                        .sync_chunk(volume, chunk, move |buf| {
+                        .sync_chunk(volume, chunk, true, move |buf| {
                             *blake3::hash(buf).as_bytes() != their
                         })
                         .await?;
