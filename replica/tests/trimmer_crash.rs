@@ -323,13 +323,22 @@ async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
     let acked_before = agent.acked;
     let (mut q, durable) = connect(&agent, replica_fp, addr).await;
     check(&root, tmp.path(), &mut agent, acked_before, durable).await;
+    // At least one new batch: the replica may have made every batch sent so far durable
+    // before the last kill (the ack unread), and then nothing would be sent and no ack come.
+    agent.new_batch();
     let last = agent.sim.seq;
     for seq in agent.acked + 1..=last {
         q.send_batch(&agent.sim.batches[&seq])
             .await
             .expect("send a batch");
     }
-    q.wait_ack(GROUP, last).await;
+    if let Err(e) = q.try_wait_ack(GROUP, last).await {
+        panic!(
+            "{e} (sent {}..={last}); serve's log:\n{}",
+            agent.acked + 1,
+            log_tail(&log)
+        );
+    }
     agent.saw_ack(last);
     let settled = agent.retention_base(last);
     let dir = DataDir::existing(&root).expect("data dir");

@@ -520,11 +520,23 @@ impl QuicAgent {
 
     /// Reads control messages until an Ack of `group` reaching `seq`; panics on a Nack.
     pub async fn wait_ack(&mut self, group: &str, seq: u64) {
+        if let Err(e) = self.try_wait_ack(group, seq).await {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Self::wait_ack`], with the failure returned (for a test that adds the replica's log).
+    pub async fn try_wait_ack(&mut self, group: &str, seq: u64) -> Result<(), String> {
         loop {
-            match self.next_control().await.expect("control message") {
-                Control::Ack { group: g, durable } if g == group && durable >= seq => return,
-                Control::Ack { .. } => {}
-                other => panic!("expected an ack of {group} {seq}, got {other:?}"),
+            match self.next_control().await {
+                Ok(Control::Ack { group: g, durable }) if g == group && durable >= seq => {
+                    return Ok(());
+                }
+                Ok(Control::Ack { .. }) => {}
+                Ok(other) => {
+                    return Err(format!("expected an ack of {group} {seq}, got {other:?}"));
+                }
+                Err(e) => return Err(format!("waiting for the ack of {group} {seq}: {e}")),
             }
         }
     }
