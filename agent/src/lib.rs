@@ -20,3 +20,17 @@ pub mod spool;
 pub mod state;
 pub mod status;
 pub mod write_pipeline;
+
+/// Exit status of an agent stopped by an internal fault (see [`stop_on_internal_error`]).
+pub const EXIT_INTERNAL_ERROR: i32 = 70;
+
+/// Stops the agent at once, with `reason` logged and printed: for a paired assertion that
+/// failed (a count that disagrees with what it counts), where going on would skip a resync or
+/// lose a write. Like a crash, it leaves the on-disk state as the last durable step left it,
+/// and the next start recovers from there (dirty maps are loaded from their bits, activity
+/// logs are resynced).
+pub fn stop_on_internal_error(reason: &str) -> ! {
+    tracing::error!("{reason}");
+    eprintln!("error: {reason}");
+    std::process::exit(EXIT_INTERNAL_ERROR)
+}

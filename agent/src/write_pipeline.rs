@@ -39,7 +39,7 @@ use tokio::sync::{Notify, watch};
 use crate::activity_log::{ActivityLog, AlFile};
 use crate::batcher::{Batcher, BatcherConfig, SealedBatch};
 use crate::device::BlockDev;
-use crate::dirty_map::DirtyMap;
+use crate::dirty_map::{CountMismatch, DirtyMap};
 use crate::range_lock::{Latch, RangeLock, Ticket, wait_all};
 use crate::spool::Spool;
 
@@ -134,10 +134,6 @@ struct Inner {
     syncing: usize,
     /// Since when the spool is over its cap (writes go to the dirty maps).
     overflow_since: Option<i64>,
-    /// Dirty chunks over all volumes.
-    dirty_total: u64,
-    /// Volumes whose initial sync is due and has not begun.
-    awaiting: usize,
     /// Times the group continued after the replica's head (`rebase`): a batch sealed before
     /// one may have been dropped from the spool, so a wait for its seq must not trust acks
     /// that come after.
@@ -148,15 +144,27 @@ impl Inner {
     fn inconsistent(&self) -> bool {
         self.syncing > 0
             || self.overflow_since.is_some()
-            || self.dirty_total > 0
-            || self.awaiting > 0
+            || self
+                .vols
+                .iter()
+                .any(|v| v.dirty.count() > 0 || v.awaiting_sync)
+    }
+
+    /// Dirty chunks over all volumes (derived from the maps, not kept apart).
+    fn dirty_total(&self) -> u64 {
+        self.vols.iter().map(|v| v.dirty.count()).sum()
+    }
+
+    /// The same, each map's count checked against its bits first (the paired assertion that
+    /// guards every resync decision; see [`DirtyMap::check`]).
+    fn dirty_total_checked(&self) -> Result<u64, CountMismatch> {
+        self.vols.iter().map(|v| v.dirty.check()).sum()
     }
 
     fn mark_dirty(&mut self, volume: VolumeId, first: u64, last: u64) {
         let v = &mut self.vols[volume as usize];
         for c in first..=last {
             if v.dirty.set(c) {
-                self.dirty_total += 1;
                 v.dirty_changed = true;
             }
         }
@@ -255,7 +263,6 @@ impl Place {
                 let v = &mut inner.vols[self.volume as usize];
                 if v.dirty.clear(chunk) {
                     v.dirty_changed = true;
-                    inner.dirty_total -= 1;
                 }
             }
             let inconsistent = inner.inconsistent();
@@ -390,11 +397,12 @@ impl Group {
                     recovery.al_chunks += 1;
                 }
             }
+            // The paired assertion at load: the count that decides the resync follows the bits.
+            recovery.dirty_chunks += dirty.check().map_err(std::io::Error::other)?;
             if !al_chunks.is_empty() {
                 dirty.save(&dirty_path)?;
                 al_file.write(&[])?;
             }
-            recovery.dirty_chunks += dirty.count();
             vols.push(VolState {
                 lock: RangeLock::new(),
                 al: ActivityLog::new(options.al_capacity, &[]),
@@ -408,7 +416,6 @@ impl Group {
         }
         let (acked, _) = watch::channel(Seq(0));
         let (wake, _) = watch::channel(0);
-        let dirty_total = recovery.dirty_chunks;
         let group = Arc::new(Group {
             name: name.to_owned(),
             volumes,
@@ -417,8 +424,6 @@ impl Group {
                 batcher: Batcher::new(name, options.batcher.clone(), last_seq, last_hash),
                 syncing: 0,
                 overflow_since: None,
-                dirty_total,
-                awaiting: 0,
                 rebases: 0,
             }),
             spool,
@@ -506,15 +511,18 @@ impl Group {
     pub fn await_initial_sync(&self, volumes: impl IntoIterator<Item = VolumeId>) {
         let mut inner = self.lock();
         for v in volumes {
-            if !std::mem::replace(&mut inner.vols[v as usize].awaiting_sync, true) {
-                inner.awaiting += 1;
-            }
+            inner.vols[v as usize].awaiting_sync = true;
         }
     }
 
-    /// Dirty chunks over all volumes.
+    /// Dirty chunks over all volumes, each map's count checked against its bits: a count that
+    /// disagrees stops the agent (see [`crate::stop_on_internal_error`]) instead of letting
+    /// the caller skip a resync.
     pub fn dirty_total(&self) -> u64 {
-        self.lock().dirty_total
+        match self.lock().dirty_total_checked() {
+            Ok(n) => n,
+            Err(e) => crate::stop_on_internal_error(&format!("group {}: {e}", self.name)),
+        }
     }
 
     fn admit(self: &Arc<Self>, volume: VolumeId, start: u64, end: u64) -> (Place, Vec<Latch>) {
@@ -702,6 +710,12 @@ impl Group {
         volumes: &[VolumeId],
     ) -> (Seq, bool, Vec<u64>, u64) {
         let mut inner = self.lock();
+        // The paired assertion at a flush: whether this point is consistent depends on the
+        // dirty counts, so they must be the bits'.
+        if let Err(e) = inner.dirty_total_checked() {
+            drop(inner);
+            crate::stop_on_internal_error(&format!("group {}: {e}", self.name));
+        }
         let ended = volumes
             .iter()
             .map(|v| {
@@ -758,6 +772,11 @@ impl Group {
             }
         }
         for (path, map, i) in todo {
+            // The paired assertion at a flush: an empty map's file is removed, so its count
+            // must be the bits'.
+            if let Err(e) = map.check() {
+                crate::stop_on_internal_error(&format!("volume {}: {e}", self.volumes[i].name));
+            }
             let result = tokio::task::spawn_blocking(move || {
                 if map.count() == 0 {
                     remove_if_exists(&path)
@@ -941,7 +960,6 @@ impl Group {
                 let v = &mut inner.vols[volume as usize];
                 if v.dirty.clear(chunk) {
                     v.dirty_changed = true;
-                    inner.dirty_total -= 1;
                 }
                 drop(inner);
                 drop(place);
@@ -984,16 +1002,12 @@ impl Group {
             let mut inner = self.lock();
             inner.syncing += 1;
             self.push_sync_marker(&mut inner, volume, RecordKind::SyncBegin);
-            if std::mem::take(&mut inner.vols[volume as usize].awaiting_sync) {
-                inner.awaiting -= 1;
-            }
             // The whole volume is being copied: nothing of it is dirty any more once it is.
             let v = &mut inner.vols[volume as usize];
-            let cleared = v.dirty.count();
-            if cleared > 0 {
-                v.dirty = DirtyMap::new(v.dirty.chunks());
+            v.awaiting_sync = false;
+            if v.dirty.recount() > 0 {
+                v.dirty.clear_all();
                 v.dirty_changed = true;
-                inner.dirty_total -= cleared;
             }
         }
         let started = tokio::time::Instant::now();
@@ -1162,7 +1176,7 @@ impl Group {
             && self.spool.held_bytes() <= self.options.spool_bytes_max / 2
         {
             inner.overflow_since = None;
-            tracing::info!(group = %self.name, dirty_chunks = inner.dirty_total, "the spool has room again: journaling resumes and the dirty regions are resynced");
+            tracing::info!(group = %self.name, dirty_chunks = inner.dirty_total(), "the spool has room again: journaling resumes and the dirty regions are resynced");
             drop(inner);
             self.bump();
             return true;
@@ -1179,7 +1193,11 @@ impl Group {
             if vol.syncing.load(Ordering::Relaxed) {
                 continue;
             }
-            let total = self.lock().vols[vol.id as usize].dirty.count();
+            let checked = self.lock().vols[vol.id as usize].dirty.check();
+            let total = match checked {
+                Ok(n) => n,
+                Err(e) => crate::stop_on_internal_error(&format!("volume {}: {e}", vol.name)),
+            };
             if total == 0 {
                 continue;
             }

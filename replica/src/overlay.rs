@@ -82,13 +82,17 @@ impl Bitmap {
     }
 
     /// Sets the bits of blocks `[first, end)`; true when one was not set before.
+    ///
+    /// The answer decides whether a failover's map is rewritten at its next FLUSH, so it is
+    /// accumulated as bits of the words' old values, not as a flag fed from a comparison in
+    /// the loop (the shape rustc 1.95 miscompiled in the agent's dirty map).
     pub fn set_range(&self, first: u64, end: u64) -> bool {
-        let mut changed = false;
+        let mut newly_set = 0u64;
         for b in first..end.min(self.blocks) {
             let bit = 1 << (b % 64);
-            changed |= self.words[(b / 64) as usize].fetch_or(bit, Ordering::Release) & bit == 0;
+            newly_set |= !self.words[(b / 64) as usize].fetch_or(bit, Ordering::Release) & bit;
         }
-        changed
+        newly_set != 0
     }
 
     /// The bitmap as little-endian u64 words.
@@ -426,6 +430,35 @@ mod tests {
         assert!(!b.get(1) && b.get(2) && b.get(3) && !b.get(4) && b.get(64) && !b.get(70));
         assert_eq!(b.runs(0, 70), vec![(2, 4), (63, 66), (69, 70)]);
         assert_eq!(b.runs(3, 64), vec![(3, 4), (63, 64)]);
+    }
+
+    /// Each range's answer says whether it set a new bit, in a loop that branches on it (the
+    /// shape rustc 1.95 miscompiled in the agent's dirty map). Runs optimized in `make test`.
+    #[inline(never)]
+    fn new_ranges(b: &Bitmap, ranges: &[(u64, u64)]) -> u64 {
+        let mut n = 0;
+        for (first, end) in ranges {
+            if b.set_range(*first, *end) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn set_range_says_whether_a_bit_was_new() {
+        let b = Bitmap::new(200);
+        let ranges: Vec<(u64, u64)> = std::hint::black_box(vec![
+            (0, 1),
+            (0, 1),
+            (1, 3),
+            (2, 3),
+            (60, 70),
+            (64, 65),
+            (199, 300),
+        ]);
+        assert_eq!(new_ranges(&b, &ranges), 4);
+        assert!(!b.set_range(0, 3) && b.set_range(0, 4));
     }
 
     #[test]

@@ -9,8 +9,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The directory holding the built binaries (`target/debug`), found from the test executable.
+/// The directory holding the binaries the tests run: `target/release`. The end-to-end tests
+/// run what ships, so they are themselves built optimized (`cargo test --release`, which
+/// `make test` runs, next to `make release`); `CDP_TEST_DEBUG_BINARIES=1` lets a debug test
+/// build run the debug binaries for a quick try by hand.
 pub fn bin_dir() -> PathBuf {
+    if cfg!(debug_assertions) && std::env::var_os("CDP_TEST_DEBUG_BINARIES").is_none() {
+        panic!(
+            "the end-to-end tests run the release binaries: run them with `cargo test --release` after `make release` (make test does both), or set CDP_TEST_DEBUG_BINARIES=1 to run debug ones"
+        );
+    }
     let exe = std::env::current_exe().expect("current exe");
     exe.parent()
         .expect("deps dir")
@@ -19,15 +27,53 @@ pub fn bin_dir() -> PathBuf {
         .to_owned()
 }
 
-/// Path of a workspace binary; it must have been built (`make test` builds them first).
+/// Path of a workspace binary. It must have been built after the last change to its sources:
+/// cargo does not rebuild another package's binaries for these tests, and an old binary would
+/// test old code (`make test` builds them first).
 pub fn bin(name: &str) -> PathBuf {
+    static CHECKED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} is not built: run `cargo build --workspace --bins` (make test does) before the tests",
+        "{} is not built: run `make release` (make test does) before the tests",
         p.display()
     );
+    CHECKED.get_or_init(|| {
+        for b in ["cdp-agent", "cdp-replica"] {
+            check_fresh(&bin_dir().join(b));
+        }
+    });
     p
+}
+
+/// Panics when a source file of the agent, replica or shared crate is newer than `binary`.
+fn check_fresh(binary: &Path) {
+    let built = std::fs::metadata(binary)
+        .and_then(|m| m.modified())
+        .expect("binary mtime");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut stack: Vec<PathBuf> = ["agent/src", "replica/src", "shared/src", "migrations"]
+        .iter()
+        .map(|d| root.join(d))
+        .collect();
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(changed) = e.metadata().and_then(|m| m.modified()) {
+                assert!(
+                    changed <= built,
+                    "{} is older than {}: run `make release` (make test does) so the tests run the current code",
+                    binary.display(),
+                    path.display()
+                );
+            }
+        }
+    }
 }
 
 pub fn in_ci() -> bool {

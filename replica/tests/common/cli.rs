@@ -3,11 +3,9 @@
 
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_cdp-replica");
-
 /// Runs `cdp-replica ARGS…` (warnings only on stderr).
 pub fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
+    Command::new(super::replica_bin())
         .args(args)
         .env("RUST_LOG", "warn")
         .output()

@@ -27,6 +27,18 @@ use cdp_shared::wire::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// The `cdp-replica` binary the tests run: the one cargo built for this test run. The tests
+/// run what ships, so it must be an optimized build (`cargo test --release`, which `make test`
+/// runs); `CDP_TEST_DEBUG_BINARIES=1` allows a debug build for a quick try by hand.
+pub fn replica_bin() -> &'static str {
+    if cfg!(debug_assertions) && std::env::var_os("CDP_TEST_DEBUG_BINARIES").is_none() {
+        panic!(
+            "the tests that start cdp-replica run the release binary: run them with `cargo test --release` (make test does), or set CDP_TEST_DEBUG_BINARIES=1 to run a debug build"
+        );
+    }
+    env!("CARGO_BIN_EXE_cdp-replica")
+}
+
 /// How long a test waits for something that should happen.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 

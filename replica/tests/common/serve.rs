@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use super::DEADLINE;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cdp-replica");
-
 /// A running `serve`; killed (SIGKILL) when dropped.
 pub struct Serve {
     pub child: Child,
@@ -57,7 +55,7 @@ impl Serve {
     }
 
     fn command(data: &Path, listen: &str) -> Command {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(super::replica_bin());
         cmd.args(["serve", "--data"])
             .arg(data)
             .args(["--listen", listen])
