@@ -6,7 +6,9 @@
 //!   default 20);
 //! * the agent killed with SIGKILL at random moments during writes (`CDP_AGENT_KILLS`, default
 //!   20): the activity log names the chunks to resync;
-//! * a spool overflow with a small cap: dirty regions, resync, points inside it not consistent.
+//!
+//! A spool overflow (dirty regions, their resync) is in `resync_paths.rs`, with the crash and
+//! repair paths that end in the same resync.
 //!
 //! The oracle: the test keeps the expected image; bookmarks record (seq, hash of the image).
 
@@ -262,77 +264,5 @@ fn agent_killed_at_random_resyncs_what_it_had_in_flight() {
     assert!(
         log.contains("did not stop cleanly") || log.contains("activity log"),
         "the agent noticed the unclean stop: {log}"
-    );
-}
-
-#[test]
-fn spool_overflow_tracks_dirty_regions_and_resyncs_them() {
-    if !require_python_nbd() {
-        return;
-    }
-    let seed = test_seed();
-    let mut c = Cluster::new();
-    let dev = c.make_device("v.img", 64 * MIB, 8 * MIB, seed);
-    c.protect("v", &dev, None);
-    // The smallest cap the agent accepts: two batches.
-    c.set_agent_config("spool_bytes_max", &(12 * MIB + 4 * MIB).to_string());
-    c.start_replica();
-    c.start_agent();
-    c.wait_protecting("v", Duration::from_secs(120));
-    let mut model = read_file(&dev);
-    let mut w = Writer::new(&c.nbd_uri("v"), 64 * MIB, seed);
-    for _ in 0..50 {
-        w.op(&mut model).expect("write");
-    }
-    w.nbd.flush().expect("flush");
-    c.bookmark("before", true);
-    let before = hash(&model);
-    // The replica goes away and far more than the cap is written.
-    c.replica.as_mut().expect("replica").kill9();
-    let mut written = 0;
-    while written < 64 * MIB {
-        let len = 2 * MIB;
-        let offset = (written * 7) % (62 * MIB);
-        let mut buf = vec![0u8; len as usize];
-        Lcg(written).fill(&mut buf);
-        w.nbd
-            .write(offset, &buf, false)
-            .expect("a write during the overflow must not fail");
-        model[offset as usize..(offset + len) as usize].copy_from_slice(&buf);
-        written += len;
-    }
-    w.nbd.flush().expect("flush during the overflow");
-    let v = c.volume_status("v");
-    assert_eq!(v["state"], "overflow", "{v}");
-    assert!(
-        v["dirty_regions"].as_u64().unwrap_or(0) > 0,
-        "dirty regions are tracked: {v}"
-    );
-    assert!(
-        std::fs::metadata(c.agent_dir.join("state").join("v.dirty")).is_ok(),
-        "the dirty map is on disk after a flush"
-    );
-    c.start_replica();
-    c.wait_in_step("v", Duration::from_secs(120));
-    assert_same_image("the device", &read_file(&dev), &model);
-    assert_eq!(
-        restore_hash(&c, "v", "latest"),
-        hash(&model),
-        "latest equals the device after the resync"
-    );
-    assert_eq!(
-        restore_hash(&c, "v", "bookmark:before"),
-        before,
-        "the point before the overflow"
-    );
-    let points = c.points("v");
-    assert!(
-        points.iter().any(|p| p["consistent"] == false),
-        "points inside the resync are recorded as not consistent"
-    );
-    let last = points.last().expect("points");
-    assert_eq!(
-        last["consistent"], true,
-        "the resync ends with a consistent point: {last}"
     );
 }

@@ -13,27 +13,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// Sets `[verifier] chunks_per_sec` in the replica's replica.toml (before `serve` starts).
-fn set_verifier_rate(c: &Cluster, rate: u32) {
-    let path = c.replica_dir.join("replica.toml");
-    let text = std::fs::read_to_string(&path).expect("replica.toml");
-    assert!(
-        text.contains("chunks_per_sec"),
-        "init writes the [verifier] section: {text}"
-    );
-    let text: Vec<String> = text
-        .lines()
-        .map(|l| {
-            if l.trim_start().starts_with("chunks_per_sec") {
-                format!("chunks_per_sec = {rate}")
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect();
-    std::fs::write(&path, text.join("\n") + "\n").expect("write replica.toml");
-}
-
 /// `cdp-replica verify SUB --data DIR ARGS…`.
 fn verify_cmd(c: &Cluster, sub: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("cdp-replica"));

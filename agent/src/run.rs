@@ -145,6 +145,7 @@ impl Agent {
             if recovered.truncated_bytes > 0 {
                 tracing::warn!(group = %group_name, bytes = recovered.truncated_bytes, "truncated a torn spool tail");
             }
+            tracing::info!(group = %group_name, seq = recovered.last_seq.0, "the log of group {group_name} continues after seq {}", recovered.last_seq);
             let (group, found) = Group::new(
                 &group_name,
                 volumes,
@@ -156,6 +157,19 @@ impl Agent {
             .with_context(|| {
                 format!("open the activity logs and dirty maps of group {group_name}")
             })?;
+            if let Some(lost) = &recovered.lost {
+                let marked = group.mark_lost(lost).with_context(|| {
+                    format!("mark the chunks of the damaged spool batches of group {group_name} for resync")
+                })?;
+                tracing::error!(
+                    group = %group_name,
+                    chunks = marked,
+                    "{marked} chunks of the damaged spool batches (seq {} to {} of segment {}) are marked for resync; the group's points are not consistent until it completes",
+                    lost.first_seq,
+                    lost.last_seq,
+                    lost.segment.display()
+                );
+            }
             if found.al_chunks > 0 {
                 tracing::warn!(group = %group_name, chunks = found.al_chunks, "the activity log names {} chunks written just before an unclean stop: they are resynced", found.al_chunks);
             }

@@ -7,9 +7,24 @@
 //! acknowledged are deleted; before that, the newest acknowledged seq and its header hash are
 //! saved in `trimmed`, so the seq chain survives an empty spool.
 //!
-//! File layout: `DIR/<first seq, 20 digits>.spl`, each starting with [`SEGMENT_MAGIC`] and then
-//! whole batches back to back; `DIR/trimmed` holds `"<seq> <hash hex>\n"`. On open, a segment
-//! tail that does not decode as a whole, checked batch (a torn write) is truncated.
+//! File layout: `DIR/<first seq, 20 digits>.spl`, each starting with a [`SEGMENT_HEADER_BYTES`]
+//! header — [`SEGMENT_MAGIC`] | durable end u64 | check u64 (the first 8 bytes of the blake3 of
+//! the durable end) — and then whole batches back to back; `DIR/trimmed` holds
+//! `"<seq> <hash hex>\n"`. The *durable end* is the segment's length at its last fdatasync: it
+//! is written into the header just before each fdatasync (the same fdatasync makes it
+//! durable), and set to the whole length when the writer leaves the segment.
+//!
+//! **Torn tail versus damage.** On open, only bytes past a segment's durable end may be cut as
+//! a torn tail: no flush was ever answered for them, and the activity log names their chunks.
+//! A batch before the durable end that fails its checks is *damage*: its bytes were promised
+//! durable. The spool then keeps the batches before it, moves the damaged batch and every
+//! later one into `DIR/damaged/` (for a look), and reports them ([`LostBatches`]: the segment,
+//! the seq range, the chunks their records touched, their bookmarks) so that the agent marks
+//! those chunks dirty and resyncs them from the device, where the data is. The log continues
+//! after the last good batch. (A power loss in the middle of an fdatasync may persist the
+//! header before the data: that shows as damage of unflushed batches, and the same resync
+//! covers it.) Segments of the first format (`CDPSPL01`, no durable end) are read as before:
+//! a failing batch in the last one is a torn tail.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -26,7 +41,15 @@ use tokio::sync::watch;
 use crate::batcher::SealedBatch;
 
 /// Magic and format version at the start of every spool segment.
-pub const SEGMENT_MAGIC: &[u8; 8] = b"CDPSPL01";
+pub const SEGMENT_MAGIC: &[u8; 8] = b"CDPSPL02";
+/// The first format: the magic alone, no durable end. Still read.
+const SEGMENT_MAGIC_V1: &[u8; 8] = b"CDPSPL01";
+/// Bytes of a segment's header: magic | durable end | its check.
+pub const SEGMENT_HEADER_BYTES: u64 = 24;
+/// Where the durable end sits in the header.
+const DURABLE_END_AT: u64 = 8;
+/// Where damaged batches are moved (see the module doc).
+pub const DAMAGED_DIR: &str = "damaged";
 /// A new segment is started once the current one reaches this size.
 pub const SEGMENT_BYTES_TARGET: u64 = 64 << 20;
 /// Bytes of unacknowledged batches kept in memory for the sender; older ones are read back
@@ -98,6 +121,31 @@ pub struct Spool {
     tx: mpsc::Sender<Cmd>,
 }
 
+/// Batches of the spool found damaged before their segment's durable end, and every batch
+/// after them, all taken out of the spool (see the module doc).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LostBatches {
+    /// The segment that held the first damaged batch.
+    pub segment: PathBuf,
+    /// The first seq lost (right after the last good batch).
+    pub first_seq: Seq,
+    /// The newest seq known lost (a damaged batch whose header is damaged too has no known
+    /// seq; the newest readable one after it is named).
+    pub last_seq: Seq,
+    /// Batches taken out, and of those, damaged ones.
+    pub batches: u64,
+    pub damaged: u64,
+    /// `(volume, offset, length)` of every record of the lost batches that could be read.
+    pub extents: Vec<(cdp_shared::types::VolumeId, u64, u32)>,
+    /// Whether some lost batch's records could not be read: their chunks are unknown, and
+    /// every volume of the group must be resynced whole.
+    pub unknown_extents: bool,
+    /// Bookmarks among the lost batches: they are no longer points.
+    pub bookmarks: Vec<String>,
+    /// Where the lost bytes were moved.
+    pub moved_to: PathBuf,
+}
+
 /// What [`Spool::open`] found on disk.
 pub struct Recovered {
     /// The newest batch known (in the spool, or trimmed): the batcher continues after it.
@@ -107,6 +155,63 @@ pub struct Recovered {
     pub first_held: Seq,
     /// Bytes cut off torn segment tails.
     pub truncated_bytes: u64,
+    /// Damaged batches found before a durable end, if any (they and everything after them
+    /// are out of the spool).
+    pub lost: Option<LostBatches>,
+}
+
+/// The header of a new segment whose durable end is `end`.
+fn segment_header(end: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
+    let mut h = [0u8; SEGMENT_HEADER_BYTES as usize];
+    h[..8].copy_from_slice(SEGMENT_MAGIC);
+    h[8..].copy_from_slice(&durable_end_field(end));
+    h
+}
+
+/// The durable end and its check, as written at [`DURABLE_END_AT`].
+fn durable_end_field(end: u64) -> [u8; 16] {
+    let mut f = [0u8; 16];
+    f[..8].copy_from_slice(&end.to_le_bytes());
+    f[8..].copy_from_slice(&blake3::hash(&end.to_le_bytes()).as_bytes()[..8]);
+    f
+}
+
+/// Where a segment's batches start and up to where they are durable: `None` when it has no
+/// valid magic. A damaged durable-end field reads as "nothing durable" (the older rule).
+fn segment_layout(data: &[u8]) -> Option<(usize, u64)> {
+    if data.len() >= SEGMENT_HEADER_BYTES as usize && &data[..8] == SEGMENT_MAGIC {
+        let mut end = [0u8; 8];
+        end.copy_from_slice(&data[8..16]);
+        let checked = data[8..24] == durable_end_field(u64::from_le_bytes(end));
+        let end = if checked {
+            u64::from_le_bytes(end)
+        } else {
+            tracing::warn!("a spool segment's durable end is damaged: its tail is read as torn");
+            SEGMENT_HEADER_BYTES
+        };
+        return Some((SEGMENT_HEADER_BYTES as usize, end));
+    }
+    if data.len() >= SEGMENT_MAGIC_V1.len() && &data[..8] == SEGMENT_MAGIC_V1 {
+        return Some((SEGMENT_MAGIC_V1.len(), SEGMENT_MAGIC_V1.len() as u64));
+    }
+    None
+}
+
+/// The next position at or after `from` where a whole, checked batch starts.
+fn next_batch_at(data: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    while at + HEADER_FIXED_BYTES <= data.len() {
+        let rel = data[at..].windows(4).position(|w| w == batch::MAGIC)?;
+        at += rel;
+        if let Ok(h) = batch::decode_header(&data[at..]) {
+            let end = at + h.total_len();
+            if end <= data.len() && batch::decode(&data[at..end]).is_ok() {
+                return Some(at);
+            }
+        }
+        at += 1;
+    }
+    None
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -149,6 +254,144 @@ fn write_trimmed(dir: &Path, seq: Seq, hash: &Hash) -> io::Result<()> {
     )
 }
 
+/// Adds to `lost` every batch of a segment's `data` from `from` on: whole ones by their
+/// records, damaged ones by what [`batch::salvage`] can read, skipping to the next whole batch
+/// when even a header is damaged. Batches already acknowledged (seq not after the last good
+/// one) are not counted.
+fn account_lost(lost: &mut LostBatches, data: &[u8], from: usize) {
+    let mut pos = from;
+    // A damaged batch of unknown seq seen and not yet counted.
+    let mut unknown_before = false;
+    while pos < data.len() {
+        let whole = batch::decode_header(&data[pos..]).ok().and_then(|h| {
+            let end = pos + h.total_len();
+            if end > data.len() {
+                return None;
+            }
+            batch::decode(&data[pos..end]).ok().map(|b| (b, end))
+        });
+        let was_whole = whole.is_some();
+        let (seq, bookmark, extents, next) = match whole {
+            Some((b, end)) => {
+                let extents: Vec<_> = b
+                    .records()
+                    .filter(|r| r.header.kind.changes_bytes())
+                    .map(|r| (r.header.volume, r.header.offset, r.header.length))
+                    .collect();
+                (Some(b.header.seq), b.header.bookmark, Some(extents), end)
+            }
+            None => {
+                lost.damaged += 1;
+                match batch::salvage(&data[pos..]) {
+                    Some(d) => {
+                        let next = pos + d.header.total_len();
+                        let next = if next > data.len() {
+                            data.len()
+                        } else {
+                            next_batch_at(data, next).unwrap_or(data.len())
+                        };
+                        (Some(d.header.seq), d.header.bookmark, d.extents, next)
+                    }
+                    None => (
+                        None,
+                        None,
+                        None,
+                        next_batch_at(data, pos + 1).unwrap_or(data.len()),
+                    ),
+                }
+            }
+        };
+        match seq {
+            Some(seq) if seq < lost.first_seq => {
+                // Acknowledged before the stop: not lost, and neither is a damaged batch of
+                // unknown seq before it.
+                if !was_whole {
+                    lost.damaged -= 1;
+                }
+                if std::mem::take(&mut unknown_before) {
+                    lost.damaged -= 1;
+                }
+            }
+            Some(seq) if seq == lost.first_seq && unknown_before => {
+                // The unreadable batch before it came before the first seq lost.
+                unknown_before = false;
+                lost.damaged -= 1;
+                count(lost, Some(seq), bookmark, extents);
+            }
+            None => {
+                // Not known yet whether it was acknowledged: the next readable seq tells.
+                if std::mem::replace(&mut unknown_before, true) {
+                    count(lost, None, None, None);
+                }
+            }
+            Some(seq) => {
+                if std::mem::take(&mut unknown_before) {
+                    count(lost, None, None, None);
+                }
+                count(lost, Some(seq), bookmark, extents);
+            }
+        }
+        pos = next;
+    }
+    if unknown_before {
+        count(lost, None, None, None);
+    }
+}
+
+/// Counts one lost batch in `lost`.
+fn count(
+    lost: &mut LostBatches,
+    seq: Option<Seq>,
+    bookmark: Option<String>,
+    extents: Option<Vec<(cdp_shared::types::VolumeId, u64, u32)>>,
+) {
+    lost.batches += 1;
+    if let Some(seq) = seq {
+        lost.last_seq = lost.last_seq.max(seq);
+    }
+    if let Some(b) = bookmark {
+        lost.bookmarks.push(b);
+    }
+    match extents {
+        Some(e) => lost.extents.extend(e),
+        None => lost.unknown_extents = true,
+    }
+}
+
+/// Moves `data[from..]` of the segment at `path` into `DIR/damaged/` (the whole file when
+/// `from` is 0) and cuts the segment there.
+fn move_damaged(
+    dir: &Path,
+    path: &Path,
+    data: &[u8],
+    from: usize,
+    lost: &LostBatches,
+) -> Result<(), SpoolError> {
+    let to = &lost.moved_to;
+    fs::create_dir_all(to).map_err(io_err(to))?;
+    let name = path.file_name().map(|n| n.to_owned()).unwrap_or_default();
+    let target = to.join(name);
+    if from == 0 {
+        fs::rename(path, &target).map_err(io_err(&target))?;
+        return Ok(());
+    }
+    let mut f = File::create(&target).map_err(io_err(&target))?;
+    f.write_all(&data[from..])
+        .and_then(|()| f.sync_all())
+        .map_err(io_err(&target))?;
+    File::open(to)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(to))?;
+    let seg = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    seg.set_len(from as u64).map_err(io_err(path))?;
+    seg.sync_all().map_err(io_err(path))?;
+    let _ = dir;
+    Ok(())
+}
+
 impl Spool {
     /// Opens (creating) the spool in `dir`, checks every batch in it, truncates a torn tail, and
     /// starts the writer thread.
@@ -171,50 +414,94 @@ impl Spool {
         let mut segments = BTreeMap::new();
         let mut truncated_bytes = 0;
         let (mut last_seq, mut last_hash) = (trimmed_seq, trimmed_hash);
+        let mut lost: Option<LostBatches> = None;
+        let last_id = ids.last().copied();
         for id in ids {
             let path = segment_path(dir, id);
             let data = fs::read(&path).map_err(io_err(&path))?;
-            let mut good = 0u64;
-            if data.len() >= SEGMENT_MAGIC.len() && &data[..SEGMENT_MAGIC.len()] == SEGMENT_MAGIC {
-                good = SEGMENT_MAGIC.len() as u64;
-                let mut pos = SEGMENT_MAGIC.len();
-                while pos + HEADER_FIXED_BYTES <= data.len() {
-                    let Ok(header) = batch::decode_header(&data[pos..]) else {
-                        break;
-                    };
-                    let end = pos + header.total_len();
-                    if end > data.len() || batch::decode(&data[pos..end]).is_err() {
-                        break;
-                    }
-                    if header.seq > trimmed_seq {
-                        if last_seq.0 != 0 && header.seq != last_seq.next() {
-                            return Err(SpoolError::Damaged {
-                                path,
-                                reason: format!("seq {} follows seq {}", header.seq, last_seq),
-                            });
+            if let Some(lost) = lost.as_mut() {
+                // Everything after damage is out of the spool, read only to know its chunks.
+                account_lost(
+                    lost,
+                    &data,
+                    segment_layout(&data).map_or(data.len(), |l| l.0),
+                );
+                move_damaged(dir, &path, &data, 0, lost)?;
+                continue;
+            }
+            let Some((start, durable_end)) = segment_layout(&data) else {
+                // Not even a whole header: a segment torn while it was being created.
+                truncated_bytes += data.len() as u64;
+                tracing::warn!(segment = %path.display(), bytes = data.len(), "removed a spool segment torn at its creation");
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                continue;
+            };
+            // A segment the writer left was synced whole before it went on.
+            let durable_end = if Some(id) == last_id {
+                durable_end
+            } else {
+                data.len() as u64
+            };
+            let mut pos = start;
+            let mut good = start as u64;
+            while pos < data.len() {
+                let decoded = batch::decode_header(&data[pos..]).ok().and_then(|h| {
+                    let end = pos + h.total_len();
+                    (end <= data.len() && batch::decode(&data[pos..end]).is_ok())
+                        .then_some((h, end))
+                });
+                let Some((header, end)) = decoded else {
+                    if (pos as u64) < durable_end {
+                        let mut l = LostBatches {
+                            segment: path.clone(),
+                            first_seq: last_seq.next(),
+                            last_seq,
+                            moved_to: dir.join(DAMAGED_DIR),
+                            ..LostBatches::default()
+                        };
+                        account_lost(&mut l, &data, pos);
+                        if l.batches == 0 {
+                            // Only acknowledged batches were damaged: nothing is lost.
+                            tracing::warn!(segment = %path.display(), offset = pos, "a damaged spool batch was acknowledged already; it is dropped");
+                        } else {
+                            lost = Some(l);
                         }
-                        entries.insert(
-                            header.seq,
-                            Entry {
-                                time_ns: header.agent_time_ns,
-                                segment: id,
-                                offset: pos as u64,
-                                len: (end - pos) as u64,
-                                hash: header.header_hash,
-                                cached: None,
-                                written: true,
-                            },
-                        );
-                        last_seq = header.seq;
-                        last_hash = header.header_hash;
+                        if let Some(l) = lost.as_mut() {
+                            move_damaged(dir, &path, &data, pos, l)?;
+                        }
                     }
-                    pos = end;
-                    good = pos as u64;
+                    break;
+                };
+                if header.seq > trimmed_seq {
+                    if last_seq.0 != 0 && header.seq != last_seq.next() {
+                        return Err(SpoolError::Damaged {
+                            path,
+                            reason: format!("seq {} follows seq {}", header.seq, last_seq),
+                        });
+                    }
+                    entries.insert(
+                        header.seq,
+                        Entry {
+                            time_ns: header.agent_time_ns,
+                            segment: id,
+                            offset: pos as u64,
+                            len: (end - pos) as u64,
+                            hash: header.header_hash,
+                            cached: None,
+                            written: true,
+                        },
+                    );
+                    last_seq = header.seq;
+                    last_hash = header.header_hash;
                 }
+                pos = end;
+                good = pos as u64;
             }
             if good < data.len() as u64 {
-                truncated_bytes += data.len() as u64 - good;
-                tracing::warn!(segment = %path.display(), bytes = data.len() as u64 - good, "truncated a torn spool segment tail");
+                if lost.is_none() {
+                    truncated_bytes += data.len() as u64 - good;
+                    tracing::warn!(segment = %path.display(), bytes = data.len() as u64 - good, "truncated a torn spool segment tail (past the segment's durable end: no flush was answered for it)");
+                }
                 let f = OpenOptions::new()
                     .write(true)
                     .open(&path)
@@ -223,6 +510,28 @@ impl Spool {
                 f.sync_all().map_err(io_err(&path))?;
             }
             segments.insert(id, good);
+        }
+        if let Some(l) = &lost {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(dir))?;
+            tracing::error!(
+                segment = %l.segment.display(),
+                "the spool is damaged: {} batch(es) from seq {} (up to seq {} at least) failed their checks or follow one that did, {} of them damaged; they are moved to {}, their chunks are resynced from the devices{}",
+                l.batches,
+                l.first_seq,
+                l.last_seq,
+                l.damaged,
+                l.moved_to.display(),
+                if l.bookmarks.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", and their bookmarks ({}) are no longer points: take them again",
+                        l.bookmarks.join(", ")
+                    )
+                }
+            );
         }
         let first_held = entries.keys().next().copied().unwrap_or(last_seq.next());
         let held_bytes = entries.values().map(|e| e.len).sum();
@@ -255,6 +564,7 @@ impl Spool {
                 last_hash,
                 first_held,
                 truncated_bytes,
+                lost,
             },
         ))
     }
@@ -420,6 +730,8 @@ struct Writer {
     shared: Arc<Shared>,
     current: Option<(u64, File, u64)>,
     synced: bool,
+    /// The durable end last written into the current segment's header.
+    durable_end: u64,
 }
 
 impl Writer {
@@ -428,8 +740,10 @@ impl Writer {
     }
 
     fn open_segment(&mut self, first_seq: Seq) -> io::Result<()> {
-        if let Some((_, file, _)) = self.current.take() {
-            // Everything before the current segment is durable: sync it before leaving it.
+        if let Some((_, file, len)) = self.current.take() {
+            // Everything before the current segment is durable: sync it, whole, before
+            // leaving it.
+            file.write_all_at(&durable_end_field(len), DURABLE_END_AT)?;
             file.sync_data()?;
         }
         let id = first_seq.0;
@@ -439,11 +753,12 @@ impl Writer {
             .truncate(true)
             .write(true)
             .open(&path)?;
-        file.write_all(SEGMENT_MAGIC)?;
+        file.write_all(&segment_header(SEGMENT_HEADER_BYTES))?;
         file.sync_all()?;
         File::open(&self.shared.dir)?.sync_all()?;
-        self.current = Some((id, file, SEGMENT_MAGIC.len() as u64));
-        self.lock().segments.insert(id, SEGMENT_MAGIC.len() as u64);
+        self.current = Some((id, file, SEGMENT_HEADER_BYTES));
+        self.durable_end = SEGMENT_HEADER_BYTES;
+        self.lock().segments.insert(id, SEGMENT_HEADER_BYTES);
         Ok(())
     }
 
@@ -457,9 +772,18 @@ impl Writer {
         if let Some((id, len)) = last
             && len < SEGMENT_BYTES_TARGET
         {
+            // Only a segment of the current format is appended to (a first-format one has no
+            // durable end to keep).
             let path = segment_path(&self.shared.dir, id);
-            let file = OpenOptions::new().write(true).open(&path)?;
-            self.current = Some((id, file, len));
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let mut magic = [0u8; 8];
+            if file.read_exact_at(&mut magic, 0).is_ok() && &magic == SEGMENT_MAGIC {
+                // Open cut the segment to its last whole batch: all of it is durable.
+                file.write_all_at(&durable_end_field(len), DURABLE_END_AT)?;
+                file.sync_data()?;
+                self.durable_end = len;
+                self.current = Some((id, file, len));
+            }
         }
         Ok(())
     }
@@ -525,11 +849,17 @@ impl Writer {
         Ok(())
     }
 
+    /// Makes the current segment durable: its durable end is written into its header first,
+    /// so that the same fdatasync makes both durable (see the module doc).
     fn sync(&mut self) -> io::Result<()> {
         if !self.synced
-            && let Some((_, file, _)) = &self.current
+            && let Some((_, file, len)) = &self.current
         {
+            if *len != self.durable_end {
+                file.write_all_at(&durable_end_field(*len), DURABLE_END_AT)?;
+            }
             file.sync_data()?;
+            self.durable_end = *len;
         }
         self.synced = true;
         Ok(())
@@ -569,6 +899,7 @@ fn writer_thread(shared: Arc<Shared>, rx: mpsc::Receiver<Cmd>) {
         shared: shared.clone(),
         current: None,
         synced: true,
+        durable_end: 0,
     };
     let fail = |w: &Writer, what: &str, e: io::Error| {
         tracing::error!(dir = %w.shared.dir.display(), "spool {what} failed: {e}; the agent cannot keep its promise of durability and stops accepting flushes");
@@ -657,7 +988,8 @@ mod tests {
         // A torn tail: half a batch appended after the last one.
         let seg = segment_path(dir.path(), 1);
         let mut data = fs::read(&seg).expect("read");
-        let half = data[SEGMENT_MAGIC.len()..SEGMENT_MAGIC.len() + 100].to_vec();
+        let start = SEGMENT_HEADER_BYTES as usize;
+        let half = data[start..start + 100].to_vec();
         data.extend_from_slice(&half);
         fs::write(&seg, &data).expect("write");
 
@@ -689,5 +1021,117 @@ mod tests {
         let (_spool, rec) = Spool::open(dir.path()).expect("reopen");
         assert_eq!(rec.last_seq, Seq(6));
         assert_eq!(rec.last_hash, h6);
+    }
+
+    /// Five durable batches (the third a bookmark); `damage` changes the segment's bytes.
+    async fn spool_of_five(dir: &Path) -> (Vec<Hash>, Vec<(u64, u64)>) {
+        let mut b = Batcher::new("g", BatcherConfig::default(), Seq(0), [0; 32]);
+        let (spool, _) = Spool::open(dir).expect("open");
+        let mut hashes = Vec::new();
+        let mut spans = Vec::new();
+        let mut at = SEGMENT_HEADER_BYTES;
+        for i in 0..5u64 {
+            let mut rec = Vec::new();
+            encode_marker(0, RecordKind::Zero, i << 20, 512, 0, &mut rec);
+            b.push(&rec, 1, false, false, Instant::now(), 0);
+            let name = (i == 2).then_some("mark");
+            let s = b.seal(BatchFlags::FLUSH, name, false, 0).expect("sealed");
+            let h = batch::decode_header(&s.bytes).expect("header").header_hash;
+            spans.push((at, s.bytes.len() as u64));
+            at += s.bytes.len() as u64;
+            hashes.push(h);
+            spool.append(s, h, 0);
+        }
+        spool.wait_durable(Seq(5)).await.expect("durable");
+        (hashes, spans)
+    }
+
+    #[tokio::test]
+    async fn a_damaged_durable_batch_is_reported_not_cut_as_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (hashes, spans) = spool_of_five(dir.path()).await;
+        // One byte of batch 3's payload flipped while the agent was stopped.
+        let seg = segment_path(dir.path(), 1);
+        let mut data = fs::read(&seg).expect("read");
+        let (at, len) = spans[2];
+        data[(at + len - 1) as usize] ^= 0x10;
+        fs::write(&seg, &data).expect("write");
+
+        let (spool, rec) = Spool::open(dir.path()).expect("reopen");
+        assert_eq!(rec.truncated_bytes, 0, "damage is not a torn tail");
+        let lost = rec.lost.expect("the damage is reported");
+        assert_eq!((lost.first_seq, lost.last_seq), (Seq(3), Seq(5)));
+        assert_eq!((lost.batches, lost.damaged), (3, 1));
+        assert!(
+            !lost.unknown_extents,
+            "the damaged batch's records are readable"
+        );
+        assert_eq!(
+            lost.extents,
+            vec![(0, 2 << 20, 512), (0, 3 << 20, 512), (0, 4 << 20, 512)],
+            "the chunks of every lost batch are named"
+        );
+        assert_eq!(lost.bookmarks, vec!["mark".to_owned()]);
+        assert_eq!(lost.segment, seg);
+        // The log continues after the last good batch; the lost bytes are kept aside.
+        assert_eq!((rec.last_seq, rec.last_hash), (Seq(2), hashes[1]));
+        assert_eq!(spool.held().0, 2);
+        let kept = fs::read(
+            dir.path()
+                .join(DAMAGED_DIR)
+                .join(seg.file_name().expect("name")),
+        )
+        .expect("moved bytes");
+        assert_eq!(kept.len() as u64, spans[2].1 + spans[3].1 + spans[4].1);
+        drop(spool);
+        // Opening again finds a clean spool.
+        let (_spool, rec) = Spool::open(dir.path()).expect("reopen");
+        assert!(rec.lost.is_none());
+        assert_eq!(rec.last_seq, Seq(2));
+    }
+
+    #[tokio::test]
+    async fn a_batch_with_a_damaged_header_is_skipped_to_the_next_whole_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, spans) = spool_of_five(dir.path()).await;
+        let seg = segment_path(dir.path(), 1);
+        let mut data = fs::read(&seg).expect("read");
+        data[(spans[1].0 + 30) as usize] ^= 1; // batch 2's seq
+        fs::write(&seg, &data).expect("write");
+        let (_spool, rec) = Spool::open(dir.path()).expect("reopen");
+        let lost = rec.lost.expect("reported");
+        assert_eq!((lost.first_seq, lost.last_seq), (Seq(2), Seq(5)));
+        assert_eq!((lost.batches, lost.damaged), (4, 1));
+        assert!(lost.unknown_extents, "batch 2's records cannot be read");
+        assert_eq!(lost.extents.len(), 3, "batches 3 to 5 are read whole");
+        assert_eq!(rec.last_seq, Seq(1));
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_past_the_durable_end_is_still_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, spans) = spool_of_five(dir.path()).await;
+        let seg = segment_path(dir.path(), 1);
+        // The last batch's bytes torn: the durable end is past it, so this is damage...
+        let mut data = fs::read(&seg).expect("read");
+        let (at, len) = spans[4];
+        data.truncate((at + len / 2) as usize);
+        fs::write(&seg, &data).expect("write");
+        let (_spool, rec) = Spool::open(dir.path()).expect("reopen");
+        assert!(
+            rec.lost.is_some(),
+            "bytes before the durable end are damage"
+        );
+        // ... while bytes appended after the durable end are a torn tail.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, spans) = spool_of_five(dir.path()).await;
+        let seg = segment_path(dir.path(), 1);
+        let mut data = fs::read(&seg).expect("read");
+        let extra = data[spans[0].0 as usize..(spans[0].0 + 50) as usize].to_vec();
+        data.extend_from_slice(&extra);
+        fs::write(&seg, &data).expect("write");
+        let (_spool, rec) = Spool::open(dir.path()).expect("reopen");
+        assert!(rec.lost.is_none());
+        assert_eq!((rec.truncated_bytes, rec.last_seq), (50, Seq(5)));
     }
 }

@@ -439,6 +439,38 @@ impl Group {
         Ok((group, recovery))
     }
 
+    /// Marks dirty, durably, every chunk that batches lost from the spool touched (see
+    /// [`crate::spool::LostBatches`]): every chunk of every volume when some lost batch's
+    /// records could not be read. Called at start, before anything is served. Returns the
+    /// chunks newly marked.
+    pub fn mark_lost(&self, lost: &crate::spool::LostBatches) -> std::io::Result<u64> {
+        let mut inner = self.lock();
+        let mut marked = 0;
+        for (i, vol) in self.volumes.iter().enumerate() {
+            let v = &mut inner.vols[i];
+            let before = v.dirty.recount();
+            if lost.unknown_extents {
+                v.dirty.set_all();
+            } else {
+                for (volume, offset, length) in &lost.extents {
+                    if *volume as usize == i && *offset < vol.size {
+                        let last = (offset + u64::from(*length).max(1) - 1).min(vol.size - 1);
+                        for c in offset / CHUNK_BYTES..=last / CHUNK_BYTES {
+                            v.dirty.set(c);
+                        }
+                    }
+                }
+            }
+            let after = v.dirty.check().map_err(std::io::Error::other)?;
+            if after != before {
+                marked += after - before;
+                v.dirty
+                    .save(&self.options.state_dir.join(format!("{}.dirty", vol.name)))?;
+            }
+        }
+        Ok(marked)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

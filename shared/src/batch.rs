@@ -488,6 +488,47 @@ pub fn decode(bytes: &[u8]) -> Result<BatchView<'_>, BatchError> {
     Ok(BatchView { header, bytes })
 }
 
+/// What can still be read of a batch that failed [`decode`] (a damaged batch in the agent's
+/// spool): its header, when that is intact (it is hashed on its own), and the ranges its
+/// records cover, when their structure is intact too. Nothing here is trusted as data: it
+/// only tells which chunks the damaged batch touched, so they can be resynced from the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DamagedBatch {
+    pub header: BatchHeader,
+    /// `(volume, offset, length)` of each record that changes bytes, or `None` when the
+    /// payload's structure is damaged too.
+    pub extents: Option<Vec<(VolumeId, u64, u32)>>,
+}
+
+/// Reads what it can of a batch at the start of `buf` whose full decode failed. `None` when
+/// even its header does not decode (the caller then knows nothing of the batch).
+pub fn salvage(buf: &[u8]) -> Option<DamagedBatch> {
+    let header = decode_header(buf).ok()?;
+    let end = header.total_len().min(buf.len());
+    let payload = &buf[header.header_len as usize..end];
+    let mut extents = Vec::new();
+    let mut pos = 0usize;
+    let mut index = 0u32;
+    let mut intact = payload.len() == header.payload_len as usize;
+    while intact && pos < payload.len() && index < header.record_count {
+        match RecordHeader::decode(&payload[pos..], index) {
+            Ok(r) => {
+                if r.kind.changes_bytes() {
+                    extents.push((r.volume, r.offset, r.length));
+                }
+                pos += r.total_len();
+                index += 1;
+            }
+            Err(_) => intact = false,
+        }
+    }
+    intact &= pos == payload.len() && index == header.record_count;
+    Some(DamagedBatch {
+        header,
+        extents: intact.then_some(extents),
+    })
+}
+
 /// Decodes every data record of a checked batch and checks its hash (the receiver's full check).
 pub fn check_record_data(
     batch: &BatchView<'_>,
@@ -776,6 +817,35 @@ mod tests {
                 .expect("decodes");
             assert_eq!(&back, data);
         }
+    }
+
+    #[test]
+    fn a_batch_damaged_in_its_data_still_names_its_extents() {
+        let bytes = sample();
+        let h = decode_header(&bytes).expect("header");
+        let all: Vec<_> = decode(&bytes)
+            .expect("decodes")
+            .records()
+            .filter(|r| r.header.kind.changes_bytes())
+            .map(|r| (r.header.volume, r.header.offset, r.header.length))
+            .collect();
+        // A flipped byte in the last record's stored bytes: the batch fails, its extents stay.
+        let mut damaged = bytes.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0x40;
+        assert!(decode(&damaged).is_err());
+        let got = salvage(&damaged).expect("the header is intact");
+        assert_eq!(got.header, h);
+        assert_eq!(got.extents.as_deref(), Some(&all[..]));
+        // A damaged header: nothing can be said.
+        let mut damaged = bytes.clone();
+        damaged[30] ^= 1;
+        assert!(salvage(&damaged).is_none());
+        // A damaged record header: the header is known, the extents are not.
+        let mut damaged = bytes.clone();
+        damaged[h.header_len as usize + 4] = 200;
+        let got = salvage(&damaged).expect("the header is intact");
+        assert_eq!(got.extents, None);
     }
 
     #[test]

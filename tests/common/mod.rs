@@ -39,23 +39,23 @@ pub fn bin(name: &str) -> PathBuf {
         p.display()
     );
     CHECKED.get_or_init(|| {
-        for b in ["cdp-agent", "cdp-replica"] {
-            check_fresh(&bin_dir().join(b));
-        }
+        check_fresh(&bin_dir().join("cdp-agent"), &["agent/src", "shared/src"]);
+        check_fresh(
+            &bin_dir().join("cdp-replica"),
+            &["replica/src", "shared/src", "migrations"],
+        );
     });
     p
 }
 
-/// Panics when a source file of the agent, replica or shared crate is newer than `binary`.
-fn check_fresh(binary: &Path) {
+/// Panics when a file under `sources` (the binary's crate and what it depends on) is newer
+/// than `binary`.
+fn check_fresh(binary: &Path, sources: &[&str]) {
     let built = std::fs::metadata(binary)
         .and_then(|m| m.modified())
         .expect("binary mtime");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut stack: Vec<PathBuf> = ["agent/src", "replica/src", "shared/src", "migrations"]
-        .iter()
-        .map(|d| root.join(d))
-        .collect();
+    let mut stack: Vec<PathBuf> = sources.iter().map(|d| root.join(d)).collect();
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -909,6 +909,27 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Sets `[verifier] chunks_per_sec` in the replica's replica.toml (before `serve` starts).
+pub fn set_verifier_rate(c: &Cluster, rate: u32) {
+    let path = c.replica_dir.join("replica.toml");
+    let text = std::fs::read_to_string(&path).expect("replica.toml");
+    assert!(
+        text.contains("chunks_per_sec"),
+        "init writes the [verifier] section: {text}"
+    );
+    let text: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("chunks_per_sec") {
+                format!("chunks_per_sec = {rate}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    std::fs::write(&path, text.join("\n") + "\n").expect("write replica.toml");
 }
 
 /// The last `n` lines of a text.
