@@ -2,6 +2,12 @@
 //! [`BlockDev`] trait so tests can put a slow or failing double in its place.
 //!
 //! All methods block; callers run them on tokio's blocking pool.
+//!
+//! **Exclusive claim.** A [`FileDev`] holds an exclusive `flock` on its device for as long as
+//! it lives, and opens a block device with `O_EXCL` too (which the kernel refuses while the
+//! device is mounted or claimed by another program). So two agents, whatever their data
+//! directories, never serve one device: the second one's `protect` or `run` fails with one
+//! sentence naming the device and the holder's pid (read from `/proc/locks`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -46,18 +52,51 @@ pub struct FileDev {
 }
 
 impl FileDev {
-    /// Opens `path` read-write. The size of a block device comes from seeking to its end,
+    /// Opens `path` read-write and claims it exclusively (see the module doc): an error of
+    /// kind [`io::ErrorKind::ResourceBusy`] whose message is the whole sentence to show when
+    /// another process holds it. The size of a block device comes from seeking to its end,
     /// which Linux answers with the device size (the same number as BLKGETSIZE64).
     pub fn open(path: &Path) -> io::Result<FileDev> {
-        let mut file = OpenOptions::new().read(true).write(true).open(path)?;
-        let meta = file.metadata()?;
-        use std::os::unix::fs::FileTypeExt;
-        let ft = meta.file_type();
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let ft = std::fs::metadata(path)?.file_type();
         if !(ft.is_file() || ft.is_block_device()) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "not a regular file or a block device",
             ));
+        }
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if ft.is_block_device() {
+            options.custom_flags(rustix::fs::OFlags::EXCL.bits() as i32);
+        }
+        let mut file = match options.open(path) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!(
+                        "device {} is in use: it is mounted or claimed by another program ({})",
+                        path.display(),
+                        holders(path).unwrap_or_else(|| "holder unknown".into())
+                    ),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ResourceBusy,
+                    format!(
+                        "device {} is already served by another process ({}): stop that cdp-agent, or unprotect the volume there, first",
+                        path.display(),
+                        holders(path).unwrap_or_else(|| "holder unknown".into())
+                    ),
+                ));
+            }
+            Err(e) => return Err(e.into()),
         }
         let size = file.seek(SeekFrom::End(0))?;
         let scan = OpenOptions::new().read(true).open(path)?;
@@ -73,6 +112,32 @@ impl FileDev {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// The pids holding a lock on the inode at `path`, from `/proc/locks` ("pid 1234"), if any.
+fn holders(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let dev = meta.dev();
+    let key = format!(
+        "{:02x}:{:02x}:{}",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev),
+        meta.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let pids: Vec<String> = locks
+        .lines()
+        // "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE START END"; waiters have "->" and are
+        // not holders.
+        .filter(|l| !l.contains("->") && l.split_whitespace().any(|f| f == key))
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        .collect();
+    match pids.as_slice() {
+        [] => None,
+        [one] => Some(format!("pid {one}")),
+        many => Some(format!("pids {}", many.join(", "))),
     }
 }
 

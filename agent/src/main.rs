@@ -207,8 +207,16 @@ async fn protect(data: &Path, volume: &str, device: &Path, group: Option<String>
             v.name
         );
     }
-    let dev = FileDev::open(&device)
-        .with_context(|| format!("device {} cannot be opened read-write", device.display()))?;
+    let dev = FileDev::open(&device).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::ResourceBusy {
+            anyhow::anyhow!("{e}")
+        } else {
+            anyhow::anyhow!(
+                "device {} cannot be opened read-write: {e}",
+                device.display()
+            )
+        }
+    })?;
     if dev.size() == 0 {
         bail!(
             "device {} is empty; a volume needs a size",

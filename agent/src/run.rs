@@ -126,8 +126,16 @@ impl Agent {
                         data_dir.join(state::CONFIG_FILE).display()
                     );
                 }
-                let dev = FileDev::open(&v.device).with_context(|| {
-                    format!("open device {} of volume {}", v.device.display(), v.name)
+                let dev = FileDev::open(&v.device).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::ResourceBusy {
+                        anyhow!("{e}")
+                    } else {
+                        anyhow!(
+                            "open device {} of volume {}: {e}",
+                            v.device.display(),
+                            v.name
+                        )
+                    }
                 })?;
                 let st = state::load_volume_state(&data_dir, &v.name)?;
                 if st.as_ref().is_none_or(|s| s.state == VolumeState::Syncing) {
