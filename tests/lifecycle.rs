@@ -162,3 +162,125 @@ fn a_block_device_served_by_one_agent_is_refused_to_another() {
         std::path::PathBuf::from(dev)
     });
 }
+
+/// Whether an NBD client can open export `name` at `uri` (libnbd's `nbdinfo`).
+fn export_opens(uri: &str) -> bool {
+    run(Command::new("nbdinfo").arg(uri)).status.success()
+}
+
+#[test]
+fn unprotect_stops_serving_and_releases_the_device_while_other_groups_go_on() {
+    if !require_python_nbd() || !require_tool("nbdinfo") {
+        return;
+    }
+    let mut c = Cluster::new();
+    let dev_a = c.make_device("a.img", 8 * MIB, MIB, 1);
+    let dev_b = c.make_device("b.img", 8 * MIB, MIB, 2);
+    let dev_c = c.make_device("c.img", 8 * MIB, MIB, 3);
+    let dev_d = c.make_device("d.img", 8 * MIB, MIB, 4);
+    c.protect("a", &dev_a, None);
+    c.protect("b", &dev_b, None);
+    c.protect("c", &dev_c, Some("cd"));
+    c.protect("d", &dev_d, Some("cd"));
+    c.start_replica();
+    c.start_agent();
+    for v in ["a", "b", "c", "d"] {
+        c.wait_protecting(v, Duration::from_secs(120));
+    }
+    let mut a = NbdDriver::connect(&c.nbd_uri("a"));
+    a.write(0, &[1u8; 4096], true).expect("write a");
+    c.bookmark("before", true);
+
+    // A volume that shares its group is refused, and nothing changes.
+    let out = run(&mut c.agent_cmd(&["unprotect", "--volume", "c"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--group cd"),
+        "a volume of a group of two is refused: {err}"
+    );
+    assert!(export_opens(&c.nbd_uri("c")), "c is still served");
+
+    let out = run_ok(&mut c.agent_cmd(&["unprotect", "--volume", "a"]));
+    assert!(
+        out.contains("no longer protected") && out.contains("released its devices"),
+        "{out}"
+    );
+    // The open connection's requests fail; a new client does not find the export.
+    assert!(
+        a.write(4096, &[2u8; 4096], false).is_err(),
+        "a request on a connection to an unprotected volume fails"
+    );
+    assert!(!export_opens(&c.nbd_uri("a")), "a is no longer served");
+    drop(a);
+    // Its device is free for another agent.
+    let other = c.path("agent2");
+    let fp = run_ok(&mut c.replica_cmd(&["fingerprint"]));
+    run_ok(
+        Command::new(bin("cdp-agent"))
+            .args(["init", "--data"])
+            .arg(&other)
+            .args([
+                "--replica",
+                "127.0.0.1:9",
+                "--replica-fingerprint",
+                fp.trim(),
+            ]),
+    );
+    run_ok(
+        Command::new(bin("cdp-agent"))
+            .args(["protect", "--data"])
+            .arg(&other)
+            .args(["--volume", "a2", "--device"])
+            .arg(&dev_a),
+    );
+    // It left the configuration and the status; its state was kept aside.
+    let config = std::fs::read_to_string(c.agent_dir.join("agent.toml")).expect("config");
+    assert!(!config.contains("a.img"), "{config}");
+    let st = c.agent_status();
+    let names: Vec<&str> = st["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    assert_eq!(names, vec!["b", "c", "d"], "{st}");
+    assert!(!c.agent_dir.join("state").join("a.json").exists());
+    assert!(
+        std::fs::read_dir(c.agent_dir.join("unprotected"))
+            .expect("unprotected")
+            .count()
+            == 1
+    );
+
+    // The other groups go on replicating.
+    let mut b = NbdDriver::connect(&c.nbd_uri("b"));
+    b.write(0, &[3u8; 4096], true).expect("write b");
+    let mut cd = NbdDriver::connect(&c.nbd_uri("c"));
+    cd.write(0, &[4u8; 4096], true).expect("write c");
+    c.bookmark("after", true);
+    c.wait_in_step("b", Duration::from_secs(60));
+    let restored = c.restore("b", "bookmark:after").expect("restore b");
+    assert_eq!(&restored[..4096], &[3u8; 4096][..]);
+    // The replica keeps a's history.
+    let restored = c.restore("a", "bookmark:before").expect("restore a");
+    assert_eq!(&restored[..4096], &[1u8; 4096][..]);
+
+    // A whole group, with --purge; then, with the agent stopped, the last one.
+    let out = run_ok(&mut c.agent_cmd(&["unprotect", "--group", "cd", "--purge"]));
+    assert!(
+        out.contains("group cd (c, d) is no longer protected"),
+        "{out}"
+    );
+    assert!(!c.agent_dir.join("spool").join("cd").exists());
+    assert!(!c.agent_dir.join("state").join("c.json").exists());
+    assert!(
+        c.agent
+            .as_mut()
+            .expect("agent")
+            .stop(Duration::from_secs(30))
+    );
+    let out = run_ok(&mut c.agent_cmd(&["unprotect", "--volume", "b"]));
+    assert!(out.contains("(the agent is not running)"), "{out}");
+    let config = std::fs::read_to_string(c.agent_dir.join("agent.toml")).expect("config");
+    assert!(!config.contains("[[volume]]"), "{config}");
+}

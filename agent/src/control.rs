@@ -13,8 +13,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::exports::VolumeExports;
+use crate::groups::GroupSet;
+use crate::sender::{SharedLink, link_connected};
 use crate::status::AgentStatus;
-use crate::write_pipeline::Group;
 
 pub const SOCKET_NAME: &str = "ctl.sock";
 /// Longest request line.
@@ -35,6 +37,10 @@ pub enum Request {
     Resync {
         volume: Option<String>,
     },
+    /// Stop serving and recording group `group` (`cdp-agent unprotect`): see [`unprotect`].
+    Unprotect {
+        group: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -48,6 +54,7 @@ pub enum Reply {
         volumes: Vec<ResyncResult>,
     },
     Status(Box<AgentStatus>),
+    Unprotected(Unprotected),
     Error {
         message: String,
     },
@@ -71,10 +78,29 @@ pub struct ResyncResult {
     pub bytes_sent: u64,
 }
 
+/// What a running agent did for `unprotect`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Unprotected {
+    pub group: String,
+    pub volumes: Vec<String>,
+    /// The last seq sealed for the group, and the last one the replica acknowledged: batches
+    /// between them stay in the spool (see `cdp-agent unprotect`).
+    pub last_seq: u64,
+    pub acked_seq: u64,
+    /// Whether every device, log and spool file of the group was closed.
+    pub released: bool,
+}
+
 pub struct ControlContext {
-    pub groups: Vec<Arc<Group>>,
+    pub groups: Arc<GroupSet>,
+    pub exports: Arc<VolumeExports>,
+    pub link: SharedLink,
     pub status: Arc<dyn Fn() -> AgentStatus + Send + Sync>,
 }
+
+/// How long `unprotect` waits for the group's operations in flight to finish, for the replica
+/// to acknowledge its last batch, and for its files to be closed.
+pub const UNPROTECT_WAIT: Duration = Duration::from_secs(30);
 
 /// Serves the control socket until `shutdown`.
 pub async fn serve(listener: UnixListener, ctx: Arc<ControlContext>, shutdown: CancellationToken) {
@@ -114,6 +140,10 @@ async fn handle(
             bookmark(&ctx, &name, group.as_deref(), wait, &shutdown).await
         }
         Ok(Request::Resync { volume }) => resync(&ctx, volume.as_deref(), &shutdown).await,
+        Ok(Request::Unprotect { group }) => match unprotect(&ctx, &group).await {
+            Ok(u) => Reply::Unprotected(u),
+            Err(message) => Reply::Error { message },
+        },
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');
@@ -133,9 +163,9 @@ async fn bookmark(
     }
     let groups: Vec<_> = ctx
         .groups
-        .iter()
+        .snapshot()
+        .into_iter()
         .filter(|g| group.is_none_or(|n| g.name == n))
-        .cloned()
         .collect();
     if groups.is_empty() {
         return Reply::Error {
@@ -204,7 +234,7 @@ async fn bookmark(
 
 async fn resync(ctx: &ControlContext, volume: Option<&str>, shutdown: &CancellationToken) -> Reply {
     let mut targets = Vec::new();
-    for g in &ctx.groups {
+    for g in &ctx.groups.snapshot() {
         for v in &g.volumes {
             if volume.is_none_or(|n| n == v.name) {
                 targets.push((g.clone(), v.id, v.name.clone()));
@@ -263,6 +293,64 @@ async fn resync(ctx: &ControlContext, volume: Option<&str>, shutdown: &Cancellat
         });
     }
     Reply::Resynced { volumes: results }
+}
+
+/// Stops serving and recording a group, live: its exports are retired (new clients do not
+/// find them; requests on open connections get `ESHUTDOWN`), the operations already admitted
+/// finish, the last batch is sealed and made durable (devices synced, activity logs emptied),
+/// the replica is given until [`UNPROTECT_WAIT`] to acknowledge it, and the group leaves the
+/// agent: its tasks stop, the sender reconnects without it, and once nothing holds it any more
+/// its devices (and their claim), logs and spool are closed. What the replica has not
+/// acknowledged stays in the spool on disk. The command line then removes the group from
+/// `agent.toml`.
+async fn unprotect(ctx: &ControlContext, name: &str) -> Result<Unprotected, String> {
+    let group = ctx
+        .groups
+        .get(name)
+        .ok_or_else(|| format!("no group named {name} is served by this agent"))?;
+    ctx.exports.retire(&group);
+    let deadline = tokio::time::Instant::now() + UNPROTECT_WAIT;
+    while group.operations_in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sealed = group
+        .seal_and_sync()
+        .await
+        .map_err(|e| format!("seal the last batch of group {name}: {e}"))?;
+    if link_connected(&ctx.link) {
+        let mut acked = group.acked.subscribe();
+        let _ = tokio::time::timeout_at(deadline, async {
+            while *acked.borrow_and_update() < sealed {
+                if acked.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+    let acked_seq = *group.acked.borrow();
+    let volumes = group.volumes.iter().map(|v| v.name.clone()).collect();
+    ctx.groups.remove(name);
+    let weak = Arc::downgrade(&group);
+    drop(group);
+    while weak.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let released = weak.strong_count() == 0;
+    tracing::info!(
+        group = name,
+        sealed = sealed.0,
+        acked = acked_seq.0,
+        released,
+        "the group is no longer protected"
+    );
+    Ok(Unprotected {
+        group: name.to_owned(),
+        volumes,
+        last_seq: sealed.0,
+        acked_seq: acked_seq.0,
+        released,
+    })
 }
 
 /// Sends one request to the running agent in `data_dir`. `None` when no agent is running.

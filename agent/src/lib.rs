@@ -12,6 +12,7 @@ pub mod control;
 pub mod device;
 pub mod dirty_map;
 pub mod exports;
+pub mod groups;
 pub mod range_lock;
 pub mod resync;
 pub mod run;

@@ -92,6 +92,25 @@ enum Command {
         #[arg(long)]
         volume: Option<String>,
     },
+    /// Stop protecting a volume (or every volume of a consistency group): a running agent stops
+    /// serving and recording it at once and releases its device; it leaves agent.toml. Its
+    /// agent-side state is moved to DIR/unprotected/ (or deleted with --purge). The replica
+    /// keeps its history (`cdp-replica forget` deletes that).
+    Unprotect {
+        /// The agent's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// The volume; it must be the only volume of its group (otherwise use --group).
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        volume: Option<String>,
+        /// Every volume of this consistency group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Delete the volume's agent-side state (spool, activity log, dirty map) instead of
+        /// keeping it aside.
+        #[arg(long)]
+        purge: bool,
+    },
     /// Show the state of every protected volume.
     Status {
         /// The agent's data directory.
@@ -156,6 +175,12 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Bookmark { data, name, wait } => bookmark(&data, &name, wait).await,
         Command::Status { data, json } => show_status(&data, json).await,
         Command::Resync { data, volume } => resync(&data, volume).await,
+        Command::Unprotect {
+            data,
+            volume,
+            group,
+            purge,
+        } => unprotect(&data, volume, group, purge).await,
     }
 }
 
@@ -262,12 +287,22 @@ async fn run(data: &Path, socket: Option<PathBuf>, listen: Option<SocketAddr>) -
     match &agent.nbd {
         Listen::Unix(p) => tracing::info!(
             "serving {} volume(s) over NBD on {}",
-            agent.groups.iter().map(|g| g.volumes.len()).sum::<usize>(),
+            agent
+                .groups
+                .snapshot()
+                .iter()
+                .map(|g| g.volumes.len())
+                .sum::<usize>(),
             p.display()
         ),
         Listen::Tcp(a) => tracing::info!(
             "serving {} volume(s) over NBD on {a}",
-            agent.groups.iter().map(|g| g.volumes.len()).sum::<usize>()
+            agent
+                .groups
+                .snapshot()
+                .iter()
+                .map(|g| g.volumes.len())
+                .sum::<usize>()
         ),
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -346,6 +381,143 @@ async fn resync(data: &Path, volume: Option<String>) -> Result<()> {
         Reply::Error { message } => bail!("{message}"),
         _ => bail!("the agent answered a resync request with something else"),
     }
+}
+
+async fn unprotect(
+    data: &Path,
+    volume: Option<String>,
+    group: Option<String>,
+    purge: bool,
+) -> Result<()> {
+    let mut config = AgentConfig::load(data)?;
+    let group = match (volume, group) {
+        (Some(v), _) => {
+            let Some(vc) = config.volumes.iter().find(|c| c.name == v) else {
+                bail!("no volume named {v} is protected by this agent");
+            };
+            let others: Vec<&str> = config
+                .volumes
+                .iter()
+                .filter(|c| c.group == vc.group && c.name != v)
+                .map(|c| c.name.as_str())
+                .collect();
+            if !others.is_empty() {
+                bail!(
+                    "volume {v} shares consistency group {} with {}: a group is unprotected whole, with `--group {}`",
+                    vc.group,
+                    others.join(", "),
+                    vc.group
+                );
+            }
+            vc.group.clone()
+        }
+        (None, Some(g)) => {
+            if !config.volumes.iter().any(|c| c.group == g) {
+                bail!("no group named {g} is protected by this agent");
+            }
+            g
+        }
+        (None, None) => bail!("name a --volume or a --group"),
+    };
+    let volumes: Vec<VolumeConfig> = config
+        .volumes
+        .iter()
+        .filter(|c| c.group == group)
+        .cloned()
+        .collect();
+    let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+    let live = match control::request(data, &Request::Status, Some(Duration::from_secs(5))).await? {
+        None => None,
+        Some(_) => match control::request(
+            data,
+            &Request::Unprotect {
+                group: group.clone(),
+            },
+            Some(control::UNPROTECT_WAIT * 3),
+        )
+        .await?
+        {
+            Some(Reply::Unprotected(u)) => Some(u),
+            Some(Reply::Error { message }) => bail!("{message}"),
+            Some(_) => bail!("the agent answered an unprotect request with something else"),
+            None => None,
+        },
+    };
+    config.volumes.retain(|c| c.group != group);
+    config.save(data)?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    let state = state::state_dir(data);
+    for v in &volumes {
+        for suffix in [".json", ".al.0", ".al.1", ".dirty"] {
+            files.push(state.join(format!("{}{suffix}", v.name)));
+        }
+    }
+    files.push(state.join(format!("{group}.generation")));
+    files.push(data.join("spool").join(&group));
+    let files: Vec<PathBuf> = files.into_iter().filter(|p| p.exists()).collect();
+    let kept = if files.is_empty() {
+        None
+    } else if purge {
+        for f in &files {
+            let r = if f.is_dir() {
+                std::fs::remove_dir_all(f)
+            } else {
+                std::fs::remove_file(f)
+            };
+            r.with_context(|| format!("delete {}", f.display()))?;
+        }
+        None
+    } else {
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+        let aside = data.join("unprotected").join(format!("{group}.{stamp}"));
+        std::fs::create_dir_all(&aside).with_context(|| format!("create {}", aside.display()))?;
+        for f in &files {
+            let to = aside.join(f.file_name().unwrap_or_default());
+            std::fs::rename(f, &to)
+                .with_context(|| format!("move {} to {}", f.display(), to.display()))?;
+        }
+        Some(aside)
+    };
+    match &live {
+        Some(u) => {
+            println!(
+                "group {group} ({}) is no longer protected: the agent stopped serving and recording it{}",
+                names.join(", "),
+                if u.released {
+                    " and released its devices"
+                } else {
+                    "; some of its files were still in use and are released when the last client lets go"
+                }
+            );
+            if u.acked_seq < u.last_seq {
+                eprintln!(
+                    "warning: the replica acknowledged group {group} up to seq {} of seq {}: the batches after it never reached the replica (they are in the group's spool{})",
+                    u.acked_seq,
+                    u.last_seq,
+                    if purge {
+                        ", now deleted"
+                    } else {
+                        ", kept aside"
+                    }
+                );
+            }
+        }
+        None => println!(
+            "group {group} ({}) is no longer protected (the agent is not running)",
+            names.join(", ")
+        ),
+    }
+    if let Some(aside) = kept {
+        println!(
+            "its agent-side state is kept in {} (--purge deletes it); protecting the volume again starts it afresh",
+            aside.display()
+        );
+    }
+    println!(
+        "the replica keeps the history of {}: `cdp-replica forget` deletes it there",
+        names.join(", ")
+    );
+    Ok(())
 }
 
 async fn show_status(data: &Path, json: bool) -> Result<()> {

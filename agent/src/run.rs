@@ -19,6 +19,7 @@ use crate::batcher::BatcherConfig;
 use crate::control::{self, ControlContext};
 use crate::device::{BlockDev, FileDev};
 use crate::exports::VolumeExports;
+use crate::groups::GroupSet;
 use crate::resync::Maintenance;
 use crate::sender::{self, LinkState, ReplicaLink, SenderConfig, SharedLink};
 use crate::spool::Spool;
@@ -43,7 +44,7 @@ pub struct RunOptions {
 
 /// A running agent.
 pub struct Agent {
-    pub groups: Vec<Arc<Group>>,
+    pub groups: Arc<GroupSet>,
     pub link: SharedLink,
     /// Where the NBD server actually listens (the bound port for TCP).
     pub nbd: Listen,
@@ -194,11 +195,11 @@ impl Agent {
         let mut tasks = JoinSet::new();
         let link: SharedLink = Arc::new(std::sync::Mutex::new(LinkState::default()));
 
-        for g in &groups {
-            tasks.spawn(g.clone().run_age_cutter(shutdown.clone()));
-        }
-
         let exports = Arc::new(VolumeExports::new(&groups));
+        let group_set = GroupSet::new(groups, &shutdown);
+        for g in group_set.snapshot() {
+            tasks.spawn(g.clone().run_age_cutter(group_set.token(&g.name)));
+        }
         let (nbd, nbd_task) = match &opts.listen {
             Listen::Unix(path) => {
                 let _ = std::fs::remove_file(path);
@@ -206,7 +207,7 @@ impl Agent {
                     .with_context(|| format!("listen on {}", path.display()))?;
                 let t = tokio::spawn(cdp_shared::nbd::server::serve_unix(
                     listener,
-                    exports,
+                    exports.clone(),
                     nbd_shutdown.clone(),
                 ));
                 (Listen::Unix(path.clone()), t)
@@ -218,7 +219,7 @@ impl Agent {
                 let bound = listener.local_addr()?;
                 let t = tokio::spawn(cdp_shared::nbd::server::serve_tcp(
                     listener,
-                    exports,
+                    exports.clone(),
                     nbd_shutdown.clone(),
                 ));
                 (Listen::Tcp(bound), t)
@@ -229,7 +230,7 @@ impl Agent {
         let _ = std::fs::remove_file(&ctl_path);
         let ctl_listener = tokio::net::UnixListener::bind(&ctl_path)
             .with_context(|| format!("listen on {}", ctl_path.display()))?;
-        let status_groups = groups.clone();
+        let status_groups = group_set.clone();
         let status_link = link.clone();
         let devices: std::collections::BTreeMap<String, String> = config
             .volumes
@@ -237,9 +238,11 @@ impl Agent {
             .map(|v| (v.name.clone(), v.device.display().to_string()))
             .collect();
         let ctx = Arc::new(ControlContext {
-            groups: groups.clone(),
+            groups: group_set.clone(),
+            exports: exports.clone(),
+            link: link.clone(),
             status: Arc::new(move || {
-                status::collect(&status_groups, &status_link, &|name| {
+                status::collect(&status_groups.snapshot(), &status_link, &|name| {
                     devices.get(name).cloned().unwrap_or_default()
                 })
             }),
@@ -258,13 +261,14 @@ impl Agent {
         };
         let (replica_link, queries) = ReplicaLink::new();
         tasks.spawn(sender::run(
-            groups.clone(),
+            group_set.clone(),
             sender_config,
             link.clone(),
             queries,
             shutdown.clone(),
         ));
-        for g in &groups {
+        for g in group_set.snapshot() {
+            let token = group_set.token(&g.name);
             let m = Maintenance {
                 group: g.clone(),
                 link: replica_link.clone(),
@@ -272,11 +276,11 @@ impl Agent {
                 data_dir: data_dir.clone(),
                 sync_bytes_per_sec_max: config.sync_bytes_per_sec_max,
             };
-            tasks.spawn(m.run(shutdown.clone()));
+            tasks.spawn(m.run(token));
         }
         // Volumes synced in an earlier run are not marked as syncing.
         Ok(Agent {
-            groups,
+            groups: group_set,
             link,
             nbd,
             data_dir,
@@ -289,7 +293,7 @@ impl Agent {
     }
 
     pub fn status(&self) -> AgentStatus {
-        status::collect(&self.groups, &self.link, &|_| String::new())
+        status::collect(&self.groups.snapshot(), &self.link, &|_| String::new())
     }
 
     /// Stops cleanly (see the module doc).
@@ -297,7 +301,7 @@ impl Agent {
         self.nbd_shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.nbd_task).await;
         let mut sealed = Vec::new();
-        for g in &self.groups {
+        for g in &self.groups.snapshot() {
             match g.seal_and_sync().await {
                 Ok(seq) => sealed.push((g.clone(), seq)),
                 Err(e) => tracing::error!(group = %g.name, "could not seal the last batch: {e}"),

@@ -135,7 +135,7 @@ fn set_link(link: &SharedLink, connected: bool, error: Option<String>) {
 
 /// Runs until `shutdown` fires. Cancellation-safe: batches stay in the spool until acked.
 pub async fn run(
-    groups: Vec<Arc<Group>>,
+    group_set: Arc<crate::groups::GroupSet>,
     config: SenderConfig,
     link: SharedLink,
     mut queries: mpsc::Receiver<HashQuery>,
@@ -145,11 +145,23 @@ pub async fn run(
     let mut corrupt = config.corrupt_seq_once;
     let mut last_logged: Option<String> = None;
     link.lock().unwrap_or_else(|p| p.into_inner()).replica = config.replica.clone();
+    let mut changed = group_set.subscribe();
     loop {
+        // A session serves the groups of the moment; when one leaves (unprotect), the
+        // connection is closed and the next one says hello without it, at once.
+        changed.borrow_and_update();
+        let groups = group_set.snapshot();
         let result = tokio::select! {
             r = session(&groups, &config, &link, &mut queries, &mut corrupt, &mut backoff) => r,
+            _ = changed.changed() => {
+                drop(groups);
+                set_link(&link, false, None);
+                tracing::info!(replica = %config.replica, "the protected groups changed: reconnecting to the replica");
+                continue;
+            }
             _ = shutdown.cancelled() => return,
         };
+        drop(groups);
         let msg = match result {
             Ok(()) => "the replica closed the connection".to_owned(),
             Err(e) => format!("{e:#}"),

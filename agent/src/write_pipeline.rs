@@ -527,6 +527,11 @@ impl Group {
         }
     }
 
+    /// Operations admitted to the range locks and not yet released, over all volumes.
+    pub fn operations_in_flight(&self) -> usize {
+        self.lock().vols.iter().map(|v| v.lock.in_flight()).sum()
+    }
+
     /// Whether the group is overflowing.
     pub fn overflowing(&self) -> bool {
         self.lock().overflow_since.is_some()
@@ -635,7 +640,7 @@ impl Group {
         offset: u64,
         data: Vec<u8>,
         fua: bool,
-    ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static + use<> {
         let len = data.len();
         let (place, waits, need) = self.admit_write(volume, offset, offset + len as u64);
         let group = self.clone();
@@ -685,7 +690,7 @@ impl Group {
         len: u64,
         kind: RecordKind,
         fua: bool,
-    ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static + use<> {
         debug_assert!(matches!(kind, RecordKind::Zero | RecordKind::Trim));
         let (place, waits, need) = self.admit_write(volume, offset, offset + len);
         let group = self.clone();
@@ -719,7 +724,7 @@ impl Group {
         volume: VolumeId,
         offset: u64,
         len: u32,
-    ) -> impl Future<Output = ExportResult<Vec<u8>>> + Send + 'static {
+    ) -> impl Future<Output = ExportResult<Vec<u8>>> + Send + 'static + use<> {
         let dev = self.volume(volume).dev.clone();
         async move {
             tokio::task::spawn_blocking(move || {
@@ -847,7 +852,7 @@ impl Group {
     pub fn flush_volume(
         self: &Arc<Self>,
         volume: VolumeId,
-    ) -> impl Future<Output = ExportResult<()>> + Send + 'static {
+    ) -> impl Future<Output = ExportResult<()>> + Send + 'static + use<> {
         let group = self.clone();
         async move {
             group
