@@ -1023,6 +1023,31 @@ mod tests {
         assert_eq!(rec.last_hash, h6);
     }
 
+    /// The held bytes decide when a group overflows: they must follow every append and ack
+    /// exactly (a release-mode test, like every counter that drives a decision).
+    #[tokio::test]
+    async fn held_bytes_follow_appends_and_acks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = Batcher::new("g", BatcherConfig::default(), Seq(0), [0; 32]);
+        let (spool, _) = Spool::open(dir.path()).expect("open");
+        let mut lens = Vec::new();
+        for _ in 0..20 {
+            let (s, h) = make(&mut b);
+            lens.push(s.bytes.len() as u64);
+            spool.append(s, h, 0);
+        }
+        assert_eq!(spool.held(), (20, lens.iter().sum()));
+        for (acked, seq) in [(5usize, 5u64), (5, 3), (12, 12), (20, 20)] {
+            spool.ack(Seq(seq));
+            assert_eq!(
+                spool.held(),
+                ((20 - acked) as u64, lens[acked..].iter().sum()),
+                "after an ack of seq {seq}"
+            );
+        }
+        spool.wait_durable(Seq(20)).await.expect("durable");
+    }
+
     /// Five durable batches (the third a bookmark); `damage` changes the segment's bytes.
     async fn spool_of_five(dir: &Path) -> (Vec<Hash>, Vec<(u64, u64)>) {
         let mut b = Batcher::new("g", BatcherConfig::default(), Seq(0), [0; 32]);
