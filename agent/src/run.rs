@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use cdp_shared::identity::{Fingerprint, Identity};
+use cdp_shared::nbd::server::ServerLimits;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -186,6 +187,7 @@ impl Agent {
                     listener,
                     exports,
                     nbd_shutdown.clone(),
+                    ServerLimits::default(),
                 ));
                 (Listen::Unix(path.clone()), t)
             }
@@ -198,6 +200,7 @@ impl Agent {
                     listener,
                     exports,
                     nbd_shutdown.clone(),
+                    ServerLimits::default(),
                 ));
                 (Listen::Tcp(bound), t)
             }
