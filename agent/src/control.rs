@@ -1,6 +1,11 @@
 //! The agent's local control socket (`DIR/ctl.sock`): `cdp-agent bookmark` and
 //! `cdp-agent status` talk to the running agent through it, one JSON request and one JSON
 //! reply per line.
+//!
+//! At most [`CLIENTS_MAX`] requests are served at once (one more is answered with an error
+//! at once), a request line must arrive within [`REQUEST_TIMEOUT`], and a failed `accept`
+//! (out of file descriptors) is retried after [`ACCEPT_ERROR_BACKOFF`], so the socket keeps
+//! answering whatever its clients or the NBD clients do.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,6 +26,14 @@ use crate::status::AgentStatus;
 pub const SOCKET_NAME: &str = "ctl.sock";
 /// Longest request line.
 const REQUEST_BYTES_MAX: usize = 4096;
+/// Control requests served at once (a `bookmark --wait` holds its slot until it returns).
+pub const CLIENTS_MAX: usize = 16;
+/// How long a client may take to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one log line per interval about failed accepts.
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -104,22 +117,56 @@ pub const UNPROTECT_WAIT: Duration = Duration::from_secs(30);
 
 /// Serves the control socket until `shutdown`.
 pub async fn serve(listener: UnixListener, ctx: Arc<ControlContext>, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CLIENTS_MAX));
+    let mut accept_failures = 0u64;
+    let mut accept_failure_logged: Option<std::time::Instant> = None;
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
-                Err(e) => { tracing::warn!("control socket accept failed: {e}"); continue; }
+                Err(e) => {
+                    accept_failures += 1;
+                    if accept_failure_logged.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_INTERVAL) {
+                        tracing::warn!("control socket accept failed {accept_failures} time(s): {e}; retrying every {ACCEPT_ERROR_BACKOFF:?}");
+                        accept_failures = 0;
+                        accept_failure_logged = Some(std::time::Instant::now());
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
+                        () = shutdown.cancelled() => return,
+                    }
+                }
             },
             _ = shutdown.cancelled() => return,
         };
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        let slot = slots.clone().try_acquire_owned();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, ctx, shutdown).await {
+            let result = match slot {
+                Ok(_slot) => handle(stream, ctx, shutdown).await,
+                Err(_) => refuse(stream).await,
+            };
+            if let Err(e) = result {
                 tracing::debug!("control connection: {e:#}");
             }
         });
     }
+}
+
+/// Answers a client over [`CLIENTS_MAX`] with an error, without reading its request.
+async fn refuse(mut stream: UnixStream) -> Result<()> {
+    let reply = Reply::Error {
+        message: format!(
+            "the agent is serving {CLIENTS_MAX} control requests already; try again in a moment"
+        ),
+    };
+    let mut out = serde_json::to_vec(&reply)?;
+    out.push(b'\n');
+    tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(&out))
+        .await
+        .context("send the refusal")??;
+    Ok(())
 }
 
 async fn handle(
@@ -130,7 +177,9 @@ async fn handle(
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(r.take(REQUEST_BYTES_MAX as u64));
-    reader.read_line(&mut line).await?;
+    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| anyhow!("no request within {REQUEST_TIMEOUT:?}"))??;
     let reply = match serde_json::from_str::<Request>(&line) {
         Err(e) => Reply::Error {
             message: format!("malformed request: {e}"),

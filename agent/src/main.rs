@@ -208,6 +208,7 @@ fn init(data: &Path, replica: &str, replica_fingerprint: &str) -> Result<()> {
         sync_bytes_per_sec_max: 0,
         spool_bytes_max: cdp_agent::write_pipeline::SPOOL_BYTES_MAX_DEFAULT,
         activity_log_chunks: cdp_agent::activity_log::CAPACITY_DEFAULT,
+        nbd_connections_max: cdp_shared::nbd::server::CONNECTIONS_MAX_DEFAULT,
         volumes: Vec::new(),
     };
     config.save(data)?;

@@ -3,6 +3,11 @@
 //!
 //! Clean stop: stop accepting NBD clients, seal and make durable every open batch, wait (up
 //! to [`DRAIN_TIMEOUT`]) until the replica has acknowledged everything, then stop the rest.
+//!
+//! File descriptors: at start the soft `RLIMIT_NOFILE` is raised to the hard limit, and the
+//! NBD server gets what is left of it once the agent's own needs are set aside
+//! ([`nbd_connection_budget`]), so that no number of NBD clients can take the descriptors a
+//! write, a flush or the control socket needs.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -12,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use cdp_shared::identity::{Fingerprint, Identity};
+use cdp_shared::nbd::server::{HANDSHAKE_TIMEOUT_DEFAULT, ServerLimits};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +35,24 @@ use crate::write_pipeline::{Group, GroupOptions, Volume};
 
 /// How long a clean stop waits for the replica to acknowledge the last batches.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// File descriptors the agent keeps for itself whatever it protects: the standard streams
+/// (3), `run.lock`, the runtime's epoll and wakers (about 4), the control socket and the
+/// clients it serves at once ([`control::CLIENTS_MAX`] + 1), the QUIC socket (2 across a
+/// reconnect), state files being replaced (a temporary file and its directory, a few at
+/// once: 8), and room for libraries (name resolution, `/proc` reads: 16).
+pub const DESCRIPTORS_RESERVED_BASE: u64 = 48 + control::CLIENTS_MAX as u64;
+/// File descriptors each volume keeps: its device twice (the client's I/O, and the
+/// uncached reads of syncs and the verifier), its two activity-log files, and its dirty map
+/// or state file while it is replaced (2).
+pub const DESCRIPTORS_RESERVED_PER_VOLUME: u64 = 6;
+/// File descriptors each group keeps: its spool's open segment, the next segment and the
+/// spool directory while a segment is cut, and segment files read back by the sender and the
+/// trim (a few).
+pub const DESCRIPTORS_RESERVED_PER_GROUP: u64 = 6;
+/// Fewest NBD connections the agent starts with: fewer means the descriptor limit is far too
+/// low for what it protects.
+pub const NBD_CONNECTIONS_MIN: usize = 8;
 
 /// Where the NBD server listens.
 #[derive(Clone, Debug)]
@@ -80,6 +104,13 @@ impl Agent {
         let data_dir = opts.data_dir.clone();
         let config = AgentConfig::load(&data_dir)?;
         let lock = lock_data_dir(&data_dir)?;
+        let budget = nbd_connection_budget(
+            raise_descriptor_limit(),
+            config.volumes.len(),
+            config.groups().len(),
+            config.nbd_connections_max,
+        )
+        .map_err(anyhow::Error::msg)?;
         let identity = Identity::load(&data_dir)?;
         let replica_fingerprint: Fingerprint =
             config.replica_fingerprint.parse().with_context(|| {
@@ -195,6 +226,21 @@ impl Agent {
         let mut tasks = JoinSet::new();
         let link: SharedLink = Arc::new(std::sync::Mutex::new(LinkState::default()));
 
+        let limits = ServerLimits {
+            connections_max: budget.connections_max,
+            handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT,
+        };
+        tracing::info!(
+            connections_max = budget.connections_max,
+            descriptors_open = descriptors_open(),
+            "NBD: at most {} connections at once (nbd_connections_max {}; the descriptor limit {} less the {} the agent keeps leaves {}), each to finish its handshake within {:?}",
+            budget.connections_max,
+            config.nbd_connections_max,
+            budget.soft_limit,
+            budget.reserved,
+            budget.connections_available,
+            limits.handshake_timeout
+        );
         let exports = Arc::new(VolumeExports::new(&groups));
         let group_set = GroupSet::new(groups, &shutdown);
         for g in group_set.snapshot() {
@@ -209,6 +255,7 @@ impl Agent {
                     listener,
                     exports.clone(),
                     nbd_shutdown.clone(),
+                    limits,
                 ));
                 (Listen::Unix(path.clone()), t)
             }
@@ -221,6 +268,7 @@ impl Agent {
                     listener,
                     exports.clone(),
                     nbd_shutdown.clone(),
+                    limits,
                 ));
                 (Listen::Tcp(bound), t)
             }
@@ -350,5 +398,156 @@ impl Agent {
         }
         let _ = std::fs::remove_file(self.data_dir.join("state").join("running"));
         Ok(())
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, logs what the agent has, and returns
+/// the soft limit in effect (`u64::MAX` when unlimited).
+fn raise_descriptor_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let before = getrlimit(Resource::Nofile);
+    let show = |limit: Option<u64>| limit.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    if before.current != before.maximum {
+        let raised = Rlimit {
+            current: before.maximum,
+            maximum: before.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::info!(
+                "file descriptors: soft limit raised from {} to the hard limit {}",
+                show(before.current),
+                show(before.maximum)
+            ),
+            Err(e) => tracing::warn!(
+                "file descriptors: could not raise the soft limit {} to the hard limit {}: {e}",
+                show(before.current),
+                show(before.maximum)
+            ),
+        }
+    }
+    let now = getrlimit(Resource::Nofile);
+    if now.current == before.current && before.current == before.maximum {
+        tracing::info!(
+            "file descriptors: limit {} (soft and hard)",
+            show(now.current)
+        );
+    }
+    now.current.unwrap_or(u64::MAX)
+}
+
+/// Descriptors this process has open, for the log; `None` where `/proc` cannot tell.
+fn descriptors_open() -> Option<usize> {
+    std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|entries| entries.count().saturating_sub(1))
+}
+
+/// How the descriptor limit is shared out (see [`nbd_connection_budget`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DescriptorBudget {
+    /// The soft `RLIMIT_NOFILE` in effect.
+    pub soft_limit: u64,
+    /// What the agent keeps for itself and for the NBD server's listener and refusals.
+    pub reserved: u64,
+    /// What the limit leaves for NBD connections.
+    pub connections_available: u64,
+    /// The NBD server's connection limit: `min(nbd_connections_max, connections_available)`.
+    pub connections_max: usize,
+}
+
+/// Shares the soft descriptor limit out: the agent's own needs for `volumes` volumes in
+/// `groups` groups ([`DESCRIPTORS_RESERVED_BASE`] and the per-volume and per-group
+/// reserves), the NBD server's listener and refusals in flight, and what is left for NBD
+/// connections, at most `configured`. An error (one sentence for the operator) when fewer
+/// than [`NBD_CONNECTIONS_MIN`] are left.
+pub fn nbd_connection_budget(
+    soft_limit: u64,
+    volumes: usize,
+    groups: usize,
+    configured: usize,
+) -> Result<DescriptorBudget, String> {
+    let server = ServerLimits {
+        connections_max: 0,
+        handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT,
+    };
+    let reserved = DESCRIPTORS_RESERVED_BASE
+        + DESCRIPTORS_RESERVED_PER_VOLUME * volumes as u64
+        + DESCRIPTORS_RESERVED_PER_GROUP * groups as u64
+        + server.descriptors_max() as u64;
+    let connections_available = soft_limit.saturating_sub(reserved);
+    if connections_available < NBD_CONNECTIONS_MIN as u64 {
+        return Err(format!(
+            "the file-descriptor limit of cdp-agent is {soft_limit} and it keeps {reserved} for its {volumes} volume(s) and itself, which leaves {connections_available} for NBD clients where it needs at least {NBD_CONNECTIONS_MIN}: raise the hard limit (`ulimit -Hn`, LimitNOFILE= in a systemd unit) to at least {}",
+            reserved + NBD_CONNECTIONS_MIN as u64
+        ));
+    }
+    let connections_max = usize::try_from(connections_available)
+        .unwrap_or(usize::MAX)
+        .min(configured);
+    Ok(DescriptorBudget {
+        soft_limit,
+        reserved,
+        connections_available,
+        connections_max,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configured_limit_holds_when_descriptors_are_plenty() {
+        let budget = nbd_connection_budget(524_288, 2, 1, 256).expect("budget");
+        assert_eq!(budget.connections_max, 256);
+        assert_eq!(
+            budget.reserved,
+            DESCRIPTORS_RESERVED_BASE
+                + 2 * DESCRIPTORS_RESERVED_PER_VOLUME
+                + DESCRIPTORS_RESERVED_PER_GROUP
+                + ServerLimits {
+                    connections_max: 0,
+                    handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT
+                }
+                .descriptors_max() as u64
+        );
+        assert_eq!(
+            nbd_connection_budget(u64::MAX, 1, 1, 256)
+                .expect("unlimited")
+                .connections_max,
+            256
+        );
+    }
+
+    #[test]
+    fn a_low_descriptor_limit_lowers_the_connection_limit() {
+        let budget = nbd_connection_budget(512, 1, 1, 100_000).expect("budget");
+        assert_eq!(budget.connections_max as u64, 512 - budget.reserved);
+        assert!(budget.connections_max >= 256, "{budget:?}");
+        // Each volume and group takes its share.
+        let more = nbd_connection_budget(512, 10, 5, 100_000).expect("budget");
+        assert_eq!(
+            budget.connections_max - more.connections_max,
+            (9 * DESCRIPTORS_RESERVED_PER_VOLUME + 4 * DESCRIPTORS_RESERVED_PER_GROUP) as usize
+        );
+    }
+
+    #[test]
+    fn too_few_descriptors_fail_with_one_sentence() {
+        let reserved = nbd_connection_budget(4096, 1, 1, 1)
+            .expect("budget")
+            .reserved;
+        let just_enough = reserved + NBD_CONNECTIONS_MIN as u64;
+        assert_eq!(
+            nbd_connection_budget(just_enough, 1, 1, 1000)
+                .expect("enough")
+                .connections_max,
+            NBD_CONNECTIONS_MIN
+        );
+        let error = nbd_connection_budget(just_enough - 1, 1, 1, 1000).expect_err("too few");
+        assert!(error.contains("file-descriptor limit"), "{error}");
+        assert!(error.contains(&just_enough.to_string()), "{error}");
+        assert_eq!(error.matches(". ").count(), 0, "one sentence: {error}");
+        assert!(nbd_connection_budget(10, 1, 1, 1000).is_err());
     }
 }

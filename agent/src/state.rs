@@ -67,6 +67,10 @@ pub struct AgentConfig {
     /// Chunks (1 MiB) each volume's activity log holds: what is resynced after a crash.
     #[serde(default = "default_al_chunks")]
     pub activity_log_chunks: usize,
+    /// NBD connections served at once, in the handshake or in transmission; one more is
+    /// refused. `run` lowers it to what the agent's file-descriptor limit leaves.
+    #[serde(default = "default_nbd_connections_max")]
+    pub nbd_connections_max: usize,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
 }
@@ -79,6 +83,9 @@ fn default_spool_bytes_max() -> u64 {
 }
 fn default_al_chunks() -> usize {
     crate::activity_log::CAPACITY_DEFAULT
+}
+fn default_nbd_connections_max() -> usize {
+    cdp_shared::nbd::server::CONNECTIONS_MAX_DEFAULT
 }
 fn default_in_flight() -> usize {
     cdp_shared::types::BATCHES_IN_FLIGHT_DEFAULT
@@ -110,9 +117,10 @@ impl AgentConfig {
         if config.batch_age_ms == 0
             || config.batches_in_flight == 0
             || config.activity_log_chunks == 0
+            || config.nbd_connections_max == 0
         {
             bail!(
-                "{}: batch_age_ms, batches_in_flight and activity_log_chunks must be at least 1",
+                "{}: batch_age_ms, batches_in_flight, activity_log_chunks and nbd_connections_max must be at least 1",
                 path.display()
             );
         }

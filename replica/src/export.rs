@@ -8,8 +8,9 @@
 //!    pin is held, and renewed, for the export's whole life.
 //! 3. The image is opened lazily ([`LazyImage`]): no full plan, so the export is ready at
 //!    once however long the journal. Each 1 MiB chunk is planned when a read first reaches it.
-//! 4. The listener is bound and served ([`cdp_shared::nbd::server`]); the export's name is
-//!    the volume's name (the empty name selects it too).
+//! 4. The listener is bound and served ([`cdp_shared::nbd::server`], with its default
+//!    [`ServerLimits`]: 256 connections at once, a 10 s handshake deadline); the export's
+//!    name is the volume's name (the empty name selects it too).
 //! 5. On stop ([`ExportHandle::token`], SIGINT/SIGTERM in the CLI): the server drains, the pin
 //!    is checked and released, the socket is removed, and the overlay is dropped.
 //!
@@ -42,6 +43,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cdp_shared::nbd::server::ServerLimits;
 use cdp_shared::nbd::{Export, ExportError, ExportResult, ExportSet};
 use cdp_shared::point::PointSpec;
 use tokio::sync::{mpsc, oneshot};
@@ -291,12 +293,22 @@ pub(crate) fn serve_image(s: Served, listener: Listener) -> ExportHandle {
     let (server, endpoint, uri) = match listener {
         Listener::Unix(l, path) => {
             let uri = format!("nbd+unix:///{volume}?socket={}", path.display());
-            let server = tokio::spawn(cdp_shared::nbd::server::serve_unix(l, set, t));
+            let server = tokio::spawn(cdp_shared::nbd::server::serve_unix(
+                l,
+                set,
+                t,
+                ServerLimits::default(),
+            ));
             (server, Endpoint::Unix(path), uri)
         }
         Listener::Tcp(l, local) => {
             let uri = format!("nbd://{local}/{volume}");
-            let server = tokio::spawn(cdp_shared::nbd::server::serve_tcp(l, set, t));
+            let server = tokio::spawn(cdp_shared::nbd::server::serve_tcp(
+                l,
+                set,
+                t,
+                ServerLimits::default(),
+            ));
             (server, Endpoint::Tcp(local), uri)
         }
     };

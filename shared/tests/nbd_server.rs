@@ -259,6 +259,10 @@ struct TestServer {
 
 impl TestServer {
     fn start(exports: MemExports) -> TestServer {
+        Self::start_with(exports, server::ServerLimits::default())
+    }
+
+    fn start_with(exports: MemExports, limits: server::ServerLimits) -> TestServer {
         let dir = tempfile::tempdir().expect("create temporary directory");
         let socket = dir.path().join("nbd.sock");
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -275,6 +279,7 @@ impl TestServer {
             listener,
             Arc::new(exports),
             shutdown.clone(),
+            limits,
         ));
         TestServer {
             _dir: dir,
@@ -1142,6 +1147,7 @@ fn serve_tcp_serves_a_client() {
         listener,
         Arc::new(MemExports::new(&[("disk", &disk)])),
         shutdown.clone(),
+        server::ServerLimits::default(),
     ));
 
     let stream = TcpStream::connect(address).expect("connect over TCP");
@@ -1175,4 +1181,241 @@ fn a_panicking_export_future_gets_eio_and_the_connection_goes_on() {
     let (mut client, _) = RawClient::go(server.connect(), "disk");
     assert_eq!(client.read(1, 4096, 512), Err(proto::NBD_EIO));
     assert_eq!(client.read(2, 0, 4), Ok(vec![7; 4]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits: connections at once, the handshake deadline.
+
+/// Greets and asks for `name` with GO: the client in transmission, or the option error's type
+/// and message.
+fn try_go(stream: UnixStream, name: &str) -> Result<RawClient<UnixStream>, (u32, String)> {
+    let mut client = RawClient::greet(
+        stream,
+        proto::NBD_FLAG_C_FIXED_NEWSTYLE | proto::NBD_FLAG_C_NO_ZEROES,
+    );
+    let mut payload = (name.len() as u32).to_be_bytes().to_vec();
+    payload.extend_from_slice(name.as_bytes());
+    payload.extend_from_slice(&0u16.to_be_bytes());
+    client.send_option(proto::NBD_OPT_GO, &payload);
+    loop {
+        let reply = client.read_option_reply();
+        assert_eq!(reply.option, proto::NBD_OPT_GO);
+        match reply.reply_type {
+            proto::NBD_REP_INFO => {}
+            proto::NBD_REP_ACK => return Ok(client),
+            error => return Err((error, String::from_utf8_lossy(&reply.data).into_owned())),
+        }
+    }
+}
+
+/// Reads until the server closes the stream and returns how long that took; panics when it
+/// stays open past `limit`.
+fn closed_within(stream: &mut UnixStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    stream
+        .set_read_timeout(Some(limit))
+        .expect("set read timeout");
+    let mut sink = [0u8; 256];
+    loop {
+        match stream.read(&mut sink) {
+            Ok(0) => return started.elapsed(),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return started.elapsed(),
+            Err(e) => panic!(
+                "the server did not close the connection within {limit:?} ({e}; {:?} passed)",
+                started.elapsed()
+            ),
+        }
+        assert!(
+            started.elapsed() <= limit,
+            "the server kept the connection open past {limit:?}"
+        );
+    }
+}
+
+#[test]
+fn the_connection_over_the_limit_is_refused_and_accepted_once_one_closes() {
+    const LIMIT: usize = 3;
+    let disk = MemExport::new(MIB, false, 0);
+    let server = TestServer::start_with(
+        MemExports::new(&[("disk", &disk)]),
+        server::ServerLimits {
+            connections_max: LIMIT,
+            handshake_timeout: DEADLINE,
+        },
+    );
+    // N open: two in transmission, one still in the handshake.
+    let (mut first, _) = RawClient::go(server.connect(), "disk");
+    let (mut second, _) = RawClient::go(server.connect(), "disk");
+    let handshaking = RawClient::greet(server.connect(), proto::NBD_FLAG_C_FIXED_NEWSTYLE);
+    assert_eq!(first.write(1, 0, b"first"), 0);
+
+    // The N+1-th is told why in the handshake, then closed.
+    let refused = try_go(server.connect(), "disk").map(|_| ());
+    let (error, message) = refused.expect_err("the connection over the limit is refused");
+    assert_eq!(error, proto::NBD_REP_ERR_POLICY);
+    assert!(message.contains("too many connections"), "{message:?}");
+    assert!(message.contains(&LIMIT.to_string()), "{message:?}");
+    // Every option gets the refusal; ABORT is acknowledged and closes.
+    let mut client = RawClient::greet(server.connect(), proto::NBD_FLAG_C_FIXED_NEWSTYLE);
+    client.send_option(proto::NBD_OPT_LIST, &[]);
+    let reply = client.read_option_reply();
+    assert_eq!(
+        (reply.option, reply.reply_type),
+        (proto::NBD_OPT_LIST, proto::NBD_REP_ERR_POLICY)
+    );
+    client.send_option(proto::NBD_OPT_ABORT, &[]);
+    let reply = client.read_option_reply();
+    assert_eq!(
+        (reply.option, reply.reply_type),
+        (proto::NBD_OPT_ABORT, proto::NBD_REP_ACK)
+    );
+    client.expect_closed();
+    // The open ones are unaffected.
+    assert_eq!(second.read(2, 0, 5), Ok(b"first".to_vec()));
+
+    // One closes: a new connection is served again (as soon as the server has seen it go).
+    second.send(Cmd::Disc, 0, 3, 0, 0, &[]);
+    second.expect_closed();
+    let started = Instant::now();
+    let mut third = loop {
+        match try_go(server.connect(), "disk") {
+            Ok(client) => break client,
+            Err((error, message)) => {
+                assert_eq!(error, proto::NBD_REP_ERR_POLICY, "{message}");
+                assert!(
+                    started.elapsed() < DEADLINE,
+                    "no connection accepted after one closed: {message}"
+                );
+            }
+        }
+    };
+    assert_eq!(third.read(4, 0, 5), Ok(b"first".to_vec()));
+    // Full again.
+    assert!(try_go(server.connect(), "disk").is_err());
+
+    // One in the handshake counts as well: once it gives up, its place is free.
+    drop(handshaking.stream.shutdown(std::net::Shutdown::Both));
+    handshaking.expect_closed();
+    let started = Instant::now();
+    while try_go(server.connect(), "disk").is_err() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the place of a connection that left in its handshake was not freed"
+        );
+    }
+    assert_eq!(disk.violations(), 0);
+}
+
+#[test]
+fn a_silent_connection_is_closed_at_the_handshake_deadline() {
+    const HANDSHAKE: Duration = Duration::from_millis(400);
+    let disk = MemExport::new(MIB, false, 0);
+    let server = TestServer::start_with(
+        MemExports::new(&[("disk", &disk)]),
+        server::ServerLimits {
+            connections_max: 16,
+            handshake_timeout: HANDSHAKE,
+        },
+    );
+    // A client in transmission, idle all along: it must outlive every deadline below.
+    let (mut idle, _) = RawClient::go(server.connect(), "disk");
+
+    let margin = HANDSHAKE + Duration::from_secs(5);
+    // Sends nothing at all.
+    let mut silent = server.connect();
+    let waited = closed_within(&mut silent, margin);
+    // Sends its client flags, then nothing.
+    let mut flags_only = RawClient::greet(server.connect(), proto::NBD_FLAG_C_FIXED_NEWSTYLE);
+    let flags_waited = closed_within(&mut flags_only.stream, margin);
+    // Stops inside an option header.
+    let mut half = RawClient::greet(server.connect(), proto::NBD_FLAG_C_FIXED_NEWSTYLE);
+    half.stream.write_all(b"IHAVEOPT\0\0").expect("send");
+    let half_waited = closed_within(&mut half.stream, margin);
+    // Haggles on, an option every 20 ms (a slow client, not a condition waited for), but never
+    // enters transmission.
+    let mut haggler = RawClient::greet(server.connect(), proto::NBD_FLAG_C_FIXED_NEWSTYLE);
+    let haggle_started = Instant::now();
+    let mut options = 0;
+    let mut list = proto::NBD_IHAVEOPT.to_be_bytes().to_vec();
+    list.extend_from_slice(&proto::NBD_OPT_LIST.to_be_bytes());
+    list.extend_from_slice(&0u32.to_be_bytes());
+    loop {
+        // A send or a read that fails: the server has closed the connection.
+        if haggler.stream.write_all(&list).is_err() {
+            break;
+        }
+        let mut header = [0u8; proto::OPTION_REPLY_HEADER_BYTES];
+        if haggler.stream.read_exact(&mut header).is_err() {
+            break;
+        }
+        let len = u32::from_be_bytes(header[16..20].try_into().unwrap()) as usize;
+        haggler.read_data(len);
+        // The LIST reply is one SERVER reply and an ACK.
+        haggler.read_option_reply();
+        options += 1;
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            haggle_started.elapsed() < margin,
+            "a client haggling for ever was not closed at the deadline"
+        );
+    }
+    let haggled = haggle_started.elapsed();
+    for (what, waited) in [
+        ("silent", waited),
+        ("flags only", flags_waited),
+        ("half an option header", half_waited),
+        ("haggling", haggled),
+    ] {
+        // Measured from after the connect: the deadline runs from the accept, a moment earlier.
+        assert!(
+            waited + Duration::from_millis(100) >= HANDSHAKE,
+            "{what}: closed after {waited:?}, before the {HANDSHAKE:?} deadline"
+        );
+    }
+    assert!(
+        options > 1,
+        "the haggling client was served until its deadline"
+    );
+
+    // The idle client in transmission was never timed out.
+    assert_eq!(idle.write(1, 0, b"still here"), 0);
+    assert_eq!(idle.read(2, 0, 10), Ok(b"still here".to_vec()));
+}
+
+#[test]
+fn refusals_are_bounded_and_brief() {
+    let disk = MemExport::new(MIB, false, 0);
+    let server = TestServer::start_with(
+        MemExports::new(&[("disk", &disk)]),
+        server::ServerLimits {
+            connections_max: 1,
+            handshake_timeout: DEADLINE,
+        },
+    );
+    let (mut served, _) = RawClient::go(server.connect(), "disk");
+    // Many silent clients over the limit at once: each is closed within the refusal's time,
+    // and beyond the refusals in flight they are closed without even a greeting.
+    let mut silent: Vec<UnixStream> = (0..4 * server::REFUSALS_IN_FLIGHT_MAX)
+        .map(|_| server.connect())
+        .collect();
+    let limit = server::REFUSAL_TIMEOUT + Duration::from_secs(5);
+    let mut greeted = 0;
+    for stream in &mut silent {
+        let mut first = [0u8; 1];
+        match stream.read(&mut first) {
+            Ok(1) => {
+                greeted += 1;
+                closed_within(stream, limit);
+            }
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+    assert!(
+        greeted < silent.len(),
+        "some refused clients were closed without a word ({greeted} of {} greeted)",
+        silent.len()
+    );
+    assert_eq!(served.write(1, 0, b"served"), 0);
 }

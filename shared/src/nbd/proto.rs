@@ -1,8 +1,8 @@
 //! The NBD wire protocol as plain values and functions over bytes, with no I/O: the constants
 //! of the NetworkBlockDevice `doc/proto.md` specification, parsing of what a client sends
 //! (client flags, option headers and payloads, request headers), the server's decisions
-//! during option haggling ([`handle_option`]) and for each request ([`check_request`]), and
-//! encoding of what the server sends (greeting, option replies, export info, simple replies).
+//! during option haggling ([`handle_option`], and [`refuse_option`] for a connection over the
+//! server's limit) and for each request ([`check_request`]), and encoding of what the server sends (greeting, option replies, export info, simple replies).
 //!
 //! Every length a client announces is checked against a named limit before anything is
 //! allocated for it. Parsers never panic on any input; a proptest feeds them random bytes.
@@ -601,6 +601,38 @@ pub fn handle_option<E>(
             let message = format!("option {number} is not supported");
             encode_option_error(out, option, NBD_REP_ERR_UNSUP, &message);
             Ok(Negotiation::Continue)
+        }
+    }
+}
+
+/// What a refused connection does after one of its options has been answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Wait for the next option.
+    Continue,
+    /// Send what was appended (possibly nothing) and close.
+    Close,
+}
+
+/// Answers one option of a connection the server will not serve (it has too many): the
+/// client learns why instead of seeing the connection drop. Every option that can carry an
+/// error gets `NBD_REP_ERR_POLICY` with `message`; ABORT is acknowledged and closes;
+/// EXPORT_NAME, whose reply cannot carry an error, closes without one; GO, the client's last
+/// step, closes after its error. The option's payload does not matter and is not looked at.
+pub fn refuse_option(option: u32, message: &str, out: &mut Vec<u8>) -> Refusal {
+    match option {
+        NBD_OPT_ABORT => {
+            encode_option_reply(out, option, NBD_REP_ACK, &[]);
+            Refusal::Close
+        }
+        NBD_OPT_EXPORT_NAME => Refusal::Close,
+        NBD_OPT_GO => {
+            encode_option_error(out, option, NBD_REP_ERR_POLICY, message);
+            Refusal::Close
+        }
+        _ => {
+            encode_option_error(out, option, NBD_REP_ERR_POLICY, message);
+            Refusal::Continue
         }
     }
 }
@@ -1219,6 +1251,50 @@ mod tests {
             option_replies(&out),
             vec![(NBD_OPT_ABORT, NBD_REP_ACK, vec![])]
         );
+    }
+
+    #[test]
+    fn refused_options_carry_the_reason() {
+        let reason = "too many connections";
+        for option in [
+            NBD_OPT_STRUCTURED_REPLY,
+            NBD_OPT_INFO,
+            NBD_OPT_LIST,
+            NBD_OPT_SET_META_CONTEXT,
+            77,
+        ] {
+            let mut out = Vec::new();
+            assert_eq!(
+                refuse_option(option, reason, &mut out),
+                Refusal::Continue,
+                "option {option}"
+            );
+            assert_eq!(
+                option_replies(&out),
+                vec![(option, NBD_REP_ERR_POLICY, reason.as_bytes().to_vec())]
+            );
+        }
+        let mut out = Vec::new();
+        assert_eq!(refuse_option(NBD_OPT_GO, reason, &mut out), Refusal::Close);
+        assert_eq!(
+            option_replies(&out),
+            vec![(NBD_OPT_GO, NBD_REP_ERR_POLICY, reason.as_bytes().to_vec())]
+        );
+        out.clear();
+        assert_eq!(
+            refuse_option(NBD_OPT_ABORT, reason, &mut out),
+            Refusal::Close
+        );
+        assert_eq!(
+            option_replies(&out),
+            vec![(NBD_OPT_ABORT, NBD_REP_ACK, vec![])]
+        );
+        out.clear();
+        assert_eq!(
+            refuse_option(NBD_OPT_EXPORT_NAME, reason, &mut out),
+            Refusal::Close
+        );
+        assert!(out.is_empty(), "EXPORT_NAME cannot carry an error");
     }
 
     #[test]

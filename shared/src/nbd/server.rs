@@ -10,11 +10,23 @@
 //! READ/WRITE payload bytes they hold. On `NBD_CMD_DISC`, end of stream or shutdown the loop
 //! stops reading, every request in flight finishes and its reply is written, then the
 //! connection closes. Errors of one connection never affect another.
+//!
+//! The listener helpers bound what clients can hold ([`ServerLimits`]): at most
+//! `connections_max` connections at once, handshake and transmission alike, and a handshake
+//! must reach transmission within `handshake_timeout` or the connection is closed. A
+//! connection in transmission is never timed out, however long it stays idle (a kernel
+//! nbd-client keeps one open for days). A connection over the limit is refused at once: it is
+//! answered in the handshake with `NBD_REP_ERR_POLICY` and the text "too many connections"
+//! for at most [`REFUSAL_TIMEOUT`] ([`REFUSALS_IN_FLIGHT_MAX`] such at once), or closed
+//! without a word when that many are already being refused. So the server never holds more
+//! than [`ServerLimits::descriptors_max`] descriptors, whatever its clients do. Refusals,
+//! handshake timeouts and failed accepts are logged at most once per second each, with a
+//! count.
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -40,6 +52,21 @@ pub const OPTIONS_PER_CONNECTION_MAX: u32 = 4096;
 pub const SHUTDOWN_DRAIN_MS_MAX: u64 = 10_000;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
+/// Connections one listener serves at once unless told otherwise.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 256;
+/// How long a connection may take from its accept to the transmission phase unless told
+/// otherwise.
+pub const HANDSHAKE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Connections over the limit that are told why in the handshake at once; one more is closed
+/// without a word.
+pub const REFUSALS_IN_FLIGHT_MAX: usize = 8;
+/// How long a refused connection is kept to tell its client why.
+pub const REFUSAL_TIMEOUT: Duration = Duration::from_millis(500);
+/// Options a refused connection may send, each answered with the refusal, before it is closed.
+const REFUSAL_OPTIONS_MAX: u32 = 8;
+/// At most one log line per interval about refused connections, about handshake timeouts and
+/// about failed accepts, each line with the count since the previous one.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Buffer of the request reader and of the reply writer.
 const STREAM_BUFFER_BYTES: usize = 64 << 10;
 
@@ -47,6 +74,35 @@ const _: () = assert!(REQUEST_BYTES_IN_FLIGHT_MAX >= NBD_REQUEST_BYTES_MAX);
 const _: () = assert!(WRITE_DISCARD_BYTES_MAX >= NBD_REQUEST_BYTES_MAX);
 const _: () = assert!(REQUEST_BYTES_IN_FLIGHT_MAX as usize <= Semaphore::MAX_PERMITS);
 const _: () = assert!(REQUESTS_IN_FLIGHT_MAX > 0);
+const _: () = assert!(REFUSAL_TIMEOUT.as_millis() < HANDSHAKE_TIMEOUT_DEFAULT.as_millis());
+const _: () = assert!(REFUSAL_TIMEOUT.as_millis() <= 1000);
+const _: () = assert!(REFUSALS_IN_FLIGHT_MAX <= CONNECTIONS_MAX_DEFAULT);
+
+/// What a listener lets its clients hold. See the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Connections served at once, in the handshake or in transmission; one more is refused.
+    pub connections_max: usize,
+    /// A connection that has not entered transmission this long after its accept is closed.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT,
+        }
+    }
+}
+
+impl ServerLimits {
+    /// File descriptors the server holds at most: the listener, the connections it serves,
+    /// the refusals in flight and one just accepted to be closed.
+    pub fn descriptors_max(&self) -> usize {
+        1 + self.connections_max + REFUSALS_IN_FLIGHT_MAX + 1
+    }
+}
 
 /// Why a connection ended other than by the client's DISC, ABORT or end of stream.
 #[derive(Debug, thiserror::Error)]
@@ -61,21 +117,32 @@ pub enum ServerError {
         "client sent a refused {length}-byte WRITE, more than the {max} bytes the server skips"
     )]
     WritePayloadTooLarge { length: u32, max: u32 },
+    #[error("client did not finish the handshake within {after:?}")]
+    HandshakeTimeout { after: Duration },
 }
 
-/// Serves one connection until the client disconnects. See [`serve_connection_until`].
+/// Serves one connection until the client disconnects, with the default handshake deadline.
+/// See [`serve_connection_until`].
 pub async fn serve_connection<S: ExportSet, IO: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     io: IO,
     exports: Arc<S>,
 ) -> Result<(), ServerError> {
-    serve_connection_until(io, exports, CancellationToken::new()).await
+    serve_connection_until(
+        io,
+        exports,
+        CancellationToken::new(),
+        HANDSHAKE_TIMEOUT_DEFAULT,
+    )
+    .await
 }
 
 /// Serves one connection: handshake, then transmission, until the client sends DISC or
 /// ABORT or closes the stream (all `Ok`), the client breaks the protocol or I/O fails (`Err`),
-/// or `shutdown` is cancelled. On shutdown a connection still in the handshake is closed at
-/// once; one in transmission stops reading requests, lets every admitted request finish and
-/// writes its reply, then closes (`Ok`).
+/// the handshake has not reached transmission within `handshake_timeout`
+/// ([`ServerError::HandshakeTimeout`]), or `shutdown` is cancelled. On shutdown a connection
+/// still in the handshake is closed at once; one in transmission stops reading requests, lets
+/// every admitted request finish and writes its reply, then closes (`Ok`). Transmission has
+/// no deadline: an idle client keeps its connection.
 ///
 /// Dropping the returned future closes the connection without waiting; export futures
 /// already spawned still run to completion.
@@ -86,9 +153,12 @@ pub async fn serve_connection_until<
     mut io: IO,
     exports: Arc<S>,
     shutdown: CancellationToken,
+    handshake_timeout: Duration,
 ) -> Result<(), ServerError> {
     let export = tokio::select! {
-        export = handshake(&mut io, &*exports) => export?,
+        export = tokio::time::timeout(handshake_timeout, handshake(&mut io, &*exports)) => {
+            export.map_err(|_| ServerError::HandshakeTimeout { after: handshake_timeout })??
+        }
         () = shutdown.cancelled() => return Ok(()),
     };
     match export {
@@ -161,6 +231,44 @@ async fn handshake<S: ExportSet, IO: AsyncRead + AsyncWrite + Unpin>(
     Err(ServerError::TooManyOptions {
         max: OPTIONS_PER_CONNECTION_MAX,
     })
+}
+
+/// Tells the client of a connection over the limit why it is not served: the greeting, then
+/// [`proto::refuse_option`] for each option, until the client gives up or
+/// [`REFUSAL_OPTIONS_MAX`] options. The caller bounds its time.
+async fn refuse<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut IO,
+    message: &str,
+) -> Result<(), ServerError> {
+    let mut out = Vec::with_capacity(proto::GREETING_BYTES);
+    proto::encode_greeting(&mut out);
+    io.write_all(&out).await?;
+    io.flush().await?;
+
+    let mut flags = [0u8; proto::CLIENT_FLAGS_BYTES];
+    io.read_exact(&mut flags).await?;
+    proto::parse_client_flags(&flags)?;
+    let mut header = [0u8; proto::OPTION_HEADER_BYTES];
+    for _ in 0..REFUSAL_OPTIONS_MAX {
+        io.read_exact(&mut header).await?;
+        let header = proto::parse_option_header(&header)?;
+        // Bounded by OPTION_PAYLOAD_BYTES_MAX in parse_option_header; skipped unread.
+        let length = u64::from(header.length);
+        let skipped = tokio::io::copy(&mut (&mut *io).take(length), &mut tokio::io::sink()).await?;
+        if skipped < length {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        out.clear();
+        let refusal = proto::refuse_option(header.option, message, &mut out);
+        if !out.is_empty() {
+            io.write_all(&out).await?;
+            io.flush().await?;
+        }
+        if refusal == proto::Refusal::Close {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// One simple reply on its way to the writer. The permits it carries are released once it
@@ -467,19 +575,20 @@ impl Listener for TcpListener {
     }
 }
 
-/// Serves NBD on an already-bound Unix socket, each connection in its own task, until
-/// `shutdown` is cancelled. See [`serve_tcp`] for what shutdown does.
+/// Serves NBD on an already-bound Unix socket, each connection in its own task, within
+/// `limits`, until `shutdown` is cancelled. See [`serve_tcp`] for what shutdown does.
 pub async fn serve_unix<S: ExportSet>(
     listener: UnixListener,
     exports: Arc<S>,
     shutdown: CancellationToken,
+    limits: ServerLimits,
 ) {
-    serve_listener(listener, exports, shutdown).await;
+    serve_listener(listener, exports, shutdown, limits).await;
 }
 
-/// Serves NBD on an already-bound TCP socket, each connection in its own task, until
-/// `shutdown` is cancelled. A failed connection is logged (one `warn` line naming the peer)
-/// and affects no other.
+/// Serves NBD on an already-bound TCP socket, each connection in its own task, within
+/// `limits` (see the module docs), until `shutdown` is cancelled. A failed connection is
+/// logged (one `warn` line naming the peer) and affects no other.
 ///
 /// On shutdown the listener stops accepting and is closed. Open connections are told through
 /// the same token: one still in the handshake closes at once; one in transmission stops
@@ -491,41 +600,258 @@ pub async fn serve_tcp<S: ExportSet>(
     listener: TcpListener,
     exports: Arc<S>,
     shutdown: CancellationToken,
+    limits: ServerLimits,
 ) {
-    serve_listener(listener, exports, shutdown).await;
+    serve_listener(listener, exports, shutdown, limits).await;
+}
+
+/// Says when to write a log line about a repeated event: at the first one, then at most once
+/// per interval, each line with the number of events since the previous line. Sans-IO: the
+/// caller passes the time, and asks again at [`LogThrottle::next_line_at`] for the count of
+/// events left unreported.
+#[derive(Debug)]
+struct LogThrottle {
+    interval: Duration,
+    last_line: Option<Instant>,
+    unreported: u64,
+}
+
+impl LogThrottle {
+    fn new(interval: Duration) -> Self {
+        LogThrottle {
+            interval,
+            last_line: None,
+            unreported: 0,
+        }
+    }
+
+    /// Counts one event; `Some(count)` when a line is due now.
+    fn handle_event(&mut self, now: Instant) -> Option<u64> {
+        self.unreported += 1;
+        self.poll_line(now)
+    }
+
+    /// `Some(count)` of the events not reported yet when a line is due at `now`.
+    fn poll_line(&mut self, now: Instant) -> Option<u64> {
+        if self.unreported == 0 {
+            return None;
+        }
+        if let Some(last) = self.last_line
+            && now < last + self.interval
+        {
+            return None;
+        }
+        self.last_line = Some(now);
+        Some(std::mem::take(&mut self.unreported))
+    }
+
+    /// When the events not reported yet are due, if there are any.
+    fn next_line_at(&self) -> Option<Instant> {
+        if self.unreported == 0 {
+            return None;
+        }
+        Some(
+            self.last_line
+                .map_or_else(Instant::now, |last| last + self.interval),
+        )
+    }
+}
+
+/// The rate-limited log lines of one listener, and the peer each last one was about.
+struct ListenerLog {
+    refused: LogThrottle,
+    refused_peer: String,
+    timed_out: LogThrottle,
+    timed_out_peer: String,
+    accept_failed: LogThrottle,
+    accept_error: String,
+    limits: ServerLimits,
+}
+
+impl ListenerLog {
+    fn new(limits: ServerLimits) -> Self {
+        ListenerLog {
+            refused: LogThrottle::new(LOG_INTERVAL),
+            refused_peer: String::new(),
+            timed_out: LogThrottle::new(LOG_INTERVAL),
+            timed_out_peer: String::new(),
+            accept_failed: LogThrottle::new(LOG_INTERVAL),
+            accept_error: String::new(),
+            limits,
+        }
+    }
+
+    fn refused(&mut self, now: Instant, peer: String) {
+        self.refused_peer = peer;
+        if let Some(count) = self.refused.handle_event(now) {
+            self.write_refused(count);
+        }
+    }
+
+    fn timed_out(&mut self, now: Instant, peer: String) {
+        self.timed_out_peer = peer;
+        if let Some(count) = self.timed_out.handle_event(now) {
+            self.write_timed_out(count);
+        }
+    }
+
+    fn accept_failed(&mut self, now: Instant, error: &io::Error) {
+        self.accept_error = error.to_string();
+        if let Some(count) = self.accept_failed.handle_event(now) {
+            self.write_accept_failed(count);
+        }
+    }
+
+    /// Writes the lines due at `now`.
+    fn poll(&mut self, now: Instant) {
+        if let Some(count) = self.refused.poll_line(now) {
+            self.write_refused(count);
+        }
+        if let Some(count) = self.timed_out.poll_line(now) {
+            self.write_timed_out(count);
+        }
+        if let Some(count) = self.accept_failed.poll_line(now) {
+            self.write_accept_failed(count);
+        }
+    }
+
+    fn next_line_at(&self) -> Option<Instant> {
+        [
+            self.refused.next_line_at(),
+            self.timed_out.next_line_at(),
+            self.accept_failed.next_line_at(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn write_refused(&self, count: u64) {
+        tracing::warn!(
+            refused = count,
+            connections_max = self.limits.connections_max,
+            last_peer = %self.refused_peer,
+            "refused {count} NBD connection(s): too many connections ({} open, the most this server serves at once); the last from {}",
+            self.limits.connections_max,
+            self.refused_peer
+        );
+    }
+
+    fn write_timed_out(&self, count: u64) {
+        tracing::info!(
+            closed = count,
+            last_peer = %self.timed_out_peer,
+            "closed {count} NBD connection(s) that did not finish the handshake within {:?}; the last from {}",
+            self.limits.handshake_timeout,
+            self.timed_out_peer
+        );
+    }
+
+    fn write_accept_failed(&self, count: u64) {
+        tracing::warn!(
+            failed = count,
+            error = %self.accept_error,
+            "accepting an NBD connection failed {count} time(s): {}; retrying every {ACCEPT_ERROR_BACKOFF_MS} ms",
+            self.accept_error
+        );
+    }
+}
+
+/// The text a refused client is sent.
+fn refusal_message(limits: &ServerLimits) -> String {
+    format!(
+        "too many connections: this server serves at most {} at once; try again later",
+        limits.connections_max
+    )
 }
 
 async fn serve_listener<L: Listener, S: ExportSet>(
     listener: L,
     exports: Arc<S>,
     shutdown: CancellationToken,
+    limits: ServerLimits,
 ) {
-    let mut connections = JoinSet::new();
+    let connection_slots = Arc::new(Semaphore::new(
+        limits.connections_max.min(Semaphore::MAX_PERMITS),
+    ));
+    let refusal_slots = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT_MAX));
+    let refusal: Arc<str> = refusal_message(&limits).into();
+    let mut log = ListenerLog::new(limits);
+    // Each task returns the peer of a connection closed at its handshake deadline.
+    let mut connections: JoinSet<Option<String>> = JoinSet::new();
     loop {
+        let next_line_at = log.next_line_at();
         tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept_named() => match accepted {
-                Ok((io, peer)) => {
-                    let exports = exports.clone();
-                    let shutdown = shutdown.clone();
-                    connections.spawn(async move {
-                        if let Err(error) = serve_connection_until(io, exports, shutdown).await {
-                            tracing::warn!(peer = %peer, %error, "NBD connection closed on error");
+                Ok((io, peer)) => match connection_slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let exports = exports.clone();
+                        let shutdown = shutdown.clone();
+                        connections.spawn(async move {
+                            let served = serve_connection_until(
+                                io,
+                                exports,
+                                shutdown,
+                                limits.handshake_timeout,
+                            )
+                            .await;
+                            // Released once the connection is closed.
+                            drop(slot);
+                            match served {
+                                Ok(()) => None,
+                                Err(ServerError::HandshakeTimeout { after }) => {
+                                    tracing::debug!(peer = %peer, "NBD connection did not finish the handshake within {after:?}; closed");
+                                    Some(peer)
+                                }
+                                Err(error) => {
+                                    tracing::warn!(peer = %peer, %error, "NBD connection closed on error");
+                                    None
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => {
+                        log.refused(Instant::now(), peer.clone());
+                        match refusal_slots.clone().try_acquire_owned() {
+                            Ok(slot) => {
+                                let shutdown = shutdown.clone();
+                                let refusal = refusal.clone();
+                                connections.spawn(async move {
+                                    let mut io = io;
+                                    tokio::select! {
+                                        refused = tokio::time::timeout(REFUSAL_TIMEOUT, refuse(&mut io, &refusal)) => {
+                                            if let Ok(Err(error)) = refused {
+                                                tracing::debug!(peer = %peer, %error, "refused NBD connection");
+                                            }
+                                        }
+                                        () = shutdown.cancelled() => {}
+                                    }
+                                    drop(io);
+                                    drop(slot);
+                                    None
+                                });
+                            }
+                            // Closed without a word: enough clients are being told already.
+                            Err(_) => drop(io),
                         }
-                    });
-                }
+                    }
+                },
                 Err(error) => {
-                    tracing::warn!(%error, "accepting an NBD connection failed");
+                    // EMFILE, ENFILE, ENOBUFS...: the pending connection stays in the backlog.
+                    log.accept_failed(Instant::now(), &error);
                     tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
                 }
             },
-            Some(joined) = connections.join_next(), if !connections.is_empty() => {
-                if let Err(error) = joined {
-                    tracing::warn!(%error, "NBD connection task failed");
-                }
-            }
+            Some(joined) = connections.join_next(), if !connections.is_empty() => match joined {
+                Ok(Some(peer)) => log.timed_out(Instant::now(), peer),
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "NBD connection task failed"),
+            },
+            () = sleep_until(next_line_at) => log.poll(Instant::now()),
         }
     }
+    log.poll(Instant::now() + LOG_INTERVAL);
     drop(listener);
     let drained = tokio::time::timeout(Duration::from_millis(SHUTDOWN_DRAIN_MS_MAX), async {
         while connections.join_next().await.is_some() {}
@@ -537,5 +863,57 @@ async fn serve_listener<L: Listener, S: ExportSet>(
             "NBD connections did not drain in time; closing them"
         );
         connections.shutdown().await;
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_throttle_writes_one_line_per_interval_with_the_count() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut throttle = LogThrottle::new(Duration::from_secs(1));
+        assert_eq!(throttle.next_line_at(), None);
+        assert_eq!(
+            throttle.handle_event(at(0)),
+            Some(1),
+            "the first event is logged"
+        );
+        assert_eq!(throttle.next_line_at(), None);
+        for ms in 1..=1999 {
+            assert_eq!(throttle.handle_event(at(ms / 2)), None);
+        }
+        assert_eq!(throttle.next_line_at(), Some(at(1000)));
+        assert_eq!(throttle.poll_line(at(999)), None);
+        assert_eq!(throttle.poll_line(at(1000)), Some(1999));
+        assert_eq!(throttle.poll_line(at(5000)), None, "nothing left to report");
+        assert_eq!(
+            throttle.handle_event(at(5000)),
+            Some(1),
+            "a quiet second later"
+        );
+        assert_eq!(throttle.handle_event(at(5001)), None);
+        assert_eq!(throttle.handle_event(at(6000)), Some(2));
+    }
+
+    #[test]
+    fn limits_count_every_descriptor_the_server_may_hold() {
+        let limits = ServerLimits::default();
+        assert_eq!(limits.connections_max, CONNECTIONS_MAX_DEFAULT);
+        assert_eq!(limits.handshake_timeout, HANDSHAKE_TIMEOUT_DEFAULT);
+        assert_eq!(
+            limits.descriptors_max(),
+            CONNECTIONS_MAX_DEFAULT + REFUSALS_IN_FLIGHT_MAX + 2
+        );
     }
 }
