@@ -1,7 +1,7 @@
 //! The catalog: the only module that talks to SQLite (`meta.db`, schema in `migrations/`).
 //!
 //! It holds what is in the journal and where (groups, volumes, batches, records, bookmarks),
-//! the agent links and events. Connections use WAL journal mode and `synchronous = FULL` (an
+//! the agent links, what `serve` saw of each agent, and events. Connections use WAL journal mode and `synchronous = FULL` (an
 //! ack depends on a commit being durable), a busy timeout so that readers in other processes
 //! (`status`, `points`, `restore`) and the server share the file, and foreign keys. Only
 //! `init` and `serve` apply migrations ([`Catalog::open`] with `migrate`).
@@ -162,6 +162,17 @@ pub struct LinkRow {
     pub connected: bool,
     pub peer: String,
     pub since_ns: i64,
+}
+
+/// What `serve` saw of an agent (table `agents`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentSeenRow {
+    /// Hex.
+    pub fingerprint: String,
+    pub first_seen_ns: i64,
+    /// The last Hello or end of a connection of the agent.
+    pub last_seen_ns: i64,
+    pub last_address: String,
 }
 
 /// Everything one group commit writes, in one transaction.
@@ -876,6 +887,64 @@ impl Catalog {
             peer,
             since_ns,
         }))
+    }
+
+    /// Every link as last recorded: (group id, link).
+    pub async fn links(&self) -> Result<Vec<(i64, LinkRow)>> {
+        let rows: Vec<(i64, bool, String, i64)> = sqlx::query_as(
+            "SELECT group_id, connected, peer, since_ns FROM links ORDER BY group_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read the links"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(g, connected, peer, since_ns)| {
+                (
+                    g,
+                    LinkRow {
+                        connected,
+                        peer,
+                        since_ns,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Records that `serve` had a connection from agent `fingerprint` (hex) at `now_ns`, from
+    /// `address` (at its Hello and when the connection ends).
+    pub async fn agent_seen(&self, fingerprint: &str, address: &str, now_ns: i64) -> Result<()> {
+        sqlx::query("INSERT INTO agents (fingerprint, first_seen_ns, last_seen_ns, last_address) VALUES (?, ?, ?, ?) ON CONFLICT (fingerprint) DO UPDATE SET last_seen_ns = MAX(last_seen_ns, excluded.last_seen_ns), last_address = excluded.last_address")
+            .bind(fingerprint)
+            .bind(now_ns)
+            .bind(now_ns)
+            .bind(address)
+            .execute(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("record when an agent was seen"))?;
+        Ok(())
+    }
+
+    /// What `serve` saw of every agent that connected, by fingerprint.
+    pub async fn agents_seen(&self) -> Result<Vec<AgentSeenRow>> {
+        let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
+            "SELECT fingerprint, first_seen_ns, last_seen_ns, last_address FROM agents ORDER BY fingerprint",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read when the agents were seen"))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(fingerprint, first_seen_ns, last_seen_ns, last_address)| AgentSeenRow {
+                    fingerprint,
+                    first_seen_ns,
+                    last_seen_ns,
+                    last_address,
+                },
+            )
+            .collect())
     }
 
     pub async fn event(

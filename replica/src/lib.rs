@@ -4,6 +4,8 @@
 //! # Modules
 //! * [`datadir`] — the data directory layout, `replica.toml`, `authorized_agents.toml`,
 //!   `serve.lock`.
+//! * [`agents`] — `authorize`, `deauthorize` (a running serve closes the agent's connections
+//!   within a second) and `agents` (each authorized agent, when it was last seen, its groups).
 //! * [`catalog`] — `meta.db` (SQLite): the only module that talks to SQLite.
 //! * [`journal`] — append-only segments, the only code that fsyncs them; written vs durable.
 //! * [`target`] — the sparse target files.
@@ -191,6 +193,7 @@
 //! `points --at POINT --json`: the one point `restore --at POINT` would choose:
 //! `{ "seq": 90, "time": "...", "bookmark": null, "consistent": true }`.
 
+pub mod agents;
 pub mod catalog;
 pub mod datadir;
 pub mod diff;
@@ -219,6 +222,7 @@ use std::path::Path;
 
 use cdp_shared::identity::{Fingerprint, Identity};
 
+pub use agents::{AgentInfo, agents, authorize, deauthorize};
 pub use cdp_shared::point::PointSpec;
 pub use diff::{DiffReport, Extent, diff};
 pub use error::{ReplicaError, Result};
@@ -235,7 +239,7 @@ pub use status::{
 };
 
 use crate::catalog::Catalog;
-use crate::datadir::{AuthorizedAgent, DataDir};
+use crate::datadir::DataDir;
 
 /// Common name of the replica's certificate.
 pub const CERT_COMMON_NAME: &str = "cdp-replica";
@@ -290,28 +294,6 @@ pub async fn init_with(
 /// The replica's certificate fingerprint.
 pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
     Ok(DataDir::existing(root)?.identity()?.fingerprint())
-}
-
-/// Authorizes an agent (takes effect at its next handshake, also while `serve` runs).
-/// Returns false when it was already authorized (its name is updated).
-pub fn authorize(root: &Path, agent: Fingerprint, name: &str) -> Result<bool> {
-    let dir = DataDir::existing(root)?;
-    let mut agents = datadir::read_agents(&dir)?;
-    let added = match agents.iter_mut().find(|a| a.fingerprint == agent) {
-        Some(a) => {
-            a.name = name.to_owned();
-            false
-        }
-        None => {
-            agents.push(AuthorizedAgent {
-                fingerprint: agent,
-                name: name.to_owned(),
-            });
-            true
-        }
-    };
-    datadir::write_agents(&dir, &agents)?;
-    Ok(added)
 }
 
 /// The listen address from `replica.toml` (defaults applied).

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use cdp_replica::retention::{format_size, parse_duration, parse_size};
 use cdp_replica::{
-    DiffReport, Endpoint, PointInfo, PointSpec, ReplicaError, Retention, RetentionChange,
-    StatusReport,
+    AgentInfo, DiffReport, Endpoint, PointInfo, PointSpec, ReplicaError, Retention,
+    RetentionChange, StatusReport,
 };
 use cdp_shared::identity::Fingerprint;
 use clap::{Parser, Subcommand};
@@ -73,6 +73,26 @@ enum Command {
         /// A name for the agent, for people.
         #[arg(long, default_value = "")]
         name: String,
+    },
+    /// Remove an agent from the authorized list (takes effect at once: a running serve closes
+    /// its connections within a second and refuses it from then on). Its groups stay.
+    Deauthorize {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// The agent: its fingerprint (64 hex characters) or the name given at `authorize`.
+        #[arg(long)]
+        agent: String,
+    },
+    /// List the authorized agents: name, fingerprint, when serve last had a connection from
+    /// each, and the groups each protects.
+    Agents {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Receive batches from agents until interrupted (Ctrl-C or SIGTERM).
     Serve {
@@ -336,6 +356,26 @@ async fn run(command: Command) -> Result<(), CliError> {
                 println!("agent {fp} was already authorized");
             }
         }
+        Command::Deauthorize { data, agent } => {
+            let a = cdp_replica::deauthorize(&data, &agent)?;
+            println!(
+                "deauthorized agent {}{}: a running serve closes its connections within a second and refuses it from now on; its groups stay on the replica (`cdp-replica forget --group NAME` removes one)",
+                a.fingerprint,
+                if a.name.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", a.name)
+                }
+            );
+        }
+        Command::Agents { data, json } => {
+            let list = cdp_replica::agents(&data).await?;
+            if json {
+                println!("{}", to_json(&list)?);
+            } else {
+                print_agents(&list);
+            }
+        }
         Command::Serve { data, listen } => {
             let listen = match listen {
                 Some(l) => l,
@@ -584,6 +624,41 @@ fn print_table(rows: &[Vec<String>]) {
             .collect();
         println!("{}", line.join("  ").trim_end());
     }
+}
+
+fn print_agents(list: &[AgentInfo]) {
+    if list.is_empty() {
+        println!(
+            "no authorized agents: authorize one with `cdp-replica authorize --agent FINGERPRINT --name NAME`"
+        );
+        return;
+    }
+    let mut rows = vec![
+        ["NAME", "FINGERPRINT", "LAST SEEN", "CONNECTED", "GROUPS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for a in list {
+        rows.push(vec![
+            if a.name.is_empty() {
+                "-".into()
+            } else {
+                a.name.clone()
+            },
+            a.fingerprint.clone(),
+            a.last_seen
+                .as_deref()
+                .map(human_time)
+                .unwrap_or_else(|| "never".into()),
+            if a.connected { "yes" } else { "no" }.into(),
+            if a.groups.is_empty() {
+                "-".into()
+            } else {
+                a.groups.join(", ")
+            },
+        ]);
+    }
+    print_table(&rows);
 }
 
 fn print_status(report: &StatusReport) {

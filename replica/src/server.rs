@@ -22,6 +22,14 @@
 //! (askers beyond wait for a slot). With no agent connected, [`AgentPorts::ask`] answers
 //! [`Asked::NoAgent`] at once and the asker decides (the verifier waits and tries again).
 //!
+//! # Authorization
+//! The TLS layer admits only agents in `authorized_agents.toml`, re-read at every handshake.
+//! An open connection re-reads it every [`FENCE_CHECK_INTERVAL`] too: once its agent is no
+//! longer listed (`cdp-replica deauthorize`), the connection is closed with code
+//! [`CLOSE_DEAUTHORIZED`] and a reason the agent logs, and one warning line names the agent.
+//! Each Hello and each end of a connection is recorded in the catalog (`agents`: when the
+//! agent was last seen).
+//!
 //! Shutdown goes through one `CancellationToken` ([`ServerHandle::shutdown`], or a fatal ingest
 //! error). Connection and stream tasks only wait on the network and are cancelled freely; disk
 //! writes happen in the group tasks of `ingest`, which finish the commit they are in before
@@ -59,8 +67,12 @@ pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 /// Control stream read buffer.
 const CONTROL_READ_BYTES: usize = 64 << 10;
 /// How often a connection checks whether one of its groups was failed over meanwhile (the
-/// fence, see `failover`); ingest itself commits nothing of a failed-over group at once.
+/// fence, see `failover`; ingest itself commits nothing of a failed-over group at once), and
+/// whether its agent is still authorized (`cdp-replica deauthorize`).
 pub const FENCE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// The QUIC application close code of a connection closed because its agent was deauthorized
+/// (the reason, one sentence, goes with it).
+pub const CLOSE_DEAUTHORIZED: u32 = 3;
 /// Hash requests of one connection answered at once (each reads up to
 /// `HASHES_PER_MESSAGE_MAX` MiB of image), so that they never starve ingest.
 pub const HASH_REQUESTS_PER_CONNECTION_MAX: usize = 2;
@@ -393,9 +405,34 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>, id: u
     tracing::info!(%agent, %remote, "agent connected");
     let result = serve_connection(&conn, agent, &shared, id).await;
     conn.close(0u32.into(), b"bye");
+    record_seen(&shared, &agent, remote).await;
     match result {
         Ok(()) => tracing::info!(%agent, %remote, "agent disconnected"),
         Err(e) => tracing::warn!(%agent, %remote, "agent disconnected: {e}"),
+    }
+}
+
+/// Records that the agent was seen now (at its Hello and when its connection ends), for
+/// `cdp-replica agents`; a failure (a full disk) is only logged.
+async fn record_seen(shared: &Arc<Shared>, agent: &Fingerprint, remote: SocketAddr) {
+    if let Err(e) = shared
+        .catalog
+        .agent_seen(&agent.to_string(), &remote.to_string(), now_ns())
+        .await
+    {
+        tracing::warn!(%agent, "could not record when the agent was seen: {e}");
+    }
+}
+
+/// Why the connection of `agent` must close now that it is no longer authorized
+/// (`cdp-replica deauthorize`), if it is not; `None` while it is, or when the list cannot be
+/// read (the next handshake decides then).
+fn deauthorized(shared: &Arc<Shared>, agent: &Fingerprint) -> Option<String> {
+    match crate::agents::is_authorized(shared.ingest.data_dir(), agent) {
+        Some(false) => Some(format!(
+            "agent {agent} was deauthorized on the replica (cdp-replica deauthorize); it is refused until it is authorized again"
+        )),
+        _ => None,
     }
 }
 
@@ -459,6 +496,11 @@ async fn serve_connection(
         Ok(Err(e)) => return Err(format!("no control stream: {e}")),
         Err(_) => return Err(format!("no control stream within {HELLO_TIMEOUT:?}")),
     };
+    let agent_name = crate::datadir::read_agents(shared.ingest.data_dir())
+        .ok()
+        .and_then(|list| list.into_iter().find(|a| a.fingerprint == agent))
+        .map(|a| a.name)
+        .unwrap_or_default();
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; CONTROL_READ_BYTES];
     let hello =
@@ -477,6 +519,7 @@ async fn serve_connection(
             }
             Err(_) => return Err(format!("no Hello within {HELLO_TIMEOUT:?}")),
         };
+    record_seen(shared, &agent, conn.remote_address()).await;
     let Control::Hello { protocol, groups } = hello else {
         return refuse(
             &mut send,
@@ -543,6 +586,11 @@ async fn serve_connection(
         tokio::select! {
             _ = shared.token.cancelled() => break Ok(()),
             _ = fence_check.tick() => {
+                if let Some(reason) = deauthorized(shared, &agent) {
+                    tracing::warn!(%agent, name = %agent_name, "closing the connection of agent {agent_name:?} ({agent}): it was deauthorized");
+                    conn.close(CLOSE_DEAUTHORIZED.into(), reason.as_bytes());
+                    break Err(format!("deauthorized: {reason}"));
+                }
                 if let Some(reason) = fenced(shared, &group_ids).await {
                     tracing::warn!(%agent, "closing the agent's connection: {reason}");
                     conn.close(2u32.into(), reason.as_bytes());

@@ -1,0 +1,358 @@
+//! The replica's lifecycle commands, on the real binary: `authorize` (its refusals), `agents`
+//! (last seen, groups), `deauthorize` (closing a live connection of a streaming agent, and
+//! refusing it afterwards).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cdp_shared::batch::BatchFlags;
+use cdp_shared::identity::{Fingerprint, Identity};
+use cdp_shared::types::CHUNK_BYTES;
+use common::cli::*;
+use common::serve::{Serve, log_tail};
+use common::*;
+
+/// `init` on `data`; returns the replica's fingerprint.
+fn init(data: &Path) -> Fingerprint {
+    let out = ok(&["init", "--data", data.to_str().expect("path")]);
+    out.trim()
+        .strip_prefix("fingerprint: ")
+        .unwrap_or_else(|| panic!("init printed {out:?}"))
+        .parse()
+        .expect("hex fingerprint")
+}
+
+/// Authorizes a new agent identity under `name`.
+fn new_agent(data: &Path, name: &str) -> Identity {
+    let id = Identity::generate(name).expect("identity");
+    ok(&[
+        "authorize",
+        "--data",
+        data.to_str().expect("path"),
+        "--agent",
+        &id.fingerprint().to_string(),
+        "--name",
+        name,
+    ]);
+    id
+}
+
+/// Connects `identity`, says hello for `sim`'s group and syncs its volume; returns the agent.
+async fn protect(
+    identity: &Identity,
+    replica: Fingerprint,
+    serve: &Serve,
+    sim: &mut AgentSim,
+) -> QuicAgent {
+    let mut q = QuicAgent::connect(identity, replica, serve.addr)
+        .await
+        .expect("connect");
+    q.hello(vec![sim.hello()]).await.expect("welcome");
+    let mut batches = Vec::new();
+    sim.sync_volume(0, &mut batches);
+    for (_, b) in &batches {
+        q.send_batch(b).await.expect("send");
+    }
+    q.wait_ack(&sim.group, sim.seq).await;
+    q
+}
+
+/// The agent of `agents --json` with this name.
+fn listed(d: &str, name: &str) -> Option<serde_json::Value> {
+    json(&["agents", "--data", d, "--json"])
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|a| a["name"] == name)
+        .cloned()
+}
+
+/// `authorize` refuses the replica's own fingerprint and malformed ones (naming the problem),
+/// changing nothing; `agents` lists the authorized agents with when they were last seen and
+/// their groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_refuses_bad_fingerprints_and_agents_lists_them() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("replica");
+    let d = data.to_str().expect("path");
+    let replica_fp = init(&data);
+    let agents_file = data.join("authorized_agents.toml");
+    let before = std::fs::read_to_string(&agents_file).expect("agents file");
+
+    fails(
+        &["authorize", "--data", d, "--agent", &replica_fp.to_string()],
+        "is this replica's own fingerprint",
+    );
+    fails(
+        &["authorize", "--data", d, "--agent", "abc"],
+        "\"abc\" is not a certificate fingerprint: it has 3 characters",
+    );
+    let bad = format!("{}zz", &replica_fp.to_string()[..62]);
+    fails(
+        &["authorize", "--data", d, "--agent", &bad],
+        "non-hexadecimal character near position 63",
+    );
+    assert_eq!(
+        std::fs::read_to_string(&agents_file).expect("agents file"),
+        before,
+        "a refused authorize changes nothing"
+    );
+    assert!(ok(&["agents", "--data", d]).contains("no authorized agents"));
+
+    let web = new_agent(&data, "web1");
+    let idle = new_agent(&data, "idle");
+    let a = listed(d, "web1").expect("listed");
+    assert_eq!(a["fingerprint"], web.fingerprint().to_string());
+    assert_eq!(a["last_seen"], serde_json::Value::Null);
+    assert_eq!(a["connected"], false);
+    assert_eq!(a["groups"], serde_json::json!([]));
+
+    let serve = Serve::start(&data);
+    let mut sim = AgentSim::new("web", &[(0, "web-disk", CHUNK_BYTES)]);
+    let before_hello = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let q = protect(&web, replica_fp, &serve, &mut sim).await;
+    let a = listed(d, "web1").expect("listed");
+    assert_eq!(a["connected"], true);
+    assert_eq!(a["groups"], serde_json::json!(["web"]));
+    let seen = chrono::DateTime::parse_from_rfc3339(a["last_seen"].as_str().expect("a time"))
+        .expect("RFC 3339");
+    assert!(seen >= before_hello, "last seen {seen} is its hello");
+    assert!(
+        a["last_address"]
+            .as_str()
+            .expect("address")
+            .starts_with("127.0.0.1:")
+    );
+    let table = ok(&["agents", "--data", d]);
+    assert!(
+        table.contains("web1") && table.contains("idle") && table.contains("never"),
+        "{table}"
+    );
+    assert_eq!(
+        listed(d, "idle").expect("listed")["groups"],
+        serde_json::json!([])
+    );
+    drop(idle);
+
+    // The end of the connection is when it was last seen.
+    let hello_seen = seen;
+    q.conn.close(0u32.into(), b"done");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let a = listed(d, "web1").expect("listed");
+        let seen = chrono::DateTime::parse_from_rfc3339(a["last_seen"].as_str().expect("time"))
+            .expect("RFC 3339");
+        if a["connected"] == false && seen > hello_seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the disconnect was not recorded: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    serve.stop();
+}
+
+/// A deauthorized agent that is connected and streaming batches is disconnected within a
+/// deadline (with a reason that says so, and one line in serve's log naming it), is refused
+/// when it connects again, and the other agent's connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deauthorize_closes_the_live_connection_of_a_streaming_agent() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("replica");
+    let d = data.to_str().expect("path");
+    let replica_fp = init(&data);
+    let web = new_agent(&data, "web1");
+    let db = new_agent(&data, "db1");
+    let log = tmp.path().join("serve.log");
+    let mut serve = Serve::spawn(&data, "127.0.0.1:0", &log, &[]);
+    serve.wait_listening();
+
+    let mut web_sim = AgentSim::new("web", &[(0, "web-disk", 2 * CHUNK_BYTES)]);
+    let mut db_sim = AgentSim::new("db", &[(0, "db-disk", CHUNK_BYTES)]);
+    let web_q = protect(&web, replica_fp, &serve, &mut web_sim).await;
+    let mut db_q = protect(&db, replica_fp, &serve, &mut db_sim).await;
+    let web_conn = web_q.conn.clone();
+
+    // The web agent streams batches, waiting for each ack, until its connection breaks.
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let streamer = {
+        let acked = acked.clone();
+        let mut q = web_q;
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            loop {
+                i += 1;
+                let (seq, b) = web_sim.batch(
+                    &[Op::Data {
+                        vol: 0,
+                        offset: (i % 64) * 4096,
+                        bytes: pattern(i, 4096),
+                    }],
+                    BatchFlags::FLUSH,
+                    None,
+                );
+                if let Err(e) = q.send_batch(&b).await {
+                    return e;
+                }
+                if let Err(e) = q.try_wait_ack("web", seq).await {
+                    return e;
+                }
+                acked.store(seq, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while acked.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+        assert!(Instant::now() < deadline, "the agent does not stream");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(listed(d, "web1").expect("listed")["connected"], true);
+
+    // Unknown and ambiguous agents are refused, changing nothing.
+    let agents_file = data.join("authorized_agents.toml");
+    let before = std::fs::read_to_string(&agents_file).expect("agents file");
+    fails(
+        &["deauthorize", "--data", d, "--agent", "mail1"],
+        "no authorized agent is named \"mail1\"",
+    );
+    fails(
+        &[
+            "deauthorize",
+            "--data",
+            d,
+            "--agent",
+            &Fingerprint([5; 32]).to_string(),
+        ],
+        "no authorized agent has the fingerprint",
+    );
+    let twin = Identity::generate("twin").expect("identity");
+    for id in [&twin, &Identity::generate("twin2").expect("identity")] {
+        ok(&[
+            "authorize",
+            "--data",
+            d,
+            "--agent",
+            &id.fingerprint().to_string(),
+            "--name",
+            "twin",
+        ]);
+    }
+    let with_twins = std::fs::read_to_string(&agents_file).expect("agents file");
+    fails(
+        &["deauthorize", "--data", d, "--agent", "twin"],
+        "2 authorized agents are named \"twin\"",
+    );
+    assert_eq!(
+        std::fs::read_to_string(&agents_file).expect("agents file"),
+        with_twins
+    );
+    assert_ne!(before, with_twins);
+
+    // Deauthorized by name while it streams: closed within the deadline.
+    let started = Instant::now();
+    let out = ok(&["deauthorize", "--data", d, "--agent", "web1"]);
+    assert!(
+        out.contains(&web.fingerprint().to_string()) && out.contains("(web1)"),
+        "{out}"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), web_conn.closed())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the connection of the deauthorized agent is still open after 5 s; serve's log:\n{}",
+                log_tail(&log)
+            )
+        });
+    let took = started.elapsed();
+    match &closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(u64::from(c.error_code), 3, "{c:?}");
+            let reason = String::from_utf8_lossy(&c.reason);
+            assert!(
+                reason.contains("deauthorized") && reason.contains(&web.fingerprint().to_string()),
+                "{reason}"
+            );
+        }
+        other => panic!("closed otherwise: {other:?}"),
+    }
+    assert!(took < Duration::from_secs(3), "closed only after {took:?}");
+    let streamed_until = acked.load(std::sync::atomic::Ordering::SeqCst);
+    let e = tokio::time::timeout(DEADLINE, streamer)
+        .await
+        .expect("the streamer stops")
+        .expect("streamer task");
+    assert!(!e.is_empty());
+
+    // A new connection is refused (at the handshake), and nothing more is acknowledged.
+    let refused = match QuicAgent::connect(&web, replica_fp, serve.addr).await {
+        Err(_) => true,
+        Ok(mut q) => q
+            .hello(vec![AgentSim::new("web", &[]).hello()])
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a deauthorized agent was served again");
+    let web_status = || {
+        json(&["status", "--data", d, "--json"])["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["volume"] == "web-disk")
+            .cloned()
+            .expect("web-disk stays")
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while web_status()["connected"] != false {
+        assert!(Instant::now() < deadline, "the link stays up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // At most the batch in flight when the connection closed was committed after the last ack.
+    let head = web_status()["head_seq"].as_u64().expect("head");
+    assert!(
+        (streamed_until..=streamed_until + 1).contains(&head),
+        "head {head}, last ack {streamed_until}"
+    );
+
+    // One line in serve's log names the agent; it is no longer listed; again: unknown.
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("closing the connection of agent \"web1\""))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(
+        lines[0].contains(&web.fingerprint().to_string()),
+        "{}",
+        lines[0]
+    );
+    assert!(listed(d, "web1").is_none());
+    fails(
+        &[
+            "deauthorize",
+            "--data",
+            d,
+            "--agent",
+            &web.fingerprint().to_string(),
+        ],
+        "no authorized agent has the fingerprint",
+    );
+
+    // The other agent's connection goes on.
+    let (seq, b) = db_sim.batch(
+        &[Op::Data {
+            vol: 0,
+            offset: 0,
+            bytes: pattern(99, 4096),
+        }],
+        BatchFlags::FLUSH,
+        None,
+    );
+    db_q.send_batch(&b).await.expect("send");
+    db_q.wait_ack("db", seq).await;
+    assert_eq!(listed(d, "db1").expect("listed")["connected"], true);
+    serve.stop();
+}
