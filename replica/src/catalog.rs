@@ -175,6 +175,36 @@ pub struct AgentSeenRow {
     pub last_address: String,
 }
 
+/// Which points `points` lists ([`Catalog::points_page`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PointsFilter {
+    /// Only batches whose agent time is at or after this.
+    pub since_ns: Option<i64>,
+    /// Only batches whose agent time is at or before this.
+    pub until_ns: Option<i64>,
+    /// Only batches that carry a bookmark.
+    pub bookmarks_only: bool,
+    /// At most this many.
+    pub limit: Option<u64>,
+    /// Newest (highest seq) first.
+    pub newest_first: bool,
+}
+
+/// The query of [`Catalog::points_page`] (parameters: group, from, to, since, until, limit;
+/// a limit of -1 is none).
+fn points_sql(filter: &PointsFilter) -> String {
+    format!(
+        "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq >= ? AND seq <= ? \
+         AND agent_ns >= ? AND agent_ns <= ?{} ORDER BY seq {} LIMIT ?",
+        if filter.bookmarks_only {
+            " AND bookmark IS NOT NULL"
+        } else {
+            ""
+        },
+        if filter.newest_first { "DESC" } else { "ASC" }
+    )
+}
+
 /// Everything one group commit writes, in one transaction.
 #[derive(Clone, Debug, Default)]
 pub struct CommitRows {
@@ -994,6 +1024,30 @@ impl Catalog {
             .fetch_all(&self.pool)
             .await
             .map_err(ReplicaError::catalog("list batches"))?;
+        rows.into_iter().map(batch_of).collect()
+    }
+
+    /// The batches of the group with seq in `[from, to]` that `filter` keeps, in the order it
+    /// asks for, at most `filter.limit` of them: one range of the primary key (group_id, seq),
+    /// walked in that order and filtered row by row inside SQLite, so only the rows returned are
+    /// held in memory (a window of millions of points is not read to print twenty).
+    pub async fn points_page(
+        &self,
+        group_id: i64,
+        from: u64,
+        to: u64,
+        filter: &PointsFilter,
+    ) -> Result<Vec<BatchRow>> {
+        let rows: Vec<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(points_sql(filter)))
+            .bind(group_id)
+            .bind(from as i64)
+            .bind(to.min(i64::MAX as u64) as i64)
+            .bind(filter.since_ns.unwrap_or(i64::MIN))
+            .bind(filter.until_ns.unwrap_or(i64::MAX))
+            .bind(filter.limit.map_or(-1, |n| n.min(i64::MAX as u64) as i64))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("list recovery points"))?;
         rows.into_iter().map(batch_of).collect()
     }
 
@@ -2526,6 +2580,102 @@ mod tests {
         assert!(!c.covers(41));
         assert_eq!(c.ranges, vec![(0, 40)]);
         assert!(!c.add(7, 7), "empty");
+    }
+
+    /// `points_page` walks the primary key in the order asked for (no scan of the table, no
+    /// sort), whatever the filters, and returns what they keep.
+    #[tokio::test]
+    async fn points_are_filtered_and_limited_along_the_primary_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("meta.db"), true, true)
+            .await
+            .unwrap();
+        let g = catalog
+            .create_group("g", "agent", "gen", 0, &Retention::default(), 0)
+            .await
+            .unwrap();
+        let batches: Vec<BatchRow> = (1..=1000u64)
+            .map(|seq| BatchRow {
+                seq,
+                agent_ns: seq as i64 * 1000,
+                received_ns: seq as i64 * 1000 + 1,
+                durable_ns: seq as i64 * 1000 + 2,
+                flags: 0,
+                bookmark: seq.is_multiple_of(100).then(|| format!("b{seq}")),
+                span: None,
+                record_count: 0,
+                header_hash: [seq as u8; 32],
+            })
+            .collect();
+        catalog
+            .commit(&CommitRows {
+                group_id: g.id,
+                head_seq: 1000,
+                batches,
+                ..CommitRows::default()
+            })
+            .await
+            .unwrap();
+        let seqs = |rows: Vec<BatchRow>| rows.iter().map(|b| b.seq).collect::<Vec<_>>();
+        let newest = PointsFilter {
+            limit: Some(3),
+            newest_first: true,
+            ..PointsFilter::default()
+        };
+        assert_eq!(
+            seqs(catalog.points_page(g.id, 10, 1000, &newest).await.unwrap()),
+            [1000, 999, 998]
+        );
+        let f = PointsFilter {
+            since_ns: Some(500_000),
+            until_ns: Some(503_000),
+            ..PointsFilter::default()
+        };
+        assert_eq!(
+            seqs(catalog.points_page(g.id, 10, 1000, &f).await.unwrap()),
+            [500, 501, 502, 503]
+        );
+        let f = PointsFilter {
+            bookmarks_only: true,
+            until_ns: Some(450_000),
+            limit: Some(2),
+            newest_first: true,
+            ..PointsFilter::default()
+        };
+        assert_eq!(
+            seqs(catalog.points_page(g.id, 150, 1000, &f).await.unwrap()),
+            [400, 300]
+        );
+        for filter in [
+            PointsFilter::default(),
+            newest,
+            f,
+            PointsFilter {
+                since_ns: Some(1),
+                ..PointsFilter::default()
+            },
+        ] {
+            let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "EXPLAIN QUERY PLAN {}",
+                points_sql(&filter)
+            )))
+            .bind(g.id)
+            .bind(1i64)
+            .bind(1000i64)
+            .bind(0i64)
+            .bind(i64::MAX)
+            .bind(10i64)
+            .fetch_all(&catalog.pool)
+            .await
+            .unwrap();
+            let plan = plan.into_iter().map(|r| r.3).collect::<Vec<_>>().join("; ");
+            assert!(
+                plan.contains("SEARCH batches USING PRIMARY KEY (group_id=? AND seq>? AND seq<?)")
+                    && !plan.contains("TEMP B-TREE")
+                    && !plan.contains("SCAN"),
+                "{filter:?}: {plan}"
+            );
+        }
     }
 
     /// A piece as (offset, len, (seq, idx, byte within the record) or none, zero).

@@ -189,6 +189,10 @@
 //!     "consistent": true, "flush": true, "bookmark": null, "records": 3 } ]
 //! ```
 //! Times are RFC 3339 in UTC; `time` is the agent's clock, `received` the replica's.
+//! `--since`, `--until` (agent time, both included), `--bookmarks` and `--limit N` (then
+//! newest first) filter that array; the objects are the same. The catalog filters and limits
+//! along the batches' primary key ([`catalog::Catalog::points_page`]), so only the points
+//! printed are read into memory.
 //!
 //! `points --at POINT --json`: the one point `restore --at POINT` would choose:
 //! `{ "seq": 90, "time": "...", "bookmark": null, "consistent": true }`.
@@ -223,13 +227,15 @@ use std::path::Path;
 use cdp_shared::identity::{Fingerprint, Identity};
 
 pub use agents::{AgentInfo, agents, authorize, deauthorize};
+pub use catalog::PointsFilter;
 pub use cdp_shared::point::PointSpec;
 pub use diff::{DiffReport, Extent, diff};
 pub use error::{ReplicaError, Result};
 pub use export::{Endpoint, ExportHandle, ExportInfo};
 pub use pins::{PinGuard, pin_point};
 pub use recovery::{
-    ChosenPoint, PointInfo, RestoreSummary, open_image, points, resolve_point, restore,
+    ChosenPoint, PointInfo, RestoreSummary, open_image, points, points_filtered, resolve_point,
+    restore,
 };
 pub use retention::Retention;
 pub use server::{Server, ServerHandle};

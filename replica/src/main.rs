@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use cdp_replica::retention::{format_size, parse_duration, parse_size};
 use cdp_replica::{
-    AgentInfo, DiffReport, Endpoint, PointInfo, PointSpec, ReplicaError, Retention,
+    AgentInfo, DiffReport, Endpoint, PointInfo, PointSpec, PointsFilter, ReplicaError, Retention,
     RetentionChange, StatusReport,
 };
 use cdp_shared::identity::Fingerprint;
@@ -122,8 +122,22 @@ enum Command {
         volume: String,
         /// Only resolve this point (`latest`, `seq:N`, `bookmark:NAME` or an RFC 3339 time)
         /// and print the one `restore --at` would choose.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["since", "until", "limit", "bookmarks"])]
         at: Option<String>,
+        /// Only points whose agent time is at or after this: an RFC 3339 time, or a duration
+        /// ago (30m, 24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only points whose agent time is at or before this: an RFC 3339 time, or a duration
+        /// ago (30m, 24h, 7d).
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many points, newest first.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Only points that carry a bookmark.
+        #[arg(long)]
+        bookmarks: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -408,6 +422,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             volume,
             at: Some(at),
             json,
+            ..
         } => {
             let at: PointSpec = at.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
             let point = cdp_replica::resolve_point(&data, &volume, &at).await?;
@@ -421,13 +436,35 @@ async fn run(command: Command) -> Result<(), CliError> {
             data,
             volume,
             at: None,
+            since,
+            until,
+            limit,
+            bookmarks,
             json,
         } => {
-            let points = cdp_replica::points(&data, &volume).await?;
+            if limit == Some(0) {
+                return Err(CliError::Usage(
+                    "--limit 0 would list nothing: give at least 1".into(),
+                ));
+            }
+            let filter = PointsFilter {
+                since_ns: since
+                    .as_deref()
+                    .map(|s| parse_time("--since", s))
+                    .transpose()?,
+                until_ns: until
+                    .as_deref()
+                    .map(|s| parse_time("--until", s))
+                    .transpose()?,
+                bookmarks_only: bookmarks,
+                limit,
+                newest_first: limit.is_some(),
+            };
+            let points = cdp_replica::points_filtered(&data, &volume, &filter).await?;
             if json {
                 println!("{}", to_json(&points)?);
             } else {
-                print_points(&points);
+                print_points(&points, filter != PointsFilter::default());
             }
         }
         Command::Restore {
@@ -731,9 +768,13 @@ fn print_status(report: &StatusReport) {
     }
 }
 
-fn print_points(points: &[PointInfo]) {
+fn print_points(points: &[PointInfo], filtered: bool) {
     if points.is_empty() {
-        println!("no recovery points yet (the volume's initial sync has not completed)");
+        if filtered {
+            println!("no recovery point matches (`points` without filters lists the window)");
+        } else {
+            println!("no recovery points yet (the volume's initial sync has not completed)");
+        }
         return;
     }
     let mut rows = vec![
@@ -886,7 +927,7 @@ async fn verify(command: VerifyCommand) -> Result<(), CliError> {
         } => {
             let since_ns = match since.as_deref() {
                 None => None,
-                Some(s) => Some(parse_since(s)?),
+                Some(s) => Some(parse_time("--since", s)?),
             };
             let report = cdp_replica::verifier::report(&data, volume.as_deref(), since_ns).await?;
             if json {
@@ -909,16 +950,16 @@ async fn verify(command: VerifyCommand) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `--since`: an RFC 3339 time, or a duration before now.
-fn parse_since(s: &str) -> Result<i64, CliError> {
+/// A time flag (`--since`, `--until`): an RFC 3339 time, or a duration before now.
+fn parse_time(flag: &str, s: &str) -> Result<i64, CliError> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return t
             .timestamp_nanos_opt()
-            .ok_or_else(|| CliError::Usage(format!("--since {s}: the time is out of range")));
+            .ok_or_else(|| CliError::Usage(format!("{flag} {s}: the time is out of range")));
     }
     let ago = parse_duration(s).map_err(|_| {
         CliError::Usage(format!(
-            "--since {s:?} is neither an RFC 3339 time (2024-05-01T12:00:00Z) nor a duration ago (30m, 24h, 7d)"
+            "{flag} {s:?} is neither an RFC 3339 time (2024-05-01T12:00:00Z) nor a duration ago (30m, 24h, 7d)"
         ))
     })?;
     Ok(cdp_replica::now_ns() - i64::try_from(ago.as_nanos()).unwrap_or(i64::MAX))

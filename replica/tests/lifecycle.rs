@@ -356,3 +356,187 @@ async fn deauthorize_closes_the_live_connection_of_a_streaming_agent() {
     assert_eq!(listed(d, "db1").expect("listed")["connected"], true);
     serve.stop();
 }
+
+/// Points in a catalog made directly: `n` batches of group `group` (volume `volume` of 1 MiB,
+/// protecting from seq 1), one a second ending one minute ago, a bookmark every 1000th.
+/// Returns the agent time of each seq (index = seq).
+async fn many_points(data: &Path, group: &str, volume: &str, n: u64) -> Vec<i64> {
+    use cdp_replica::catalog::{BatchRow, Catalog, CommitRows, VolumeState};
+    let catalog = Catalog::open(&data.join("meta.db"), false, false)
+        .await
+        .expect("catalog");
+    let g = catalog
+        .create_group(
+            group,
+            "owner",
+            "gen",
+            0,
+            &cdp_replica::Retention::default(),
+            0,
+        )
+        .await
+        .expect("group");
+    let v = catalog
+        .insert_volume(g.id, 0, volume, CHUNK_BYTES)
+        .await
+        .expect("volume");
+    let last = chrono::Utc::now().timestamp_nanos_opt().expect("now") - 60_000_000_000;
+    let times: Vec<i64> = (0..=n)
+        .map(|seq| last - (n - seq) as i64 * 1_000_000_000)
+        .collect();
+    let batches = (1..=n)
+        .map(|seq| BatchRow {
+            seq,
+            agent_ns: times[seq as usize],
+            received_ns: times[seq as usize] + 1000,
+            durable_ns: times[seq as usize] + 2000,
+            flags: BatchFlags::FLUSH,
+            bookmark: seq.is_multiple_of(1000).then(|| format!("bm-{seq}")),
+            span: None,
+            record_count: 1,
+            header_hash: [7; 32],
+        })
+        .collect();
+    catalog
+        .commit(&CommitRows {
+            group_id: g.id,
+            head_seq: n,
+            batches,
+            volume_changes: vec![(v.id, VolumeState::Protecting, Some(1))],
+            ..CommitRows::default()
+        })
+        .await
+        .expect("commit");
+    catalog.close().await;
+    times
+}
+
+fn rfc(ns: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+fn seqs(points: &serde_json::Value) -> Vec<u64> {
+    points
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|p| p["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+/// `points --since/--until/--limit/--bookmarks` on a window of 300,000 points: the same
+/// objects as the whole listing, newest first with a limit, and a limited listing costs a
+/// small fraction of the whole one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_are_filtered_and_limited_in_a_large_window() {
+    const N: u64 = 300_000;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("replica");
+    let d = data.to_str().expect("path");
+    init(&data);
+    let times = many_points(&data, "big", "big-disk", N).await;
+    let base = ["points", "--data", d, "--volume", "big-disk", "--json"];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        json(&a)
+    };
+
+    let started = Instant::now();
+    let all = json(&base);
+    let whole = started.elapsed();
+    assert_eq!(all.as_array().expect("array").len() as u64, N);
+    let started = Instant::now();
+    let last20 = with(&["--limit", "20"]);
+    let limited = started.elapsed();
+    assert_eq!(seqs(&last20), (N - 19..=N).rev().collect::<Vec<_>>());
+    // The same objects as the whole listing.
+    assert_eq!(last20[0], all[(N - 1) as usize]);
+    assert_eq!(last20[19], all[(N - 20) as usize]);
+    eprintln!("{N} points listed in {whole:?}, 20 of them in {limited:?}");
+    assert!(
+        limited * 4 < whole,
+        "20 of {N} points took {limited:?}, all of them {whole:?}"
+    );
+
+    // A time range (both ends included), oldest first without a limit.
+    let (a, b) = (1000usize, 1010usize);
+    assert_eq!(
+        seqs(&with(&[
+            "--since",
+            &rfc(times[a]),
+            "--until",
+            &rfc(times[b])
+        ])),
+        (a as u64..=b as u64).collect::<Vec<_>>()
+    );
+    // With a limit: the newest of the range.
+    assert_eq!(
+        seqs(&with(&["--until", &rfc(times[b]), "--limit", "3"])),
+        [b as u64, b as u64 - 1, b as u64 - 2]
+    );
+    // Bookmarks only.
+    let bms = with(&["--bookmarks", "--limit", "2"]);
+    assert_eq!(seqs(&bms), [N, N - 1000]);
+    assert_eq!(bms[0]["bookmark"], format!("bm-{N}"));
+    assert_eq!(
+        seqs(&with(&["--bookmarks", "--until", &rfc(times[3500])])),
+        [1000, 2000, 3000]
+    );
+    // A duration ago: the points of the last 30 minutes, counted back from when the command
+    // ran (the newest is 1 minute old, one a second).
+    let since_now = |now: i64| {
+        let cutoff = now - 30 * 60 * 1_000_000_000;
+        times[1..].iter().filter(|&&t| t >= cutoff).count()
+    };
+    let before = since_now(chrono::Utc::now().timestamp_nanos_opt().expect("now"));
+    let recent = seqs(&with(&["--since", "30m"]));
+    let after = since_now(chrono::Utc::now().timestamp_nanos_opt().expect("now"));
+    assert!(
+        (after..=before).contains(&recent.len()) && recent.last() == Some(&N),
+        "{} points in the last 30 minutes, not {after}..={before}",
+        recent.len()
+    );
+    assert_eq!(
+        with(&["--since", "1m", "--until", "1h"]),
+        serde_json::json!([])
+    );
+    assert!(
+        ok(&[
+            "points", "--data", d, "--volume", "big-disk", "--since", "10s"
+        ])
+        .contains("no recovery point matches")
+    );
+    let table = ok(&[
+        "points", "--data", d, "--volume", "big-disk", "--limit", "2",
+    ]);
+    assert!(
+        table.contains(&N.to_string()) && table.contains("bm-300000"),
+        "{table}"
+    );
+
+    fails(
+        &[
+            "points", "--data", d, "--volume", "big-disk", "--limit", "0",
+        ],
+        "--limit 0",
+    );
+    fails(
+        &[
+            "points",
+            "--data",
+            d,
+            "--volume",
+            "big-disk",
+            "--since",
+            "yesterday",
+        ],
+        "--since \"yesterday\" is neither an RFC 3339 time",
+    );
+    fails(
+        &[
+            "points", "--data", d, "--volume", "big-disk", "--until", "5x",
+        ],
+        "--until \"5x\" is neither",
+    );
+}
