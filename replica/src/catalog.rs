@@ -1027,6 +1027,21 @@ impl Catalog {
         rows.into_iter().map(batch_of).collect()
     }
 
+    /// The number of batches of the group with seq in `[from, to]` (one range of the primary
+    /// key).
+    pub async fn batch_count_in(&self, group_id: i64, from: u64, to: u64) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM batches WHERE group_id = ? AND seq >= ? AND seq <= ?",
+        )
+        .bind(group_id)
+        .bind(from as i64)
+        .bind(to.min(i64::MAX as u64) as i64)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("count batches"))?;
+        Ok(n as u64)
+    }
+
     /// The batches of the group with seq in `[from, to]` that `filter` keeps, in the order it
     /// asks for, at most `filter.limit` of them: one range of the primary key (group_id, seq),
     /// walked in that order and filtered row by row inside SQLite, so only the rows returned are
@@ -1757,6 +1772,75 @@ impl PointReads for Catalog {
     }
 }
 
+/// The reads from which the trimmer chooses its next base ([`crate::trimmer`]), inside its
+/// transaction ([`WriteLock`]) or on the pool ([`Catalog`]: `retention` reckoning what a change
+/// would drop).
+pub(crate) trait TrimReads: PointReads {
+    /// See [`Catalog::first_batch_since`].
+    async fn first_batch_since(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        upto: u64,
+        cutoff_ns: i64,
+    ) -> Result<Option<u64>>;
+    /// See [`Catalog::batch_weights`].
+    async fn batch_weights(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<BatchWeight>>;
+    /// Journal bytes of the group's batches after seq `after`.
+    async fn journal_bytes_after(&mut self, group_id: i64, after: u64) -> Result<u64>;
+}
+
+impl TrimReads for Catalog {
+    async fn first_batch_since(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        upto: u64,
+        cutoff_ns: i64,
+    ) -> Result<Option<u64>> {
+        first_batch_since_on(&self.pool, group_id, after, upto, cutoff_ns).await
+    }
+    async fn batch_weights(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<BatchWeight>> {
+        batch_weights_on(&self.pool, group_id, after, limit).await
+    }
+    async fn journal_bytes_after(&mut self, group_id: i64, after: u64) -> Result<u64> {
+        journal_bytes_after_on(&self.pool, group_id, after).await
+    }
+}
+
+impl TrimReads for WriteLock {
+    async fn first_batch_since(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        upto: u64,
+        cutoff_ns: i64,
+    ) -> Result<Option<u64>> {
+        first_batch_since_on(self.conn()?, group_id, after, upto, cutoff_ns).await
+    }
+    async fn batch_weights(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<BatchWeight>> {
+        batch_weights_on(self.conn()?, group_id, after, limit).await
+    }
+    async fn journal_bytes_after(&mut self, group_id: i64, after: u64) -> Result<u64> {
+        journal_bytes_after_on(self.conn()?, group_id, after).await
+    }
+}
+
 impl PointReads for WriteLock {
     async fn batch(&mut self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
         batch_on(self.conn()?, group_id, seq).await
@@ -1872,6 +1956,22 @@ async fn journal_bytes_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
         "SELECT SUM(length) FROM batches WHERE group_id = ? AND segment IS NOT NULL",
     )
     .bind(group_id)
+    .fetch_one(e)
+    .await
+    .map_err(ReplicaError::catalog("sum the journal"))?;
+    Ok(n.unwrap_or(0) as u64)
+}
+
+async fn journal_bytes_after_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    group_id: i64,
+    after: u64,
+) -> Result<u64> {
+    let n: Option<i64> = sqlx::query_scalar(
+        "SELECT SUM(length) FROM batches WHERE group_id = ? AND seq > ? AND segment IS NOT NULL",
+    )
+    .bind(group_id)
+    .bind(after as i64)
     .fetch_one(e)
     .await
     .map_err(ReplicaError::catalog("sum the journal"))?;

@@ -114,6 +114,12 @@
 //! time (default 24 h) and an optional cap on its journal bytes (default none); the trimmer
 //! moves B forward to keep to it, never past the head and never past a live pin.
 //!
+//! `cdp-replica retention` reckons what a change would drop before it applies it
+//! ([`set_retention_checked`], [`retention_drop`]): the trimmer's rounds are played out on the
+//! catalog without writing ([`trimmer::base_after_trims`], the same inputs and
+//! [`retention::choose_trim`]) under the current and the new retention, and the points between
+//! the two bases are what the change drops; it is refused unless `--yes` is given.
+//!
 //! The trim protocol (crash-safe and idempotent; details in [`trimmer`]):
 //! 1. (a) One write transaction: drop dead pins, choose B' (the newest seq whose batches are
 //!    all older than the window, or further if the cap needs it; at most the oldest live pin
@@ -316,13 +322,148 @@ pub struct RetentionChange {
     pub journal_bytes_max: Option<Option<u64>>,
 }
 
+/// The points a retention change would drop: those from the window's first point now to the
+/// first point the trimmer would keep under the new retention (what it keeps under the current
+/// one is not counted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetentionDrop {
+    /// Points (batches) dropped.
+    pub points: u64,
+    /// The first and last point dropped: seq and agent time.
+    pub first_seq: u64,
+    pub first_ns: i64,
+    pub last_seq: u64,
+    /// The first point kept (the new window's start): seq and agent time.
+    pub kept_seq: u64,
+    pub kept_ns: i64,
+}
+
+impl RetentionDrop {
+    /// The agent time the points dropped span: from the first one dropped to the first one
+    /// kept.
+    pub fn span_ns(&self) -> i64 {
+        self.kept_ns.saturating_sub(self.first_ns)
+    }
+}
+
+impl std::fmt::Display for RetentionDrop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = |ns: i64| recovery::rfc3339(&recovery::time_of(ns));
+        write!(
+            f,
+            "{} point{} (seq {} to {}, {} of agent time from {} to {})",
+            self.points,
+            if self.points == 1 { "" } else { "s" },
+            self.first_seq,
+            self.last_seq,
+            retention::format_span(self.span_ns()),
+            t(self.first_ns),
+            t(self.kept_ns)
+        )
+    }
+}
+
+/// What changing group `g`'s retention to `new` would drop (see [`RetentionDrop`]), reckoned
+/// as the trimmer chooses ([`trimmer::base_after_trims`]) against the catalog's points now;
+/// `None` when it drops none.
+pub async fn retention_drop(
+    catalog: &Catalog,
+    g: &catalog::GroupRow,
+    new: &Retention,
+) -> Result<Option<RetentionDrop>> {
+    // Points exist from the first seq at which a volume of the group completed its sync.
+    let Some(first_point) = catalog
+        .volumes_of_group(g.id)
+        .await?
+        .iter()
+        .filter(|v| v.state == catalog::VolumeState::Protecting)
+        .filter_map(|v| v.sync_done_seq)
+        .min()
+    else {
+        return Ok(None);
+    };
+    let mut reads = catalog.clone();
+    let now = trimmer::base_after_trims(&mut reads, g, &g.retention).await?;
+    let then = trimmer::base_after_trims(&mut reads, g, new).await?;
+    let from = now.max(first_point).max(g.window_floor());
+    if then <= from {
+        return Ok(None);
+    }
+    let points = catalog.batch_count_in(g.id, from, then - 1).await?;
+    let page = |newest_first| catalog::PointsFilter {
+        limit: Some(1),
+        newest_first,
+        ..catalog::PointsFilter::default()
+    };
+    let first = catalog
+        .points_page(g.id, from, then - 1, &page(false))
+        .await?;
+    let last = catalog
+        .points_page(g.id, from, then - 1, &page(true))
+        .await?;
+    let (Some(first), Some(last), Some(kept)) = (
+        first.first(),
+        last.first(),
+        catalog.batch(g.id, then).await?,
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(RetentionDrop {
+        points,
+        first_seq: first.seq,
+        first_ns: first.agent_ns,
+        last_seq: last.seq,
+        kept_seq: kept.seq,
+        kept_ns: kept.agent_ns,
+    }))
+}
+
+/// `retention` applies `change` to `current`, checking its bounds.
+fn changed_retention(current: &Retention, change: &RetentionChange) -> Result<Retention> {
+    let mut r = *current;
+    if let Some(w) = change.window {
+        if w < retention::WINDOW_MIN || w > retention::WINDOW_MAX {
+            return Err(ReplicaError::Retention(format!(
+                "a window of {} s is outside 1s..3650d",
+                w.as_secs()
+            )));
+        }
+        r.window = std::time::Duration::from_secs(w.as_secs());
+    }
+    if let Some(cap) = change.journal_bytes_max {
+        if let Some(n) = cap
+            && !(retention::JOURNAL_CAP_MIN_BYTES..=retention::JOURNAL_CAP_MAX_BYTES).contains(&n)
+        {
+            return Err(ReplicaError::Retention(format!(
+                "a journal cap of {n} bytes is outside 1MiB..1EiB"
+            )));
+        }
+        r.journal_bytes_max = cap;
+    }
+    Ok(r)
+}
+
 /// Changes a group's retention (when `change` asks for anything) and returns it as it now is.
 /// A running `serve` applies it at its trimmer's next round (within [`trimmer::TRIM_INTERVAL`]).
+/// It applies whatever the change drops; `cdp-replica retention` asks first
+/// ([`set_retention_checked`]).
 pub async fn set_retention(
     root: &Path,
     group: &str,
     change: &RetentionChange,
 ) -> Result<Retention> {
+    Ok(set_retention_checked(root, group, change, true).await?.0)
+}
+
+/// [`set_retention`], which first reckons what the change would drop ([`retention_drop`]):
+/// when it drops points and `yes` is false, nothing is changed and the error says what it
+/// would drop. Returns the retention as it now is and what the change drops.
+pub async fn set_retention_checked(
+    root: &Path,
+    group: &str,
+    change: &RetentionChange,
+    yes: bool,
+) -> Result<(Retention, Option<RetentionDrop>)> {
     let dir = DataDir::existing(root)?;
     let catalog = Catalog::open(&dir.catalog(), false, false).await?;
     let result = async {
@@ -332,42 +473,35 @@ pub async fn set_retention(
                 dir: root.to_path_buf(),
             });
         };
-        let mut r = g.retention;
-        if let Some(w) = change.window {
-            if w < retention::WINDOW_MIN || w > retention::WINDOW_MAX {
-                return Err(ReplicaError::Retention(format!(
-                    "a window of {} s is outside 1s..3650d",
-                    w.as_secs()
-                )));
-            }
-            r.window = std::time::Duration::from_secs(w.as_secs());
+        let r = changed_retention(&g.retention, change)?;
+        if r == g.retention {
+            return Ok((r, None));
         }
-        if let Some(cap) = change.journal_bytes_max {
-            if let Some(n) = cap
-                && !(retention::JOURNAL_CAP_MIN_BYTES..=retention::JOURNAL_CAP_MAX_BYTES)
-                    .contains(&n)
-            {
-                return Err(ReplicaError::Retention(format!(
-                    "a journal cap of {n} bytes is outside 1MiB..1EiB"
-                )));
-            }
-            r.journal_bytes_max = cap;
+        let dropped = retention_drop(&catalog, &g, &r).await?;
+        if let Some(d) = &dropped
+            && !yes
+        {
+            return Err(ReplicaError::Retention(format!(
+                "changing group {group} to {r} would drop {d} from its window; nothing was changed: run the command again with --yes to apply it"
+            )));
         }
-        if r != g.retention {
-            catalog.set_retention(g.id, &r).await?;
-            let msg = format!(
-                "retention of group {group} set to {r} (it was {})",
-                g.retention
-            );
-            tracing::info!("{msg}");
-            if let Err(e) = catalog
-                .event(catalog::EventLevel::Info, Some(group), None, &msg, now_ns())
-                .await
-            {
-                tracing::warn!("could not record an event: {e}");
+        catalog.set_retention(g.id, &r).await?;
+        let msg = format!(
+            "retention of group {group} set to {r} (it was {}){}",
+            g.retention,
+            match &dropped {
+                Some(d) => format!(", dropping {d}"),
+                None => String::new(),
             }
+        );
+        tracing::info!("{msg}");
+        if let Err(e) = catalog
+            .event(catalog::EventLevel::Info, Some(group), None, &msg, now_ns())
+            .await
+        {
+            tracing::warn!("could not record an event: {e}");
         }
-        Ok(r)
+        Ok((r, dropped))
     }
     .await;
     catalog.close().await;

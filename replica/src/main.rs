@@ -55,6 +55,10 @@ enum Command {
         /// New journal cap (512MiB, 100GiB, 1TB), or `none` for no cap.
         #[arg(long)]
         max_journal: Option<String>,
+        /// Apply the change even when it drops points from the window (without it, such a
+        /// change is refused with what it would drop, and nothing changes).
+        #[arg(long)]
+        yes: bool,
     },
     /// Print the replica's certificate fingerprint (what agents pin).
     Fingerprint {
@@ -345,6 +349,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             group,
             window,
             max_journal,
+            yes,
         } => {
             let change = RetentionChange {
                 window: window
@@ -358,8 +363,14 @@ async fn run(command: Command) -> Result<(), CliError> {
                     .transpose()
                     .map_err(CliError::Usage)?,
             };
-            let r = cdp_replica::set_retention(&data, &group, &change).await?;
+            let (r, dropped) =
+                cdp_replica::set_retention_checked(&data, &group, &change, yes).await?;
             println!("group {group}: {r}");
+            if let Some(d) = dropped {
+                println!(
+                    "the trimmer drops {d} from the window (within a second while serve runs, or when it next starts; a reader's pin holds its point until it ends)"
+                );
+            }
         }
         Command::Fingerprint { data } => println!("{}", cdp_replica::fingerprint(&data)?),
         Command::Authorize { data, agent, name } => {

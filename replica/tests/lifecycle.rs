@@ -361,7 +361,19 @@ async fn deauthorize_closes_the_live_connection_of_a_streaming_agent() {
 /// protecting from seq 1), one a second ending one minute ago, a bookmark every 1000th.
 /// Returns the agent time of each seq (index = seq).
 async fn many_points(data: &Path, group: &str, volume: &str, n: u64) -> Vec<i64> {
-    use cdp_replica::catalog::{BatchRow, Catalog, CommitRows, VolumeState};
+    points_in_catalog(data, group, volume, n, None).await
+}
+
+/// [`many_points`], each batch journaled with `journaled` bytes when given (rows only: no
+/// segment file holds them, so no `serve` may start on such a directory).
+async fn points_in_catalog(
+    data: &Path,
+    group: &str,
+    volume: &str,
+    n: u64,
+    journaled: Option<u64>,
+) -> Vec<i64> {
+    use cdp_replica::catalog::{BatchRow, Catalog, CommitRows, SegmentSpan, VolumeState};
     let catalog = Catalog::open(&data.join("meta.db"), false, false)
         .await
         .expect("catalog");
@@ -392,7 +404,11 @@ async fn many_points(data: &Path, group: &str, volume: &str, n: u64) -> Vec<i64>
             durable_ns: times[seq as usize] + 2000,
             flags: BatchFlags::FLUSH,
             bookmark: seq.is_multiple_of(1000).then(|| format!("bm-{seq}")),
-            span: None,
+            span: journaled.map(|length| SegmentSpan {
+                segment: 1,
+                position: 16 + (seq - 1) * length,
+                length,
+            }),
             record_count: 1,
             header_hash: [7; 32],
         })
@@ -539,4 +555,142 @@ async fn points_are_filtered_and_limited_in_a_large_window() {
         ],
         "--until \"5x\" is neither",
     );
+}
+
+/// `retention` refuses a change that would drop points unless `--yes` is given, saying how many
+/// and which span of agent time, changing nothing; with `--yes` it applies, and the trimmer of
+/// a `serve` then drops exactly the points it said. A change that drops nothing applies as
+/// before. The journal cap is reckoned the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_that_drops_points_needs_yes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("replica");
+    let d = data.to_str().expect("path");
+    init(&data);
+    let times = many_points(&data, "ret", "ret-disk", 100).await;
+    let retention = |args: &[&str]| {
+        let mut a = vec!["retention", "--data", d, "--group", "ret"];
+        a.extend_from_slice(args);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run_ret = |args: &[&str]| {
+        let a = retention(args);
+        ok(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let fail_ret = |args: &[&str], needle: &str| {
+        let a = retention(args);
+        fails(&a.iter().map(String::as_str).collect::<Vec<_>>(), needle)
+    };
+
+    // The head is 60 s old and batches are 1 s apart: a 30 s window keeps seq 69 (the newest
+    // older than the window) on, and drops seqs 1 to 68: 68 s of agent time.
+    let (_, err) = fail_ret(
+        &["--window", "30s"],
+        "changing group ret to window 30s, journal cap none would drop 68 points (seq 1 to 68, 1m 8s of agent time from ",
+    );
+    assert!(
+        err.contains(&rfc_secs(times[1]))
+            && err.contains("nothing was changed")
+            && err.contains("--yes"),
+        "{err}"
+    );
+    assert_eq!(
+        run_ret(&[]).trim(),
+        "group ret: window 24h, journal cap none"
+    );
+    // A change that drops nothing applies without --yes, and says nothing more.
+    assert_eq!(
+        run_ret(&["--window", "48h"]).trim(),
+        "group ret: window 2d, journal cap none"
+    );
+    assert_eq!(
+        run_ret(&["--window", "2m", "--max-journal", "1GiB"]).trim(),
+        "group ret: window 2m, journal cap 1GiB"
+    );
+    // Dropping what the current retention keeps counts from there: 2m keeps everything here.
+    fail_ret(&["--window", "30s"], "would drop 68 points (seq 1 to 68,");
+    let out = run_ret(&["--window", "30s", "--yes"]);
+    assert!(
+        out.starts_with("group ret: window 30s, journal cap 1GiB\n")
+            && out.contains("the trimmer drops 68 points (seq 1 to 68"),
+        "{out}"
+    );
+
+    // serve's trimmer drops exactly those.
+    let serve = Serve::start(&data);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let points = json(&["points", "--data", d, "--volume", "ret-disk", "--json"]);
+        if seqs(&points).first() == Some(&69) {
+            assert_eq!(seqs(&points), (69..=100).collect::<Vec<_>>());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not trimmed to 69: {:?}",
+            seqs(&points).first()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing left to drop at 30s; a shorter window drops what it says.
+    assert_eq!(
+        run_ret(&["--window", "30s"]).trim(),
+        "group ret: window 30s, journal cap 1GiB"
+    );
+    fail_ret(
+        &["--window", "10s"],
+        "would drop 20 points (seq 69 to 88, 20s of agent time",
+    );
+    serve.stop();
+
+    // The journal cap: 100 batches of 1 MiB under a 10 MiB cap keep seq 90 on (the batches
+    // after it hold 10 MiB).
+    let capped = tmp.path().join("capped");
+    let c = capped.to_str().expect("path");
+    init(&capped);
+    points_in_catalog(&capped, "cap", "cap-disk", 100, Some(1 << 20)).await;
+    fails(
+        &[
+            "retention",
+            "--data",
+            c,
+            "--group",
+            "cap",
+            "--max-journal",
+            "10MiB",
+        ],
+        "changing group cap to window 24h, journal cap 10MiB would drop 89 points (seq 1 to 89,",
+    );
+    fails(
+        &[
+            "retention",
+            "--data",
+            c,
+            "--group",
+            "cap",
+            "--max-journal",
+            "50MiB",
+        ],
+        "would drop 49 points (seq 1 to 49,",
+    );
+    let out = ok(&[
+        "retention",
+        "--data",
+        c,
+        "--group",
+        "cap",
+        "--max-journal",
+        "10MiB",
+        "--yes",
+    ]);
+    assert!(out.contains("the trimmer drops 89 points"), "{out}");
+    assert_eq!(
+        ok(&["retention", "--data", c, "--group", "cap"]).trim(),
+        "group cap: window 24h, journal cap 10MiB"
+    );
+}
+
+/// An agent time as `retention` prints it (RFC 3339, UTC).
+fn rfc_secs(ns: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
