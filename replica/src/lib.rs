@@ -168,7 +168,8 @@
 //!                  "pins": { "count": 1, "oldest_seq": 40 },
 //!                  "ingest_reason": null, "paused_since": null,
 //!                  "failover": null,
-//!                  "degraded": null } ] }
+//!                  "degraded": null,
+//!                  "window_short": null } ] }
 //! ```
 //! `failover` is `{ "seq": 123, "state": "active", "since": "…" }` while the volume's group
 //! is failed over (`state` `active`, `committing` or `committed`; `since` when it started, or
@@ -177,6 +178,11 @@
 //! `degraded` is `{ "mismatches": N, "reason": "…" }` while the verifier's mismatches of the
 //! volume are open (then `state` is `degraded`, unless `paused` or failed over), null
 //! otherwise.
+//! `window_short` is `{ "effective_secs": 3600, "configured_secs": 86400, "reason": "…" }`
+//! while the window (agent time from its first point to the group's newest batch) is shorter
+//! than the group's configured window although retention has trimmed points away — the
+//! journal cap, not the group's youth, limits it; `reason` is one sentence naming the cap and
+//! what to do. Null otherwise (and while the group is failed over).
 //! `window_first`/`window_last` are `null` before the initial sync completes. `base_seq` is
 //! the group's base (the target files' point); `retention` the group's retention
 //! (`max_journal_bytes` `null`: no cap); `pins` the group's live pins — readers holding points
@@ -247,7 +253,7 @@ pub use retention::Retention;
 pub use server::{Server, ServerHandle};
 pub use status::{
     Degraded, FailoverStatus, PinsStatus, PointRef, RetentionStatus, StatusReport, VolumeStatus,
-    status,
+    WindowShort, status,
 };
 
 use crate::catalog::Catalog;

@@ -764,6 +764,9 @@ fn print_status(report: &StatusReport) {
         if let Some(d) = &v.degraded {
             println!("volume {}: DEGRADED: {}", v.volume, d.reason);
         }
+        if let Some(w) = &v.window_short {
+            println!("volume {}: WINDOW SHORT: {}", v.volume, w.reason);
+        }
     }
     let mut told = std::collections::HashSet::new();
     for v in &report.volumes {

@@ -694,3 +694,112 @@ async fn retention_that_drops_points_needs_yes() {
 fn rfc_secs(ns: i64) -> String {
     chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
+
+/// The volume's `window_short` in `status --json`.
+fn window_short(d: &str, volume: &str) -> serde_json::Value {
+    json(&["status", "--data", d, "--json"])["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["volume"] == volume)
+        .map(|v| v["window_short"].clone())
+        .expect("the volume")
+}
+
+/// `status` warns when the journal cap, not the group's youth, keeps the window shorter than
+/// the group's window; not for a young group whose window is short because it is young.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_warns_when_the_journal_cap_shortens_the_window() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("replica");
+    let d = data.to_str().expect("path");
+    let replica_fp = init(&data);
+    let agent = new_agent(&data, "web1");
+    let log = tmp.path().join("serve.log");
+    let mut serve = Serve::spawn(
+        &data,
+        "127.0.0.1:0",
+        &log,
+        &[("CDP_TEST_SEGMENT_BYTES", (1u64 << 20).to_string())],
+    );
+    serve.wait_listening();
+    let mut sim = AgentSim::new("web", &[(0, "web-disk", 4 * CHUNK_BYTES)]);
+    sim.keep_history = false;
+    let mut q = protect(&agent, replica_fp, &serve, &mut sim).await;
+    // About 12 MiB of journal over 24 s of agent time (one batch a second).
+    for i in 0..24u64 {
+        let (_, b) = sim.batch(
+            &[Op::Data {
+                vol: 0,
+                offset: (i % 8) * (512 << 10),
+                bytes: pattern(3 * i + 1, 512 << 10),
+            }],
+            BatchFlags::FLUSH,
+            None,
+        );
+        q.send_batch(&b).await.expect("send");
+    }
+    q.wait_ack("web", sim.seq).await;
+    // Young: its 24 s are shorter than its 24 h, and nothing was trimmed.
+    assert_eq!(window_short(d, "web-disk"), serde_json::Value::Null);
+
+    ok(&[
+        "retention",
+        "--data",
+        d,
+        "--group",
+        "web",
+        "--max-journal",
+        "2MiB",
+        "--yes",
+    ]);
+    let deadline = Instant::now() + DEADLINE;
+    let w = loop {
+        let w = window_short(d, "web-disk");
+        if !w.is_null() {
+            break w;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no window_short; serve's log:\n{}",
+            log_tail(&log)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(w["configured_secs"], 86400);
+    let effective = w["effective_secs"].as_u64().expect("secs");
+    assert!((1..=8).contains(&effective), "{w}");
+    let reason = w["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("volume web-disk spans")
+            && reason.contains("not the 24h group web keeps")
+            && reason.contains("journal cap of 2MiB")
+            && reason.contains("--max-journal"),
+        "{reason}"
+    );
+    let table = ok(&["status", "--data", d]);
+    assert!(
+        table.contains("volume web-disk: WINDOW SHORT: the window of volume web-disk spans"),
+        "{table}"
+    );
+    // Without a cap the window grows back; until it does, the warning says why it is short.
+    ok(&[
+        "retention",
+        "--data",
+        d,
+        "--group",
+        "web",
+        "--max-journal",
+        "none",
+    ]);
+    let w = window_short(d, "web-disk");
+    assert!(
+        w["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("earlier, smaller retention"),
+        "{w}"
+    );
+    q.conn.close(0u32.into(), b"done");
+    serve.stop();
+}
