@@ -113,7 +113,6 @@ pub fn deauthorize(root: &Path, who: &str) -> Result<AuthorizedAgent> {
     let i = find_agent(&agents, who).map_err(ReplicaError::Agent)?;
     let removed = agents.remove(i);
     datadir::write_agents(&dir, &agents)?;
-    tracing::info!(agent = %removed.fingerprint, name = %removed.name, "deauthorized the agent");
     Ok(removed)
 }
 

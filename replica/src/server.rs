@@ -589,7 +589,8 @@ async fn serve_connection(
                 if let Some(reason) = deauthorized(shared, &agent) {
                     tracing::warn!(%agent, name = %agent_name, "closing the connection of agent {agent_name:?} ({agent}): it was deauthorized");
                     conn.close(CLOSE_DEAUTHORIZED.into(), reason.as_bytes());
-                    break Err(format!("deauthorized: {reason}"));
+                    // Said above; the end of the connection is logged as usual.
+                    break Ok(());
                 }
                 if let Some(reason) = fenced(shared, &group_ids).await {
                     tracing::warn!(%agent, "closing the agent's connection: {reason}");
