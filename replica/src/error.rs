@@ -64,6 +64,11 @@ pub enum ReplicaError {
     #[error("{0}")]
     Agent(String),
 
+    /// A forget refused (a reader, a failover or a connected agent holds it) or cut short;
+    /// the sentence names the holder and what to do.
+    #[error("{0}")]
+    Forget(String),
+
     #[error(transparent)]
     Identity(#[from] IdentityError),
 

@@ -25,6 +25,8 @@
 //! * [`failover`] — `failover`: the image at a point made the live volume, served read-write
 //!   with a persistent overlay, the group fenced, ended by `--undo` or `--commit`.
 //! * [`diff`](mod@diff) — `diff`: the chunks whose bytes differ between two points.
+//! * [`forget`] — `forget`: a group or a volume removed with its journal, target files and
+//!   catalog rows (crash-safe; carried out by `serve` when it runs).
 //! * [`retention`] — a group's window and journal cap, their syntax, and the choice of the
 //!   trimmer's next base (sans-IO).
 //! * [`trimmer`] — the task per group that applies the oldest batches to the target files and
@@ -142,6 +144,13 @@
 //! (TTL [`pins::PIN_TTL`], renewed every [`pins::PIN_RENEW_INTERVAL`]); one that expired, or
 //! whose process is gone, is dropped by the trimmer.
 //!
+//! # Forget
+//! `forget` removes a group (or one volume of several) with its journal, target files and
+//! rows, in two steps: one transaction deletes the rows and lists the files in
+//! `forget_files`, then the files go ([`forget`] has the details, the holds that refuse it,
+//! and how a running serve carries it out). `serve` deletes what a crash left listed before
+//! it admits any agent; a group created again under a forgotten name starts at seq 0.
+//!
 //! # The chunk-hash service
 //! `HashRequest { group, volume, first_chunk, count }` (a group of the connection's hello,
 //! `count` ≤ `HASHES_PER_MESSAGE_MAX`) is answered with `HashReply { seq, hashes }`: the
@@ -216,6 +225,7 @@ pub mod diff;
 pub mod error;
 pub mod export;
 pub mod failover;
+pub mod forget;
 pub mod hashes;
 pub mod ingest;
 pub mod journal;

@@ -98,6 +98,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Delete a group (or one volume) with its journal, target files, points and catalog
+    /// rows. Without --yes it only says what it would delete (and exits 1).
+    Forget {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// The volume to forget (its whole group when it is the group's only volume).
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        volume: Option<String>,
+        /// The group to forget, with every volume of it.
+        #[arg(long)]
+        group: Option<String>,
+        /// Delete it. Without this flag nothing is deleted.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Receive batches from agents until interrupted (Ctrl-C or SIGTERM).
     Serve {
         /// Data directory of the replica.
@@ -392,6 +408,44 @@ async fn run(command: Command) -> Result<(), CliError> {
                     format!(" ({})", a.name)
                 }
             );
+        }
+        Command::Forget {
+            data,
+            volume,
+            group,
+            yes,
+        } => {
+            use cdp_replica::forget::{ForgetOutcome, ForgetTarget};
+            let target = match (volume, group) {
+                (Some(v), _) => ForgetTarget::Volume(v),
+                (None, Some(g)) => ForgetTarget::Group(g),
+                (None, None) => {
+                    return Err(CliError::Usage(
+                        "name what to forget: --volume NAME or --group NAME".into(),
+                    ));
+                }
+            };
+            match cdp_replica::forget::forget(&data, &target, yes).await? {
+                ForgetOutcome::WouldDelete(r) => {
+                    println!("forget would delete {r}");
+                    return Err(CliError::Usage(format!(
+                        "nothing was deleted ({} would be freed): run the command again with --yes to delete it",
+                        cdp_shared::types::human_bytes(r.bytes())
+                    )));
+                }
+                ForgetOutcome::Forgot(r) => {
+                    println!("forgot {r}");
+                    println!(
+                        "{} freed; if its agent connects again, it is new to the replica and gets a fresh initial sync",
+                        cdp_shared::types::human_bytes(r.bytes())
+                    );
+                }
+                ForgetOutcome::AlreadyForgotten { target, at_ns } => println!(
+                    "{target} was already forgotten ({})",
+                    chrono::DateTime::from_timestamp_nanos(at_ns)
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+            }
         }
         Command::Agents { data, json } => {
             let list = cdp_replica::agents(&data).await?;

@@ -803,3 +803,460 @@ async fn status_warns_when_the_journal_cap_shortens_the_window() {
     q.conn.close(0u32.into(), b"done");
     serve.stop();
 }
+
+/// `cdp-replica export` as a child process, up once it printed its line.
+struct Export(std::process::Child);
+
+impl Export {
+    fn start(data: &Path, volume: &str, socket: &Path) -> Export {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(replica_bin())
+            .args(["export", "--data"])
+            .arg(data)
+            .args(["--volume", volume, "--at", "latest", "--socket"])
+            .arg(socket)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn export");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(DEADLINE).expect("export prints its line");
+        assert!(line.contains("export of volume"), "export: {line:?}");
+        Export(child)
+    }
+
+    /// SIGTERM, and wait (with the deadline) for it to exit.
+    fn stop(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.0.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let deadline = Instant::now() + DEADLINE;
+        while self.0.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "export did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends `n` data batches (one with bookmark `bm`) and waits for their acks.
+async fn write_some(q: &mut QuicAgent, sim: &mut AgentSim, vol: u32, n: u64, seed: u64) {
+    for i in 0..n {
+        let (_, b) = sim.batch(
+            &[Op::Data {
+                vol,
+                offset: (i % 16) * 8192,
+                bytes: pattern(seed * 1000 + 3 * i + 1, 8192),
+            }],
+            BatchFlags::FLUSH,
+            (i == n / 2).then_some("bm"),
+        );
+        q.send_batch(&b).await.expect("send");
+    }
+    q.wait_ack(&sim.group, sim.seq).await;
+}
+
+fn volume_names(d: &str) -> Vec<String> {
+    json(&["status", "--data", d, "--json"])["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| v["volume"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+/// Every catalog row that names group `gid` or volume `vid`, by table.
+async fn rows_left(data: &Path, gid: i64, vid: i64) -> Vec<(String, u64)> {
+    let catalog = cdp_replica::catalog::Catalog::open(&data.join("meta.db"), false, false)
+        .await
+        .expect("catalog");
+    let mut left = Vec::new();
+    for (table, column, id) in [
+        ("groups", "id", gid),
+        ("volumes", "id", vid),
+        ("batches", "group_id", gid),
+        ("bookmarks", "group_id", gid),
+        ("links", "group_id", gid),
+        ("pins", "group_id", gid),
+        ("failovers", "group_id", gid),
+        ("records", "volume_id", vid),
+        ("verify_results", "volume_id", vid),
+        ("verify_sweep", "volume_id", vid),
+        ("verify_runs", "volume_id", vid),
+    ] {
+        let n = catalog
+            .count_rows_for_test(table, column, id)
+            .await
+            .expect("count");
+        if n > 0 {
+            left.push((table.to_owned(), n));
+        }
+    }
+    let events = catalog.events("web", 100).await.expect("events");
+    if !events.is_empty() {
+        left.push(("events".to_owned(), events.len() as u64));
+    }
+    catalog.close().await;
+    left
+}
+
+/// (group id, volume id) of a volume.
+async fn ids(data: &Path, volume: &str) -> (i64, i64) {
+    let catalog = cdp_replica::catalog::Catalog::open(&data.join("meta.db"), false, false)
+        .await
+        .expect("catalog");
+    let v = catalog
+        .volume_by_name(volume)
+        .await
+        .expect("query")
+        .expect("volume");
+    catalog.close().await;
+    (v.group_id, v.id)
+}
+
+/// `forget` while serve runs: refused while the group's agent is connected (naming it) and
+/// while an export holds a point (naming it); without --yes it only says what it would delete;
+/// with it, after the export stopped, the journal, the target file and every row are gone,
+/// `status` and `points` no longer list the volume, another group is untouched, and the agent
+/// that connects again finds a new group and syncs it afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_is_refused_while_held_and_then_deletes_everything() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("replica");
+    let d = data.to_str().expect("path");
+    let replica_fp = init(&data);
+    let web = new_agent(&data, "web1");
+    let db = new_agent(&data, "db1");
+    let serve = Serve::start(&data);
+    let mut web_sim = AgentSim::new("web", &[(0, "web-disk", 2 * CHUNK_BYTES)]);
+    web_sim
+        .images
+        .insert(0, pattern(5, 2 * CHUNK_BYTES as usize));
+    let mut db_sim = AgentSim::new("db", &[(0, "db-disk", CHUNK_BYTES)]);
+    let mut wq = protect(&web, replica_fp, &serve, &mut web_sim).await;
+    let mut dq = protect(&db, replica_fp, &serve, &mut db_sim).await;
+    write_some(&mut wq, &mut web_sim, 0, 12, 1).await;
+    write_some(&mut dq, &mut db_sim, 0, 5, 2).await;
+    let (gid, vid) = ids(&data, "web-disk").await;
+    let journal = data.join("journal").join("web");
+    let target = data.join("volumes").join("web-disk").join("target");
+    assert!(journal.is_dir() && target.is_file());
+    let web_points = json(&["points", "--data", d, "--volume", "web-disk", "--json"])
+        .as_array()
+        .expect("points")
+        .len();
+
+    // Its agent is connected.
+    fails(
+        &["forget", "--data", d, "--group", "web", "--yes"],
+        &format!(
+            "group web is protected by agent \"web1\" ({}), which is connected to the running serve",
+            web.fingerprint()
+        ),
+    );
+    wq.conn.close(0u32.into(), b"bye");
+    let deadline = Instant::now() + DEADLINE;
+    while listed(d, "web1").expect("listed")["connected"] != false {
+        assert!(Instant::now() < deadline, "the link stays up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // An export holds a point.
+    let socket = tmp.path().join("web.sock");
+    let export = Export::start(&data, "web-disk", &socket);
+    let (_, err) = fails(
+        &["forget", "--data", d, "--volume", "web-disk", "--yes"],
+        &format!(
+            "group web is held by a reader: export on {} (pid {})",
+            socket.display(),
+            export.0.id()
+        ),
+    );
+    assert!(err.contains("stop it or let it finish"), "{err}");
+    assert!(journal.is_dir() && target.is_file());
+    export.stop();
+
+    // Without --yes: what it would delete, and nothing deleted.
+    let o = run(&["forget", "--data", d, "--volume", "web-disk"]);
+    assert_eq!(o.status.code(), Some(1));
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert!(
+        out.contains(&format!(
+            "forget would delete group web (agent {})",
+            web.fingerprint()
+        )) && out.contains("volume web-disk: target file of 2.0 MiB")
+            && out.contains(&format!(", {web_points} points (seq "))
+            && out.contains("journal: "),
+        "{out}"
+    );
+    assert!(
+        err.contains("error: nothing was deleted") && err.contains("--yes"),
+        "{err}"
+    );
+    assert!(journal.is_dir() && target.is_file());
+    assert_eq!(volume_names(d), ["db-disk", "web-disk"]);
+
+    // With --yes (carried out by the running serve).
+    let out = ok(&["forget", "--data", d, "--volume", "web-disk", "--yes"]);
+    assert!(
+        out.starts_with("forgot group web") && out.contains("fresh initial sync"),
+        "{out}"
+    );
+    assert!(!journal.exists(), "the journal is left");
+    assert!(!target.exists() && !target.parent().expect("dir").exists());
+    assert_eq!(volume_names(d), ["db-disk"]);
+    fails(
+        &["points", "--data", d, "--volume", "web-disk"],
+        "no volume named \"web-disk\"",
+    );
+    fails(
+        &["retention", "--data", d, "--group", "web"],
+        "no group named",
+    );
+    assert_eq!(
+        rows_left(&data, gid, vid).await,
+        Vec::<(String, u64)>::new()
+    );
+    assert_eq!(
+        listed(d, "web1").expect("listed")["groups"],
+        serde_json::json!([])
+    );
+    assert!(
+        ok(&["forget", "--data", d, "--group", "web", "--yes"])
+            .contains("group web was already forgotten")
+    );
+
+    // The other group goes on.
+    write_some(&mut dq, &mut db_sim, 0, 3, 3).await;
+    let db_points = json(&["points", "--data", d, "--volume", "db-disk", "--json"]);
+    assert_eq!(seqs(&db_points).last(), Some(&db_sim.seq));
+
+    // The agent connects again: the group is new (at seq 0), its volume new, synced afresh.
+    let mut fresh = AgentSim::new("web", &[(0, "web-disk", 2 * CHUNK_BYTES)]);
+    fresh.images.insert(0, pattern(6, 2 * CHUNK_BYTES as usize));
+    fresh.history[0] = fresh.images.clone();
+    let mut q = QuicAgent::connect(&web, replica_fp, serve.addr)
+        .await
+        .expect("connect");
+    // Like the real agent, its spool starts well after seq 1.
+    let mut hello = fresh.hello();
+    hello.head = web_sim.seq;
+    hello.first_held = web_sim.seq - 3;
+    let welcome = q.hello(vec![hello]).await.expect("welcome");
+    match welcome {
+        cdp_shared::wire::Control::Welcome { groups, .. } => {
+            assert_eq!(groups[0].durable, 0, "{groups:?}");
+            assert_eq!(groups[0].volumes[0].state, "new");
+        }
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    let mut batches = Vec::new();
+    let synced = fresh.sync_volume(0, &mut batches);
+    for (_, b) in &batches {
+        q.send_batch(b).await.expect("send");
+    }
+    q.wait_ack("web", fresh.seq).await;
+    let out = tmp.path().join("web-again.img");
+    ok(&[
+        "restore",
+        "--data",
+        d,
+        "--volume",
+        "web-disk",
+        "--at",
+        "latest",
+        "--out",
+        out.to_str().expect("path"),
+    ]);
+    assert!(
+        read(&out) == fresh.image_at(synced, 0),
+        "the new sync restores"
+    );
+    serve.stop();
+}
+
+/// `forget` with serve stopped: one volume of a group of two (its target and rows go, the
+/// other volume and the group's journal stay and restore as before); a forget killed after
+/// its transaction leaves no row and files that the next `forget` — or a `serve` start —
+/// deletes; and a volume created again is synced afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_without_serve_is_crash_safe_and_forgets_one_volume_of_several() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("replica");
+    let d = data.to_str().expect("path");
+    let replica_fp = init(&data);
+    let agent = new_agent(&data, "web1");
+    let serve = Serve::start(&data);
+    let mut sim = AgentSim::new(
+        "pair",
+        &[(0, "pair-a", CHUNK_BYTES), (1, "pair-b", CHUNK_BYTES)],
+    );
+    let mut q = QuicAgent::connect(&agent, replica_fp, serve.addr)
+        .await
+        .expect("connect");
+    q.hello(vec![sim.hello()]).await.expect("welcome");
+    let mut batches = Vec::new();
+    sim.sync_volume(0, &mut batches);
+    sim.sync_volume(1, &mut batches);
+    for (_, b) in &batches {
+        q.send_batch(b).await.expect("send");
+    }
+    write_some(&mut q, &mut sim, 0, 6, 1).await;
+    write_some(&mut q, &mut sim, 1, 6, 2).await;
+    let mut solo = AgentSim::new("solo", &[(0, "solo-disk", CHUNK_BYTES)]);
+    let mut sq = protect(&agent, replica_fp, &serve, &mut solo).await;
+    write_some(&mut sq, &mut solo, 0, 4, 3).await;
+    q.conn.close(0u32.into(), b"bye");
+    sq.conn.close(0u32.into(), b"bye");
+    serve.stop();
+    let head = sim.seq;
+    let (gid, vid_b) = ids(&data, "pair-b").await;
+
+    // One volume of two: its group and the other volume stay.
+    let o = run(&["forget", "--data", d, "--volume", "pair-b"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("volume pair-b of group pair (the group and its volume pair-a stay)")
+            && stdout(&o).contains("its records in the group's journal stay"),
+        "{}",
+        stdout(&o)
+    );
+    let out = ok(&["forget", "--data", d, "--volume", "pair-b", "--yes"]);
+    assert!(
+        out.starts_with("forgot volume pair-b of group pair"),
+        "{out}"
+    );
+    assert!(!data.join("volumes").join("pair-b").exists());
+    assert!(data.join("journal").join("pair").is_dir());
+    assert_eq!(volume_names(d), ["pair-a", "solo-disk"]);
+    let left = rows_left(&data, -1, vid_b).await;
+    assert_eq!(left, Vec::<(String, u64)>::new(), "rows of pair-b left");
+    let img = tmp.path().join("a.img");
+    ok(&[
+        "restore",
+        "--data",
+        d,
+        "--volume",
+        "pair-a",
+        "--at",
+        "latest",
+        "--out",
+        img.to_str().expect("path"),
+    ]);
+    assert!(
+        read(&img) == sim.image_at(head, 0),
+        "pair-a restores as before"
+    );
+
+    // Its agent connects again: pair-b is new (synced afresh), pair-a goes on.
+    let serve = Serve::start(&data);
+    let mut q = QuicAgent::connect(&agent, replica_fp, serve.addr)
+        .await
+        .expect("connect");
+    match q.hello(vec![sim.hello()]).await.expect("welcome") {
+        cdp_shared::wire::Control::Welcome { groups, .. } => {
+            assert_eq!(groups[0].durable, head);
+            let states: Vec<&str> = groups[0].volumes.iter().map(|v| v.state.as_str()).collect();
+            assert_eq!(states, ["protecting", "new"]);
+        }
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    sim.images.insert(1, pattern(9, CHUNK_BYTES as usize));
+    let mut batches = Vec::new();
+    let synced_b = sim.sync_volume(1, &mut batches);
+    for (_, b) in &batches {
+        q.send_batch(b).await.expect("send");
+    }
+    write_some(&mut q, &mut sim, 0, 2, 4).await;
+    let img = tmp.path().join("b.img");
+    ok(&[
+        "restore",
+        "--data",
+        d,
+        "--volume",
+        "pair-b",
+        "--at",
+        "latest",
+        "--out",
+        img.to_str().expect("path"),
+    ]);
+    assert!(read(&img) == sim.image_at(sim.seq, 1) && synced_b < sim.seq);
+    q.conn.close(0u32.into(), b"bye");
+    serve.stop();
+
+    // Killed after its transaction: no row, the files still there and listed.
+    cdp_replica::forget::stop_after_rows_for_test(
+        &data,
+        &cdp_replica::forget::ForgetTarget::Group("solo".into()),
+    )
+    .await
+    .expect("step 1");
+    assert_eq!(volume_names(d), ["pair-a", "pair-b"]);
+    let solo_journal = data.join("journal").join("solo");
+    assert!(solo_journal.is_dir() && data.join("volumes").join("solo-disk").is_dir());
+    // The next forget completes it.
+    let out = ok(&["forget", "--data", d, "--group", "solo", "--yes"]);
+    assert!(out.contains("group solo was already forgotten"), "{out}");
+    assert!(!solo_journal.exists() && !data.join("volumes").join("solo-disk").exists());
+
+    // Killed after its transaction again (the whole group), then serve starts: it deletes
+    // the files before it admits the agent, and the group is new to it.
+    cdp_replica::forget::stop_after_rows_for_test(
+        &data,
+        &cdp_replica::forget::ForgetTarget::Group("pair".into()),
+    )
+    .await
+    .expect("step 1");
+    assert!(data.join("journal").join("pair").is_dir());
+    let serve = Serve::start(&data);
+    assert!(!data.join("journal").join("pair").exists());
+    assert!(!data.join("volumes").join("pair-a").exists());
+    assert!(!data.join("volumes").join("pair-b").exists());
+    assert_eq!(rows_left(&data, gid, -1).await, Vec::<(String, u64)>::new());
+    let mut fresh = AgentSim::new("pair", &[(0, "pair-a", CHUNK_BYTES)]);
+    fresh.images.insert(0, pattern(8, CHUNK_BYTES as usize));
+    fresh.history[0] = fresh.images.clone();
+    let mut q = QuicAgent::connect(&agent, replica_fp, serve.addr)
+        .await
+        .expect("connect");
+    match q.hello(vec![fresh.hello()]).await.expect("welcome") {
+        cdp_shared::wire::Control::Welcome { groups, .. } => {
+            assert_eq!(
+                (groups[0].durable, groups[0].volumes[0].state.as_str()),
+                (0, "new")
+            )
+        }
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    let mut batches = Vec::new();
+    let synced = fresh.sync_volume(0, &mut batches);
+    for (_, b) in &batches {
+        q.send_batch(b).await.expect("send");
+    }
+    q.wait_ack("pair", fresh.seq).await;
+    let img = tmp.path().join("a2.img");
+    ok(&[
+        "restore",
+        "--data",
+        d,
+        "--volume",
+        "pair-a",
+        "--at",
+        "latest",
+        "--out",
+        img.to_str().expect("path"),
+    ]);
+    assert!(read(&img) == fresh.image_at(synced, 0));
+    serve.stop();
+}
