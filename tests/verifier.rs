@@ -55,7 +55,7 @@ fn no_false_positives_under_heavy_overwrite_at_the_highest_rate() {
         Command::new(bin("cdp-replica"))
             .args(["retention", "--data"])
             .arg(&c.replica_dir)
-            .args(["--group", "v", "--max-journal", "1GiB"]),
+            .args(["--group", "v", "--max-journal", "1GiB", "--yes"]),
     );
 
     let started = Instant::now();

@@ -1,7 +1,7 @@
 //! The catalog: the only module that talks to SQLite (`meta.db`, schema in `migrations/`).
 //!
 //! It holds what is in the journal and where (groups, volumes, batches, records, bookmarks),
-//! the agent links and events. Connections use WAL journal mode and `synchronous = FULL` (an
+//! the agent links, what `serve` saw of each agent, and events. Connections use WAL journal mode and `synchronous = FULL` (an
 //! ack depends on a commit being durable), a busy timeout so that readers in other processes
 //! (`status`, `points`, `restore`) and the server share the file, and foreign keys. Only
 //! `init` and `serve` apply migrations ([`Catalog::open`] with `migrate`).
@@ -162,6 +162,91 @@ pub struct LinkRow {
     pub connected: bool,
     pub peer: String,
     pub since_ns: i64,
+}
+
+/// What `serve` saw of an agent (table `agents`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentSeenRow {
+    /// Hex.
+    pub fingerprint: String,
+    pub first_seen_ns: i64,
+    /// The last Hello or end of a connection of the agent.
+    pub last_seen_ns: i64,
+    pub last_address: String,
+}
+
+/// What one forget deletes ([`WriteLock::forget_rows`], see `forget`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForgetRows {
+    pub group_id: i64,
+    pub group: String,
+    /// The whole group goes (its batches, bookmarks, link, failover, the group row), not only
+    /// the volumes below.
+    pub whole_group: bool,
+    /// (id, name) of the volumes forgotten.
+    pub volumes: Vec<(i64, String)>,
+    /// Files and directories to delete afterwards, relative to the data directory.
+    pub files: Vec<String>,
+    /// The event recorded (with no group or volume: it must not be shown as the history of a
+    /// group created again under the same name).
+    pub message: String,
+    pub now_ns: i64,
+}
+
+/// A row of `forget_requests`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForgetRequestRow {
+    pub id: i64,
+    /// `group` or `volume`.
+    pub kind: String,
+    pub name: String,
+    pub state: String,
+    pub requested_ns: i64,
+    pub message: Option<String>,
+}
+
+type ForgetRequestTuple = (i64, String, String, String, i64, Option<String>);
+const FORGET_REQUEST_COLUMNS: &str = "id, kind, name, state, requested_ns, message";
+
+fn forget_request_of(t: ForgetRequestTuple) -> ForgetRequestRow {
+    ForgetRequestRow {
+        id: t.0,
+        kind: t.1,
+        name: t.2,
+        state: t.3,
+        requested_ns: t.4,
+        message: t.5,
+    }
+}
+
+/// Which points `points` lists ([`Catalog::points_page`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PointsFilter {
+    /// Only batches whose agent time is at or after this.
+    pub since_ns: Option<i64>,
+    /// Only batches whose agent time is at or before this.
+    pub until_ns: Option<i64>,
+    /// Only batches that carry a bookmark.
+    pub bookmarks_only: bool,
+    /// At most this many.
+    pub limit: Option<u64>,
+    /// Newest (highest seq) first.
+    pub newest_first: bool,
+}
+
+/// The query of [`Catalog::points_page`] (parameters: group, from, to, since, until, limit;
+/// a limit of -1 is none).
+fn points_sql(filter: &PointsFilter) -> String {
+    format!(
+        "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq >= ? AND seq <= ? \
+         AND agent_ns >= ? AND agent_ns <= ?{} ORDER BY seq {} LIMIT ?",
+        if filter.bookmarks_only {
+            " AND bookmark IS NOT NULL"
+        } else {
+            ""
+        },
+        if filter.newest_first { "DESC" } else { "ASC" }
+    )
 }
 
 /// Everything one group commit writes, in one transaction.
@@ -878,6 +963,64 @@ impl Catalog {
         }))
     }
 
+    /// Every link as last recorded: (group id, link).
+    pub async fn links(&self) -> Result<Vec<(i64, LinkRow)>> {
+        let rows: Vec<(i64, bool, String, i64)> = sqlx::query_as(
+            "SELECT group_id, connected, peer, since_ns FROM links ORDER BY group_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read the links"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(g, connected, peer, since_ns)| {
+                (
+                    g,
+                    LinkRow {
+                        connected,
+                        peer,
+                        since_ns,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Records that `serve` had a connection from agent `fingerprint` (hex) at `now_ns`, from
+    /// `address` (at its Hello and when the connection ends).
+    pub async fn agent_seen(&self, fingerprint: &str, address: &str, now_ns: i64) -> Result<()> {
+        sqlx::query("INSERT INTO agents (fingerprint, first_seen_ns, last_seen_ns, last_address) VALUES (?, ?, ?, ?) ON CONFLICT (fingerprint) DO UPDATE SET last_seen_ns = MAX(last_seen_ns, excluded.last_seen_ns), last_address = excluded.last_address")
+            .bind(fingerprint)
+            .bind(now_ns)
+            .bind(now_ns)
+            .bind(address)
+            .execute(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("record when an agent was seen"))?;
+        Ok(())
+    }
+
+    /// What `serve` saw of every agent that connected, by fingerprint.
+    pub async fn agents_seen(&self) -> Result<Vec<AgentSeenRow>> {
+        let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
+            "SELECT fingerprint, first_seen_ns, last_seen_ns, last_address FROM agents ORDER BY fingerprint",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read when the agents were seen"))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(fingerprint, first_seen_ns, last_seen_ns, last_address)| AgentSeenRow {
+                    fingerprint,
+                    first_seen_ns,
+                    last_seen_ns,
+                    last_address,
+                },
+            )
+            .collect())
+    }
+
     pub async fn event(
         &self,
         level: EventLevel,
@@ -925,6 +1068,45 @@ impl Catalog {
             .fetch_all(&self.pool)
             .await
             .map_err(ReplicaError::catalog("list batches"))?;
+        rows.into_iter().map(batch_of).collect()
+    }
+
+    /// The number of batches of the group with seq in `[from, to]` (one range of the primary
+    /// key).
+    pub async fn batch_count_in(&self, group_id: i64, from: u64, to: u64) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM batches WHERE group_id = ? AND seq >= ? AND seq <= ?",
+        )
+        .bind(group_id)
+        .bind(from as i64)
+        .bind(to.min(i64::MAX as u64) as i64)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("count batches"))?;
+        Ok(n as u64)
+    }
+
+    /// The batches of the group with seq in `[from, to]` that `filter` keeps, in the order it
+    /// asks for, at most `filter.limit` of them: one range of the primary key (group_id, seq),
+    /// walked in that order and filtered row by row inside SQLite, so only the rows returned are
+    /// held in memory (a window of millions of points is not read to print twenty).
+    pub async fn points_page(
+        &self,
+        group_id: i64,
+        from: u64,
+        to: u64,
+        filter: &PointsFilter,
+    ) -> Result<Vec<BatchRow>> {
+        let rows: Vec<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(points_sql(filter)))
+            .bind(group_id)
+            .bind(from as i64)
+            .bind(to.min(i64::MAX as u64) as i64)
+            .bind(filter.since_ns.unwrap_or(i64::MIN))
+            .bind(filter.until_ns.unwrap_or(i64::MAX))
+            .bind(filter.limit.map_or(-1, |n| n.min(i64::MAX as u64) as i64))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("list recovery points"))?;
         rows.into_iter().map(batch_of).collect()
     }
 
@@ -1180,6 +1362,121 @@ impl Catalog {
             .map_err(ReplicaError::catalog("remove a pin"))?
             .rows_affected();
         Ok(n == 1)
+    }
+
+    // ---- forget (migrations/0006_forget.sql) ----
+
+    /// Asks the running serve to forget a group or a volume (`kind` `group` or `volume`);
+    /// returns the request's id.
+    pub async fn insert_forget_request(&self, kind: &str, name: &str, now_ns: i64) -> Result<i64> {
+        sqlx::query_scalar("INSERT INTO forget_requests (kind, name, state, requested_ns) VALUES (?, ?, 'requested', ?) RETURNING id")
+            .bind(kind)
+            .bind(name)
+            .bind(now_ns)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("request a forget"))
+    }
+
+    pub async fn forget_request(&self, id: i64) -> Result<Option<ForgetRequestRow>> {
+        let row: Option<ForgetRequestTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {FORGET_REQUEST_COLUMNS} FROM forget_requests WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read a forget request"))?;
+        Ok(row.map(forget_request_of))
+    }
+
+    /// Requests still waiting for serve, oldest first.
+    pub async fn requested_forgets(&self) -> Result<Vec<ForgetRequestRow>> {
+        let rows: Vec<ForgetRequestTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {FORGET_REQUEST_COLUMNS} FROM forget_requests WHERE state = 'requested' ORDER BY id"
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read forget requests"))?;
+        Ok(rows.into_iter().map(forget_request_of).collect())
+    }
+
+    /// Moves a request from `from` to `to` (`running`, `done`, `failed`) with `message`; false
+    /// when it was not in `from` (its command withdrew it, or serve took it first).
+    pub async fn move_forget_request(
+        &self,
+        id: i64,
+        from: &str,
+        to: &str,
+        message: Option<&str>,
+        now_ns: i64,
+    ) -> Result<bool> {
+        let ended = (to != "running").then_some(now_ns);
+        let n = sqlx::query(
+            "UPDATE forget_requests SET state = ?, message = COALESCE(?, message), ended_ns = ? WHERE id = ? AND state = ?",
+        )
+        .bind(to)
+        .bind(message)
+        .bind(ended)
+        .bind(id)
+        .bind(from)
+        .execute(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("update a forget request"))?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// At serve's start: requests a previous serve left waiting or running fail with `why`.
+    pub async fn fail_unfinished_forgets(&self, why: &str, now_ns: i64) -> Result<()> {
+        sqlx::query("UPDATE forget_requests SET state = 'failed', message = ?, ended_ns = ? WHERE state IN ('requested', 'running')")
+            .bind(why)
+            .bind(now_ns)
+            .execute(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("fail unfinished forget requests"))?;
+        Ok(())
+    }
+
+    /// The files forgets still have to delete (relative to the data directory).
+    pub async fn forget_files(&self) -> Result<Vec<String>> {
+        sqlx::query_scalar("SELECT path FROM forget_files ORDER BY path")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("read the files left to forget"))
+    }
+
+    /// A file of `forget_files` is gone.
+    pub async fn forget_file_done(&self, path: &str) -> Result<()> {
+        sqlx::query("DELETE FROM forget_files WHERE path = ?")
+            .bind(path)
+            .execute(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("record a forgotten file"))?;
+        Ok(())
+    }
+
+    /// When the group or volume (`kind`) `name` was forgotten, if it was.
+    pub async fn forgotten(&self, kind: &str, name: &str) -> Result<Option<i64>> {
+        sqlx::query_scalar("SELECT forgotten_ns FROM forgotten WHERE kind = ? AND name = ?")
+            .bind(kind)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("read what was forgotten"))
+    }
+
+    /// Rows of `table` that name a volume (`column` = `volume_id`) or a group (`group_id`),
+    /// for the tests of `forget`.
+    #[doc(hidden)]
+    pub async fn count_rows_for_test(&self, table: &str, column: &str, id: i64) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM {table} WHERE {column} = ?"
+        )))
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("count rows"))?;
+        Ok(n as u64)
     }
 
     // ---- failovers ----
@@ -1489,6 +1786,134 @@ impl WriteLock {
         Ok(Some(FailoverCommitDone { batches, records }))
     }
 
+    /// The one transaction of a forget (step 1 in `forget`): deletes every catalog row of the
+    /// volumes (records, verifier rows, pins, events naming them) and, for a whole group,
+    /// every row of the group (batches, bookmarks, pins, failover, link, events, the volume
+    /// and group rows); records them in `forgotten`, the files left to delete in
+    /// `forget_files`, and one event. Returns the record rows deleted.
+    pub async fn forget_rows(&mut self, f: &ForgetRows) -> Result<u64> {
+        let err = ReplicaError::catalog;
+        let conn = self.conn()?;
+        let mut records = 0u64;
+        for (id, name) in &f.volumes {
+            records += sqlx::query("DELETE FROM records WHERE volume_id = ?")
+                .bind(id)
+                .execute(&mut *conn)
+                .await
+                .map_err(err("delete the records of a forgotten volume"))?
+                .rows_affected();
+            for table in [
+                "verify_results",
+                "verify_mismatches",
+                "verify_runs",
+                "verify_sweep",
+                "repair_requests",
+                "pins",
+                "failovers",
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE volume_id = ?"
+                )))
+                .bind(id)
+                .execute(&mut *conn)
+                .await
+                .map_err(err("delete the rows of a forgotten volume"))?;
+            }
+            sqlx::query("DELETE FROM events WHERE volume = ?")
+                .bind(name)
+                .execute(&mut *conn)
+                .await
+                .map_err(err("delete the events of a forgotten volume"))?;
+            sqlx::query("DELETE FROM volumes WHERE id = ?")
+                .bind(id)
+                .execute(&mut *conn)
+                .await
+                .map_err(err("delete a forgotten volume"))?;
+            sqlx::query("INSERT OR REPLACE INTO forgotten (kind, name, forgotten_ns) VALUES ('volume', ?, ?)")
+                .bind(name)
+                .bind(f.now_ns)
+                .execute(&mut *conn)
+                .await
+                .map_err(err("record a forgotten volume"))?;
+        }
+        if f.whole_group {
+            for table in ["pins", "failovers", "batches", "bookmarks", "links"] {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DELETE FROM {table} WHERE group_id = ?"
+                )))
+                .bind(f.group_id)
+                .execute(&mut *conn)
+                .await
+                .map_err(err("delete the rows of a forgotten group"))?;
+            }
+            let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE group_id = ?")
+                .bind(f.group_id)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(err("count the volumes of a forgotten group"))?;
+            if left != 0 {
+                return Err(ReplicaError::CatalogCorrupt(format!(
+                    "group {} still has {left} volumes that its forget does not name",
+                    f.group
+                )));
+            }
+            sqlx::query("DELETE FROM events WHERE group_name = ?")
+                .bind(&f.group)
+                .execute(&mut *conn)
+                .await
+                .map_err(err("delete the events of a forgotten group"))?;
+            sqlx::query("DELETE FROM groups WHERE id = ?")
+                .bind(f.group_id)
+                .execute(&mut *conn)
+                .await
+                .map_err(err("delete a forgotten group"))?;
+            sqlx::query("INSERT OR REPLACE INTO forgotten (kind, name, forgotten_ns) VALUES ('group', ?, ?)")
+                .bind(&f.group)
+                .bind(f.now_ns)
+                .execute(&mut *conn)
+                .await
+                .map_err(err("record a forgotten group"))?;
+        }
+        for path in &f.files {
+            sqlx::query("INSERT OR IGNORE INTO forget_files (path) VALUES (?)")
+                .bind(path)
+                .execute(&mut *conn)
+                .await
+                .map_err(err("record the files to forget"))?;
+        }
+        sqlx::query("INSERT INTO events (time_ns, level, group_name, volume, message) VALUES (?, 'info', NULL, NULL, ?)")
+            .bind(f.now_ns)
+            .bind(&f.message)
+            .execute(&mut *conn)
+            .await
+            .map_err(err("record an event"))?;
+        Ok(records)
+    }
+
+    /// The volumes of a group, read inside the transaction.
+    pub async fn volumes_of_group(&mut self, group_id: i64) -> Result<Vec<VolumeRow>> {
+        let rows: Vec<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE group_id = ? ORDER BY agent_volume_id"
+        )))
+        .bind(group_id)
+        .fetch_all(self.conn()?)
+        .await
+        .map_err(ReplicaError::catalog("list volumes"))?;
+        rows.into_iter().map(volume_of).collect()
+    }
+
+    /// The group named `name`, read inside the transaction.
+    pub async fn group_by_name(&mut self, name: &str) -> Result<Option<GroupRow>> {
+        let row: Option<GroupTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {GROUP_COLUMNS} FROM groups WHERE name = ?"
+        )))
+        .bind(name)
+        .fetch_optional(self.conn()?)
+        .await
+        .map_err(ReplicaError::catalog("read a group"))?;
+        row.map(group_of).transpose()
+    }
+
     /// Step (a) of the trim protocol: records the intent to move the base to `to`.
     pub async fn set_trimming_to(&mut self, group_id: i64, to: u64) -> Result<()> {
         sqlx::query("UPDATE groups SET trimming_to = ? WHERE id = ?")
@@ -1634,6 +2059,75 @@ impl PointReads for Catalog {
     }
 }
 
+/// The reads from which the trimmer chooses its next base ([`crate::trimmer`]), inside its
+/// transaction ([`WriteLock`]) or on the pool ([`Catalog`]: `retention` reckoning what a change
+/// would drop).
+pub(crate) trait TrimReads: PointReads {
+    /// See [`Catalog::first_batch_since`].
+    async fn first_batch_since(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        upto: u64,
+        cutoff_ns: i64,
+    ) -> Result<Option<u64>>;
+    /// See [`Catalog::batch_weights`].
+    async fn batch_weights(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<BatchWeight>>;
+    /// Journal bytes of the group's batches after seq `after`.
+    async fn journal_bytes_after(&mut self, group_id: i64, after: u64) -> Result<u64>;
+}
+
+impl TrimReads for Catalog {
+    async fn first_batch_since(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        upto: u64,
+        cutoff_ns: i64,
+    ) -> Result<Option<u64>> {
+        first_batch_since_on(&self.pool, group_id, after, upto, cutoff_ns).await
+    }
+    async fn batch_weights(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<BatchWeight>> {
+        batch_weights_on(&self.pool, group_id, after, limit).await
+    }
+    async fn journal_bytes_after(&mut self, group_id: i64, after: u64) -> Result<u64> {
+        journal_bytes_after_on(&self.pool, group_id, after).await
+    }
+}
+
+impl TrimReads for WriteLock {
+    async fn first_batch_since(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        upto: u64,
+        cutoff_ns: i64,
+    ) -> Result<Option<u64>> {
+        first_batch_since_on(self.conn()?, group_id, after, upto, cutoff_ns).await
+    }
+    async fn batch_weights(
+        &mut self,
+        group_id: i64,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<BatchWeight>> {
+        batch_weights_on(self.conn()?, group_id, after, limit).await
+    }
+    async fn journal_bytes_after(&mut self, group_id: i64, after: u64) -> Result<u64> {
+        journal_bytes_after_on(self.conn()?, group_id, after).await
+    }
+}
+
 impl PointReads for WriteLock {
     async fn batch(&mut self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
         batch_on(self.conn()?, group_id, seq).await
@@ -1749,6 +2243,22 @@ async fn journal_bytes_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
         "SELECT SUM(length) FROM batches WHERE group_id = ? AND segment IS NOT NULL",
     )
     .bind(group_id)
+    .fetch_one(e)
+    .await
+    .map_err(ReplicaError::catalog("sum the journal"))?;
+    Ok(n.unwrap_or(0) as u64)
+}
+
+async fn journal_bytes_after_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    group_id: i64,
+    after: u64,
+) -> Result<u64> {
+    let n: Option<i64> = sqlx::query_scalar(
+        "SELECT SUM(length) FROM batches WHERE group_id = ? AND seq > ? AND segment IS NOT NULL",
+    )
+    .bind(group_id)
+    .bind(after as i64)
     .fetch_one(e)
     .await
     .map_err(ReplicaError::catalog("sum the journal"))?;
@@ -2457,6 +2967,102 @@ mod tests {
         assert!(!c.covers(41));
         assert_eq!(c.ranges, vec![(0, 40)]);
         assert!(!c.add(7, 7), "empty");
+    }
+
+    /// `points_page` walks the primary key in the order asked for (no scan of the table, no
+    /// sort), whatever the filters, and returns what they keep.
+    #[tokio::test]
+    async fn points_are_filtered_and_limited_along_the_primary_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("meta.db"), true, true)
+            .await
+            .unwrap();
+        let g = catalog
+            .create_group("g", "agent", "gen", 0, &Retention::default(), 0)
+            .await
+            .unwrap();
+        let batches: Vec<BatchRow> = (1..=1000u64)
+            .map(|seq| BatchRow {
+                seq,
+                agent_ns: seq as i64 * 1000,
+                received_ns: seq as i64 * 1000 + 1,
+                durable_ns: seq as i64 * 1000 + 2,
+                flags: 0,
+                bookmark: seq.is_multiple_of(100).then(|| format!("b{seq}")),
+                span: None,
+                record_count: 0,
+                header_hash: [seq as u8; 32],
+            })
+            .collect();
+        catalog
+            .commit(&CommitRows {
+                group_id: g.id,
+                head_seq: 1000,
+                batches,
+                ..CommitRows::default()
+            })
+            .await
+            .unwrap();
+        let seqs = |rows: Vec<BatchRow>| rows.iter().map(|b| b.seq).collect::<Vec<_>>();
+        let newest = PointsFilter {
+            limit: Some(3),
+            newest_first: true,
+            ..PointsFilter::default()
+        };
+        assert_eq!(
+            seqs(catalog.points_page(g.id, 10, 1000, &newest).await.unwrap()),
+            [1000, 999, 998]
+        );
+        let f = PointsFilter {
+            since_ns: Some(500_000),
+            until_ns: Some(503_000),
+            ..PointsFilter::default()
+        };
+        assert_eq!(
+            seqs(catalog.points_page(g.id, 10, 1000, &f).await.unwrap()),
+            [500, 501, 502, 503]
+        );
+        let f = PointsFilter {
+            bookmarks_only: true,
+            until_ns: Some(450_000),
+            limit: Some(2),
+            newest_first: true,
+            ..PointsFilter::default()
+        };
+        assert_eq!(
+            seqs(catalog.points_page(g.id, 150, 1000, &f).await.unwrap()),
+            [400, 300]
+        );
+        for filter in [
+            PointsFilter::default(),
+            newest,
+            f,
+            PointsFilter {
+                since_ns: Some(1),
+                ..PointsFilter::default()
+            },
+        ] {
+            let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "EXPLAIN QUERY PLAN {}",
+                points_sql(&filter)
+            )))
+            .bind(g.id)
+            .bind(1i64)
+            .bind(1000i64)
+            .bind(0i64)
+            .bind(i64::MAX)
+            .bind(10i64)
+            .fetch_all(&catalog.pool)
+            .await
+            .unwrap();
+            let plan = plan.into_iter().map(|r| r.3).collect::<Vec<_>>().join("; ");
+            assert!(
+                plan.contains("SEARCH batches USING PRIMARY KEY (group_id=? AND seq>? AND seq<?)")
+                    && !plan.contains("TEMP B-TREE")
+                    && !plan.contains("SCAN"),
+                "{filter:?}: {plan}"
+            );
+        }
     }
 
     /// A piece as (offset, len, (seq, idx, byte within the record) or none, zero).

@@ -318,7 +318,7 @@ pub fn write_agents(dir: &DataDir, agents: &[AuthorizedAgent]) -> Result<()> {
     write_atomically(
         &dir.agents(),
         &format!(
-            "# Agents allowed to connect (cdp-replica authorize). Re-read at every handshake.\n{body}"
+            "# Agents allowed to connect (cdp-replica authorize, deauthorize). Re-read at every handshake\n# and every 500 ms by each open connection.\n{body}"
         ),
     )
 }

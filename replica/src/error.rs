@@ -59,6 +59,16 @@ pub enum ReplicaError {
     #[error("the authorized agents file {} is invalid: {reason}; fix it or authorize the agents again", path.display())]
     AuthorizedAgents { path: PathBuf, reason: String },
 
+    /// An authorization change that cannot be made (the replica's own fingerprint, an
+    /// unknown or ambiguous agent); the sentence says why and what to do. Nothing changed.
+    #[error("{0}")]
+    Agent(String),
+
+    /// A forget refused (a reader, a failover or a connected agent holds it) or cut short;
+    /// the sentence names the holder and what to do.
+    #[error("{0}")]
+    Forget(String),
+
     #[error(transparent)]
     Identity(#[from] IdentityError),
 

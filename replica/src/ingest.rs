@@ -14,6 +14,9 @@
 //! * A group commit that fails on a full disk is undone and retried every
 //!   [`PAUSE_RETRY_INTERVAL`] (the group is *paused*, see the crate docs); any other failure
 //!   stops ingest.
+//! * `forget` inside serve: [`IngestService::begin_forget`] stops one group's ingest and
+//!   trimmer tasks (each group has its own child cancellation token) and refuses Hellos naming
+//!   it; [`IngestService::end_forget`] starts them again when the group is still there.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -1135,6 +1138,9 @@ async fn handle_msg(g: &mut GroupIngest, msg: GroupMsg, out: &mut Outbox) -> Res
 struct GroupSlot {
     id: i64,
     tx: mpsc::Sender<GroupMsg>,
+    /// Stops the group's ingest and trimmer tasks (a child of the service's token).
+    token: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 struct ServiceInner {
@@ -1149,6 +1155,11 @@ struct ServiceInner {
     /// The retention of groups created from now on (`replica.toml`).
     retention_default: Retention,
     options: IngestOptions,
+    /// Groups being forgotten (`forget`): a Hello naming one is refused.
+    forgetting: Mutex<HashSet<String>>,
+    /// How many times each group name was forgotten by this serve: a connection welcomed
+    /// before a forget of one of its groups is closed.
+    forget_epochs: Mutex<HashMap<String, u64>>,
 }
 
 impl ServiceInner {
@@ -1207,6 +1218,8 @@ impl IngestService {
                 board: Arc::new(PauseBoard::open(dir)),
                 retention_default,
                 options,
+                forgetting: Mutex::new(HashSet::new()),
+                forget_epochs: Mutex::new(HashMap::new()),
             }),
         };
         let mut groups = service.inner.groups.lock().await;
@@ -1235,20 +1248,98 @@ impl IngestService {
         let group = self.inner.catalog.group_by_id(group_id).await?;
         let trimmer = Trimmer::new(&self.inner.catalog, &self.inner.dir, &group, g.trim_link());
         let (tx, rx) = mpsc::channel(INGEST_QUEUE_BATCHES);
+        let token = self.inner.token.child_token();
         let inner = self.inner.clone();
-        self.inner.tasks.spawn(async move {
-            if let Err(e) = run_group(g, rx, inner.token.clone()).await {
+        let group_token = token.clone();
+        let ingest = self.inner.tasks.spawn(async move {
+            if let Err(e) = run_group(g, rx, group_token).await {
                 inner.stop(&format!("group {name}"), "ingest stopped", &e);
             }
         });
         let inner = self.inner.clone();
         let name = group.name.clone();
-        self.inner.tasks.spawn(async move {
-            if let Err(e) = trimmer::run(trimmer, inner.token.clone()).await {
+        let group_token = token.clone();
+        let trim = self.inner.tasks.spawn(async move {
+            if let Err(e) = trimmer::run(trimmer, group_token).await {
                 inner.stop(&format!("group {name}"), "trimming stopped", &e);
             }
         });
-        Ok(GroupSlot { id: group_id, tx })
+        Ok(GroupSlot {
+            id: group_id,
+            tx,
+            token,
+            tasks: vec![ingest, trim],
+        })
+    }
+
+    /// Before a forget of group `name` (see `forget`): under the hello lock, `check` (the
+    /// agent is not connected: `Err` is the refusal), then the group is marked as being
+    /// forgotten (Hellos naming it are refused, connections welcomed for it are told to close
+    /// through [`IngestService::forget_epoch`]) and its ingest and trimmer tasks are stopped
+    /// (a commit or trim round in progress completes first). `Ok(Err)`: refused, nothing
+    /// changed.
+    pub async fn begin_forget(
+        &self,
+        name: &str,
+        check: impl FnOnce() -> std::result::Result<(), String>,
+    ) -> Result<std::result::Result<(), String>> {
+        let mut groups = self.inner.groups.lock().await;
+        if let Err(why) = check() {
+            return Ok(Err(why));
+        }
+        if let Ok(mut f) = self.inner.forgetting.lock() {
+            f.insert(name.to_owned());
+        }
+        if let Ok(mut e) = self.inner.forget_epochs.lock() {
+            *e.entry(name.to_owned()).or_insert(0) += 1;
+        }
+        let slot = groups.remove(name);
+        drop(groups);
+        if let Some(slot) = slot {
+            slot.token.cancel();
+            for t in slot.tasks {
+                let _ = t.await;
+            }
+        }
+        self.inner.board.set(name, None);
+        Ok(Ok(()))
+    }
+
+    /// After a forget of group `name`: its tasks start again if the group is still in the
+    /// catalog (only a volume of it was forgotten, or the forget was refused), and Hellos
+    /// naming it are admitted again. `done` false (the forget stopped with files left to
+    /// delete): the group stays marked, refused until a forget completes.
+    pub async fn end_forget(&self, name: &str, done: bool) -> Result<()> {
+        if !done {
+            return Ok(());
+        }
+        let mut groups = self.inner.groups.lock().await;
+        let result = match self.inner.catalog.group_by_name(name).await {
+            Ok(Some(g)) if !groups.contains_key(name) => match self.spawn_group(g.id).await {
+                Ok(slot) => {
+                    groups.insert(name.to_owned(), slot);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Ok(mut f) = self.inner.forgetting.lock() {
+            f.remove(name);
+        }
+        result
+    }
+
+    /// How many times group `name` was forgotten by this serve (see
+    /// [`IngestService::begin_forget`]).
+    pub fn forget_epoch(&self, name: &str) -> u64 {
+        self.inner
+            .forget_epochs
+            .lock()
+            .ok()
+            .and_then(|e| e.get(name).copied())
+            .unwrap_or(0)
     }
 
     /// The error that stopped ingest, if one did.
@@ -1280,6 +1371,17 @@ impl IngestService {
             }
             if !seen.insert(gh.name.as_str()) {
                 return Ok(Err(format!("group {} is announced twice", gh.name)));
+            }
+            if self
+                .inner
+                .forgetting
+                .lock()
+                .is_ok_and(|f| f.contains(&gh.name))
+            {
+                return Ok(Err(format!(
+                    "group {} is being forgotten on this replica (cdp-replica forget); once that is done it is new to the replica: connect again",
+                    gh.name
+                )));
             }
             let mut ids = HashSet::new();
             let mut names = HashSet::new();
@@ -1343,7 +1445,13 @@ impl IngestService {
         let mut welcomes = Vec::new();
         for gh in hello {
             let now = now_ns();
-            let start = gh.first_held.saturating_sub(1);
+            // A group created again after a forget starts at seq 0: its agent knows the old
+            // group's generation, continues on a fresh chain and syncs every volume again.
+            let start = if catalog.forgotten("group", &gh.name).await?.is_some() {
+                0
+            } else {
+                gh.first_held.saturating_sub(1)
+            };
             let g = match catalog.group_by_name(&gh.name).await? {
                 Some(g) => {
                     if !catalog.group_has_batches(g.id).await? && g.head_seq != start {

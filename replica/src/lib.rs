@@ -4,6 +4,8 @@
 //! # Modules
 //! * [`datadir`] — the data directory layout, `replica.toml`, `authorized_agents.toml`,
 //!   `serve.lock`.
+//! * [`agents`] — `authorize`, `deauthorize` (a running serve closes the agent's connections
+//!   within a second) and `agents` (each authorized agent, when it was last seen, its groups).
 //! * [`catalog`] — `meta.db` (SQLite): the only module that talks to SQLite.
 //! * [`journal`] — append-only segments, the only code that fsyncs them; written vs durable.
 //! * [`target`] — the sparse target files.
@@ -23,6 +25,8 @@
 //! * [`failover`] — `failover`: the image at a point made the live volume, served read-write
 //!   with a persistent overlay, the group fenced, ended by `--undo` or `--commit`.
 //! * [`diff`](mod@diff) — `diff`: the chunks whose bytes differ between two points.
+//! * [`forget`] — `forget`: a group or a volume removed with its journal, target files and
+//!   catalog rows (crash-safe; carried out by `serve` when it runs).
 //! * [`retention`] — a group's window and journal cap, their syntax, and the choice of the
 //!   trimmer's next base (sans-IO).
 //! * [`trimmer`] — the task per group that applies the oldest batches to the target files and
@@ -112,6 +116,12 @@
 //! time (default 24 h) and an optional cap on its journal bytes (default none); the trimmer
 //! moves B forward to keep to it, never past the head and never past a live pin.
 //!
+//! `cdp-replica retention` reckons what a change would drop before it applies it
+//! ([`set_retention_checked`], [`retention_drop`]): the trimmer's rounds are played out on the
+//! catalog without writing ([`trimmer::base_after_trims`], the same inputs and
+//! [`retention::choose_trim`]) under the current and the new retention, and the points between
+//! the two bases are what the change drops; it is refused unless `--yes` is given.
+//!
 //! The trim protocol (crash-safe and idempotent; details in [`trimmer`]):
 //! 1. (a) One write transaction: drop dead pins, choose B' (the newest seq whose batches are
 //!    all older than the window, or further if the cap needs it; at most the oldest live pin
@@ -133,6 +143,13 @@
 //! pin sees `trimming_to` and resolves only points ≥ B'. A pin is renewed in the background
 //! (TTL [`pins::PIN_TTL`], renewed every [`pins::PIN_RENEW_INTERVAL`]); one that expired, or
 //! whose process is gone, is dropped by the trimmer.
+//!
+//! # Forget
+//! `forget` removes a group (or one volume of several) with its journal, target files and
+//! rows, in two steps: one transaction deletes the rows and lists the files in
+//! `forget_files`, then the files go ([`forget`] has the details, the holds that refuse it,
+//! and how a running serve carries it out). `serve` deletes what a crash left listed before
+//! it admits any agent; a group created again under a forgotten name starts at seq 0.
 //!
 //! # The chunk-hash service
 //! `HashRequest { group, volume, first_chunk, count }` (a group of the connection's hello,
@@ -160,7 +177,8 @@
 //!                  "pins": { "count": 1, "oldest_seq": 40 },
 //!                  "ingest_reason": null, "paused_since": null,
 //!                  "failover": null,
-//!                  "degraded": null } ] }
+//!                  "degraded": null,
+//!                  "window_short": null } ] }
 //! ```
 //! `failover` is `{ "seq": 123, "state": "active", "since": "…" }` while the volume's group
 //! is failed over (`state` `active`, `committing` or `committed`; `since` when it started, or
@@ -169,6 +187,11 @@
 //! `degraded` is `{ "mismatches": N, "reason": "…" }` while the verifier's mismatches of the
 //! volume are open (then `state` is `degraded`, unless `paused` or failed over), null
 //! otherwise.
+//! `window_short` is `{ "effective_secs": 3600, "configured_secs": 86400, "reason": "…" }`
+//! while the window (agent time from its first point to the group's newest batch) is shorter
+//! than the group's configured window although retention has trimmed points away — the
+//! journal cap, not the group's youth, limits it; `reason` is one sentence naming the cap and
+//! what to do. Null otherwise (and while the group is failed over).
 //! `window_first`/`window_last` are `null` before the initial sync completes. `base_seq` is
 //! the group's base (the target files' point); `retention` the group's retention
 //! (`max_journal_bytes` `null`: no cap); `pins` the group's live pins — readers holding points
@@ -187,16 +210,22 @@
 //!     "consistent": true, "flush": true, "bookmark": null, "records": 3 } ]
 //! ```
 //! Times are RFC 3339 in UTC; `time` is the agent's clock, `received` the replica's.
+//! `--since`, `--until` (agent time, both included), `--bookmarks` and `--limit N` (then
+//! newest first) filter that array; the objects are the same. The catalog filters and limits
+//! along the batches' primary key ([`catalog::Catalog::points_page`]), so only the points
+//! printed are read into memory.
 //!
 //! `points --at POINT --json`: the one point `restore --at POINT` would choose:
 //! `{ "seq": 90, "time": "...", "bookmark": null, "consistent": true }`.
 
+pub mod agents;
 pub mod catalog;
 pub mod datadir;
 pub mod diff;
 pub mod error;
 pub mod export;
 pub mod failover;
+pub mod forget;
 pub mod hashes;
 pub mod ingest;
 pub mod journal;
@@ -219,23 +248,26 @@ use std::path::Path;
 
 use cdp_shared::identity::{Fingerprint, Identity};
 
+pub use agents::{AgentInfo, agents, authorize, deauthorize};
+pub use catalog::PointsFilter;
 pub use cdp_shared::point::PointSpec;
 pub use diff::{DiffReport, Extent, diff};
 pub use error::{ReplicaError, Result};
 pub use export::{Endpoint, ExportHandle, ExportInfo};
 pub use pins::{PinGuard, pin_point};
 pub use recovery::{
-    ChosenPoint, PointInfo, RestoreSummary, open_image, points, resolve_point, restore,
+    ChosenPoint, PointInfo, RestoreSummary, open_image, points, points_filtered, resolve_point,
+    restore,
 };
 pub use retention::Retention;
 pub use server::{Server, ServerHandle};
 pub use status::{
     Degraded, FailoverStatus, PinsStatus, PointRef, RetentionStatus, StatusReport, VolumeStatus,
-    status,
+    WindowShort, status,
 };
 
 use crate::catalog::Catalog;
-use crate::datadir::{AuthorizedAgent, DataDir};
+use crate::datadir::DataDir;
 
 /// Common name of the replica's certificate.
 pub const CERT_COMMON_NAME: &str = "cdp-replica";
@@ -292,28 +324,6 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
     Ok(DataDir::existing(root)?.identity()?.fingerprint())
 }
 
-/// Authorizes an agent (takes effect at its next handshake, also while `serve` runs).
-/// Returns false when it was already authorized (its name is updated).
-pub fn authorize(root: &Path, agent: Fingerprint, name: &str) -> Result<bool> {
-    let dir = DataDir::existing(root)?;
-    let mut agents = datadir::read_agents(&dir)?;
-    let added = match agents.iter_mut().find(|a| a.fingerprint == agent) {
-        Some(a) => {
-            a.name = name.to_owned();
-            false
-        }
-        None => {
-            agents.push(AuthorizedAgent {
-                fingerprint: agent,
-                name: name.to_owned(),
-            });
-            true
-        }
-    };
-    datadir::write_agents(&dir, &agents)?;
-    Ok(added)
-}
-
 /// The listen address from `replica.toml` (defaults applied).
 pub fn configured_listen(root: &Path) -> Result<SocketAddr> {
     let dir = DataDir::existing(root)?;
@@ -328,13 +338,148 @@ pub struct RetentionChange {
     pub journal_bytes_max: Option<Option<u64>>,
 }
 
+/// The points a retention change would drop: those from the window's first point now to the
+/// first point the trimmer would keep under the new retention (what it keeps under the current
+/// one is not counted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetentionDrop {
+    /// Points (batches) dropped.
+    pub points: u64,
+    /// The first and last point dropped: seq and agent time.
+    pub first_seq: u64,
+    pub first_ns: i64,
+    pub last_seq: u64,
+    /// The first point kept (the new window's start): seq and agent time.
+    pub kept_seq: u64,
+    pub kept_ns: i64,
+}
+
+impl RetentionDrop {
+    /// The agent time the points dropped span: from the first one dropped to the first one
+    /// kept.
+    pub fn span_ns(&self) -> i64 {
+        self.kept_ns.saturating_sub(self.first_ns)
+    }
+}
+
+impl std::fmt::Display for RetentionDrop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = |ns: i64| recovery::rfc3339(&recovery::time_of(ns));
+        write!(
+            f,
+            "{} point{} (seq {} to {}, {} of agent time from {} to {})",
+            self.points,
+            if self.points == 1 { "" } else { "s" },
+            self.first_seq,
+            self.last_seq,
+            retention::format_span(self.span_ns()),
+            t(self.first_ns),
+            t(self.kept_ns)
+        )
+    }
+}
+
+/// What changing group `g`'s retention to `new` would drop (see [`RetentionDrop`]), reckoned
+/// as the trimmer chooses ([`trimmer::base_after_trims`]) against the catalog's points now;
+/// `None` when it drops none.
+pub async fn retention_drop(
+    catalog: &Catalog,
+    g: &catalog::GroupRow,
+    new: &Retention,
+) -> Result<Option<RetentionDrop>> {
+    // Points exist from the first seq at which a volume of the group completed its sync.
+    let Some(first_point) = catalog
+        .volumes_of_group(g.id)
+        .await?
+        .iter()
+        .filter(|v| v.state == catalog::VolumeState::Protecting)
+        .filter_map(|v| v.sync_done_seq)
+        .min()
+    else {
+        return Ok(None);
+    };
+    let mut reads = catalog.clone();
+    let now = trimmer::base_after_trims(&mut reads, g, &g.retention).await?;
+    let then = trimmer::base_after_trims(&mut reads, g, new).await?;
+    let from = now.max(first_point).max(g.window_floor());
+    if then <= from {
+        return Ok(None);
+    }
+    let points = catalog.batch_count_in(g.id, from, then - 1).await?;
+    let page = |newest_first| catalog::PointsFilter {
+        limit: Some(1),
+        newest_first,
+        ..catalog::PointsFilter::default()
+    };
+    let first = catalog
+        .points_page(g.id, from, then - 1, &page(false))
+        .await?;
+    let last = catalog
+        .points_page(g.id, from, then - 1, &page(true))
+        .await?;
+    let (Some(first), Some(last), Some(kept)) = (
+        first.first(),
+        last.first(),
+        catalog.batch(g.id, then).await?,
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(RetentionDrop {
+        points,
+        first_seq: first.seq,
+        first_ns: first.agent_ns,
+        last_seq: last.seq,
+        kept_seq: kept.seq,
+        kept_ns: kept.agent_ns,
+    }))
+}
+
+/// `retention` applies `change` to `current`, checking its bounds.
+fn changed_retention(current: &Retention, change: &RetentionChange) -> Result<Retention> {
+    let mut r = *current;
+    if let Some(w) = change.window {
+        if w < retention::WINDOW_MIN || w > retention::WINDOW_MAX {
+            return Err(ReplicaError::Retention(format!(
+                "a window of {} s is outside 1s..3650d",
+                w.as_secs()
+            )));
+        }
+        r.window = std::time::Duration::from_secs(w.as_secs());
+    }
+    if let Some(cap) = change.journal_bytes_max {
+        if let Some(n) = cap
+            && !(retention::JOURNAL_CAP_MIN_BYTES..=retention::JOURNAL_CAP_MAX_BYTES).contains(&n)
+        {
+            return Err(ReplicaError::Retention(format!(
+                "a journal cap of {n} bytes is outside 1MiB..1EiB"
+            )));
+        }
+        r.journal_bytes_max = cap;
+    }
+    Ok(r)
+}
+
 /// Changes a group's retention (when `change` asks for anything) and returns it as it now is.
 /// A running `serve` applies it at its trimmer's next round (within [`trimmer::TRIM_INTERVAL`]).
+/// It applies whatever the change drops; `cdp-replica retention` asks first
+/// ([`set_retention_checked`]).
 pub async fn set_retention(
     root: &Path,
     group: &str,
     change: &RetentionChange,
 ) -> Result<Retention> {
+    Ok(set_retention_checked(root, group, change, true).await?.0)
+}
+
+/// [`set_retention`], which first reckons what the change would drop ([`retention_drop`]):
+/// when it drops points and `yes` is false, nothing is changed and the error says what it
+/// would drop. Returns the retention as it now is and what the change drops.
+pub async fn set_retention_checked(
+    root: &Path,
+    group: &str,
+    change: &RetentionChange,
+    yes: bool,
+) -> Result<(Retention, Option<RetentionDrop>)> {
     let dir = DataDir::existing(root)?;
     let catalog = Catalog::open(&dir.catalog(), false, false).await?;
     let result = async {
@@ -344,42 +489,35 @@ pub async fn set_retention(
                 dir: root.to_path_buf(),
             });
         };
-        let mut r = g.retention;
-        if let Some(w) = change.window {
-            if w < retention::WINDOW_MIN || w > retention::WINDOW_MAX {
-                return Err(ReplicaError::Retention(format!(
-                    "a window of {} s is outside 1s..3650d",
-                    w.as_secs()
-                )));
-            }
-            r.window = std::time::Duration::from_secs(w.as_secs());
+        let r = changed_retention(&g.retention, change)?;
+        if r == g.retention {
+            return Ok((r, None));
         }
-        if let Some(cap) = change.journal_bytes_max {
-            if let Some(n) = cap
-                && !(retention::JOURNAL_CAP_MIN_BYTES..=retention::JOURNAL_CAP_MAX_BYTES)
-                    .contains(&n)
-            {
-                return Err(ReplicaError::Retention(format!(
-                    "a journal cap of {n} bytes is outside 1MiB..1EiB"
-                )));
-            }
-            r.journal_bytes_max = cap;
+        let dropped = retention_drop(&catalog, &g, &r).await?;
+        if let Some(d) = &dropped
+            && !yes
+        {
+            return Err(ReplicaError::Retention(format!(
+                "changing group {group} to {r} would drop {d} from its window; nothing was changed: run the command again with --yes to apply it"
+            )));
         }
-        if r != g.retention {
-            catalog.set_retention(g.id, &r).await?;
-            let msg = format!(
-                "retention of group {group} set to {r} (it was {})",
-                g.retention
-            );
-            tracing::info!("{msg}");
-            if let Err(e) = catalog
-                .event(catalog::EventLevel::Info, Some(group), None, &msg, now_ns())
-                .await
-            {
-                tracing::warn!("could not record an event: {e}");
+        catalog.set_retention(g.id, &r).await?;
+        let msg = format!(
+            "retention of group {group} set to {r} (it was {}){}",
+            g.retention,
+            match &dropped {
+                Some(d) => format!(", dropping {d}"),
+                None => String::new(),
             }
+        );
+        tracing::info!("{msg}");
+        if let Err(e) = catalog
+            .event(catalog::EventLevel::Info, Some(group), None, &msg, now_ns())
+            .await
+        {
+            tracing::warn!("could not record an event: {e}");
         }
-        Ok(r)
+        Ok((r, dropped))
     }
     .await;
     catalog.close().await;

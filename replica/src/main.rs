@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use cdp_replica::retention::{format_size, parse_duration, parse_size};
 use cdp_replica::{
-    DiffReport, Endpoint, PointInfo, PointSpec, ReplicaError, Retention, RetentionChange,
-    StatusReport,
+    AgentInfo, DiffReport, Endpoint, PointInfo, PointSpec, PointsFilter, ReplicaError, Retention,
+    RetentionChange, StatusReport,
 };
 use cdp_shared::identity::Fingerprint;
 use clap::{Parser, Subcommand};
@@ -55,6 +55,10 @@ enum Command {
         /// New journal cap (512MiB, 100GiB, 1TB), or `none` for no cap.
         #[arg(long)]
         max_journal: Option<String>,
+        /// Apply the change even when it drops points from the window (without it, such a
+        /// change is refused with what it would drop, and nothing changes).
+        #[arg(long)]
+        yes: bool,
     },
     /// Print the replica's certificate fingerprint (what agents pin).
     Fingerprint {
@@ -73,6 +77,42 @@ enum Command {
         /// A name for the agent, for people.
         #[arg(long, default_value = "")]
         name: String,
+    },
+    /// Remove an agent from the authorized list (takes effect at once: a running serve closes
+    /// its connections within a second and refuses it from then on). Its groups stay.
+    Deauthorize {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// The agent: its fingerprint (64 hex characters) or the name given at `authorize`.
+        #[arg(long)]
+        agent: String,
+    },
+    /// List the authorized agents: name, fingerprint, when serve last had a connection from
+    /// each, and the groups each protects.
+    Agents {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a group (or one volume) with its journal, target files, points and catalog
+    /// rows. Without --yes it only says what it would delete (and exits 1).
+    Forget {
+        /// Data directory of the replica.
+        #[arg(long)]
+        data: PathBuf,
+        /// The volume to forget (its whole group when it is the group's only volume).
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        volume: Option<String>,
+        /// The group to forget, with every volume of it.
+        #[arg(long)]
+        group: Option<String>,
+        /// Delete it. Without this flag nothing is deleted.
+        #[arg(long)]
+        yes: bool,
     },
     /// Receive batches from agents until interrupted (Ctrl-C or SIGTERM).
     Serve {
@@ -102,8 +142,22 @@ enum Command {
         volume: String,
         /// Only resolve this point (`latest`, `seq:N`, `bookmark:NAME` or an RFC 3339 time)
         /// and print the one `restore --at` would choose.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["since", "until", "limit", "bookmarks"])]
         at: Option<String>,
+        /// Only points whose agent time is at or after this: an RFC 3339 time, or a duration
+        /// ago (30m, 24h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only points whose agent time is at or before this: an RFC 3339 time, or a duration
+        /// ago (30m, 24h, 7d).
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many points, newest first.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Only points that carry a bookmark.
+        #[arg(long)]
+        bookmarks: bool,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -311,6 +365,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             group,
             window,
             max_journal,
+            yes,
         } => {
             let change = RetentionChange {
                 window: window
@@ -324,8 +379,14 @@ async fn run(command: Command) -> Result<(), CliError> {
                     .transpose()
                     .map_err(CliError::Usage)?,
             };
-            let r = cdp_replica::set_retention(&data, &group, &change).await?;
+            let (r, dropped) =
+                cdp_replica::set_retention_checked(&data, &group, &change, yes).await?;
             println!("group {group}: {r}");
+            if let Some(d) = dropped {
+                println!(
+                    "the trimmer drops {d} from the window (within a second while serve runs, or when it next starts; a reader's pin holds its point until it ends)"
+                );
+            }
         }
         Command::Fingerprint { data } => println!("{}", cdp_replica::fingerprint(&data)?),
         Command::Authorize { data, agent, name } => {
@@ -334,6 +395,64 @@ async fn run(command: Command) -> Result<(), CliError> {
                 println!("authorized agent {fp}");
             } else {
                 println!("agent {fp} was already authorized");
+            }
+        }
+        Command::Deauthorize { data, agent } => {
+            let a = cdp_replica::deauthorize(&data, &agent)?;
+            println!(
+                "deauthorized agent {}{}: a running serve closes its connections within a second and refuses it from now on; its groups stay on the replica (`cdp-replica forget --group NAME` removes one)",
+                a.fingerprint,
+                if a.name.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", a.name)
+                }
+            );
+        }
+        Command::Forget {
+            data,
+            volume,
+            group,
+            yes,
+        } => {
+            use cdp_replica::forget::{ForgetOutcome, ForgetTarget};
+            let target = match (volume, group) {
+                (Some(v), _) => ForgetTarget::Volume(v),
+                (None, Some(g)) => ForgetTarget::Group(g),
+                (None, None) => {
+                    return Err(CliError::Usage(
+                        "name what to forget: --volume NAME or --group NAME".into(),
+                    ));
+                }
+            };
+            match cdp_replica::forget::forget(&data, &target, yes).await? {
+                ForgetOutcome::WouldDelete(r) => {
+                    println!("forget would delete {r}");
+                    return Err(CliError::Usage(format!(
+                        "nothing was deleted ({} would be freed): run the command again with --yes to delete it",
+                        cdp_shared::types::human_bytes(r.bytes())
+                    )));
+                }
+                ForgetOutcome::Forgot(r) => {
+                    println!("forgot {r}");
+                    println!(
+                        "{} freed; if its agent connects again, it is new to the replica and gets a fresh initial sync",
+                        cdp_shared::types::human_bytes(r.bytes())
+                    );
+                }
+                ForgetOutcome::AlreadyForgotten { target, at_ns } => println!(
+                    "{target} was already forgotten ({})",
+                    chrono::DateTime::from_timestamp_nanos(at_ns)
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+            }
+        }
+        Command::Agents { data, json } => {
+            let list = cdp_replica::agents(&data).await?;
+            if json {
+                println!("{}", to_json(&list)?);
+            } else {
+                print_agents(&list);
             }
         }
         Command::Serve { data, listen } => {
@@ -368,6 +487,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             volume,
             at: Some(at),
             json,
+            ..
         } => {
             let at: PointSpec = at.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
             let point = cdp_replica::resolve_point(&data, &volume, &at).await?;
@@ -381,13 +501,35 @@ async fn run(command: Command) -> Result<(), CliError> {
             data,
             volume,
             at: None,
+            since,
+            until,
+            limit,
+            bookmarks,
             json,
         } => {
-            let points = cdp_replica::points(&data, &volume).await?;
+            if limit == Some(0) {
+                return Err(CliError::Usage(
+                    "--limit 0 would list nothing: give at least 1".into(),
+                ));
+            }
+            let filter = PointsFilter {
+                since_ns: since
+                    .as_deref()
+                    .map(|s| parse_time("--since", s))
+                    .transpose()?,
+                until_ns: until
+                    .as_deref()
+                    .map(|s| parse_time("--until", s))
+                    .transpose()?,
+                bookmarks_only: bookmarks,
+                limit,
+                newest_first: limit.is_some(),
+            };
+            let points = cdp_replica::points_filtered(&data, &volume, &filter).await?;
             if json {
                 println!("{}", to_json(&points)?);
             } else {
-                print_points(&points);
+                print_points(&points, filter != PointsFilter::default());
             }
         }
         Command::Restore {
@@ -586,6 +728,41 @@ fn print_table(rows: &[Vec<String>]) {
     }
 }
 
+fn print_agents(list: &[AgentInfo]) {
+    if list.is_empty() {
+        println!(
+            "no authorized agents: authorize one with `cdp-replica authorize --agent FINGERPRINT --name NAME`"
+        );
+        return;
+    }
+    let mut rows = vec![
+        ["NAME", "FINGERPRINT", "LAST SEEN", "CONNECTED", "GROUPS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for a in list {
+        rows.push(vec![
+            if a.name.is_empty() {
+                "-".into()
+            } else {
+                a.name.clone()
+            },
+            a.fingerprint.clone(),
+            a.last_seen
+                .as_deref()
+                .map(human_time)
+                .unwrap_or_else(|| "never".into()),
+            if a.connected { "yes" } else { "no" }.into(),
+            if a.groups.is_empty() {
+                "-".into()
+            } else {
+                a.groups.join(", ")
+            },
+        ]);
+    }
+    print_table(&rows);
+}
+
 fn print_status(report: &StatusReport) {
     println!("serving: {}", if report.serving { "yes" } else { "no" });
     if report.volumes.is_empty() {
@@ -641,6 +818,9 @@ fn print_status(report: &StatusReport) {
         if let Some(d) = &v.degraded {
             println!("volume {}: DEGRADED: {}", v.volume, d.reason);
         }
+        if let Some(w) = &v.window_short {
+            println!("volume {}: WINDOW SHORT: {}", v.volume, w.reason);
+        }
     }
     let mut told = std::collections::HashSet::new();
     for v in &report.volumes {
@@ -656,9 +836,13 @@ fn print_status(report: &StatusReport) {
     }
 }
 
-fn print_points(points: &[PointInfo]) {
+fn print_points(points: &[PointInfo], filtered: bool) {
     if points.is_empty() {
-        println!("no recovery points yet (the volume's initial sync has not completed)");
+        if filtered {
+            println!("no recovery point matches (`points` without filters lists the window)");
+        } else {
+            println!("no recovery points yet (the volume's initial sync has not completed)");
+        }
         return;
     }
     let mut rows = vec![
@@ -811,7 +995,7 @@ async fn verify(command: VerifyCommand) -> Result<(), CliError> {
         } => {
             let since_ns = match since.as_deref() {
                 None => None,
-                Some(s) => Some(parse_since(s)?),
+                Some(s) => Some(parse_time("--since", s)?),
             };
             let report = cdp_replica::verifier::report(&data, volume.as_deref(), since_ns).await?;
             if json {
@@ -834,16 +1018,16 @@ async fn verify(command: VerifyCommand) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `--since`: an RFC 3339 time, or a duration before now.
-fn parse_since(s: &str) -> Result<i64, CliError> {
+/// A time flag (`--since`, `--until`): an RFC 3339 time, or a duration before now.
+fn parse_time(flag: &str, s: &str) -> Result<i64, CliError> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return t
             .timestamp_nanos_opt()
-            .ok_or_else(|| CliError::Usage(format!("--since {s}: the time is out of range")));
+            .ok_or_else(|| CliError::Usage(format!("{flag} {s}: the time is out of range")));
     }
     let ago = parse_duration(s).map_err(|_| {
         CliError::Usage(format!(
-            "--since {s:?} is neither an RFC 3339 time (2024-05-01T12:00:00Z) nor a duration ago (30m, 24h, 7d)"
+            "{flag} {s:?} is neither an RFC 3339 time (2024-05-01T12:00:00Z) nor a duration ago (30m, 24h, 7d)"
         ))
     })?;
     Ok(cdp_replica::now_ns() - i64::try_from(ago.as_nanos()).unwrap_or(i64::MAX))

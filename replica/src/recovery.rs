@@ -32,7 +32,9 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Serialize, Serializer};
 
-use crate::catalog::{BatchRow, Catalog, GroupRow, PointReads, VolumeRow, VolumeState};
+use crate::catalog::{
+    BatchRow, Catalog, GroupRow, PointReads, PointsFilter, VolumeRow, VolumeState,
+};
 use crate::datadir::{DataDir, sync_dir};
 use crate::error::{ReplicaError, Result};
 use crate::pins::{PinGuard, pin_point};
@@ -312,12 +314,23 @@ pub async fn resolve_point(root: &Path, volume: &str, at: &PointSpec) -> Result<
 /// Every recovery point of the volume's group in the volume's window, in seq order (empty
 /// before the initial sync completes).
 pub async fn points(root: &Path, volume: &str) -> Result<Vec<PointInfo>> {
+    points_filtered(root, volume, &PointsFilter::default()).await
+}
+
+/// The recovery points of the volume's window that `filter` keeps (agent time bounds, only
+/// bookmarks), in the order it asks for and at most as many as its limit: filtered and
+/// limited by the catalog along the batches' primary key ([`Catalog::points_page`]).
+pub async fn points_filtered(
+    root: &Path,
+    volume: &str,
+    filter: &PointsFilter,
+) -> Result<Vec<PointInfo>> {
     let mut ctx = open_volume(root, volume).await?;
     let list = match window(&mut ctx.catalog, &ctx.volume, &ctx.group).await? {
         Err(_) => Vec::new(),
         Ok(w) => ctx
             .catalog
-            .batches(ctx.group.id, w.start, ctx.group.head_seq)
+            .points_page(ctx.group.id, w.start, ctx.group.head_seq, filter)
             .await?
             .iter()
             .map(|b| PointInfo {

@@ -131,6 +131,22 @@ pub fn format_duration(d: Duration) -> String {
     format!("{s}s")
 }
 
+/// A span of agent time for people, to the second: `2d 3h`, `1h 5m`, `4m 30s`, `12s`
+/// (`0s` for less than a second).
+pub fn format_span(ns: i64) -> String {
+    let s = ns.max(0) / 1_000_000_000;
+    let (d, h, m, sec) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{sec}s"),
+        (0, 0, _) if sec == 0 => format!("{m}m"),
+        (0, 0, _) => format!("{m}m {sec}s"),
+        (0, _, 0) => format!("{h}h"),
+        (0, _, _) => format!("{h}h {m}m"),
+        (_, 0, _) => format!("{d}d"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
 /// Parses a journal cap: a whole number and a unit (`512MiB`, `100GiB`, `1TB`), or `none`.
 /// `Err` is the sentence for the operator.
 pub fn parse_size(input: &str) -> Result<Option<u64>, String> {
@@ -314,6 +330,20 @@ mod tests {
         for s in ["30s", "15m", "24h", "7d", "2d", "90m", "61s", "36h"] {
             assert_eq!(format_duration(parse_duration(s).expect(s)), s);
         }
+    }
+
+    #[test]
+    fn spans_print_for_people() {
+        let s = |secs: i64| format_span(secs * 1_000_000_000);
+        assert_eq!(format_span(999_999_999), "0s");
+        assert_eq!(s(12), "12s");
+        assert_eq!(s(270), "4m 30s");
+        assert_eq!(s(300), "5m");
+        assert_eq!(s(3900), "1h 5m");
+        assert_eq!(s(7200), "2h");
+        assert_eq!(s(86400 + 3 * 3600 + 7), "1d 3h");
+        assert_eq!(s(2 * 86400 + 59), "2d");
+        assert_eq!(format_span(-5), "0s");
     }
 
     #[test]

@@ -22,6 +22,22 @@
 //! (askers beyond wait for a slot). With no agent connected, [`AgentPorts::ask`] answers
 //! [`Asked::NoAgent`] at once and the asker decides (the verifier waits and tries again).
 //!
+//! # Authorization
+//! The TLS layer admits only agents in `authorized_agents.toml`, re-read at every handshake.
+//! An open connection re-reads it every [`FENCE_CHECK_INTERVAL`] too: once its agent is no
+//! longer listed (`cdp-replica deauthorize`), the connection is closed with code
+//! [`CLOSE_DEAUTHORIZED`] and a reason the agent logs, and one warning line names the agent.
+//! Each Hello and each end of a connection is recorded in the catalog (`agents`: when the
+//! agent was last seen).
+//!
+//! # Forget
+//! A task beside the verifier takes `forget_requests` rows every
+//! [`crate::forget::FORGET_POLL_INTERVAL`] and carries each out: refused while the group's
+//! agent holds a link, otherwise between [`IngestService::begin_forget`] and
+//! [`IngestService::end_forget`]. A connection welcomed for a group that is forgotten
+//! afterwards is closed on its next check (code [`CLOSE_FORGOTTEN`]). At start, files a forget
+//! left listed are deleted before ingest opens any group.
+//!
 //! Shutdown goes through one `CancellationToken` ([`ServerHandle::shutdown`], or a fatal ingest
 //! error). Connection and stream tasks only wait on the network and are cancelled freely; disk
 //! writes happen in the group tasks of `ingest`, which finish the commit they are in before
@@ -59,8 +75,15 @@ pub const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 /// Control stream read buffer.
 const CONTROL_READ_BYTES: usize = 64 << 10;
 /// How often a connection checks whether one of its groups was failed over meanwhile (the
-/// fence, see `failover`); ingest itself commits nothing of a failed-over group at once.
+/// fence, see `failover`; ingest itself commits nothing of a failed-over group at once), and
+/// whether its agent is still authorized (`cdp-replica deauthorize`).
 pub const FENCE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// The QUIC application close code of a connection closed because its agent was deauthorized
+/// (the reason, one sentence, goes with it).
+pub const CLOSE_DEAUTHORIZED: u32 = 3;
+/// The close code of a connection one of whose groups was forgotten (`forget`) after its
+/// Welcome.
+pub const CLOSE_FORGOTTEN: u32 = 4;
 /// Hash requests of one connection answered at once (each reads up to
 /// `HASHES_PER_MESSAGE_MAX` MiB of image), so that they never starve ingest.
 pub const HASH_REQUESTS_PER_CONNECTION_MAX: usize = 2;
@@ -248,6 +271,15 @@ impl Server {
         let lock = ServeLock::acquire(&dir)?;
         let identity = dir.identity()?;
         let catalog = Catalog::open(&dir.catalog(), false, true).await?;
+        // What a forget cut short left on the disk goes before any group is opened.
+        crate::forget::complete_pending(&catalog, &dir).await?;
+        match catalog
+            .fail_unfinished_forgets("serve stopped before it carried the forget out", now_ns())
+            .await
+        {
+            Err(e) if e.is_disk_full() => tracing::warn!("could not fail old forget requests: {e}"),
+            other => other?,
+        }
         let token = CancellationToken::new();
         let ingest = IngestService::start_with(
             &dir,
@@ -304,7 +336,8 @@ impl Server {
             token.clone(),
         )
         .await?;
-        let task = tokio::spawn(accept_loop(endpoint, shared, lock, verifier));
+        let forgets = tokio::spawn(forget_requests(shared.clone()));
+        let task = tokio::spawn(accept_loop(endpoint, shared, lock, verifier, forgets));
         Ok(ServerHandle {
             local_addr,
             fingerprint: identity.fingerprint(),
@@ -330,6 +363,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
     lock: ServeLock,
     verifier: JoinHandle<()>,
+    forgets: JoinHandle<()>,
 ) -> Result<()> {
     let connections = TaskTracker::new();
     let mut next_id = 0u64;
@@ -344,8 +378,10 @@ async fn accept_loop(
     endpoint.close(0u32.into(), b"replica shutting down");
     connections.close();
     connections.wait().await;
-    // The verifier stops with the token; it writes only catalog rows.
+    // The verifier stops with the token; it writes only catalog rows. A forget in progress
+    // completes first (its files are deleted at the next start otherwise).
     let _ = verifier.await;
+    let _ = forgets.await;
     shared.ingest.shutdown().await;
     let _ = tokio::time::timeout(SHUTDOWN_LINGER, endpoint.wait_idle()).await;
     let reset = match shared.catalog.reset_links(now_ns()).await {
@@ -393,9 +429,34 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>, id: u
     tracing::info!(%agent, %remote, "agent connected");
     let result = serve_connection(&conn, agent, &shared, id).await;
     conn.close(0u32.into(), b"bye");
+    record_seen(&shared, &agent, remote).await;
     match result {
         Ok(()) => tracing::info!(%agent, %remote, "agent disconnected"),
         Err(e) => tracing::warn!(%agent, %remote, "agent disconnected: {e}"),
+    }
+}
+
+/// Records that the agent was seen now (at its Hello and when its connection ends), for
+/// `cdp-replica agents`; a failure (a full disk) is only logged.
+async fn record_seen(shared: &Arc<Shared>, agent: &Fingerprint, remote: SocketAddr) {
+    if let Err(e) = shared
+        .catalog
+        .agent_seen(&agent.to_string(), &remote.to_string(), now_ns())
+        .await
+    {
+        tracing::warn!(%agent, "could not record when the agent was seen: {e}");
+    }
+}
+
+/// Why the connection of `agent` must close now that it is no longer authorized
+/// (`cdp-replica deauthorize`), if it is not; `None` while it is, or when the list cannot be
+/// read (the next handshake decides then).
+fn deauthorized(shared: &Arc<Shared>, agent: &Fingerprint) -> Option<String> {
+    match crate::agents::is_authorized(shared.ingest.data_dir(), agent) {
+        Some(false) => Some(format!(
+            "agent {agent} was deauthorized on the replica (cdp-replica deauthorize); it is refused until it is authorized again"
+        )),
+        _ => None,
     }
 }
 
@@ -459,6 +520,11 @@ async fn serve_connection(
         Ok(Err(e)) => return Err(format!("no control stream: {e}")),
         Err(_) => return Err(format!("no control stream within {HELLO_TIMEOUT:?}")),
     };
+    let agent_name = crate::datadir::read_agents(shared.ingest.data_dir())
+        .ok()
+        .and_then(|list| list.into_iter().find(|a| a.fingerprint == agent))
+        .map(|a| a.name)
+        .unwrap_or_default();
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; CONTROL_READ_BYTES];
     let hello =
@@ -477,6 +543,7 @@ async fn serve_connection(
             }
             Err(_) => return Err(format!("no Hello within {HELLO_TIMEOUT:?}")),
         };
+    record_seen(shared, &agent, conn.remote_address()).await;
     let Control::Hello { protocol, groups } = hello else {
         return refuse(
             &mut send,
@@ -514,6 +581,10 @@ async fn serve_connection(
         }
     }
     set_links(shared, &group_ids, id, true, &agent).await;
+    let forget_epochs: Vec<(String, u64)> = welcomes
+        .iter()
+        .map(|w| (w.name.clone(), shared.ingest.forget_epoch(&w.name)))
+        .collect();
     tracing::info!(%agent, groups = ?welcomes.iter().map(|w| (&w.name, w.durable)).collect::<Vec<_>>(), "welcomed the agent");
 
     let (outbox, mut outbox_rx) = mpsc::channel::<Control>(CONTROL_OUTBOX_MAX);
@@ -543,6 +614,18 @@ async fn serve_connection(
         tokio::select! {
             _ = shared.token.cancelled() => break Ok(()),
             _ = fence_check.tick() => {
+                if let Some(reason) = deauthorized(shared, &agent) {
+                    tracing::warn!(%agent, name = %agent_name, "closing the connection of agent {agent_name:?} ({agent}): it was deauthorized");
+                    conn.close(CLOSE_DEAUTHORIZED.into(), reason.as_bytes());
+                    // Said above; the end of the connection is logged as usual.
+                    break Ok(());
+                }
+                if let Some((group, _)) = forget_epochs.iter().find(|(g, e)| shared.ingest.forget_epoch(g) != *e) {
+                    let reason = format!("group {group} was forgotten on the replica (cdp-replica forget); the next connection starts it afresh");
+                    tracing::warn!(%agent, "closing the agent's connection: {reason}");
+                    conn.close(CLOSE_FORGOTTEN.into(), reason.as_bytes());
+                    break Err(reason);
+                }
                 if let Some(reason) = fenced(shared, &group_ids).await {
                     tracing::warn!(%agent, "closing the agent's connection: {reason}");
                     conn.close(2u32.into(), reason.as_bytes());
@@ -615,6 +698,112 @@ async fn serve_connection(
     streams.wait().await;
     writer.abort();
     result
+}
+
+/// Carries out the forgets the CLI asks for (`forget_requests`), one at a time, polling every
+/// [`crate::forget::FORGET_POLL_INTERVAL`] until the server stops (see `forget`).
+async fn forget_requests(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(crate::forget::FORGET_POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.token.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let requests = match shared.catalog.requested_forgets().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("could not read the forget requests: {e}");
+                continue;
+            }
+        };
+        for r in requests {
+            match shared
+                .catalog
+                .move_forget_request(r.id, "requested", "running", None, now_ns())
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!("could not take a forget request: {e}");
+                    continue;
+                }
+            }
+            let (state, message) = match serve_forget(&shared, &r).await {
+                Ok(Ok(msg)) => ("done", msg),
+                Ok(Err(why)) => ("failed", why),
+                Err(e) => {
+                    tracing::error!("could not forget {} {}: {e}", r.kind, r.name);
+                    ("failed", e.to_string())
+                }
+            };
+            if let Err(e) = shared
+                .catalog
+                .move_forget_request(r.id, "running", state, Some(&message), now_ns())
+                .await
+            {
+                tracing::warn!("could not record the outcome of a forget: {e}");
+            }
+        }
+    }
+}
+
+/// One forget inside serve: refused while the group's agent is connected; otherwise the
+/// group's tasks are stopped around [`crate::forget::execute`]. `Ok(Err)`: refused.
+async fn serve_forget(
+    shared: &Arc<Shared>,
+    r: &crate::catalog::ForgetRequestRow,
+) -> Result<std::result::Result<String, String>> {
+    use crate::forget::{self, ForgetTarget};
+    let target = match r.kind.as_str() {
+        "group" => ForgetTarget::Group(r.name.clone()),
+        _ => ForgetTarget::Volume(r.name.clone()),
+    };
+    let dir = shared.ingest.data_dir().clone();
+    let Some(plan) = forget::plan(&shared.catalog, &target).await? else {
+        return Ok(Err(format!(
+            "there is no {target} on this replica any more"
+        )));
+    };
+    let gid = plan.group.id;
+    let connected = || {
+        shared
+            .links
+            .lock()
+            .map(|l| l.contains_key(&gid))
+            .unwrap_or(false)
+    };
+    let name = plan.group.name.clone();
+    match shared
+        .ingest
+        .begin_forget(&name, || {
+            if connected() {
+                Err(forget::agent_connected(&plan, &dir))
+            } else {
+                Ok(())
+            }
+        })
+        .await?
+    {
+        Ok(()) => {}
+        Err(why) => return Ok(Err(why)),
+    }
+    let result = forget::execute(&shared.catalog, &dir, &plan).await;
+    // With files left to delete the group stays refused until a forget completes them.
+    let done = match shared.catalog.forget_files().await {
+        Ok(left) => left.is_empty(),
+        Err(_) => false,
+    };
+    shared.ingest.end_forget(&name, done).await?;
+    match result {
+        Ok(()) => {
+            tracing::info!("forgot {target} (requested by cdp-replica forget)");
+            Ok(Ok(format!("forgot {target}")))
+        }
+        Err(ReplicaError::Forget(why)) => Ok(Err(why)),
+        Err(e) => Err(e),
+    }
 }
 
 /// The refusal sentence of the first of `group_ids` that is failed over, if any.

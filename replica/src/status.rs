@@ -1,8 +1,9 @@
 //! `status`: per volume, its group, state, size, window, journal size, retention and live pins,
 //! read from the catalog (works whether or not `serve` runs; `serve.lock` tells which), and
 //! whether the running `serve` has paused its group's ingest (the pause board), the group's
-//! failover, and whether the verifier found chunks that differ from the agent's (`degraded`
-//! until they are repaired).
+//! failover, whether the verifier found chunks that differ from the agent's (`degraded`
+//! until they are repaired), and whether the window is shorter than the group's retention
+//! although points were trimmed (`window_short`: the journal cap limits it).
 
 use std::path::Path;
 
@@ -15,7 +16,7 @@ use crate::error::Result;
 use crate::pause_board;
 use crate::pins::live_pins;
 use crate::recovery::{rfc3339, ser_time, time_of, window};
-use crate::retention::{Retention, format_duration};
+use crate::retention::{Retention, format_duration, format_size};
 
 /// A point named in `status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -63,6 +64,57 @@ pub struct VolumeStatus {
     pub failover: Option<FailoverStatus>,
     /// Open verification mismatches (null when there is none).
     pub degraded: Option<Degraded>,
+    /// The window is shorter than the group's configured window although points were
+    /// already trimmed away (the journal cap, not the group's youth, limits it); null
+    /// otherwise.
+    pub window_short: Option<WindowShort>,
+}
+
+/// A window cut shorter than its retention in `status` (see [`VolumeStatus::window_short`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WindowShort {
+    /// Agent time from the window's first point to its newest, in whole seconds.
+    pub effective_secs: u64,
+    /// The group's configured window, in seconds.
+    pub configured_secs: u64,
+    /// One sentence: what limits it and what to do.
+    pub reason: String,
+}
+
+/// Whether the window of a volume is shorter than its group's window although retention
+/// trimmed points away (sans-IO). `first_ns`/`newest_ns`: agent times of the window's first
+/// and newest points; `journal_bytes`: the group's journal now.
+pub fn window_short(
+    volume: &str,
+    group: &str,
+    retention: &Retention,
+    trimmed: bool,
+    first_ns: i64,
+    newest_ns: i64,
+    journal_bytes: u64,
+) -> Option<WindowShort> {
+    let effective_ns = newest_ns.saturating_sub(first_ns).max(0);
+    let configured_ns = i64::try_from(retention.window.as_nanos()).unwrap_or(i64::MAX);
+    if !trimmed || effective_ns >= configured_ns {
+        return None;
+    }
+    let effective = crate::retention::format_span(effective_ns);
+    let configured = format_duration(retention.window);
+    let reason = match retention.journal_bytes_max {
+        Some(cap) => format!(
+            "the window of volume {volume} spans {effective} of agent time, not the {configured} group {group} keeps: its journal cap of {} (the journal holds {}) trimmed older points; raise it with `cdp-replica retention --group {group} --max-journal SIZE` (or `none`) to keep more",
+            format_size(cap),
+            cdp_shared::types::human_bytes(journal_bytes)
+        ),
+        None => format!(
+            "the window of volume {volume} spans {effective} of agent time, not the {configured} group {group} keeps: older points were trimmed under an earlier, smaller retention, and the window grows back as new points arrive"
+        ),
+    };
+    Some(WindowShort {
+        effective_secs: (effective_ns / 1_000_000_000) as u64,
+        configured_secs: retention.window.as_secs(),
+        reason,
+    })
 }
 
 /// A group's failover in `status`.
@@ -137,17 +189,38 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
         let connected = serving && catalog.link(group.id).await?.is_some_and(|l| l.connected);
         let journal_bytes = catalog.journal_bytes(group.id).await?;
         let pins = live_pins(&catalog, group.id).await?;
+        let failover = catalog.failover(group.id).await?;
+        let mut short = None;
         let (window_first, window_last) = match window(&mut catalog.clone(), &v, &group).await? {
-            Ok(w) => (
-                w.first.map(|b| PointRef {
-                    seq: b.seq,
-                    time: time_of(b.agent_ns),
-                }),
-                w.last.map(|b| PointRef {
-                    seq: b.seq,
-                    time: time_of(b.agent_ns),
-                }),
-            ),
+            Ok(w) => {
+                // A failover's own state says more than its window (its base is its point).
+                if failover.is_none()
+                    && let (Some(first), Some(newest)) = (
+                        &w.start_batch,
+                        catalog.batch(group.id, group.head_seq).await?,
+                    )
+                {
+                    short = window_short(
+                        &v.name,
+                        &group.name,
+                        &group.retention,
+                        w.trimmed,
+                        first.agent_ns,
+                        newest.agent_ns,
+                        journal_bytes,
+                    );
+                }
+                (
+                    w.first.map(|b| PointRef {
+                        seq: b.seq,
+                        time: time_of(b.agent_ns),
+                    }),
+                    w.last.map(|b| PointRef {
+                        seq: b.seq,
+                        time: time_of(b.agent_ns),
+                    }),
+                )
+            }
             Err(_) => (None, None),
         };
         let pause = board.groups.get(&group.name);
@@ -165,7 +238,6 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
                 ),
             }
         });
-        let failover = catalog.failover(group.id).await?;
         let state: String = if let Some(f) = &failover {
             match f.state {
                 FailoverState::Active => format!("failed over at seq {}", f.seq),
@@ -208,8 +280,47 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
                 since: rfc3339(&time_of(f.committed_ns.unwrap_or(f.started_ns))),
             }),
             degraded,
+            window_short: short,
         });
     }
     catalog.close().await;
     Ok(StatusReport { serving, volumes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_window_is_short_only_when_trimmed_and_shorter_than_configured() {
+        const S: i64 = 1_000_000_000;
+        let day = Retention {
+            window: Duration::from_secs(86400),
+            journal_bytes_max: Some(1 << 30),
+        };
+        // Young: not trimmed, however short.
+        assert_eq!(window_short("v", "g", &day, false, 0, 60 * S, 0), None);
+        // Trimmed by the window itself: the first point is older than the window.
+        assert_eq!(window_short("v", "g", &day, true, 0, 86401 * S, 0), None);
+        let w = window_short("v", "g", &day, true, 0, 3600 * S, 1 << 30).expect("short");
+        assert_eq!((w.effective_secs, w.configured_secs), (3600, 86400));
+        assert!(
+            w.reason.contains("spans 1h of agent time, not the 24h")
+                && w.reason.contains("journal cap of 1GiB")
+                && w.reason.contains("--max-journal"),
+            "{}",
+            w.reason
+        );
+        let no_cap = Retention {
+            journal_bytes_max: None,
+            ..day
+        };
+        let w = window_short("v", "g", &no_cap, true, 0, 90 * S, 0).expect("short");
+        assert!(
+            w.reason.contains("earlier, smaller retention"),
+            "{}",
+            w.reason
+        );
+    }
 }

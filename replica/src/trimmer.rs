@@ -71,14 +71,16 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{
-    Catalog, EventLevel, FailoverState, GroupRow, PointReads, RecordRow, VolumeRow,
+    Catalog, EventLevel, FailoverState, GroupRow, RecordRow, TrimReads, VolumeRow,
 };
 use crate::datadir::DataDir;
 use crate::error::{ReplicaError, Result};
 use crate::journal;
 use crate::pins;
 use crate::reconstruct::{RecordLoader, RecordRef};
-use crate::retention::{TRIM_ROUND_BATCHES_MAX, TrimChoice, TrimInputs, choose_trim};
+use crate::retention::{
+    BatchWeight, Retention, TRIM_ROUND_BATCHES_MAX, TrimChoice, TrimInputs, choose_trim,
+};
 use crate::target::TargetFile;
 
 /// How often the trimmer of a group wakes up by itself.
@@ -281,55 +283,26 @@ impl Trimmer {
             held_by_pin: false,
             more: false,
         };
-        if g.trimming_to.is_some() || g.head_seq <= g.base_seq {
+        if g.trimming_to.is_some() {
             lock.commit().await?;
             return Ok(none);
         }
-        let Some(head) = lock.batch(g.id, g.head_seq).await? else {
+        let journal_bytes = lock.journal_bytes(g.id).await?;
+        let Some((inputs, batches)) =
+            trim_inputs(&mut lock, &g, g.base_seq, &g.retention, journal_bytes).await?
+        else {
             lock.commit().await?;
             return Ok(none);
         };
-        // Back from the head's agent time, or from the replica's clock when that is earlier:
-        // an agent clock running ahead never trims more.
-        let window_ns = i64::try_from(g.retention.window.as_nanos()).unwrap_or(i64::MAX);
-        let cutoff_ns = head.agent_ns.min(crate::now_ns()).saturating_sub(window_ns);
-        let scan_to = g
-            .head_seq
-            .min(g.base_seq.saturating_add(TRIM_ROUND_BATCHES_MAX + 1));
-        let older_than_window = match lock
-            .first_batch_since(g.id, g.base_seq, scan_to, cutoff_ns)
-            .await?
-        {
-            Some(young) => young - 1,
-            None => scan_to,
-        };
-        let excess_bytes = match g.retention.journal_bytes_max {
-            Some(cap) => lock.journal_bytes(g.id).await?.saturating_sub(cap),
-            None => 0,
-        };
-        // Only as many batches as the choice can look at.
-        let weigh = if excess_bytes > 0 {
-            TRIM_ROUND_BATCHES_MAX
-        } else {
-            (older_than_window - g.base_seq).min(TRIM_ROUND_BATCHES_MAX)
-        };
-        let batches = if weigh > 0 {
-            lock.batch_weights(g.id, g.base_seq, weigh).await?
-        } else {
-            Vec::new()
-        };
         let choice = choose_trim(
             &TrimInputs {
-                base: g.base_seq,
-                head: g.head_seq,
-                older_than_window,
-                excess_bytes,
                 oldest_pin: live
                     .first()
                     .map(|p| p.seq)
                     .into_iter()
                     .chain(failover_seq)
                     .min(),
+                ..inputs
             },
             &batches,
         );
@@ -397,6 +370,92 @@ impl Trimmer {
     fn publish(&self, outcome: &RoundOutcome) {
         self.link.set_held(self.link.over_cap() && !outcome.more);
     }
+}
+
+/// What the trimmer weighs in a round of group `g` whose base is `base`, with `journal_bytes`
+/// journal bytes after it, under `retention`: the inputs of [`choose_trim`] (no pins: the
+/// caller adds them) and the batches after the base it may look at. `None` when nothing
+/// follows the base.
+pub(crate) async fn trim_inputs(
+    reads: &mut impl TrimReads,
+    g: &GroupRow,
+    base: u64,
+    retention: &Retention,
+    journal_bytes: u64,
+) -> Result<Option<(TrimInputs, Vec<BatchWeight>)>> {
+    if g.head_seq <= base {
+        return Ok(None);
+    }
+    let Some(head) = reads.batch(g.id, g.head_seq).await? else {
+        return Ok(None);
+    };
+    // Back from the head's agent time, or from the replica's clock when that is earlier:
+    // an agent clock running ahead never trims more.
+    let window_ns = i64::try_from(retention.window.as_nanos()).unwrap_or(i64::MAX);
+    let cutoff_ns = head.agent_ns.min(crate::now_ns()).saturating_sub(window_ns);
+    let scan_to = g
+        .head_seq
+        .min(base.saturating_add(TRIM_ROUND_BATCHES_MAX + 1));
+    let older_than_window = match reads
+        .first_batch_since(g.id, base, scan_to, cutoff_ns)
+        .await?
+    {
+        Some(young) => young - 1,
+        None => scan_to,
+    };
+    let excess_bytes = match retention.journal_bytes_max {
+        Some(cap) => journal_bytes.saturating_sub(cap),
+        None => 0,
+    };
+    // Only as many batches as the choice can look at.
+    let weigh = if excess_bytes > 0 {
+        TRIM_ROUND_BATCHES_MAX
+    } else {
+        (older_than_window - base).min(TRIM_ROUND_BATCHES_MAX)
+    };
+    let batches = if weigh > 0 {
+        reads.batch_weights(g.id, base, weigh).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Some((
+        TrimInputs {
+            base,
+            head: g.head_seq,
+            older_than_window,
+            excess_bytes,
+            oldest_pin: None,
+        },
+        batches,
+    )))
+}
+
+/// Where the trimmer's rounds would take group `g`'s base under `retention` if no reader held
+/// it and no batch arrived: its rounds played out on the catalog as it is (the same inputs and
+/// [`choose_trim`] as [`Trimmer::round`], without writing anything). `retention` uses it to
+/// tell what a change would drop.
+pub(crate) async fn base_after_trims(
+    reads: &mut impl TrimReads,
+    g: &GroupRow,
+    retention: &Retention,
+) -> Result<u64> {
+    let mut base = g.window_floor();
+    let mut journal_bytes = reads.journal_bytes_after(g.id, base).await?;
+    while let Some((inputs, batches)) =
+        trim_inputs(reads, g, base, retention, journal_bytes).await?
+    {
+        let Some(to) = choose_trim(&inputs, &batches).to else {
+            break;
+        };
+        let trimmed: u64 = batches
+            .iter()
+            .filter(|b| b.seq <= to)
+            .map(|b| b.journal_bytes)
+            .sum();
+        journal_bytes = journal_bytes.saturating_sub(trimmed);
+        base = to;
+    }
+    Ok(base)
 }
 
 /// Applies every journal record of group `group_id` (named `name`) with seq in (base, to] to
