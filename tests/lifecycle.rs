@@ -265,6 +265,16 @@ fn unprotect_stops_serving_and_releases_the_device_while_other_groups_go_on() {
     let restored = c.restore("a", "bookmark:before").expect("restore a");
     assert_eq!(&restored[..4096], &[1u8; 4096][..]);
 
+    // With the group unprotected, the replica may forget it while the agent stays connected
+    // for its other groups.
+    let out = run_ok(&mut c.replica_cmd(&["forget", "--volume", "a", "--yes"]));
+    assert!(out.starts_with("forgot "), "{out}");
+    assert!(
+        c.restore("a", "latest").is_err(),
+        "a is forgotten on the replica"
+    );
+    c.wait_in_step("b", Duration::from_secs(60));
+
     // A whole group, with --purge; then, with the agent stopped, the last one.
     let out = run_ok(&mut c.agent_cmd(&["unprotect", "--group", "cd", "--purge"]));
     assert!(

@@ -385,7 +385,7 @@ pub fn agent_connected(plan: &ForgetPlan, dir: &DataDir) -> String {
         .filter(|n| !n.is_empty())
         .map_or_else(String::new, |n| format!("{n:?} "));
     format!(
-        "{} is protected by agent {name}({}), which is connected to the running serve: stop that agent (or `cdp-replica deauthorize` it) first, then run forget again; if it connects again later, the group is new to the replica and gets a fresh initial sync",
+        "{} is protected by agent {name}({}), which is connected to the running serve: unprotect it there first (`cdp-agent unprotect`), or stop that agent or `cdp-replica deauthorize` it, then run forget again; if it connects again later, the group is new to the replica and gets a fresh initial sync",
         what(plan),
         plan.group.owner
     )
