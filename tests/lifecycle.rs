@@ -13,14 +13,10 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// A second agent's data directory, paired with the same replica.
-fn second_agent(c: &Cluster) -> std::path::PathBuf {
-    let dir = c.path("agent2");
-    let fp = run_ok(
-        Command::new(bin("cdp-replica"))
-            .args(["fingerprint", "--data"])
-            .arg(&c.replica_dir),
-    );
+/// A new agent's data directory `name`, paired with the cluster's replica.
+fn another_agent(c: &Cluster, name: &str) -> std::path::PathBuf {
+    let dir = c.path(name);
+    let fp = run_ok(&mut c.replica_cmd(&["fingerprint"]));
     run_ok(
         Command::new(bin("cdp-agent"))
             .args(["init", "--data"])
@@ -58,7 +54,9 @@ fn claimed_device_is_refused_to_a_second_agent(device_of: impl Fn(&Cluster) -> s
     let mut c = Cluster::new();
     let dev = device_of(&c);
     c.protect("v", &dev, None);
-    let other = second_agent(&c);
+    let other = another_agent(&c, "agent2");
+    // A third one, with no volume: its protect is refused for the device alone.
+    let third = another_agent(&c, "agent3");
     // The second agent protects the same device while nobody serves it (allowed), and the
     // first one starts.
     run_ok(
@@ -76,7 +74,7 @@ fn claimed_device_is_refused_to_a_second_agent(device_of: impl Fn(&Cluster) -> s
     refused(
         Command::new(bin("cdp-agent"))
             .args(["protect", "--data"])
-            .arg(c.path("agent3"))
+            .arg(&third)
             .args(["--volume", "x", "--device"])
             .arg(&dev),
         &dev,
@@ -99,27 +97,7 @@ fn claimed_device_is_refused_to_a_second_agent(device_of: impl Fn(&Cluster) -> s
 
 #[test]
 fn a_file_served_by_one_agent_is_refused_to_another() {
-    // `agent3` has no configuration: protect must be refused for the device, not for that.
-    claimed_device_is_refused_to_a_second_agent(|c| {
-        let dir = c.path("agent3");
-        let fp = run_ok(
-            Command::new(bin("cdp-replica"))
-                .args(["fingerprint", "--data"])
-                .arg(&c.replica_dir),
-        );
-        run_ok(
-            Command::new(bin("cdp-agent"))
-                .args(["init", "--data"])
-                .arg(&dir)
-                .args([
-                    "--replica",
-                    "127.0.0.1:9",
-                    "--replica-fingerprint",
-                    fp.trim(),
-                ]),
-        );
-        c.make_device("v.img", 8 * MIB, MIB, 1)
-    });
+    claimed_device_is_refused_to_a_second_agent(|c| c.make_device("v.img", 8 * MIB, MIB, 1));
 }
 
 /// A loop device over a file, detached on drop.
@@ -138,23 +116,6 @@ fn a_block_device_served_by_one_agent_is_refused_to_another() {
     }
     let held: std::sync::Mutex<Option<Loop>> = std::sync::Mutex::new(None);
     claimed_device_is_refused_to_a_second_agent(|c| {
-        let dir = c.path("agent3");
-        let fp = run_ok(
-            Command::new(bin("cdp-replica"))
-                .args(["fingerprint", "--data"])
-                .arg(&c.replica_dir),
-        );
-        run_ok(
-            Command::new(bin("cdp-agent"))
-                .args(["init", "--data"])
-                .arg(&dir)
-                .args([
-                    "--replica",
-                    "127.0.0.1:9",
-                    "--replica-fingerprint",
-                    fp.trim(),
-                ]),
-        );
         let file = c.make_device("v.img", 8 * MIB, MIB, 1);
         let out = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&file));
         let dev = out.trim().to_owned();
@@ -213,19 +174,7 @@ fn unprotect_stops_serving_and_releases_the_device_while_other_groups_go_on() {
     assert!(!export_opens(&c.nbd_uri("a")), "a is no longer served");
     drop(a);
     // Its device is free for another agent.
-    let other = c.path("agent2");
-    let fp = run_ok(&mut c.replica_cmd(&["fingerprint"]));
-    run_ok(
-        Command::new(bin("cdp-agent"))
-            .args(["init", "--data"])
-            .arg(&other)
-            .args([
-                "--replica",
-                "127.0.0.1:9",
-                "--replica-fingerprint",
-                fp.trim(),
-            ]),
-    );
+    let other = another_agent(&c, "agent2");
     run_ok(
         Command::new(bin("cdp-agent"))
             .args(["protect", "--data"])
