@@ -14,7 +14,10 @@
 //! Segments only ever get new numbers (a segment number is never reused while older ones are
 //! still on disk), so segment order is seq order. The trimmer unlinks the segments at the
 //! front whose batches have all been applied to the target files
-//! ([`remove_segments_before`]); the committed end's segment is never among them.
+//! ([`remove_segments_before`]); the committed end's segment is never among them. In the
+//! segment where the trimmed part of the journal ends, it releases the trimmed bytes' disk
+//! blocks at once by punching a hole over them ([`punch_trimmed`]): a journal of one large
+//! segment shrinks on disk as soon as retention trims it.
 //!
 //! Two positions are kept apart: *written* (appended, maybe only in the page cache) and
 //! *durable* (fsynced). [`Journal::sync`] moves durable up to written. Bytes past the durable
@@ -393,6 +396,44 @@ pub fn remove_segments_before(dir: &Path, keep_from: u64) -> Result<Vec<u64>> {
         sync_dir(dir)?;
     }
     Ok(old)
+}
+
+/// The granularity of [`punch_trimmed`]: the segment's first page (its header) is kept, and
+/// only whole pages are released.
+pub const PUNCH_ALIGN_BYTES: u64 = 4096;
+
+/// Frees the disk blocks of segment `segment` of the journal in `dir` before `end` (the
+/// trimmer's step (e) on the segment that holds the journal's trimmed end: every byte of it
+/// before `end` belongs to batches applied to the target files, and no reader needs them).
+/// The bytes become a hole (`fallocate(PUNCH_HOLE | KEEP_SIZE)`): offsets and the file's
+/// length stay as they were, so the catalog's positions and the segment's header (the first
+/// page is kept) are unchanged. Returns the bytes released; 0 when there is less than a page
+/// to release, when the segment is gone, or when the filesystem cannot punch holes (the
+/// bytes are then freed only when the whole segment is unlinked). Idempotent.
+pub fn punch_trimmed(dir: &Path, segment: u64, end: u64) -> Result<u64> {
+    let from = PUNCH_ALIGN_BYTES;
+    let to = end - end % PUNCH_ALIGN_BYTES;
+    if to <= from {
+        return Ok(0);
+    }
+    let path = dir.join(segment_name(segment));
+    let file = match OpenOptions::new().write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(ReplicaError::io("open", &path)(e)),
+    };
+    match rustix::fs::fallocate(
+        &file,
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        from,
+        to - from,
+    ) {
+        Ok(()) => Ok(to - from),
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => Ok(0),
+        Err(e) => Err(ReplicaError::io("punch the trimmed bytes out of", &path)(
+            io::Error::from(e),
+        )),
+    }
 }
 
 /// Reads records back from the segments of one group (opens each segment once).

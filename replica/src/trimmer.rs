@@ -34,7 +34,11 @@
 //!     the journal's committed end, and the lowest `segment_min` of the group's pins and of its
 //!     failover row while not committed (a
 //!     reader's plan may still read a record ≤ B' from a segment that held one when it
-//!     pinned). The segment a commit may append to is never unlinked.
+//!     pinned). The segment a commit may append to is never unlinked. When no pin or failover
+//!     reaches back to the segment holding the trimmed end, punch a hole over its bytes before
+//!     the trimmed end (`journal::punch_trimmed`): with one large segment — a small journal,
+//!     or a cap just lowered — the disk space a trim frees is free at once, so a replica
+//!     paused on a full disk resumes after `retention --max-journal` without more space.
 //!
 //! A `trimming_to` found at the start of a round — left by a crash, or by a round that failed
 //! on a full disk — is completed first: (b)–(e) again with the same B'. Re-applying records
@@ -197,6 +201,9 @@ pub struct Trimmer {
     link: Arc<TrimLink>,
     /// A round failed on a full disk and said so (said again only after a success).
     disk_full_told: bool,
+    /// The trimmed end (segment, offset) up to which this trimmer last punched the journal
+    /// (step (e)); punched again only once the trimmed end moves.
+    punched: Option<(u64, u64)>,
 }
 
 impl Trimmer {
@@ -208,6 +215,7 @@ impl Trimmer {
             name: group.name.clone(),
             link,
             disk_full_told: false,
+            punched: None,
         }
     }
 
@@ -329,9 +337,9 @@ impl Trimmer {
     }
 
     /// Step (e): unlinks the segments below the first one still needed.
-    async fn unlink(&self) -> Result<Vec<u64>> {
+    async fn unlink(&mut self) -> Result<Vec<u64>> {
         let g = self.catalog.group_by_id(self.group_id).await?;
-        let Some((end_segment, _)) = g.trimmed_end else {
+        let Some((end_segment, end_offset)) = g.trimmed_end else {
             return Ok(Vec::new());
         };
         let first_live = self
@@ -356,12 +364,38 @@ impl Trimmer {
             .flatten()
             .min()
             .unwrap_or(end_segment);
+        // The trimmed bytes of the end segment are punched out unless a reader may still
+        // read them: a pin or a failover taken before the last trims may plan records in
+        // that segment that are now trimmed (one taken since reads only past the trimmed
+        // end, but the two are not told apart). Readers are short (the verifier) or hold
+        // their point anyway (exports, failovers).
+        let readers_below = [pinned, failover]
+            .into_iter()
+            .flatten()
+            .any(|s| s <= end_segment);
+        let punch = (!readers_below
+            && keep_from == end_segment
+            && self.punched < Some((end_segment, end_offset)))
+        .then_some((end_segment, end_offset));
         let jdir = self.dir.journal(&self.name);
-        let unlinked =
-            tokio::task::spawn_blocking(move || journal::remove_segments_before(&jdir, keep_from))
-                .await??;
+        let (unlinked, punched) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let unlinked = journal::remove_segments_before(&jdir, keep_from)?;
+            let punched = match punch {
+                Some((segment, end)) => journal::punch_trimmed(&jdir, segment, end)?,
+                None => 0,
+            };
+            Ok((unlinked, punched))
+        })
+        .await??;
         if !unlinked.is_empty() {
             tracing::debug!(group = %self.name, "unlinked trimmed journal segments {unlinked:?}");
+        }
+        if let Some(at) = punch {
+            self.punched = Some(at);
+            tracing::debug!(
+                group = %self.name,
+                "released the trimmed bytes of journal segment {end_segment} before offset {end_offset} ({punched} bytes punched)"
+            );
         }
         Ok(unlinked)
     }

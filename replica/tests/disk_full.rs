@@ -493,3 +493,225 @@ async fn a_full_disk_pauses_ingest_and_it_resumes_when_space_returns() {
     drop(tiny);
     drop(fs);
 }
+
+/// Seeds of [`pattern`] that give incompressible bytes (multiples of 3 give runs).
+fn noise(n: u64) -> Vec<u8> {
+    pattern(3 * n + 1, BATCH_DATA_BYTES)
+}
+
+/// Bytes of disk the file at `path` occupies (its holes take none).
+fn allocated_bytes(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).expect("stat")) * 512
+}
+
+/// Waits for `Resumed` and the ack of `last`, failing the test after `secs` seconds.
+async fn resumed_within(agent: &mut QuicAgent, heard: &mut Heard, last: u64, secs: u64, why: &str) {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(secs),
+        until_resumed_and_acked(agent, heard, last),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{why}: after {secs} s still {} with batch {} acknowledged of {last}",
+            if heard.paused.is_some() {
+                "paused"
+            } else {
+                "waiting"
+            },
+            heard.acked
+        )
+    });
+}
+
+/// The journal alone fills the replica's filesystem (one segment: the default segment is
+/// larger than the filesystem), ingest pauses; `retention --max-journal` below the journal's
+/// size then frees the trimmed bytes at once (the trimmer punches them out of the segment),
+/// and ingest resumes without a byte freed by hand and keeps going under the cap, with
+/// every point in the window restoring exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lower_journal_cap_frees_a_full_disk_at_once() {
+    const SMALL_FS_BYTES: u64 = 40 << 20;
+    const CAP: &str = "6MiB";
+    const CAP_BYTES: u64 = 6 << 20;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some(fs) = mount_small_fs(&tmp.path().join("small"), SMALL_FS_BYTES) else {
+        return;
+    };
+    let root = fs.path.join("replica");
+    let replica_fp = init_replica(&root).await;
+    let agent_id = Identity::generate("cap-agent").expect("identity");
+    cdp_replica::authorize(&root, agent_id.fingerprint(), "cap").expect("authorize");
+    let server = Server::start(&root, "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("server");
+    let mut agent = QuicAgent::connect(&agent_id, replica_fp, server.local_addr())
+        .await
+        .expect("connect");
+    let vol = (0u32, "capped", CHUNK_BYTES);
+    let mut sim = AgentSim::new("g", &[vol]);
+    sim.keep_history = false;
+    sim.images.insert(0, pattern(1, vol.2 as usize));
+    let mut heard = Heard::default();
+    let mut batches = Vec::new();
+    let synced = sim.sync_volume(0, &mut batches);
+    assert!(matches!(
+        agent.hello(vec![sim.hello()]).await.expect("welcome"),
+        Control::Welcome { .. }
+    ));
+    for (_, b) in &batches {
+        agent.send_batch(b).await.expect("send");
+    }
+    while heard.acked < synced {
+        hear(&mut agent, &mut heard).await;
+    }
+
+    // The journal fills the filesystem (more batches than it can hold) and ingest pauses.
+    let mut images = std::collections::BTreeMap::new();
+    let mut queue = std::collections::VecDeque::new();
+    let mut n = 0u64;
+    let mut more = |sim: &mut AgentSim,
+                    images: &mut std::collections::BTreeMap<u64, Vec<u8>>,
+                    queue: &mut std::collections::VecDeque<(u64, Vec<u8>)>,
+                    count: u64| {
+        for _ in 0..count {
+            n += 1;
+            let offset = (n * (64 << 10)) % (vol.2 - BATCH_DATA_BYTES as u64);
+            let b = sim.batch(
+                &[Op::Data {
+                    vol: 0,
+                    offset,
+                    bytes: noise(n),
+                }],
+                BatchFlags::FLUSH,
+                None,
+            );
+            images.insert(b.0, sim.images[&0].clone());
+            queue.push_back(b);
+        }
+    };
+    more(
+        &mut sim,
+        &mut images,
+        &mut queue,
+        SMALL_FS_BYTES / BATCH_DATA_BYTES as u64 + WINDOW,
+    );
+    send_until_paused(&mut agent, &mut heard, &mut queue).await;
+    let reason = heard.paused.clone().expect("paused");
+    assert!(reason.contains("disk is full"), "{reason}");
+    let dir = DataDir::existing(&root).expect("dir");
+    let segments = || -> Vec<PathBuf> {
+        let mut s: Vec<PathBuf> = std::fs::read_dir(dir.journal("g"))
+            .expect("journal dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+            .collect();
+        s.sort();
+        s
+    };
+    let full = segments();
+    assert_eq!(
+        full.len(),
+        1,
+        "one segment holds the whole journal: {full:?}"
+    );
+    let journal_at_pause = allocated_bytes(&full[0]);
+    eprintln!(
+        "paused with {} acknowledged, journal {journal_at_pause} bytes, {} bytes free: {reason}",
+        heard.acked,
+        free_bytes(&root)
+    );
+    assert!(journal_at_pause > SMALL_FS_BYTES / 2, "{journal_at_pause}");
+
+    // A window more of batches is sent while paused; the cap goes below the journal's size.
+    let mut last_sent = heard.acked;
+    while let Some((seq, _)) = queue.front()
+        && *seq <= heard.acked + WINDOW
+    {
+        let (seq, b) = queue.pop_front().expect("a batch");
+        agent.send_batch(&b).await.expect("send");
+        last_sent = seq;
+    }
+    let refused = Command::new(BIN)
+        .args(["retention", "--data", root.to_str().expect("path")])
+        .args(["--group", "g", "--max-journal", CAP])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run retention");
+    assert!(!refused.status.success(), "dropping points needs --yes");
+    let o = Command::new(BIN)
+        .args(["retention", "--data", root.to_str().expect("path")])
+        .args(["--group", "g", "--max-journal", CAP, "--yes"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run retention");
+    assert!(
+        o.status.success(),
+        "retention: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    resumed_within(
+        &mut agent,
+        &mut heard,
+        last_sent,
+        60,
+        "ingest did not resume after the journal cap was lowered",
+    )
+    .await;
+    let after = segments();
+    assert_eq!(after, full, "the same single segment, not a new one");
+    let journal_now = allocated_bytes(&after[0]);
+    eprintln!(
+        "resumed: journal {journal_now} bytes on disk, {} bytes free",
+        free_bytes(&root)
+    );
+    assert!(
+        journal_now < journal_at_pause / 2,
+        "the trim freed the journal's disk: {journal_at_pause} -> {journal_now} bytes"
+    );
+
+    // Ingest keeps going under the cap: three times the filesystem's size more, no pause.
+    more(
+        &mut sim,
+        &mut images,
+        &mut queue,
+        3 * SMALL_FS_BYTES / BATCH_DATA_BYTES as u64,
+    );
+    let last = sim.seq;
+    while heard.acked < last {
+        while let Some((seq, _)) = queue.front()
+            && *seq <= heard.acked + WINDOW
+        {
+            let (_, b) = queue.pop_front().expect("a batch");
+            agent.send_batch(&b).await.expect("send");
+        }
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            hear(&mut agent, &mut heard),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no message for 60 s at ack {}", heard.acked));
+        assert!(heard.paused.is_none(), "paused again: {:?}", heard.paused);
+    }
+    assert_eq!(heard.pauses, 1);
+    let journal_end = allocated_bytes(&segments()[0]);
+    // The cap, one group commit over it at most (the batches in flight) until the next trim,
+    // the batch at the window's start and the page kept at the segment's head.
+    let slack = (WINDOW + 2) * (BATCH_DATA_BYTES as u64 + (64 << 10));
+    assert!(
+        journal_end <= CAP_BYTES + slack,
+        "the journal stays under its cap on disk: {journal_end} bytes"
+    );
+
+    // Every point in the window restores exactly (serve stopped: its trimmer no longer
+    // moves the window); the first one is served by the target files the trims wrote.
+    agent.conn.close(0u32.into(), b"done");
+    server.shutdown().await.expect("clean shutdown");
+    let points = cdp_replica::points(&root, vol.1).await.expect("points");
+    let first = points.first().expect("a point").seq;
+    assert!(first > synced, "the window moved: first point {first}");
+    for seq in (first..=last).step_by(5).chain([last]) {
+        restore_equals(&root, tmp.path(), vol.1, seq, &images[&seq]).await;
+    }
+    drop(fs);
+}

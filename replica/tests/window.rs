@@ -40,8 +40,12 @@ const PIN_HOLDER_ENV: &str = "CDP_TEST_PIN_HOLDER";
 static OUT_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn options() -> IngestOptions {
+    options_with(SEGMENT_BYTES)
+}
+
+fn options_with(segment_bytes_target: u64) -> IngestOptions {
     IngestOptions {
-        segment_bytes_target: SEGMENT_BYTES,
+        segment_bytes_target,
     }
 }
 
@@ -58,10 +62,20 @@ struct Rig {
 
 impl Rig {
     async fn start(root: &Path, retention: Retention, real_time: bool, seed: u64) -> Rig {
+        Rig::start_with(root, retention, real_time, seed, options()).await
+    }
+
+    async fn start_with(
+        root: &Path,
+        retention: Retention,
+        real_time: bool,
+        seed: u64,
+        options: IngestOptions,
+    ) -> Rig {
         cdp_replica::init_with(root, "127.0.0.1:0".parse().expect("addr"), &retention)
             .await
             .expect("init");
-        let mut h = Harness::open_with(root, options()).await;
+        let mut h = Harness::open_with(root, options).await;
         let mut sim = AgentSim::new(GROUP, &[VOL]);
         sim.real_time = real_time;
         let mut rng = StdRng::seed_from_u64(seed);
@@ -487,6 +501,97 @@ async fn a_pin_keeps_its_point_until_released() {
     assert!(e.contains("before the window"), "{e}");
     let s = cdp_replica::status(&root).await.expect("status");
     assert_eq!(s.volumes[0].pins.count, 0);
+    rig.h.shutdown().await;
+}
+
+/// With the whole journal in one segment, the trimmer punches the trimmed bytes out of it
+/// (they take no disk any more), but not while a reader that planned its image before the
+/// trim may still read them: a pinned image opened before the base moved up to its point
+/// reads that point exactly after the move, and the bytes are released once it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_bytes_are_released_only_when_no_reader_needs_them() {
+    const WINDOW: Duration = Duration::from_secs(1);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("replica");
+    let retention = Retention {
+        window: WINDOW,
+        journal_bytes_max: None,
+    };
+    let one_segment = options_with(cdp_replica::journal::SEGMENT_BYTES_TARGET);
+    let mut rig = Rig::start_with(&root, retention, true, 4, one_segment).await;
+    for _ in 0..40 {
+        rig.ingest(None).await;
+    }
+    let kept = rig.ingest(Some("keep")).await;
+    let (_, pin) = cdp_replica::pin_point(
+        &root,
+        VOL.1,
+        &PointSpec::Bookmark("keep".into()),
+        "window test",
+    )
+    .await
+    .expect("pin");
+    // Opened now: its plan reads the journal's records up to `kept`.
+    let mut early = pin.open_image().await.expect("open the pinned image");
+    let seg = DataDir::new(&root).journal(GROUP).join(segment_name(1));
+    assert_eq!(segments(&root), vec![1], "one segment");
+    let allocated = |path: &Path| {
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(path).expect("stat")) * 512
+    };
+
+    // The base moves up to the pinned point; the records the early reader planned are
+    // applied to the target file, and kept in the segment.
+    let deadline = Instant::now() + DEADLINE;
+    while rig.group().await.base_seq < kept {
+        assert!(Instant::now() < deadline, "the base never reached the pin");
+        rig.ingest(None).await;
+        tokio::time::sleep(INGEST_GAP).await;
+    }
+    rig.wait_base(kept).await;
+    let before_release = allocated(&seg);
+    let model = rig.sim.model_image(kept, 0);
+    let image = tokio::task::spawn_blocking(move || {
+        let mut image = vec![0u8; VOL.2 as usize];
+        early.read_at(0, &mut image).map(|()| image)
+    })
+    .await
+    .expect("join")
+    .expect("the early reader reads its point after the trim");
+    assert!(
+        image == model,
+        "the early reader's image differs from the model"
+    );
+    pin.check_held().await.expect("the pin held");
+
+    // Released: the next trims punch the segment's trimmed bytes out.
+    pin.release().await.expect("release");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        rig.ingest(None).await;
+        tokio::time::sleep(INGEST_GAP).await;
+        let g = rig.group().await;
+        let on_disk = allocated(&seg);
+        let journal = rig.journal_bytes().await;
+        if g.base_seq > kept && on_disk < before_release && on_disk <= journal + (256 << 10) {
+            eprintln!(
+                "segment: {before_release} bytes on disk while pinned, {on_disk} for a journal of {journal} bytes once released"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the trimmed bytes were not released: {on_disk} bytes on disk for a journal of {journal} (base {})",
+            g.base_seq
+        );
+    }
+    assert_eq!(segments(&root), vec![1], "still one segment");
+    let got = restore_bytes(&root, &PointSpec::Latest)
+        .await
+        .expect("restore the latest point");
+    assert!(
+        got == rig.sim.model_image(rig.sim.seq, 0),
+        "the latest point differs"
+    );
     rig.h.shutdown().await;
 }
 
