@@ -1,0 +1,249 @@
+//! Admission of an agent's groups and volumes: the reply to its Hello.
+
+use std::collections::{HashMap, HashSet};
+
+use cdp_shared::identity::Fingerprint;
+use cdp_shared::types::check_name;
+use cdp_shared::wire::{GroupHello, GroupWelcome, PROTOCOL_VERSION, VolumeWelcome};
+use tokio::sync::oneshot;
+
+use super::IngestService;
+use super::group::GroupMsg;
+use super::service::GroupSlot;
+use crate::catalog::EventLevel;
+use crate::error::{ReplicaError, Result};
+use crate::now_ns;
+use crate::target::TargetFile;
+
+impl IngestService {
+    /// Admits an agent's groups (the reply to its Hello). The outer error is the replica's own
+    /// failure; the inner one a refusal sentence for the agent.
+    pub async fn hello(
+        &self,
+        agent: &Fingerprint,
+        protocol: u32,
+        hello: &[GroupHello],
+    ) -> Result<std::result::Result<Vec<GroupWelcome>, String>> {
+        if protocol != PROTOCOL_VERSION {
+            return Ok(Err(format!(
+                "this replica speaks control protocol version {PROTOCOL_VERSION}, not {protocol}; upgrade the older side"
+            )));
+        }
+        let owner = agent.to_string();
+        let mut groups = self.inner.groups.lock().await;
+        // Pass 1: check everything before changing anything.
+        if let Err(why) = self.check_hello(&owner, hello).await? {
+            return Ok(Err(why));
+        }
+        // Pass 2: create what is new.
+        let mut welcomes = Vec::new();
+        for gh in hello {
+            welcomes.push(self.admit_group(&owner, gh, &mut groups).await?);
+        }
+        Ok(Ok(welcomes))
+    }
+
+    /// Pass 1 of a Hello: every check, before anything is changed. `Ok(Err)` is the refusal.
+    async fn check_hello(
+        &self,
+        owner: &str,
+        hello: &[GroupHello],
+    ) -> Result<std::result::Result<(), String>> {
+        let catalog = &self.inner.catalog;
+        let mut seen = HashSet::new();
+        for gh in hello {
+            if let Err(e) = check_name("group", &gh.name) {
+                return Ok(Err(e));
+            }
+            if !seen.insert(gh.name.as_str()) {
+                return Ok(Err(format!("group {} is announced twice", gh.name)));
+            }
+            if self
+                .inner
+                .forgetting
+                .lock()
+                .is_ok_and(|f| f.contains(&gh.name))
+            {
+                return Ok(Err(format!(
+                    "group {} is being forgotten on this replica (cdp-replica forget); once that is done it is new to the replica: connect again",
+                    gh.name
+                )));
+            }
+            let mut ids = HashSet::new();
+            let mut names = HashSet::new();
+            for v in &gh.volumes {
+                if let Err(e) = check_name("volume", &v.name) {
+                    return Ok(Err(e));
+                }
+                if !ids.insert(v.id) || !names.insert(v.name.as_str()) {
+                    return Ok(Err(format!(
+                        "group {} announces volume id {} or name {} twice",
+                        gh.name, v.id, v.name
+                    )));
+                }
+                if v.size == 0 {
+                    return Ok(Err(format!(
+                        "volume {} of group {} has size 0",
+                        v.name, gh.name
+                    )));
+                }
+            }
+            let existing = catalog.group_by_name(&gh.name).await?;
+            let group_id = existing.as_ref().map(|g| g.id);
+            if let Some(g) = &existing {
+                if g.owner != owner {
+                    return Ok(Err(format!(
+                        "group {} belongs to another agent ({}) on this replica; rename the group or remove it from the replica",
+                        gh.name, g.owner
+                    )));
+                }
+                let known = catalog.volumes_of_group(g.id).await?;
+                if let Some(f) = catalog.failover(g.id).await? {
+                    let volume = known
+                        .iter()
+                        .find(|k| k.id == f.volume_id)
+                        .map_or("?", |k| k.name.as_str());
+                    return Ok(Err(crate::failover::fence_reason(&gh.name, volume, &f)));
+                }
+                for v in &gh.volumes {
+                    if let Some(k) = known.iter().find(|k| k.agent_volume_id == v.id)
+                        && (k.name != v.name || k.size != v.size)
+                    {
+                        return Ok(Err(format!(
+                            "volume id {} of group {} is {} of {} bytes on this replica, not {} of {} bytes; a volume cannot be renamed or resized while protected",
+                            v.id, gh.name, k.name, k.size, v.name, v.size
+                        )));
+                    }
+                }
+            }
+            for v in &gh.volumes {
+                if let Some(k) = catalog.volume_by_name(&v.name).await?
+                    && (Some(k.group_id) != group_id || k.agent_volume_id != v.id)
+                {
+                    return Ok(Err(format!(
+                        "volume name {} is already used by another volume on this replica; choose another name",
+                        v.name
+                    )));
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// Pass 2 of a Hello, for one group: creates the group and its volumes when new, starts
+    /// its task, has it reload the catalog, and returns its Welcome.
+    async fn admit_group(
+        &self,
+        owner: &str,
+        gh: &GroupHello,
+        groups: &mut HashMap<String, GroupSlot>,
+    ) -> Result<GroupWelcome> {
+        let catalog = &self.inner.catalog;
+        let now = now_ns();
+        // A group created again after a forget starts at seq 0: its agent knows the old
+        // group's generation, continues on a fresh chain and syncs every volume again.
+        let start = if catalog.forgotten("group", &gh.name).await?.is_some() {
+            0
+        } else {
+            gh.first_held.saturating_sub(1)
+        };
+        let g = match catalog.group_by_name(&gh.name).await? {
+            Some(g) => {
+                if !catalog.group_has_batches(g.id).await? && g.head_seq != start {
+                    catalog.rebase_empty_group(g.id, start).await?;
+                }
+                g
+            }
+            None => {
+                let generation: [u8; 16] = rand::random();
+                let generation: String = generation.iter().map(|b| format!("{b:02x}")).collect();
+                let retention = self.inner.retention_default;
+                let g = catalog
+                    .create_group(&gh.name, owner, &generation, start, &retention, now)
+                    .await?;
+                let msg = format!(
+                    "group {} created for agent {owner} (retention: {retention})",
+                    gh.name
+                );
+                tracing::info!("{msg}");
+                catalog
+                    .event(EventLevel::Info, Some(&gh.name), None, &msg, now)
+                    .await?;
+                g
+            }
+        };
+        if gh.first_held > g.head_seq + 1 && catalog.group_has_batches(g.id).await? {
+            // The agent's spool no longer holds what follows the head (it overflowed, or
+            // was lost): the agent continues its chain after the head and resyncs.
+            tracing::info!(
+                group = %gh.name,
+                "the agent holds batches from {} on but this replica is durable up to {}: the agent continues after {} and resyncs",
+                gh.first_held,
+                g.head_seq,
+                g.head_seq
+            );
+        }
+        let known = catalog.volumes_of_group(g.id).await?;
+        for v in &gh.volumes {
+            if known.iter().any(|k| k.agent_volume_id == v.id) {
+                continue;
+            }
+            let path = self.inner.dir.target(&v.name);
+            let size = v.size;
+            tokio::task::spawn_blocking(move || TargetFile::create(&path, size)).await??;
+            catalog.insert_volume(g.id, v.id, &v.name, v.size).await?;
+            let msg = format!(
+                "volume {} ({} bytes) added to group {}; waiting for its initial sync",
+                v.name, v.size, gh.name
+            );
+            tracing::info!("{msg}");
+            catalog
+                .event(
+                    EventLevel::Info,
+                    Some(&gh.name),
+                    Some(&v.name),
+                    &msg,
+                    now_ns(),
+                )
+                .await?;
+        }
+        let slot = match groups.get(&gh.name) {
+            Some(slot) => slot,
+            None => {
+                let slot = self.spawn_group(g.id).await?;
+                groups.entry(gh.name.clone()).or_insert(slot)
+            }
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        if slot.tx.send(GroupMsg::Reload(done_tx)).await.is_err() {
+            return Err(ReplicaError::Ingest(
+                self.fatal_error()
+                    .unwrap_or_else(|| format!("group {} is shutting down", gh.name)),
+            ));
+        }
+        done_rx
+            .await
+            .map_err(|_| ReplicaError::Ingest(format!("group {} stopped", gh.name)))??;
+        let g = catalog.group_by_id(g.id).await?;
+        let volumes = catalog
+            .volumes_of_group(g.id)
+            .await?
+            .iter()
+            .map(|v| VolumeWelcome {
+                id: v.agent_volume_id,
+                state: v.state.as_str().to_owned(),
+            })
+            .collect();
+        let head_hash = match g.head_hash {
+            Some(h) if g.head_seq > 0 => blake3::Hash::from_bytes(h).to_hex().to_string(),
+            _ => String::new(),
+        };
+        Ok(GroupWelcome {
+            name: g.name,
+            durable: g.head_seq,
+            generation: g.generation,
+            head_hash,
+            volumes,
+        })
+    }
+}

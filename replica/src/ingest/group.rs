@@ -1,0 +1,786 @@
+//! One group's ingest: the journal in seq order, out-of-order batches held until the gap
+//! fills, group commits and their undo, and the task that runs it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use cdp_shared::batch::{self, BatchHeader, Hash, RecordHeader};
+use cdp_shared::identity::Fingerprint;
+use cdp_shared::wire::Control;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::pause::Paused;
+use super::plan::{BatchPlan, TargetOp, plan_batch};
+use super::{
+    GROUP_COMMIT_BYTES_MAX, IngestOptions, PENDING_BATCHES_MAX, PENDING_BYTES_MAX, Reply,
+    VolumeEntry,
+};
+use crate::catalog::{
+    BatchRow, Catalog, CommitRows, EventLevel, NewRecord, RecordRow, SegmentSpan, VolumeState,
+};
+use crate::datadir::DataDir;
+use crate::error::{ReplicaError, Result};
+use crate::journal::{Journal, JournalPos};
+use crate::now_ns;
+use crate::pause_board::PauseBoard;
+use crate::target::TargetFile;
+use crate::trimmer::TrimLink;
+
+/// A fully checked batch on its way to its group's task.
+pub struct Received {
+    pub bytes: Vec<u8>,
+    pub header: BatchHeader,
+    pub received_ns: i64,
+    pub agent: Fingerprint,
+    pub reply: Reply,
+}
+
+pub(super) enum GroupMsg {
+    Batch(Box<Received>),
+    /// Re-read the group and its volumes from the catalog (after a hello changed them).
+    Reload(oneshot::Sender<Result<()>>),
+    /// A connection of the group's agent: it hears `Paused`/`Resumed` (at once if paused).
+    Attach(Reply),
+}
+
+pub(super) struct Pending {
+    pub(super) received: Received,
+}
+
+/// Disk state of a group: its journal and the target files of volumes being synced.
+pub(super) struct GroupIo {
+    pub(super) data_dir: DataDir,
+    pub(super) journal: Journal,
+    pub(super) targets: HashMap<u32, TargetFile>,
+    pub(super) decompressor: zstd::bulk::Decompressor<'static>,
+    pub(super) scratch: Vec<u8>,
+    /// A failed commit's journal bytes still to be undone (the undo itself failed on a full
+    /// disk): the journal goes back here before anything else is written.
+    pub(super) rollback_due: Option<JournalPos>,
+}
+
+impl GroupIo {
+    /// Steps 4–5 of a group commit for `batches` (in seq order): apply target ops, append
+    /// journaled batches, then fsync the journal and the target files. Returns each batch's
+    /// place in the journal. Runs on a blocking thread.
+    pub(super) fn write(
+        &mut self,
+        batches: &[(&[u8], &BatchPlan)],
+        volumes: &HashMap<u32, VolumeEntry>,
+    ) -> Result<Vec<Option<SegmentSpan>>> {
+        self.rollback()?;
+        debug_assert_eq!(self.journal.written(), self.journal.durable());
+        let mut spans = Vec::with_capacity(batches.len());
+        for (bytes, plan) in batches {
+            if !plan.target_ops.is_empty() {
+                let header_len = batch::decode_header(bytes)
+                    .map_err(|e| {
+                        ReplicaError::Ingest(format!("a checked batch no longer decodes: {e}"))
+                    })?
+                    .header_len as usize;
+                let payload = &bytes[header_len..];
+                for op in &plan.target_ops {
+                    let agent_id = match op {
+                        TargetOp::Write { volume, .. } | TargetOp::Zero { volume, .. } => *volume,
+                    };
+                    let target = match self.targets.entry(agent_id) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            let v = volumes.get(&agent_id).ok_or_else(|| {
+                                ReplicaError::Ingest(format!("volume id {agent_id} vanished"))
+                            })?;
+                            e.insert(TargetFile::open(&self.data_dir.target(&v.name), v.size)?)
+                        }
+                    };
+                    match *op {
+                        TargetOp::Write { payload_pos, .. } => {
+                            let h = RecordHeader::decode(&payload[payload_pos..], 0)
+                                .map_err(|e| ReplicaError::Ingest(e.to_string()))?;
+                            let start = payload_pos + batch::RECORD_HEADER_BYTES;
+                            let stored = &payload[start..start + h.stored_len as usize];
+                            h.decode_data(stored, &mut self.decompressor, &mut self.scratch)
+                                .map_err(|e| ReplicaError::Ingest(e.to_string()))?;
+                            target.write_at(h.offset, &self.scratch)?;
+                        }
+                        TargetOp::Zero { offset, length, .. } => {
+                            target.zero(offset, u64::from(length))?
+                        }
+                    }
+                }
+            }
+            spans.push(if plan.journal {
+                Some(self.journal.append(bytes)?)
+            } else {
+                None
+            });
+        }
+        self.journal.sync()?;
+        for t in self.targets.values_mut() {
+            t.sync()?;
+        }
+        Ok(spans)
+    }
+
+    /// Undoes the journal bytes of a failed commit, if any are still due. Target writes are
+    /// not undone: they are re-applied, identically, when the same batches are committed.
+    pub(super) fn rollback(&mut self) -> Result<()> {
+        if let Some(to) = self.rollback_due {
+            self.journal.rollback_to(to)?;
+            self.rollback_due = None;
+        }
+        Ok(())
+    }
+}
+
+/// One consistency group's ingest state: the journal in seq order (see the crate docs).
+pub struct GroupIngest {
+    pub(super) catalog: Catalog,
+    pub(super) group_id: i64,
+    pub(super) name: String,
+    /// Last durable seq (journal fsynced, rows committed).
+    pub(super) head: u64,
+    pub(super) head_hash: Option<Hash>,
+    pub(super) volumes: HashMap<u32, VolumeEntry>,
+    pub(super) pending: BTreeMap<u64, Pending>,
+    pub(super) pending_bytes: usize,
+    pub(super) io: Option<GroupIo>,
+    pub(super) board: Arc<PauseBoard>,
+    /// Control streams of the agent's connections (closed ones are dropped as found).
+    pub(super) attached: Vec<Reply>,
+    /// Set while a full disk keeps the group from committing.
+    pub(super) paused: Option<Paused>,
+    /// Shared with the group's trimmer: the journal's bytes and cap.
+    pub(super) link: Arc<TrimLink>,
+    /// The group is failed over (see `failover`): its batches are dropped, never committed.
+    /// Said once; cleared by a reload that finds no failover row.
+    pub(super) fenced: bool,
+}
+
+/// A message for a connection: (where, what).
+pub(super) type Outbox = Vec<(Reply, Control)>;
+
+/// Records an event. A full disk costs only the event (it is logged at debug level instead;
+/// returns false), never the group; any other error is returned.
+pub(super) async fn record_event(
+    catalog: &Catalog,
+    level: EventLevel,
+    group: Option<&str>,
+    volume: Option<&str>,
+    msg: &str,
+    at_ns: i64,
+) -> Result<bool> {
+    match catalog.event(level, group, volume, msg, at_ns).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_disk_full() => {
+            tracing::debug!(group, "could not record an event ({e}): {msg}");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub(super) fn nack(out: &mut Outbox, r: &Received, reason: String) {
+    tracing::warn!(group = %r.header.group, seq = r.header.seq.0, agent = %r.agent, "refused a batch: {reason}");
+    out.push((
+        r.reply.clone(),
+        Control::Nack {
+            group: r.header.group.clone(),
+            seq: r.header.seq.0,
+            reason,
+        },
+    ));
+}
+
+impl GroupIngest {
+    /// Loads a group and recovers its journal (truncating what no committed row describes).
+    pub async fn open(
+        catalog: &Catalog,
+        data_dir: &DataDir,
+        group_id: i64,
+        board: Arc<PauseBoard>,
+        options: &IngestOptions,
+    ) -> Result<GroupIngest> {
+        let g = catalog.group_by_id(group_id).await?;
+        let committed = catalog.last_journaled(group_id).await?;
+        let jdir = data_dir.journal(&g.name);
+        let (mut journal, report) =
+            tokio::task::spawn_blocking(move || Journal::recover(&jdir, committed)).await??;
+        journal.set_segment_bytes_target(options.segment_bytes_target);
+        let link = TrimLink::new(
+            catalog.journal_bytes(group_id).await?,
+            g.retention.journal_bytes_max,
+        );
+        if let Some((segment, bytes)) = report.truncated {
+            let msg = format!(
+                "truncated {bytes} uncommitted bytes from the tail of journal segment {segment}"
+            );
+            tracing::warn!(group = %g.name, "{msg}");
+            record_event(
+                catalog,
+                EventLevel::Warn,
+                Some(&g.name),
+                None,
+                &msg,
+                now_ns(),
+            )
+            .await?;
+        }
+        if !report.deleted.is_empty() {
+            let msg = format!("deleted uncommitted journal segments {:?}", report.deleted);
+            tracing::warn!(group = %g.name, "{msg}");
+            record_event(
+                catalog,
+                EventLevel::Warn,
+                Some(&g.name),
+                None,
+                &msg,
+                now_ns(),
+            )
+            .await?;
+        }
+        let decompressor = zstd::bulk::Decompressor::new()
+            .map_err(|e| ReplicaError::Ingest(format!("zstd decompressor: {e}")))?;
+        let mut gi = GroupIngest {
+            catalog: catalog.clone(),
+            group_id,
+            name: g.name.clone(),
+            head: g.head_seq,
+            head_hash: g.head_hash,
+            volumes: HashMap::new(),
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+            io: Some(GroupIo {
+                data_dir: data_dir.clone(),
+                journal,
+                targets: HashMap::new(),
+                decompressor,
+                scratch: Vec::new(),
+                rollback_due: None,
+            }),
+            board,
+            attached: Vec::new(),
+            paused: None,
+            link,
+            fenced: false,
+        };
+        gi.reload().await?;
+        Ok(gi)
+    }
+
+    /// What the group's ingest shares with its trimmer.
+    pub fn trim_link(&self) -> Arc<TrimLink> {
+        self.link.clone()
+    }
+
+    /// The next batch is ready but waits for the trimmer (the journal is over its cap).
+    pub(super) fn waits_for_trimmer(&self) -> bool {
+        self.pending.contains_key(&(self.head + 1)) && self.link.must_wait()
+    }
+
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// Why the group's ingest is paused, if it is.
+    pub fn paused(&self) -> Option<&str> {
+        self.paused.as_ref().map(|p| p.reason.as_str())
+    }
+
+    /// When a paused group tries its commit again.
+    pub(super) fn retry_at(&self) -> Option<Instant> {
+        self.paused.as_ref().map(|p| p.retry_at)
+    }
+
+    /// Subscribes a connection to the group's `Paused`/`Resumed` news; it hears `Paused` at
+    /// once when the group is paused.
+    pub(super) fn attach(&mut self, reply: Reply, out: &mut Outbox) {
+        self.attached.retain(|r| !r.is_closed());
+        if let Some(p) = &self.paused {
+            out.push((
+                reply.clone(),
+                Control::Paused {
+                    group: self.name.clone(),
+                    reason: p.reason.clone(),
+                },
+            ));
+        }
+        self.attached.push(reply);
+    }
+
+    /// Records an event of the group; see [`record_event`].
+    pub(super) async fn event(
+        &self,
+        level: EventLevel,
+        volume: Option<&str>,
+        msg: &str,
+        at_ns: i64,
+    ) -> Result<bool> {
+        record_event(&self.catalog, level, Some(&self.name), volume, msg, at_ns).await
+    }
+
+    /// Re-reads the group's head and volumes from the catalog.
+    pub async fn reload(&mut self) -> Result<()> {
+        let g = self.catalog.group_by_id(self.group_id).await?;
+        self.head = g.head_seq;
+        self.head_hash = g.head_hash;
+        self.volumes = self
+            .catalog
+            .volumes_of_group(self.group_id)
+            .await?
+            .iter()
+            .map(|v| (v.agent_volume_id, VolumeEntry::from(v)))
+            .collect();
+        self.fenced = self.catalog.failover(self.group_id).await?.is_some();
+        // Batches still waiting may have come over an earlier connection, and even belong to
+        // a chain the agent has since given up (it rebased): they stay, since that
+        // connection may still be there; a newer batch with the same seq replaces one
+        // (`handle_batch`), and one that does not follow the journal is refused at its commit.
+        let stale: Vec<u64> = self.pending.range(..=self.head).map(|(s, _)| *s).collect();
+        for s in stale {
+            if let Some(p) = self.pending.remove(&s) {
+                self.pending_bytes -= p.received.bytes.len();
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes in one checked batch: a duplicate is re-acked (or refused when it conflicts), a
+    /// batch from the future waits for its gap (bounded). Commits happen in
+    /// [`GroupIngest::commit_ready`].
+    pub async fn handle_batch(&mut self, r: Received) -> Result<Outbox> {
+        let mut out = Outbox::new();
+        let seq = r.header.seq.0;
+        if seq <= self.head {
+            match self.catalog.batch_hash(self.group_id, seq).await? {
+                Some(h) if h != r.header.header_hash => {
+                    tracing::error!(group = %self.name, seq, agent = %r.agent, "a resent batch differs from the journaled batch with the same seq");
+                    self.event(
+                        EventLevel::Error,
+                        None,
+                        &format!("batch {seq} was resent with different contents"),
+                        now_ns(),
+                    )
+                    .await?;
+                    nack(
+                        &mut out,
+                        &r,
+                        format!(
+                            "batch {seq} conflicts with the journal (a different batch {seq} is already durable)"
+                        ),
+                    );
+                }
+                _ => out.push((
+                    r.reply.clone(),
+                    Control::ack(&self.name, cdp_shared::Seq(self.head)),
+                )),
+            }
+            return Ok(out);
+        }
+        if let Some(p) = self.pending.get_mut(&seq) {
+            if p.received.header.header_hash == r.header.header_hash {
+                p.received.reply = r.reply;
+            } else {
+                // Nothing waiting is acknowledged, and a group's batches come from its one
+                // agent: a different batch with the same seq is the agent's newer chain (after
+                // a rebase), so it replaces the older one.
+                tracing::debug!(group = %self.name, seq, "a newer batch {seq} replaces the one waiting");
+                self.pending_bytes = self.pending_bytes - p.received.bytes.len() + r.bytes.len();
+                p.received = r;
+            }
+            return Ok(out);
+        }
+        if seq > self.head + PENDING_BATCHES_MAX as u64
+            || self.pending.len() >= PENDING_BATCHES_MAX
+            || self.pending_bytes + r.bytes.len() > PENDING_BYTES_MAX
+        {
+            let reason = match &self.paused {
+                Some(p) => format!(
+                    "batch {seq} cannot wait: ingest of group {} is paused ({}) and {} batches already wait; send it again after Resumed",
+                    self.name,
+                    p.reason,
+                    self.pending.len()
+                ),
+                None => format!(
+                    "batch {seq} is too far ahead of the journal (durable up to {}); send the missing batches first",
+                    self.head
+                ),
+            };
+            nack(&mut out, &r, reason);
+            return Ok(out);
+        }
+        self.pending_bytes += r.bytes.len();
+        self.pending.insert(seq, Pending { received: r });
+        Ok(out)
+    }
+
+    /// Runs group commits while the next batch in seq order is waiting. A paused group tries
+    /// only when its retry is due. An `Err` means the group cannot go on (a write, fsync or
+    /// commit failed other than on a full disk): the caller stops ingest rather than
+    /// acknowledge anything it cannot vouch for.
+    pub async fn commit_ready(&mut self) -> Result<Outbox> {
+        let mut out = Outbox::new();
+        if self
+            .paused
+            .as_ref()
+            .is_some_and(|p| Instant::now() < p.retry_at)
+        {
+            return Ok(out);
+        }
+        while self.pending.contains_key(&(self.head + 1)) {
+            // Over the journal's cap: the trimmer brings it under first (see `trimmer`).
+            if self.link.must_wait() {
+                break;
+            }
+            if !self.commit_once(&mut out).await? {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One group commit. Returns false when it failed on a full disk (undone, and the group
+    /// paused).
+    pub(super) async fn commit_once(&mut self, out: &mut Outbox) -> Result<bool> {
+        // Choose and plan the in-order batches of this commit.
+        let mut sim = self.volumes.clone();
+        let mut expected_prev = self.head_hash;
+        let mut chosen: Vec<(Pending, BatchPlan)> = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = self.head + 1;
+        while let Some(p) = self.pending.get(&next) {
+            if !chosen.is_empty() && bytes + p.received.bytes.len() > GROUP_COMMIT_BYTES_MAX {
+                break;
+            }
+            let Some(p) = self.pending.remove(&next) else {
+                break;
+            };
+            self.pending_bytes -= p.received.bytes.len();
+            let r = &p.received;
+            if let Some(prev) = expected_prev
+                && r.header.prev_hash != prev
+            {
+                nack(
+                    out,
+                    r,
+                    format!(
+                        "batch {next} does not follow batch {} in the journal (its prev_hash differs)",
+                        next - 1
+                    ),
+                );
+                break;
+            }
+            let view = match batch::decode(&r.bytes) {
+                Ok(v) => v,
+                Err(e) => {
+                    nack(out, r, e.to_string());
+                    break;
+                }
+            };
+            let plan = match plan_batch(&view, &self.name, &sim) {
+                Ok(plan) => plan,
+                Err(reason) => {
+                    nack(out, r, reason);
+                    break;
+                }
+            };
+            for (agent_id, state, _) in &plan.state_changes {
+                if let Some(v) = sim.get_mut(agent_id) {
+                    v.state = *state;
+                }
+            }
+            expected_prev = Some(r.header.header_hash);
+            bytes += r.received_len();
+            next += 1;
+            chosen.push((p, plan));
+        }
+        if chosen.is_empty() {
+            return Ok(true);
+        }
+        // The fence: a failed-over group commits nothing (checked again inside the
+        // transaction, for a failover that starts while this commit writes).
+        if let Some(f) = self.catalog.failover(self.group_id).await? {
+            drop(chosen);
+            self.fence(f.seq);
+            return Ok(false);
+        }
+
+        // Steps 4-5: target writes, journal append, fsyncs (on a blocking thread).
+        let mut io = self.io.take().ok_or_else(|| {
+            ReplicaError::Ingest(format!(
+                "group {} lost its journal after an earlier failure",
+                self.name
+            ))
+        })?;
+        // Where the journal goes back to if this commit fails on a full disk (a rollback
+        // still due from an earlier failure goes back to the same place).
+        let undo_to = io.rollback_due.unwrap_or_else(|| io.journal.durable());
+        let volumes = self.volumes.clone();
+        let (io, written, chosen) = tokio::task::spawn_blocking(move || {
+            let refs: Vec<(&[u8], &BatchPlan)> = chosen
+                .iter()
+                .map(|(p, plan)| (p.received.bytes.as_slice(), plan))
+                .collect();
+            let written = io.write(&refs, &volumes);
+            (io, written, chosen)
+        })
+        .await?;
+        self.io = Some(io);
+
+        // Step 6: one transaction.
+        let committed = match written {
+            Ok(spans) => {
+                let rows = self.commit_rows(&chosen, &spans);
+                match self.catalog.commit(&rows).await {
+                    Ok(()) => Ok(rows),
+                    // A COMMIT that failed may still have taken effect: the head says.
+                    Err(e) if e.is_disk_full() => {
+                        if self.catalog.head(self.group_id).await? == rows.head_seq {
+                            Ok(rows)
+                        } else {
+                            Err(e)
+                        }
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let rows = match committed {
+            Ok(rows) => rows,
+            Err(ReplicaError::Fenced(why)) => {
+                self.undo(undo_to, chosen).await?;
+                tracing::debug!(group = %self.name, "a commit met the fence: {why}");
+                self.fence(0);
+                return Ok(false);
+            }
+            Err(e) if e.is_disk_full() => {
+                self.undo(undo_to, chosen).await?;
+                self.pause(&e, out).await?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+
+        // Durable: advance, then step 7, the acks.
+        self.head = rows.head_seq;
+        self.head_hash = rows.head_hash;
+        self.link.committed(
+            rows.batches
+                .iter()
+                .filter_map(|b| b.span.map(|s| s.length))
+                .sum(),
+        );
+        if self.paused.is_some() {
+            self.resume(out).await?;
+        }
+        for (p, plan) in &chosen {
+            for (agent_id, state, _) in &plan.state_changes {
+                let Some(v) = self.volumes.get_mut(agent_id) else {
+                    continue;
+                };
+                v.state = *state;
+                let msg = match state {
+                    VolumeState::Syncing => format!(
+                        "volume {} began its initial sync at seq {}",
+                        v.name, p.received.header.seq
+                    ),
+                    VolumeState::Protecting => format!(
+                        "volume {} completed its initial sync at seq {}; its window starts there",
+                        v.name, p.received.header.seq
+                    ),
+                    VolumeState::New => continue,
+                };
+                let volume = v.name.clone();
+                tracing::info!(group = %self.name, "{msg}");
+                self.event(EventLevel::Info, Some(&volume), &msg, now_ns())
+                    .await?;
+            }
+        }
+        let mut replies: Vec<Reply> = Vec::new();
+        for (p, _) in &chosen {
+            if !replies.iter().any(|r| r.same_channel(&p.received.reply)) {
+                replies.push(p.received.reply.clone());
+            }
+        }
+        for r in replies {
+            out.push((r, Control::ack(&self.name, cdp_shared::Seq(self.head))));
+        }
+        Ok(true)
+    }
+
+    /// The rows of one group commit (step 6).
+    pub(super) fn commit_rows(
+        &self,
+        chosen: &[(Pending, BatchPlan)],
+        spans: &[Option<SegmentSpan>],
+    ) -> CommitRows {
+        let durable_ns = now_ns();
+        let mut rows = CommitRows {
+            group_id: self.group_id,
+            ..CommitRows::default()
+        };
+        for ((p, plan), span) in chosen.iter().zip(spans) {
+            let h = &p.received.header;
+            rows.batches.push(BatchRow {
+                seq: h.seq.0,
+                agent_ns: h.agent_time_ns,
+                received_ns: p.received.received_ns,
+                durable_ns,
+                flags: h.flags.0,
+                bookmark: h.bookmark.clone(),
+                span: *span,
+                record_count: h.record_count,
+                header_hash: h.header_hash,
+            });
+            if let Some(span) = span {
+                for pr in &plan.rows {
+                    rows.records.push(NewRecord {
+                        volume_id: pr.volume_id,
+                        row: RecordRow {
+                            chunk: pr.chunk,
+                            seq: h.seq.0,
+                            idx: pr.idx,
+                            chunk_offset: pr.chunk_offset,
+                            length: pr.length,
+                            kind: pr.kind as u8,
+                            segment: span.segment,
+                            position: span.position
+                                + u64::from(h.header_len)
+                                + pr.payload_pos as u64,
+                        },
+                    });
+                }
+            }
+            if let Some(b) = &h.bookmark {
+                rows.bookmarks.push((b.clone(), h.seq.0));
+            }
+            for (agent_id, state, sync_done) in &plan.state_changes {
+                if let Some(v) = self.volumes.get(agent_id) {
+                    rows.volume_changes.push((v.id, *state, *sync_done));
+                }
+            }
+        }
+        if let Some((last, _)) = chosen.last() {
+            rows.head_seq = last.received.header.seq.0;
+            rows.head_hash = Some(last.received.header.header_hash);
+        }
+        rows
+    }
+
+    /// Undoes a commit that failed on a full disk: the journal goes back to `to` (now, or
+    /// before the next commit writes anything if the undo itself fails on the full disk), and
+    /// the batches wait again in `pending`, exactly as before the commit took them.
+    pub(super) async fn undo(
+        &mut self,
+        to: JournalPos,
+        chosen: Vec<(Pending, BatchPlan)>,
+    ) -> Result<()> {
+        for (p, _) in chosen {
+            self.pending_bytes += p.received.bytes.len();
+            self.pending.insert(p.received.header.seq.0, p);
+        }
+        let mut io = self
+            .io
+            .take()
+            .ok_or_else(|| ReplicaError::Ingest(format!("group {} lost its journal", self.name)))?;
+        io.rollback_due = Some(to);
+        let (io, undone) = tokio::task::spawn_blocking(move || {
+            let undone = io.rollback();
+            (io, undone)
+        })
+        .await?;
+        self.io = Some(io);
+        match undone {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_disk_full() => {
+                tracing::debug!(group = %self.name, "the undo of a failed commit waits for space: {e}");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The group is failed over: every batch waiting is dropped unacknowledged (the agent
+    /// keeps it in its spool, and the server closes its connection within
+    /// `server::FENCE_CHECK_INTERVAL`). One warning line the first time.
+    pub(super) fn fence(&mut self, seq: u64) {
+        if !self.fenced {
+            tracing::warn!(
+                group = %self.name,
+                "the group is failed over on this replica{}: its batches are no longer committed",
+                if seq > 0 { format!(" at seq {seq}") } else { String::new() }
+            );
+            self.fenced = true;
+        }
+        self.pending.clear();
+        self.pending_bytes = 0;
+    }
+}
+
+impl Received {
+    pub(super) fn received_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Runs one group's ingest until `token` is cancelled or every sender is gone. While the
+/// group is paused it wakes up every [`PAUSE_RETRY_INTERVAL`] to try its commit again, and
+/// keeps taking batches in meanwhile (within the pending bounds). While its journal is over
+/// its cap it waits for the trimmer before the next commit.
+///
+/// Cancellation-safe at its await points that race cancellation (the inbox `recv`, the retry
+/// timer); commits (disk writes, fsyncs, the SQLite transaction) run to completion outside
+/// any `select!`, so cancelling never leaves half a commit behind — and a commit cut short by
+/// a crash is undone by journal recovery at the next start.
+pub(super) async fn run_group(
+    mut g: GroupIngest,
+    mut rx: mpsc::Receiver<GroupMsg>,
+    token: CancellationToken,
+) -> Result<()> {
+    let link = g.trim_link();
+    loop {
+        let retry_at = g.retry_at();
+        let trim_wait = g.waits_for_trimmer();
+        let msg = tokio::select! {
+            biased;
+            _ = token.cancelled() => return Ok(()),
+            m = rx.recv() => match m { Some(m) => Some(m), None => return Ok(()) },
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => None,
+            _ = link.wait_for_trimmer(), if trim_wait => None,
+        };
+        let mut out = Outbox::new();
+        if let Some(msg) = msg {
+            handle_msg(&mut g, msg, &mut out).await?;
+        }
+        // Group commit: take whatever else is already waiting before writing.
+        while let Ok(msg) = rx.try_recv() {
+            handle_msg(&mut g, msg, &mut out).await?;
+        }
+        out.extend(g.commit_ready().await?);
+        for (reply, msg) in out {
+            tokio::select! {
+                _ = token.cancelled() => return Ok(()),
+                // A closed connection just drops its replies.
+                _ = reply.send(msg) => {}
+            }
+        }
+    }
+}
+
+pub(super) async fn handle_msg(g: &mut GroupIngest, msg: GroupMsg, out: &mut Outbox) -> Result<()> {
+    match msg {
+        GroupMsg::Batch(r) => out.extend(g.handle_batch(*r).await?),
+        GroupMsg::Reload(done) => {
+            let result = g.reload().await;
+            let failed = result.as_ref().err().map(|e| e.to_string());
+            let _ = done.send(result);
+            if let Some(e) = failed {
+                return Err(ReplicaError::Ingest(e));
+            }
+        }
+        GroupMsg::Attach(reply) => g.attach(reply, out),
+    }
+    Ok(())
+}

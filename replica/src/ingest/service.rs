@@ -1,0 +1,353 @@
+//! The ingest service: one task per group, `submit`, `attach`, forget's stop and start.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use cdp_shared::batch::{self};
+use cdp_shared::identity::Fingerprint;
+use cdp_shared::wire::Control;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::group::{GroupMsg, run_group};
+use super::{GroupIngest, INGEST_QUEUE_BATCHES, IngestOptions, Received, Reply};
+use crate::catalog::Catalog;
+use crate::datadir::DataDir;
+use crate::error::{ReplicaError, Result};
+use crate::now_ns;
+use crate::pause_board::PauseBoard;
+use crate::retention::Retention;
+use crate::trimmer::{self, Trimmer};
+
+pub(super) struct GroupSlot {
+    pub(super) id: i64,
+    pub(super) tx: mpsc::Sender<GroupMsg>,
+    /// Stops the group's ingest and trimmer tasks (a child of the service's token).
+    pub(super) token: CancellationToken,
+    pub(super) tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub(super) struct ServiceInner {
+    pub(super) dir: DataDir,
+    pub(super) catalog: Catalog,
+    /// Held across a whole hello, so hellos are serialized.
+    pub(super) groups: tokio::sync::Mutex<HashMap<String, GroupSlot>>,
+    pub(super) token: CancellationToken,
+    pub(super) tasks: TaskTracker,
+    pub(super) fatal: Mutex<Option<String>>,
+    pub(super) board: Arc<PauseBoard>,
+    /// The retention of groups created from now on (`replica.toml`).
+    pub(super) retention_default: Retention,
+    pub(super) options: IngestOptions,
+    /// Groups being forgotten (`forget`): a Hello naming one is refused.
+    pub(super) forgetting: Mutex<HashSet<String>>,
+    /// How many times each group name was forgotten by this serve: a connection welcomed
+    /// before a forget of one of its groups is closed.
+    pub(super) forget_epochs: Mutex<HashMap<String, u64>>,
+}
+
+impl ServiceInner {
+    /// A task failed: one error line, the fatal error noted, everything stopped.
+    pub(super) fn stop(&self, what: &str, verb: &str, e: &ReplicaError) {
+        tracing::error!("{what}: {verb}: {e}");
+        if let Ok(mut fatal) = self.fatal.lock() {
+            fatal.get_or_insert_with(|| format!("{what}: {e}"));
+        }
+        self.token.cancel();
+    }
+}
+
+/// The ingest side of a running replica (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct IngestService {
+    pub(super) inner: Arc<ServiceInner>,
+}
+
+impl IngestService {
+    /// Recovers every group's journal and starts its task. `token` stops everything; a fatal
+    /// ingest error cancels it too (see [`IngestService::fatal_error`]).
+    pub async fn start(
+        dir: &DataDir,
+        catalog: Catalog,
+        token: CancellationToken,
+    ) -> Result<IngestService> {
+        IngestService::start_with(dir, catalog, token, IngestOptions::default()).await
+    }
+
+    /// [`IngestService::start`] with explicit options. Every group gets its ingest task and its
+    /// trimmer task (`trimmer`).
+    pub async fn start_with(
+        dir: &DataDir,
+        catalog: Catalog,
+        token: CancellationToken,
+        options: IngestOptions,
+    ) -> Result<IngestService> {
+        let retention_default = crate::datadir::load_config(dir)?.retention;
+        // On a full disk this write fails: serve starts anyway (its groups pause at their
+        // first commit, and resume when space returns).
+        match catalog.reset_links(now_ns()).await {
+            Err(e) if e.is_disk_full() => {
+                tracing::warn!("could not mark the agent links down at start: {e}")
+            }
+            other => other?,
+        }
+        let service = IngestService {
+            inner: Arc::new(ServiceInner {
+                dir: dir.clone(),
+                catalog: catalog.clone(),
+                groups: tokio::sync::Mutex::new(HashMap::new()),
+                token,
+                tasks: TaskTracker::new(),
+                fatal: Mutex::new(None),
+                board: Arc::new(PauseBoard::open(dir)),
+                retention_default,
+                options,
+                forgetting: Mutex::new(HashSet::new()),
+                forget_epochs: Mutex::new(HashMap::new()),
+            }),
+        };
+        let mut groups = service.inner.groups.lock().await;
+        for g in catalog.groups().await? {
+            let slot = service.spawn_group(g.id).await?;
+            groups.insert(g.name.clone(), slot);
+        }
+        drop(groups);
+        Ok(service)
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+
+    pub(super) async fn spawn_group(&self, group_id: i64) -> Result<GroupSlot> {
+        let g = GroupIngest::open(
+            &self.inner.catalog,
+            &self.inner.dir,
+            group_id,
+            self.inner.board.clone(),
+            &self.inner.options,
+        )
+        .await?;
+        let name = g.name.clone();
+        let group = self.inner.catalog.group_by_id(group_id).await?;
+        let trimmer = Trimmer::new(&self.inner.catalog, &self.inner.dir, &group, g.trim_link());
+        let (tx, rx) = mpsc::channel(INGEST_QUEUE_BATCHES);
+        let token = self.inner.token.child_token();
+        let inner = self.inner.clone();
+        let group_token = token.clone();
+        let ingest = self.inner.tasks.spawn(async move {
+            if let Err(e) = run_group(g, rx, group_token).await {
+                inner.stop(&format!("group {name}"), "ingest stopped", &e);
+            }
+        });
+        let inner = self.inner.clone();
+        let name = group.name.clone();
+        let group_token = token.clone();
+        let trim = self.inner.tasks.spawn(async move {
+            if let Err(e) = trimmer::run(trimmer, group_token).await {
+                inner.stop(&format!("group {name}"), "trimming stopped", &e);
+            }
+        });
+        Ok(GroupSlot {
+            id: group_id,
+            tx,
+            token,
+            tasks: vec![ingest, trim],
+        })
+    }
+
+    /// Before a forget of group `name` (see `forget`): under the hello lock, `check` (the
+    /// agent is not connected: `Err` is the refusal), then the group is marked as being
+    /// forgotten (Hellos naming it are refused, connections welcomed for it are told to close
+    /// through [`IngestService::forget_epoch`]) and its ingest and trimmer tasks are stopped
+    /// (a commit or trim round in progress completes first). `Ok(Err)`: refused, nothing
+    /// changed.
+    pub async fn begin_forget(
+        &self,
+        name: &str,
+        check: impl FnOnce() -> std::result::Result<(), String>,
+    ) -> Result<std::result::Result<(), String>> {
+        let mut groups = self.inner.groups.lock().await;
+        if let Err(why) = check() {
+            return Ok(Err(why));
+        }
+        if let Ok(mut f) = self.inner.forgetting.lock() {
+            f.insert(name.to_owned());
+        }
+        if let Ok(mut e) = self.inner.forget_epochs.lock() {
+            *e.entry(name.to_owned()).or_insert(0) += 1;
+        }
+        let slot = groups.remove(name);
+        drop(groups);
+        if let Some(slot) = slot {
+            slot.token.cancel();
+            for t in slot.tasks {
+                let _ = t.await;
+            }
+        }
+        self.inner.board.set(name, None);
+        Ok(Ok(()))
+    }
+
+    /// After a forget of group `name`: its tasks start again if the group is still in the
+    /// catalog (only a volume of it was forgotten, or the forget was refused), and Hellos
+    /// naming it are admitted again. `done` false (the forget stopped with files left to
+    /// delete): the group stays marked, refused until a forget completes.
+    pub async fn end_forget(&self, name: &str, done: bool) -> Result<()> {
+        if !done {
+            return Ok(());
+        }
+        let mut groups = self.inner.groups.lock().await;
+        let result = match self.inner.catalog.group_by_name(name).await {
+            Ok(Some(g)) if !groups.contains_key(name) => match self.spawn_group(g.id).await {
+                Ok(slot) => {
+                    groups.insert(name.to_owned(), slot);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Ok(mut f) = self.inner.forgetting.lock() {
+            f.remove(name);
+        }
+        result
+    }
+
+    /// How many times group `name` was forgotten by this serve (see
+    /// [`IngestService::begin_forget`]).
+    pub fn forget_epoch(&self, name: &str) -> u64 {
+        self.inner
+            .forget_epochs
+            .lock()
+            .ok()
+            .and_then(|e| e.get(name).copied())
+            .unwrap_or(0)
+    }
+
+    /// The error that stopped ingest, if one did.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.inner.fatal.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+impl IngestService {
+    /// Subscribes a connection (its control stream's outbox) to the `Paused`/`Resumed` news
+    /// of `group`, after its Welcome; it hears `Paused` at once when the group is paused.
+    pub async fn attach(&self, group: &str, reply: &Reply) {
+        let tx = match self.inner.groups.lock().await.get(group) {
+            Some(slot) => slot.tx.clone(),
+            None => return,
+        };
+        let _ = tx.send(GroupMsg::Attach(reply.clone())).await;
+    }
+
+    /// The data directory served.
+    pub fn data_dir(&self) -> &DataDir {
+        &self.inner.dir
+    }
+
+    /// The catalog id of a group that has a running task.
+    pub async fn group_id(&self, name: &str) -> Option<i64> {
+        self.inner.groups.lock().await.get(name).map(|s| s.id)
+    }
+
+    /// Fully checks one batch (header, payload hash, structure, every record's data hash) and
+    /// hands it to its group's task; a batch that fails is refused right here with a Nack on
+    /// `reply` and one warning line. `announced` are the groups of the agent's hello.
+    ///
+    /// Cancellation-safe: it writes nothing to disk; dropping it drops the batch.
+    pub async fn submit(
+        &self,
+        agent: &Fingerprint,
+        announced: &HashSet<String>,
+        bytes: Vec<u8>,
+        reply: &Reply,
+    ) {
+        let received_ns = now_ns();
+        let refuse = |group: &str, seq: u64, reason: String| {
+            tracing::warn!(group, seq, agent = %agent, "refused a batch: {reason}");
+            Control::Nack {
+                group: group.to_owned(),
+                seq,
+                reason,
+            }
+        };
+        let header = match batch::decode_header(&bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = reply
+                    .send(refuse("", 0, format!("unreadable batch header: {e}")))
+                    .await;
+                return;
+            }
+        };
+        if !announced.contains(&header.group) {
+            let reason = format!(
+                "group {} was not announced in this connection's hello",
+                header.group
+            );
+            let _ = reply
+                .send(refuse(&header.group, header.seq.0, reason))
+                .await;
+            return;
+        }
+        let checked = tokio::task::spawn_blocking(move || {
+            let result = check_fully(&bytes);
+            (bytes, result)
+        })
+        .await;
+        let (bytes, result) = match checked {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = reply
+                    .send(refuse(
+                        &header.group,
+                        header.seq.0,
+                        format!("internal error while checking: {e}"),
+                    ))
+                    .await;
+                return;
+            }
+        };
+        if let Err(e) = result {
+            let _ = reply.send(refuse(&header.group, header.seq.0, e)).await;
+            return;
+        }
+        let tx = match self.inner.groups.lock().await.get(&header.group) {
+            Some(slot) => slot.tx.clone(),
+            None => return,
+        };
+        let group = header.group.clone();
+        let seq = header.seq.0;
+        let msg = GroupMsg::Batch(Box::new(Received {
+            bytes,
+            header,
+            received_ns,
+            agent: *agent,
+            reply: reply.clone(),
+        }));
+        if tx.send(msg).await.is_err() {
+            tracing::debug!(group, seq, "dropped a batch: its group is shutting down");
+        }
+    }
+
+    /// Stops every group task and waits for them (commits in progress complete first).
+    pub async fn shutdown(&self) {
+        self.inner.token.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+/// `batch::decode` + `check_record_data`, as a reason string.
+/// The ingest check of a batch: header, header hash, exact length, payload hash (which covers
+/// every byte of every record) and every record's structure. Record data hashes are checked
+/// where record data is decoded (syncing volumes here, every journal read in
+/// reconstruction); decoding every record here as well cost more CPU than all the rest of
+/// ingest together (`make bench`, section 7).
+pub(super) fn check_fully(bytes: &[u8]) -> std::result::Result<(), String> {
+    batch::decode(bytes).map(|_| ()).map_err(|e| e.to_string())
+}
