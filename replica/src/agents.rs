@@ -16,9 +16,9 @@ use cdp_shared::identity::Fingerprint;
 use serde::Serialize;
 
 use crate::catalog::Catalog;
+use crate::clock::{rfc3339, time_of};
 use crate::datadir::{self, AuthorizedAgent, DataDir, ServeLock};
 use crate::error::{ReplicaError, Result};
-use crate::recovery::{rfc3339, time_of};
 
 /// One authorized agent in `cdp-replica agents`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

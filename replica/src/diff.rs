@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::pins::{PinGuard, pin_point};
-use crate::recovery::ChosenPoint;
+use crate::points::ChosenPoint;
 
 /// Candidate chunks compared at once (each comparison holds two chunks in memory).
 pub const DIFF_CHUNKS_IN_FLIGHT_MAX: usize = 4;

@@ -55,7 +55,7 @@ use crate::error::{ReplicaError, Result};
 use crate::lazy_image::LazyImage;
 use crate::overlay::{OVERLAY_BLOCK_BYTES, Overlay, block_span};
 use crate::pins::{PinGuard, pin_point};
-use crate::recovery::ChosenPoint;
+use crate::points::ChosenPoint;
 
 /// Where an export listens.
 #[derive(Clone, Debug, PartialEq, Eq)]

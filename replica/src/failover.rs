@@ -85,6 +85,7 @@ use rustix::fs::FlockOperation;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, EventLevel, FailoverRow, FailoverState, VolumeRow};
+use crate::clock::{rfc3339, time_of};
 use crate::datadir::{DataDir, ServeLock, sync_dir};
 use crate::error::{ReplicaError, Result};
 use crate::export::{self, Endpoint, ExportHandle, Hold, Served};
@@ -92,7 +93,7 @@ use crate::journal::{self, Journal};
 use crate::lazy_image::{LazyImage, LazyImageSpec};
 use crate::overlay::Overlay;
 use crate::pins;
-use crate::recovery::{ChosenPoint, rfc3339, time_of};
+use crate::points::ChosenPoint;
 use crate::target::TargetFile;
 use crate::{now_ns, trimmer};
 

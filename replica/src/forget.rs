@@ -63,7 +63,7 @@ use crate::catalog::{Catalog, FailoverState, ForgetRows, GroupRow, PinRow, Volum
 use crate::datadir::{self, DataDir, ServeLock};
 use crate::error::{ReplicaError, Result};
 use crate::failover::FailoverFiles;
-use crate::recovery::window;
+use crate::points::window;
 use crate::{now_ns, pins};
 
 /// How often serve looks for forget requests.

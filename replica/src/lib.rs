@@ -6,6 +6,7 @@
 //!   `serve.lock`.
 //! * [`agents`] — `authorize`, `deauthorize` (a running serve closes the agent's connections
 //!   within a second) and `agents` (each authorized agent, when it was last seen, its groups).
+//! * [`clock`] — now, and how times are shown (RFC 3339, UTC).
 //! * [`catalog`] — `meta.db` (SQLite): the only module that talks to SQLite.
 //! * [`journal`] — append-only segments, the only code that fsyncs them; written vs durable.
 //! * [`target`] — the sparse target files.
@@ -17,7 +18,8 @@
 //! * [`hashes`] — the chunk-hash service (blake3 per 1 MiB chunk of a volume's latest image).
 //! * [`reconstruct`] — the reconstruction plan (sans-IO extent map), the `read_at` reader, and
 //!   the one reader of journal records (`RecordLoader`).
-//! * [`recovery`] — resolving recovery points, `points`, `restore`.
+//! * [`points`](mod@points) — a volume's window, resolving a point spec in it, `points`.
+//! * [`restore`](mod@restore) — `restore`: the image at a point to a file or a block device.
 //! * [`lazy_image`] — the image at a pinned point planned chunk by chunk as reads reach it
 //!   (`export`, `diff`), and why the trimmer cannot disturb it.
 //! * [`export`] — `export`: a point served over NBD, read-only or with a throw-away
@@ -220,6 +222,7 @@
 
 pub mod agents;
 pub mod catalog;
+pub mod clock;
 pub mod datadir;
 pub mod diff;
 pub mod error;
@@ -233,8 +236,9 @@ pub mod lazy_image;
 pub mod overlay;
 pub mod pause_board;
 pub mod pins;
+pub mod points;
 pub mod reconstruct;
-pub mod recovery;
+pub mod restore;
 pub mod retention;
 pub mod server;
 pub mod status;
@@ -251,14 +255,13 @@ use cdp_shared::identity::{Fingerprint, Identity};
 pub use agents::{AgentInfo, agents, authorize, deauthorize};
 pub use catalog::PointsFilter;
 pub use cdp_shared::point::PointSpec;
+pub use clock::now_ns;
 pub use diff::{DiffReport, Extent, diff};
 pub use error::{ReplicaError, Result};
 pub use export::{Endpoint, ExportHandle, ExportInfo};
 pub use pins::{PinGuard, pin_point};
-pub use recovery::{
-    ChosenPoint, PointInfo, RestoreSummary, open_image, points, points_filtered, resolve_point,
-    restore,
-};
+pub use points::{ChosenPoint, PointInfo, points, points_filtered, resolve_point};
+pub use restore::{RestoreSummary, open_image, restore};
 pub use retention::Retention;
 pub use server::{Server, ServerHandle};
 pub use status::{
@@ -271,11 +274,6 @@ use crate::datadir::DataDir;
 
 /// Common name of the replica's certificate.
 pub const CERT_COMMON_NAME: &str = "cdp-replica";
-
-/// Now, as UTC nanoseconds since the Unix epoch.
-pub fn now_ns() -> i64 {
-    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
-}
 
 /// Prepares a new data directory: configuration, identity, empty authorized agents list,
 /// catalog. Refuses a directory that already holds a replica. Returns the fingerprint agents
@@ -364,7 +362,7 @@ impl RetentionDrop {
 
 impl std::fmt::Display for RetentionDrop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let t = |ns: i64| recovery::rfc3339(&recovery::time_of(ns));
+        let t = |ns: i64| clock::rfc3339(&clock::time_of(ns));
         write!(
             f,
             "{} point{} (seq {} to {}, {} of agent time from {} to {})",

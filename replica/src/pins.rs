@@ -56,8 +56,8 @@ use crate::datadir::DataDir;
 use crate::error::{ReplicaError, Result};
 use crate::lazy_image::{LazyImage, LazyImageSpec};
 use crate::now_ns;
+use crate::points::{ChosenPoint, resolve};
 use crate::reconstruct::{ImageReader, Plan, RecordRef};
-use crate::recovery::{ChosenPoint, resolve};
 
 /// How long a pin lives after its last renewal.
 pub const PIN_TTL: Duration = Duration::from_secs(30);

@@ -11,11 +11,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::catalog::{Catalog, FailoverState, VolumeState};
+use crate::clock::{rfc3339, ser_time, time_of};
 use crate::datadir::{DataDir, ServeLock};
 use crate::error::Result;
 use crate::pause_board;
 use crate::pins::live_pins;
-use crate::recovery::{rfc3339, ser_time, time_of, window};
+use crate::points::window;
 use crate::retention::{Retention, format_duration, format_size};
 
 /// A point named in `status`.

@@ -131,12 +131,12 @@ use crate::catalog::{
     Catalog, EventLevel, GroupRow, MismatchRow, NewVerifyResult, RunRow, VerifyOutcome, VolumeRow,
     VolumeState,
 };
+use crate::clock::{rfc3339, time_of};
 use crate::datadir::{DataDir, ServeLock, VerifierConfig};
 use crate::error::{ReplicaError, Result};
 use crate::hashes::chunk_count;
 use crate::now_ns;
 use crate::pins::{PinAt, pin_in};
-use crate::recovery::{rfc3339, time_of};
 use crate::server::{AgentPorts, Asked};
 
 /// How long the agent has to answer a question.
