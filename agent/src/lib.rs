@@ -8,10 +8,13 @@
 
 pub mod activity_log;
 pub mod batcher;
+pub mod clock;
+pub mod config;
 pub mod control;
 pub mod device;
 pub mod dirty_map;
 pub mod exports;
+pub mod fsutil;
 pub mod groups;
 pub mod range_lock;
 pub mod resync;

@@ -122,7 +122,7 @@ impl ReplicaLink {
 fn set_link(link: &SharedLink, connected: bool, error: Option<String>) {
     let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
     if l.connected != connected {
-        l.since_ns = crate::write_pipeline::now_ns();
+        l.since_ns = crate::clock::now_ns();
     }
     l.connected = connected;
     if !connected {
@@ -333,7 +333,7 @@ fn catch_up(g: &Arc<Group>, w: &wire::GroupWelcome) -> Result<Seq> {
         g.rebase(durable, hash).context("reset the spool")?;
     }
     if known_generation.as_deref() != Some(w.generation.as_str()) {
-        crate::state::write_atomic(&gen_path, format!("{}\n", w.generation).as_bytes())
+        crate::fsutil::write_atomic(&gen_path, format!("{}\n", w.generation).as_bytes())
             .with_context(|| format!("write {}", gen_path.display()))?;
     }
     Ok(durable)

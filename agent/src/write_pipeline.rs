@@ -38,23 +38,18 @@ use tokio::sync::{Notify, watch};
 
 use crate::activity_log::{ActivityLog, AlFile};
 use crate::batcher::{Batcher, BatcherConfig, SealedBatch};
+use crate::clock::now_ns;
 use crate::device::BlockDev;
 use crate::dirty_map::{CountMismatch, DirtyMap};
+use crate::fsutil::remove_if_exists;
 use crate::range_lock::{Latch, RangeLock, Ticket, wait_all};
 use crate::spool::Spool;
 
 /// Writes up to this size run on the async worker; larger ones on the blocking pool.
 pub const INLINE_WRITE_BYTES_MAX: usize = 64 << 10;
-/// Default cap of the spool (bytes of batches not yet acknowledged).
-pub const SPOOL_BYTES_MAX_DEFAULT: u64 = 4 << 30;
 
 thread_local! {
     static ENCODER: RefCell<RecordEncoder> = RefCell::new(RecordEncoder::new());
-}
-
-/// Wall-clock time as UTC nanoseconds, for batch headers.
-pub fn now_ns() -> i64 {
-    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
 }
 
 /// A protected volume inside its group.
@@ -1340,12 +1335,5 @@ impl Group {
         self.acked.send_replace(seq);
         tracing::warn!(group = %self.name, seq = seq.0, "the spool cannot bring the replica up to date: continuing after the replica's seq {seq} with a resync");
         Ok(())
-    }
-}
-
-fn remove_if_exists(path: &std::path::Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
     }
 }
