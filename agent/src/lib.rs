@@ -2,7 +2,7 @@
 //! every write in order, cuts the writes into sequence-numbered batches, keeps them in a
 //! durable spool and ships them over QUIC to the replica.
 //!
-//! Data flow: NBD server (`exports`) → `write_pipeline` (range lock, device I/O, records) →
+//! Data flow: NBD server (`exports`) → `pipeline` (range lock, device I/O, records) →
 //! `batcher` → `spool` → `sender`. `run` wires them together; `control` serves `bookmark` and
 //! `status` to the command line.
 
@@ -16,6 +16,7 @@ pub mod dirty_map;
 pub mod exports;
 pub mod fsutil;
 pub mod groups;
+pub mod pipeline;
 pub mod range_lock;
 pub mod resync;
 pub mod run;
@@ -23,7 +24,6 @@ pub mod sender;
 pub mod spool;
 pub mod state;
 pub mod status;
-pub mod write_pipeline;
 
 /// Exit status of an agent stopped by an internal fault (see [`stop_on_internal_error`]).
 pub const EXIT_INTERNAL_ERROR: i32 = 70;

@@ -28,12 +28,12 @@ use crate::device::{BlockDev, FileDev};
 use crate::exports::VolumeExports;
 use crate::fsutil;
 use crate::groups::GroupSet;
+use crate::pipeline::{Group, GroupOptions, Volume};
 use crate::resync::Maintenance;
 use crate::sender::{self, LinkState, ReplicaLink, SenderConfig, SharedLink};
 use crate::spool::Spool;
 use crate::state::{self, VolumeState};
 use crate::status::{self, AgentStatus};
-use crate::write_pipeline::{Group, GroupOptions, Volume};
 
 /// How long a clean stop waits for the replica to acknowledge the last batches.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);

@@ -10,9 +10,9 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::config::AgentConfig;
+use crate::pipeline::Group;
 use crate::sender::SharedLink;
 use crate::state::{self, VolumeState};
-use crate::write_pipeline::Group;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AgentStatus {
