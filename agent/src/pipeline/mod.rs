@@ -175,7 +175,7 @@ impl Inner {
     }
 }
 
-/// Work the group's maintenance task has to do (see `resync`).
+/// Work the group's maintenance task has to do (see `maintenance`).
 #[derive(Debug, Default)]
 pub struct Pending {
     /// Volumes that need an initial sync.
