@@ -3,7 +3,7 @@
 //! durable spool and ships them over QUIC to the replica.
 //!
 //! Data flow: NBD server (`exports`) → `pipeline` (range lock, device I/O, records) →
-//! `batcher` → `spool` → `sender`. `run` wires them together; `control` serves `bookmark` and
+//! `batcher` → `spool` → `link`. `run` wires them together; `control` serves `bookmark` and
 //! `status` to the command line.
 
 pub mod activity_log;
@@ -16,11 +16,11 @@ pub mod dirty_map;
 pub mod exports;
 pub mod fsutil;
 pub mod groups;
+pub mod link;
 pub mod maintenance;
 pub mod pipeline;
 pub mod range_lock;
 pub mod run;
-pub mod sender;
 pub mod spool;
 pub mod state;
 pub mod status;

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::link::{ReplicaLink, SharedLink, link_connected};
 use crate::pipeline::Group;
-use crate::sender::{ReplicaLink, SharedLink, link_connected};
 use crate::state::{self, VolumeState, VolumeStateFile};
 
 /// Batches sealed but not acknowledged that a sync or resync allows before it waits.

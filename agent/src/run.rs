@@ -28,9 +28,9 @@ use crate::device::{BlockDev, FileDev};
 use crate::exports::VolumeExports;
 use crate::fsutil;
 use crate::groups::GroupSet;
+use crate::link::{LinkState, ReplicaLink, SenderConfig, SharedLink};
 use crate::maintenance::Maintenance;
 use crate::pipeline::{Group, GroupOptions, Volume};
-use crate::sender::{self, LinkState, ReplicaLink, SenderConfig, SharedLink};
 use crate::spool::Spool;
 use crate::state::{self, VolumeState};
 use crate::status::{self, AgentStatus};
@@ -310,7 +310,7 @@ impl Agent {
             corrupt_seq_once,
         };
         let (replica_link, queries) = ReplicaLink::new();
-        tasks.spawn(sender::run(
+        tasks.spawn(crate::link::run(
             group_set.clone(),
             sender_config,
             link.clone(),

@@ -10,8 +10,8 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::config::AgentConfig;
+use crate::link::SharedLink;
 use crate::pipeline::Group;
-use crate::sender::SharedLink;
 use crate::state::{self, VolumeState};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
