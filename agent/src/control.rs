@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::exports::VolumeExports;
 use crate::groups::GroupSet;
-use crate::sender::{SharedLink, link_connected};
+use crate::link::{SharedLink, link_connected};
 use crate::status::AgentStatus;
 
 pub const SOCKET_NAME: &str = "ctl.sock";

@@ -9,7 +9,7 @@
 use std::io;
 use std::path::Path;
 
-use crate::state::write_atomic;
+use crate::fsutil::write_atomic;
 
 pub const MAGIC: &[u8; 8] = b"CDPDIRT1";
 

@@ -1,5 +1,5 @@
 //! The protected volumes as NBD exports: each request is handed to the group's write
-//! pipeline, which admits it in arrival order (see `write_pipeline`).
+//! pipeline, which admits it in arrival order (see `pipeline`).
 //!
 //! An export holds its group weakly and can be *retired* (`cdp-agent unprotect`): from then on
 //! it is not listed or found by new clients, and every request of a connection still open
@@ -15,7 +15,7 @@ use cdp_shared::nbd::{Export, ExportError, ExportResult, ExportSet};
 use cdp_shared::types::VolumeId;
 use tokio_util::either::Either;
 
-use crate::write_pipeline::Group;
+use crate::pipeline::Group;
 
 pub struct VolumeExport {
     group: Weak<Group>,

@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::write_pipeline::Group;
+use crate::pipeline::Group;
 
 pub struct GroupSet {
     groups: RwLock<Vec<(Arc<Group>, CancellationToken)>>,

@@ -6,10 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use cdp_agent::config::{AgentConfig, CONFIG_FILE, VolumeConfig};
 use cdp_agent::control::{self, Reply, Request};
 use cdp_agent::device::{BlockDev, FileDev};
 use cdp_agent::run::{Agent, Listen, RunOptions};
-use cdp_agent::state::{self, AgentConfig, VolumeConfig};
+use cdp_agent::state;
 use cdp_agent::status;
 use cdp_shared::identity::{Fingerprint, Identity};
 use cdp_shared::types::check_name;
@@ -188,7 +189,7 @@ fn init(data: &Path, replica: &str, replica_fingerprint: &str) -> Result<()> {
     let fp: Fingerprint = replica_fingerprint
         .parse()
         .context("--replica-fingerprint")?;
-    if data.join(state::CONFIG_FILE).exists() {
+    if data.join(CONFIG_FILE).exists() {
         bail!(
             "{} already holds an agent; use it, or pick another directory",
             data.display()
@@ -206,7 +207,7 @@ fn init(data: &Path, replica: &str, replica_fingerprint: &str) -> Result<()> {
         batch_age_ms: cdp_shared::types::BATCH_AGE_MS_DEFAULT,
         batches_in_flight: cdp_shared::types::BATCHES_IN_FLIGHT_DEFAULT,
         sync_bytes_per_sec_max: 0,
-        spool_bytes_max: cdp_agent::write_pipeline::SPOOL_BYTES_MAX_DEFAULT,
+        spool_bytes_max: cdp_agent::config::SPOOL_BYTES_MAX_DEFAULT,
         activity_log_chunks: cdp_agent::activity_log::CAPACITY_DEFAULT,
         nbd_connections_max: cdp_shared::nbd::server::CONNECTIONS_MAX_DEFAULT,
         volumes: Vec::new(),

@@ -22,16 +22,18 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::BatcherConfig;
+use crate::config::{AgentConfig, CONFIG_FILE};
 use crate::control::{self, ControlContext};
 use crate::device::{BlockDev, FileDev};
 use crate::exports::VolumeExports;
+use crate::fsutil;
 use crate::groups::GroupSet;
-use crate::resync::Maintenance;
-use crate::sender::{self, LinkState, ReplicaLink, SenderConfig, SharedLink};
+use crate::link::{LinkState, ReplicaLink, SenderConfig, SharedLink};
+use crate::maintenance::Maintenance;
+use crate::pipeline::{Group, GroupOptions, Volume};
 use crate::spool::Spool;
-use crate::state::{self, AgentConfig, VolumeState};
+use crate::state::{self, VolumeState};
 use crate::status::{self, AgentStatus};
-use crate::write_pipeline::{Group, GroupOptions, Volume};
 
 /// How long a clean stop waits for the replica to acknowledge the last batches.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,7 +118,7 @@ impl Agent {
             config.replica_fingerprint.parse().with_context(|| {
                 format!(
                     "{}: replica_fingerprint",
-                    data_dir.join(state::CONFIG_FILE).display()
+                    data_dir.join(CONFIG_FILE).display()
                 )
             })?;
         if config.volumes.is_empty() {
@@ -134,7 +136,7 @@ impl Agent {
         }
         std::fs::create_dir_all(state::state_dir(&data_dir))
             .context("create the state directory")?;
-        state::write_atomic(&marker, b"running\n").context("write the running marker")?;
+        fsutil::write_atomic(&marker, b"running\n").context("write the running marker")?;
 
         let options = GroupOptions {
             batcher: BatcherConfig {
@@ -155,7 +157,7 @@ impl Agent {
                 if v.id as usize != i {
                     bail!(
                         "{}: the volume ids of group {group_name} are not 0, 1, 2, ...; the configuration was edited by hand",
-                        data_dir.join(state::CONFIG_FILE).display()
+                        data_dir.join(CONFIG_FILE).display()
                     );
                 }
                 let dev = FileDev::open(&v.device).map_err(|e| {
@@ -308,7 +310,7 @@ impl Agent {
             corrupt_seq_once,
         };
         let (replica_link, queries) = ReplicaLink::new();
-        tasks.spawn(sender::run(
+        tasks.spawn(crate::link::run(
             group_set.clone(),
             sender_config,
             link.clone(),

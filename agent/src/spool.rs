@@ -248,7 +248,7 @@ fn read_trimmed(dir: &Path) -> Result<(Seq, Hash), SpoolError> {
 
 fn write_trimmed(dir: &Path, seq: Seq, hash: &Hash) -> io::Result<()> {
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    crate::state::write_atomic(
+    crate::fsutil::write_atomic(
         &dir.join("trimmed"),
         format!("{} {hex}\n", seq.0).as_bytes(),
     )

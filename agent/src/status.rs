@@ -9,9 +9,10 @@ use std::sync::atomic::Ordering;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::sender::SharedLink;
-use crate::state::{self, AgentConfig, VolumeState};
-use crate::write_pipeline::Group;
+use crate::config::AgentConfig;
+use crate::link::SharedLink;
+use crate::pipeline::Group;
+use crate::state::{self, VolumeState};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AgentStatus {
@@ -61,7 +62,7 @@ pub fn collect(
     devices: &dyn Fn(&str) -> String,
 ) -> AgentStatus {
     let l = link.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let now = crate::write_pipeline::now_ns();
+    let now = crate::clock::now_ns();
     let mut volumes = Vec::new();
     for g in groups {
         let last = g.last_sealed().0;

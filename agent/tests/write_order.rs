@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use cdp_agent::batcher::BatcherConfig;
 use cdp_agent::device::{BlockDev, FileDev};
+use cdp_agent::pipeline::{Group, GroupOptions, Volume};
 use cdp_agent::spool::Spool;
-use cdp_agent::write_pipeline::{Group, GroupOptions, Volume};
 use cdp_shared::Seq;
 use cdp_shared::batch::{self, RecordKind};
 use cdp_shared::types::CHUNK_BYTES;

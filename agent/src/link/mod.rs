@@ -9,6 +9,11 @@
 //! group continues its chain after the replica's seq and every volume gets a hash-compare
 //! resync; a volume the replica has no image of gets an initial sync. The link drops and
 //! returns without operator action; reconnects back off from 200 ms to 5 s.
+//!
+//! This module is the quinn shell: the connection, the handshake and the connection loop.
+//! `catch_up` holds the catch-up decision, `window` the send window, and `answers` what each
+//! message of the replica is answered with (acks, nacks, hash replies, pause notices, the
+//! verifier's questions and repairs).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -16,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use cdp_shared::Seq;
 use cdp_shared::identity::{self, Fingerprint, Identity};
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::VolumeId;
@@ -26,7 +30,15 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::write_pipeline::Group;
+use crate::pipeline::Group;
+
+mod answers;
+mod catch_up;
+mod window;
+
+use answers::Ctx;
+use catch_up::catch_up;
+use window::{GroupSend, send_window};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -122,7 +134,7 @@ impl ReplicaLink {
 fn set_link(link: &SharedLink, connected: bool, error: Option<String>) {
     let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
     if l.connected != connected {
-        l.since_ns = crate::write_pipeline::now_ns();
+        l.since_ns = crate::clock::now_ns();
     }
     l.connected = connected;
     if !connected {
@@ -227,13 +239,6 @@ async fn session(
     }
 }
 
-struct GroupSend {
-    group: Arc<Group>,
-    next: Seq,
-    acked: Seq,
-    nacks_in_a_row: u32,
-}
-
 fn parse_hash(hex: &str) -> Option<[u8; 32]> {
     if hex.len() != 64 {
         return None;
@@ -243,100 +248,6 @@ fn parse_hash(hex: &str) -> Option<[u8; 32]> {
         *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(h)
-}
-
-fn generation_path(g: &Group) -> std::path::PathBuf {
-    g.state_dir().join(format!("{}.generation", g.name))
-}
-
-/// Decides, from the replica's welcome, how a group catches up (see the module doc):
-/// * the replica's copy of the group is another one than last time (its generation changed):
-///   continue after its head; volumes it holds are compared by hash, the others synced again;
-/// * the replica has no complete image of a volume this agent considers sent: the same;
-/// * the spool holds every batch after the replica's seq: resume from it;
-/// * otherwise continue after the replica's head and compare every volume by hash.
-fn catch_up(g: &Arc<Group>, w: &wire::GroupWelcome) -> Result<Seq> {
-    let head = g.last_sealed();
-    let durable = Seq(w.durable);
-    let first_held = g.spool.first_held().unwrap_or(head.next());
-    let gen_path = generation_path(g);
-    let known_generation = std::fs::read_to_string(&gen_path)
-        .ok()
-        .map(|s| s.trim().to_owned());
-    let replaced = known_generation
-        .as_ref()
-        .is_some_and(|k| *k != w.generation);
-    // A replica that lists no volumes (an older one) says nothing about them.
-    let replica_state = |id: VolumeId| {
-        if w.volumes.is_empty() {
-            return "protecting";
-        }
-        w.volumes
-            .iter()
-            .find(|v| v.id == id)
-            .map(|v| v.state.as_str())
-            .unwrap_or("new")
-    };
-    let pending_sync = |id: VolumeId| {
-        g.pending().initial_sync.contains(&id)
-            && !g.volumes[id as usize]
-                .syncing
-                .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    // Volumes the replica has no complete image of, while this agent thinks it has sent one.
-    let lost: Vec<VolumeId> = g
-        .volumes
-        .iter()
-        .filter(|v| {
-            replica_state(v.id) == "new"
-                && !pending_sync(v.id)
-                && !v.syncing.load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .map(|v| v.id)
-        .collect();
-    let resumable = !replaced && lost.is_empty() && durable <= head && durable.next() >= first_held;
-    if !resumable {
-        let hash = if durable.0 == 0 {
-            [0u8; 32]
-        } else {
-            parse_hash(&w.head_hash).ok_or_else(|| {
-                anyhow!("the replica sent no valid head hash for group {}", g.name)
-            })?
-        };
-        if replaced {
-            tracing::warn!(group = %g.name, "the replica's copy of group {} is a new one (generation {} instead of {}): the agent continues after its seq {durable} and resyncs", g.name, w.generation, known_generation.as_deref().unwrap_or("?"));
-        } else {
-            tracing::warn!(
-                group = %g.name,
-                "the replica is at seq {durable} but this agent's spool holds seqs {first_held}..={head}: the agent continues after seq {durable} and resyncs"
-            );
-        }
-        let mut pending = g.pending();
-        for v in &g.volumes {
-            if replica_state(v.id) == "protecting" {
-                if !pending.initial_sync.contains(&v.id) {
-                    pending.compare.insert(v.id);
-                }
-            } else {
-                tracing::warn!(group = %g.name, volume = %v.name, "the replica has no complete image of volume {}: it is synced again from the start", v.name);
-                pending.compare.remove(&v.id);
-                pending.initial_sync.insert(v.id);
-                g.await_initial_sync([v.id]);
-                if v.syncing.load(std::sync::atomic::Ordering::Relaxed) {
-                    v.restart_sync
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        }
-        drop(pending);
-        // After the flags above: a sync that sees its restart flag never reaches SyncEnd.
-        g.rebase(durable, hash).context("reset the spool")?;
-    }
-    if known_generation.as_deref() != Some(w.generation.as_str()) {
-        crate::state::write_atomic(&gen_path, format!("{}\n", w.generation).as_bytes())
-            .with_context(|| format!("write {}", gen_path.display()))?;
-    }
-    Ok(durable)
 }
 
 async fn serve_connection(
@@ -456,35 +367,7 @@ async fn serve_connection(
     }
     loop {
         // Send what the window allows.
-        for s in ctx.state.values_mut() {
-            let written = s.group.spool.written();
-            while s.next <= written && (s.next.0 - s.acked.0 - 1) < config.window as u64 {
-                let seq = s.next;
-                let bytes = s.group.spool.get(seq)?.ok_or_else(|| {
-                    anyhow!(
-                        "batch {seq} of group {} is missing from the spool",
-                        s.group.name
-                    )
-                })?;
-                let bytes = if *corrupt == Some(seq.0) {
-                    *corrupt = None;
-                    // The last byte lies in the payload (or the header hash of an empty
-                    // batch): the header stays readable, so the refusal names the batch.
-                    let mut v = bytes.to_vec();
-                    let at = v.len() - 1;
-                    v[at] ^= 0x10;
-                    tracing::warn!(
-                        seq = seq.0,
-                        "fault injection: sending a corrupted copy of this batch"
-                    );
-                    bytes::Bytes::from(v)
-                } else {
-                    bytes
-                };
-                ctx.sends.spawn(send_batch(conn.clone(), bytes));
-                s.next = s.next.next();
-            }
-        }
+        send_window(ctx.state, ctx.sends, conn, config.window, corrupt)?;
         let wake_fut = wake.notified();
         tokio::select! {
             n = ctl_recv.read(&mut buf) => {
@@ -511,188 +394,4 @@ async fn serve_connection(
             _ = wake_fut => {}
         }
     }
-}
-
-struct Ctx<'a> {
-    state: &'a mut BTreeMap<String, GroupSend>,
-    conn: &'a quinn::Connection,
-    sends: &'a mut JoinSet<Result<()>>,
-    link: &'a SharedLink,
-    hash_waiters: &'a mut HashWaiters,
-    /// Answers to the replica's verify requests, written by the connection loop.
-    replies: mpsc::Sender<Control>,
-    verifies: &'a mut JoinSet<()>,
-}
-
-impl Ctx<'_> {
-    fn handle(&mut self, msg: Control) -> Result<()> {
-        match msg {
-            Control::Ack { group, durable } => {
-                let s = self
-                    .state
-                    .get_mut(&group)
-                    .ok_or_else(|| anyhow!("ack for unknown group {group}"))?;
-                let durable = Seq(durable);
-                if durable > s.acked {
-                    if durable >= s.next {
-                        bail!(
-                            "the replica acknowledged seq {durable} of group {group}, which was never sent"
-                        );
-                    }
-                    s.acked = durable;
-                    s.nacks_in_a_row = 0;
-                    s.group.spool.ack(durable);
-                    s.group.acked.send_replace(durable);
-                    s.group.bump();
-                }
-            }
-            Control::Nack { group, seq, reason } => {
-                let Some(s) = self.state.get_mut(&group) else {
-                    // The replica could not tell which batch it refused (its header was
-                    // unreadable): start over, which sends every unacknowledged batch again.
-                    bail!(
-                        "the replica refused a batch it could not attribute ({reason}); reconnecting to send every unacknowledged batch again"
-                    );
-                };
-                tracing::warn!(
-                    group,
-                    seq,
-                    "the replica refused batch {seq}: {reason}; sending it again"
-                );
-                s.nacks_in_a_row += 1;
-                if s.nacks_in_a_row > NACKS_IN_A_ROW_MAX {
-                    bail!(
-                        "the replica refused batches of group {group} {} times in a row (last: seq {seq}: {reason})",
-                        s.nacks_in_a_row
-                    );
-                }
-                let seq = Seq(seq);
-                if seq > s.acked && seq < s.next {
-                    let bytes = s
-                        .group
-                        .spool
-                        .get(seq)?
-                        .ok_or_else(|| anyhow!("batch {seq} is missing from the spool"))?;
-                    self.sends.spawn(send_batch(self.conn.clone(), bytes));
-                }
-            }
-            Control::HashReply {
-                group,
-                volume,
-                seq: _,
-                first_chunk,
-                hashes,
-            } => {
-                if let Some(reply) = self.hash_waiters.remove(&(group, volume, first_chunk)) {
-                    let parsed: Option<Vec<[u8; 32]>> =
-                        hashes.iter().map(|h| parse_hash(h)).collect();
-                    let _ =
-                        reply.send(parsed.ok_or_else(|| "a hash is not 64 hex digits".to_owned()));
-                }
-            }
-            Control::HashError {
-                group,
-                volume,
-                reason,
-            } => {
-                let keys: Vec<_> = self
-                    .hash_waiters
-                    .keys()
-                    .filter(|(g, v, _)| *g == group && *v == volume)
-                    .cloned()
-                    .collect();
-                for k in keys {
-                    if let Some(reply) = self.hash_waiters.remove(&k) {
-                        let _ = reply.send(Err(reason.clone()));
-                    }
-                }
-            }
-            Control::Paused { group, reason } => {
-                tracing::warn!(
-                    group,
-                    "the replica paused ingest: {reason}; batches stay in the spool until it resumes"
-                );
-                self.link
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .paused
-                    .insert(group, reason);
-            }
-            Control::Resumed { group } => {
-                tracing::info!(group, "the replica resumed ingest");
-                self.link
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .paused
-                    .remove(&group);
-            }
-            Control::VerifyRequest {
-                id,
-                group,
-                volume,
-                chunk,
-            } => {
-                let Some(s) = self.state.get(&group) else {
-                    let _ = self.replies.try_send(Control::VerifyRefused {
-                        id,
-                        reason: format!("no group {group} on this agent"),
-                    });
-                    return Ok(());
-                };
-                let g = s.group.clone();
-                let replies = self.replies.clone();
-                self.verifies.spawn(async move {
-                    let msg = match g.hash_chunk_at_boundary(volume, chunk).await {
-                        Ok((seq, hash)) => Control::VerifyReply {
-                            id,
-                            seq: seq.0,
-                            hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
-                        },
-                        Err(reason) => Control::VerifyRefused { id, reason },
-                    };
-                    let _ = replies.send(msg).await;
-                });
-            }
-            Control::RepairRequest {
-                id,
-                group,
-                volume,
-                chunks,
-            } => {
-                let refuse = |reason: String| Control::RepairRefused { id, reason };
-                let Some(s) = self.state.get(&group) else {
-                    let _ = self
-                        .replies
-                        .try_send(refuse(format!("no group {group} on this agent")));
-                    return Ok(());
-                };
-                if chunks.len() > cdp_shared::wire::REPAIR_CHUNKS_PER_MESSAGE_MAX {
-                    let _ = self.replies.try_send(refuse(format!(
-                        "{} chunks in one repair request (at most {})",
-                        chunks.len(),
-                        cdp_shared::wire::REPAIR_CHUNKS_PER_MESSAGE_MAX
-                    )));
-                    return Ok(());
-                }
-                let g = s.group.clone();
-                let replies = self.replies.clone();
-                self.verifies.spawn(async move {
-                    let msg = match g.repair_chunks(volume, &chunks).await {
-                        Ok(seq) => Control::RepairStarted { id, seq: seq.0 },
-                        Err(reason) => Control::RepairRefused { id, reason },
-                    };
-                    let _ = replies.send(msg).await;
-                });
-            }
-            other => bail!("unexpected message from the replica: {other:?}"),
-        }
-        Ok(())
-    }
-}
-
-async fn send_batch(conn: quinn::Connection, bytes: bytes::Bytes) -> Result<()> {
-    let mut stream = conn.open_uni().await.context("open a batch stream")?;
-    stream.write_chunk(bytes).await.context("send a batch")?;
-    stream.finish().context("finish a batch stream")?;
-    Ok(())
 }

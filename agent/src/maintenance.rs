@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::sender::{ReplicaLink, SharedLink, link_connected};
+use crate::link::{ReplicaLink, SharedLink, link_connected};
+use crate::pipeline::Group;
 use crate::state::{self, VolumeState, VolumeStateFile};
-use crate::write_pipeline::Group;
 
 /// Batches sealed but not acknowledged that a sync or resync allows before it waits.
 pub const BACKLOG_BATCHES: u64 = 64;

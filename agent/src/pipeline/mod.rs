@@ -1,0 +1,652 @@
+//! The write pipeline of one consistency group: every write, trim and zero-write of every
+//! volume of the group gets its place in one log, is applied to its device, and is recorded in
+//! log order in the group's batcher, whose sealed batches go to the spool.
+//!
+//! **Write-order fidelity** (DESIGN 3.1). An operation is *admitted* synchronously, in the order
+//! the NBD server reads requests: it takes its place in its volume's range lock. It then waits
+//! for every earlier overlapping operation, does its device I/O, and — still holding its place —
+//! pushes its records to the batcher and releases its place. So overlapping operations reach
+//! both the device and the log in admission order, and disjoint ones, which commute, may
+//! complete in any order. Replaying the log in order over any earlier state therefore yields
+//! the device's state at every later batch boundary. A record is pushed before the client's
+//! reply, so every replied write is in the batch sealed by a later FLUSH.
+//!
+//! FLUSH and FUA make the device and the spool durable before the reply and cut the batch.
+//!
+//! **Never losing a write** (DESIGN 3.4). Before a write reaches the device, its chunks are
+//! durably in the volume's activity log, so that after a crash the chunks whose writes may be
+//! on the device but not in the spool are known. When the spool reaches its cap the group
+//! *overflows*: the open batch is sealed, and from then on a write marks its chunks in the
+//! dirty map instead of being recorded (the client never waits for the link or the replica).
+//! Once the link is up and the spool has drained, the resync reads every dirty chunk through
+//! the ordered log. While a volume is syncing, overflowing or has dirty chunks, batches are
+//! sealed as not consistent; the batch that completes the resync is consistent again.
+//!
+//! Epochs: each volume's writes belong to an epoch that a flush of the volume ends; a chunk
+//! may leave the activity log once its last write is in an epoch whose flush completed.
+//!
+//! This module holds the core: the group, its volumes, admission, recording
+//! (`Place::complete`), cutting and making durable. The operations are split by caller:
+//! `client` (the NBD client's writes, zero-writes, reads, flushes and bookmarks, and the age
+//! cutter), `sync` (initial syncs, dirty-region and hash-compare resyncs, and what ends an
+//! overflow or follows a rebase) and `verify` (the replica verifier's questions and repairs).
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use cdp_shared::batch::{self, RecordEncoder};
+use cdp_shared::nbd::{ExportError, ExportResult};
+use cdp_shared::types::{CHUNK_BYTES, Seq, VolumeId};
+use tokio::sync::{Notify, watch};
+
+use crate::activity_log::{ActivityLog, AlFile};
+use crate::batcher::{Batcher, BatcherConfig, SealedBatch};
+use crate::clock::now_ns;
+use crate::device::BlockDev;
+use crate::dirty_map::{CountMismatch, DirtyMap};
+use crate::fsutil::remove_if_exists;
+use crate::range_lock::{Latch, RangeLock, Ticket};
+use crate::spool::Spool;
+
+mod client;
+mod sync;
+mod verify;
+
+pub use client::INLINE_WRITE_BYTES_MAX;
+
+thread_local! {
+    static ENCODER: RefCell<RecordEncoder> = RefCell::new(RecordEncoder::new());
+}
+
+/// A protected volume inside its group.
+pub struct Volume {
+    pub id: VolumeId,
+    pub name: String,
+    pub dev: Arc<dyn BlockDev>,
+    pub size: u64,
+    /// Chunks done by the running sync or resync (for progress).
+    pub sync_chunks_done: AtomicU64,
+    /// Chunks the running sync or resync has to go through.
+    pub sync_chunks_total: AtomicU64,
+    /// Whether the volume is inside its initial sync.
+    pub syncing: AtomicBool,
+    /// Bytes of resync records pushed (dirty-chunk and hash-compare resyncs).
+    pub resync_bytes_sent: AtomicU64,
+    /// Set when a running initial sync must stop and start again from the beginning (the
+    /// replica lost what it had received of it).
+    pub restart_sync: AtomicBool,
+}
+
+impl Volume {
+    pub fn new(id: VolumeId, name: &str, dev: Arc<dyn BlockDev>) -> Volume {
+        Volume {
+            id,
+            name: name.to_owned(),
+            size: dev.size(),
+            dev,
+            sync_chunks_done: AtomicU64::new(0),
+            sync_chunks_total: AtomicU64::new(0),
+            syncing: AtomicBool::new(false),
+            resync_bytes_sent: AtomicU64::new(0),
+            restart_sync: AtomicBool::new(false),
+        }
+    }
+
+    pub fn chunks(&self) -> u64 {
+        self.size.div_ceil(CHUNK_BYTES)
+    }
+
+    fn chunk_len(&self, chunk: u64) -> u64 {
+        CHUNK_BYTES.min(self.size - chunk * CHUNK_BYTES)
+    }
+}
+
+/// How a group is run.
+#[derive(Clone, Debug)]
+pub struct GroupOptions {
+    pub batcher: BatcherConfig,
+    /// Cap of the spool; above it the group overflows to its dirty maps.
+    pub spool_bytes_max: u64,
+    /// Chunks each volume's activity log holds before it evicts.
+    pub al_capacity: usize,
+    /// Where the activity logs (`<volume>.al.N`) and dirty maps (`<volume>.dirty`) live.
+    pub state_dir: PathBuf,
+}
+
+struct VolState {
+    lock: RangeLock,
+    al: ActivityLog,
+    dirty: DirtyMap,
+    /// Whether `dirty` changed since it was last saved.
+    dirty_changed: bool,
+    /// The open epoch of this volume's writes, and the last one whose flush completed.
+    epoch: u64,
+    durable_epoch: u64,
+    /// An initial sync of this volume is due and has not begun: the replica refuses records of
+    /// a volume before its `SyncBegin`, so client writes are not logged (they are on the
+    /// device, and the sync reads every chunk after its `SyncBegin`).
+    awaiting_sync: bool,
+}
+
+struct Inner {
+    vols: Vec<VolState>,
+    batcher: Batcher,
+    /// Initial syncs and hash-compare resyncs running.
+    syncing: usize,
+    /// Since when the spool is over its cap (writes go to the dirty maps).
+    overflow_since: Option<i64>,
+    /// Times the group continued after the replica's head (`rebase`): a batch sealed before
+    /// one may have been dropped from the spool, so a wait for its seq must not trust acks
+    /// that come after.
+    rebases: u64,
+}
+
+impl Inner {
+    fn inconsistent(&self) -> bool {
+        self.syncing > 0
+            || self.overflow_since.is_some()
+            || self
+                .vols
+                .iter()
+                .any(|v| v.dirty.count() > 0 || v.awaiting_sync)
+    }
+
+    /// Dirty chunks over all volumes (derived from the maps, not kept apart).
+    fn dirty_total(&self) -> u64 {
+        self.vols.iter().map(|v| v.dirty.count()).sum()
+    }
+
+    /// The same, each map's count checked against its bits first (the paired assertion that
+    /// guards every resync decision; see [`DirtyMap::check`]).
+    fn dirty_total_checked(&self) -> Result<u64, CountMismatch> {
+        self.vols.iter().map(|v| v.dirty.check()).sum()
+    }
+
+    fn mark_dirty(&mut self, volume: VolumeId, first: u64, last: u64) {
+        let v = &mut self.vols[volume as usize];
+        for c in first..=last {
+            if v.dirty.set(c) {
+                v.dirty_changed = true;
+            }
+        }
+    }
+}
+
+/// Work the group's maintenance task has to do (see `maintenance`).
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// Volumes that need an initial sync.
+    pub initial_sync: std::collections::BTreeSet<VolumeId>,
+    /// Volumes that need a hash-compare resync.
+    pub compare: std::collections::BTreeSet<VolumeId>,
+    /// Hash-compare resyncs completed so far, and the last one's (compared, sent) chunks.
+    pub compares_done: u64,
+    pub last_compare: Option<(VolumeId, u64, u64)>,
+}
+
+/// What happened to the group, for `status`.
+#[derive(Clone, Debug, Default)]
+pub struct GroupState {
+    pub overflow_since_ns: Option<i64>,
+    pub dirty_chunks: Vec<u64>,
+    pub inconsistent: bool,
+    pub open_since_ns: Option<i64>,
+}
+
+/// One consistency group: its volumes, its log and its spool.
+pub struct Group {
+    pub name: String,
+    pub volumes: Vec<Arc<Volume>>,
+    inner: Mutex<Inner>,
+    pub spool: Spool,
+    options: GroupOptions,
+    al_files: Vec<tokio::sync::Mutex<AlFile>>,
+    age_notify: Notify,
+    /// The newest seq the replica has acknowledged as durable (set by the sender).
+    pub acked: watch::Sender<Seq>,
+    /// Bumped whenever a background task may have something to do (an ack, the end of an
+    /// overflow, new dirty chunks, the link coming up).
+    pub wake: watch::Sender<u64>,
+    /// Records pushed, for status.
+    pub records_total: AtomicU64,
+    pending: Mutex<Pending>,
+    /// When the open batch got its first record (for the RPO lag).
+    open_since_ns: AtomicU64,
+}
+
+/// An admitted operation's place in its range lock; released on drop so that an operation
+/// that fails (or whose task is dropped) never blocks later ones. A write's place also holds
+/// its chunks in the activity log.
+struct Place {
+    group: Arc<Group>,
+    volume: VolumeId,
+    ticket: Option<Ticket>,
+    /// For writes: the chunks it covers.
+    write_chunks: Option<(u64, u64)>,
+}
+
+/// How a completed operation is recorded.
+enum Recorded<'a> {
+    /// A client write: its records, or (while overflowing) its chunks marked dirty.
+    Write(&'a [u8], u32),
+    /// A sync or resync read of one chunk; clears the chunk's dirty bit when recorded.
+    Sync(&'a [u8], u64),
+}
+
+impl Place {
+    /// Records the operation and releases its place, atomically with respect to the other
+    /// operations of the group. Returns whether its records went into the log.
+    fn complete(mut self, what: Recorded<'_>) -> bool {
+        let group = self.group.clone();
+        let mut inner = group.lock();
+        if inner.vols[self.volume as usize].awaiting_sync {
+            // A client write is on the device already, and the volume's initial sync, not
+            // begun yet, copies it. A sync read here belongs to a sync that starts again from
+            // the beginning (the replica lost what it had received of it).
+            self.release(&mut inner);
+            return false;
+        }
+        let (encoded, records, sync) = match what {
+            Recorded::Write(e, n) => (e, n, false),
+            Recorded::Sync(e, _) => (e, 1, true),
+        };
+        let mut logged = false;
+        if records > 0 && inner.overflow_since.is_none() {
+            let over =
+                group.spool.held_bytes() + inner.batcher.open_bytes() as u64 + encoded.len() as u64;
+            if over > group.options.spool_bytes_max {
+                group.enter_overflow(&mut inner);
+            }
+        }
+        if records > 0 && inner.overflow_since.is_none() {
+            let was_empty = inner.batcher.is_empty();
+            if let Recorded::Sync(_, chunk) = what {
+                let v = &mut inner.vols[self.volume as usize];
+                if v.dirty.clear(chunk) {
+                    v.dirty_changed = true;
+                }
+            }
+            let inconsistent = inner.inconsistent();
+            let sealed = inner.batcher.push(
+                encoded,
+                records,
+                sync,
+                inconsistent,
+                Instant::now(),
+                now_ns(),
+            );
+            group.to_spool(sealed);
+            if was_empty {
+                group
+                    .open_since_ns
+                    .store(now_ns() as u64, Ordering::Relaxed);
+                group.age_notify.notify_one();
+            }
+            group
+                .records_total
+                .fetch_add(u64::from(records), Ordering::Relaxed);
+            logged = true;
+        } else if let Recorded::Sync(_, chunk) = what {
+            // A sync read that cannot be recorded now (overflow) is read again later.
+            inner.mark_dirty(self.volume, chunk, chunk);
+        } else if let Some((first, last)) = self.write_chunks {
+            inner.mark_dirty(self.volume, first, last);
+        }
+        self.release(&mut inner);
+        logged
+    }
+
+    fn release(&mut self, inner: &mut Inner) {
+        let v = &mut inner.vols[self.volume as usize];
+        if let Some((first, last)) = self.write_chunks.take() {
+            let epoch = v.epoch;
+            v.al.end(first, last, epoch);
+        }
+        if let Some(t) = self.ticket.take() {
+            v.lock.release(t);
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if self.ticket.is_some() {
+            let group = self.group.clone();
+            let mut inner = group.lock();
+            // A write that failed (or was dropped) may have reached part of the device: its
+            // chunks are resynced.
+            if let Some((first, last)) = self.write_chunks {
+                inner.mark_dirty(self.volume, first, last);
+            }
+            self.release(&mut inner);
+        }
+    }
+}
+
+fn blocking_err(e: tokio::task::JoinError) -> ExportError {
+    ExportError::Io(format!("I/O task failed: {e}"))
+}
+
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
+    move |e| ExportError::Io(format!("{what}: {e}"))
+}
+
+/// What `Group::new` found on disk.
+pub struct Recovery {
+    /// Chunks found in activity logs (an unclean stop): now dirty.
+    pub al_chunks: u64,
+    /// Dirty chunks in all, after merging.
+    pub dirty_chunks: u64,
+}
+impl Group {
+    /// A group whose volumes are indexed by id (`volumes[i].id == i`), continuing its log after
+    /// `last_seq` (whose header hash is `last_hash`). Loads each volume's dirty map and activity
+    /// log: chunks left in an activity log (an unclean stop) become dirty, the merged map is
+    /// saved, and the activity log starts empty.
+    pub fn new(
+        name: &str,
+        volumes: Vec<Arc<Volume>>,
+        spool: Spool,
+        options: GroupOptions,
+        last_seq: Seq,
+        last_hash: batch::Hash,
+    ) -> std::io::Result<(Arc<Group>, Recovery)> {
+        let mut vols = Vec::new();
+        let mut al_files = Vec::new();
+        let mut recovery = Recovery {
+            al_chunks: 0,
+            dirty_chunks: 0,
+        };
+        std::fs::create_dir_all(&options.state_dir)?;
+        for (i, v) in volumes.iter().enumerate() {
+            assert_eq!(v.id as usize, i, "volume ids are dense indexes");
+            let dirty_path = options.state_dir.join(format!("{}.dirty", v.name));
+            let mut dirty = match DirtyMap::load(&dirty_path, v.chunks()) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(volume = %v.name, "{e}; the whole volume will be resynced");
+                    let mut m = DirtyMap::new(v.chunks());
+                    m.set_all();
+                    m
+                }
+            };
+            let (mut al_file, al_chunks) = AlFile::open(&options.state_dir.join(&v.name))?;
+            for c in al_chunks.iter().filter(|c| **c < v.chunks()) {
+                if dirty.set(*c) {
+                    recovery.al_chunks += 1;
+                }
+            }
+            // The paired assertion at load: the count that decides the resync follows the bits.
+            recovery.dirty_chunks += dirty.check().map_err(std::io::Error::other)?;
+            if !al_chunks.is_empty() {
+                dirty.save(&dirty_path)?;
+                al_file.write(&[])?;
+            }
+            vols.push(VolState {
+                lock: RangeLock::new(),
+                al: ActivityLog::new(options.al_capacity, &[]),
+                dirty,
+                dirty_changed: false,
+                epoch: 1,
+                durable_epoch: 0,
+                awaiting_sync: false,
+            });
+            al_files.push(tokio::sync::Mutex::new(al_file));
+        }
+        let (acked, _) = watch::channel(Seq(0));
+        let (wake, _) = watch::channel(0);
+        let group = Arc::new(Group {
+            name: name.to_owned(),
+            volumes,
+            inner: Mutex::new(Inner {
+                vols,
+                batcher: Batcher::new(name, options.batcher.clone(), last_seq, last_hash),
+                syncing: 0,
+                overflow_since: None,
+                rebases: 0,
+            }),
+            spool,
+            options,
+            al_files,
+            age_notify: Notify::new(),
+            acked,
+            wake,
+            records_total: AtomicU64::new(0),
+            pending: Mutex::new(Pending::default()),
+            open_since_ns: AtomicU64::new(0),
+        });
+        Ok((group, recovery))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The maintenance work waiting.
+    pub fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn bump(&self) {
+        self.wake.send_modify(|v| *v += 1);
+    }
+
+    fn to_spool(&self, sealed: impl IntoIterator<Item = SealedBatch>) {
+        for s in sealed {
+            let header = match batch::decode_header(&s.bytes) {
+                Ok(h) => h,
+                Err(e) => panic!("the batcher sealed a batch that does not decode: {e}"),
+            };
+            self.spool
+                .append(s, header.header_hash, header.agent_time_ns);
+        }
+    }
+
+    /// The spool is full: seal what is open (the cap is exceeded by at most one batch) and
+    /// send later writes to the dirty maps.
+    fn enter_overflow(&self, inner: &mut Inner) {
+        let sealed = inner.batcher.seal(0, None, true, now_ns());
+        self.to_spool(sealed);
+        inner.overflow_since = Some(now_ns());
+        tracing::warn!(
+            group = %self.name,
+            spool_bytes = self.spool.held_bytes(),
+            "the spool reached its cap of {} bytes: writes are now tracked as dirty regions and resynced when the replica catches up",
+            self.options.spool_bytes_max
+        );
+        self.bump();
+    }
+
+    /// The last sealed seq.
+    pub fn last_sealed(&self) -> Seq {
+        self.lock().batcher.last_sealed()
+    }
+
+    /// A snapshot for `status`.
+    pub fn state(&self) -> GroupState {
+        let inner = self.lock();
+        let open = !inner.batcher.is_empty();
+        GroupState {
+            overflow_since_ns: inner.overflow_since,
+            dirty_chunks: inner.vols.iter().map(|v| v.dirty.count()).collect(),
+            inconsistent: inner.inconsistent(),
+            open_since_ns: open.then(|| self.open_since_ns.load(Ordering::Relaxed) as i64),
+        }
+    }
+
+    /// Operations admitted to the range locks and not yet released, over all volumes.
+    pub fn operations_in_flight(&self) -> usize {
+        self.lock().vols.iter().map(|v| v.lock.in_flight()).sum()
+    }
+
+    /// Whether the group is overflowing.
+    pub fn overflowing(&self) -> bool {
+        self.lock().overflow_since.is_some()
+    }
+
+    /// How many times the group continued after the replica's head (see [`Group::rebase`]).
+    pub fn rebases(&self) -> u64 {
+        self.lock().rebases
+    }
+
+    /// Dirty chunks over all volumes, each map's count checked against its bits: a count that
+    /// disagrees stops the agent (see [`crate::stop_on_internal_error`]) instead of letting
+    /// the caller skip a resync.
+    pub fn dirty_total(&self) -> u64 {
+        match self.lock().dirty_total_checked() {
+            Ok(n) => n,
+            Err(e) => crate::stop_on_internal_error(&format!("group {}: {e}", self.name)),
+        }
+    }
+
+    fn admit(self: &Arc<Self>, volume: VolumeId, start: u64, end: u64) -> (Place, Vec<Latch>) {
+        let (ticket, waits) = self.lock().vols[volume as usize].lock.admit(start, end);
+        (
+            Place {
+                group: self.clone(),
+                volume,
+                ticket: Some(ticket),
+                write_chunks: None,
+            },
+            waits,
+        )
+    }
+
+    /// Admits a write (or zero-write or trim): its place in the range lock and its chunks in
+    /// the activity log. Returns the activity-log version to make durable before the I/O.
+    fn admit_write(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        start: u64,
+        end: u64,
+    ) -> (Place, Vec<Latch>, Option<u64>) {
+        let first = start / CHUNK_BYTES;
+        let last = (end - 1) / CHUNK_BYTES;
+        let mut inner = self.lock();
+        let v = &mut inner.vols[volume as usize];
+        let (ticket, waits) = v.lock.admit(start, end);
+        let durable_epoch = v.durable_epoch;
+        let need = v.al.begin(first, last, durable_epoch);
+        drop(inner);
+        (
+            Place {
+                group: self.clone(),
+                volume,
+                ticket: Some(ticket),
+                write_chunks: Some((first, last)),
+            },
+            waits,
+            need,
+        )
+    }
+
+    fn volume(&self, id: VolumeId) -> &Arc<Volume> {
+        &self.volumes[id as usize]
+    }
+
+    /// Seals the open batch with `flags` (and a bookmark name) and returns the seq that now
+    /// covers every record pushed so far, and whether the point is consistent. Ends the open
+    /// epoch of `volumes`, returning the epochs ended.
+    fn cut(
+        &self,
+        flags: u16,
+        bookmark: Option<&str>,
+        volumes: &[VolumeId],
+    ) -> (Seq, bool, Vec<u64>, u64) {
+        let mut inner = self.lock();
+        // The paired assertion at a flush: whether this point is consistent depends on the
+        // dirty counts, so they must be the bits'.
+        if let Err(e) = inner.dirty_total_checked() {
+            drop(inner);
+            crate::stop_on_internal_error(&format!("group {}: {e}", self.name));
+        }
+        let ended = volumes
+            .iter()
+            .map(|v| {
+                let vs = &mut inner.vols[*v as usize];
+                vs.epoch += 1;
+                vs.epoch - 1
+            })
+            .collect();
+        let inconsistent = inner.inconsistent();
+        let sealed = inner.batcher.seal(flags, bookmark, inconsistent, now_ns());
+        self.to_spool(sealed);
+        (
+            inner.batcher.last_sealed(),
+            !inconsistent,
+            ended,
+            inner.rebases,
+        )
+    }
+
+    /// Seals a point even if nothing is open (a sync or resync just ended: its last records may
+    /// all sit in batches sealed as not consistent, and the point that says the group is
+    /// consistent again must exist).
+    fn cut_point(&self) -> (Seq, bool) {
+        let mut inner = self.lock();
+        let inconsistent = inner.inconsistent();
+        let sealed = inner.batcher.seal_always(0, None, inconsistent, now_ns());
+        self.to_spool([sealed]);
+        (inner.batcher.last_sealed(), !inconsistent)
+    }
+
+    /// Saves the dirty maps that changed. Under the group lock only to take the snapshots.
+    async fn save_dirty_maps(&self) -> ExportResult<()> {
+        let mut todo = Vec::new();
+        {
+            let mut inner = self.lock();
+            for (i, v) in inner.vols.iter_mut().enumerate() {
+                if v.dirty_changed {
+                    v.dirty_changed = false;
+                    todo.push((
+                        self.options
+                            .state_dir
+                            .join(format!("{}.dirty", self.volumes[i].name)),
+                        v.dirty.clone(),
+                        i,
+                    ));
+                }
+            }
+        }
+        for (path, map, i) in todo {
+            // The paired assertion at a flush: an empty map's file is removed, so its count
+            // must be the bits'.
+            if let Err(e) = map.check() {
+                crate::stop_on_internal_error(&format!("volume {}: {e}", self.volumes[i].name));
+            }
+            let result = tokio::task::spawn_blocking(move || {
+                if map.count() == 0 {
+                    remove_if_exists(&path)
+                } else {
+                    map.save(&path)
+                }
+            })
+            .await
+            .map_err(blocking_err)?;
+            if let Err(e) = result {
+                self.lock().vols[i].dirty_changed = true;
+                return Err(ExportError::Io(format!("save the dirty map: {e}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything up to `seq` durable in the spool and the dirty maps saved; then the ended
+    /// epochs are durable.
+    async fn make_durable(&self, seq: Seq, ended: &[(VolumeId, u64)]) -> ExportResult<()> {
+        self.spool
+            .wait_durable(seq)
+            .await
+            .map_err(|e| ExportError::Io(e.to_string()))?;
+        self.save_dirty_maps().await?;
+        let mut inner = self.lock();
+        for (v, e) in ended {
+            let vs = &mut inner.vols[*v as usize];
+            vs.durable_epoch = vs.durable_epoch.max(*e);
+        }
+        Ok(())
+    }
+}
