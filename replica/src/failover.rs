@@ -85,6 +85,7 @@ use rustix::fs::FlockOperation;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, EventLevel, FailoverRow, FailoverState, VolumeRow};
+use crate::clock::now_ns;
 use crate::clock::{rfc3339, time_of};
 use crate::datadir::{DataDir, ServeLock, sync_dir};
 use crate::error::{ReplicaError, Result};
@@ -95,7 +96,7 @@ use crate::overlay::Overlay;
 use crate::pins;
 use crate::points::ChosenPoint;
 use crate::target::TargetFile;
-use crate::{now_ns, trimmer};
+use crate::trimmer;
 
 const FAILOVER_DIR: &str = "failover";
 /// Bytes of the overlay copied to the target at once by a commit.

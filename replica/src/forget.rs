@@ -60,11 +60,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::catalog::{Catalog, FailoverState, ForgetRows, GroupRow, PinRow, VolumeRow};
+use crate::clock::now_ns;
 use crate::datadir::{self, DataDir, ServeLock};
 use crate::error::{ReplicaError, Result};
 use crate::failover::FailoverFiles;
+use crate::pins;
 use crate::points::window;
-use crate::{now_ns, pins};
 
 /// How often serve looks for forget requests.
 pub const FORGET_POLL_INTERVAL: Duration = Duration::from_millis(500);

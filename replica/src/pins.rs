@@ -52,10 +52,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, GroupRow, NewPin, PinRow, VolumeRow, WriteLock};
+use crate::clock::now_ns;
 use crate::datadir::DataDir;
 use crate::error::{ReplicaError, Result};
 use crate::lazy_image::{LazyImage, LazyImageSpec};
-use crate::now_ns;
 use crate::points::{ChosenPoint, resolve};
 use crate::reconstruct::{ImageReader, Plan, RecordRef};
 

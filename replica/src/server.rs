@@ -60,11 +60,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
+use crate::clock::now_ns;
 use crate::datadir::{DataDir, ServeLock, read_agents};
 use crate::error::{ReplicaError, Result};
 use crate::hashes;
 use crate::ingest::{CONTROL_OUTBOX_MAX, IngestOptions, IngestService};
-use crate::now_ns;
 
 /// How long an agent has, once connected, to open its control stream and say hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -426,7 +426,10 @@ pub(crate) async fn trim_inputs(
     // Back from the head's agent time, or from the replica's clock when that is earlier:
     // an agent clock running ahead never trims more.
     let window_ns = i64::try_from(retention.window.as_nanos()).unwrap_or(i64::MAX);
-    let cutoff_ns = head.agent_ns.min(crate::now_ns()).saturating_sub(window_ns);
+    let cutoff_ns = head
+        .agent_ns
+        .min(crate::clock::now_ns())
+        .saturating_sub(window_ns);
     let scan_to = g
         .head_seq
         .min(base.saturating_add(TRIM_ROUND_BATCHES_MAX + 1));
@@ -558,7 +561,7 @@ pub(crate) async fn apply_journal(
                 Some(name),
                 Some(&volume),
                 &msg,
-                crate::now_ns(),
+                crate::clock::now_ns(),
             )
             .await?;
     }

@@ -11,8 +11,8 @@ use super::IngestService;
 use super::group::GroupMsg;
 use super::service::GroupSlot;
 use crate::catalog::EventLevel;
+use crate::clock::now_ns;
 use crate::error::{ReplicaError, Result};
-use crate::now_ns;
 use crate::target::TargetFile;
 
 impl IngestService {

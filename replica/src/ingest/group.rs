@@ -20,10 +20,10 @@ use super::{
 use crate::catalog::{
     BatchRow, Catalog, CommitRows, EventLevel, NewRecord, RecordRow, SegmentSpan, VolumeState,
 };
+use crate::clock::now_ns;
 use crate::datadir::DataDir;
 use crate::error::{ReplicaError, Result};
 use crate::journal::{Journal, JournalPos};
-use crate::now_ns;
 use crate::pause_board::PauseBoard;
 use crate::target::TargetFile;
 use crate::trimmer::TrimLink;

@@ -6,8 +6,8 @@ use tokio::time::Instant;
 use super::group::Outbox;
 use super::{GroupIngest, PAUSE_RETRY_INTERVAL};
 use crate::catalog::EventLevel;
+use crate::clock::now_ns;
 use crate::error::{ReplicaError, Result};
-use crate::now_ns;
 use crate::pause_board::Pause;
 
 /// A group whose commits fail on a full disk.

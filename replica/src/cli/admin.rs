@@ -1,0 +1,253 @@
+//! `init`, `retention`, `fingerprint`, `authorize`, `deauthorize`, `agents`, `forget` and
+//! `status`: the commands that set up and look after the replica.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use cdp_replica::retention::{format_size, parse_duration, parse_size};
+use cdp_replica::{AgentInfo, Retention, RetentionChange, StatusReport};
+use cdp_shared::identity::Fingerprint;
+
+use super::CliError;
+use super::output::{human_time, print_table, to_json};
+
+pub(crate) async fn init(
+    data: PathBuf,
+    listen: SocketAddr,
+    window: String,
+    max_journal: String,
+) -> Result<(), CliError> {
+    let retention = Retention {
+        window: parse_duration(&window).map_err(CliError::Usage)?,
+        journal_bytes_max: parse_size(&max_journal).map_err(CliError::Usage)?,
+    };
+    let fp = cdp_replica::init_with(&data, listen, &retention).await?;
+    println!("fingerprint: {fp}");
+    Ok(())
+}
+
+pub(crate) async fn retention(
+    data: PathBuf,
+    group: String,
+    window: Option<String>,
+    max_journal: Option<String>,
+    yes: bool,
+) -> Result<(), CliError> {
+    let change = RetentionChange {
+        window: window
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(CliError::Usage)?,
+        journal_bytes_max: max_journal
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .map_err(CliError::Usage)?,
+    };
+    let (r, dropped) = cdp_replica::set_retention_checked(&data, &group, &change, yes).await?;
+    println!("group {group}: {r}");
+    if let Some(d) = dropped {
+        println!(
+            "the trimmer drops {d} from the window (within a second while serve runs, or when it next starts; a reader's pin holds its point until it ends)"
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn fingerprint(data: PathBuf) -> Result<(), CliError> {
+    println!("{}", cdp_replica::fingerprint(&data)?);
+    Ok(())
+}
+
+pub(crate) fn authorize(data: PathBuf, agent: String, name: String) -> Result<(), CliError> {
+    let fp: Fingerprint = agent.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
+    if cdp_replica::authorize(&data, fp, &name)? {
+        println!("authorized agent {fp}");
+    } else {
+        println!("agent {fp} was already authorized");
+    }
+    Ok(())
+}
+
+pub(crate) fn deauthorize(data: PathBuf, agent: String) -> Result<(), CliError> {
+    let a = cdp_replica::deauthorize(&data, &agent)?;
+    println!(
+        "deauthorized agent {}{}: a running serve closes its connections within a second and refuses it from now on; its groups stay on the replica (`cdp-replica forget --group NAME` removes one)",
+        a.fingerprint,
+        if a.name.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", a.name)
+        }
+    );
+    Ok(())
+}
+
+pub(crate) async fn forget(
+    data: PathBuf,
+    volume: Option<String>,
+    group: Option<String>,
+    yes: bool,
+) -> Result<(), CliError> {
+    use cdp_replica::forget::{ForgetOutcome, ForgetTarget};
+    let target = match (volume, group) {
+        (Some(v), _) => ForgetTarget::Volume(v),
+        (None, Some(g)) => ForgetTarget::Group(g),
+        (None, None) => {
+            return Err(CliError::Usage(
+                "name what to forget: --volume NAME or --group NAME".into(),
+            ));
+        }
+    };
+    match cdp_replica::forget::forget(&data, &target, yes).await? {
+        ForgetOutcome::WouldDelete(r) => {
+            println!("forget would delete {r}");
+            return Err(CliError::Usage(format!(
+                "nothing was deleted ({} would be freed): run the command again with --yes to delete it",
+                cdp_shared::types::human_bytes(r.bytes())
+            )));
+        }
+        ForgetOutcome::Forgot(r) => {
+            println!("forgot {r}");
+            println!(
+                "{} freed; if its agent connects again, it is new to the replica and gets a fresh initial sync",
+                cdp_shared::types::human_bytes(r.bytes())
+            );
+        }
+        ForgetOutcome::AlreadyForgotten { target, at_ns } => println!(
+            "{target} was already forgotten ({})",
+            chrono::DateTime::from_timestamp_nanos(at_ns)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+    }
+    Ok(())
+}
+
+pub(crate) async fn agents(data: PathBuf, json: bool) -> Result<(), CliError> {
+    let list = cdp_replica::agents(&data).await?;
+    if json {
+        println!("{}", to_json(&list)?);
+    } else {
+        print_agents(&list);
+    }
+    Ok(())
+}
+
+pub(crate) async fn status(data: PathBuf, json: bool) -> Result<(), CliError> {
+    let report = cdp_replica::status(&data).await?;
+    if json {
+        println!("{}", to_json(&report)?);
+    } else {
+        print_status(&report);
+    }
+    Ok(())
+}
+
+fn print_agents(list: &[AgentInfo]) {
+    if list.is_empty() {
+        println!(
+            "no authorized agents: authorize one with `cdp-replica authorize --agent FINGERPRINT --name NAME`"
+        );
+        return;
+    }
+    let mut rows = vec![
+        ["NAME", "FINGERPRINT", "LAST SEEN", "CONNECTED", "GROUPS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for a in list {
+        rows.push(vec![
+            if a.name.is_empty() {
+                "-".into()
+            } else {
+                a.name.clone()
+            },
+            a.fingerprint.clone(),
+            a.last_seen
+                .as_deref()
+                .map(human_time)
+                .unwrap_or_else(|| "never".into()),
+            if a.connected { "yes" } else { "no" }.into(),
+            if a.groups.is_empty() {
+                "-".into()
+            } else {
+                a.groups.join(", ")
+            },
+        ]);
+    }
+    print_table(&rows);
+}
+
+fn print_status(report: &StatusReport) {
+    println!("serving: {}", if report.serving { "yes" } else { "no" });
+    if report.volumes.is_empty() {
+        println!("no volumes yet: authorize an agent and let it connect");
+        return;
+    }
+    let point = |p: &Option<cdp_replica::PointRef>| match p {
+        Some(p) => format!(
+            "{} {}",
+            p.seq,
+            p.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+        None => "-".into(),
+    };
+    let mut rows = vec![
+        [
+            "GROUP",
+            "VOLUME",
+            "STATE",
+            "SIZE",
+            "WINDOW FIRST",
+            "WINDOW LAST",
+            "JOURNAL",
+            "HEAD",
+            "RETENTION",
+            "PINS",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for v in &report.volumes {
+        rows.push(vec![
+            v.group.clone(),
+            v.volume.clone(),
+            v.state.clone(),
+            cdp_shared::types::human_bytes(v.size),
+            point(&v.window_first),
+            point(&v.window_last),
+            cdp_shared::types::human_bytes(v.journal_bytes),
+            v.head_seq.to_string(),
+            match v.retention.max_journal_bytes {
+                Some(cap) => format!("{}, cap {}", v.retention.window, format_size(cap)),
+                None => v.retention.window.clone(),
+            },
+            match v.pins.oldest_seq {
+                Some(seq) => format!("{} (oldest {seq})", v.pins.count),
+                None => "0".into(),
+            },
+        ]);
+    }
+    print_table(&rows);
+    for v in &report.volumes {
+        if let Some(d) = &v.degraded {
+            println!("volume {}: DEGRADED: {}", v.volume, d.reason);
+        }
+        if let Some(w) = &v.window_short {
+            println!("volume {}: WINDOW SHORT: {}", v.volume, w.reason);
+        }
+    }
+    let mut told = std::collections::HashSet::new();
+    for v in &report.volumes {
+        if let Some(reason) = &v.ingest_reason
+            && told.insert(&v.group)
+        {
+            println!(
+                "group {}: ingest PAUSED since {}: {reason}",
+                v.group,
+                v.paused_since.as_deref().unwrap_or("?")
+            );
+        }
+    }
+}
