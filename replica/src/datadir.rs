@@ -24,6 +24,7 @@ use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ReplicaError, Result};
+use crate::journal::SEGMENT_BYTES_TARGET;
 use crate::retention::{Retention, format_duration, format_size, parse_duration, parse_size};
 
 /// Default address `serve` listens on (UDP, QUIC).
@@ -149,7 +150,20 @@ pub struct ConfigToml {
     pub retention: RetentionToml,
     /// The background verifier.
     pub verifier: VerifierToml,
+    /// Journal segment files.
+    pub journal: JournalToml,
 }
+
+/// `[journal]` of `replica.toml`, read when `serve` starts.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JournalToml {
+    /// Size at which a group's journal segment file is rotated, e.g. "256MiB" (the default).
+    pub segment_size: Option<String>,
+}
+
+/// Smallest `[journal] segment_size` accepted.
+pub const SEGMENT_SIZE_MIN: u64 = 64 << 10;
 
 /// `[verifier]` of `replica.toml`, read when `serve` starts.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -201,6 +215,9 @@ pub struct ReplicaConfig {
     /// The retention of groups created from now on.
     pub retention: Retention,
     pub verifier: VerifierConfig,
+    /// Where journal segments are rotated (bytes; [`crate::journal::SEGMENT_BYTES_TARGET`] by
+    /// default).
+    pub journal_segment_bytes: u64,
 }
 
 impl ConfigToml {
@@ -236,10 +253,25 @@ impl ConfigToml {
         if let Some(a) = self.verifier.auto_repair {
             verifier.auto_repair = a;
         }
+        let journal_segment_bytes = match &self.journal.segment_size {
+            None => SEGMENT_BYTES_TARGET,
+            Some(text) => match parse_size(text) {
+                Ok(Some(n)) if (SEGMENT_SIZE_MIN..=SEGMENT_BYTES_TARGET).contains(&n) => n,
+                Ok(_) => {
+                    return Err(invalid(format!(
+                        "[journal] segment_size = {text:?} is outside {}..={} (smaller segments mean more files, never less data)",
+                        format_size(SEGMENT_SIZE_MIN),
+                        format_size(SEGMENT_BYTES_TARGET)
+                    )));
+                }
+                Err(e) => return Err(invalid(format!("[journal] segment_size: {e}"))),
+            },
+        };
         Ok(ReplicaConfig {
             listen,
             retention,
             verifier,
+            journal_segment_bytes,
         })
     }
 }
@@ -274,7 +306,11 @@ pub fn write_config(dir: &DataDir, listen: SocketAddr, retention: &Retention) ->
          # Chunks (1 MiB) compared with the agent per second; 0 turns it off.\n\
          chunks_per_sec = 2\n\
          # Resend mismatched chunks from the agent as soon as they are found.\n\
-         auto_repair = false\n",
+         auto_repair = false\n\n\
+         # Journal segment files, read when `serve` starts.\n\
+         [journal]\n\
+         # A group's journal segment is rotated at this size (64KiB to 256MiB).\n\
+         segment_size = \"256MiB\"\n",
         format_duration(retention.window)
     );
     write_atomically(&dir.config(), &text)
@@ -431,6 +467,24 @@ mod tests {
             let c = load_config(&dir).expect("load");
             assert_eq!((c.listen, c.retention), (listen, retention));
             assert_eq!(c.verifier, VerifierConfig::default());
+            assert_eq!(c.journal_segment_bytes, SEGMENT_BYTES_TARGET);
+        }
+    }
+
+    #[test]
+    fn the_segment_size_is_bounded() {
+        let parse = |t: &str| {
+            toml::from_str::<ConfigToml>(t)
+                .expect("toml")
+                .parse_and_validate(Path::new("replica.toml"))
+        };
+        let ok = parse("[journal]\nsegment_size = \"1MiB\"\n").expect("1MiB");
+        assert_eq!(ok.journal_segment_bytes, 1 << 20);
+        for bad in ["1KiB", "1GiB", "none", "lots"] {
+            let e = parse(&format!("[journal]\nsegment_size = \"{bad}\"\n"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("[journal] segment_size"), "{bad}: {e}");
         }
     }
 

@@ -37,9 +37,9 @@
 //! longer than the TTL finds its row gone at its next renewal, and [`PinGuard::check_held`]
 //! fails rather than vouch for an image that may have been trimmed under it.
 //!
-//! Test-only: the environment variable `CDP_TEST_PIN_TTL_MS` shortens the TTL of the pins a
-//! process takes (renewed every third of it), so that tests see a stalled reader's pin expire
-//! in seconds.
+//! Every reader of the replica's binaries pins with [`PinTiming::default`]; the library's
+//! [`pin_point_with`] takes another timing, so that tests see a stalled reader's pin expire in
+//! seconds.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -65,8 +65,6 @@ pub const PIN_TTL: Duration = Duration::from_secs(30);
 pub const PIN_RENEW_INTERVAL: Duration = Duration::from_secs(10);
 /// Pins a group may hold at once (readers beyond are refused with a clear error).
 pub const PINS_PER_GROUP_MAX: usize = 1024;
-/// Test-only: the TTL of the pins this process takes, in milliseconds.
-pub const TEST_PIN_TTL_ENV: &str = "CDP_TEST_PIN_TTL_MS";
 
 // A holder renews at least twice per TTL, so one late renewal does not lose its pin.
 const _: () = assert!(PIN_RENEW_INTERVAL.as_millis() * 2 < PIN_TTL.as_millis());
@@ -78,22 +76,23 @@ pub struct PinTiming {
     pub renew: Duration,
 }
 
+impl Default for PinTiming {
+    /// [`PIN_TTL`], renewed every [`PIN_RENEW_INTERVAL`].
+    fn default() -> PinTiming {
+        PinTiming {
+            ttl: PIN_TTL,
+            renew: PIN_RENEW_INTERVAL,
+        }
+    }
+}
+
 impl PinTiming {
-    /// [`PIN_TTL`] and [`PIN_RENEW_INTERVAL`], unless `CDP_TEST_PIN_TTL_MS` (test-only) says
-    /// otherwise.
-    pub fn current() -> PinTiming {
-        match std::env::var(TEST_PIN_TTL_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            Some(ms) if ms >= 30 => PinTiming {
-                ttl: Duration::from_millis(ms),
-                renew: Duration::from_millis(ms / 3),
-            },
-            _ => PinTiming {
-                ttl: PIN_TTL,
-                renew: PIN_RENEW_INTERVAL,
-            },
+    /// A TTL of `ttl` (at least 30 ms), renewed every third of it.
+    pub fn with_ttl(ttl: Duration) -> PinTiming {
+        let ttl = ttl.max(Duration::from_millis(30));
+        PinTiming {
+            ttl,
+            renew: ttl / 3,
         }
     }
 }
@@ -207,9 +206,29 @@ pub async fn pin_point(
     at: &PointSpec,
     holder: &str,
 ) -> Result<(ChosenPoint, PinGuard)> {
+    pin_point_with(root, volume, at, holder, PinTiming::default()).await
+}
+
+/// [`pin_point`] with another TTL and renewal interval than the default.
+pub async fn pin_point_with(
+    root: &Path,
+    volume: &str,
+    at: &PointSpec,
+    holder: &str,
+    timing: PinTiming,
+) -> Result<(ChosenPoint, PinGuard)> {
     let dir = DataDir::existing(root)?;
     let catalog = Catalog::open(&dir.catalog(), false, false).await?;
-    let result = pin_in(&dir, &catalog, volume, PinAt::Spec(at), holder, true).await;
+    let result = pin_in_with(
+        &dir,
+        &catalog,
+        volume,
+        PinAt::Spec(at),
+        holder,
+        true,
+        timing,
+    )
+    .await;
     if result.is_err() {
         catalog.close().await;
     }
@@ -225,7 +244,28 @@ pub(crate) async fn pin_in(
     holder: &str,
     owns_catalog: bool,
 ) -> Result<(ChosenPoint, PinGuard)> {
-    let timing = PinTiming::current();
+    pin_in_with(
+        dir,
+        catalog,
+        volume,
+        at,
+        holder,
+        owns_catalog,
+        PinTiming::default(),
+    )
+    .await
+}
+
+/// [`pin_in`] with a timing.
+async fn pin_in_with(
+    dir: &DataDir,
+    catalog: &Catalog,
+    volume: &str,
+    at: PinAt<'_>,
+    holder: &str,
+    owns_catalog: bool,
+    timing: PinTiming,
+) -> Result<(ChosenPoint, PinGuard)> {
     let mut lock = catalog.write_lock().await?;
     // Every read below is made inside the transaction that records the pin.
     let Some(v) = lock.volume_by_name(volume).await? else {
@@ -561,11 +601,13 @@ mod tests {
     }
 
     #[test]
-    fn the_test_knob_shortens_the_ttl_only_when_set() {
-        let t = PinTiming::current();
-        if std::env::var(TEST_PIN_TTL_ENV).is_err() {
-            assert_eq!((t.ttl, t.renew), (PIN_TTL, PIN_RENEW_INTERVAL));
+    fn a_pin_is_renewed_at_least_twice_per_ttl() {
+        let t = PinTiming::default();
+        assert_eq!((t.ttl, t.renew), (PIN_TTL, PIN_RENEW_INTERVAL));
+        for ms in [0, 30, 31, 1000, 60_000] {
+            let t = PinTiming::with_ttl(Duration::from_millis(ms));
+            assert!(t.ttl >= Duration::from_millis(30), "{ms}");
+            assert!(t.renew * 2 < t.ttl, "{ms}: {t:?}");
         }
-        assert!(t.renew * 2 < t.ttl);
     }
 }

@@ -280,12 +280,13 @@ impl Server {
             Err(e) if e.is_disk_full() => tracing::warn!("could not fail old forget requests: {e}"),
             other => other?,
         }
+        let config = crate::datadir::load_config(&dir)?;
         let token = CancellationToken::new();
         let ingest = IngestService::start_with(
             &dir,
             catalog.clone(),
             token.clone(),
-            IngestOptions::from_env(),
+            IngestOptions::from_config(&config),
         )
         .await?;
         let agents_dir = dir.clone();
@@ -319,7 +320,6 @@ impl Server {
                 source,
             })?;
         tracing::info!(listen = %local_addr, fingerprint = %identity.fingerprint(), "replica serving {}", dir.root().display());
-        let config = crate::datadir::load_config(&dir)?;
         let ports = AgentPorts::new();
         let shared = Arc::new(Shared {
             ingest,

@@ -716,12 +716,8 @@ async fn status_warns_when_the_journal_cap_shortens_the_window() {
     let replica_fp = init(&data);
     let agent = new_agent(&data, "web1");
     let log = tmp.path().join("serve.log");
-    let mut serve = Serve::spawn(
-        &data,
-        "127.0.0.1:0",
-        &log,
-        &[("CDP_TEST_SEGMENT_BYTES", (1u64 << 20).to_string())],
-    );
+    set_segment_size(&data, "1MiB");
+    let mut serve = Serve::spawn(&data, "127.0.0.1:0", &log, &[]);
     serve.wait_listening();
     let mut sim = AgentSim::new("web", &[(0, "web-disk", 4 * CHUNK_BYTES)]);
     sim.keep_history = false;

@@ -36,7 +36,7 @@ const VOL: (u32, &str, u64) = (0, "trim-disk", 2 * CHUNK_BYTES + 4608);
 const GROUP: &str = "g";
 const WINDOW: Duration = Duration::from_secs(2);
 const CAP: u64 = 1 << 20;
-const SEGMENT_BYTES: u64 = 128 << 10;
+const SEGMENT_SIZE: &str = "128KiB";
 /// Batches the agent keeps unacknowledged.
 const IN_FLIGHT: u64 = 32;
 /// How long the agent streams before the kill, at most.
@@ -113,15 +113,9 @@ impl Agent {
     }
 }
 
-/// serve's environment: the trimmer's decisions logged, small journal segments.
+/// serve's environment: the trimmer's decisions logged.
 fn serve_env() -> Vec<(&'static str, String)> {
-    vec![
-        ("RUST_LOG", "info,cdp_replica::trimmer=debug".into()),
-        (
-            cdp_replica::ingest::TEST_SEGMENT_BYTES_ENV,
-            SEGMENT_BYTES.to_string(),
-        ),
-    ]
+    vec![("RUST_LOG", "info,cdp_replica::trimmer=debug".into())]
 }
 
 async fn connect(agent: &Agent, replica: Fingerprint, addr: SocketAddr) -> (QuicAgent, u64) {
@@ -272,6 +266,7 @@ async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
         cdp_replica::init_with(&root, "127.0.0.1:0".parse().expect("addr"), &retention)
             .await
             .expect("init");
+    set_segment_size(&root, SEGMENT_SIZE);
     let identity = Identity::generate("trim-agent").expect("identity");
     cdp_replica::authorize(&root, identity.fingerprint(), "trim").expect("authorize");
 

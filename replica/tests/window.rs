@@ -36,6 +36,8 @@ const SEGMENT_BYTES: u64 = 64 << 10;
 const INGEST_GAP: Duration = Duration::from_millis(20);
 /// Test-only: tells a re-executed test binary to hold a pin (see `pin_holder`).
 const PIN_HOLDER_ENV: &str = "CDP_TEST_PIN_HOLDER";
+/// The TTL (ms) of the pin holder child's pin, when set.
+const PIN_HOLDER_TTL_ENV: &str = "CDP_TEST_PIN_HOLDER_TTL_MS";
 
 static OUT_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -612,10 +614,21 @@ fn pin_holder() {
     );
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
-        let (point, _pin) =
-            cdp_replica::pin_point(&root, &volume, &PointSpec::Seq(seq), "pin holder child")
-                .await
-                .expect("pin");
+        let timing = match std::env::var(PIN_HOLDER_TTL_ENV) {
+            Ok(ms) => cdp_replica::pins::PinTiming::with_ttl(Duration::from_millis(
+                ms.parse::<u64>().expect("ttl ms"),
+            )),
+            Err(_) => cdp_replica::pins::PinTiming::default(),
+        };
+        let (point, _pin) = cdp_replica::pins::pin_point_with(
+            &root,
+            &volume,
+            &PointSpec::Seq(seq),
+            "pin holder child",
+            timing,
+        )
+        .await
+        .expect("pin");
         println!("pinned {}", point.seq);
         std::future::pending::<()>().await;
     });
@@ -634,11 +647,11 @@ impl Holder {
                 PIN_HOLDER_ENV,
                 format!("{}\t{}\t{seq}", root.display(), VOL.1),
             )
-            .env_remove(cdp_replica::pins::TEST_PIN_TTL_ENV)
+            .env_remove(PIN_HOLDER_TTL_ENV)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(ms) = ttl_ms {
-            cmd.env(cdp_replica::pins::TEST_PIN_TTL_ENV, ms.to_string());
+            cmd.env(PIN_HOLDER_TTL_ENV, ms.to_string());
         }
         let mut child = cmd.spawn().expect("spawn the pin holder");
         let out = child.stdout.take().expect("stdout");

@@ -52,14 +52,11 @@ pub const PAUSE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 const _: () = assert!(PENDING_BYTES_MAX >= 2 * batch::BATCH_BYTES_MAX);
 const _: () = assert!(GROUP_COMMIT_BYTES_MAX >= batch::BATCH_BYTES_MAX);
 
-/// Test-only: the environment variable that shrinks journal segments (bytes), read by
-/// [`IngestOptions::from_env`] (`serve` reads it; tests make many small segments).
-pub const TEST_SEGMENT_BYTES_ENV: &str = "CDP_TEST_SEGMENT_BYTES";
-
 /// How a running ingest is tuned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IngestOptions {
-    /// Where journal segments are rotated (`journal::SEGMENT_BYTES_TARGET`; tests shrink it).
+    /// Where journal segments are rotated (`journal::SEGMENT_BYTES_TARGET` unless
+    /// `[journal] segment_size` in `replica.toml` says otherwise).
     pub segment_bytes_target: u64,
 }
 
@@ -72,16 +69,11 @@ impl Default for IngestOptions {
 }
 
 impl IngestOptions {
-    /// The defaults, with the test-only `CDP_TEST_SEGMENT_BYTES` applied when set.
-    pub fn from_env() -> IngestOptions {
-        let mut o = IngestOptions::default();
-        if let Some(n) = std::env::var(TEST_SEGMENT_BYTES_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            o.segment_bytes_target = n;
+    /// The options `replica.toml` asks for.
+    pub fn from_config(config: &crate::datadir::ReplicaConfig) -> IngestOptions {
+        IngestOptions {
+            segment_bytes_target: config.journal_segment_bytes,
         }
-        o
     }
 }
 

@@ -351,6 +351,20 @@ pub struct Harness {
     pub announced: HashSet<String>,
 }
 
+/// Sets `[journal] segment_size` in the `replica.toml` that `init` wrote (read when `serve`
+/// starts); tests make many small segments.
+pub fn set_segment_size(root: &Path, size: &str) {
+    let path = root.join("replica.toml");
+    let text = std::fs::read_to_string(&path).expect("read replica.toml");
+    let line = "segment_size = \"256MiB\"";
+    assert!(text.contains(line), "replica.toml has {line}: {text}");
+    std::fs::write(
+        &path,
+        text.replace(line, &format!("segment_size = \"{size}\"")),
+    )
+    .expect("write replica.toml");
+}
+
 pub async fn init_replica(root: &Path) -> Fingerprint {
     cdp_replica::init(root, "127.0.0.1:0".parse().expect("addr"))
         .await
