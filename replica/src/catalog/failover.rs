@@ -4,6 +4,7 @@ use std::str::FromStr;
 
 use sqlx::Sqlite;
 
+use super::trim::{BaseMove, move_base_on};
 use super::{Catalog, WriteLock};
 use crate::error::{ReplicaError, Result};
 
@@ -194,56 +195,14 @@ impl WriteLock {
         .fetch_optional(&mut *conn)
         .await
         .map_err(err("find the end of the journal at the failover point"))?;
-        let mut records = 0u64;
-        let volume_ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM volumes WHERE group_id = ?")
-            .bind(group_id)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(err("list volumes"))?;
-        for v in volume_ids {
-            records += sqlx::query("DELETE FROM records WHERE volume_id = ?")
-                .bind(v)
-                .execute(&mut *conn)
-                .await
-                .map_err(err("delete the records of a failed-over volume"))?
-                .rows_affected();
-        }
-        let batches = sqlx::query("DELETE FROM batches WHERE group_id = ? AND seq != ?")
-            .bind(group_id)
-            .bind(s)
-            .execute(&mut *conn)
-            .await
-            .map_err(err("delete the batches around the failover point"))?
-            .rows_affected();
-        sqlx::query(
-            "UPDATE batches SET segment = NULL, position = NULL, length = NULL WHERE group_id = ? AND seq = ?",
+        let (records, batches) = move_base_on(
+            &mut *conn,
+            &g,
+            seq,
+            end,
+            BaseMove::FailoverCommit { head_hash },
         )
-        .bind(group_id)
-        .bind(s)
-        .execute(&mut *conn)
-        .await
-        .map_err(err("mark the failover point's batch as applied"))?;
-        sqlx::query("DELETE FROM bookmarks WHERE group_id = ? AND seq != ?")
-            .bind(group_id)
-            .bind(s)
-            .execute(&mut *conn)
-            .await
-            .map_err(err("delete the bookmarks around the failover point"))?;
-        let (end_segment, end_offset) = match (end, g.trimmed_end) {
-            (Some((seg, off)), _) => (Some(seg), Some(off)),
-            (None, Some((seg, off))) => (Some(seg as i64), Some(off as i64)),
-            (None, None) => (None, None),
-        };
-        sqlx::query("UPDATE groups SET base_seq = ?, head_seq = ?, head_hash = ?, trimming_to = NULL, trimmed_end_segment = ?, trimmed_end_offset = ? WHERE id = ?")
-            .bind(s)
-            .bind(s)
-            .bind(head_hash)
-            .bind(end_segment)
-            .bind(end_offset)
-            .bind(group_id)
-            .execute(&mut *conn)
-            .await
-            .map_err(err("move the group to the failover point"))?;
+        .await?;
         sqlx::query(
             "UPDATE failovers SET state = 'committed', committed_ns = ? WHERE group_id = ?",
         )

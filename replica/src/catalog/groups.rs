@@ -109,25 +109,11 @@ impl Catalog {
     }
 
     pub async fn group_by_name(&self, name: &str) -> Result<Option<GroupRow>> {
-        let row: Option<GroupTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {GROUP_COLUMNS} FROM groups WHERE name = ?"
-        )))
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("read a group"))?;
-        row.map(group_of).transpose()
+        group_by_name_on(&self.pool, name).await
     }
 
     pub async fn group_by_id(&self, id: i64) -> Result<GroupRow> {
-        let row: GroupTuple = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {GROUP_COLUMNS} FROM groups WHERE id = ?"
-        )))
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("read a group"))?;
-        group_of(row)
+        group_by_id_on(&self.pool, id).await
     }
 
     /// Creates a group with its volumes (state `new`) in one transaction. `head` is where its
@@ -179,14 +165,7 @@ impl Catalog {
     }
 
     pub async fn volumes_of_group(&self, group_id: i64) -> Result<Vec<VolumeRow>> {
-        let rows: Vec<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE group_id = ? ORDER BY agent_volume_id"
-        )))
-        .bind(group_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("list volumes"))?;
-        rows.into_iter().map(volume_of).collect()
+        volumes_of_group_on(&self.pool, group_id).await
     }
 
     pub async fn volumes(&self) -> Result<Vec<VolumeRow>> {
@@ -379,14 +358,7 @@ impl Catalog {
 impl WriteLock {
     /// The group row, read inside the transaction.
     pub async fn group(&mut self, group_id: i64) -> Result<GroupRow> {
-        let row: GroupTuple = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {GROUP_COLUMNS} FROM groups WHERE id = ?"
-        )))
-        .bind(group_id)
-        .fetch_one(self.conn()?)
-        .await
-        .map_err(ReplicaError::catalog("read a group"))?;
-        group_of(row)
+        group_by_id_on(self.conn()?, group_id).await
     }
 
     pub async fn volume_by_name(&mut self, name: &str) -> Result<Option<VolumeRow>> {
@@ -405,27 +377,57 @@ impl WriteLock {
 
     /// The volumes of a group, read inside the transaction.
     pub async fn volumes_of_group(&mut self, group_id: i64) -> Result<Vec<VolumeRow>> {
-        let rows: Vec<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE group_id = ? ORDER BY agent_volume_id"
-        )))
-        .bind(group_id)
-        .fetch_all(self.conn()?)
-        .await
-        .map_err(ReplicaError::catalog("list volumes"))?;
-        rows.into_iter().map(volume_of).collect()
+        volumes_of_group_on(self.conn()?, group_id).await
     }
 
     /// The group named `name`, read inside the transaction.
     pub async fn group_by_name(&mut self, name: &str) -> Result<Option<GroupRow>> {
-        let row: Option<GroupTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {GROUP_COLUMNS} FROM groups WHERE name = ?"
-        )))
-        .bind(name)
-        .fetch_optional(self.conn()?)
-        .await
-        .map_err(ReplicaError::catalog("read a group"))?;
-        row.map(group_of).transpose()
+        group_by_name_on(self.conn()?, name).await
     }
+}
+
+// ---- queries on the pool or on one connection ----
+
+async fn group_by_id_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    id: i64,
+) -> Result<GroupRow> {
+    let row: GroupTuple = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {GROUP_COLUMNS} FROM groups WHERE id = ?"
+    )))
+    .bind(id)
+    .fetch_one(e)
+    .await
+    .map_err(ReplicaError::catalog("read a group"))?;
+    group_of(row)
+}
+
+async fn group_by_name_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    name: &str,
+) -> Result<Option<GroupRow>> {
+    let row: Option<GroupTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {GROUP_COLUMNS} FROM groups WHERE name = ?"
+    )))
+    .bind(name)
+    .fetch_optional(e)
+    .await
+    .map_err(ReplicaError::catalog("read a group"))?;
+    row.map(group_of).transpose()
+}
+
+async fn volumes_of_group_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    group_id: i64,
+) -> Result<Vec<VolumeRow>> {
+    let rows: Vec<VolumeTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {VOLUME_COLUMNS} FROM volumes WHERE group_id = ? ORDER BY agent_volume_id"
+    )))
+    .bind(group_id)
+    .fetch_all(e)
+    .await
+    .map_err(ReplicaError::catalog("list volumes"))?;
+    rows.into_iter().map(volume_of).collect()
 }
 
 async fn volume_by_name_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(

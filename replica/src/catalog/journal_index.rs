@@ -4,6 +4,7 @@
 use cdp_shared::batch::Hash;
 use sqlx::{QueryBuilder, Sqlite};
 
+use super::executor::Executes;
 use super::failover::failover_on;
 use super::{
     BatchRow, Catalog, FailoverRow, NewRecord, RecordRow, SegmentSpan, VolumeState, WriteLock,
@@ -543,8 +544,10 @@ impl WriteLock {
 
 /// The reads that resolve a recovery point, on the pool ([`Catalog`]) or inside a transaction
 /// ([`WriteLock`]).
-pub(crate) trait PointReads {
-    async fn batch(&mut self, group_id: i64, seq: u64) -> Result<Option<BatchRow>>;
+pub(crate) trait PointReads: Executes {
+    async fn batch(&mut self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
+        batch_on(self.executor()?, group_id, seq).await
+    }
     /// See [`Catalog::consistent_batch`].
     async fn consistent_batch(
         &mut self,
@@ -553,54 +556,20 @@ pub(crate) trait PointReads {
         to: u64,
         time_ns_max: Option<i64>,
         latest: bool,
-    ) -> Result<Option<BatchRow>>;
-    async fn bookmark(&mut self, group_id: i64, name: &str) -> Result<Option<BatchRow>>;
-    async fn failover(&mut self, group_id: i64) -> Result<Option<FailoverRow>>;
-}
-
-impl PointReads for Catalog {
-    async fn batch(&mut self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
-        batch_on(&self.pool, group_id, seq).await
-    }
-    async fn consistent_batch(
-        &mut self,
-        group_id: i64,
-        from: u64,
-        to: u64,
-        time_ns_max: Option<i64>,
-        latest: bool,
     ) -> Result<Option<BatchRow>> {
-        consistent_batch_on(&self.pool, group_id, from, to, time_ns_max, latest).await
+        consistent_batch_on(self.executor()?, group_id, from, to, time_ns_max, latest).await
     }
     async fn bookmark(&mut self, group_id: i64, name: &str) -> Result<Option<BatchRow>> {
-        bookmark_on(&self.pool, group_id, name).await
+        bookmark_on(self.executor()?, group_id, name).await
     }
     async fn failover(&mut self, group_id: i64) -> Result<Option<FailoverRow>> {
-        failover_on(&self.pool, group_id).await
+        failover_on(self.executor()?, group_id).await
     }
 }
 
-impl PointReads for WriteLock {
-    async fn batch(&mut self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
-        batch_on(self.conn()?, group_id, seq).await
-    }
-    async fn consistent_batch(
-        &mut self,
-        group_id: i64,
-        from: u64,
-        to: u64,
-        time_ns_max: Option<i64>,
-        latest: bool,
-    ) -> Result<Option<BatchRow>> {
-        consistent_batch_on(self.conn()?, group_id, from, to, time_ns_max, latest).await
-    }
-    async fn bookmark(&mut self, group_id: i64, name: &str) -> Result<Option<BatchRow>> {
-        bookmark_on(self.conn()?, group_id, name).await
-    }
-    async fn failover(&mut self, group_id: i64) -> Result<Option<FailoverRow>> {
-        WriteLock::failover(self, group_id).await
-    }
-}
+impl PointReads for Catalog {}
+
+impl PointReads for WriteLock {}
 
 // ---- queries on the pool or on one connection ----
 

@@ -272,6 +272,40 @@ impl WriteLock {
     }
 }
 
+/// Where a catalog query runs: on the pool ([`Catalog`], which lends it one of its
+/// connections) or on the write lock's connection, inside its transaction ([`WriteLock`]).
+/// The reads both offer ([`PointReads`], [`TrimReads`]) are written once against it. Sealed in
+/// a private module: only the catalog hands out executors.
+mod executor {
+    use super::{Catalog, Result, Sqlite, SqlitePool, WriteLock};
+
+    pub trait Executes {
+        /// What a query is executed on.
+        type Executor<'c>: sqlx::Executor<'c, Database = Sqlite>
+        where
+            Self: 'c;
+
+        /// The pool, or the lock's connection (an error once the lock has ended).
+        fn executor(&mut self) -> Result<Self::Executor<'_>>;
+    }
+
+    impl Executes for Catalog {
+        type Executor<'c> = &'c SqlitePool;
+
+        fn executor(&mut self) -> Result<&SqlitePool> {
+            Ok(&self.pool)
+        }
+    }
+
+    impl Executes for WriteLock {
+        type Executor<'c> = &'c mut sqlx::SqliteConnection;
+
+        fn executor(&mut self) -> Result<&mut sqlx::SqliteConnection> {
+            self.conn()
+        }
+    }
+}
+
 impl Drop for WriteLock {
     fn drop(&mut self) {
         if !self.committed

@@ -1,5 +1,7 @@
 //! Readers' pins (see `pins`).
 
+use sqlx::Sqlite;
+
 use super::{Catalog, WriteLock};
 use crate::error::{ReplicaError, Result};
 
@@ -65,14 +67,7 @@ pub struct NewPin<'a> {
 impl Catalog {
     /// Every pin of a group, oldest seq first.
     pub async fn pins_of_group(&self, group_id: i64) -> Result<Vec<PinRow>> {
-        let rows: Vec<PinTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {PIN_COLUMNS} FROM pins WHERE group_id = ? ORDER BY seq, id"
-        )))
-        .bind(group_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("list pins"))?;
-        Ok(rows.into_iter().map(pin_of).collect())
+        pins_of_group_on(&self.pool, group_id).await
     }
 
     /// Moves a pin's expiry; false when the pin is gone (the trimmer found it dead).
@@ -102,14 +97,7 @@ impl Catalog {
 impl WriteLock {
     /// Every pin of the group, read inside the transaction.
     pub async fn pins_of_group(&mut self, group_id: i64) -> Result<Vec<PinRow>> {
-        let rows: Vec<PinTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {PIN_COLUMNS} FROM pins WHERE group_id = ? ORDER BY seq, id"
-        )))
-        .bind(group_id)
-        .fetch_all(self.conn()?)
-        .await
-        .map_err(ReplicaError::catalog("list pins"))?;
-        Ok(rows.into_iter().map(pin_of).collect())
+        pins_of_group_on(self.conn()?, group_id).await
     }
 
     /// Records a pin; returns its id.
@@ -139,4 +127,19 @@ impl WriteLock {
             .map_err(ReplicaError::catalog("remove a dead pin"))?;
         Ok(())
     }
+}
+
+/// Every pin of a group, oldest seq first, on the pool or on one connection.
+async fn pins_of_group_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
+    e: E,
+    group_id: i64,
+) -> Result<Vec<PinRow>> {
+    let rows: Vec<PinTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {PIN_COLUMNS} FROM pins WHERE group_id = ? ORDER BY seq, id"
+    )))
+    .bind(group_id)
+    .fetch_all(e)
+    .await
+    .map_err(ReplicaError::catalog("list pins"))?;
+    Ok(rows.into_iter().map(pin_of).collect())
 }

@@ -3,7 +3,7 @@
 use sqlx::Sqlite;
 
 use super::journal_index::PointReads;
-use super::{Catalog, WriteLock};
+use super::{Catalog, GroupRow, WriteLock};
 use crate::error::{ReplicaError, Result};
 use crate::retention::BatchWeight;
 
@@ -125,54 +125,7 @@ impl WriteLock {
         .fetch_optional(&mut *conn)
         .await
         .map_err(err("find the end of the trimmed journal"))?;
-        let mut records = 0u64;
-        let volume_ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM volumes WHERE group_id = ?")
-            .bind(group_id)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(err("list volumes"))?;
-        for v in volume_ids {
-            records += sqlx::query("DELETE FROM records WHERE volume_id = ? AND seq <= ?")
-                .bind(v)
-                .bind(to_i)
-                .execute(&mut *conn)
-                .await
-                .map_err(err("delete trimmed records"))?
-                .rows_affected();
-        }
-        sqlx::query("DELETE FROM batches WHERE group_id = ? AND seq < ?")
-            .bind(group_id)
-            .bind(to_i)
-            .execute(&mut *conn)
-            .await
-            .map_err(err("delete trimmed batches"))?;
-        sqlx::query(
-            "UPDATE batches SET segment = NULL, position = NULL, length = NULL WHERE group_id = ? AND seq = ?",
-        )
-        .bind(group_id)
-        .bind(to_i)
-        .execute(&mut *conn)
-        .await
-        .map_err(err("mark the base batch as applied"))?;
-        sqlx::query("DELETE FROM bookmarks WHERE group_id = ? AND seq < ?")
-            .bind(group_id)
-            .bind(to_i)
-            .execute(&mut *conn)
-            .await
-            .map_err(err("delete trimmed bookmarks"))?;
-        let (end_segment, end_offset) = match (end, g.trimmed_end) {
-            (Some((s, o)), _) => (Some(s), Some(o)),
-            (None, Some((s, o))) => (Some(s as i64), Some(o as i64)),
-            (None, None) => (None, None),
-        };
-        sqlx::query("UPDATE groups SET base_seq = ?, trimming_to = NULL, trimmed_end_segment = ?, trimmed_end_offset = ? WHERE id = ?")
-            .bind(to_i)
-            .bind(end_segment)
-            .bind(end_offset)
-            .bind(group_id)
-            .execute(&mut *conn)
-            .await
-            .map_err(err("advance the group's base"))?;
+        let (records, _) = move_base_on(&mut *conn, &g, to, end, BaseMove::Trim).await?;
         Ok(Some(TrimDone {
             journal_bytes: journal_bytes.unwrap_or(0) as u64,
             batches: batches as u64,
@@ -192,62 +145,146 @@ pub(crate) trait TrimReads: PointReads {
         after: u64,
         upto: u64,
         cutoff_ns: i64,
-    ) -> Result<Option<u64>>;
+    ) -> Result<Option<u64>> {
+        first_batch_since_on(self.executor()?, group_id, after, upto, cutoff_ns).await
+    }
     /// See [`Catalog::batch_weights`].
     async fn batch_weights(
         &mut self,
         group_id: i64,
         after: u64,
         limit: u64,
-    ) -> Result<Vec<BatchWeight>>;
+    ) -> Result<Vec<BatchWeight>> {
+        batch_weights_on(self.executor()?, group_id, after, limit).await
+    }
     /// Journal bytes of the group's batches after seq `after`.
-    async fn journal_bytes_after(&mut self, group_id: i64, after: u64) -> Result<u64>;
-}
-
-impl TrimReads for Catalog {
-    async fn first_batch_since(
-        &mut self,
-        group_id: i64,
-        after: u64,
-        upto: u64,
-        cutoff_ns: i64,
-    ) -> Result<Option<u64>> {
-        first_batch_since_on(&self.pool, group_id, after, upto, cutoff_ns).await
-    }
-    async fn batch_weights(
-        &mut self,
-        group_id: i64,
-        after: u64,
-        limit: u64,
-    ) -> Result<Vec<BatchWeight>> {
-        batch_weights_on(&self.pool, group_id, after, limit).await
-    }
     async fn journal_bytes_after(&mut self, group_id: i64, after: u64) -> Result<u64> {
-        journal_bytes_after_on(&self.pool, group_id, after).await
+        journal_bytes_after_on(self.executor()?, group_id, after).await
     }
 }
 
-impl TrimReads for WriteLock {
-    async fn first_batch_since(
-        &mut self,
-        group_id: i64,
-        after: u64,
-        upto: u64,
-        cutoff_ns: i64,
-    ) -> Result<Option<u64>> {
-        first_batch_since_on(self.conn()?, group_id, after, upto, cutoff_ns).await
+impl TrimReads for Catalog {}
+
+impl TrimReads for WriteLock {}
+
+/// Why a group's base moves ([`move_base_on`]): which of its rows go, and what a statement
+/// that fails says.
+pub(super) enum BaseMove {
+    /// Step (d) of a trim: the records up to the new base, the batches and bookmarks before it.
+    Trim,
+    /// A failover commit: every record, every batch and bookmark but the new base's; the head
+    /// moves back to the base, whose batch's hash is `head_hash`.
+    FailoverCommit { head_hash: Vec<u8> },
+}
+
+/// What step (d) of a trim and a failover commit both do, on the write lock's connection:
+/// deletes the rows of group `g` that `how` says, keeps batch `base` but no longer counted as
+/// journaled, moves the base to `base`, clears the intent (`trimming_to`) and remembers the
+/// journal's committed end: `end` (where the last journaled batch no longer kept ended) or
+/// else the end remembered so far. Returns (records deleted, batches deleted).
+pub(super) async fn move_base_on(
+    conn: &mut sqlx::SqliteConnection,
+    g: &GroupRow,
+    base: u64,
+    end: Option<(i64, i64)>,
+    how: BaseMove,
+) -> Result<(u64, u64)> {
+    let err = ReplicaError::catalog;
+    let trim = matches!(how, BaseMove::Trim);
+    let says = |trim_says: &'static str, failover_says: &'static str| {
+        if trim { trim_says } else { failover_says }
+    };
+    let group_id = g.id;
+    let b = base as i64;
+    let mut records = 0u64;
+    let volume_ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM volumes WHERE group_id = ?")
+        .bind(group_id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(err("list volumes"))?;
+    for v in volume_ids {
+        let delete = if trim {
+            sqlx::query("DELETE FROM records WHERE volume_id = ? AND seq <= ?")
+                .bind(v)
+                .bind(b)
+        } else {
+            sqlx::query("DELETE FROM records WHERE volume_id = ?").bind(v)
+        };
+        records += delete
+            .execute(&mut *conn)
+            .await
+            .map_err(err(says(
+                "delete trimmed records",
+                "delete the records of a failed-over volume",
+            )))?
+            .rows_affected();
     }
-    async fn batch_weights(
-        &mut self,
-        group_id: i64,
-        after: u64,
-        limit: u64,
-    ) -> Result<Vec<BatchWeight>> {
-        batch_weights_on(self.conn()?, group_id, after, limit).await
-    }
-    async fn journal_bytes_after(&mut self, group_id: i64, after: u64) -> Result<u64> {
-        journal_bytes_after_on(self.conn()?, group_id, after).await
-    }
+    let batches = sqlx::query(if trim {
+        "DELETE FROM batches WHERE group_id = ? AND seq < ?"
+    } else {
+        "DELETE FROM batches WHERE group_id = ? AND seq != ?"
+    })
+    .bind(group_id)
+    .bind(b)
+    .execute(&mut *conn)
+    .await
+    .map_err(err(says(
+        "delete trimmed batches",
+        "delete the batches around the failover point",
+    )))?
+    .rows_affected();
+    sqlx::query(
+        "UPDATE batches SET segment = NULL, position = NULL, length = NULL WHERE group_id = ? AND seq = ?",
+    )
+    .bind(group_id)
+    .bind(b)
+    .execute(&mut *conn)
+    .await
+    .map_err(err(says(
+        "mark the base batch as applied",
+        "mark the failover point's batch as applied",
+    )))?;
+    sqlx::query(if trim {
+        "DELETE FROM bookmarks WHERE group_id = ? AND seq < ?"
+    } else {
+        "DELETE FROM bookmarks WHERE group_id = ? AND seq != ?"
+    })
+    .bind(group_id)
+    .bind(b)
+    .execute(&mut *conn)
+    .await
+    .map_err(err(says(
+        "delete trimmed bookmarks",
+        "delete the bookmarks around the failover point",
+    )))?;
+    let (end_segment, end_offset) = match (end, g.trimmed_end) {
+        (Some((s, o)), _) => (Some(s), Some(o)),
+        (None, Some((s, o))) => (Some(s as i64), Some(o as i64)),
+        (None, None) => (None, None),
+    };
+    let update = match how {
+        BaseMove::Trim => sqlx::query(
+            "UPDATE groups SET base_seq = ?, trimming_to = NULL, trimmed_end_segment = ?, trimmed_end_offset = ? WHERE id = ?",
+        )
+        .bind(b),
+        BaseMove::FailoverCommit { head_hash } => sqlx::query(
+            "UPDATE groups SET base_seq = ?, head_seq = ?, head_hash = ?, trimming_to = NULL, trimmed_end_segment = ?, trimmed_end_offset = ? WHERE id = ?",
+        )
+        .bind(b)
+        .bind(b)
+        .bind(head_hash),
+    };
+    update
+        .bind(end_segment)
+        .bind(end_offset)
+        .bind(group_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(err(says(
+            "advance the group's base",
+            "move the group to the failover point",
+        )))?;
+    Ok((records, batches))
 }
 
 async fn journal_bytes_after_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
