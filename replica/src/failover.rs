@@ -84,7 +84,7 @@ use cdp_shared::point::PointSpec;
 use rustix::fs::FlockOperation;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, EventLevel, FailoverRow, FailoverState, VolumeRow};
+use crate::catalog::{Catalog, EventLevel, FailoverRow, FailoverState, OpenMode, VolumeRow};
 use crate::datadir::{DataDir, ServeLock, sync_dir};
 use crate::error::{ReplicaError, Result};
 use crate::export::{self, Endpoint, ExportHandle, Hold, Served};
@@ -227,7 +227,7 @@ fn commit_under_way(volume: &str, f: &FailoverRow) -> ReplicaError {
 /// Opens the catalog and finds `volume`.
 async fn open(root: &Path, volume: &str) -> Result<(DataDir, Catalog, VolumeRow)> {
     let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     match catalog.volume_by_name(volume).await {
         Ok(Some(v)) => Ok((dir, catalog, v)),
         Ok(None) => {

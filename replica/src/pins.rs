@@ -51,7 +51,7 @@ use cdp_shared::point::PointSpec;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, GroupRow, NewPin, PinRow, VolumeRow, WriteLock};
+use crate::catalog::{Catalog, GroupRow, NewPin, OpenMode, PinRow, VolumeRow, WriteLock};
 use crate::datadir::DataDir;
 use crate::error::{ReplicaError, Result};
 use crate::lazy_image::{LazyImage, LazyImageSpec};
@@ -208,7 +208,7 @@ pub async fn pin_point(
     holder: &str,
 ) -> Result<(ChosenPoint, PinGuard)> {
     let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = pin_in(&dir, &catalog, volume, PinAt::Spec(at), holder, true).await;
     if result.is_err() {
         catalog.close().await;

@@ -33,7 +33,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Serialize, Serializer};
 
 use crate::catalog::{
-    BatchRow, Catalog, GroupRow, PointReads, PointsFilter, VolumeRow, VolumeState,
+    BatchRow, Catalog, GroupRow, OpenMode, PointReads, PointsFilter, VolumeRow, VolumeState,
 };
 use crate::datadir::{DataDir, sync_dir};
 use crate::error::{ReplicaError, Result};
@@ -127,7 +127,7 @@ pub(crate) struct VolumeContext {
 
 pub(crate) async fn open_volume(root: &Path, name: &str) -> Result<VolumeContext> {
     let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let Some(volume) = catalog.volume_by_name(name).await? else {
         catalog.close().await;
         return Err(ReplicaError::UnknownVolume {

@@ -10,7 +10,7 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::catalog::{Catalog, FailoverState, VolumeState};
+use crate::catalog::{Catalog, FailoverState, OpenMode, VolumeState};
 use crate::datadir::{DataDir, ServeLock};
 use crate::error::Result;
 use crate::pause_board;
@@ -182,7 +182,7 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
     } else {
         pause_board::Board::default()
     };
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let mut volumes = Vec::new();
     for v in catalog.volumes().await? {
         let group = catalog.group_by_id(v.group_id).await?;

@@ -128,8 +128,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::catalog::{
-    Catalog, EventLevel, GroupRow, MismatchRow, NewVerifyResult, RunRow, VerifyOutcome, VolumeRow,
-    VolumeState,
+    Catalog, EventLevel, GroupRow, MismatchRow, NewVerifyResult, OpenMode, RunRow, VerifyOutcome,
+    VolumeRow, VolumeState,
 };
 use crate::datadir::{DataDir, ServeLock, VerifierConfig};
 use crate::error::{ReplicaError, Result};
@@ -1093,7 +1093,7 @@ pub async fn run(
     let deadline = timeout.map(|t| Instant::now() + t);
     let dir = DataDir::existing(root)?;
     serving(&dir, "verify run")?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = async {
         let mut volumes = volumes_named(&catalog, root, volume).await?;
         if volume.is_none() {
@@ -1191,7 +1191,7 @@ pub async fn run(
 pub async fn repair(root: &Path, volume: &str, timeout: Duration) -> Result<String> {
     let dir = DataDir::existing(root)?;
     serving(&dir, "verify repair")?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = async {
         let v = volumes_named(&catalog, root, Some(volume)).await?.remove(0);
         if catalog.open_mismatches(v.id).await?.is_empty() {
@@ -1337,7 +1337,7 @@ pub async fn report(
     since_ns: Option<i64>,
 ) -> Result<VerifyReport> {
     let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = async {
         let now = now_ns();
         let since = since_ns.unwrap_or(now - ns(COVERAGE_PERIOD));
@@ -1466,7 +1466,7 @@ mod tests {
     #[tokio::test]
     async fn results_are_counted_bounded_and_mismatches_open_once() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let catalog = Catalog::open(&tmp.path().join("meta.db"), true, true)
+        let catalog = Catalog::open(&tmp.path().join("meta.db"), OpenMode::Create)
             .await
             .expect("catalog");
         let g = catalog

@@ -645,6 +645,7 @@ async fn journal_bytes_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::OpenMode;
     use crate::reconstruct::{Plan, RecordRef, Source};
     use crate::retention::Retention;
     use cdp_shared::types::CHUNK_BYTES;
@@ -672,7 +673,7 @@ mod tests {
     #[tokio::test]
     async fn points_are_filtered_and_limited_along_the_primary_key() {
         let dir = tempfile::tempdir().unwrap();
-        let catalog = Catalog::open(&dir.path().join("meta.db"), true, true)
+        let catalog = Catalog::open(&dir.path().join("meta.db"), OpenMode::Create)
             .await
             .unwrap();
         let g = catalog
@@ -793,7 +794,7 @@ mod tests {
     #[tokio::test]
     async fn records_in_chunks_returns_what_the_image_reads() {
         let dir = tempfile::tempdir().unwrap();
-        let catalog = Catalog::open(&dir.path().join("meta.db"), true, true)
+        let catalog = Catalog::open(&dir.path().join("meta.db"), OpenMode::Create)
             .await
             .unwrap();
         let g = catalog

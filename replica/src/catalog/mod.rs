@@ -4,10 +4,11 @@
 //! the agent links, what `serve` saw of each agent, and events. Connections use WAL journal mode and `synchronous = FULL` (an
 //! ack depends on a commit being durable), a busy timeout so that readers in other processes
 //! (`status`, `points`, `restore`) and the server share the file, and foreign keys. Only
-//! `init` and `serve` apply migrations ([`Catalog::open`] with `migrate`).
+//! `init` and `serve` apply migrations ([`Catalog::open`] with [`OpenMode::Create`] or
+//! [`OpenMode::Migrate`]).
 //!
 //! All queries are runtime-checked (`sqlx::query`/`query_as`); integers are SQLite's i64 and
-//! converted at this boundary. A catalog opened without `migrate` must already have every
+//! converted at this boundary. A catalog opened [`OpenMode::Existing`] must already have every
 //! migration this build knows applied (otherwise: "start `serve` once to upgrade it").
 //!
 //! [`Catalog::write_lock`] takes SQLite's write lock (`BEGIN IMMEDIATE`) for a transaction that
@@ -182,6 +183,18 @@ fn hash_of(bytes: Option<Vec<u8>>) -> Result<Option<Hash>> {
     }
 }
 
+/// How [`Catalog::open`] opens `meta.db`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The file must exist and have every migration this build knows applied (every command
+    /// but `init` and `serve`).
+    Existing,
+    /// The file must exist; pending migrations are applied (`serve`).
+    Migrate,
+    /// The file is made if missing, and migrated (`init`).
+    Create,
+}
+
 /// Handle on `meta.db` (a small connection pool; clone freely).
 #[derive(Clone, Debug)]
 pub struct Catalog {
@@ -189,9 +202,15 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Opens `path`. `create` makes the file if missing; `migrate` applies pending migrations
-    /// (only `init` and `serve` do).
-    pub async fn open(path: &Path, create: bool, migrate: bool) -> Result<Catalog> {
+    /// Opens `path` as `mode` says: [`OpenMode::Create`] makes the file if missing;
+    /// [`OpenMode::Create`] and [`OpenMode::Migrate`] apply pending migrations (only `init` and
+    /// `serve` do).
+    pub async fn open(path: &Path, mode: OpenMode) -> Result<Catalog> {
+        let (create, migrate) = match mode {
+            OpenMode::Existing => (false, false),
+            OpenMode::Migrate => (false, true),
+            OpenMode::Create => (true, true),
+        };
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(create)
