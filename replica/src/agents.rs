@@ -16,6 +16,7 @@ use cdp_shared::identity::Fingerprint;
 use serde::Serialize;
 
 use crate::catalog::Catalog;
+use crate::catalog::OpenMode;
 use crate::clock::{rfc3339, time_of};
 use crate::datadir::{self, AuthorizedAgent, DataDir, ServeLock};
 use crate::error::{ReplicaError, Result};
@@ -132,7 +133,7 @@ pub async fn agents(root: &Path) -> Result<Vec<AgentInfo>> {
     let dir = DataDir::existing(root)?;
     let serving = ServeLock::is_held(&dir)?;
     let authorized = datadir::read_agents(&dir)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = async {
         let seen = catalog.agents_seen().await?;
         let groups = catalog.groups().await?;

@@ -84,6 +84,7 @@ use cdp_shared::point::PointSpec;
 use rustix::fs::FlockOperation;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::OpenMode;
 use crate::catalog::{Catalog, EventLevel, FailoverRow, FailoverState, VolumeRow};
 use crate::clock::now_ns;
 use crate::clock::{rfc3339, time_of};
@@ -229,7 +230,7 @@ fn commit_under_way(volume: &str, f: &FailoverRow) -> ReplicaError {
 /// Opens the catalog and finds `volume`.
 async fn open(root: &Path, volume: &str) -> Result<(DataDir, Catalog, VolumeRow)> {
     let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     match catalog.volume_by_name(volume).await {
         Ok(Some(v)) => Ok((dir, catalog, v)),
         Ok(None) => {

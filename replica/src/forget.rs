@@ -59,6 +59,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::catalog::OpenMode;
 use crate::catalog::{Catalog, FailoverState, ForgetRows, GroupRow, PinRow, VolumeRow};
 use crate::clock::now_ns;
 use crate::datadir::{self, DataDir, ServeLock};
@@ -413,7 +414,7 @@ pub async fn execute(catalog: &Catalog, dir: &DataDir, plan: &ForgetPlan) -> Res
 #[doc(hidden)]
 pub async fn stop_after_rows_for_test(root: &Path, target: &ForgetTarget) -> Result<()> {
     let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let _lock = ServeLock::acquire(&dir)?;
     let result = match plan(&catalog, target).await? {
         Some(p) => delete_rows(&catalog, &dir, &p).await,
@@ -535,7 +536,7 @@ fn remove(path: &Path) -> Result<()> {
 /// the forget, carried out here when `serve` is not running and by serve when it is.
 pub async fn forget(root: &Path, target: &ForgetTarget, yes: bool) -> Result<ForgetOutcome> {
     let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = forget_in(&dir, &catalog, target, yes).await;
     catalog.close().await;
     result

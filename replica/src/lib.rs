@@ -269,7 +269,7 @@ pub use status::{
     WindowShort, status,
 };
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, OpenMode};
 use crate::datadir::DataDir;
 
 /// Common name of the replica's certificate.
@@ -311,7 +311,7 @@ pub async fn init_with(
         .open(dir.lock())
         .map_err(ReplicaError::io("create", dir.lock()))?;
     // The catalog last: its presence marks a complete data directory.
-    let catalog = Catalog::open(&dir.catalog(), true, true).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Create).await?;
     catalog.close().await;
     datadir::sync_dir(root)?;
     Ok(identity.fingerprint())
@@ -479,7 +479,7 @@ pub async fn set_retention_checked(
     yes: bool,
 ) -> Result<(Retention, Option<RetentionDrop>)> {
     let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = async {
         let Some(g) = catalog.group_by_name(group).await? else {
             return Err(ReplicaError::UnknownGroup {

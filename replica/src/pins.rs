@@ -51,6 +51,7 @@ use cdp_shared::point::PointSpec;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::OpenMode;
 use crate::catalog::{Catalog, GroupRow, NewPin, PinRow, VolumeRow, WriteLock};
 use crate::clock::now_ns;
 use crate::datadir::DataDir;
@@ -218,7 +219,7 @@ pub async fn pin_point_with(
     timing: PinTiming,
 ) -> Result<(ChosenPoint, PinGuard)> {
     let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = pin_in_with(
         &dir,
         &catalog,

@@ -16,6 +16,7 @@ use cdp_shared::point::PointSpec;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::catalog::OpenMode;
 use crate::catalog::{
     BatchRow, Catalog, GroupRow, PointReads, PointsFilter, VolumeRow, VolumeState,
 };
@@ -86,7 +87,7 @@ pub(crate) struct VolumeContext {
 
 pub(crate) async fn open_volume(root: &Path, name: &str) -> Result<VolumeContext> {
     let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let Some(volume) = catalog.volume_by_name(name).await? else {
         catalog.close().await;
         return Err(ReplicaError::UnknownVolume {

@@ -60,6 +60,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
+use crate::catalog::OpenMode;
 use crate::clock::now_ns;
 use crate::datadir::{DataDir, ServeLock, read_agents};
 use crate::error::{ReplicaError, Result};
@@ -270,7 +271,7 @@ impl Server {
         let dir = DataDir::existing(root)?;
         let lock = ServeLock::acquire(&dir)?;
         let identity = dir.identity()?;
-        let catalog = Catalog::open(&dir.catalog(), false, true).await?;
+        let catalog = Catalog::open(&dir.catalog(), OpenMode::Migrate).await?;
         // What a forget cut short left on the disk goes before any group is opened.
         crate::forget::complete_pending(&catalog, &dir).await?;
         match catalog

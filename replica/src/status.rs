@@ -10,6 +10,7 @@ use std::path::Path;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::catalog::OpenMode;
 use crate::catalog::{Catalog, FailoverState, VolumeState};
 use crate::clock::{rfc3339, ser_time, time_of};
 use crate::datadir::{DataDir, ServeLock};
@@ -183,7 +184,7 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
     } else {
         pause_board::Board::default()
     };
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let mut volumes = Vec::new();
     for v in catalog.volumes().await? {
         let group = catalog.group_by_id(v.group_id).await?;

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cdp_replica::PointSpec;
-use cdp_replica::catalog::Catalog;
+use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_replica::journal::segment_name;
 use cdp_shared::batch::BatchFlags;
@@ -203,7 +203,7 @@ async fn check(root: &Path, out_dir: &Path, agent: &mut Agent, acked_before: u64
 
     // The journal agrees with the catalog.
     let dir = DataDir::existing(root).expect("data dir");
-    let catalog = Catalog::open(&dir.catalog(), false, false)
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let g = catalog

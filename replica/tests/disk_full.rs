@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cdp_replica::catalog::Catalog;
+use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_replica::journal::segment_name;
 use cdp_replica::{PointSpec, Server};
@@ -455,7 +455,7 @@ async fn a_full_disk_pauses_ingest_and_it_resumes_when_space_returns() {
 
     // The journal holds exactly what the catalog describes, and the pauses are on record.
     let dir = DataDir::existing(&root).expect("dir");
-    let catalog = Catalog::open(&dir.catalog(), false, false)
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let g = catalog

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cdp_replica::catalog::{Catalog, GroupRow};
+use cdp_replica::catalog::{Catalog, GroupRow, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_replica::{PointSpec, Retention};
 use cdp_shared::batch::BatchFlags;
@@ -551,7 +551,7 @@ async fn an_export_holds_its_pin_while_the_trimmer_trims() {
         ingest(&mut h, &mut sim, None).await;
     }
     let kept = ingest(&mut h, &mut sim, Some("keep")).await;
-    let catalog = Catalog::open(&DataDir::new(&root).catalog(), false, false)
+    let catalog = Catalog::open(&DataDir::new(&root).catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let e = ExportProc::start(&root, "bookmark:keep", None, false);

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use cdp_replica::catalog::Catalog;
+use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_replica::trimmer::{TrimLink, Trimmer};
 use cdp_replica::{PointSpec, RetentionChange, Server};
@@ -403,7 +403,7 @@ async fn the_trimmer_stops_at_an_active_failover() {
     .await
     .expect("retention");
     let dir = DataDir::existing(root).expect("dir");
-    let catalog = Catalog::open(&dir.catalog(), false, false)
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let group = catalog
@@ -431,7 +431,7 @@ async fn the_trimmer_stops_at_an_active_failover() {
     );
     // Undone, the trimmer goes on.
     cli_ok(root, &["--undo"]);
-    let catalog = Catalog::open(&dir.catalog(), false, false)
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let mut t = Trimmer::new(&catalog, &dir, &group, TrimLink::new(0, None));
@@ -522,8 +522,7 @@ async fn a_failover_fences_the_agent_until_undone() {
     }
     let catalog = Catalog::open(
         &DataDir::existing(root).expect("dir").catalog(),
-        false,
-        false,
+        OpenMode::Existing,
     )
     .await
     .expect("catalog");

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cdp_replica::catalog::Catalog;
+use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_replica::journal::segment_name;
 use cdp_replica::{PointSpec, ReplicaError};
@@ -271,7 +271,7 @@ async fn a_torn_segment_tail_is_truncated_on_start() {
     );
     assert!(!newer.exists(), "the uncommitted newer segment is deleted");
     // Everything committed still restores.
-    let catalog = Catalog::open(&dir.catalog(), false, false)
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let a = catalog

@@ -373,8 +373,8 @@ async fn points_in_catalog(
     n: u64,
     journaled: Option<u64>,
 ) -> Vec<i64> {
-    use cdp_replica::catalog::{BatchRow, Catalog, CommitRows, SegmentSpan, VolumeState};
-    let catalog = Catalog::open(&data.join("meta.db"), false, false)
+    use cdp_replica::catalog::{BatchRow, Catalog, CommitRows, OpenMode, SegmentSpan, VolumeState};
+    let catalog = Catalog::open(&data.join("meta.db"), OpenMode::Existing)
         .await
         .expect("catalog");
     let g = catalog
@@ -874,9 +874,12 @@ fn volume_names(d: &str) -> Vec<String> {
 
 /// Every catalog row that names group `gid` or volume `vid`, by table.
 async fn rows_left(data: &Path, gid: i64, vid: i64) -> Vec<(String, u64)> {
-    let catalog = cdp_replica::catalog::Catalog::open(&data.join("meta.db"), false, false)
-        .await
-        .expect("catalog");
+    let catalog = cdp_replica::catalog::Catalog::open(
+        &data.join("meta.db"),
+        cdp_replica::catalog::OpenMode::Existing,
+    )
+    .await
+    .expect("catalog");
     let mut left = Vec::new();
     for (table, column, id) in [
         ("groups", "id", gid),
@@ -909,9 +912,12 @@ async fn rows_left(data: &Path, gid: i64, vid: i64) -> Vec<(String, u64)> {
 
 /// (group id, volume id) of a volume.
 async fn ids(data: &Path, volume: &str) -> (i64, i64) {
-    let catalog = cdp_replica::catalog::Catalog::open(&data.join("meta.db"), false, false)
-        .await
-        .expect("catalog");
+    let catalog = cdp_replica::catalog::Catalog::open(
+        &data.join("meta.db"),
+        cdp_replica::catalog::OpenMode::Existing,
+    )
+    .await
+    .expect("catalog");
     let v = catalog
         .volume_by_name(volume)
         .await

@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use cdp_replica::catalog::Catalog;
+use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_replica::{PointSpec, Server};
 use cdp_shared::batch::BatchFlags;
@@ -33,7 +33,7 @@ fn segment_lengths(root: &Path, group: &str) -> Vec<(String, u64)> {
 }
 
 async fn catalog_counts(root: &Path) -> (u64, u64) {
-    let catalog = Catalog::open(&DataDir::new(root).catalog(), false, false)
+    let catalog = Catalog::open(&DataDir::new(root).catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let g = catalog
@@ -127,7 +127,7 @@ async fn agent_session_over_quic() {
     agent.send_batch(&b2).await.expect("send");
     agent.wait_ack("g", s4).await;
     // The journal holds them in seq order.
-    let catalog = Catalog::open(&DataDir::new(&root).catalog(), false, false)
+    let catalog = Catalog::open(&DataDir::new(&root).catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let g = catalog
@@ -189,7 +189,7 @@ async fn agent_session_over_quic() {
             .is_err(),
     };
     assert!(refused, "an unauthorized agent was served");
-    let catalog = Catalog::open(&DataDir::new(&root).catalog(), false, false)
+    let catalog = Catalog::open(&DataDir::new(&root).catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     assert!(

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cdp_replica::catalog::Catalog;
+use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_replica::journal::segment_name;
 use cdp_replica::{PointSpec, Retention};
@@ -173,7 +173,7 @@ async fn check(root: &Path, out_dir: &Path, agent: &mut Agent, acked_before: u64
     agent.saw_ack(durable);
 
     let dir = DataDir::existing(root).expect("data dir");
-    let catalog = Catalog::open(&dir.catalog(), false, false)
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let g = catalog
@@ -337,7 +337,7 @@ async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
     agent.saw_ack(last);
     let settled = agent.retention_base(last);
     let dir = DataDir::existing(&root).expect("data dir");
-    let catalog = Catalog::open(&dir.catalog(), false, false)
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -384,7 +384,7 @@ async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
 /// Where the window of the test's group starts now.
 async fn window_floor(root: &Path) -> u64 {
     let dir = DataDir::existing(root).expect("data dir");
-    let catalog = Catalog::open(&dir.catalog(), false, false)
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let g = catalog

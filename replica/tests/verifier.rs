@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cdp_replica::catalog::Catalog;
+use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_replica::server::Server;
 use cdp_shared::batch::{BatchFlags, RECORD_HEADER_BYTES};
@@ -433,7 +433,7 @@ async fn faults_are_found_reported_and_repaired() {
 
     // The four faults.
     let dir = DataDir::new(&root);
-    let catalog = Catalog::open(&dir.catalog(), false, false)
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
     let vrow = catalog

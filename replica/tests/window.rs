@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cdp_replica::catalog::{Catalog, GroupRow};
+use cdp_replica::catalog::{Catalog, GroupRow, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_replica::ingest::IngestOptions;
 use cdp_replica::journal::segment_name;
@@ -90,7 +90,7 @@ impl Rig {
             h.submit(b).await;
         }
         h.wait_ack(GROUP, synced).await;
-        let catalog = Catalog::open(&DataDir::new(root).catalog(), false, false)
+        let catalog = Catalog::open(&DataDir::new(root).catalog(), OpenMode::Existing)
             .await
             .expect("catalog");
         let group_id = catalog
@@ -807,7 +807,7 @@ async fn a_trim_cut_short_after_any_step_completes_the_same() {
         let copy = tmp.path().join(format!("copy-{i}"));
         copy_dir(&root, &copy);
         let dir = DataDir::existing(&copy).expect("data dir");
-        let catalog = Catalog::open(&dir.catalog(), false, false)
+        let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
             .await
             .expect("catalog");
         let window = Duration::from_secs(window_s);

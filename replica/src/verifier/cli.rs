@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{REQUEST_POLL_INTERVAL, SAMPLE_RUN_CHUNKS};
+use crate::catalog::OpenMode;
 use crate::catalog::{Catalog, VolumeRow, VolumeState};
 use crate::clock::now_ns;
 use crate::datadir::{DataDir, ServeLock};
@@ -83,7 +84,7 @@ pub async fn run(
     let deadline = timeout.map(|t| Instant::now() + t);
     let dir = DataDir::existing(root)?;
     serving(&dir, "verify run")?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = async {
         let mut volumes = volumes_named(&catalog, root, volume).await?;
         if volume.is_none() {
@@ -181,7 +182,7 @@ pub async fn run(
 pub async fn repair(root: &Path, volume: &str, timeout: Duration) -> Result<String> {
     let dir = DataDir::existing(root)?;
     serving(&dir, "verify repair")?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = async {
         let v = volumes_named(&catalog, root, Some(volume)).await?.remove(0);
         if catalog.open_mismatches(v.id).await?.is_empty() {

@@ -280,7 +280,7 @@ fn window_floor(g: &GroupRow, v: &VolumeRow) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{MismatchRow, NewVerifyResult};
+    use crate::catalog::{MismatchRow, NewVerifyResult, OpenMode};
     use crate::retention::Retention;
     use cdp_shared::types::CHUNK_BYTES;
 
@@ -302,7 +302,7 @@ mod tests {
     #[tokio::test]
     async fn results_are_counted_bounded_and_mismatches_open_once() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let catalog = Catalog::open(&tmp.path().join("meta.db"), true, true)
+        let catalog = Catalog::open(&tmp.path().join("meta.db"), OpenMode::Create)
             .await
             .expect("catalog");
         let g = catalog

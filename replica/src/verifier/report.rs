@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::cli::volumes_named;
 use super::{COVERAGE_PERIOD, ns, window_floor};
 use crate::catalog::Catalog;
+use crate::catalog::OpenMode;
 use crate::clock::now_ns;
 use crate::clock::{rfc3339, time_of};
 use crate::datadir::DataDir;
@@ -115,7 +116,7 @@ pub async fn report(
     since_ns: Option<i64>,
 ) -> Result<VerifyReport> {
     let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), false, false).await?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = async {
         let now = now_ns();
         let since = since_ns.unwrap_or(now - ns(COVERAGE_PERIOD));

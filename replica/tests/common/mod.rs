@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cdp_replica::catalog::Catalog;
+use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_replica::ingest::{IngestOptions, IngestService};
 use cdp_shared::Seq;
@@ -380,7 +380,7 @@ impl Harness {
     /// [`Harness::open`] with explicit options (small segments).
     pub async fn open_with(root: &Path, options: IngestOptions) -> Harness {
         let dir = DataDir::existing(root).expect("data dir");
-        let catalog = Catalog::open(&dir.catalog(), false, true)
+        let catalog = Catalog::open(&dir.catalog(), OpenMode::Migrate)
             .await
             .expect("catalog");
         let token = CancellationToken::new();
