@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod journal;
 pub mod nbd;
 pub mod serve;
+pub mod test_agent;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
