@@ -8,9 +8,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cdp_replica::catalog::{Catalog, GroupRow};
@@ -19,6 +18,7 @@ use cdp_replica::{PointSpec, Retention};
 use cdp_shared::batch::BatchFlags;
 use cdp_shared::nbd::proto;
 use cdp_shared::types::CHUNK_BYTES;
+use common::export::NbdProc;
 use common::nbd::*;
 use common::*;
 use rand::rngs::StdRng;
@@ -30,89 +30,9 @@ const GROUP: &str = "g";
 /// Three chunks and a bit: reads span chunks, the last one is short.
 const VOL: (u32, &str, u64) = (0, "exp-disk", 3 * CHUNK_BYTES + 8192);
 
-// ---------------------------------------------------------------------------------------------
-// The export as a child process.
-
-struct ExportProc {
-    child: Child,
-    line: String,
-    socket: PathBuf,
-}
-
-impl ExportProc {
-    /// Starts `cdp-replica export` and waits (with the deadline) for its line.
-    fn start(root: &Path, at: &str, socket: Option<&Path>, writable: bool) -> ExportProc {
-        let mut args = vec![
-            "export".to_owned(),
-            "--data".into(),
-            root.display().to_string(),
-            "--volume".into(),
-            VOL.1.into(),
-            "--at".into(),
-            at.into(),
-        ];
-        if let Some(s) = socket {
-            args.extend(["--socket".into(), s.display().to_string()]);
-        }
-        if writable {
-            args.push("--writable".into());
-        }
-        let mut child = Command::new(BIN)
-            .args(&args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn cdp-replica export");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(DEADLINE).expect("export prints its line");
-        assert!(!line.is_empty(), "export exited: {:?}", child.try_wait());
-        let socket = PathBuf::from(
-            line.trim_end()
-                .rsplit_once("?socket=")
-                .unwrap_or_else(|| panic!("no socket in {line:?}"))
-                .1,
-        );
-        ExportProc {
-            child,
-            line,
-            socket,
-        }
-    }
-
-    fn connect(&self) -> Nbd {
-        Nbd::connect(&self.socket, VOL.1)
-    }
-
-    /// SIGTERM, then wait (with the deadline) for a clean exit.
-    fn stop(mut self) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-        let deadline = std::time::Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "export exited with {status}");
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "export did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ExportProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Starts `cdp-replica export` of the volume and waits (with the deadline) for its line.
+fn start_export(root: &Path, at: &str, socket: Option<&Path>, writable: bool) -> NbdProc {
+    NbdProc::export(BIN, root, VOL.1, at, socket, writable)
 }
 
 /// Runs `cdp-replica restore` and returns the image.
@@ -255,7 +175,7 @@ async fn exports_read_like_restores_at_several_points() {
     ];
     for (i, (at, seq)) in points.iter().enumerate() {
         let socket = root.join(format!("e{i}.sock"));
-        let e = ExportProc::start(&root, at, Some(&socket), false);
+        let e = start_export(&root, at, Some(&socket), false);
         assert!(
             e.line
                 .starts_with(&format!("export of volume {} at seq {seq} (", VOL.1))
@@ -307,7 +227,7 @@ async fn exports_read_like_restores_at_several_points() {
 
     // Nothing serving now; the default socket.
     h.shutdown().await;
-    let e = ExportProc::start(&root, "bookmark:b10", None, false);
+    let e = start_export(&root, "bookmark:b10", None, false);
     assert_eq!(e.socket, root.join(format!("export-{}.sock", VOL.1)));
     assert!(e.connect().read_all(3 << 20) == sim.model_image(synced + 11, 0));
     e.stop();
@@ -395,7 +315,7 @@ async fn the_first_read_plans_one_chunk_not_the_volume() {
     pin.release().await.expect("release");
 
     // The binary serves its first read (and the whole volume) right.
-    let e = ExportProc::start(&root, "latest", None, false);
+    let e = start_export(&root, "latest", None, false);
     let mut c = e.connect();
     assert_eq!(
         c.read(12 * CHUNK_BYTES, 4096),
@@ -453,7 +373,7 @@ async fn a_writable_export_writes_to_a_throwaway_overlay() {
     let mut model = sim.model_image(synced + 6, 0);
     assert!(before.3 == model);
 
-    let e = ExportProc::start(&root, &at, None, true);
+    let e = start_export(&root, &at, None, true);
     assert!(e.line.contains("writable"), "{}", e.line);
     assert!(
         overlay_files(&root).is_empty(),
@@ -506,7 +426,7 @@ async fn a_writable_export_writes_to_a_throwaway_overlay() {
     assert!(restore_bin(&root, "latest", "after-latest") == before.4);
 
     // A read-only export of the same point: the original image, and writes refused.
-    let e = ExportProc::start(&root, &at, None, false);
+    let e = start_export(&root, &at, None, false);
     let mut c = e.connect();
     assert!(c.read_all(3 << 20) == before.3, "the writes are gone");
     assert_eq!(c.write(0, &[1u8; 512]), NBD_EPERM);
@@ -554,7 +474,7 @@ async fn an_export_holds_its_pin_while_the_trimmer_trims() {
     let catalog = Catalog::open(&DataDir::new(&root).catalog(), false, false)
         .await
         .expect("catalog");
-    let e = ExportProc::start(&root, "bookmark:keep", None, false);
+    let e = start_export(&root, "bookmark:keep", None, false);
     let base_at_pin = group(&catalog).await.base_seq;
     assert!(
         base_at_pin < kept,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod export;
 pub mod journal;
 pub mod nbd;
 pub mod serve;
