@@ -25,6 +25,7 @@ use cdp_shared::batch::BatchFlags;
 use cdp_shared::identity::Identity;
 use cdp_shared::types::CHUNK_BYTES;
 use common::journal::{assert_journal_ends_at_its_commit, group_row, open_catalog};
+use common::ops::{Kinds, Mix, Write};
 use common::test_agent::{FIRST_LISTEN, Restarted, TestAgent};
 use common::*;
 use rand::rngs::StdRng;
@@ -39,24 +40,18 @@ const KILLS_PER_REPLICA: u32 = 20;
 const VOL: (u32, &str, u64) = (0, "crash-disk", 2 * CHUNK_BYTES + 4608);
 /// Batches the agent keeps unacknowledged (the agent's default window).
 const WINDOW: u64 = 32;
-/// Writes per batch.
-const WRITES_PER_BATCH: std::ops::RangeInclusive<usize> = 16..=64;
-/// Bytes per write.
-const WRITE_BYTES: std::ops::RangeInclusive<u64> = 1..=16 << 10;
+/// The writes of a batch: 16 to 64 of up to 16 KiB, one in 16 a zero-write.
+const WRITES: Mix = Mix {
+    count: 16..=64,
+    len: 1..=16 << 10,
+    kinds: Kinds::RatioZero(16),
+};
 /// How long the agent streams before the kill, at most.
 const STREAM_MS_MAX: u64 = 300;
 /// Restores checked after each restart.
 const RESTORES_PER_RESTART: usize = 3;
 /// The model keeps a whole image every this many seqs and replays writes from there.
 const CHECKPOINT_EVERY: u64 = 128;
-
-/// One write as the model keeps it: the data is `pattern(seed, len)`, or zeros.
-#[derive(Clone, Copy, Debug)]
-struct Write {
-    offset: u64,
-    len: u64,
-    seed: Option<u64>,
-}
 
 /// The image of the volume after every seq, kept as checkpoints and the writes in between.
 struct Model {
@@ -77,11 +72,7 @@ impl Model {
             .range((Bound::Excluded(at), Bound::Included(seq)))
         {
             for w in writes {
-                let range = w.offset as usize..(w.offset + w.len) as usize;
-                match w.seed {
-                    Some(seed) => image[range].copy_from_slice(&pattern(seed, w.len as usize)),
-                    None => image[range].fill(0),
-                }
+                w.apply(&mut image);
             }
         }
         image
@@ -99,31 +90,12 @@ type Agent = TestAgent<Extra>;
 
 /// Seals the next batch of random writes and records it in the model.
 fn new_batch(agent: &mut Agent) {
-    let n = agent.rng.random_range(WRITES_PER_BATCH);
-    let mut ops = Vec::with_capacity(n);
-    let mut writes = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = agent.rng.random_range(WRITE_BYTES);
-        let offset = agent.rng.random_range(0..=VOL.2 - len);
-        let zero = agent.rng.random_ratio(1, 16);
-        let seed = (!zero).then(|| {
-            agent.extra.next_seed += 1;
-            agent.extra.next_seed
-        });
-        writes.push(Write { offset, len, seed });
-        ops.push(match seed {
-            Some(seed) => Op::Data {
-                vol: 0,
-                offset,
-                bytes: pattern(seed, len as usize),
-            },
-            None => Op::Zero {
-                vol: 0,
-                offset,
-                len,
-            },
-        });
-    }
+    let extra = &mut agent.extra;
+    let writes = WRITES.writes(&mut agent.rng, VOL.2, |_| {
+        extra.next_seed += 1;
+        extra.next_seed
+    });
+    let ops: Vec<Op> = writes.iter().map(|w| w.op(0)).collect();
     let (seq, _) = agent.sim.batch(&ops, BatchFlags::FLUSH, None);
     agent.extra.model.writes.insert(seq, writes);
     if seq.is_multiple_of(CHECKPOINT_EVERY) {

@@ -20,6 +20,7 @@ use cdp_shared::nbd::proto;
 use cdp_shared::types::CHUNK_BYTES;
 use common::export::NbdProc;
 use common::nbd::*;
+use common::ops::{Kinds, Mix};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -92,31 +93,14 @@ async fn pin_count(root: &Path) -> usize {
 }
 
 /// Random writes (sometimes across chunks, sometimes zero or trim), one batch each.
+const WRITES: Mix = Mix {
+    count: 1..=4,
+    len: 1..=200 << 10,
+    kinds: Kinds::PickZeroTrim(10),
+};
+
 fn random_ops(rng: &mut StdRng, size: u64) -> Vec<Op> {
-    let n = rng.random_range(1..=4);
-    (0..n)
-        .map(|_| {
-            let len = rng.random_range(1..=200u64 << 10);
-            let offset = rng.random_range(0..=size - len);
-            match rng.random_range(0..10) {
-                0 => Op::Zero {
-                    vol: 0,
-                    offset,
-                    len,
-                },
-                1 => Op::Trim {
-                    vol: 0,
-                    offset,
-                    len,
-                },
-                _ => Op::Data {
-                    vol: 0,
-                    offset,
-                    bytes: pattern(rng.random(), len as usize),
-                },
-            }
-        })
-        .collect()
+    WRITES.ops(rng, size)
 }
 
 /// A replica with the volume synced (from a random image) and `batches` more batches, ingest

@@ -25,6 +25,7 @@ use cdp_shared::types::CHUNK_BYTES;
 use cdp_shared::wire::Control;
 use common::export::{NbdProc, command_args};
 use common::nbd::*;
+use common::ops::{Kinds, Mix};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -117,22 +118,14 @@ fn overlay_files(root: &Path) -> Vec<String> {
 }
 
 /// One batch of random writes (sometimes zero).
+const WRITES: Mix = Mix {
+    count: 1..=1,
+    len: 1..=100 << 10,
+    kinds: Kinds::PickZero(8),
+};
+
 fn random_ops(rng: &mut StdRng) -> Vec<Op> {
-    let len = rng.random_range(1..=100u64 << 10);
-    let offset = rng.random_range(0..=VOL.2 - len);
-    if rng.random_range(0..8) == 0 {
-        vec![Op::Zero {
-            vol: 0,
-            offset,
-            len,
-        }]
-    } else {
-        vec![Op::Data {
-            vol: 0,
-            offset,
-            bytes: pattern(rng.random(), len as usize),
-        }]
-    }
+    WRITES.ops(rng, VOL.2)
 }
 
 /// A replica with the volume synced (from a random image) and `batches` more batches through

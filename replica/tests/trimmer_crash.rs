@@ -23,6 +23,7 @@ use cdp_shared::batch::BatchFlags;
 use cdp_shared::identity::Identity;
 use cdp_shared::types::CHUNK_BYTES;
 use common::journal::{assert_journal_ends_at_its_commit, group_row, open_catalog};
+use common::ops::{Kinds, Mix};
 use common::serve::log_tail;
 use common::test_agent::{FIRST_LISTEN, Restarted, TestAgent};
 use common::*;
@@ -37,31 +38,19 @@ const CAP: u64 = 1 << 20;
 const SEGMENT_BYTES: u64 = 128 << 10;
 /// Batches the agent keeps unacknowledged.
 const IN_FLIGHT: u64 = 32;
+/// The writes of a batch: 4 to 16 of up to 16 KiB, one in 16 a zero-write.
+const WRITES: Mix = Mix {
+    count: 4..=16,
+    len: 1..=16 << 10,
+    kinds: Kinds::RatioZero(16),
+};
 /// How long the agent streams before the kill, at most.
 const STREAM_MS_MAX: u64 = 400;
 
 type Agent = TestAgent;
 
 fn new_batch(agent: &mut Agent) {
-    let n = agent.rng.random_range(4..=16);
-    let mut ops = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = agent.rng.random_range(1..=16u64 << 10);
-        let offset = agent.rng.random_range(0..=VOL.2 - len);
-        ops.push(if agent.rng.random_ratio(1, 16) {
-            Op::Zero {
-                vol: 0,
-                offset,
-                len,
-            }
-        } else {
-            Op::Data {
-                vol: 0,
-                offset,
-                bytes: pattern(agent.rng.random(), len as usize),
-            }
-        });
-    }
+    let ops = WRITES.ops(&mut agent.rng, VOL.2);
     agent.sim.batch(&ops, BatchFlags::FLUSH, None);
 }
 

@@ -22,6 +22,7 @@ use cdp_replica::trimmer::{TrimLink, TrimStep, Trimmer};
 use cdp_replica::{PointSpec, ReplicaError, Retention, RetentionChange};
 use cdp_shared::batch::BatchFlags;
 use cdp_shared::types::CHUNK_BYTES;
+use common::ops::{Kinds, Mix};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -34,6 +35,12 @@ const GROUP: &str = "g";
 const SEGMENT_BYTES: u64 = 64 << 10;
 /// Pacing of the continuous ingest (a rate, not a wait for anything).
 const INGEST_GAP: Duration = Duration::from_millis(20);
+/// The writes of a batch: 1 to 6 of up to 24 KiB, data, sometimes zero or trim.
+const WRITES: Mix = Mix {
+    count: 1..=6,
+    len: 1..=24 << 10,
+    kinds: Kinds::PickZeroTrim(16),
+};
 /// Test-only: tells a re-executed test binary to hold a pin (see `pin_holder`).
 const PIN_HOLDER_ENV: &str = "CDP_TEST_PIN_HOLDER";
 
@@ -110,29 +117,7 @@ impl Rig {
 
     /// One batch of random writes (data, sometimes zero or trim), acknowledged.
     async fn ingest(&mut self, bookmark: Option<&str>) -> u64 {
-        let n = self.rng.random_range(1..=6);
-        let mut ops = Vec::with_capacity(n);
-        for _ in 0..n {
-            let len = self.rng.random_range(1..=24u64 << 10);
-            let offset = self.rng.random_range(0..=VOL.2 - len);
-            ops.push(match self.rng.random_range(0..16) {
-                0 => Op::Zero {
-                    vol: 0,
-                    offset,
-                    len,
-                },
-                1 => Op::Trim {
-                    vol: 0,
-                    offset,
-                    len,
-                },
-                _ => Op::Data {
-                    vol: 0,
-                    offset,
-                    bytes: pattern(self.rng.random(), len as usize),
-                },
-            });
-        }
+        let ops = WRITES.ops(&mut self.rng, VOL.2);
         let (seq, bytes) = self.sim.batch(&ops, BatchFlags::FLUSH, bookmark);
         self.h.submit(bytes).await;
         self.h.wait_ack(GROUP, seq).await;

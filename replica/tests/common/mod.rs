@@ -6,6 +6,7 @@ pub mod cli;
 pub mod export;
 pub mod journal;
 pub mod nbd;
+pub mod ops;
 pub mod serve;
 pub mod test_agent;
 
