@@ -82,17 +82,11 @@ fn cli_fails(root: &Path, extra: &[&str], needle: &str) {
 }
 
 async fn restore_at(root: &Path, at: PointSpec) -> Vec<u8> {
-    let n = RESTORES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let out = root.join(format!("restored-{n}"));
-    cdp_replica::restore(root, VOL.1, &at, &out)
+    restore_bytes(root, VOL.1, &at)
         .await
-        .unwrap_or_else(|e| panic!("restore at {at:?}: {e}"));
-    let bytes = read(&out);
-    std::fs::remove_file(&out).expect("remove");
-    bytes
+        .unwrap_or_else(|e| panic!("restore at {at:?}: {e}"))
+        .0
 }
-
-static RESTORES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 async fn point_seqs(root: &Path) -> Vec<u64> {
     cdp_replica::points(root, VOL.1)

@@ -11,7 +11,6 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cdp_replica::catalog::{Catalog, GroupRow};
@@ -43,8 +42,6 @@ const WRITES: Mix = Mix {
 };
 /// Test-only: tells a re-executed test binary to hold a pin (see `pin_holder`).
 const PIN_HOLDER_ENV: &str = "CDP_TEST_PIN_HOLDER";
-
-static OUT_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn options() -> IngestOptions {
     options_with(SEGMENT_BYTES)
@@ -197,15 +194,9 @@ impl Rig {
     }
 }
 
-async fn restore_bytes(root: &Path, at: &PointSpec) -> Result<Vec<u8>, ReplicaError> {
-    let out = root.join(format!(
-        "out-{}",
-        OUT_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    cdp_replica::restore(root, VOL.1, at, &out).await?;
-    let bytes = read(&out);
-    std::fs::remove_file(&out).expect("remove restored image");
-    Ok(bytes)
+/// The image of the volume at `at`, restored.
+async fn restore_image(root: &Path, at: &PointSpec) -> Result<Vec<u8>, ReplicaError> {
+    restore_bytes(root, VOL.1, at).await.map(|(bytes, _)| bytes)
 }
 
 async fn check_window(root: &Path, sim: &AgentSim, start: u64, synced: u64, head: u64) {
@@ -217,7 +208,7 @@ async fn check_window(root: &Path, sim: &AgentSim, start: u64, synced: u64, head
         "points lists the window"
     );
     for seq in start..=head {
-        let got = restore_bytes(root, &PointSpec::Seq(seq))
+        let got = restore_image(root, &PointSpec::Seq(seq))
             .await
             .unwrap_or_else(|e| panic!("restore at seq {seq}: {e}"));
         assert!(
@@ -468,7 +459,7 @@ async fn a_pin_keeps_its_point_until_released() {
     .await
     .map(|image| assert!(image == rig.sim.model_image(kept, 0)))
     .expect("read the pinned image");
-    let got = restore_bytes(&root, &PointSpec::Bookmark("keep".into()))
+    let got = restore_image(&root, &PointSpec::Bookmark("keep".into()))
         .await
         .expect("restore the pinned point");
     assert!(got == rig.sim.model_image(kept, 0));
@@ -479,7 +470,7 @@ async fn a_pin_keeps_its_point_until_released() {
     let start = rig.base_for_window(WINDOW);
     assert!(start > kept);
     rig.wait_base(start).await;
-    let e = restore_bytes(&root, &PointSpec::Seq(kept))
+    let e = restore_image(&root, &PointSpec::Seq(kept))
         .await
         .expect_err("the point left the window")
         .to_string();
@@ -570,7 +561,7 @@ async fn trimmed_bytes_are_released_only_when_no_reader_needs_them() {
         );
     }
     assert_eq!(segments(&root), vec![1], "still one segment");
-    let got = restore_bytes(&root, &PointSpec::Latest)
+    let got = restore_image(&root, &PointSpec::Latest)
         .await
         .expect("restore the latest point");
     assert!(
@@ -851,7 +842,7 @@ async fn a_trim_cut_short_after_any_step_completes_the_same() {
         h.submit(next_bytes.clone()).await;
         h.wait_ack(GROUP, next).await;
         h.shutdown().await;
-        let got = restore_bytes(&copy, &PointSpec::Latest)
+        let got = restore_image(&copy, &PointSpec::Latest)
             .await
             .expect("restore latest");
         assert!(

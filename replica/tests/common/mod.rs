@@ -14,11 +14,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cdp_replica::catalog::Catalog;
 use cdp_replica::datadir::DataDir;
 use cdp_replica::ingest::{IngestOptions, IngestService};
+use cdp_replica::{PointSpec, ReplicaError, RestoreSummary};
 use cdp_shared::Seq;
 use cdp_shared::batch::{
     self, BatchFlags, Hash, RecordEncoder, RecordKind, SealParams, encode_marker,
@@ -564,6 +566,23 @@ pub fn chunk_hashes_of(image: &[u8]) -> Vec<String> {
         .chunks(CHUNK_BYTES as usize)
         .map(|c| blake3::hash(c).to_hex().to_string())
         .collect()
+}
+
+/// Numbers the files [`restore_bytes`] restores into.
+static RESTORED: AtomicU64 = AtomicU64::new(0);
+
+/// Restores `volume` at `at` into a new file in `root`; returns the image and what `restore`
+/// says, the file removed.
+pub async fn restore_bytes(
+    root: &Path,
+    volume: &str,
+    at: &PointSpec,
+) -> Result<(Vec<u8>, RestoreSummary), ReplicaError> {
+    let out = root.join(format!("out-{}", RESTORED.fetch_add(1, Ordering::Relaxed)));
+    let summary = cdp_replica::restore(root, volume, at, &out).await?;
+    let bytes = read(&out);
+    std::fs::remove_file(&out).expect("remove restored image");
+    Ok((bytes, summary))
 }
 
 /// Reads a whole file.
