@@ -122,22 +122,17 @@ async fn replica(
     sim.images.insert(0, pattern(rng.random(), VOL.2 as usize));
     let mut sim = sim.checkpointed(8);
     h.hello(vec![sim.hello()]).await.expect("welcome");
-    let mut out = Vec::new();
-    let synced = sim.sync_volume(0, &mut out);
-    for (_, b) in out {
-        h.submit(b).await;
-    }
-    h.wait_ack(GROUP, synced).await;
+    let synced = h.sync(&mut sim, 0).await;
     for i in 0..batches {
         let bookmark = format!("b{i}");
         let ops = random_ops(&mut rng, VOL.2);
-        let (seq, bytes) = sim.batch(
+        h.commit(
+            &mut sim,
             &ops,
             BatchFlags::FLUSH,
             (i % 5 == 0).then_some(bookmark.as_str()),
-        );
-        h.submit(bytes).await;
-        h.wait_ack(GROUP, seq).await;
+        )
+        .await;
     }
     (h, sim, synced)
 }
@@ -252,12 +247,7 @@ async fn the_first_read_plans_one_chunk_not_the_volume() {
     let mut h = Harness::open(&root).await;
     let mut sim = AgentSim::new(GROUP, &[BIG]).checkpointed(1000);
     h.hello(vec![sim.hello()]).await.expect("welcome");
-    let mut out = Vec::new();
-    let synced = sim.sync_volume(0, &mut out);
-    for (_, b) in out {
-        h.submit(b).await;
-    }
-    h.wait_ack(GROUP, synced).await;
+    h.sync(&mut sim, 0).await;
     // 12 000 small records all over the volume.
     let mut rng = StdRng::seed_from_u64(5);
     for _ in 0..120 {
@@ -268,9 +258,7 @@ async fn the_first_read_plans_one_chunk_not_the_volume() {
                 bytes: pattern(rng.random(), 512),
             })
             .collect();
-        let (seq, bytes) = sim.batch(&ops, BatchFlags::FLUSH, None);
-        h.submit(bytes).await;
-        h.wait_ack(GROUP, seq).await;
+        h.commit(&mut sim, &ops, BatchFlags::FLUSH, None).await;
     }
     let want = sim.model_image(sim.seq, 0);
 
@@ -446,10 +434,7 @@ async fn an_export_holds_its_pin_while_the_trimmer_trims() {
     let mut rng = StdRng::seed_from_u64(15);
     let mut ingest = async |h: &mut Harness, sim: &mut AgentSim, bookmark: Option<&str>| {
         let ops = random_ops(&mut ops_rng, VOL.2);
-        let (seq, bytes) = sim.batch(&ops, BatchFlags::FLUSH, bookmark);
-        h.submit(bytes).await;
-        h.wait_ack(GROUP, seq).await;
-        seq
+        h.commit(sim, &ops, BatchFlags::FLUSH, bookmark).await
     };
     for _ in 0..4 {
         ingest(&mut h, &mut sim, None).await;

@@ -131,17 +131,10 @@ async fn replica(root: &Path, batches: u64, seed: u64) -> (AgentSim, u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     sim.images.insert(0, pattern(rng.random(), VOL.2 as usize));
     h.hello(vec![sim.hello()]).await.expect("welcome");
-    let mut out = Vec::new();
-    let synced = sim.sync_volume(0, &mut out);
-    for (_, b) in out {
-        h.submit(b).await;
-    }
-    h.wait_ack(GROUP, synced).await;
+    let synced = h.sync(&mut sim, 0).await;
     for _ in 0..batches {
         let ops = random_ops(&mut rng);
-        let (seq, bytes) = sim.batch(&ops, BatchFlags::FLUSH, None);
-        h.submit(bytes).await;
-        h.wait_ack(GROUP, seq).await;
+        h.commit(&mut sim, &ops, BatchFlags::FLUSH, None).await;
     }
     h.shutdown().await;
     (sim, synced)

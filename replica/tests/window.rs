@@ -86,12 +86,7 @@ impl Rig {
         sim.images.insert(0, pattern(rng.random(), VOL.2 as usize));
         let mut sim = sim.checkpointed(32);
         h.hello(vec![sim.hello()]).await.expect("welcome");
-        let mut batches = Vec::new();
-        let synced = sim.sync_volume(0, &mut batches);
-        for (_, b) in batches {
-            h.submit(b).await;
-        }
-        h.wait_ack(GROUP, synced).await;
+        let synced = h.sync(&mut sim, 0).await;
         let catalog = Catalog::open(&DataDir::new(root).catalog(), false, false)
             .await
             .expect("catalog");
@@ -115,10 +110,9 @@ impl Rig {
     /// One batch of random writes (data, sometimes zero or trim), acknowledged.
     async fn ingest(&mut self, bookmark: Option<&str>) -> u64 {
         let ops = WRITES.ops(&mut self.rng, VOL.2);
-        let (seq, bytes) = self.sim.batch(&ops, BatchFlags::FLUSH, bookmark);
-        self.h.submit(bytes).await;
-        self.h.wait_ack(GROUP, seq).await;
-        seq
+        self.h
+            .commit(&mut self.sim, &ops, BatchFlags::FLUSH, bookmark)
+            .await
     }
 
     async fn group(&self) -> GroupRow {
@@ -740,9 +734,7 @@ async fn a_trim_cut_short_after_any_step_completes_the_same() {
     // Empty batches at the end (nothing journaled): a trim of every journaled batch.
     let mut sim = rig.sim;
     for _ in 0..4 {
-        let (seq, bytes) = sim.batch(&[], BatchFlags::FLUSH, None);
-        rig.h.submit(bytes).await;
-        rig.h.wait_ack(GROUP, seq).await;
+        rig.h.commit(&mut sim, &[], BatchFlags::FLUSH, None).await;
     }
     rig.h.shutdown().await;
     rig.catalog.close().await;
@@ -865,17 +857,19 @@ async fn a_damaged_record_is_left_out_by_the_trimmer_which_goes_on() {
     };
     let mut rig = Rig::start(&root, retention, true, 11).await;
     // A batch with one data record, then damage the record's payload in its segment.
-    let (seq, bytes) = rig.sim.batch(
-        &[Op::Data {
-            vol: 0,
-            offset: 4096,
-            bytes: pattern(77, 16 << 10),
-        }],
-        BatchFlags::FLUSH,
-        None,
-    );
-    rig.h.submit(bytes).await;
-    rig.h.wait_ack(GROUP, seq).await;
+    let seq = rig
+        .h
+        .commit(
+            &mut rig.sim,
+            &[Op::Data {
+                vol: 0,
+                offset: 4096,
+                bytes: pattern(77, 16 << 10),
+            }],
+            BatchFlags::FLUSH,
+            None,
+        )
+        .await;
     let volume = rig
         .catalog
         .volume_by_name(VOL.1)

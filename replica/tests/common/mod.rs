@@ -407,6 +407,33 @@ impl Harness {
         Ok(welcomes)
     }
 
+    /// The initial sync of `vol` of `sim` (see [`AgentSim::sync_volume`]), every batch
+    /// submitted and acknowledged; returns the seq that completed it.
+    pub async fn sync(&mut self, sim: &mut AgentSim, vol: u32) -> u64 {
+        let mut out = Vec::new();
+        let synced = sim.sync_volume(vol, &mut out);
+        for (_, b) in out {
+            self.submit(b).await;
+        }
+        self.wait_ack(&sim.group, synced).await;
+        synced
+    }
+
+    /// Seals the next batch of `sim` (see [`AgentSim::batch`]), submits it and waits for its
+    /// ack; returns its seq.
+    pub async fn commit(
+        &mut self,
+        sim: &mut AgentSim,
+        ops: &[Op],
+        flags: u16,
+        bookmark: Option<&str>,
+    ) -> u64 {
+        let (seq, bytes) = sim.batch(ops, flags, bookmark);
+        self.submit(bytes).await;
+        self.wait_ack(&sim.group, seq).await;
+        seq
+    }
+
     pub async fn submit(&self, bytes: Vec<u8>) {
         self.service
             .submit(&self.agent, &self.announced, bytes, &self.reply)
