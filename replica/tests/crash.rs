@@ -17,20 +17,16 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use cdp_replica::PointSpec;
-use cdp_replica::catalog::{Catalog, OpenMode};
-use cdp_replica::datadir::DataDir;
-use cdp_replica::journal::segment_name;
 use cdp_shared::batch::BatchFlags;
-use cdp_shared::identity::{Fingerprint, Identity};
+use cdp_shared::identity::Identity;
 use cdp_shared::types::CHUNK_BYTES;
-use cdp_shared::wire::{Control, GroupHello};
-use common::serve::{Serve, log_tail};
+use common::journal::{assert_journal_ends_at_its_commit, group_row, open_catalog};
+use common::ops::{Kinds, Mix, Write};
+use common::test_agent::{FIRST_LISTEN, Restarted, TestAgent};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -44,24 +40,18 @@ const KILLS_PER_REPLICA: u32 = 20;
 const VOL: (u32, &str, u64) = (0, "crash-disk", 2 * CHUNK_BYTES + 4608);
 /// Batches the agent keeps unacknowledged (the agent's default window).
 const WINDOW: u64 = 32;
-/// Writes per batch.
-const WRITES_PER_BATCH: std::ops::RangeInclusive<usize> = 16..=64;
-/// Bytes per write.
-const WRITE_BYTES: std::ops::RangeInclusive<u64> = 1..=16 << 10;
+/// The writes of a batch: 16 to 64 of up to 16 KiB, one in 16 a zero-write.
+const WRITES: Mix = Mix {
+    count: 16..=64,
+    len: 1..=16 << 10,
+    kinds: Kinds::RatioZero(16),
+};
 /// How long the agent streams before the kill, at most.
 const STREAM_MS_MAX: u64 = 300;
 /// Restores checked after each restart.
 const RESTORES_PER_RESTART: usize = 3;
 /// The model keeps a whole image every this many seqs and replays writes from there.
 const CHECKPOINT_EVERY: u64 = 128;
-
-/// One write as the model keeps it: the data is `pattern(seed, len)`, or zeros.
-#[derive(Clone, Copy, Debug)]
-struct Write {
-    offset: u64,
-    len: u64,
-    seed: Option<u64>,
-}
 
 /// The image of the volume after every seq, kept as checkpoints and the writes in between.
 struct Model {
@@ -82,152 +72,51 @@ impl Model {
             .range((Bound::Excluded(at), Bound::Included(seq)))
         {
             for w in writes {
-                let range = w.offset as usize..(w.offset + w.len) as usize;
-                match w.seed {
-                    Some(seed) => image[range].copy_from_slice(&pattern(seed, w.len as usize)),
-                    None => image[range].fill(0),
-                }
+                w.apply(&mut image);
             }
         }
         image
     }
 }
 
-/// The agent's side of the run.
-struct Agent {
-    identity: Identity,
-    sim: AgentSim,
+/// What the crash test's agent keeps besides the common test agent.
+struct Extra {
     model: Model,
-    /// The last seq the agent saw acknowledged.
-    acked: u64,
-    /// The seq of the batch that completed the initial sync.
-    synced: u64,
-    rng: StdRng,
     next_seed: u64,
 }
 
-impl Agent {
-    /// Seals the next batch of random writes and records it in the model.
-    fn new_batch(&mut self) {
-        let n = self.rng.random_range(WRITES_PER_BATCH);
-        let mut ops = Vec::with_capacity(n);
-        let mut writes = Vec::with_capacity(n);
-        for _ in 0..n {
-            let len = self.rng.random_range(WRITE_BYTES);
-            let offset = self.rng.random_range(0..=VOL.2 - len);
-            let zero = self.rng.random_ratio(1, 16);
-            let seed = (!zero).then(|| {
-                self.next_seed += 1;
-                self.next_seed
-            });
-            writes.push(Write { offset, len, seed });
-            ops.push(match seed {
-                Some(seed) => Op::Data {
-                    vol: 0,
-                    offset,
-                    bytes: pattern(seed, len as usize),
-                },
-                None => Op::Zero {
-                    vol: 0,
-                    offset,
-                    len,
-                },
-            });
-        }
-        let (seq, _) = self.sim.batch(&ops, BatchFlags::FLUSH, None);
-        self.model.writes.insert(seq, writes);
-        if seq.is_multiple_of(CHECKPOINT_EVERY) {
-            self.model
-                .checkpoints
-                .insert(seq, self.sim.images[&0].clone());
-        }
-    }
+/// The agent's side of the run.
+type Agent = TestAgent<Extra>;
 
-    fn hello(&self) -> GroupHello {
-        GroupHello {
-            first_held: self.acked + 1,
-            ..self.sim.hello()
-        }
-    }
-
-    fn saw_ack(&mut self, durable: u64) {
-        if durable > self.acked {
-            self.acked = durable;
-            self.sim.batches.retain(|&s, _| s > durable);
-        }
-    }
-}
-
-/// Connects and says hello; returns the agent connection and the group's durable seq.
-async fn connect(agent: &Agent, replica: Fingerprint, addr: SocketAddr) -> (QuicAgent, u64) {
-    let mut q = QuicAgent::connect(&agent.identity, replica, addr)
-        .await
-        .expect("connect");
-    match q.hello(vec![agent.hello()]).await.expect("welcome") {
-        Control::Welcome { groups, .. } => (q, groups[0].durable),
-        other => panic!("expected Welcome, got {other:?}"),
-    }
-}
-
-/// Streams batches: first again every one not acknowledged, then new ones, at most WINDOW
-/// unacknowledged; never returns (it is cut short by the kill). Cancellation-safe: an ack
-/// read but not yet counted is just an ack the agent did not see.
-async fn stream(q: &mut QuicAgent, agent: &mut Agent) {
-    let mut next = agent.acked + 1;
-    loop {
-        while next <= agent.acked + WINDOW {
-            if next > agent.sim.seq {
-                agent.new_batch();
-            }
-            let bytes = agent.sim.batches[&next].clone();
-            q.send_batch(&bytes).await.expect("send a batch");
-            next += 1;
-            // Let the kill timer in; sends rarely block on loopback.
-            tokio::task::yield_now().await;
-        }
-        match q.next_control().await.expect("control message") {
-            Control::Ack { durable, .. } => agent.saw_ack(durable),
-            other => panic!("unexpected {other:?}"),
-        }
+/// Seals the next batch of random writes and records it in the model.
+fn new_batch(agent: &mut Agent) {
+    let extra = &mut agent.extra;
+    let writes = WRITES.writes(&mut agent.rng, VOL.2, |_| {
+        extra.next_seed += 1;
+        extra.next_seed
+    });
+    let ops: Vec<Op> = writes.iter().map(|w| w.op(0)).collect();
+    let (seq, _) = agent.sim.batch(&ops, BatchFlags::FLUSH, None);
+    agent.extra.model.writes.insert(seq, writes);
+    if seq.is_multiple_of(CHECKPOINT_EVERY) {
+        agent
+            .extra
+            .model
+            .checkpoints
+            .insert(seq, agent.sim.images[&0].clone());
     }
 }
 
 /// The checks after a restart (serve has recovered: it answered the hello).
 async fn check(root: &Path, out_dir: &Path, agent: &mut Agent, acked_before: u64, durable: u64) {
-    assert!(
-        durable >= acked_before,
-        "batch {acked_before} was acknowledged before the kill, but the replica is durable only up to {durable}"
-    );
-    assert!(durable <= agent.sim.seq, "durable {durable} was never sent");
-    agent.saw_ack(durable);
+    agent.check_durable(acked_before, durable);
 
     // The journal agrees with the catalog.
-    let dir = DataDir::existing(root).expect("data dir");
-    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
-        .await
-        .expect("catalog");
-    let g = catalog
-        .group_by_name("g")
-        .await
-        .expect("query")
-        .expect("group");
+    let (dir, catalog) = open_catalog(root).await;
+    let g = group_row(&catalog, "g").await;
     assert_eq!(g.head_seq, durable);
     assert_eq!(catalog.batch_count(g.id).await.expect("count"), durable);
-    if let Some(end) = catalog.last_journaled(g.id).await.expect("query") {
-        let seg = dir.journal("g").join(segment_name(end.segment));
-        assert_eq!(
-            std::fs::metadata(&seg).expect("stat").len(),
-            end.end(),
-            "segment {} does not end where its last committed batch does",
-            end.segment
-        );
-        assert!(
-            !dir.journal("g")
-                .join(segment_name(end.segment + 1))
-                .exists(),
-            "an uncommitted newer segment survived recovery"
-        );
-    }
+    assert_journal_ends_at_its_commit(&dir, &catalog, "g", &g).await;
     catalog.close().await;
 
     if durable < agent.synced {
@@ -249,7 +138,7 @@ async fn check(root: &Path, out_dir: &Path, agent: &mut Agent, acked_before: u64
             .await
             .unwrap_or_else(|e| panic!("restore at seq {seq}: {e}"));
         assert!(
-            read(&out) == agent.model.image_at(seq),
+            read(&out) == agent.extra.model.image_at(seq),
             "the restore at seq {seq} differs from the model"
         );
         std::fs::remove_file(&out).expect("remove restored image");
@@ -279,76 +168,66 @@ async fn one_replica(kills: u32, seed: u64) -> RunStats {
     sim.images.insert(0, pattern(rng.random(), VOL.2 as usize));
     let mut batches = Vec::new();
     let synced = sim.sync_volume(0, &mut batches);
+    let images = sim.images[&0].clone();
     let mut agent = Agent {
         identity,
-        model: Model {
-            checkpoints: [(synced, sim.images[&0].clone())].into_iter().collect(),
-            writes: BTreeMap::new(),
-        },
         sim,
         acked: 0,
         synced,
         rng,
-        next_seed: seed % 1000 * 1_000_000,
+        extra: Extra {
+            model: Model {
+                checkpoints: [(synced, images)].into_iter().collect(),
+                writes: BTreeMap::new(),
+            },
+            next_seed: seed % 1000 * 1_000_000,
+        },
     };
 
-    let mut listen = "127.0.0.1:0".to_owned();
+    let mut listen = FIRST_LISTEN.to_owned();
     let mut done = 0u32;
     let mut startup_kills = 0u32;
     while done < kills {
         // Sometimes the kill lands while serve is starting (recovering its journal).
-        if agent.rng.random_ratio(1, 6) && listen != "127.0.0.1:0" {
-            let serve = Serve::spawn(&root, &listen, &log, &[]);
-            let delay = agent.rng.random_range(0..30);
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-            serve.kill();
+        if agent
+            .maybe_kill_while_starting(&root, &listen, &log, &[], 6, 0..30)
+            .await
+        {
             startup_kills += 1;
         }
-        let mut serve = Serve::spawn(&root, &listen, &log, &[]);
-        let addr = serve.wait_listening();
-        listen = addr.to_string();
-        let acked_before = agent.acked;
-        let (mut q, durable) = connect(&agent, replica_fp, addr).await;
+        let Restarted {
+            serve,
+            q,
+            acked_before,
+            durable,
+        } = agent
+            .restart(&root, &mut listen, &log, &[], replica_fp)
+            .await;
         check(&root, tmp.path(), &mut agent, acked_before, durable).await;
         // Stream for a random while, then kill -9 mid-ingest.
-        let stream_ms = agent.rng.random_range(0..=STREAM_MS_MAX);
-        tokio::select! {
-            _ = stream(&mut q, &mut agent) => unreachable!("stream never returns"),
-            _ = tokio::time::sleep(Duration::from_millis(stream_ms)) => {}
-        }
-        serve.kill();
-        drop(q);
+        agent
+            .stream_then_kill(serve, q, WINDOW, 0..=STREAM_MS_MAX, new_batch)
+            .await;
         done += 1;
     }
 
     // A last start: everything sent is acknowledged, and the head restores exactly.
-    let mut serve = Serve::spawn(&root, &listen, &log, &[]);
-    let addr = serve.wait_listening();
-    let acked_before = agent.acked;
-    let (mut q, durable) = connect(&agent, replica_fp, addr).await;
+    let Restarted {
+        serve,
+        mut q,
+        acked_before,
+        durable,
+    } = agent
+        .restart(&root, &mut listen, &log, &[], replica_fp)
+        .await;
     check(&root, tmp.path(), &mut agent, acked_before, durable).await;
-    // At least one new batch: the replica may have made every batch sent so far durable
-    // before the last kill (the ack unread), and then nothing would be sent and no ack come.
-    agent.new_batch();
-    let last = agent.sim.seq;
-    for seq in agent.acked + 1..=last {
-        q.send_batch(&agent.sim.batches[&seq])
-            .await
-            .expect("send a batch");
-    }
+    let last = agent.send_the_rest(&q, new_batch).await;
     q.wait_ack("g", last).await;
     agent.saw_ack(last);
     check(&root, tmp.path(), &mut agent, last, last).await;
     q.conn.close(0u32.into(), b"done");
     drop(q);
-    let pid = rustix::process::Pid::from_raw(serve.child.id() as i32).expect("pid");
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-    let status = serve.child.wait().expect("wait for serve");
-    assert!(
-        status.success(),
-        "serve exited with {status}; log:\n{}",
-        log_tail(&log)
-    );
+    serve.stop_and_wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     RunStats {
         kills: done,

@@ -66,12 +66,7 @@ async fn diff_reports_exactly_the_chunks_whose_images_differ() {
     sim.images.insert(0, pattern(rng.random(), VOL.2 as usize));
     let mut sim = sim.checkpointed(8);
     h.hello(vec![sim.hello()]).await.expect("welcome");
-    let mut out = Vec::new();
-    let synced = sim.sync_volume(0, &mut out);
-    for (_, b) in out {
-        h.submit(b).await;
-    }
-    h.wait_ack(GROUP, synced).await;
+    let synced = h.sync(&mut sim, 0).await;
 
     // Batches of: new bytes (some across chunks), identical rewrites of what is there,
     // zeros over zeros, and a write undone by the next batch.
@@ -93,7 +88,8 @@ async fn diff_reports_exactly_the_chunks_whose_images_differ() {
             }],
             _ => {
                 // Changed, then put back as it was in the next batch.
-                let (seq, bytes) = sim.batch(
+                h.commit(
+                    &mut sim,
                     &[Op::Data {
                         vol: 0,
                         offset,
@@ -101,9 +97,8 @@ async fn diff_reports_exactly_the_chunks_whose_images_differ() {
                     }],
                     BatchFlags::FLUSH,
                     None,
-                );
-                h.submit(bytes).await;
-                h.wait_ack(GROUP, seq).await;
+                )
+                .await;
                 vec![Op::Data {
                     vol: 0,
                     offset,
@@ -111,12 +106,10 @@ async fn diff_reports_exactly_the_chunks_whose_images_differ() {
                 }]
             }
         };
-        let (seq, bytes) = sim.batch(&ops, BatchFlags::FLUSH, None);
+        let seq = h.commit(&mut sim, &ops, BatchFlags::FLUSH, None).await;
         if i % 4 == 2 {
             identical_only.push(seq);
         }
-        h.submit(bytes).await;
-        h.wait_ack(GROUP, seq).await;
     }
     let head = sim.seq;
 

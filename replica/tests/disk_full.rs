@@ -12,14 +12,13 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
-use cdp_replica::journal::segment_name;
 use cdp_replica::{PointSpec, Server};
 use cdp_shared::batch::BatchFlags;
 use cdp_shared::identity::Identity;
 use cdp_shared::types::CHUNK_BYTES;
 use cdp_shared::wire::{Control, GroupHello};
+use common::journal::{assert_journal_ends_at_its_commit, group_row, open_catalog};
 use common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cdp-replica");
@@ -454,24 +453,11 @@ async fn a_full_disk_pauses_ingest_and_it_resumes_when_space_returns() {
     server.shutdown().await.expect("clean shutdown");
 
     // The journal holds exactly what the catalog describes, and the pauses are on record.
-    let dir = DataDir::existing(&root).expect("dir");
-    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
+    let (dir, catalog) = open_catalog(&root).await;
+    let g = group_row(&catalog, "g").await;
+    assert_journal_ends_at_its_commit(&dir, &catalog, "g", &g)
         .await
-        .expect("catalog");
-    let g = catalog
-        .group_by_name("g")
-        .await
-        .expect("query")
-        .expect("group");
-    let end = catalog
-        .last_journaled(g.id)
-        .await
-        .expect("query")
         .expect("journaled");
-    let seg = dir.journal("g").join(segment_name(end.segment));
-    assert_eq!(std::fs::metadata(&seg).expect("stat").len(), end.end());
-    let newer = dir.journal("g").join(segment_name(end.segment + 1));
-    assert!(!newer.exists());
     let events = catalog.events("g", 50).await.expect("events");
     let count = |needle: &str| events.iter().filter(|(_, m)| m.contains(needle)).count();
     assert_eq!(count("ingest paused"), 4, "{events:?}");

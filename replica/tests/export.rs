@@ -8,9 +8,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cdp_replica::catalog::{Catalog, GroupRow, OpenMode};
@@ -19,7 +18,9 @@ use cdp_replica::{PointSpec, Retention};
 use cdp_shared::batch::BatchFlags;
 use cdp_shared::nbd::proto;
 use cdp_shared::types::CHUNK_BYTES;
+use common::export::NbdProc;
 use common::nbd::*;
+use common::ops::{Kinds, Mix};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -30,89 +31,9 @@ const GROUP: &str = "g";
 /// Three chunks and a bit: reads span chunks, the last one is short.
 const VOL: (u32, &str, u64) = (0, "exp-disk", 3 * CHUNK_BYTES + 8192);
 
-// ---------------------------------------------------------------------------------------------
-// The export as a child process.
-
-struct ExportProc {
-    child: Child,
-    line: String,
-    socket: PathBuf,
-}
-
-impl ExportProc {
-    /// Starts `cdp-replica export` and waits (with the deadline) for its line.
-    fn start(root: &Path, at: &str, socket: Option<&Path>, writable: bool) -> ExportProc {
-        let mut args = vec![
-            "export".to_owned(),
-            "--data".into(),
-            root.display().to_string(),
-            "--volume".into(),
-            VOL.1.into(),
-            "--at".into(),
-            at.into(),
-        ];
-        if let Some(s) = socket {
-            args.extend(["--socket".into(), s.display().to_string()]);
-        }
-        if writable {
-            args.push("--writable".into());
-        }
-        let mut child = Command::new(BIN)
-            .args(&args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn cdp-replica export");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(DEADLINE).expect("export prints its line");
-        assert!(!line.is_empty(), "export exited: {:?}", child.try_wait());
-        let socket = PathBuf::from(
-            line.trim_end()
-                .rsplit_once("?socket=")
-                .unwrap_or_else(|| panic!("no socket in {line:?}"))
-                .1,
-        );
-        ExportProc {
-            child,
-            line,
-            socket,
-        }
-    }
-
-    fn connect(&self) -> Nbd {
-        Nbd::connect(&self.socket, VOL.1)
-    }
-
-    /// SIGTERM, then wait (with the deadline) for a clean exit.
-    fn stop(mut self) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-        let deadline = std::time::Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "export exited with {status}");
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "export did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ExportProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Starts `cdp-replica export` of the volume and waits (with the deadline) for its line.
+fn start_export(root: &Path, at: &str, socket: Option<&Path>, writable: bool) -> NbdProc {
+    NbdProc::export(BIN, root, VOL.1, at, socket, writable)
 }
 
 /// Runs `cdp-replica restore` and returns the image.
@@ -172,31 +93,14 @@ async fn pin_count(root: &Path) -> usize {
 }
 
 /// Random writes (sometimes across chunks, sometimes zero or trim), one batch each.
+const WRITES: Mix = Mix {
+    count: 1..=4,
+    len: 1..=200 << 10,
+    kinds: Kinds::PickZeroTrim(10),
+};
+
 fn random_ops(rng: &mut StdRng, size: u64) -> Vec<Op> {
-    let n = rng.random_range(1..=4);
-    (0..n)
-        .map(|_| {
-            let len = rng.random_range(1..=200u64 << 10);
-            let offset = rng.random_range(0..=size - len);
-            match rng.random_range(0..10) {
-                0 => Op::Zero {
-                    vol: 0,
-                    offset,
-                    len,
-                },
-                1 => Op::Trim {
-                    vol: 0,
-                    offset,
-                    len,
-                },
-                _ => Op::Data {
-                    vol: 0,
-                    offset,
-                    bytes: pattern(rng.random(), len as usize),
-                },
-            }
-        })
-        .collect()
+    WRITES.ops(rng, size)
 }
 
 /// A replica with the volume synced (from a random image) and `batches` more batches, ingest
@@ -218,22 +122,17 @@ async fn replica(
     sim.images.insert(0, pattern(rng.random(), VOL.2 as usize));
     let mut sim = sim.checkpointed(8);
     h.hello(vec![sim.hello()]).await.expect("welcome");
-    let mut out = Vec::new();
-    let synced = sim.sync_volume(0, &mut out);
-    for (_, b) in out {
-        h.submit(b).await;
-    }
-    h.wait_ack(GROUP, synced).await;
+    let synced = h.sync(&mut sim, 0).await;
     for i in 0..batches {
         let bookmark = format!("b{i}");
         let ops = random_ops(&mut rng, VOL.2);
-        let (seq, bytes) = sim.batch(
+        h.commit(
+            &mut sim,
             &ops,
             BatchFlags::FLUSH,
             (i % 5 == 0).then_some(bookmark.as_str()),
-        );
-        h.submit(bytes).await;
-        h.wait_ack(GROUP, seq).await;
+        )
+        .await;
     }
     (h, sim, synced)
 }
@@ -255,7 +154,7 @@ async fn exports_read_like_restores_at_several_points() {
     ];
     for (i, (at, seq)) in points.iter().enumerate() {
         let socket = root.join(format!("e{i}.sock"));
-        let e = ExportProc::start(&root, at, Some(&socket), false);
+        let e = start_export(&root, at, Some(&socket), false);
         assert!(
             e.line
                 .starts_with(&format!("export of volume {} at seq {seq} (", VOL.1))
@@ -307,7 +206,7 @@ async fn exports_read_like_restores_at_several_points() {
 
     // Nothing serving now; the default socket.
     h.shutdown().await;
-    let e = ExportProc::start(&root, "bookmark:b10", None, false);
+    let e = start_export(&root, "bookmark:b10", None, false);
     assert_eq!(e.socket, root.join(format!("export-{}.sock", VOL.1)));
     assert!(e.connect().read_all(3 << 20) == sim.model_image(synced + 11, 0));
     e.stop();
@@ -348,12 +247,7 @@ async fn the_first_read_plans_one_chunk_not_the_volume() {
     let mut h = Harness::open(&root).await;
     let mut sim = AgentSim::new(GROUP, &[BIG]).checkpointed(1000);
     h.hello(vec![sim.hello()]).await.expect("welcome");
-    let mut out = Vec::new();
-    let synced = sim.sync_volume(0, &mut out);
-    for (_, b) in out {
-        h.submit(b).await;
-    }
-    h.wait_ack(GROUP, synced).await;
+    h.sync(&mut sim, 0).await;
     // 12 000 small records all over the volume.
     let mut rng = StdRng::seed_from_u64(5);
     for _ in 0..120 {
@@ -364,9 +258,7 @@ async fn the_first_read_plans_one_chunk_not_the_volume() {
                 bytes: pattern(rng.random(), 512),
             })
             .collect();
-        let (seq, bytes) = sim.batch(&ops, BatchFlags::FLUSH, None);
-        h.submit(bytes).await;
-        h.wait_ack(GROUP, seq).await;
+        h.commit(&mut sim, &ops, BatchFlags::FLUSH, None).await;
     }
     let want = sim.model_image(sim.seq, 0);
 
@@ -395,7 +287,7 @@ async fn the_first_read_plans_one_chunk_not_the_volume() {
     pin.release().await.expect("release");
 
     // The binary serves its first read (and the whole volume) right.
-    let e = ExportProc::start(&root, "latest", None, false);
+    let e = start_export(&root, "latest", None, false);
     let mut c = e.connect();
     assert_eq!(
         c.read(12 * CHUNK_BYTES, 4096),
@@ -453,7 +345,7 @@ async fn a_writable_export_writes_to_a_throwaway_overlay() {
     let mut model = sim.model_image(synced + 6, 0);
     assert!(before.3 == model);
 
-    let e = ExportProc::start(&root, &at, None, true);
+    let e = start_export(&root, &at, None, true);
     assert!(e.line.contains("writable"), "{}", e.line);
     assert!(
         overlay_files(&root).is_empty(),
@@ -506,7 +398,7 @@ async fn a_writable_export_writes_to_a_throwaway_overlay() {
     assert!(restore_bin(&root, "latest", "after-latest") == before.4);
 
     // A read-only export of the same point: the original image, and writes refused.
-    let e = ExportProc::start(&root, &at, None, false);
+    let e = start_export(&root, &at, None, false);
     let mut c = e.connect();
     assert!(c.read_all(3 << 20) == before.3, "the writes are gone");
     assert_eq!(c.write(0, &[1u8; 512]), NBD_EPERM);
@@ -542,10 +434,7 @@ async fn an_export_holds_its_pin_while_the_trimmer_trims() {
     let mut rng = StdRng::seed_from_u64(15);
     let mut ingest = async |h: &mut Harness, sim: &mut AgentSim, bookmark: Option<&str>| {
         let ops = random_ops(&mut ops_rng, VOL.2);
-        let (seq, bytes) = sim.batch(&ops, BatchFlags::FLUSH, bookmark);
-        h.submit(bytes).await;
-        h.wait_ack(GROUP, seq).await;
-        seq
+        h.commit(sim, &ops, BatchFlags::FLUSH, bookmark).await
     };
     for _ in 0..4 {
         ingest(&mut h, &mut sim, None).await;
@@ -554,7 +443,7 @@ async fn an_export_holds_its_pin_while_the_trimmer_trims() {
     let catalog = Catalog::open(&DataDir::new(&root).catalog(), OpenMode::Existing)
         .await
         .expect("catalog");
-    let e = ExportProc::start(&root, "bookmark:keep", None, false);
+    let e = start_export(&root, "bookmark:keep", None, false);
     let base_at_pin = group(&catalog).await.base_seq;
     assert!(
         base_at_pin < kept,

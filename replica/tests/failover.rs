@@ -10,9 +10,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use cdp_replica::catalog::{Catalog, OpenMode};
@@ -24,7 +23,9 @@ use cdp_shared::identity::Identity;
 use cdp_shared::nbd::proto;
 use cdp_shared::types::CHUNK_BYTES;
 use cdp_shared::wire::Control;
+use common::export::{NbdProc, command_args};
 use common::nbd::*;
+use common::ops::{Kinds, Mix};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -37,104 +38,17 @@ const VOL: (u32, &str, u64) = (0, "fo-disk", 2 * CHUNK_BYTES + 8192 + 100);
 // ---------------------------------------------------------------------------------------------
 // The failover as a child process, and the other commands.
 
-struct FailoverProc {
-    child: Child,
-    line: String,
-    socket: PathBuf,
-}
-
 fn failover_args(root: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args = vec![
-        "failover".to_owned(),
-        "--data".into(),
-        root.display().to_string(),
-        "--volume".into(),
-        VOL.1.into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    command_args("failover", root, VOL.1, extra)
 }
 
-impl FailoverProc {
-    /// Starts `cdp-replica failover` and waits (with the deadline) for its line.
-    fn start(root: &Path, at: Option<&str>) -> FailoverProc {
-        let extra: Vec<&str> = match at {
-            Some(a) => vec!["--at", a],
-            None => vec![],
-        };
-        let mut child = Command::new(BIN)
-            .args(failover_args(root, &extra))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn cdp-replica failover");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(DEADLINE).expect("failover prints its line");
-        assert!(!line.is_empty(), "failover exited: {:?}", child.try_wait());
-        let socket = PathBuf::from(
-            line.trim_end()
-                .rsplit_once("?socket=")
-                .unwrap_or_else(|| panic!("no socket in {line:?}"))
-                .1,
-        );
-        FailoverProc {
-            child,
-            line,
-            socket,
-        }
-    }
-
-    fn connect(&self) -> Nbd {
-        Nbd::connect(&self.socket, VOL.1)
-    }
-
-    fn signal(&mut self, signal: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
-        rustix::process::kill_process(pid, signal).expect("signal");
-    }
-
-    /// Waits (with the deadline) for the process to exit; returns whether it succeeded.
-    fn wait_exit(&mut self) -> bool {
-        let deadline = std::time::Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.success();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "failover did not stop"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// SIGTERM, then a clean exit.
-    fn stop(mut self) {
-        self.signal(rustix::process::Signal::TERM);
-        assert!(self.wait_exit(), "failover exited with an error");
-    }
-
-    /// SIGKILL: nothing runs after it.
-    fn kill(mut self) {
-        self.signal(rustix::process::Signal::KILL);
-        self.wait_exit();
-    }
-}
-
-impl Drop for FailoverProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Starts `cdp-replica failover` and waits (with the deadline) for its line.
+fn start_failover(root: &Path, at: Option<&str>) -> NbdProc {
+    let extra: Vec<&str> = match at {
+        Some(a) => vec!["--at", a],
+        None => vec![],
+    };
+    NbdProc::start(BIN, "failover", root, VOL.1, &extra)
 }
 
 fn cli(root: &Path, extra: &[&str]) -> Output {
@@ -168,17 +82,11 @@ fn cli_fails(root: &Path, extra: &[&str], needle: &str) {
 }
 
 async fn restore_at(root: &Path, at: PointSpec) -> Vec<u8> {
-    let n = RESTORES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let out = root.join(format!("restored-{n}"));
-    cdp_replica::restore(root, VOL.1, &at, &out)
+    restore_bytes(root, VOL.1, &at)
         .await
-        .unwrap_or_else(|e| panic!("restore at {at:?}: {e}"));
-    let bytes = read(&out);
-    std::fs::remove_file(&out).expect("remove");
-    bytes
+        .unwrap_or_else(|e| panic!("restore at {at:?}: {e}"))
+        .0
 }
-
-static RESTORES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 async fn point_seqs(root: &Path) -> Vec<u64> {
     cdp_replica::points(root, VOL.1)
@@ -204,22 +112,14 @@ fn overlay_files(root: &Path) -> Vec<String> {
 }
 
 /// One batch of random writes (sometimes zero).
+const WRITES: Mix = Mix {
+    count: 1..=1,
+    len: 1..=100 << 10,
+    kinds: Kinds::PickZero(8),
+};
+
 fn random_ops(rng: &mut StdRng) -> Vec<Op> {
-    let len = rng.random_range(1..=100u64 << 10);
-    let offset = rng.random_range(0..=VOL.2 - len);
-    if rng.random_range(0..8) == 0 {
-        vec![Op::Zero {
-            vol: 0,
-            offset,
-            len,
-        }]
-    } else {
-        vec![Op::Data {
-            vol: 0,
-            offset,
-            bytes: pattern(rng.random(), len as usize),
-        }]
-    }
+    WRITES.ops(rng, VOL.2)
 }
 
 /// A replica with the volume synced (from a random image) and `batches` more batches through
@@ -231,17 +131,10 @@ async fn replica(root: &Path, batches: u64, seed: u64) -> (AgentSim, u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     sim.images.insert(0, pattern(rng.random(), VOL.2 as usize));
     h.hello(vec![sim.hello()]).await.expect("welcome");
-    let mut out = Vec::new();
-    let synced = sim.sync_volume(0, &mut out);
-    for (_, b) in out {
-        h.submit(b).await;
-    }
-    h.wait_ack(GROUP, synced).await;
+    let synced = h.sync(&mut sim, 0).await;
     for _ in 0..batches {
         let ops = random_ops(&mut rng);
-        let (seq, bytes) = sim.batch(&ops, BatchFlags::FLUSH, None);
-        h.submit(bytes).await;
-        h.wait_ack(GROUP, seq).await;
+        h.commit(&mut sim, &ops, BatchFlags::FLUSH, None).await;
     }
     h.shutdown().await;
     (sim, synced)
@@ -287,7 +180,7 @@ async fn a_failover_keeps_its_writes_until_undone() {
     }
     let points_before = point_seqs(root).await;
 
-    let f = FailoverProc::start(root, Some(&format!("seq:{mid}")));
+    let f = start_failover(root, Some(&format!("seq:{mid}")));
     assert!(
         f.line
             .starts_with(&format!("failover of volume {} at seq {mid} (", VOL.1))
@@ -324,14 +217,14 @@ async fn a_failover_keeps_its_writes_until_undone() {
     );
 
     // Served again: the writes are there.
-    let f = FailoverProc::start(root, None);
+    let f = start_failover(root, None);
     assert!(f.line.contains("served again"), "{}", f.line);
     let mut nbd = f.connect();
     assert_eq!(nbd.read_all(300_000), model, "writes kept across a stop");
     write_some(&mut nbd, &mut model, 2);
     // Flushed, then SIGKILL: still there.
     f.kill();
-    let f = FailoverProc::start(root, Some(&format!("seq:{mid}")));
+    let f = start_failover(root, Some(&format!("seq:{mid}")));
     let mut nbd = f.connect();
     assert_eq!(
         nbd.read_all(300_000),
@@ -391,7 +284,7 @@ async fn the_trimmer_stops_at_an_active_failover() {
     let root = tmp.path();
     let (sim, synced) = replica(root, 10, 12).await;
     let mid = synced + 4;
-    FailoverProc::start(root, Some(&format!("seq:{mid}"))).stop();
+    start_failover(root, Some(&format!("seq:{mid}"))).stop();
     cdp_replica::set_retention(
         root,
         GROUP,
@@ -492,7 +385,7 @@ async fn a_failover_fences_the_agent_until_undone() {
     }
     let s = sim.seq;
 
-    let f = FailoverProc::start(root, Some("latest"));
+    let f = start_failover(root, Some("latest"));
     assert!(f.line.contains(&format!("at seq {s} (")), "{}", f.line);
     // A batch sent now is not committed, and the connection is closed.
     let (next, b) = sim.batch(&random_ops(&mut rng), BatchFlags::FLUSH, None);
@@ -568,7 +461,7 @@ async fn a_committed_failover_is_the_volume() {
     let root = tmp.path();
     let (sim, synced) = replica(root, 10, 14).await;
     let mid = synced + 6;
-    let f = FailoverProc::start(root, Some(&format!("seq:{mid}")));
+    let f = start_failover(root, Some(&format!("seq:{mid}")));
     let mut model = sim.image_at(mid, 0).to_vec();
     let mut nbd = f.connect();
     write_some(&mut nbd, &mut model, 3);

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
@@ -18,23 +17,6 @@ use proptest::prelude::*;
 
 const VOL_A: (u32, &str, u64) = (0, "vol-a", 3 * CHUNK_BYTES + 4096);
 const VOL_B: (u32, &str, u64) = (1, "vol-b", 2 * CHUNK_BYTES + 512);
-
-static OUT_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-async fn restore_bytes(
-    root: &Path,
-    volume: &str,
-    at: &PointSpec,
-) -> Result<(Vec<u8>, cdp_replica::RestoreSummary), ReplicaError> {
-    let out = root.join(format!(
-        "out-{}",
-        OUT_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let summary = cdp_replica::restore(root, volume, at, &out).await?;
-    let bytes = read(&out);
-    std::fs::remove_file(&out).expect("remove restored image");
-    Ok((bytes, summary))
-}
 
 /// One random byte-changing op: (volume, offset, length, kind).
 type RandomOp = (u32, u64, u64, u8);

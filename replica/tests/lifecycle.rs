@@ -11,6 +11,7 @@ use cdp_shared::batch::BatchFlags;
 use cdp_shared::identity::{Fingerprint, Identity};
 use cdp_shared::types::CHUNK_BYTES;
 use common::cli::*;
+use common::export::NbdProc;
 use common::serve::{Serve, log_tail};
 use common::*;
 
@@ -800,50 +801,15 @@ async fn status_warns_when_the_journal_cap_shortens_the_window() {
     serve.stop();
 }
 
-/// `cdp-replica export` as a child process, up once it printed its line.
-struct Export(std::process::Child);
-
-impl Export {
-    fn start(data: &Path, volume: &str, socket: &Path) -> Export {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(replica_bin())
-            .args(["export", "--data"])
-            .arg(data)
-            .args(["--volume", volume, "--at", "latest", "--socket"])
-            .arg(socket)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn export");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = std::io::BufReader::new(out).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(DEADLINE).expect("export prints its line");
-        assert!(line.contains("export of volume"), "export: {line:?}");
-        Export(child)
-    }
-
-    /// SIGTERM, and wait (with the deadline) for it to exit.
-    fn stop(mut self) {
-        let pid = rustix::process::Pid::from_raw(self.0.id() as i32).expect("pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-        let deadline = Instant::now() + DEADLINE;
-        while self.0.try_wait().expect("wait").is_none() {
-            assert!(Instant::now() < deadline, "export did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Export {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `cdp-replica export` of the latest point on `socket`, up once it printed its line.
+fn start_export(data: &Path, volume: &str, socket: &Path) -> NbdProc {
+    let export = NbdProc::export(replica_bin(), data, volume, "latest", Some(socket), false);
+    assert!(
+        export.line.contains("export of volume"),
+        "export: {:?}",
+        export.line
+    );
+    export
 }
 
 /// Sends `n` data batches (one with bookmark `bm`) and waits for their acks.
@@ -976,18 +942,18 @@ async fn forget_is_refused_while_held_and_then_deletes_everything() {
 
     // An export holds a point.
     let socket = tmp.path().join("web.sock");
-    let export = Export::start(&data, "web-disk", &socket);
+    let export = start_export(&data, "web-disk", &socket);
     let (_, err) = fails(
         &["forget", "--data", d, "--volume", "web-disk", "--yes"],
         &format!(
             "group web is held by a reader: export on {} (pid {})",
             socket.display(),
-            export.0.id()
+            export.child.id()
         ),
     );
     assert!(err.contains("stop it or let it finish"), "{err}");
     assert!(journal.is_dir() && target.is_file());
-    export.stop();
+    let _ = export.terminate();
 
     // Without --yes: what it would delete, and nothing deleted.
     let o = run(&["forget", "--data", d, "--volume", "web-disk"]);

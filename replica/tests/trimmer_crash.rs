@@ -14,19 +14,18 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
-use cdp_replica::journal::segment_name;
 use cdp_replica::{PointSpec, Retention};
 use cdp_shared::batch::BatchFlags;
-use cdp_shared::identity::{Fingerprint, Identity};
+use cdp_shared::identity::Identity;
 use cdp_shared::types::CHUNK_BYTES;
-use cdp_shared::wire::{Control, GroupHello};
-use common::serve::{Serve, log_tail};
+use common::journal::{assert_journal_ends_at_its_commit, group_row, open_catalog};
+use common::ops::{Kinds, Mix};
+use common::serve::log_tail;
+use common::test_agent::{FIRST_LISTEN, Restarted, TestAgent};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -39,113 +38,49 @@ const CAP: u64 = 1 << 20;
 const SEGMENT_SIZE: &str = "128KiB";
 /// Batches the agent keeps unacknowledged.
 const IN_FLIGHT: u64 = 32;
+/// The writes of a batch: 4 to 16 of up to 16 KiB, one in 16 a zero-write.
+const WRITES: Mix = Mix {
+    count: 4..=16,
+    len: 1..=16 << 10,
+    kinds: Kinds::RatioZero(16),
+};
 /// How long the agent streams before the kill, at most.
 const STREAM_MS_MAX: u64 = 400;
 
-struct Agent {
-    identity: Identity,
-    sim: AgentSim,
-    acked: u64,
-    synced: u64,
-    rng: StdRng,
+type Agent = TestAgent;
+
+fn new_batch(agent: &mut Agent) {
+    let ops = WRITES.ops(&mut agent.rng, VOL.2);
+    agent.sim.batch(&ops, BatchFlags::FLUSH, None);
 }
 
-impl Agent {
-    fn new_batch(&mut self) {
-        let n = self.rng.random_range(4..=16);
-        let mut ops = Vec::with_capacity(n);
-        for _ in 0..n {
-            let len = self.rng.random_range(1..=16u64 << 10);
-            let offset = self.rng.random_range(0..=VOL.2 - len);
-            ops.push(if self.rng.random_ratio(1, 16) {
-                Op::Zero {
-                    vol: 0,
-                    offset,
-                    len,
-                }
-            } else {
-                Op::Data {
-                    vol: 0,
-                    offset,
-                    bytes: pattern(self.rng.random(), len as usize),
-                }
-            });
-        }
-        self.sim.batch(&ops, BatchFlags::FLUSH, None);
-    }
-
-    fn hello(&self) -> GroupHello {
-        GroupHello {
-            first_held: self.acked + 1,
-            ..self.sim.hello()
+/// The base retention asks for with `head` as the head: the newest seq older than the
+/// window, or the seq up to which the cap needs batches gone, whichever is further.
+fn retention_base(agent: &Agent, head: u64) -> u64 {
+    let cutoff = agent.sim.times[&head] - WINDOW.as_nanos() as i64;
+    let first_young = agent
+        .sim
+        .times
+        .range(..=head)
+        .find(|(_, t)| **t >= cutoff)
+        .map(|(s, _)| *s)
+        .expect("the head is young");
+    // Batches after the sync are journaled whole; the sync's are not journaled.
+    let mut bytes = 0u64;
+    let mut for_cap = 0;
+    for seq in (agent.synced + 1..=head).rev() {
+        bytes += agent.sim.lengths[&seq];
+        if bytes > CAP {
+            for_cap = seq;
+            break;
         }
     }
-
-    fn saw_ack(&mut self, durable: u64) {
-        if durable > self.acked {
-            self.acked = durable;
-            self.sim.batches.retain(|&s, _| s > durable);
-        }
-    }
-
-    /// The base retention asks for with `head` as the head: the newest seq older than the
-    /// window, or the seq up to which the cap needs batches gone, whichever is further.
-    fn retention_base(&self, head: u64) -> u64 {
-        let cutoff = self.sim.times[&head] - WINDOW.as_nanos() as i64;
-        let first_young = self
-            .sim
-            .times
-            .range(..=head)
-            .find(|(_, t)| **t >= cutoff)
-            .map(|(s, _)| *s)
-            .expect("the head is young");
-        // Batches after the sync are journaled whole; the sync's are not journaled.
-        let mut bytes = 0u64;
-        let mut for_cap = 0;
-        for seq in (self.synced + 1..=head).rev() {
-            bytes += self.sim.lengths[&seq];
-            if bytes > CAP {
-                for_cap = seq;
-                break;
-            }
-        }
-        (first_young - 1).max(for_cap)
-    }
+    (first_young - 1).max(for_cap)
 }
 
 /// serve's environment: the trimmer's decisions logged.
 fn serve_env() -> Vec<(&'static str, String)> {
     vec![("RUST_LOG", "info,cdp_replica::trimmer=debug".into())]
-}
-
-async fn connect(agent: &Agent, replica: Fingerprint, addr: SocketAddr) -> (QuicAgent, u64) {
-    let mut q = QuicAgent::connect(&agent.identity, replica, addr)
-        .await
-        .expect("connect");
-    match q.hello(vec![agent.hello()]).await.expect("welcome") {
-        Control::Welcome { groups, .. } => (q, groups[0].durable),
-        other => panic!("expected Welcome, got {other:?}"),
-    }
-}
-
-/// Streams batches, at most IN_FLIGHT unacknowledged; never returns (cut short by the kill).
-async fn stream(q: &mut QuicAgent, agent: &mut Agent) {
-    let mut next = agent.acked + 1;
-    loop {
-        while next <= agent.acked + IN_FLIGHT {
-            if next > agent.sim.seq {
-                agent.new_batch();
-            }
-            let bytes = agent.sim.batches[&next].clone();
-            q.send_batch(&bytes).await.expect("send a batch");
-            next += 1;
-            tokio::task::yield_now().await;
-        }
-        match q.next_control().await.expect("control message") {
-            Control::Ack { durable, .. } => agent.saw_ack(durable),
-            other => panic!("unexpected {other:?}"),
-        }
-    }
 }
 
 fn segments(root: &Path) -> Vec<u64> {
@@ -165,46 +100,18 @@ fn segments(root: &Path) -> Vec<u64> {
 
 /// The checks after a restart (serve has recovered: it answered the hello).
 async fn check(root: &Path, out_dir: &Path, agent: &mut Agent, acked_before: u64, durable: u64) {
-    assert!(
-        durable >= acked_before,
-        "batch {acked_before} was acknowledged before the kill, but the replica is durable only up to {durable}"
-    );
-    assert!(durable <= agent.sim.seq, "durable {durable} was never sent");
-    agent.saw_ack(durable);
+    agent.check_durable(acked_before, durable);
 
-    let dir = DataDir::existing(root).expect("data dir");
-    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
-        .await
-        .expect("catalog");
-    let g = catalog
-        .group_by_name(GROUP)
-        .await
-        .expect("query")
-        .expect("group");
+    let (dir, catalog) = open_catalog(root).await;
+    let g = group_row(&catalog, GROUP).await;
     assert_eq!(g.head_seq, durable);
-    if let Some(end) = catalog.last_journaled(g.id).await.expect("query") {
-        let seg = dir.journal(GROUP).join(segment_name(end.segment));
-        assert_eq!(
-            std::fs::metadata(&seg)
-                .expect("the committed end's segment")
-                .len(),
-            end.end(),
-            "segment {} does not end where its last committed batch does",
-            end.segment
-        );
-        assert!(
-            !dir.journal(GROUP)
-                .join(segment_name(end.segment + 1))
-                .exists(),
-            "an uncommitted newer segment survived recovery"
-        );
-    }
+    assert_journal_ends_at_its_commit(&dir, &catalog, GROUP, &g).await;
     catalog.close().await;
     if durable < agent.synced {
         return;
     }
     let start = g.window_floor().max(agent.synced);
-    let allowed = agent.retention_base(durable).max(agent.synced);
+    let allowed = retention_base(agent, durable).max(agent.synced);
     assert!(
         start <= allowed,
         "the window starts at {start} (base {}, trimming to {:?}) but retention allows trimming only up to {allowed}",
@@ -283,50 +190,45 @@ async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
         acked: 0,
         synced,
         rng,
+        extra: (),
     };
 
     let started = std::time::Instant::now();
-    let mut listen = "127.0.0.1:0".to_owned();
+    let mut listen = FIRST_LISTEN.to_owned();
     let mut startup_kills = 0u32;
     for _ in 0..kills {
-        if agent.rng.random_ratio(1, 4) && listen != "127.0.0.1:0" {
-            let serve = Serve::spawn(&root, &listen, &log, &serve_env());
-            let delay = agent.rng.random_range(0..40);
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-            serve.kill();
+        if agent
+            .maybe_kill_while_starting(&root, &listen, &log, &serve_env(), 4, 0..40)
+            .await
+        {
             startup_kills += 1;
         }
-        let mut serve = Serve::spawn(&root, &listen, &log, &serve_env());
-        let addr = serve.wait_listening();
-        listen = addr.to_string();
-        let acked_before = agent.acked;
-        let (mut q, durable) = connect(&agent, replica_fp, addr).await;
+        let Restarted {
+            serve,
+            q,
+            acked_before,
+            durable,
+        } = agent
+            .restart(&root, &mut listen, &log, &serve_env(), replica_fp)
+            .await;
         check(&root, tmp.path(), &mut agent, acked_before, durable).await;
-        let stream_ms = agent.rng.random_range(50..=STREAM_MS_MAX);
-        tokio::select! {
-            _ = stream(&mut q, &mut agent) => unreachable!("stream never returns"),
-            _ = tokio::time::sleep(Duration::from_millis(stream_ms)) => {}
-        }
-        serve.kill();
-        drop(q);
+        agent
+            .stream_then_kill(serve, q, IN_FLIGHT, 50..=STREAM_MS_MAX, new_batch)
+            .await;
     }
 
     // A last start: everything sent is acknowledged; the window settles where retention says
     // and the trimmed segments are unlinked.
-    let mut serve = Serve::spawn(&root, &listen, &log, &serve_env());
-    let addr = serve.wait_listening();
-    let acked_before = agent.acked;
-    let (mut q, durable) = connect(&agent, replica_fp, addr).await;
+    let Restarted {
+        serve,
+        mut q,
+        acked_before,
+        durable,
+    } = agent
+        .restart(&root, &mut listen, &log, &serve_env(), replica_fp)
+        .await;
     check(&root, tmp.path(), &mut agent, acked_before, durable).await;
-    // At least one new batch: the replica may have made every batch sent so far durable
-    // before the last kill (the ack unread), and then nothing would be sent and no ack come.
-    agent.new_batch();
-    let last = agent.sim.seq;
-    for seq in agent.acked + 1..=last {
-        q.send_batch(&agent.sim.batches[&seq])
-            .await
-            .expect("send a batch");
-    }
+    let last = agent.send_the_rest(&q, new_batch).await;
     if let Err(e) = q.try_wait_ack(GROUP, last).await {
         panic!(
             "{e} (sent {}..={last}); serve's log:\n{}",
@@ -335,18 +237,11 @@ async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
         );
     }
     agent.saw_ack(last);
-    let settled = agent.retention_base(last);
-    let dir = DataDir::existing(&root).expect("data dir");
-    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
-        .await
-        .expect("catalog");
+    let settled = retention_base(&agent, last);
+    let (_, catalog) = open_catalog(&root).await;
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let g = catalog
-            .group_by_name(GROUP)
-            .await
-            .expect("query")
-            .expect("group");
+        let g = group_row(&catalog, GROUP).await;
         let first = segments(&root).first().copied();
         if g.base_seq == settled && g.trimming_to.is_none() && g.trimmed_end.map(|e| e.0) == first {
             break;
@@ -364,14 +259,7 @@ async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
     check(&root, tmp.path(), &mut agent, last, last).await;
     q.conn.close(0u32.into(), b"done");
     drop(q);
-    let pid = rustix::process::Pid::from_raw(serve.child.id() as i32).expect("pid");
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-    let status = serve.child.wait().expect("wait for serve");
-    assert!(
-        status.success(),
-        "serve exited with {status}; log:\n{}",
-        log_tail(&log)
-    );
+    serve.stop_and_wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     eprintln!(
         "trimmer crash test: {kills} kills during ingest and trimming, {startup_kills} during start, {last} batches, {} trims, {} trims completed after a kill, {} s",
@@ -383,15 +271,8 @@ async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
 
 /// Where the window of the test's group starts now.
 async fn window_floor(root: &Path) -> u64 {
-    let dir = DataDir::existing(root).expect("data dir");
-    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
-        .await
-        .expect("catalog");
-    let g = catalog
-        .group_by_name(GROUP)
-        .await
-        .expect("query")
-        .expect("group");
+    let (_, catalog) = open_catalog(root).await;
+    let g = group_row(&catalog, GROUP).await;
     catalog.close().await;
     g.window_floor()
 }

@@ -11,7 +11,6 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cdp_replica::catalog::{Catalog, GroupRow, OpenMode};
@@ -22,6 +21,7 @@ use cdp_replica::trimmer::{TrimLink, TrimStep, Trimmer};
 use cdp_replica::{PointSpec, ReplicaError, Retention, RetentionChange};
 use cdp_shared::batch::BatchFlags;
 use cdp_shared::types::CHUNK_BYTES;
+use common::ops::{Kinds, Mix};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -34,12 +34,16 @@ const GROUP: &str = "g";
 const SEGMENT_BYTES: u64 = 64 << 10;
 /// Pacing of the continuous ingest (a rate, not a wait for anything).
 const INGEST_GAP: Duration = Duration::from_millis(20);
+/// The writes of a batch: 1 to 6 of up to 24 KiB, data, sometimes zero or trim.
+const WRITES: Mix = Mix {
+    count: 1..=6,
+    len: 1..=24 << 10,
+    kinds: Kinds::PickZeroTrim(16),
+};
 /// Test-only: tells a re-executed test binary to hold a pin (see `pin_holder`).
 const PIN_HOLDER_ENV: &str = "CDP_TEST_PIN_HOLDER";
 /// The TTL (ms) of the pin holder child's pin, when set.
 const PIN_HOLDER_TTL_ENV: &str = "CDP_TEST_PIN_HOLDER_TTL_MS";
-
-static OUT_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn options() -> IngestOptions {
     options_with(SEGMENT_BYTES)
@@ -84,12 +88,7 @@ impl Rig {
         sim.images.insert(0, pattern(rng.random(), VOL.2 as usize));
         let mut sim = sim.checkpointed(32);
         h.hello(vec![sim.hello()]).await.expect("welcome");
-        let mut batches = Vec::new();
-        let synced = sim.sync_volume(0, &mut batches);
-        for (_, b) in batches {
-            h.submit(b).await;
-        }
-        h.wait_ack(GROUP, synced).await;
+        let synced = h.sync(&mut sim, 0).await;
         let catalog = Catalog::open(&DataDir::new(root).catalog(), OpenMode::Existing)
             .await
             .expect("catalog");
@@ -112,33 +111,10 @@ impl Rig {
 
     /// One batch of random writes (data, sometimes zero or trim), acknowledged.
     async fn ingest(&mut self, bookmark: Option<&str>) -> u64 {
-        let n = self.rng.random_range(1..=6);
-        let mut ops = Vec::with_capacity(n);
-        for _ in 0..n {
-            let len = self.rng.random_range(1..=24u64 << 10);
-            let offset = self.rng.random_range(0..=VOL.2 - len);
-            ops.push(match self.rng.random_range(0..16) {
-                0 => Op::Zero {
-                    vol: 0,
-                    offset,
-                    len,
-                },
-                1 => Op::Trim {
-                    vol: 0,
-                    offset,
-                    len,
-                },
-                _ => Op::Data {
-                    vol: 0,
-                    offset,
-                    bytes: pattern(self.rng.random(), len as usize),
-                },
-            });
-        }
-        let (seq, bytes) = self.sim.batch(&ops, BatchFlags::FLUSH, bookmark);
-        self.h.submit(bytes).await;
-        self.h.wait_ack(GROUP, seq).await;
-        seq
+        let ops = WRITES.ops(&mut self.rng, VOL.2);
+        self.h
+            .commit(&mut self.sim, &ops, BatchFlags::FLUSH, bookmark)
+            .await
     }
 
     async fn group(&self) -> GroupRow {
@@ -214,15 +190,9 @@ impl Rig {
     }
 }
 
-async fn restore_bytes(root: &Path, at: &PointSpec) -> Result<Vec<u8>, ReplicaError> {
-    let out = root.join(format!(
-        "out-{}",
-        OUT_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    cdp_replica::restore(root, VOL.1, at, &out).await?;
-    let bytes = read(&out);
-    std::fs::remove_file(&out).expect("remove restored image");
-    Ok(bytes)
+/// The image of the volume at `at`, restored.
+async fn restore_image(root: &Path, at: &PointSpec) -> Result<Vec<u8>, ReplicaError> {
+    restore_bytes(root, VOL.1, at).await.map(|(bytes, _)| bytes)
 }
 
 async fn check_window(root: &Path, sim: &AgentSim, start: u64, synced: u64, head: u64) {
@@ -234,7 +204,7 @@ async fn check_window(root: &Path, sim: &AgentSim, start: u64, synced: u64, head
         "points lists the window"
     );
     for seq in start..=head {
-        let got = restore_bytes(root, &PointSpec::Seq(seq))
+        let got = restore_image(root, &PointSpec::Seq(seq))
             .await
             .unwrap_or_else(|e| panic!("restore at seq {seq}: {e}"));
         assert!(
@@ -485,7 +455,7 @@ async fn a_pin_keeps_its_point_until_released() {
     .await
     .map(|image| assert!(image == rig.sim.model_image(kept, 0)))
     .expect("read the pinned image");
-    let got = restore_bytes(&root, &PointSpec::Bookmark("keep".into()))
+    let got = restore_image(&root, &PointSpec::Bookmark("keep".into()))
         .await
         .expect("restore the pinned point");
     assert!(got == rig.sim.model_image(kept, 0));
@@ -496,7 +466,7 @@ async fn a_pin_keeps_its_point_until_released() {
     let start = rig.base_for_window(WINDOW);
     assert!(start > kept);
     rig.wait_base(start).await;
-    let e = restore_bytes(&root, &PointSpec::Seq(kept))
+    let e = restore_image(&root, &PointSpec::Seq(kept))
         .await
         .expect_err("the point left the window")
         .to_string();
@@ -587,7 +557,7 @@ async fn trimmed_bytes_are_released_only_when_no_reader_needs_them() {
         );
     }
     assert_eq!(segments(&root), vec![1], "still one segment");
-    let got = restore_bytes(&root, &PointSpec::Latest)
+    let got = restore_image(&root, &PointSpec::Latest)
         .await
         .expect("restore the latest point");
     assert!(
@@ -777,9 +747,7 @@ async fn a_trim_cut_short_after_any_step_completes_the_same() {
     // Empty batches at the end (nothing journaled): a trim of every journaled batch.
     let mut sim = rig.sim;
     for _ in 0..4 {
-        let (seq, bytes) = sim.batch(&[], BatchFlags::FLUSH, None);
-        rig.h.submit(bytes).await;
-        rig.h.wait_ack(GROUP, seq).await;
+        rig.h.commit(&mut sim, &[], BatchFlags::FLUSH, None).await;
     }
     rig.h.shutdown().await;
     rig.catalog.close().await;
@@ -879,7 +847,7 @@ async fn a_trim_cut_short_after_any_step_completes_the_same() {
         h.submit(next_bytes.clone()).await;
         h.wait_ack(GROUP, next).await;
         h.shutdown().await;
-        let got = restore_bytes(&copy, &PointSpec::Latest)
+        let got = restore_image(&copy, &PointSpec::Latest)
             .await
             .expect("restore latest");
         assert!(
@@ -902,17 +870,19 @@ async fn a_damaged_record_is_left_out_by_the_trimmer_which_goes_on() {
     };
     let mut rig = Rig::start(&root, retention, true, 11).await;
     // A batch with one data record, then damage the record's payload in its segment.
-    let (seq, bytes) = rig.sim.batch(
-        &[Op::Data {
-            vol: 0,
-            offset: 4096,
-            bytes: pattern(77, 16 << 10),
-        }],
-        BatchFlags::FLUSH,
-        None,
-    );
-    rig.h.submit(bytes).await;
-    rig.h.wait_ack(GROUP, seq).await;
+    let seq = rig
+        .h
+        .commit(
+            &mut rig.sim,
+            &[Op::Data {
+                vol: 0,
+                offset: 4096,
+                bytes: pattern(77, 16 << 10),
+            }],
+            BatchFlags::FLUSH,
+            None,
+        )
+        .await;
     let volume = rig
         .catalog
         .volume_by_name(VOL.1)

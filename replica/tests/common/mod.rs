@@ -3,18 +3,24 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod export;
+pub mod journal;
 pub mod nbd;
+pub mod ops;
 pub mod serve;
+pub mod test_agent;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_replica::ingest::{IngestOptions, IngestService};
+use cdp_replica::{PointSpec, ReplicaError, RestoreSummary};
 use cdp_shared::Seq;
 use cdp_shared::batch::{
     self, BatchFlags, Hash, RecordEncoder, RecordKind, SealParams, encode_marker,
@@ -415,6 +421,33 @@ impl Harness {
         Ok(welcomes)
     }
 
+    /// The initial sync of `vol` of `sim` (see [`AgentSim::sync_volume`]), every batch
+    /// submitted and acknowledged; returns the seq that completed it.
+    pub async fn sync(&mut self, sim: &mut AgentSim, vol: u32) -> u64 {
+        let mut out = Vec::new();
+        let synced = sim.sync_volume(vol, &mut out);
+        for (_, b) in out {
+            self.submit(b).await;
+        }
+        self.wait_ack(&sim.group, synced).await;
+        synced
+    }
+
+    /// Seals the next batch of `sim` (see [`AgentSim::batch`]), submits it and waits for its
+    /// ack; returns its seq.
+    pub async fn commit(
+        &mut self,
+        sim: &mut AgentSim,
+        ops: &[Op],
+        flags: u16,
+        bookmark: Option<&str>,
+    ) -> u64 {
+        let (seq, bytes) = sim.batch(ops, flags, bookmark);
+        self.submit(bytes).await;
+        self.wait_ack(&sim.group, seq).await;
+        seq
+    }
+
     pub async fn submit(&self, bytes: Vec<u8>) {
         self.service
             .submit(&self.agent, &self.announced, bytes, &self.reply)
@@ -574,6 +607,23 @@ pub fn chunk_hashes_of(image: &[u8]) -> Vec<String> {
         .chunks(CHUNK_BYTES as usize)
         .map(|c| blake3::hash(c).to_hex().to_string())
         .collect()
+}
+
+/// Numbers the files [`restore_bytes`] restores into.
+static RESTORED: AtomicU64 = AtomicU64::new(0);
+
+/// Restores `volume` at `at` into a new file in `root`; returns the image and what `restore`
+/// says, the file removed.
+pub async fn restore_bytes(
+    root: &Path,
+    volume: &str,
+    at: &PointSpec,
+) -> Result<(Vec<u8>, RestoreSummary), ReplicaError> {
+    let out = root.join(format!("out-{}", RESTORED.fetch_add(1, Ordering::Relaxed)));
+    let summary = cdp_replica::restore(root, volume, at, &out).await?;
+    let bytes = read(&out);
+    std::fs::remove_file(&out).expect("remove restored image");
+    Ok((bytes, summary))
 }
 
 /// Reads a whole file.

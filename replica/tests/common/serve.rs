@@ -107,6 +107,19 @@ impl Serve {
         }
     }
 
+    /// SIGTERM, then wait (however long it takes) for an exit that must be clean; a failure
+    /// shows the tail of the log.
+    pub fn stop_and_wait(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let status = self.child.wait().expect("wait for serve");
+        assert!(
+            status.success(),
+            "serve exited with {status}; log:\n{}",
+            self.log.as_deref().map(log_tail).unwrap_or_default()
+        );
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
