@@ -15,6 +15,7 @@
 //! * [`pause_board`] — `DIR/paused.json`: the paused groups, written in place by `serve`, read
 //!   by `status`.
 //! * [`server`] — the QUIC shell: handshake, control stream, batch streams, hash requests.
+//! * [`agent_ports`] — how the verifier asks a connected agent a question (a leaf).
 //! * [`hashes`] — the chunk-hash service (blake3 per 1 MiB chunk of a volume's latest image).
 //! * [`reconstruct`] — the reconstruction plan (sans-IO extent map), the `read_at` reader, and
 //!   the one reader of journal records (`RecordLoader`).
@@ -220,6 +221,7 @@
 //! `points --at POINT --json`: the one point `restore --at POINT` would choose:
 //! `{ "seq": 90, "time": "...", "bookmark": null, "consistent": true }`.
 
+pub mod agent_ports;
 pub mod agents;
 pub mod catalog;
 pub mod clock;

@@ -12,16 +12,10 @@
 //! streams are still taken.
 //!
 //! # Questions to the agent (the verifier)
-//! The replica also asks: `VerifyRequest` and `RepairRequest` go out on the control stream of
-//! the connection that holds a group's link, through [`AgentPorts`] — a registry group id →
-//! [`AgentPort`] (the connection's outbox, and its map of questions waiting for an answer, id →
-//! oneshot), registered after the Welcome and removed when the connection ends. The answers
-//! (`VerifyReply`, `VerifyRefused`, `RepairStarted`, `RepairRefused`) are routed by `id` to the
-//! waiting asker; an answer nobody waits for (its asker gave up) is ignored with a debug line.
-//! At most [`QUESTIONS_PER_CONNECTION_MAX`] questions of a connection are outstanding at once
-//! (askers beyond wait for a slot). With no agent connected, [`AgentPorts::ask`] answers
-//! [`Asked::NoAgent`] at once and the asker decides (the verifier waits and tries again).
-//!
+//! The replica also asks, through [`crate::agent_ports`]: the connection that holds a group's
+//! link registers its control stream there after the Welcome, routes the answers by `id`, and
+//! unregisters when it ends.
+
 //! # Authorization
 //! The TLS layer admits only agents in `authorized_agents.toml`, re-read at every handshake.
 //! An open connection re-reads it every [`FENCE_CHECK_INTERVAL`] too: once its agent is no
@@ -46,7 +40,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,7 +47,7 @@ use cdp_shared::batch::{BATCH_BYTES_MAX, HEADER_FIXED_BYTES};
 use cdp_shared::identity::{self, AuthorizeFn, Fingerprint};
 use cdp_shared::wire::{self, Control, FrameDecoder};
 use quinn::{Endpoint, EndpointConfig, TokioRuntime};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -64,6 +57,7 @@ use crate::catalog::OpenMode;
 use crate::clock::now_ns;
 use crate::datadir::{DataDir, ServeLock, read_agents};
 use crate::error::{ReplicaError, Result};
+use crate::agent_ports::{AgentPort, AgentPorts};
 use crate::hashes;
 use crate::ingest::{CONTROL_OUTBOX_MAX, IngestOptions, IngestService};
 
@@ -88,134 +82,6 @@ pub const CLOSE_FORGOTTEN: u32 = 4;
 /// Hash requests of one connection answered at once (each reads up to
 /// `HASHES_PER_MESSAGE_MAX` MiB of image), so that they never starve ingest.
 pub const HASH_REQUESTS_PER_CONNECTION_MAX: usize = 2;
-/// Questions of the replica (verify, repair) outstanding at once on one connection.
-pub const QUESTIONS_PER_CONNECTION_MAX: usize = 8;
-
-/// The control stream of the connection that holds a group's link, for the replica's
-/// questions (see the module docs). Cheap to clone.
-#[derive(Clone)]
-pub struct AgentPort {
-    conn: u64,
-    outbox: mpsc::Sender<Control>,
-    waiting: Arc<Mutex<HashMap<u64, oneshot::Sender<Control>>>>,
-    slots: Arc<Semaphore>,
-}
-
-/// What became of a question.
-#[derive(Debug)]
-pub enum Asked {
-    /// No agent holds the group's link.
-    NoAgent,
-    /// The connection ended before the answer.
-    Lost,
-    /// No answer within the time given.
-    Timeout,
-    Answer(Control),
-}
-
-/// The registry group id → [`AgentPort`] of the connected agents. Cheap to clone.
-#[derive(Clone, Default)]
-pub struct AgentPorts {
-    ports: Arc<Mutex<HashMap<i64, AgentPort>>>,
-    next_id: Arc<AtomicU64>,
-}
-
-impl AgentPorts {
-    pub fn new() -> AgentPorts {
-        AgentPorts::default()
-    }
-
-    /// Whether an agent holds the link of `group_id`.
-    pub fn connected(&self, group_id: i64) -> bool {
-        self.ports
-            .lock()
-            .map(|p| p.contains_key(&group_id))
-            .unwrap_or(false)
-    }
-
-    fn register(&self, group_ids: &[i64], port: &AgentPort) {
-        if let Ok(mut ports) = self.ports.lock() {
-            for g in group_ids {
-                ports.insert(*g, port.clone());
-            }
-        }
-    }
-
-    fn unregister(&self, group_ids: &[i64], conn: u64) {
-        if let Ok(mut ports) = self.ports.lock() {
-            for g in group_ids {
-                if ports.get(g).is_some_and(|p| p.conn == conn) {
-                    ports.remove(g);
-                }
-            }
-        }
-    }
-
-    /// Sends the question `make(id)` to the agent of `group_id` and waits at most `timeout`
-    /// for its answer (the wait for a free slot included). Cancellation-safe.
-    pub async fn ask(
-        &self,
-        group_id: i64,
-        make: impl FnOnce(u64) -> Control,
-        timeout: Duration,
-    ) -> Asked {
-        let Some(port) = self
-            .ports
-            .lock()
-            .ok()
-            .and_then(|p| p.get(&group_id).cloned())
-        else {
-            return Asked::NoAgent;
-        };
-        let deadline = tokio::time::Instant::now() + timeout;
-        let _slot =
-            match tokio::time::timeout_at(deadline, port.slots.clone().acquire_owned()).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(_)) => return Asked::Lost,
-                Err(_) => return Asked::Timeout,
-            };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = oneshot::channel();
-        if let Ok(mut w) = port.waiting.lock() {
-            w.insert(id, tx);
-        }
-        let forget = || {
-            if let Ok(mut w) = port.waiting.lock() {
-                w.remove(&id);
-            }
-        };
-        match tokio::time::timeout_at(deadline, port.outbox.send(make(id))).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {
-                forget();
-                return Asked::Lost;
-            }
-            Err(_) => {
-                forget();
-                return Asked::Timeout;
-            }
-        }
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(answer)) => Asked::Answer(answer),
-            Ok(Err(_)) => Asked::Lost,
-            Err(_) => {
-                forget();
-                Asked::Timeout
-            }
-        }
-    }
-}
-
-impl AgentPort {
-    /// Hands an answer to its asker; false when nobody waits for it.
-    fn answer(&self, id: u64, msg: Control) -> bool {
-        let tx = self.waiting.lock().ok().and_then(|mut w| w.remove(&id));
-        match tx {
-            Some(tx) => tx.send(msg).is_ok(),
-            None => false,
-        }
-    }
-}
 
 /// Starts the replica's server.
 pub struct Server;
@@ -599,12 +465,7 @@ async fn serve_connection(
     for w in &welcomes {
         shared.ingest.attach(&w.name, &outbox).await;
     }
-    let port = AgentPort {
-        conn: id,
-        outbox: outbox.clone(),
-        waiting: Arc::new(Mutex::new(HashMap::new())),
-        slots: Arc::new(Semaphore::new(QUESTIONS_PER_CONNECTION_MAX)),
-    };
+    let port = AgentPort::new(id, outbox.clone());
     shared.ports.register(&group_ids, &port);
     let streams = TaskTracker::new();
     let mut hash_jobs: JoinSet<()> = JoinSet::new();
@@ -690,9 +551,7 @@ async fn serve_connection(
     hash_jobs.abort_all();
     shared.ports.unregister(&group_ids, id);
     // Askers still waiting learn that the connection is gone.
-    if let Ok(mut w) = port.waiting.lock() {
-        w.clear();
-    }
+    port.hang_up();
     set_links(shared, &group_ids, id, false, &agent).await;
     conn.close(0u32.into(), b"bye");
     streams.close();
@@ -941,113 +800,4 @@ async fn read_batch(
         }
     }
     Ok(buf)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn port(conn: u64) -> (AgentPort, mpsc::Receiver<Control>) {
-        let (outbox, rx) = mpsc::channel(16);
-        (
-            AgentPort {
-                conn,
-                outbox,
-                waiting: Arc::new(Mutex::new(HashMap::new())),
-                slots: Arc::new(Semaphore::new(QUESTIONS_PER_CONNECTION_MAX)),
-            },
-            rx,
-        )
-    }
-
-    fn question(id: u64) -> Control {
-        Control::VerifyRequest {
-            id,
-            group: "g".into(),
-            volume: 0,
-            chunk: 3,
-        }
-    }
-
-    #[tokio::test]
-    async fn questions_are_routed_by_id() {
-        let ports = AgentPorts::new();
-        let short = Duration::from_millis(50);
-        assert!(matches!(
-            ports.ask(7, question, short).await,
-            Asked::NoAgent
-        ));
-        let (p, mut rx) = port(1);
-        ports.register(&[7], &p);
-        assert!(ports.connected(7));
-        // The agent answers the questions in reverse order; each asker gets its own answer.
-        let answerer = {
-            let p = p.clone();
-            tokio::spawn(async move {
-                let mut ids = Vec::new();
-                for _ in 0..3 {
-                    match rx.recv().await {
-                        Some(Control::VerifyRequest { id, .. }) => ids.push(id),
-                        other => panic!("expected a question, got {other:?}"),
-                    }
-                }
-                for id in ids.into_iter().rev() {
-                    assert!(p.answer(
-                        id,
-                        Control::VerifyReply {
-                            id,
-                            seq: id * 10,
-                            hash: String::new()
-                        }
-                    ));
-                }
-                // An answer nobody waits for is dropped.
-                assert!(!p.answer(
-                    999,
-                    Control::VerifyRefused {
-                        id: 999,
-                        reason: String::new()
-                    }
-                ));
-                rx
-            })
-        };
-        let asks = (0..3).map(|_| {
-            let ports = ports.clone();
-            async move { ports.ask(7, question, DEFAULT_TEST_WAIT).await }
-        });
-        for answer in futures_join(asks).await {
-            match answer {
-                Asked::Answer(Control::VerifyReply { id, seq, .. }) => assert_eq!(seq, id * 10),
-                other => panic!("expected a reply, got {other:?}"),
-            }
-        }
-        let _rx = answerer.await.expect("answerer");
-        // No answer in time: Timeout, and the question is forgotten.
-        assert!(matches!(
-            ports.ask(7, question, short).await,
-            Asked::Timeout
-        ));
-        assert!(p.waiting.lock().expect("lock").is_empty());
-        // Another connection took the link: unregistering the old one leaves it.
-        let (p2, _rx2) = port(2);
-        ports.register(&[7], &p2);
-        ports.unregister(&[7], 1);
-        assert!(ports.connected(7));
-        ports.unregister(&[7], 2);
-        assert!(!ports.connected(7));
-    }
-
-    const DEFAULT_TEST_WAIT: Duration = Duration::from_secs(10);
-
-    async fn futures_join<F: std::future::Future<Output = Asked> + Send + 'static>(
-        futs: impl Iterator<Item = F>,
-    ) -> Vec<Asked> {
-        let handles: Vec<_> = futs.map(tokio::spawn).collect();
-        let mut out = Vec::new();
-        for h in handles {
-            out.push(h.await.expect("ask"));
-        }
-        out
-    }
 }

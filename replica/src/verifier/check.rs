@@ -17,7 +17,7 @@ use crate::catalog::{EventLevel, MismatchRow, NewVerifyResult, VerifyOutcome};
 use crate::clock::now_ns;
 use crate::error::{ReplicaError, Result};
 use crate::pins::{PinAt, pin_in};
-use crate::server::Asked;
+use crate::agent_ports::Asked;
 
 /// Reads every group's durable head from the catalog each [`HEAD_POLL_INTERVAL`] while a
 /// check waits on one, and publishes it: one query per interval however many checks wait.

@@ -129,7 +129,7 @@ use crate::catalog::{Catalog, GroupRow, VerifyOutcome, VolumeRow};
 use crate::clock::now_ns;
 use crate::datadir::{DataDir, VerifierConfig};
 use crate::error::Result;
-use crate::server::AgentPorts;
+use crate::agent_ports::AgentPorts;
 
 mod check;
 mod cli;
@@ -186,7 +186,7 @@ pub const COVERAGE_PERIOD: Duration = Duration::from_secs(24 * 3600);
 pub const PIN_HOLDER: &str = "verifier";
 
 const _: () = assert!(REPAIR_CHUNKS_PER_MESSAGE_MAX >= 1);
-const _: () = assert!(RUN_CHECKS_IN_FLIGHT <= crate::server::QUESTIONS_PER_CONNECTION_MAX);
+const _: () = assert!(RUN_CHECKS_IN_FLIGHT <= crate::agent_ports::QUESTIONS_PER_CONNECTION_MAX);
 
 fn ns(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)

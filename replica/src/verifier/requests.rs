@@ -17,7 +17,7 @@ use crate::catalog::{Catalog, EventLevel, GroupRow, RunRow, VerifyOutcome, Volum
 use crate::clock::now_ns;
 use crate::error::{ReplicaError, Result};
 use crate::hashes::chunk_count;
-use crate::server::Asked;
+use crate::agent_ports::Asked;
 
 async fn target_of(catalog: &Catalog, volume_id: i64) -> Result<Option<(Target, GroupRow)>> {
     let Some(v) = catalog

@@ -16,7 +16,7 @@ use crate::catalog::{Catalog, VolumeState};
 use crate::clock::now_ns;
 use crate::error::Result;
 use crate::hashes::chunk_count;
-use crate::server::AgentPorts;
+use crate::agent_ports::AgentPorts;
 
 /// The background verifier: `chunks_per_sec` checks per second of chunks from [`choose`].
 pub(super) async fn background(ctx: Arc<Ctx>) {
