@@ -1,7 +1,8 @@
 //! One group's ingest: the journal in seq order, out-of-order batches held until the gap
-//! fills, group commits and their undo, and the task that runs it.
+//! fills (in the sans-IO reorder buffer, `order`), group commits and their undo, and the task
+//! that runs it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cdp_shared::batch::{self, BatchHeader, Hash, RecordHeader};
@@ -11,12 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::order::{Offer, Ordered, ReorderBuffer};
 use super::pause::Paused;
 use super::plan::{BatchPlan, TargetOp, plan_batch};
-use super::{
-    GROUP_COMMIT_BYTES_MAX, IngestOptions, PENDING_BATCHES_MAX, PENDING_BYTES_MAX, Reply,
-    VolumeEntry,
-};
+use super::{GROUP_COMMIT_BYTES_MAX, IngestOptions, Reply, VolumeEntry};
 use crate::catalog::{
     BatchRow, Catalog, CommitRows, EventLevel, NewRecord, RecordRow, SegmentSpan, VolumeState,
 };
@@ -43,10 +42,6 @@ pub(super) enum GroupMsg {
     Reload(oneshot::Sender<Result<()>>),
     /// A connection of the group's agent: it hears `Paused`/`Resumed` (at once if paused).
     Attach(Reply),
-}
-
-pub(super) struct Pending {
-    pub(super) received: Received,
 }
 
 /// Disk state of a group: its journal and the target files of volumes being synced.
@@ -143,8 +138,8 @@ pub struct GroupIngest {
     pub(super) head: u64,
     pub(super) head_hash: Option<Hash>,
     pub(super) volumes: HashMap<u32, VolumeEntry>,
-    pub(super) pending: BTreeMap<u64, Pending>,
-    pub(super) pending_bytes: usize,
+    /// Batches ahead of the head, waiting for the gap before them (bounded).
+    pub(super) pending: ReorderBuffer<Received>,
     pub(super) io: Option<GroupIo>,
     pub(super) board: Arc<PauseBoard>,
     /// Control streams of the agent's connections (closed ones are dropped as found).
@@ -249,8 +244,7 @@ impl GroupIngest {
             head: g.head_seq,
             head_hash: g.head_hash,
             volumes: HashMap::new(),
-            pending: BTreeMap::new(),
-            pending_bytes: 0,
+            pending: ReorderBuffer::new(),
             io: Some(GroupIo {
                 data_dir: data_dir.clone(),
                 journal,
@@ -276,7 +270,7 @@ impl GroupIngest {
 
     /// The next batch is ready but waits for the trimmer (the journal is over its cap).
     pub(super) fn waits_for_trimmer(&self) -> bool {
-        self.pending.contains_key(&(self.head + 1)) && self.link.must_wait()
+        self.pending.next_ready(self.head) && self.link.must_wait()
     }
 
     pub fn head(&self) -> u64 {
@@ -337,12 +331,7 @@ impl GroupIngest {
         // a chain the agent has since given up (it rebased): they stay, since that
         // connection may still be there; a newer batch with the same seq replaces one
         // (`handle_batch`), and one that does not follow the journal is refused at its commit.
-        let stale: Vec<u64> = self.pending.range(..=self.head).map(|(s, _)| *s).collect();
-        for s in stale {
-            if let Some(p) = self.pending.remove(&s) {
-                self.pending_bytes -= p.received.bytes.len();
-            }
-        }
+        self.pending.drop_through(self.head);
         Ok(())
     }
 
@@ -352,8 +341,9 @@ impl GroupIngest {
     pub async fn handle_batch(&mut self, r: Received) -> Result<Outbox> {
         let mut out = Outbox::new();
         let seq = r.header.seq.0;
-        if seq <= self.head {
-            match self.catalog.batch_hash(self.group_id, seq).await? {
+        let paused = self.paused.as_ref().map(|p| p.reason.as_str());
+        match self.pending.offer(r, self.head, paused) {
+            Offer::Duplicate(r) => match self.catalog.batch_hash(self.group_id, seq).await? {
                 Some(h) if h != r.header.header_hash => {
                     tracing::error!(group = %self.name, seq, agent = %r.agent, "a resent batch differs from the journaled batch with the same seq");
                     self.event(
@@ -375,43 +365,16 @@ impl GroupIngest {
                     r.reply.clone(),
                     Control::ack(&self.name, cdp_shared::Seq(self.head)),
                 )),
-            }
-            return Ok(out);
-        }
-        if let Some(p) = self.pending.get_mut(&seq) {
-            if p.received.header.header_hash == r.header.header_hash {
-                p.received.reply = r.reply;
-            } else {
-                // Nothing waiting is acknowledged, and a group's batches come from its one
-                // agent: a different batch with the same seq is the agent's newer chain (after
-                // a rebase), so it replaces the older one.
+            },
+            Offer::Refreshed | Offer::Held => {}
+            // Nothing waiting is acknowledged, and a group's batches come from its one agent:
+            // a different batch with the same seq is the agent's newer chain (after a rebase),
+            // so it replaced the older one.
+            Offer::Replaced(_older) => {
                 tracing::debug!(group = %self.name, seq, "a newer batch {seq} replaces the one waiting");
-                self.pending_bytes = self.pending_bytes - p.received.bytes.len() + r.bytes.len();
-                p.received = r;
             }
-            return Ok(out);
+            Offer::Refused(r, refusal) => nack(&mut out, &r, refusal.reason(&self.name)),
         }
-        if seq > self.head + PENDING_BATCHES_MAX as u64
-            || self.pending.len() >= PENDING_BATCHES_MAX
-            || self.pending_bytes + r.bytes.len() > PENDING_BYTES_MAX
-        {
-            let reason = match &self.paused {
-                Some(p) => format!(
-                    "batch {seq} cannot wait: ingest of group {} is paused ({}) and {} batches already wait; send it again after Resumed",
-                    self.name,
-                    p.reason,
-                    self.pending.len()
-                ),
-                None => format!(
-                    "batch {seq} is too far ahead of the journal (durable up to {}); send the missing batches first",
-                    self.head
-                ),
-            };
-            nack(&mut out, &r, reason);
-            return Ok(out);
-        }
-        self.pending_bytes += r.bytes.len();
-        self.pending.insert(seq, Pending { received: r });
         Ok(out)
     }
 
@@ -428,7 +391,7 @@ impl GroupIngest {
         {
             return Ok(out);
         }
-        while self.pending.contains_key(&(self.head + 1)) {
+        while self.pending.next_ready(self.head) {
             // Over the journal's cap: the trimmer brings it under first (see `trimmer`).
             if self.link.must_wait() {
                 break;
@@ -446,27 +409,22 @@ impl GroupIngest {
         // Choose and plan the in-order batches of this commit.
         let mut sim = self.volumes.clone();
         let mut expected_prev = self.head_hash;
-        let mut chosen: Vec<(Pending, BatchPlan)> = Vec::new();
-        let mut bytes = 0usize;
-        let mut next = self.head + 1;
-        while let Some(p) = self.pending.get(&next) {
-            if !chosen.is_empty() && bytes + p.received.bytes.len() > GROUP_COMMIT_BYTES_MAX {
-                break;
-            }
-            let Some(p) = self.pending.remove(&next) else {
-                break;
-            };
-            self.pending_bytes -= p.received.bytes.len();
-            let r = &p.received;
+        let mut chosen: Vec<(Received, BatchPlan)> = Vec::new();
+        let mut run = self
+            .pending
+            .take_in_order(self.head, GROUP_COMMIT_BYTES_MAX)
+            .into_iter();
+        for r in run.by_ref() {
+            let seq = r.header.seq.0;
             if let Some(prev) = expected_prev
                 && r.header.prev_hash != prev
             {
                 nack(
                     out,
-                    r,
+                    &r,
                     format!(
-                        "batch {next} does not follow batch {} in the journal (its prev_hash differs)",
-                        next - 1
+                        "batch {seq} does not follow batch {} in the journal (its prev_hash differs)",
+                        seq - 1
                     ),
                 );
                 break;
@@ -474,14 +432,14 @@ impl GroupIngest {
             let view = match batch::decode(&r.bytes) {
                 Ok(v) => v,
                 Err(e) => {
-                    nack(out, r, e.to_string());
+                    nack(out, &r, e.to_string());
                     break;
                 }
             };
             let plan = match plan_batch(&view, &self.name, &sim) {
                 Ok(plan) => plan,
                 Err(reason) => {
-                    nack(out, r, reason);
+                    nack(out, &r, reason);
                     break;
                 }
             };
@@ -491,9 +449,11 @@ impl GroupIngest {
                 }
             }
             expected_prev = Some(r.header.header_hash);
-            bytes += r.received_len();
-            next += 1;
-            chosen.push((p, plan));
+            chosen.push((r, plan));
+        }
+        // The batches after a refused one wait again, as they were.
+        for r in run {
+            self.pending.put_back(r);
         }
         if chosen.is_empty() {
             return Ok(true);
@@ -520,7 +480,7 @@ impl GroupIngest {
         let (io, written, chosen) = tokio::task::spawn_blocking(move || {
             let refs: Vec<(&[u8], &BatchPlan)> = chosen
                 .iter()
-                .map(|(p, plan)| (p.received.bytes.as_slice(), plan))
+                .map(|(r, plan)| (r.bytes.as_slice(), plan))
                 .collect();
             let written = io.write(&refs, &volumes);
             (io, written, chosen)
@@ -575,7 +535,7 @@ impl GroupIngest {
         if self.paused.is_some() {
             self.resume(out).await?;
         }
-        for (p, plan) in &chosen {
+        for (r, plan) in &chosen {
             for (agent_id, state, _) in &plan.state_changes {
                 let Some(v) = self.volumes.get_mut(agent_id) else {
                     continue;
@@ -584,11 +544,11 @@ impl GroupIngest {
                 let msg = match state {
                     VolumeState::Syncing => format!(
                         "volume {} began its initial sync at seq {}",
-                        v.name, p.received.header.seq
+                        v.name, r.header.seq
                     ),
                     VolumeState::Protecting => format!(
                         "volume {} completed its initial sync at seq {}; its window starts there",
-                        v.name, p.received.header.seq
+                        v.name, r.header.seq
                     ),
                     VolumeState::New => continue,
                 };
@@ -599,9 +559,9 @@ impl GroupIngest {
             }
         }
         let mut replies: Vec<Reply> = Vec::new();
-        for (p, _) in &chosen {
-            if !replies.iter().any(|r| r.same_channel(&p.received.reply)) {
-                replies.push(p.received.reply.clone());
+        for (r, _) in &chosen {
+            if !replies.iter().any(|c| c.same_channel(&r.reply)) {
+                replies.push(r.reply.clone());
             }
         }
         for r in replies {
@@ -613,7 +573,7 @@ impl GroupIngest {
     /// The rows of one group commit (step 6).
     pub(super) fn commit_rows(
         &self,
-        chosen: &[(Pending, BatchPlan)],
+        chosen: &[(Received, BatchPlan)],
         spans: &[Option<SegmentSpan>],
     ) -> CommitRows {
         let durable_ns = now_ns();
@@ -621,12 +581,12 @@ impl GroupIngest {
             group_id: self.group_id,
             ..CommitRows::default()
         };
-        for ((p, plan), span) in chosen.iter().zip(spans) {
-            let h = &p.received.header;
+        for ((r, plan), span) in chosen.iter().zip(spans) {
+            let h = &r.header;
             rows.batches.push(BatchRow {
                 seq: h.seq.0,
                 agent_ns: h.agent_time_ns,
-                received_ns: p.received.received_ns,
+                received_ns: r.received_ns,
                 durable_ns,
                 flags: h.flags.0,
                 bookmark: h.bookmark.clone(),
@@ -663,8 +623,8 @@ impl GroupIngest {
             }
         }
         if let Some((last, _)) = chosen.last() {
-            rows.head_seq = last.received.header.seq.0;
-            rows.head_hash = Some(last.received.header.header_hash);
+            rows.head_seq = last.header.seq.0;
+            rows.head_hash = Some(last.header.header_hash);
         }
         rows
     }
@@ -675,11 +635,10 @@ impl GroupIngest {
     pub(super) async fn undo(
         &mut self,
         to: JournalPos,
-        chosen: Vec<(Pending, BatchPlan)>,
+        chosen: Vec<(Received, BatchPlan)>,
     ) -> Result<()> {
-        for (p, _) in chosen {
-            self.pending_bytes += p.received.bytes.len();
-            self.pending.insert(p.received.header.seq.0, p);
+        for (r, _) in chosen {
+            self.pending.put_back(r);
         }
         let mut io = self
             .io
@@ -715,13 +674,26 @@ impl GroupIngest {
             self.fenced = true;
         }
         self.pending.clear();
-        self.pending_bytes = 0;
     }
 }
 
-impl Received {
-    pub(super) fn received_len(&self) -> usize {
+impl Ordered for Received {
+    fn seq(&self) -> u64 {
+        self.header.seq.0
+    }
+
+    fn header_hash(&self) -> Hash {
+        self.header.header_hash
+    }
+
+    fn byte_len(&self) -> usize {
         self.bytes.len()
+    }
+
+    /// The same batch came again (over another connection, or resent): its replies go where
+    /// the latest copy came from.
+    fn refresh(&mut self, again: Received) {
+        self.reply = again.reply;
     }
 }
 
