@@ -156,6 +156,14 @@ pub struct GroupIngest {
 /// A message for a connection: (where, what).
 pub(super) type Outbox = Vec<(Reply, Control)>;
 
+/// The batches one group commit takes, in seq order, each with its plan.
+pub(super) type Chosen = Vec<(Received, BatchPlan)>;
+
+/// What the writes of a group commit leave (see [`GroupIngest::write_batches`]): where the
+/// journal goes back to on failure, each batch's place in the journal (or the failure), and the
+/// batches.
+type Written = (JournalPos, Result<Vec<Option<SegmentSpan>>>, Chosen);
+
 /// Records an event. A full disk costs only the event (it is logged at debug level instead;
 /// returns false), never the group; any other error is returned.
 pub(super) async fn record_event(
@@ -406,10 +414,45 @@ impl GroupIngest {
     /// One group commit. Returns false when it failed on a full disk (undone, and the group
     /// paused).
     pub(super) async fn commit_once(&mut self, out: &mut Outbox) -> Result<bool> {
-        // Choose and plan the in-order batches of this commit.
+        let chosen = self.choose_batches(out);
+        if chosen.is_empty() {
+            return Ok(true);
+        }
+        // The fence: a failed-over group commits nothing (checked again inside the
+        // transaction, for a failover that starts while this commit writes).
+        if let Some(f) = self.catalog.failover(self.group_id).await? {
+            drop(chosen);
+            self.fence(f.seq);
+            return Ok(false);
+        }
+        let (undo_to, written, chosen) = self.write_batches(chosen).await?;
+        let rows = match self.commit_batches(&chosen, written).await? {
+            Ok(rows) => rows,
+            Err(ReplicaError::Fenced(why)) => {
+                self.undo(undo_to, chosen).await?;
+                tracing::debug!(group = %self.name, "a commit met the fence: {why}");
+                self.fence(0);
+                return Ok(false);
+            }
+            Err(e) if e.is_disk_full() => {
+                self.undo(undo_to, chosen).await?;
+                self.pause(&e, out).await?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        self.advance_and_ack(rows, &chosen, out).await?;
+        Ok(true)
+    }
+
+    /// Step 3 of a group commit: takes the in-order run of waiting batches (within
+    /// [`GROUP_COMMIT_BYTES_MAX`]) and plans each against the hash chain and the group's
+    /// volumes as they will be at its turn. The first batch that fails is refused (`Nack` in
+    /// `out`); the ones after it wait again. Returns the batches to commit, with their plans.
+    fn choose_batches(&mut self, out: &mut Outbox) -> Chosen {
         let mut sim = self.volumes.clone();
         let mut expected_prev = self.head_hash;
-        let mut chosen: Vec<(Received, BatchPlan)> = Vec::new();
+        let mut chosen: Chosen = Vec::new();
         let mut run = self
             .pending
             .take_in_order(self.head, GROUP_COMMIT_BYTES_MAX)
@@ -455,18 +498,14 @@ impl GroupIngest {
         for r in run {
             self.pending.put_back(r);
         }
-        if chosen.is_empty() {
-            return Ok(true);
-        }
-        // The fence: a failed-over group commits nothing (checked again inside the
-        // transaction, for a failover that starts while this commit writes).
-        if let Some(f) = self.catalog.failover(self.group_id).await? {
-            drop(chosen);
-            self.fence(f.seq);
-            return Ok(false);
-        }
+        chosen
+    }
 
-        // Steps 4-5: target writes, journal append, fsyncs (on a blocking thread).
+    /// Steps 4–5 of a group commit: target writes, journal append, fsyncs (on a blocking
+    /// thread). Returns where the journal goes back to if the commit fails, what the writes
+    /// came to (an `Err` there is the commit's failure, for the caller to undo), and the
+    /// batches back. An `Err` of its own stops ingest.
+    async fn write_batches(&mut self, chosen: Chosen) -> Result<Written> {
         let mut io = self.io.take().ok_or_else(|| {
             ReplicaError::Ingest(format!(
                 "group {} lost its journal after an earlier failure",
@@ -487,43 +526,46 @@ impl GroupIngest {
         })
         .await?;
         self.io = Some(io);
+        Ok((undo_to, written, chosen))
+    }
 
-        // Step 6: one transaction.
-        let committed = match written {
-            Ok(spans) => {
-                let rows = self.commit_rows(&chosen, &spans);
-                match self.catalog.commit(&rows).await {
-                    Ok(()) => Ok(rows),
-                    // A COMMIT that failed may still have taken effect: the head says.
-                    Err(e) if e.is_disk_full() => {
-                        if self.catalog.head(self.group_id).await? == rows.head_seq {
-                            Ok(rows)
-                        } else {
-                            Err(e)
-                        }
-                    }
-                    Err(e) => Err(e),
+    /// Step 6 of a group commit: the batches' rows in one transaction, once their writes
+    /// (`written`) succeeded. The inner result is the commit's: its rows, or the failure the
+    /// caller undoes (a failed COMMIT that took effect after all counts as a success). An
+    /// outer `Err` (reading the head back failed) stops ingest.
+    async fn commit_batches(
+        &self,
+        chosen: &[(Received, BatchPlan)],
+        written: Result<Vec<Option<SegmentSpan>>>,
+    ) -> Result<Result<CommitRows>> {
+        let spans = match written {
+            Ok(spans) => spans,
+            Err(e) => return Ok(Err(e)),
+        };
+        let rows = self.commit_rows(chosen, &spans);
+        Ok(match self.catalog.commit(&rows).await {
+            Ok(()) => Ok(rows),
+            // A COMMIT that failed may still have taken effect: the head says.
+            Err(e) if e.is_disk_full() => {
+                if self.catalog.head(self.group_id).await? == rows.head_seq {
+                    Ok(rows)
+                } else {
+                    Err(e)
                 }
             }
             Err(e) => Err(e),
-        };
-        let rows = match committed {
-            Ok(rows) => rows,
-            Err(ReplicaError::Fenced(why)) => {
-                self.undo(undo_to, chosen).await?;
-                tracing::debug!(group = %self.name, "a commit met the fence: {why}");
-                self.fence(0);
-                return Ok(false);
-            }
-            Err(e) if e.is_disk_full() => {
-                self.undo(undo_to, chosen).await?;
-                self.pause(&e, out).await?;
-                return Ok(false);
-            }
-            Err(e) => return Err(e),
-        };
+        })
+    }
 
-        // Durable: advance, then step 7, the acks.
+    /// After a group commit is durable: the head advances, a paused group resumes, volume
+    /// state changes are applied (an info line and an event each), then step 7, one `Ack` to
+    /// each connection that sent one of the batches.
+    async fn advance_and_ack(
+        &mut self,
+        rows: CommitRows,
+        chosen: &[(Received, BatchPlan)],
+        out: &mut Outbox,
+    ) -> Result<()> {
         self.head = rows.head_seq;
         self.head_hash = rows.head_hash;
         self.link.committed(
@@ -535,7 +577,7 @@ impl GroupIngest {
         if self.paused.is_some() {
             self.resume(out).await?;
         }
-        for (r, plan) in &chosen {
+        for (r, plan) in chosen {
             for (agent_id, state, _) in &plan.state_changes {
                 let Some(v) = self.volumes.get_mut(agent_id) else {
                     continue;
@@ -559,7 +601,7 @@ impl GroupIngest {
             }
         }
         let mut replies: Vec<Reply> = Vec::new();
-        for (r, _) in &chosen {
+        for (r, _) in chosen {
             if !replies.iter().any(|c| c.same_channel(&r.reply)) {
                 replies.push(r.reply.clone());
             }
@@ -567,7 +609,7 @@ impl GroupIngest {
         for r in replies {
             out.push((r, Control::ack(&self.name, cdp_shared::Seq(self.head))));
         }
-        Ok(true)
+        Ok(())
     }
 
     /// The rows of one group commit (step 6).
@@ -632,11 +674,7 @@ impl GroupIngest {
     /// Undoes a commit that failed on a full disk: the journal goes back to `to` (now, or
     /// before the next commit writes anything if the undo itself fails on the full disk), and
     /// the batches wait again in `pending`, exactly as before the commit took them.
-    pub(super) async fn undo(
-        &mut self,
-        to: JournalPos,
-        chosen: Vec<(Received, BatchPlan)>,
-    ) -> Result<()> {
+    pub(super) async fn undo(&mut self, to: JournalPos, chosen: Chosen) -> Result<()> {
         for (r, _) in chosen {
             self.pending.put_back(r);
         }
