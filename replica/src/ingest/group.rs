@@ -1,7 +1,8 @@
 //! One group's ingest: the journal in seq order, out-of-order batches held until the gap
-//! fills, group commits and their undo, and the task that runs it.
+//! fills (in the sans-IO reorder buffer, `order`), group commits and their undo, and the task
+//! that runs it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cdp_shared::batch::{self, BatchHeader, Hash, RecordHeader};
@@ -11,12 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::order::{Offer, Ordered, ReorderBuffer};
 use super::pause::Paused;
 use super::plan::{BatchPlan, TargetOp, plan_batch};
-use super::{
-    GROUP_COMMIT_BYTES_MAX, IngestOptions, PENDING_BATCHES_MAX, PENDING_BYTES_MAX, Reply,
-    VolumeEntry,
-};
+use super::{GROUP_COMMIT_BYTES_MAX, IngestOptions, Reply, VolumeEntry};
 use crate::catalog::{
     BatchRow, Catalog, CommitRows, EventLevel, NewRecord, RecordRow, SegmentSpan, VolumeState,
 };
@@ -43,10 +42,6 @@ pub(super) enum GroupMsg {
     Reload(oneshot::Sender<Result<()>>),
     /// A connection of the group's agent: it hears `Paused`/`Resumed` (at once if paused).
     Attach(Reply),
-}
-
-pub(super) struct Pending {
-    pub(super) received: Received,
 }
 
 /// Disk state of a group: its journal and the target files of volumes being synced.
@@ -143,8 +138,8 @@ pub struct GroupIngest {
     pub(super) head: u64,
     pub(super) head_hash: Option<Hash>,
     pub(super) volumes: HashMap<u32, VolumeEntry>,
-    pub(super) pending: BTreeMap<u64, Pending>,
-    pub(super) pending_bytes: usize,
+    /// Batches ahead of the head, waiting for the gap before them (bounded).
+    pub(super) pending: ReorderBuffer<Received>,
     pub(super) io: Option<GroupIo>,
     pub(super) board: Arc<PauseBoard>,
     /// Control streams of the agent's connections (closed ones are dropped as found).
@@ -160,6 +155,14 @@ pub struct GroupIngest {
 
 /// A message for a connection: (where, what).
 pub(super) type Outbox = Vec<(Reply, Control)>;
+
+/// The batches one group commit takes, in seq order, each with its plan.
+pub(super) type Chosen = Vec<(Received, BatchPlan)>;
+
+/// What the writes of a group commit leave (see [`GroupIngest::write_batches`]): where the
+/// journal goes back to on failure, each batch's place in the journal (or the failure), and the
+/// batches.
+type Written = (JournalPos, Result<Vec<Option<SegmentSpan>>>, Chosen);
 
 /// Records an event. A full disk costs only the event (it is logged at debug level instead;
 /// returns false), never the group; any other error is returned.
@@ -249,8 +252,7 @@ impl GroupIngest {
             head: g.head_seq,
             head_hash: g.head_hash,
             volumes: HashMap::new(),
-            pending: BTreeMap::new(),
-            pending_bytes: 0,
+            pending: ReorderBuffer::new(),
             io: Some(GroupIo {
                 data_dir: data_dir.clone(),
                 journal,
@@ -276,7 +278,7 @@ impl GroupIngest {
 
     /// The next batch is ready but waits for the trimmer (the journal is over its cap).
     pub(super) fn waits_for_trimmer(&self) -> bool {
-        self.pending.contains_key(&(self.head + 1)) && self.link.must_wait()
+        self.pending.next_ready(self.head) && self.link.must_wait()
     }
 
     pub fn head(&self) -> u64 {
@@ -337,12 +339,7 @@ impl GroupIngest {
         // a chain the agent has since given up (it rebased): they stay, since that
         // connection may still be there; a newer batch with the same seq replaces one
         // (`handle_batch`), and one that does not follow the journal is refused at its commit.
-        let stale: Vec<u64> = self.pending.range(..=self.head).map(|(s, _)| *s).collect();
-        for s in stale {
-            if let Some(p) = self.pending.remove(&s) {
-                self.pending_bytes -= p.received.bytes.len();
-            }
-        }
+        self.pending.drop_through(self.head);
         Ok(())
     }
 
@@ -352,8 +349,9 @@ impl GroupIngest {
     pub async fn handle_batch(&mut self, r: Received) -> Result<Outbox> {
         let mut out = Outbox::new();
         let seq = r.header.seq.0;
-        if seq <= self.head {
-            match self.catalog.batch_hash(self.group_id, seq).await? {
+        let paused = self.paused.as_ref().map(|p| p.reason.as_str());
+        match self.pending.offer(r, self.head, paused) {
+            Offer::Duplicate(r) => match self.catalog.batch_hash(self.group_id, seq).await? {
                 Some(h) if h != r.header.header_hash => {
                     tracing::error!(group = %self.name, seq, agent = %r.agent, "a resent batch differs from the journaled batch with the same seq");
                     self.event(
@@ -375,43 +373,16 @@ impl GroupIngest {
                     r.reply.clone(),
                     Control::ack(&self.name, cdp_shared::Seq(self.head)),
                 )),
-            }
-            return Ok(out);
-        }
-        if let Some(p) = self.pending.get_mut(&seq) {
-            if p.received.header.header_hash == r.header.header_hash {
-                p.received.reply = r.reply;
-            } else {
-                // Nothing waiting is acknowledged, and a group's batches come from its one
-                // agent: a different batch with the same seq is the agent's newer chain (after
-                // a rebase), so it replaces the older one.
+            },
+            Offer::Refreshed | Offer::Held => {}
+            // Nothing waiting is acknowledged, and a group's batches come from its one agent:
+            // a different batch with the same seq is the agent's newer chain (after a rebase),
+            // so it replaced the older one.
+            Offer::Replaced(_older) => {
                 tracing::debug!(group = %self.name, seq, "a newer batch {seq} replaces the one waiting");
-                self.pending_bytes = self.pending_bytes - p.received.bytes.len() + r.bytes.len();
-                p.received = r;
             }
-            return Ok(out);
+            Offer::Refused(r, refusal) => nack(&mut out, &r, refusal.reason(&self.name)),
         }
-        if seq > self.head + PENDING_BATCHES_MAX as u64
-            || self.pending.len() >= PENDING_BATCHES_MAX
-            || self.pending_bytes + r.bytes.len() > PENDING_BYTES_MAX
-        {
-            let reason = match &self.paused {
-                Some(p) => format!(
-                    "batch {seq} cannot wait: ingest of group {} is paused ({}) and {} batches already wait; send it again after Resumed",
-                    self.name,
-                    p.reason,
-                    self.pending.len()
-                ),
-                None => format!(
-                    "batch {seq} is too far ahead of the journal (durable up to {}); send the missing batches first",
-                    self.head
-                ),
-            };
-            nack(&mut out, &r, reason);
-            return Ok(out);
-        }
-        self.pending_bytes += r.bytes.len();
-        self.pending.insert(seq, Pending { received: r });
         Ok(out)
     }
 
@@ -428,7 +399,7 @@ impl GroupIngest {
         {
             return Ok(out);
         }
-        while self.pending.contains_key(&(self.head + 1)) {
+        while self.pending.next_ready(self.head) {
             // Over the journal's cap: the trimmer brings it under first (see `trimmer`).
             if self.link.must_wait() {
                 break;
@@ -443,58 +414,7 @@ impl GroupIngest {
     /// One group commit. Returns false when it failed on a full disk (undone, and the group
     /// paused).
     pub(super) async fn commit_once(&mut self, out: &mut Outbox) -> Result<bool> {
-        // Choose and plan the in-order batches of this commit.
-        let mut sim = self.volumes.clone();
-        let mut expected_prev = self.head_hash;
-        let mut chosen: Vec<(Pending, BatchPlan)> = Vec::new();
-        let mut bytes = 0usize;
-        let mut next = self.head + 1;
-        while let Some(p) = self.pending.get(&next) {
-            if !chosen.is_empty() && bytes + p.received.bytes.len() > GROUP_COMMIT_BYTES_MAX {
-                break;
-            }
-            let Some(p) = self.pending.remove(&next) else {
-                break;
-            };
-            self.pending_bytes -= p.received.bytes.len();
-            let r = &p.received;
-            if let Some(prev) = expected_prev
-                && r.header.prev_hash != prev
-            {
-                nack(
-                    out,
-                    r,
-                    format!(
-                        "batch {next} does not follow batch {} in the journal (its prev_hash differs)",
-                        next - 1
-                    ),
-                );
-                break;
-            }
-            let view = match batch::decode(&r.bytes) {
-                Ok(v) => v,
-                Err(e) => {
-                    nack(out, r, e.to_string());
-                    break;
-                }
-            };
-            let plan = match plan_batch(&view, &self.name, &sim) {
-                Ok(plan) => plan,
-                Err(reason) => {
-                    nack(out, r, reason);
-                    break;
-                }
-            };
-            for (agent_id, state, _) in &plan.state_changes {
-                if let Some(v) = sim.get_mut(agent_id) {
-                    v.state = *state;
-                }
-            }
-            expected_prev = Some(r.header.header_hash);
-            bytes += r.received_len();
-            next += 1;
-            chosen.push((p, plan));
-        }
+        let chosen = self.choose_batches(out);
         if chosen.is_empty() {
             return Ok(true);
         }
@@ -505,49 +425,8 @@ impl GroupIngest {
             self.fence(f.seq);
             return Ok(false);
         }
-
-        // Steps 4-5: target writes, journal append, fsyncs (on a blocking thread).
-        let mut io = self.io.take().ok_or_else(|| {
-            ReplicaError::Ingest(format!(
-                "group {} lost its journal after an earlier failure",
-                self.name
-            ))
-        })?;
-        // Where the journal goes back to if this commit fails on a full disk (a rollback
-        // still due from an earlier failure goes back to the same place).
-        let undo_to = io.rollback_due.unwrap_or_else(|| io.journal.durable());
-        let volumes = self.volumes.clone();
-        let (io, written, chosen) = tokio::task::spawn_blocking(move || {
-            let refs: Vec<(&[u8], &BatchPlan)> = chosen
-                .iter()
-                .map(|(p, plan)| (p.received.bytes.as_slice(), plan))
-                .collect();
-            let written = io.write(&refs, &volumes);
-            (io, written, chosen)
-        })
-        .await?;
-        self.io = Some(io);
-
-        // Step 6: one transaction.
-        let committed = match written {
-            Ok(spans) => {
-                let rows = self.commit_rows(&chosen, &spans);
-                match self.catalog.commit(&rows).await {
-                    Ok(()) => Ok(rows),
-                    // A COMMIT that failed may still have taken effect: the head says.
-                    Err(e) if e.is_disk_full() => {
-                        if self.catalog.head(self.group_id).await? == rows.head_seq {
-                            Ok(rows)
-                        } else {
-                            Err(e)
-                        }
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            Err(e) => Err(e),
-        };
-        let rows = match committed {
+        let (undo_to, written, chosen) = self.write_batches(chosen).await?;
+        let rows = match self.commit_batches(&chosen, written).await? {
             Ok(rows) => rows,
             Err(ReplicaError::Fenced(why)) => {
                 self.undo(undo_to, chosen).await?;
@@ -562,8 +441,131 @@ impl GroupIngest {
             }
             Err(e) => return Err(e),
         };
+        self.advance_and_ack(rows, &chosen, out).await?;
+        Ok(true)
+    }
 
-        // Durable: advance, then step 7, the acks.
+    /// Step 3 of a group commit: takes the in-order run of waiting batches (within
+    /// [`GROUP_COMMIT_BYTES_MAX`]) and plans each against the hash chain and the group's
+    /// volumes as they will be at its turn. The first batch that fails is refused (`Nack` in
+    /// `out`); the ones after it wait again. Returns the batches to commit, with their plans.
+    fn choose_batches(&mut self, out: &mut Outbox) -> Chosen {
+        let mut sim = self.volumes.clone();
+        let mut expected_prev = self.head_hash;
+        let mut chosen: Chosen = Vec::new();
+        let mut run = self
+            .pending
+            .take_in_order(self.head, GROUP_COMMIT_BYTES_MAX)
+            .into_iter();
+        for r in run.by_ref() {
+            let seq = r.header.seq.0;
+            if let Some(prev) = expected_prev
+                && r.header.prev_hash != prev
+            {
+                nack(
+                    out,
+                    &r,
+                    format!(
+                        "batch {seq} does not follow batch {} in the journal (its prev_hash differs)",
+                        seq - 1
+                    ),
+                );
+                break;
+            }
+            let view = match batch::decode(&r.bytes) {
+                Ok(v) => v,
+                Err(e) => {
+                    nack(out, &r, e.to_string());
+                    break;
+                }
+            };
+            let plan = match plan_batch(&view, &self.name, &sim) {
+                Ok(plan) => plan,
+                Err(reason) => {
+                    nack(out, &r, reason);
+                    break;
+                }
+            };
+            for (agent_id, state, _) in &plan.state_changes {
+                if let Some(v) = sim.get_mut(agent_id) {
+                    v.state = *state;
+                }
+            }
+            expected_prev = Some(r.header.header_hash);
+            chosen.push((r, plan));
+        }
+        // The batches after a refused one wait again, as they were.
+        for r in run {
+            self.pending.put_back(r);
+        }
+        chosen
+    }
+
+    /// Steps 4–5 of a group commit: target writes, journal append, fsyncs (on a blocking
+    /// thread). Returns where the journal goes back to if the commit fails, what the writes
+    /// came to (an `Err` there is the commit's failure, for the caller to undo), and the
+    /// batches back. An `Err` of its own stops ingest.
+    async fn write_batches(&mut self, chosen: Chosen) -> Result<Written> {
+        let mut io = self.io.take().ok_or_else(|| {
+            ReplicaError::Ingest(format!(
+                "group {} lost its journal after an earlier failure",
+                self.name
+            ))
+        })?;
+        // Where the journal goes back to if this commit fails on a full disk (a rollback
+        // still due from an earlier failure goes back to the same place).
+        let undo_to = io.rollback_due.unwrap_or_else(|| io.journal.durable());
+        let volumes = self.volumes.clone();
+        let (io, written, chosen) = tokio::task::spawn_blocking(move || {
+            let refs: Vec<(&[u8], &BatchPlan)> = chosen
+                .iter()
+                .map(|(r, plan)| (r.bytes.as_slice(), plan))
+                .collect();
+            let written = io.write(&refs, &volumes);
+            (io, written, chosen)
+        })
+        .await?;
+        self.io = Some(io);
+        Ok((undo_to, written, chosen))
+    }
+
+    /// Step 6 of a group commit: the batches' rows in one transaction, once their writes
+    /// (`written`) succeeded. The inner result is the commit's: its rows, or the failure the
+    /// caller undoes (a failed COMMIT that took effect after all counts as a success). An
+    /// outer `Err` (reading the head back failed) stops ingest.
+    async fn commit_batches(
+        &self,
+        chosen: &[(Received, BatchPlan)],
+        written: Result<Vec<Option<SegmentSpan>>>,
+    ) -> Result<Result<CommitRows>> {
+        let spans = match written {
+            Ok(spans) => spans,
+            Err(e) => return Ok(Err(e)),
+        };
+        let rows = self.commit_rows(chosen, &spans);
+        Ok(match self.catalog.commit(&rows).await {
+            Ok(()) => Ok(rows),
+            // A COMMIT that failed may still have taken effect: the head says.
+            Err(e) if e.is_disk_full() => {
+                if self.catalog.head(self.group_id).await? == rows.head_seq {
+                    Ok(rows)
+                } else {
+                    Err(e)
+                }
+            }
+            Err(e) => Err(e),
+        })
+    }
+
+    /// After a group commit is durable: the head advances, a paused group resumes, volume
+    /// state changes are applied (an info line and an event each), then step 7, one `Ack` to
+    /// each connection that sent one of the batches.
+    async fn advance_and_ack(
+        &mut self,
+        rows: CommitRows,
+        chosen: &[(Received, BatchPlan)],
+        out: &mut Outbox,
+    ) -> Result<()> {
         self.head = rows.head_seq;
         self.head_hash = rows.head_hash;
         self.link.committed(
@@ -575,7 +577,7 @@ impl GroupIngest {
         if self.paused.is_some() {
             self.resume(out).await?;
         }
-        for (p, plan) in &chosen {
+        for (r, plan) in chosen {
             for (agent_id, state, _) in &plan.state_changes {
                 let Some(v) = self.volumes.get_mut(agent_id) else {
                     continue;
@@ -584,11 +586,11 @@ impl GroupIngest {
                 let msg = match state {
                     VolumeState::Syncing => format!(
                         "volume {} began its initial sync at seq {}",
-                        v.name, p.received.header.seq
+                        v.name, r.header.seq
                     ),
                     VolumeState::Protecting => format!(
                         "volume {} completed its initial sync at seq {}; its window starts there",
-                        v.name, p.received.header.seq
+                        v.name, r.header.seq
                     ),
                     VolumeState::New => continue,
                 };
@@ -599,21 +601,21 @@ impl GroupIngest {
             }
         }
         let mut replies: Vec<Reply> = Vec::new();
-        for (p, _) in &chosen {
-            if !replies.iter().any(|r| r.same_channel(&p.received.reply)) {
-                replies.push(p.received.reply.clone());
+        for (r, _) in chosen {
+            if !replies.iter().any(|c| c.same_channel(&r.reply)) {
+                replies.push(r.reply.clone());
             }
         }
         for r in replies {
             out.push((r, Control::ack(&self.name, cdp_shared::Seq(self.head))));
         }
-        Ok(true)
+        Ok(())
     }
 
     /// The rows of one group commit (step 6).
     pub(super) fn commit_rows(
         &self,
-        chosen: &[(Pending, BatchPlan)],
+        chosen: &[(Received, BatchPlan)],
         spans: &[Option<SegmentSpan>],
     ) -> CommitRows {
         let durable_ns = now_ns();
@@ -621,12 +623,12 @@ impl GroupIngest {
             group_id: self.group_id,
             ..CommitRows::default()
         };
-        for ((p, plan), span) in chosen.iter().zip(spans) {
-            let h = &p.received.header;
+        for ((r, plan), span) in chosen.iter().zip(spans) {
+            let h = &r.header;
             rows.batches.push(BatchRow {
                 seq: h.seq.0,
                 agent_ns: h.agent_time_ns,
-                received_ns: p.received.received_ns,
+                received_ns: r.received_ns,
                 durable_ns,
                 flags: h.flags.0,
                 bookmark: h.bookmark.clone(),
@@ -663,8 +665,8 @@ impl GroupIngest {
             }
         }
         if let Some((last, _)) = chosen.last() {
-            rows.head_seq = last.received.header.seq.0;
-            rows.head_hash = Some(last.received.header.header_hash);
+            rows.head_seq = last.header.seq.0;
+            rows.head_hash = Some(last.header.header_hash);
         }
         rows
     }
@@ -672,14 +674,9 @@ impl GroupIngest {
     /// Undoes a commit that failed on a full disk: the journal goes back to `to` (now, or
     /// before the next commit writes anything if the undo itself fails on the full disk), and
     /// the batches wait again in `pending`, exactly as before the commit took them.
-    pub(super) async fn undo(
-        &mut self,
-        to: JournalPos,
-        chosen: Vec<(Pending, BatchPlan)>,
-    ) -> Result<()> {
-        for (p, _) in chosen {
-            self.pending_bytes += p.received.bytes.len();
-            self.pending.insert(p.received.header.seq.0, p);
+    pub(super) async fn undo(&mut self, to: JournalPos, chosen: Chosen) -> Result<()> {
+        for (r, _) in chosen {
+            self.pending.put_back(r);
         }
         let mut io = self
             .io
@@ -715,13 +712,26 @@ impl GroupIngest {
             self.fenced = true;
         }
         self.pending.clear();
-        self.pending_bytes = 0;
     }
 }
 
-impl Received {
-    pub(super) fn received_len(&self) -> usize {
+impl Ordered for Received {
+    fn seq(&self) -> u64 {
+        self.header.seq.0
+    }
+
+    fn header_hash(&self) -> Hash {
+        self.header.header_hash
+    }
+
+    fn byte_len(&self) -> usize {
         self.bytes.len()
+    }
+
+    /// The same batch came again (over another connection, or resent): its replies go where
+    /// the latest copy came from.
+    fn refresh(&mut self, again: Received) {
+        self.reply = again.reply;
     }
 }
 

@@ -5,8 +5,12 @@
 //!   volumes of its group (as they will be when the batch's turn comes), and what committing
 //!   it means — target writes for syncing volumes, a journal append and record rows for
 //!   protecting volumes, volume state changes.
-//! * [`GroupIngest`] keeps one group's journal in seq order: it holds out-of-order batches
-//!   (bounded) until the gap fills, checks the hash chain, and runs group commits.
+//! * `order` is the sans-IO reorder buffer: the out-of-order batches a group holds (bounded)
+//!   until the gap fills, and what becomes of each batch offered to it (duplicate, refreshed,
+//!   replaced by a newer chain's, held, refused) — actions for the caller, never I/O.
+//! * [`GroupIngest`] keeps one group's journal in seq order: it offers each batch to its
+//!   reorder buffer (and checks a duplicate against the catalog), checks the hash chain, and
+//!   runs group commits of the in-order run the buffer hands out.
 //! * [`IngestService`] is what the QUIC server (and in-process tests) talk to: `hello` admits
 //!   an agent's groups, `attach` subscribes a connection to its groups' `Paused`/`Resumed`
 //!   news, `submit` fully checks a batch and hands it to its group's task through a bounded
@@ -19,6 +23,7 @@
 //!   it; [`IngestService::end_forget`] starts them again when the group is still there.
 mod admission;
 mod group;
+mod order;
 mod pause;
 mod plan;
 mod service;
