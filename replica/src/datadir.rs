@@ -24,7 +24,6 @@ use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ReplicaError, Result};
-use crate::journal::SEGMENT_BYTES_TARGET;
 use crate::retention::{Retention, format_duration, format_size, parse_duration, parse_size};
 
 /// Default address `serve` listens on (UDP, QUIC).
@@ -164,6 +163,9 @@ pub struct JournalToml {
 
 /// Smallest `[journal] segment_size` accepted.
 pub const SEGMENT_SIZE_MIN: u64 = 64 << 10;
+/// Largest `[journal] segment_size` accepted, and the default: the journal's
+/// `SEGMENT_BYTES_TARGET` (`journal` asserts they are equal; `datadir` is below `journal`).
+pub const SEGMENT_SIZE_MAX: u64 = 256 << 20;
 
 /// `[verifier]` of `replica.toml`, read when `serve` starts.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -215,7 +217,7 @@ pub struct ReplicaConfig {
     /// The retention of groups created from now on.
     pub retention: Retention,
     pub verifier: VerifierConfig,
-    /// Where journal segments are rotated (bytes; [`crate::journal::SEGMENT_BYTES_TARGET`] by
+    /// Where journal segments are rotated (bytes; [`SEGMENT_SIZE_MAX`] by
     /// default).
     pub journal_segment_bytes: u64,
 }
@@ -254,14 +256,14 @@ impl ConfigToml {
             verifier.auto_repair = a;
         }
         let journal_segment_bytes = match &self.journal.segment_size {
-            None => SEGMENT_BYTES_TARGET,
+            None => SEGMENT_SIZE_MAX,
             Some(text) => match parse_size(text) {
-                Ok(Some(n)) if (SEGMENT_SIZE_MIN..=SEGMENT_BYTES_TARGET).contains(&n) => n,
+                Ok(Some(n)) if (SEGMENT_SIZE_MIN..=SEGMENT_SIZE_MAX).contains(&n) => n,
                 Ok(_) => {
                     return Err(invalid(format!(
                         "[journal] segment_size = {text:?} is outside {}..={} (smaller segments mean more files, never less data)",
                         format_size(SEGMENT_SIZE_MIN),
-                        format_size(SEGMENT_BYTES_TARGET)
+                        format_size(SEGMENT_SIZE_MAX)
                     )));
                 }
                 Err(e) => return Err(invalid(format!("[journal] segment_size: {e}"))),
@@ -467,7 +469,7 @@ mod tests {
             let c = load_config(&dir).expect("load");
             assert_eq!((c.listen, c.retention), (listen, retention));
             assert_eq!(c.verifier, VerifierConfig::default());
-            assert_eq!(c.journal_segment_bytes, SEGMENT_BYTES_TARGET);
+            assert_eq!(c.journal_segment_bytes, SEGMENT_SIZE_MAX);
         }
     }
 

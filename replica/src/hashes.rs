@@ -13,7 +13,7 @@
 //!   keeps the trimmer from moving the base past S or unlinking a segment the plan reads; so
 //!   the answer is the image at S however ingest and the trimmer move on meanwhile.
 
-use cdp_shared::types::{CHUNK_BYTES, VolumeId};
+use cdp_shared::types::{CHUNK_BYTES, VolumeId, chunk_count};
 use cdp_shared::wire::{CONTROL_FRAME_BYTES_MAX, HASHES_PER_MESSAGE_MAX};
 
 use crate::catalog::{Catalog, VolumeState};
@@ -37,19 +37,6 @@ impl ChunkHashes {
     /// The hashes as the wire carries them (64 lowercase hex digits each).
     pub fn hex(&self) -> Vec<String> {
         self.hashes.iter().map(|h| h.to_hex().to_string()).collect()
-    }
-}
-
-/// Number of chunks of a volume of `size` bytes (the last one may be short).
-pub fn chunk_count(size: u64) -> u64 {
-    size.div_ceil(CHUNK_BYTES)
-}
-
-/// The length of each chunk of a volume of `size` bytes (the last one may be short).
-pub fn chunk_len_of(size: u64) -> impl Fn(u64) -> u64 {
-    move |chunk| {
-        size.saturating_sub(chunk.saturating_mul(CHUNK_BYTES))
-            .min(CHUNK_BYTES)
     }
 }
 

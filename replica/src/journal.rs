@@ -44,6 +44,7 @@ pub const SEGMENT_BYTES_TARGET: u64 = 256 << 20;
 pub const SEGMENT_BYTES_MAX: u64 = SEGMENT_BYTES_TARGET + BATCH_BYTES_MAX as u64;
 
 const _: () = assert!(SEGMENT_BYTES_TARGET > BATCH_BYTES_MAX as u64);
+const _: () = assert!(SEGMENT_BYTES_TARGET == crate::datadir::SEGMENT_SIZE_MAX);
 const _: () = assert!(SEGMENT_BYTES_MAX <= u32::MAX as u64);
 
 /// File name of segment `n`.

@@ -202,7 +202,7 @@ impl LazyImage {
                     i.spec.seq,
                     lo,
                     hi + 1,
-                    crate::hashes::chunk_len_of(i.spec.size),
+                    cdp_shared::types::chunk_len_of(i.spec.size),
                 )
                 .await?;
             let mut by_chunk: BTreeMap<u64, Vec<RecordRow>> = BTreeMap::new();

@@ -10,7 +10,8 @@
 //! * [`catalog`] — `meta.db` (SQLite): the only module that talks to SQLite.
 //! * [`journal`] — append-only segments, the only code that fsyncs them; written vs durable.
 //! * [`target`] — the sparse target files.
-//! * [`ingest`] — `plan` (the semantic checks, sans-IO), `group` (per-group ordering and group
+//! * [`ingest`] — `plan` (the semantic checks, sans-IO), `order` (the reorder buffer, sans-IO),
+//!   `group` (per-group ordering and group
 //!   commit), `pause` (a group whose disk is full), `admission` (the Hello), `service`.
 //! * [`pause_board`] — `DIR/paused.json`: the paused groups, written in place by `serve`, read
 //!   by `status`.

@@ -478,7 +478,7 @@ impl PinGuard {
                 i.seq,
                 chunks.start,
                 chunks.end,
-                crate::hashes::chunk_len_of(i.volume.size),
+                cdp_shared::types::chunk_len_of(i.volume.size),
             )
             .await?;
         self.reader(&group, &rows)

@@ -52,12 +52,12 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::agent_ports::{AgentPort, AgentPorts};
 use crate::catalog::Catalog;
 use crate::catalog::OpenMode;
 use crate::clock::now_ns;
 use crate::datadir::{DataDir, ServeLock, read_agents};
 use crate::error::{ReplicaError, Result};
-use crate::agent_ports::{AgentPort, AgentPorts};
 use crate::hashes;
 use crate::ingest::{CONTROL_OUTBOX_MAX, IngestOptions, IngestService};
 

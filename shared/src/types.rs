@@ -58,6 +58,19 @@ pub const BATCH_AGE_MS_DEFAULT: u64 = 20;
 /// Default number of batches in flight (sent, not acknowledged) per group.
 pub const BATCHES_IN_FLIGHT_DEFAULT: usize = 32;
 
+/// Number of chunks of a volume of `size` bytes (the last one may be short).
+pub fn chunk_count(size: u64) -> u64 {
+    size.div_ceil(CHUNK_BYTES)
+}
+
+/// The length of each chunk of a volume of `size` bytes (the last one may be short).
+pub fn chunk_len_of(size: u64) -> impl Fn(u64) -> u64 {
+    move |chunk| {
+        size.saturating_sub(chunk.saturating_mul(CHUNK_BYTES))
+            .min(CHUNK_BYTES)
+    }
+}
+
 const _: () = assert!(CHUNK_BYTES.is_power_of_two());
 const _: () = assert!(BATCH_PAYLOAD_BYTES_MAX > BATCH_PAYLOAD_BYTES_TARGET + CHUNK_BYTES as usize);
 const _: () = assert!(BATCH_PAYLOAD_BYTES_MAX <= u32::MAX as usize);

@@ -872,7 +872,7 @@ mod tests {
                         upto,
                         first,
                         end,
-                        crate::hashes::chunk_len_of(size),
+                        cdp_shared::types::chunk_len_of(size),
                     )
                     .await
                     .unwrap();

@@ -13,11 +13,11 @@ use super::{
     ANSWER_TIMEOUT, Check, Ctx, HEAD_POLL_INTERVAL, HEAD_WAIT_TIMEOUT, NO_AGENT_RETRY, PIN_HOLDER,
     Target,
 };
+use crate::agent_ports::Asked;
 use crate::catalog::{EventLevel, MismatchRow, NewVerifyResult, VerifyOutcome};
 use crate::clock::now_ns;
 use crate::error::{ReplicaError, Result};
 use crate::pins::{PinAt, pin_in};
-use crate::agent_ports::Asked;
 
 /// Reads every group's durable head from the catalog each [`HEAD_POLL_INTERVAL`] while a
 /// check waits on one, and publishes it: one query per interval however many checks wait.

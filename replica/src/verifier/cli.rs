@@ -12,7 +12,7 @@ use crate::catalog::{Catalog, VolumeRow, VolumeState};
 use crate::clock::now_ns;
 use crate::datadir::{DataDir, ServeLock};
 use crate::error::{ReplicaError, Result};
-use crate::hashes::chunk_count;
+use cdp_shared::types::chunk_count;
 
 /// Progress of on-demand runs, for a progress bar.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

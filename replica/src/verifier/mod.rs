@@ -125,11 +125,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::agent_ports::AgentPorts;
 use crate::catalog::{Catalog, GroupRow, VerifyOutcome, VolumeRow};
 use crate::clock::now_ns;
 use crate::datadir::{DataDir, VerifierConfig};
 use crate::error::Result;
-use crate::agent_ports::AgentPorts;
 
 mod check;
 mod cli;

@@ -14,7 +14,7 @@ use crate::clock::now_ns;
 use crate::clock::{rfc3339, time_of};
 use crate::datadir::DataDir;
 use crate::error::Result;
-use crate::hashes::chunk_count;
+use cdp_shared::types::chunk_count;
 
 /// `verify report` (its JSON is documented in the module docs).
 #[derive(Clone, Debug, PartialEq, Serialize)]

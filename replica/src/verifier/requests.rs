@@ -13,11 +13,11 @@ use super::{
     ANSWER_TIMEOUT, Check, Ctx, HEAD_POLL_INTERVAL, NO_AGENT_RETRY, REPAIR_WAIT_TIMEOUT,
     REQUEST_POLL_INTERVAL, RUN_CHECKS_IN_FLIGHT, SAMPLE_RUN_CHUNKS, Target, window_floor,
 };
+use crate::agent_ports::Asked;
 use crate::catalog::{Catalog, EventLevel, GroupRow, RunRow, VerifyOutcome, VolumeState};
 use crate::clock::now_ns;
 use crate::error::{ReplicaError, Result};
-use crate::hashes::chunk_count;
-use crate::agent_ports::Asked;
+use cdp_shared::types::chunk_count;
 
 async fn target_of(catalog: &Catalog, volume_id: i64) -> Result<Option<(Target, GroupRow)>> {
     let Some(v) = catalog

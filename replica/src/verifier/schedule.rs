@@ -12,11 +12,11 @@ use super::{
     BACKGROUND_CHECKS_IN_FLIGHT, Ctx, PRUNE_INTERVAL, RECENT_CHUNKS_PER_ROUND_MAX, RESULTS_KEEP,
     RESULTS_PER_VOLUME_MAX, SWEEP_CHUNKS_PER_ROUND, Target, ns, window_floor,
 };
+use crate::agent_ports::AgentPorts;
 use crate::catalog::{Catalog, VolumeState};
 use crate::clock::now_ns;
 use crate::error::Result;
-use crate::hashes::chunk_count;
-use crate::agent_ports::AgentPorts;
+use cdp_shared::types::chunk_count;
 
 /// The background verifier: `chunks_per_sec` checks per second of chunks from [`choose`].
 pub(super) async fn background(ctx: Arc<Ctx>) {
