@@ -1048,6 +1048,63 @@ mod tests {
         spool.wait_durable(Seq(20)).await.expect("durable");
     }
 
+    /// The past fault (a sync stuck in `wait_for_room`): the link frees the spool with `ack`
+    /// and then publishes the ack to the group's waiters. A waiter that looks at the spool's
+    /// room once the ack is published, whether it was already waiting (woken by it) or starts
+    /// looking only afterwards, must see the room the ack made, without the writer thread.
+    #[tokio::test]
+    async fn an_ack_frees_room_before_its_waiters_look() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = Batcher::new("g", BatcherConfig::default(), Seq(0), [0; 32]);
+        let (spool, _) = Spool::open(dir.path()).expect("open");
+        let mut lens = Vec::new();
+        for _ in 0..4 {
+            let (s, h) = make(&mut b);
+            lens.push(s.bytes.len() as u64);
+            spool.append(s, h, 0);
+        }
+        // Room once at most two batches are held.
+        let room_below = lens[..2].iter().sum::<u64>() + 1;
+        let (acked, _) = watch::channel(Seq(0));
+        // The waiter of `wait_for_room`: look, then wait for the next ack, and look again.
+        let wait_for_room = |spool: Spool, mut rx: watch::Receiver<Seq>| async move {
+            loop {
+                rx.borrow_and_update();
+                if spool.held_bytes() < room_below {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    panic!("the ack watch closed");
+                }
+            }
+        };
+
+        // Waiting already when the ack comes.
+        let waiter = tokio::spawn(wait_for_room(spool.clone(), acked.subscribe()));
+        tokio::task::yield_now().await;
+        spool.ack(Seq(2));
+        acked.send_replace(Seq(2));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter woken by the ack sees its room")
+            .expect("waiter");
+
+        // Looking only after the ack: the first look sees the room.
+        let (s, h) = make(&mut b);
+        spool.append(s, h, 0);
+        spool.ack(Seq(4));
+        acked.send_replace(Seq(4));
+        let rx = acked.subscribe();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            wait_for_room(spool.clone(), rx),
+        )
+        .await
+        .expect("a waiter looking after the ack sees its room");
+        assert_eq!(spool.held().0, 1);
+        spool.wait_durable(Seq(5)).await.expect("durable");
+    }
+
     /// Five durable batches (the third a bookmark); `damage` changes the segment's bytes.
     async fn spool_of_five(dir: &Path) -> (Vec<Hash>, Vec<(u64, u64)>) {
         let mut b = Batcher::new("g", BatcherConfig::default(), Seq(0), [0; 32]);

@@ -4,6 +4,7 @@
 //! answers written back by the connection loop.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
 use cdp_shared::Seq;
@@ -11,11 +12,14 @@ use cdp_shared::wire::Control;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::window::{GroupSend, send_batch};
-use super::{HashWaiters, NACKS_IN_A_ROW_MAX, SharedLink, parse_hash};
+use super::window::{NackAction, SendWindow, send_batch};
+use super::{HashWaiters, SharedLink, parse_hash};
+use crate::pipeline::Group;
 
 pub(super) struct Ctx<'a> {
-    pub(super) state: &'a mut BTreeMap<String, GroupSend>,
+    pub(super) window: &'a mut SendWindow,
+    /// The groups of the connection, by name (the window's groups).
+    pub(super) groups: &'a BTreeMap<String, Arc<Group>>,
     pub(super) conn: &'a quinn::Connection,
     pub(super) sends: &'a mut JoinSet<Result<()>>,
     pub(super) link: &'a SharedLink,
@@ -26,55 +30,45 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The connection's group named `name` (one of the window's).
+    fn group(&self, name: &str) -> Result<&Arc<Group>> {
+        self.groups
+            .get(name)
+            .ok_or_else(|| anyhow!("no group {name} on this connection"))
+    }
+
     pub(super) fn handle(&mut self, msg: Control) -> Result<()> {
         match msg {
             Control::Ack { group, durable } => {
-                let s = self
-                    .state
-                    .get_mut(&group)
-                    .ok_or_else(|| anyhow!("ack for unknown group {group}"))?;
-                let durable = Seq(durable);
-                if durable > s.acked {
-                    if durable >= s.next {
-                        bail!(
-                            "the replica acknowledged seq {durable} of group {group}, which was never sent"
-                        );
-                    }
-                    s.acked = durable;
-                    s.nacks_in_a_row = 0;
-                    s.group.spool.ack(durable);
-                    s.group.acked.send_replace(durable);
-                    s.group.bump();
+                if let Some(free) = self.window.handle_ack(&group, Seq(durable))? {
+                    let g = self.group(&group)?;
+                    // The spool forgets the batches before the waiters hear of the ack: a
+                    // sync woken by it (`wait_for_room`) sees the room it made.
+                    g.spool.ack(free);
+                    g.acked.send_replace(free);
+                    g.bump();
                 }
             }
             Control::Nack { group, seq, reason } => {
-                let Some(s) = self.state.get_mut(&group) else {
-                    // The replica could not tell which batch it refused (its header was
-                    // unreadable): start over, which sends every unacknowledged batch again.
-                    bail!(
-                        "the replica refused a batch it could not attribute ({reason}); reconnecting to send every unacknowledged batch again"
-                    );
-                };
-                tracing::warn!(
-                    group,
-                    seq,
-                    "the replica refused batch {seq}: {reason}; sending it again"
-                );
-                s.nacks_in_a_row += 1;
-                if s.nacks_in_a_row > NACKS_IN_A_ROW_MAX {
-                    bail!(
-                        "the replica refused batches of group {group} {} times in a row (last: seq {seq}: {reason})",
-                        s.nacks_in_a_row
+                // A nack the replica could not attribute (its header was unreadable) ends
+                // the connection: the next one sends every unacknowledged batch again.
+                if self.window.has_group(&group) {
+                    tracing::warn!(
+                        group,
+                        seq,
+                        "the replica refused batch {seq}: {reason}; sending it again"
                     );
                 }
-                let seq = Seq(seq);
-                if seq > s.acked && seq < s.next {
-                    let bytes = s
-                        .group
-                        .spool
-                        .get(seq)?
-                        .ok_or_else(|| anyhow!("batch {seq} is missing from the spool"))?;
-                    self.sends.spawn(send_batch(self.conn.clone(), bytes));
+                match self.window.handle_nack(&group, Seq(seq), &reason)? {
+                    NackAction::Resend(seq) => {
+                        let bytes = self
+                            .group(&group)?
+                            .spool
+                            .get(seq)?
+                            .ok_or_else(|| anyhow!("batch {seq} is missing from the spool"))?;
+                        self.sends.spawn(send_batch(self.conn.clone(), bytes));
+                    }
+                    NackAction::Ignore => {}
                 }
             }
             Control::HashReply {
@@ -133,14 +127,14 @@ impl Ctx<'_> {
                 volume,
                 chunk,
             } => {
-                let Some(s) = self.state.get(&group) else {
+                let Some(g) = self.groups.get(&group) else {
                     let _ = self.replies.try_send(Control::VerifyRefused {
                         id,
                         reason: format!("no group {group} on this agent"),
                     });
                     return Ok(());
                 };
-                let g = s.group.clone();
+                let g = g.clone();
                 let replies = self.replies.clone();
                 self.verifies.spawn(async move {
                     let msg = match g.hash_chunk_at_boundary(volume, chunk).await {
@@ -161,7 +155,7 @@ impl Ctx<'_> {
                 chunks,
             } => {
                 let refuse = |reason: String| Control::RepairRefused { id, reason };
-                let Some(s) = self.state.get(&group) else {
+                let Some(g) = self.groups.get(&group) else {
                     let _ = self
                         .replies
                         .try_send(refuse(format!("no group {group} on this agent")));
@@ -175,7 +169,7 @@ impl Ctx<'_> {
                     )));
                     return Ok(());
                 }
-                let g = s.group.clone();
+                let g = g.clone();
                 let replies = self.replies.clone();
                 self.verifies.spawn(async move {
                     let msg = match g.repair_chunks(volume, &chunks).await {

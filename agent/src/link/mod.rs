@@ -38,13 +38,10 @@ mod window;
 
 use answers::Ctx;
 use catch_up::catch_up;
-use window::{GroupSend, send_window};
+use window::{SendWindow, send_window};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// A batch refused this many times in a row means something is wrong on this side: the
-/// connection is restarted.
-const NACKS_IN_A_ROW_MAX: u32 = 5;
 /// Hash requests waiting for the connection, at most.
 const HASH_QUERIES_MAX: usize = 16;
 /// Verify answers waiting to be written, at most (the replica's verifier asks few at a time).
@@ -311,7 +308,8 @@ async fn serve_connection(
         Control::Refused { reason } => bail!("the replica refused this agent: {reason}"),
         other => bail!("unexpected first message from the replica: {other:?}"),
     };
-    let mut state: BTreeMap<String, GroupSend> = BTreeMap::new();
+    let mut window = SendWindow::new(config.window);
+    let mut by_name: BTreeMap<String, Arc<Group>> = BTreeMap::new();
     for g in groups {
         let w = welcome_groups
             .iter()
@@ -320,15 +318,8 @@ async fn serve_connection(
         let durable = catch_up(g, w)?;
         g.spool.ack(durable);
         g.acked.send_replace(durable);
-        state.insert(
-            g.name.clone(),
-            GroupSend {
-                group: g.clone(),
-                next: durable.next(),
-                acked: durable,
-                nacks_in_a_row: 0,
-            },
-        );
+        window.add_group(&g.name, durable);
+        by_name.insert(g.name.clone(), g.clone());
     }
     set_link(link, true, None);
     *backoff = BACKOFF_MIN;
@@ -354,7 +345,8 @@ async fn serve_connection(
     let (replies, mut reply_rx) = mpsc::channel::<Control>(VERIFIES_IN_FLIGHT_MAX);
     let mut verifies = JoinSet::new();
     let mut ctx = Ctx {
-        state: &mut state,
+        window: &mut window,
+        groups: &by_name,
         conn,
         sends: &mut sends,
         link,
@@ -367,7 +359,7 @@ async fn serve_connection(
     }
     loop {
         // Send what the window allows.
-        send_window(ctx.state, ctx.sends, conn, config.window, corrupt)?;
+        send_window(ctx.window, ctx.groups, ctx.sends, conn, corrupt)?;
         let wake_fut = wake.notified();
         tokio::select! {
             n = ctl_recv.read(&mut buf) => {
