@@ -299,15 +299,11 @@ impl Agent {
         });
         tasks.spawn(control::serve(ctl_listener, ctx, shutdown.clone()));
 
-        let corrupt_seq_once = std::env::var("CDP_FAULT_CORRUPT_SEQ")
-            .ok()
-            .and_then(|v| v.parse().ok());
         let sender_config = SenderConfig {
             replica: config.replica.clone(),
             replica_fingerprint,
             identity,
             window: config.batches_in_flight,
-            corrupt_seq_once,
         };
         let (replica_link, queries) = ReplicaLink::new();
         tasks.spawn(crate::link::run(

@@ -69,9 +69,6 @@ pub struct SenderConfig {
     pub replica_fingerprint: Fingerprint,
     pub identity: Identity,
     pub window: usize,
-    /// Test-only fault injection: flip one bit of this seq's first transmission, so that the
-    /// replica must refuse it and the agent must send it again.
-    pub corrupt_seq_once: Option<u64>,
 }
 
 type HashAnswer = std::result::Result<Vec<[u8; 32]>, String>;
@@ -151,7 +148,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
-    let mut corrupt = config.corrupt_seq_once;
     let mut last_logged: Option<String> = None;
     link.lock().unwrap_or_else(|p| p.into_inner()).replica = config.replica.clone();
     let mut changed = group_set.subscribe();
@@ -161,7 +157,7 @@ pub async fn run(
         changed.borrow_and_update();
         let groups = group_set.snapshot();
         let result = tokio::select! {
-            r = session(&groups, &config, &link, &mut queries, &mut corrupt, &mut backoff) => r,
+            r = session(&groups, &config, &link, &mut queries, &mut backoff) => r,
             _ = changed.changed() => {
                 drop(groups);
                 set_link(&link, false, None);
@@ -205,7 +201,6 @@ async fn session(
     config: &SenderConfig,
     link: &SharedLink,
     queries: &mut mpsc::Receiver<HashQuery>,
-    corrupt: &mut Option<u64>,
     backoff: &mut Duration,
 ) -> Result<()> {
     let addr = resolve(&config.replica).await?;
@@ -224,7 +219,7 @@ async fn session(
         .context("start a QUIC connection")?
         .await
         .with_context(|| format!("connect to the replica at {addr}"))?;
-    let result = serve_connection(groups, config, link, &conn, queries, corrupt, backoff).await;
+    let result = serve_connection(groups, config, link, &conn, queries, backoff).await;
     let reason = conn.close_reason();
     conn.close(0u32.into(), b"bye");
     endpoint.wait_idle().await;
@@ -253,7 +248,6 @@ async fn serve_connection(
     link: &SharedLink,
     conn: &quinn::Connection,
     queries: &mut mpsc::Receiver<HashQuery>,
-    corrupt: &mut Option<u64>,
     backoff: &mut Duration,
 ) -> Result<()> {
     let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.context("open the control stream")?;
@@ -359,7 +353,7 @@ async fn serve_connection(
     }
     loop {
         // Send what the window allows.
-        send_window(ctx.window, ctx.groups, ctx.sends, conn, corrupt)?;
+        send_window(ctx.window, ctx.groups, ctx.sends, conn)?;
         let wake_fut = wake.notified();
         tokio::select! {
             n = ctl_recv.read(&mut buf) => {

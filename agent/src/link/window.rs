@@ -186,16 +186,12 @@ impl SendWindow {
 }
 
 /// Sends what the window allows: for each group, the spooled batches after the last one sent,
-/// while fewer than `window` are unacknowledged. `corrupt` is the test-only fault injection
-/// of [`SenderConfig::corrupt_seq_once`].
-///
-/// [`SenderConfig::corrupt_seq_once`]: super::SenderConfig::corrupt_seq_once
+/// while fewer than `window` are unacknowledged.
 pub(super) fn send_window(
     window: &mut SendWindow,
     groups: &BTreeMap<String, Arc<Group>>,
     sends: &mut JoinSet<Result<()>>,
     conn: &quinn::Connection,
-    corrupt: &mut Option<u64>,
 ) -> Result<()> {
     for (name, g) in groups {
         window.handle_written(name, g.spool.written());
@@ -208,21 +204,6 @@ pub(super) fn send_window(
             .spool
             .get(seq)?
             .ok_or_else(|| anyhow!("batch {seq} of group {} is missing from the spool", g.name))?;
-        let bytes = if *corrupt == Some(seq.0) {
-            *corrupt = None;
-            // The last byte lies in the payload (or the header hash of an empty
-            // batch): the header stays readable, so the refusal names the batch.
-            let mut v = bytes.to_vec();
-            let at = v.len() - 1;
-            v[at] ^= 0x10;
-            tracing::warn!(
-                seq = seq.0,
-                "fault injection: sending a corrupted copy of this batch"
-            );
-            bytes::Bytes::from(v)
-        } else {
-            bytes
-        };
         sends.spawn(send_batch(conn.clone(), bytes));
     }
     Ok(())

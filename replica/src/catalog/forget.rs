@@ -148,20 +148,6 @@ impl Catalog {
             .await
             .map_err(ReplicaError::catalog("read what was forgotten"))
     }
-
-    /// Rows of `table` that name a volume (`column` = `volume_id`) or a group (`group_id`),
-    /// for the tests of `forget`.
-    #[doc(hidden)]
-    pub async fn count_rows_for_test(&self, table: &str, column: &str, id: i64) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT COUNT(*) FROM {table} WHERE {column} = ?"
-        )))
-        .bind(id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("count rows"))?;
-        Ok(n as u64)
-    }
 }
 
 impl WriteLock {

@@ -594,27 +594,4 @@ impl Catalog {
             .map_err(ReplicaError::catalog("read repair requests"))?;
         Ok(n > 0)
     }
-
-    /// Test-only fault injection ("a journal record lost"): deletes the record rows of a
-    /// chunk of a volume with seq in `(after, upto]`; returns how many.
-    #[doc(hidden)]
-    pub async fn delete_records_of_chunk_for_test(
-        &self,
-        volume_id: i64,
-        chunk: u64,
-        after: u64,
-        upto: u64,
-    ) -> Result<u64> {
-        Ok(sqlx::query(
-            "DELETE FROM records WHERE volume_id = ? AND chunk = ? AND seq > ? AND seq <= ?",
-        )
-        .bind(volume_id)
-        .bind(chunk as i64)
-        .bind(after as i64)
-        .bind(upto as i64)
-        .execute(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("delete records"))?
-        .rows_affected())
-    }
 }

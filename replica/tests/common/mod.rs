@@ -8,6 +8,7 @@ pub mod journal;
 pub mod nbd;
 pub mod ops;
 pub mod serve;
+pub mod sql;
 pub mod test_agent;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
