@@ -150,8 +150,7 @@ pub fn format_span(ns: i64) -> String {
 /// Parses a journal cap: a whole number and a unit (`512MiB`, `100GiB`, `1TB`), or `none`.
 /// `Err` is the sentence for the operator.
 pub fn parse_size(input: &str) -> Result<Option<u64>, String> {
-    let s = input.trim();
-    if s.eq_ignore_ascii_case("none") {
+    if input.trim().eq_ignore_ascii_case("none") {
         return Ok(None);
     }
     let bad = |why: &str| {
@@ -159,12 +158,25 @@ pub fn parse_size(input: &str) -> Result<Option<u64>, String> {
             "{input:?} is not a journal size: {why}; write a whole number and a unit, such as 512MiB, 100GiB or 1TB, or `none` for no cap"
         )
     };
+    let bytes = parse_bytes(input).map_err(|why| bad(&why))?;
+    if bytes < JOURNAL_CAP_MIN_BYTES {
+        return Err(bad("it must be at least 1MiB"));
+    }
+    Ok(Some(bytes))
+}
+
+/// A size in bytes: a whole number and a unit (`64KiB`, `256MiB`, `1TB`; powers of 1024 or
+/// of 1000), at most 1 EiB. `Err` says why not, for the caller's sentence.
+pub fn parse_bytes(input: &str) -> Result<u64, String> {
+    let s = input.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
     if digits.is_empty() {
-        return Err(bad("it does not start with a number"));
+        return Err("it does not start with a number".to_owned());
     }
-    let n: u64 = digits.parse().map_err(|_| bad("the number is too large"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "the number is too large".to_owned())?;
     let unit_bytes: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "b" => 1,
         "kib" => 1 << 10,
@@ -175,20 +187,15 @@ pub fn parse_size(input: &str) -> Result<Option<u64>, String> {
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         "tb" => 1_000_000_000_000,
-        "" => return Err(bad("it has no unit")),
+        "" => return Err("it has no unit".to_owned()),
         other if other.starts_with('.') || other.starts_with(',') => {
-            return Err(bad("the number must be whole"));
+            return Err("the number must be whole".to_owned());
         }
-        _ => return Err(bad(&format!("{:?} is not a unit", unit.trim()))),
+        _ => return Err(format!("{:?} is not a unit", unit.trim())),
     };
-    let bytes = n
-        .checked_mul(unit_bytes)
+    n.checked_mul(unit_bytes)
         .filter(|&b| b <= JOURNAL_CAP_MAX_BYTES)
-        .ok_or_else(|| bad("it is larger than 1 EiB"))?;
-    if bytes < JOURNAL_CAP_MIN_BYTES {
-        return Err(bad("it must be at least 1MiB"));
-    }
-    Ok(Some(bytes))
+        .ok_or_else(|| "it is larger than 1 EiB".to_owned())
 }
 
 /// A journal cap as [`parse_size`] reads it, exactly, in the largest binary or decimal unit
