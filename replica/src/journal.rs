@@ -45,6 +45,8 @@ pub const SEGMENT_BYTES_MAX: u64 = SEGMENT_BYTES_TARGET + BATCH_BYTES_MAX as u64
 
 const _: () = assert!(SEGMENT_BYTES_TARGET > BATCH_BYTES_MAX as u64);
 const _: () = assert!(SEGMENT_BYTES_TARGET == crate::datadir::SEGMENT_SIZE_MAX);
+/// Bytes a group commit leaves free on the journal's filesystem ([`Journal::check_room`]).
+pub const DISK_RESERVE_BYTES: u64 = 2 << 20;
 const _: () = assert!(SEGMENT_BYTES_MAX <= u32::MAX as u64);
 
 /// File name of segment `n`.
@@ -233,6 +235,22 @@ impl Journal {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Refuses, as a full disk (`ENOSPC` on the journal's directory), a commit that would
+    /// leave less than [`DISK_RESERVE_BYTES`] free on the journal's filesystem once `bytes`
+    /// more are appended: the catalog, often on the same filesystem, keeps room for the
+    /// transaction of the trim that frees the disk again.
+    pub fn check_room(&self, bytes: u64) -> Result<()> {
+        let st = rustix::fs::statvfs(&self.dir)
+            .map_err(|e| ReplicaError::io("statvfs", &self.dir)(e.into()))?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < bytes.saturating_add(DISK_RESERVE_BYTES) {
+            return Err(ReplicaError::io("append to", &self.dir)(
+                std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error()),
+            ));
+        }
+        Ok(())
     }
 
     /// Appends one whole batch; returns where it starts. Rotates to a new segment first when

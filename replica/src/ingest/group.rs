@@ -67,6 +67,14 @@ impl GroupIo {
     ) -> Result<Vec<Option<SegmentSpan>>> {
         self.rollback()?;
         debug_assert_eq!(self.journal.written(), self.journal.durable());
+        let journaled: u64 = batches
+            .iter()
+            .filter(|(_, plan)| plan.journal)
+            .map(|(bytes, _)| bytes.len() as u64)
+            .sum();
+        if journaled > 0 {
+            self.journal.check_room(journaled)?;
+        }
         let mut spans = Vec::with_capacity(batches.len());
         for (bytes, plan) in batches {
             if !plan.target_ops.is_empty() {
