@@ -19,7 +19,7 @@ use cdp_shared::wire::{CONTROL_FRAME_BYTES_MAX, HASHES_PER_MESSAGE_MAX};
 use crate::catalog::{Catalog, VolumeState};
 use crate::datadir::DataDir;
 use crate::error::{ReplicaError, Result};
-use crate::pins::{PinAt, pin_in};
+use crate::pins::{PinAt, PinTiming, pin_in};
 
 // A full reply (64 hex digits, quotes and a comma per hash, plus the envelope) fits a frame.
 const _: () = assert!((HASHES_PER_MESSAGE_MAX as usize) * 70 + 1024 <= CONTROL_FRAME_BYTES_MAX);
@@ -101,7 +101,16 @@ pub async fn chunk_hashes(
     }
     // The head, pinned for as long as the chunks are read (the trimmer may move the base up to
     // it meanwhile, but not past it).
-    let (point, pin) = match pin_in(dir, catalog, &v.name, PinAt::Head, "hash service", false).await
+    let (point, pin) = match pin_in(
+        dir,
+        catalog,
+        &v.name,
+        PinAt::Head,
+        "hash service",
+        false,
+        PinTiming::default(),
+    )
+    .await
     {
         Ok(p) => p,
         Err(ReplicaError::Point(reason)) => return Ok(Err(reason)),

@@ -220,7 +220,7 @@ pub async fn pin_point_with(
 ) -> Result<(ChosenPoint, PinGuard)> {
     let dir = DataDir::existing(root)?;
     let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
-    let result = pin_in_with(
+    let result = pin_in(
         &dir,
         &catalog,
         volume,
@@ -236,29 +236,9 @@ pub async fn pin_point_with(
     result
 }
 
-/// [`pin_point`] on an open catalog; `owns_catalog` makes the guard close it at the end.
+/// [`pin_point`] on an open catalog, with `timing`; `owns_catalog` makes the guard close it
+/// at the end.
 pub(crate) async fn pin_in(
-    dir: &DataDir,
-    catalog: &Catalog,
-    volume: &str,
-    at: PinAt<'_>,
-    holder: &str,
-    owns_catalog: bool,
-) -> Result<(ChosenPoint, PinGuard)> {
-    pin_in_with(
-        dir,
-        catalog,
-        volume,
-        at,
-        holder,
-        owns_catalog,
-        PinTiming::default(),
-    )
-    .await
-}
-
-/// [`pin_in`] with a timing.
-async fn pin_in_with(
     dir: &DataDir,
     catalog: &Catalog,
     volume: &str,

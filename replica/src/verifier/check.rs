@@ -17,7 +17,7 @@ use crate::agent_ports::Asked;
 use crate::catalog::{EventLevel, MismatchRow, NewVerifyResult, VerifyOutcome};
 use crate::clock::now_ns;
 use crate::error::{ReplicaError, Result};
-use crate::pins::{PinAt, pin_in};
+use crate::pins::{PinAt, PinTiming, pin_in};
 
 /// Reads every group's durable head from the catalog each [`HEAD_POLL_INTERVAL`] while a
 /// check waits on one, and publishes it: one query per interval however many checks wait.
@@ -142,6 +142,7 @@ async fn check_chunk(ctx: &Ctx, t: &Target, chunk: u64) -> Result<Option<Check>>
         PinAt::Spec(&spec),
         PIN_HOLDER,
         false,
+        PinTiming::default(),
     )
     .await
     {
