@@ -48,11 +48,13 @@
 //!
 //! # The journal cap and ingest
 //! A group's ingest and trimmer share a [`TrimLink`]: the journal bytes (ingest adds what it
-//! commits, the trimmer subtracts what (d) removes) and the cap. Before each group commit,
-//! ingest waits while the journal is over its cap and the trimmer can bring it under; so the
-//! journal's bytes never exceed the cap by more than one group commit (at most
-//! `GROUP_COMMIT_BYTES_MAX`) — unless a live pin holds the base, in which case ingest goes on
-//! (a reader never stops protection) and the cap is exceeded until the pin is released.
+//! commits, the trimmer subtracts what (d) removes once (e) has freed it on disk) and the
+//! cap. Before each group commit, ingest waits while the journal is over its cap and the
+//! trimmer can bring it under; so the journal's bytes, on disk too, never exceed the cap by
+//! more than one group commit (at most `GROUP_COMMIT_BYTES_MAX`) — unless a live pin holds
+//! the base, in which case ingest goes on (a reader never stops protection) and the cap is
+//! exceeded until the pin is released (a pin may also keep trimmed bytes of the segment
+//! holding the trimmed end on disk, see (e), until it is released).
 //!
 //! # Errors
 //! A journal record that fails its checks (damaged in its segment) is left out — its bytes
@@ -230,6 +232,8 @@ impl Trimmer {
         let g = self.catalog.group_by_id(self.group_id).await?;
         self.link.set_cap(g.retention.journal_bytes_max);
         let mut outcome = RoundOutcome::default();
+        // The journal bytes (d) removed; ingest is told once (e) has freed them on disk.
+        let mut released = 0;
         let to = match g.trimming_to {
             Some(to) => {
                 tracing::debug!(group = %self.name, "completing the trim to seq {to} under way");
@@ -255,7 +259,7 @@ impl Trimmer {
                 return Ok(outcome);
             }
             if let Some(done) = self.catalog.finish_trim(self.group_id, to).await? {
-                self.link.trimmed(done.journal_bytes);
+                released = done.journal_bytes;
                 tracing::debug!(
                     group = %self.name,
                     "trimmed to seq {to}: {} batches, {} journal bytes, {} records applied to {} target files",
@@ -270,7 +274,13 @@ impl Trimmer {
                 return Ok(outcome);
             }
         }
-        outcome.unlinked = self.unlink().await?;
+        // Ingest may commit again once the link says the journal is under its cap: said
+        // only after (e), so the disk space those commits take has been freed first (a
+        // replica paused on a full disk, or measured against its cap, never sees the trimmed
+        // bytes counted out while they are still on disk).
+        let unlinked = self.unlink().await;
+        self.link.trimmed(released);
+        outcome.unlinked = unlinked?;
         Ok(outcome)
     }
 
