@@ -19,6 +19,7 @@ const REPLICA: &[&[&str]] = &[
     &["failover"],
     &["forget", "ingest", "verifier"],
     &["server"],
+    &["serve"],
 ];
 
 /// The agent's layers, lowest first.

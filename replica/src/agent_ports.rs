@@ -166,6 +166,52 @@ impl AgentPort {
     }
 }
 
+/// Which connection holds each group's link (group id → connection id): set by the QUIC
+/// shell from the Welcome to the end of the connection, asked by the forget service (a forget
+/// is refused while the group's agent holds its link). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Links {
+    held: Arc<Mutex<HashMap<i64, u64>>>,
+}
+
+impl Links {
+    pub fn new() -> Links {
+        Links::default()
+    }
+
+    /// Connection `conn` holds the links of `group_ids` now (taking them from any other).
+    pub(crate) fn hold(&self, group_ids: &[i64], conn: u64) {
+        if let Ok(mut held) = self.held.lock() {
+            for gid in group_ids {
+                held.insert(*gid, conn);
+            }
+        }
+    }
+
+    /// Connection `conn` ended: the links of `group_ids` it still holds are released.
+    /// Returns those released (a newer connection may hold the others).
+    pub(crate) fn release(&self, group_ids: &[i64], conn: u64) -> Vec<i64> {
+        let mut released = Vec::new();
+        if let Ok(mut held) = self.held.lock() {
+            for gid in group_ids {
+                if held.get(gid) == Some(&conn) {
+                    held.remove(gid);
+                    released.push(*gid);
+                }
+            }
+        }
+        released
+    }
+
+    /// Whether a connection holds the link of `group_id`.
+    pub fn held(&self, group_id: i64) -> bool {
+        self.held
+            .lock()
+            .map(|h| h.contains_key(&group_id))
+            .unwrap_or(false)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +227,22 @@ mod tests {
             },
             rx,
         )
+    }
+
+    #[test]
+    fn a_link_is_released_only_by_the_connection_that_holds_it() {
+        let links = Links::new();
+        links.hold(&[1, 2], 10);
+        assert!(links.held(1) && links.held(2) && !links.held(3));
+        // A newer connection of the same agent takes group 2 over.
+        links.hold(&[2], 11);
+        // The old connection ends: it releases group 1 only.
+        assert_eq!(links.release(&[1, 2], 10), vec![1]);
+        assert!(!links.held(1));
+        assert!(links.held(2), "held by the newer connection");
+        assert_eq!(links.release(&[2], 11), vec![2]);
+        assert!(!links.held(2));
+        assert!(links.release(&[2], 11).is_empty(), "released once");
     }
 
     fn question(id: u64) -> Control {

@@ -243,6 +243,7 @@ pub mod points;
 pub mod reconstruct;
 pub mod restore;
 pub mod retention;
+pub mod serve;
 pub mod server;
 pub mod status;
 pub mod target;
@@ -266,7 +267,7 @@ pub use pins::{PinGuard, pin_point};
 pub use points::{ChosenPoint, PointInfo, points, points_filtered, resolve_point};
 pub use restore::{RestoreSummary, open_image, restore};
 pub use retention::Retention;
-pub use server::{Server, ServerHandle};
+pub use serve::{Server, ServerHandle};
 pub use status::{
     Degraded, FailoverStatus, PinsStatus, PointRef, RetentionStatus, StatusReport, VolumeStatus,
     WindowShort, status,

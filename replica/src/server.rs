@@ -15,7 +15,7 @@
 //! The replica also asks, through [`crate::agent_ports`]: the connection that holds a group's
 //! link registers its control stream there after the Welcome, routes the answers by `id`, and
 //! unregisters when it ends.
-
+//!
 //! # Authorization
 //! The TLS layer admits only agents in `authorized_agents.toml`, re-read at every handshake.
 //! An open connection re-reads it every [`FENCE_CHECK_INTERVAL`] too: once its agent is no
@@ -25,41 +25,36 @@
 //! agent was last seen).
 //!
 //! # Forget
-//! A task beside the verifier takes `forget_requests` rows every
-//! [`crate::forget::FORGET_POLL_INTERVAL`] and carries each out: refused while the group's
-//! agent holds a link, otherwise between [`IngestService::begin_forget`] and
-//! [`IngestService::end_forget`]. A connection welcomed for a group that is forgotten
-//! afterwards is closed on its next check (code [`CLOSE_FORGOTTEN`]). At start, files a forget
-//! left listed are deleted before ingest opens any group.
+//! A connection holds its groups' links ([`crate::agent_ports::Links`]) from its Welcome to
+//! its end: the forget service of `serve` refuses a forget while the group's agent holds one.
+//! A connection welcomed for a group that is forgotten afterwards is closed on its next check
+//! (code [`CLOSE_FORGOTTEN`]).
 //!
-//! Shutdown goes through one `CancellationToken` ([`ServerHandle::shutdown`], or a fatal ingest
-//! error). Connection and stream tasks only wait on the network and are cancelled freely; disk
-//! writes happen in the group tasks of `ingest`, which finish the commit they are in before
-//! stopping.
+//! The shell is started and stopped by the supervisor, `serve` (its token is the serve's).
+//! Connection and stream tasks only wait on the network and are cancelled freely; disk writes
+//! happen in the group tasks of `ingest`, which finish the commit they are in before stopping.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cdp_shared::batch::{BATCH_BYTES_MAX, HEADER_FIXED_BYTES};
-use cdp_shared::identity::{self, AuthorizeFn, Fingerprint};
+use cdp_shared::identity::{self, AuthorizeFn, Fingerprint, Identity};
 use cdp_shared::wire::{self, Control, FrameDecoder};
 use quinn::{Endpoint, EndpointConfig, TokioRuntime};
 use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agent_ports::{AgentPort, AgentPorts};
+use crate::agent_ports::{AgentPort, AgentPorts, Links};
 use crate::catalog::Catalog;
-use crate::catalog::OpenMode;
 use crate::clock::now_ns;
-use crate::datadir::{DataDir, ServeLock, read_agents};
+use crate::datadir::read_agents;
 use crate::error::{ReplicaError, Result};
 use crate::hashes;
-use crate::ingest::{CONTROL_OUTBOX_MAX, IngestOptions, IngestService};
+use crate::ingest::{CONTROL_OUTBOX_MAX, IngestService};
 
 /// How long an agent has, once connected, to open its control stream and say hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -83,80 +78,40 @@ pub const CLOSE_FORGOTTEN: u32 = 4;
 /// `HASHES_PER_MESSAGE_MAX` MiB of image), so that they never starve ingest.
 pub const HASH_REQUESTS_PER_CONNECTION_MAX: usize = 2;
 
-/// Starts the replica's server.
-pub struct Server;
-
-/// A running server: where it listens, and how to stop it.
-pub struct ServerHandle {
-    local_addr: SocketAddr,
-    fingerprint: Fingerprint,
+/// What the connections of the shell talk to (one per serve).
+struct Shared {
+    ingest: IngestService,
+    catalog: Catalog,
     token: CancellationToken,
-    task: JoinHandle<Result<()>>,
+    /// Which connection holds each group's link.
+    links: Links,
+    /// The connected agents' control streams, for the verifier's questions.
+    ports: AgentPorts,
 }
 
-impl ServerHandle {
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    /// The replica's certificate fingerprint (what agents pin).
-    pub fn fingerprint(&self) -> Fingerprint {
-        self.fingerprint
-    }
-
-    /// A token that stops the server when cancelled.
-    pub fn token(&self) -> CancellationToken {
-        self.token.clone()
-    }
-
-    /// Stops accepting, closes connections, lets group commits in progress finish, and
-    /// returns the error that stopped ingest, if any.
-    pub async fn shutdown(self) -> Result<()> {
-        self.token.cancel();
-        self.task.await?
-    }
-
-    /// Waits until the server stops by itself (a fatal ingest error) or through its token.
-    pub async fn wait(self) -> Result<()> {
-        self.task.await?
-    }
+/// What the shell's connections use, from the supervisor (`serve`).
+pub(crate) struct ShellParts {
+    pub ingest: IngestService,
+    pub catalog: Catalog,
+    pub ports: AgentPorts,
+    pub links: Links,
+    /// Stops the shell (and, cancelled by a fatal ingest error, the whole serve).
+    pub token: CancellationToken,
 }
 
-impl Server {
-    /// Binds `listen` (UDP) and starts serving the data directory `root`.
-    pub async fn start(root: &Path, listen: SocketAddr) -> Result<ServerHandle> {
-        let socket = UdpSocket::bind(listen).map_err(|source| ReplicaError::Listen {
-            addr: listen.to_string(),
-            source,
-        })?;
-        Server::start_with_socket(root, socket).await
-    }
+/// The QUIC shell of a serve: its bound endpoint and what its connections talk to.
+pub(crate) struct Shell {
+    endpoint: Endpoint,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+}
 
-    /// Serves `root` on an already-bound UDP socket (tests bind 127.0.0.1:0).
-    pub async fn start_with_socket(root: &Path, socket: UdpSocket) -> Result<ServerHandle> {
-        let dir = DataDir::existing(root)?;
-        let lock = ServeLock::acquire(&dir)?;
-        let identity = dir.identity()?;
-        let catalog = Catalog::open(&dir.catalog(), OpenMode::Migrate).await?;
-        // What a forget cut short left on the disk goes before any group is opened.
-        crate::forget::complete_pending(&catalog, &dir).await?;
-        match catalog
-            .fail_unfinished_forgets("serve stopped before it carried the forget out", now_ns())
-            .await
-        {
-            Err(e) if e.is_disk_full() => tracing::warn!("could not fail old forget requests: {e}"),
-            other => other?,
-        }
-        let config = crate::datadir::load_config(&dir)?;
-        let token = CancellationToken::new();
-        let ingest = IngestService::start_with(
-            &dir,
-            catalog.clone(),
-            token.clone(),
-            IngestOptions::from_config(&config),
-        )
-        .await?;
-        let agents_dir = dir.clone();
+impl Shell {
+    /// Makes the endpoint on the bound `socket`, with the replica's `identity`; the TLS layer
+    /// admits the agents listed in the data directory's `authorized_agents.toml`, re-read at
+    /// every handshake.
+    pub(crate) fn bind(identity: &Identity, socket: UdpSocket, parts: ShellParts) -> Result<Shell> {
+        let agents_dir = parts.ingest.data_dir().clone();
         let authorize: AuthorizeFn =
             Arc::new(move |fp: &Fingerprint| match read_agents(&agents_dir) {
                 Ok(list) => list.iter().any(|a| a.fingerprint == *fp),
@@ -165,7 +120,7 @@ impl Server {
                     false
                 }
             });
-        let server_config = identity::server_config(&identity, authorize)?;
+        let server_config = identity::server_config(identity, authorize)?;
         let addr = socket.local_addr().map_err(|source| ReplicaError::Listen {
             addr: "the given socket".into(),
             source,
@@ -186,85 +141,47 @@ impl Server {
                 addr: addr.to_string(),
                 source,
             })?;
-        tracing::info!(listen = %local_addr, fingerprint = %identity.fingerprint(), "replica serving {}", dir.root().display());
-        let ports = AgentPorts::new();
         let shared = Arc::new(Shared {
-            ingest,
-            catalog,
-            token: token.clone(),
-            links: Mutex::new(HashMap::new()),
-            ports: ports.clone(),
+            ingest: parts.ingest,
+            catalog: parts.catalog,
+            token: parts.token,
+            links: parts.links,
+            ports: parts.ports,
         });
-        let verifier = crate::verifier::start(
-            dir.clone(),
-            shared.catalog.clone(),
-            ports,
-            config.verifier,
-            token.clone(),
-        )
-        .await?;
-        let forgets = tokio::spawn(forget_requests(shared.clone()));
-        let task = tokio::spawn(accept_loop(endpoint, shared, lock, verifier, forgets));
-        Ok(ServerHandle {
+        Ok(Shell {
+            endpoint,
             local_addr,
-            fingerprint: identity.fingerprint(),
-            token,
-            task,
+            shared,
         })
     }
-}
 
-struct Shared {
-    ingest: IngestService,
-    catalog: Catalog,
-    token: CancellationToken,
-    /// group id -> the connection currently holding its link.
-    links: Mutex<HashMap<i64, u64>>,
-    /// The connected agents' control streams, for the verifier's questions.
-    ports: AgentPorts,
-}
-
-/// Accepts connections until cancelled, then shuts everything down in order.
-async fn accept_loop(
-    endpoint: Endpoint,
-    shared: Arc<Shared>,
-    lock: ServeLock,
-    verifier: JoinHandle<()>,
-    forgets: JoinHandle<()>,
-) -> Result<()> {
-    let connections = TaskTracker::new();
-    let mut next_id = 0u64;
-    loop {
-        let incoming = tokio::select! {
-            _ = shared.token.cancelled() => break,
-            i = endpoint.accept() => match i { Some(i) => i, None => break },
-        };
-        next_id += 1;
-        connections.spawn(handle_connection(incoming, shared.clone(), next_id));
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.local_addr
     }
-    endpoint.close(0u32.into(), b"replica shutting down");
-    connections.close();
-    connections.wait().await;
-    // The verifier stops with the token; it writes only catalog rows. A forget in progress
-    // completes first (its files are deleted at the next start otherwise).
-    let _ = verifier.await;
-    let _ = forgets.await;
-    shared.ingest.shutdown().await;
-    let _ = tokio::time::timeout(SHUTDOWN_LINGER, endpoint.wait_idle()).await;
-    let reset = match shared.catalog.reset_links(now_ns()).await {
-        // The next start marks them down; a full disk must not make a clean stop fail.
-        Err(e) if e.is_disk_full() => {
-            tracing::warn!("could not mark the agent links down: {e}");
-            Ok(())
+
+    /// Accepts connections until the token is cancelled; then closes the endpoint and waits
+    /// until every connection task has ended (they wait only on the network: cancelled freely).
+    pub(crate) async fn accept_until_cancelled(&self) {
+        let connections = TaskTracker::new();
+        let mut next_id = 0u64;
+        loop {
+            let incoming = tokio::select! {
+                _ = self.shared.token.cancelled() => break,
+                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+            };
+            next_id += 1;
+            connections.spawn(handle_connection(incoming, self.shared.clone(), next_id));
         }
-        other => other,
-    };
-    shared.catalog.close().await;
-    drop(lock);
-    if let Some(e) = shared.ingest.fatal_error() {
-        return Err(ReplicaError::Ingest(e));
+        self.endpoint.close(0u32.into(), b"replica shutting down");
+        connections.close();
+        connections.wait().await;
     }
-    reset
+
+    /// Once everything behind the shell has stopped: lets the endpoint tell the peers that it
+    /// closed, for at most [`SHUTDOWN_LINGER`].
+    pub(crate) async fn linger(self) {
+        let _ = tokio::time::timeout(SHUTDOWN_LINGER, self.endpoint.wait_idle()).await;
+    }
 }
 
 fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
@@ -560,112 +477,6 @@ async fn serve_connection(
     result
 }
 
-/// Carries out the forgets the CLI asks for (`forget_requests`), one at a time, polling every
-/// [`crate::forget::FORGET_POLL_INTERVAL`] until the server stops (see `forget`).
-async fn forget_requests(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(crate::forget::FORGET_POLL_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shared.token.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let requests = match shared.catalog.requested_forgets().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!("could not read the forget requests: {e}");
-                continue;
-            }
-        };
-        for r in requests {
-            match shared
-                .catalog
-                .move_forget_request(r.id, "requested", "running", None, now_ns())
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => continue,
-                Err(e) => {
-                    tracing::warn!("could not take a forget request: {e}");
-                    continue;
-                }
-            }
-            let (state, message) = match serve_forget(&shared, &r).await {
-                Ok(Ok(msg)) => ("done", msg),
-                Ok(Err(why)) => ("failed", why),
-                Err(e) => {
-                    tracing::error!("could not forget {} {}: {e}", r.kind, r.name);
-                    ("failed", e.to_string())
-                }
-            };
-            if let Err(e) = shared
-                .catalog
-                .move_forget_request(r.id, "running", state, Some(&message), now_ns())
-                .await
-            {
-                tracing::warn!("could not record the outcome of a forget: {e}");
-            }
-        }
-    }
-}
-
-/// One forget inside serve: refused while the group's agent is connected; otherwise the
-/// group's tasks are stopped around [`crate::forget::execute`]. `Ok(Err)`: refused.
-async fn serve_forget(
-    shared: &Arc<Shared>,
-    r: &crate::catalog::ForgetRequestRow,
-) -> Result<std::result::Result<String, String>> {
-    use crate::forget::{self, ForgetTarget};
-    let target = match r.kind.as_str() {
-        "group" => ForgetTarget::Group(r.name.clone()),
-        _ => ForgetTarget::Volume(r.name.clone()),
-    };
-    let dir = shared.ingest.data_dir().clone();
-    let Some(plan) = forget::plan(&shared.catalog, &target).await? else {
-        return Ok(Err(format!(
-            "there is no {target} on this replica any more"
-        )));
-    };
-    let gid = plan.group.id;
-    let connected = || {
-        shared
-            .links
-            .lock()
-            .map(|l| l.contains_key(&gid))
-            .unwrap_or(false)
-    };
-    let name = plan.group.name.clone();
-    match shared
-        .ingest
-        .begin_forget(&name, || {
-            if connected() {
-                Err(forget::agent_connected(&plan, &dir))
-            } else {
-                Ok(())
-            }
-        })
-        .await?
-    {
-        Ok(()) => {}
-        Err(why) => return Ok(Err(why)),
-    }
-    let result = forget::execute(&shared.catalog, &dir, &plan).await;
-    // With files left to delete the group stays refused until a forget completes them.
-    let done = match shared.catalog.forget_files().await {
-        Ok(left) => left.is_empty(),
-        Err(_) => false,
-    };
-    shared.ingest.end_forget(&name, done).await?;
-    match result {
-        Ok(()) => {
-            tracing::info!("forgot {target} (requested by cdp-replica forget)");
-            Ok(Ok(format!("forgot {target}")))
-        }
-        Err(ReplicaError::Forget(why)) => Ok(Err(why)),
-        Err(e) => Err(e),
-    }
-}
-
 /// The refusal sentence of the first of `group_ids` that is failed over, if any.
 async fn fenced(shared: &Arc<Shared>, group_ids: &[i64]) -> Option<String> {
     for &gid in group_ids {
@@ -745,18 +556,12 @@ async fn set_links(
     up: bool,
     agent: &Fingerprint,
 ) {
-    let mut changed = Vec::new();
-    if let Ok(mut links) = shared.links.lock() {
-        for gid in group_ids {
-            if up {
-                links.insert(*gid, conn);
-                changed.push(*gid);
-            } else if links.get(gid) == Some(&conn) {
-                links.remove(gid);
-                changed.push(*gid);
-            }
-        }
-    }
+    let changed = if up {
+        shared.links.hold(group_ids, conn);
+        group_ids.to_vec()
+    } else {
+        shared.links.release(group_ids, conn)
+    };
     for gid in changed {
         if let Err(e) = shared
             .catalog

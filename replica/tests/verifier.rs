@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
-use cdp_replica::server::Server;
+use cdp_replica::Server;
 use cdp_shared::batch::{BatchFlags, RECORD_HEADER_BYTES};
 use cdp_shared::identity::{Fingerprint, Identity};
 use cdp_shared::types::CHUNK_BYTES;

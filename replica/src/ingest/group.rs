@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cdp_shared::batch::{self, BatchHeader, Hash, RecordHeader};
 use cdp_shared::identity::Fingerprint;
 use cdp_shared::wire::Control;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -756,9 +756,12 @@ pub(super) async fn run_group(
     mut g: GroupIngest,
     mut rx: mpsc::Receiver<GroupMsg>,
     token: CancellationToken,
+    heads: watch::Sender<HashMap<i64, u64>>,
 ) -> Result<()> {
     let link = g.trim_link();
     loop {
+        let (id, head) = (g.group_id, g.head);
+        heads.send_if_modified(|h| h.insert(id, head) != Some(head));
         let retry_at = g.retry_at();
         let trim_wait = g.waits_for_trimmer();
         let msg = tokio::select! {

@@ -15,6 +15,7 @@
 //!   an agent's groups, `attach` subscribes a connection to its groups' `Paused`/`Resumed`
 //!   news, `submit` fully checks a batch and hands it to its group's task through a bounded
 //!   channel. Replies (`Ack`/`Nack`) go back on the [`Reply`] channel that came with the batch.
+//!   `heads` publishes every group's durable head (a watch), for the verifier.
 //! * A group commit that fails on a full disk is undone and retried every
 //!   [`PAUSE_RETRY_INTERVAL`] (the group is *paused*, see the crate docs); any other failure
 //!   stops ingest.
@@ -31,6 +32,10 @@ mod service;
 pub use group::{GroupIngest, Received};
 pub use plan::{BatchPlan, PlannedRow, TargetOp, plan_batch};
 pub use service::IngestService;
+
+/// The durable head of every open group (group id → seq), published by each group task
+/// after its commits ([`IngestService::heads`]): what the verifier waits on, with no query.
+pub type Heads = tokio::sync::watch::Receiver<std::collections::HashMap<i64, u64>>;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use cdp_shared::batch::{self};
 use cdp_shared::identity::Fingerprint;
 use cdp_shared::wire::Control;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -45,6 +45,8 @@ pub(super) struct ServiceInner {
     /// How many times each group name was forgotten by this serve: a connection welcomed
     /// before a forget of one of its groups is closed.
     pub(super) forget_epochs: Mutex<HashMap<String, u64>>,
+    /// Every open group's durable head (see [`super::Heads`]).
+    pub(super) heads: watch::Sender<HashMap<i64, u64>>,
 }
 
 impl ServiceInner {
@@ -105,6 +107,7 @@ impl IngestService {
                 options,
                 forgetting: Mutex::new(HashSet::new()),
                 forget_epochs: Mutex::new(HashMap::new()),
+                heads: watch::Sender::new(HashMap::new()),
             }),
         };
         let mut groups = service.inner.groups.lock().await;
@@ -118,6 +121,11 @@ impl IngestService {
 
     pub fn catalog(&self) -> &Catalog {
         &self.inner.catalog
+    }
+
+    /// Every open group's durable head, as its task commits (see [`super::Heads`]).
+    pub fn heads(&self) -> super::Heads {
+        self.inner.heads.subscribe()
     }
 
     pub(super) async fn spawn_group(&self, group_id: i64) -> Result<GroupSlot> {
@@ -136,8 +144,9 @@ impl IngestService {
         let token = self.inner.token.child_token();
         let inner = self.inner.clone();
         let group_token = token.clone();
+        let heads = self.inner.heads.clone();
         let ingest = self.inner.tasks.spawn(async move {
-            if let Err(e) = run_group(g, rx, group_token).await {
+            if let Err(e) = run_group(g, rx, group_token, heads).await {
                 inner.stop(&format!("group {name}"), "ingest stopped", &e);
             }
         });

@@ -10,7 +10,7 @@ use cdp_shared::types::CHUNK_BYTES;
 use cdp_shared::wire::Control;
 
 use super::{
-    ANSWER_TIMEOUT, Check, Ctx, HEAD_POLL_INTERVAL, HEAD_WAIT_TIMEOUT, NO_AGENT_RETRY, PIN_HOLDER,
+    ANSWER_TIMEOUT, Check, Ctx, HEAD_WAIT_TIMEOUT, NO_AGENT_RETRY, PIN_HOLDER,
     Target,
 };
 use crate::agent_ports::Asked;
@@ -18,34 +18,6 @@ use crate::catalog::{EventLevel, MismatchRow, NewVerifyResult, VerifyOutcome};
 use crate::clock::now_ns;
 use crate::error::{ReplicaError, Result};
 use crate::pins::{PinAt, PinTiming, pin_in};
-
-/// Reads every group's durable head from the catalog each [`HEAD_POLL_INTERVAL`] while a
-/// check waits on one, and publishes it: one query per interval however many checks wait.
-pub(super) async fn poll_heads(ctx: Arc<Ctx>) {
-    loop {
-        tokio::select! {
-            _ = ctx.token.cancelled() => return,
-            _ = tokio::time::sleep(HEAD_POLL_INTERVAL) => {}
-        }
-        if ctx.heads.receiver_count() == 0 {
-            continue;
-        }
-        match ctx.catalog.groups().await {
-            Ok(groups) => {
-                ctx.heads.send_if_modified(|heads| {
-                    let mut changed = false;
-                    for g in &groups {
-                        if heads.insert(g.id, g.head_seq) != Some(g.head_seq) {
-                            changed = true;
-                        }
-                    }
-                    changed
-                });
-            }
-            Err(e) => tracing::warn!("the verifier could not read the groups' heads: {e}"),
-        }
-    }
-}
 
 // Over 120 lines: steps 1–4 of one check read best in order, each with its early outcomes.
 /// Checks one chunk (steps 1–4 of the module docs). `Ok(None)`: no agent connected (or the
@@ -103,7 +75,7 @@ async fn check_chunk(ctx: &Ctx, t: &Target, chunk: u64) -> Result<Option<Check>>
     };
     // 2. The journal must hold S.
     let deadline = tokio::time::Instant::now() + HEAD_WAIT_TIMEOUT;
-    let mut heads = heads.subscribe();
+    let mut heads = heads.clone();
     let mut head = catalog.head(t.group_id).await?;
     while head < seq {
         tokio::select! {

@@ -11,9 +11,8 @@
 //!    synced or resynced, the group overflowed): outcome `skipped` with the reason (the chunk
 //!    comes round again). No agent connected, or the connection lost: nothing is recorded and
 //!    the verifier waits. No answer within [`ANSWER_TIMEOUT`]: outcome `timeout`.
-//! 2. Wait until the group's durable head (the catalog's `head_seq`, read every
-//!    [`HEAD_POLL_INTERVAL`] by one task, [`poll_heads`], for all the checks that wait)
-//!    reaches S; not within [`HEAD_WAIT_TIMEOUT`]: outcome `timeout` (not a mismatch).
+//! 2. Wait until the group's durable head reaches S (ingest publishes every group's head
+//!    after its commits, [`crate::ingest::IngestService::heads`]: a wait costs no query); not within [`HEAD_WAIT_TIMEOUT`]: outcome `timeout` (not a mismatch).
 //! 3. Pin S (`pins`, holder `verifier`; at most [`RECONSTRUCTIONS_AT_ONCE`] checks are in
 //!    this step at once) — the trimmer cannot move past it while the chunk is
 //!    read — plan the chunk from its records in (base, S] that the image at S reads (newest
@@ -137,7 +136,6 @@ mod report;
 mod requests;
 mod schedule;
 
-use self::check::poll_heads;
 pub use self::cli::{RunProgress, RunSummary, RunVolumeSummary, repair, run};
 pub use self::report::{
     ChecksReport, CoverageReport, MismatchReport, REPORT_RUNS_MAX, RepairedReport, RunReport,
@@ -151,8 +149,6 @@ pub use self::schedule::choose;
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a check waits for the journal to hold the agent's seq.
 pub const HEAD_WAIT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often the group's head is read while waiting for it.
-pub const HEAD_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// How long a check waits before asking again when no agent is connected.
 pub const NO_AGENT_RETRY: Duration = Duration::from_millis(500);
 /// How often serve looks for requested runs and repairs (and the CLI at their progress).
@@ -198,8 +194,8 @@ struct Ctx {
     ports: AgentPorts,
     config: VerifierConfig,
     token: CancellationToken,
-    /// Group id → durable head, published by [`poll_heads`] while checks wait on it.
-    heads: watch::Sender<HashMap<i64, u64>>,
+    /// Group id → durable head, published by ingest after its commits.
+    heads: watch::Receiver<HashMap<i64, u64>>,
     /// Reconstructions at once (each reads and hashes a chunk).
     reconstructions: Semaphore,
 }
@@ -241,6 +237,7 @@ pub async fn start(
     dir: DataDir,
     catalog: Catalog,
     ports: AgentPorts,
+    heads: watch::Receiver<HashMap<i64, u64>>,
     config: VerifierConfig,
     token: CancellationToken,
 ) -> Result<JoinHandle<()>> {
@@ -257,12 +254,11 @@ pub async fn start(
         ports,
         config,
         token,
-        heads: watch::Sender::new(HashMap::new()),
+        heads,
         reconstructions: Semaphore::new(RECONSTRUCTIONS_AT_ONCE),
     });
     Ok(tokio::spawn(async move {
         let tasks = TaskTracker::new();
-        tasks.spawn(poll_heads(ctx.clone()));
         if ctx.config.chunks_per_sec > 0.0 {
             tasks.spawn(background(ctx.clone()));
         }

@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 
 use super::check::check_and_record;
 use super::{
-    ANSWER_TIMEOUT, Check, Ctx, HEAD_POLL_INTERVAL, NO_AGENT_RETRY, REPAIR_WAIT_TIMEOUT,
+    ANSWER_TIMEOUT, Check, Ctx, NO_AGENT_RETRY, REPAIR_WAIT_TIMEOUT,
     REQUEST_POLL_INTERVAL, RUN_CHECKS_IN_FLIGHT, SAMPLE_RUN_CHUNKS, Target, window_floor,
 };
 use crate::agent_ports::Asked;
@@ -306,7 +306,9 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<std::result::Result
         }
     }
     tracing::info!(volume = %t.volume.name, chunks = chunks.len(), after = started, "the agent resends the mismatched chunks");
-    // The resync is durable once a consistent batch after R is.
+    // The resync is durable once a consistent batch after R is: looked for again at every
+    // commit of the group (ingest publishes its head).
+    let mut heads = ctx.heads.clone();
     let consistent = loop {
         let head = ctx.catalog.head(t.group_id).await?;
         if head > started
@@ -326,7 +328,12 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<std::result::Result
         }
         tokio::select! {
             _ = ctx.token.cancelled() => return Ok(Err("serve stopped".into())),
-            _ = tokio::time::sleep(HEAD_POLL_INTERVAL * 5) => {}
+            changed = heads.changed() => {
+                if changed.is_err() {
+                    return Ok(Err("serve stopped".into()));
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {}
         }
     };
     // Check each chunk again.
