@@ -39,7 +39,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cdp_shared::batch::{BATCH_BYTES_MAX, HEADER_FIXED_BYTES};
+use cdp_shared::batch::{self, BATCH_BYTES_MAX};
 use cdp_shared::identity::{self, AuthorizeFn, Fingerprint, Identity};
 use cdp_shared::wire::{self, Control, FrameDecoder};
 use quinn::{Endpoint, EndpointConfig, TokioRuntime};
@@ -579,7 +579,8 @@ enum ReadBatchError {
 }
 
 /// Reads a whole batch stream into one buffer, allocated once at the size its header
-/// announces (bounded by `BATCH_BYTES_MAX`; `batch::decode` checks the rest). Unlike
+/// announces (`batch::announced_len`, which refuses more than `BATCH_BYTES_MAX`; `submit`
+/// checks the rest, and refuses a batch whose announcement was refused). Unlike
 /// `read_to_end`, the bytes are copied once and the buffer never grows by reallocation.
 async fn read_batch(
     stream: &mut quinn::RecvStream,
@@ -595,13 +596,16 @@ async fn read_batch(
             return Err(ReadBatchError::TooLong);
         }
         buf.extend_from_slice(&chunk.bytes);
-        if !sized && buf.len() >= HEADER_FIXED_BYTES {
-            sized = true;
-            let field = |at: usize| {
-                u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize
-            };
-            let announced = field(8).saturating_add(field(16)).min(BATCH_BYTES_MAX);
-            buf.reserve_exact(announced.saturating_sub(buf.len()));
+        if !sized {
+            match batch::announced_len(&buf) {
+                Ok(announced) => {
+                    sized = true;
+                    buf.reserve_exact(announced.saturating_sub(buf.len()));
+                }
+                Err(batch::BatchError::Truncated(_)) => {}
+                // Not sized: read on within the stream's bound, for `submit` to refuse.
+                Err(_) => sized = true,
+            }
         }
     }
     Ok(buf)

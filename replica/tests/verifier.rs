@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cdp_replica::Server;
 use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
-use cdp_replica::Server;
 use cdp_shared::batch::{BatchFlags, RECORD_HEADER_BYTES};
 use cdp_shared::identity::{Fingerprint, Identity};
 use cdp_shared::types::CHUNK_BYTES;

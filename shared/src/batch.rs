@@ -18,7 +18,13 @@
 //! bytes and read as zeros. Every record lies inside one chunk.
 //!
 //! Decoding checks every length against the limits in [`crate::types`] before it allocates
-//! and rejects anything malformed with a [`BatchError`]; it never panics.
+//! and rejects anything malformed with a [`BatchError`]; it never panics. [`decode`] checks a
+//! borrowed batch and gives a [`BatchView`]; [`CheckedBatch`] is the owned form, checked once
+//! and keeping what the check decoded (the receive path makes one per batch and reads its
+//! structure from it from then on). [`announced_len`] sizes a read buffer from the first
+//! bytes of a batch.
+
+use bytes::Bytes;
 
 use crate::types::{
     BATCH_PAYLOAD_BYTES_MAX, BATCH_RECORDS_MAX, CHUNK_BYTES, NAME_BYTES_MAX, Seq, VolumeId,
@@ -454,6 +460,19 @@ impl<'a> BatchView<'a> {
 /// ([`RecordHeader::decode_data`]) or by [`check_record_data`].
 pub fn decode(bytes: &[u8]) -> Result<BatchView<'_>, BatchError> {
     let header = decode_header(bytes)?;
+    check_body(&header, bytes, |_, _| {})?;
+    Ok(BatchView { header, bytes })
+}
+
+/// The checks of [`decode`] after the header's: exact length, payload hash and every record's
+/// structure (each record header on its own, the records filling the payload exactly, as many
+/// as the header says). `each` sees every record header and its position in the payload, in
+/// order, as it is checked.
+fn check_body(
+    header: &BatchHeader,
+    bytes: &[u8],
+    mut each: impl FnMut(RecordHeader, usize),
+) -> Result<(), BatchError> {
     let total = header.total_len();
     if bytes.len() != total {
         return Err(BatchError::Length {
@@ -479,13 +498,170 @@ pub fn decode(bytes: &[u8]) -> Result<BatchView<'_>, BatchError> {
                 reason: "record data runs past the payload",
             });
         }
+        each(rh, pos);
         pos = end;
         count += 1;
     }
     if count != header.record_count {
         return Err(BatchError::BadHeader("fewer records than the header says"));
     }
-    Ok(BatchView { header, bytes })
+    Ok(())
+}
+
+/// Bytes at the start of a batch that [`announced_len`] reads (up to and including
+/// `payload_len`).
+pub const LENGTH_PREFIX_BYTES: usize = 20;
+/// Smallest possible header (a one-byte group name, no bookmark).
+const HEADER_BYTES_MIN: usize = HEADER_FIXED_BYTES + 1 + HASH_BYTES;
+
+/// The whole length (header and payload) a batch announces in its first
+/// [`LENGTH_PREFIX_BYTES`], for a reader that sizes its buffer before the rest arrives. It
+/// checks only what the prefix holds — magic, version, header length and payload length
+/// within their bounds — so an `Ok` is at most [`BATCH_BYTES_MAX`] and an oversize
+/// announcement is refused before anyone allocates; [`decode_header`] checks the rest. A
+/// header that `decode_header` accepts announces its [`BatchHeader::total_len`].
+pub fn announced_len(prefix: &[u8]) -> Result<usize, BatchError> {
+    if prefix.len() < LENGTH_PREFIX_BYTES {
+        return Err(BatchError::Truncated(LENGTH_PREFIX_BYTES - prefix.len()));
+    }
+    if prefix[0..4] != MAGIC {
+        return Err(BatchError::BadMagic);
+    }
+    let version = u16_at(prefix, 4);
+    if version != VERSION {
+        return Err(BatchError::BadVersion(version));
+    }
+    let header_len = u32_at(prefix, 8) as usize;
+    if !(HEADER_BYTES_MIN..=HEADER_BYTES_MAX).contains(&header_len) {
+        return Err(BatchError::BadHeader("header length out of range"));
+    }
+    let payload_len = u32_at(prefix, 16) as usize;
+    if payload_len > BATCH_PAYLOAD_BYTES_MAX {
+        return Err(BatchError::BadHeader("payload too long"));
+    }
+    Ok(header_len + payload_len)
+}
+
+/// A batch whose header is decoded and checked ([`decode_header`]) and whose payload is not
+/// checked yet: the first half of making a [`CheckedBatch`], for a caller that decides on the
+/// header (its group, its seq) before it pays for the payload hash.
+#[derive(Clone, Debug)]
+pub struct CheckedHeader {
+    bytes: Bytes,
+    header: BatchHeader,
+}
+
+impl CheckedHeader {
+    /// Decodes and checks the header at the start of `bytes`, the whole batch.
+    pub fn new(bytes: Bytes) -> Result<CheckedHeader, BatchError> {
+        let header = decode_header(&bytes)?;
+        Ok(CheckedHeader { bytes, header })
+    }
+
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    /// The rest of [`decode`]'s checks — exact length, payload hash, every record's structure
+    /// — without decoding the header again. Fails exactly where `decode` fails, with the same
+    /// error.
+    pub fn check_payload(self) -> Result<CheckedBatch, BatchError> {
+        let CheckedHeader { bytes, header } = self;
+        // Bounded by the payload, not by the count the header claims.
+        let mut records = Vec::with_capacity(
+            (header.record_count as usize).min(header.payload_len as usize / RECORD_HEADER_BYTES),
+        );
+        check_body(&header, &bytes, |header, payload_pos| {
+            records.push(CheckedRecord {
+                header,
+                payload_pos,
+            })
+        })?;
+        Ok(CheckedBatch {
+            bytes,
+            header,
+            records,
+        })
+    }
+}
+
+/// A record header of a [`CheckedBatch`], as its check decoded it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CheckedRecord {
+    header: RecordHeader,
+    /// Position of the record header within the payload.
+    payload_pos: usize,
+}
+
+/// An owned batch checked once, fully, as [`decode`] checks it: header, header hash, exact
+/// length, payload hash and every record's structure. It keeps what the check decoded — the
+/// header, each record's header and position — so nothing reads the batch's structure again.
+/// Record data hashes are not checked here: as with [`decode`], they are checked where the
+/// data is decoded ([`RecordHeader::decode_data`], [`check_record_data`]).
+#[derive(Clone, Debug)]
+pub struct CheckedBatch {
+    bytes: Bytes,
+    header: BatchHeader,
+    records: Vec<CheckedRecord>,
+}
+
+impl CheckedBatch {
+    /// Checks a whole batch: `CheckedHeader::new(bytes)?.check_payload()`. Accepts exactly what
+    /// [`decode`] accepts and fails with the error it fails with.
+    pub fn new(bytes: Bytes) -> Result<CheckedBatch, BatchError> {
+        CheckedHeader::new(bytes)?.check_payload()
+    }
+
+    pub fn header(&self) -> &BatchHeader {
+        &self.header
+    }
+
+    /// The whole batch, header and payload, as received.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[self.header.header_len as usize..]
+    }
+
+    /// How many records the batch holds (its header's `record_count`).
+    pub fn record_count(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Record `index` (in batch order), if there is one; not checked again.
+    pub fn record(&self, index: usize) -> Option<RecordView<'_>> {
+        let r = self.records.get(index)?;
+        Some(self.view_of(r))
+    }
+
+    /// The records, in order, as [`BatchView::records`] gives them; not checked again.
+    pub fn records(&self) -> impl ExactSizeIterator<Item = RecordView<'_>> + '_ {
+        self.records.iter().map(|r| self.view_of(r))
+    }
+
+    /// The batch as a [`BatchView`] (the header cloned), for code written against `decode`.
+    pub fn view(&self) -> BatchView<'_> {
+        BatchView {
+            header: self.header.clone(),
+            bytes: &self.bytes,
+        }
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+
+    fn view_of(&self, r: &CheckedRecord) -> RecordView<'_> {
+        let start = r.payload_pos + RECORD_HEADER_BYTES;
+        RecordView {
+            header: r.header,
+            payload_pos: r.payload_pos,
+            // Inside the payload: the check saw every record end within it.
+            stored: &self.payload()[start..start + r.header.stored_len as usize],
+        }
+    }
 }
 
 /// What can still be read of a batch that failed [`decode`] (a damaged batch in the agent's
@@ -866,12 +1042,188 @@ mod tests {
         ));
     }
 
+    /// What a record view says, comparable.
+    fn parts(r: RecordView<'_>) -> (RecordHeader, usize, Vec<u8>) {
+        (r.header, r.payload_pos, r.stored.to_vec())
+    }
+
+    /// `CheckedBatch::new` against `decode` on the same bytes: the same verdict, the same
+    /// error, the same header and records.
+    fn agrees_with_decode(b: &[u8]) -> Result<(), String> {
+        let checked = CheckedBatch::new(Bytes::copy_from_slice(b));
+        match (decode(b), checked) {
+            (Ok(view), Ok(c)) => {
+                let want: Vec<_> = view.records().map(parts).collect();
+                let got: Vec<_> = c.records().map(parts).collect();
+                let by_index: Vec<_> = (0..c.record_count())
+                    .map(|i| c.record(i).map(parts))
+                    .collect::<Option<_>>()
+                    .ok_or("a record index has no record")?;
+                if *c.header() != view.header
+                    || got != want
+                    || by_index != want
+                    || c.record(c.record_count()).is_some()
+                    || &c.bytes()[..] != b
+                    || c.payload() != view.payload()
+                    || c.view().header != view.header
+                {
+                    return Err("accepted, but reads differently".into());
+                }
+                Ok(())
+            }
+            (Err(a), Err(b)) if a == b => Ok(()),
+            (a, b) => Err(format!(
+                "decode says {:?}, CheckedBatch says {:?}",
+                a.map(|v| v.header.seq),
+                b.map(|c| c.header().seq)
+            )),
+        }
+    }
+
+    #[test]
+    fn a_checked_batch_reads_as_decode_reads() {
+        let bytes = sample();
+        agrees_with_decode(&bytes).expect("agrees");
+        let c = CheckedBatch::new(Bytes::from(bytes.clone())).expect("checks");
+        assert_eq!(c.record_count(), 4);
+        assert_eq!(c.into_bytes(), bytes);
+        // Split in two, the check fails where decode fails and says the same.
+        let header = CheckedHeader::new(Bytes::from(bytes.clone())).expect("header");
+        assert_eq!(header.header().seq, Seq(42));
+        let mut damaged = bytes.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        let header = CheckedHeader::new(Bytes::from(damaged.clone())).expect("header intact");
+        assert_eq!(
+            header.check_payload().map(|_| ()),
+            decode(&damaged).map(|_| ())
+        );
+        assert_eq!(
+            CheckedBatch::new(Bytes::from(damaged)).map(|_| ()),
+            Err(BatchError::PayloadHash)
+        );
+    }
+
+    #[test]
+    fn a_checked_batch_refuses_every_single_bit_flip_as_decode_does() {
+        let bytes = sample();
+        for i in 0..bytes.len() {
+            for bit in [0u8, 3, 7] {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                agrees_with_decode(&b)
+                    .unwrap_or_else(|e| panic!("flip of bit {bit} in byte {i}: {e}"));
+                assert!(
+                    CheckedBatch::new(Bytes::from(b)).is_err(),
+                    "flip of bit {bit} in byte {i} went unnoticed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_checked_batch_refuses_truncations_and_extensions_as_decode_does() {
+        let bytes = sample();
+        for n in [0, 3, 19, 20, 50, HEADER_FIXED_BYTES, 200, bytes.len() - 1] {
+            agrees_with_decode(&bytes[..n]).expect("agrees");
+            assert!(CheckedBatch::new(Bytes::copy_from_slice(&bytes[..n])).is_err());
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        agrees_with_decode(&longer).expect("agrees");
+    }
+
+    #[test]
+    fn announced_len_reads_the_length_from_the_prefix_alone() {
+        let bytes = sample();
+        assert_eq!(announced_len(&bytes), Ok(bytes.len()));
+        assert_eq!(
+            announced_len(&bytes[..LENGTH_PREFIX_BYTES]),
+            Ok(bytes.len())
+        );
+        assert_eq!(
+            announced_len(&bytes[..LENGTH_PREFIX_BYTES - 1]),
+            Err(BatchError::Truncated(1))
+        );
+        assert_eq!(
+            announced_len(&[]),
+            Err(BatchError::Truncated(LENGTH_PREFIX_BYTES))
+        );
+    }
+
+    #[test]
+    fn announced_len_refuses_an_oversize_announcement_from_the_prefix_alone() {
+        // Only the prefix exists: the refusal cannot depend on anything after it, nor on
+        // any buffer of the announced size.
+        let bytes = sample();
+        let with = |fields: &[(usize, u32)]| {
+            let mut p = bytes[..LENGTH_PREFIX_BYTES].to_vec();
+            for &(at, value) in fields {
+                p[at..at + 4].copy_from_slice(&value.to_le_bytes());
+            }
+            p
+        };
+        let prefix = |at: usize, value: u32| with(&[(at, value)]);
+        for payload_len in [BATCH_PAYLOAD_BYTES_MAX as u32 + 1, u32::MAX] {
+            assert_eq!(
+                announced_len(&prefix(16, payload_len)),
+                Err(BatchError::BadHeader("payload too long"))
+            );
+        }
+        for header_len in [
+            0,
+            HEADER_BYTES_MIN as u32 - 1,
+            HEADER_BYTES_MAX as u32 + 1,
+            u32::MAX,
+        ] {
+            assert_eq!(
+                announced_len(&prefix(8, header_len)),
+                Err(BatchError::BadHeader("header length out of range"))
+            );
+        }
+        let largest = with(&[
+            (8, HEADER_BYTES_MAX as u32),
+            (16, BATCH_PAYLOAD_BYTES_MAX as u32),
+        ]);
+        assert_eq!(announced_len(&largest), Ok(BATCH_BYTES_MAX));
+        let mut bad_magic = bytes[..LENGTH_PREFIX_BYTES].to_vec();
+        bad_magic[0] ^= 1;
+        assert_eq!(announced_len(&bad_magic), Err(BatchError::BadMagic));
+        let mut bad_version = bytes[..LENGTH_PREFIX_BYTES].to_vec();
+        bad_version[4] = 9;
+        assert_eq!(announced_len(&bad_version), Err(BatchError::BadVersion(9)));
+    }
+
     proptest! {
+        #[test]
+        fn a_checked_batch_agrees_with_decode_on_mutated_batches(idx in 0usize..4000, val in any::<u8>(), cut in 0usize..4000) {
+            let mut b = sample();
+            let i = idx % b.len();
+            b[i] = val;
+            b.truncate(b.len() - cut % b.len());
+            prop_assert_eq!(agrees_with_decode(&b), Ok(()));
+        }
+
+        #[test]
+        fn announced_len_is_bounded_and_agrees_with_decode_header(idx in 0usize..LENGTH_PREFIX_BYTES, val in any::<u8>(), cut in 0usize..200) {
+            let mut b = sample();
+            b[idx] = val;
+            b.truncate(b.len() - cut);
+            if let Ok(n) = announced_len(&b) {
+                prop_assert!(n <= BATCH_BYTES_MAX);
+            }
+            if let Ok(h) = decode_header(&b) {
+                prop_assert_eq!(announced_len(&b), Ok(h.total_len()));
+            }
+        }
+
         #[test]
         fn decoding_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = decode(&bytes);
             let _ = decode_header(&bytes);
             let _ = RecordHeader::decode(&bytes, 0);
+            let _ = announced_len(&bytes);
+            prop_assert_eq!(agrees_with_decode(&bytes), Ok(()));
         }
 
         #[test]

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cdp_shared::batch::{self, BatchHeader, Hash, RecordHeader};
+use cdp_shared::batch::{BatchHeader, CheckedBatch, Hash};
 use cdp_shared::identity::Fingerprint;
 use cdp_shared::wire::Control;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -27,13 +27,19 @@ use crate::pause_board::PauseBoard;
 use crate::target::TargetFile;
 use crate::trimmer::TrimLink;
 
-/// A fully checked batch on its way to its group's task.
+/// A checked batch on its way to its group's task (checked once, in `submit`: the group's
+/// task reads its header and records from the check and never decodes it again).
 pub struct Received {
-    pub bytes: Vec<u8>,
-    pub header: BatchHeader,
+    pub batch: CheckedBatch,
     pub received_ns: i64,
     pub agent: Fingerprint,
     pub reply: Reply,
+}
+
+impl Received {
+    pub fn header(&self) -> &BatchHeader {
+        self.batch.header()
+    }
 }
 
 pub(super) enum GroupMsg {
@@ -62,7 +68,7 @@ impl GroupIo {
     /// place in the journal. Runs on a blocking thread.
     pub(super) fn write(
         &mut self,
-        batches: &[(&[u8], &BatchPlan)],
+        batches: &[(&CheckedBatch, &BatchPlan)],
         volumes: &HashMap<u32, VolumeEntry>,
     ) -> Result<Vec<Option<SegmentSpan>>> {
         self.rollback()?;
@@ -70,51 +76,46 @@ impl GroupIo {
         let journaled: u64 = batches
             .iter()
             .filter(|(_, plan)| plan.journal)
-            .map(|(bytes, _)| bytes.len() as u64)
+            .map(|(batch, _)| batch.bytes().len() as u64)
             .sum();
         if journaled > 0 {
             self.journal.check_room(journaled)?;
         }
         let mut spans = Vec::with_capacity(batches.len());
-        for (bytes, plan) in batches {
-            if !plan.target_ops.is_empty() {
-                let header_len = batch::decode_header(bytes)
-                    .map_err(|e| {
-                        ReplicaError::Ingest(format!("a checked batch no longer decodes: {e}"))
-                    })?
-                    .header_len as usize;
-                let payload = &bytes[header_len..];
-                for op in &plan.target_ops {
-                    let agent_id = match op {
-                        TargetOp::Write { volume, .. } | TargetOp::Zero { volume, .. } => *volume,
-                    };
-                    let target = match self.targets.entry(agent_id) {
-                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(e) => {
-                            let v = volumes.get(&agent_id).ok_or_else(|| {
-                                ReplicaError::Ingest(format!("volume id {agent_id} vanished"))
-                            })?;
-                            e.insert(TargetFile::open(&self.data_dir.target(&v.name), v.size)?)
-                        }
-                    };
-                    match *op {
-                        TargetOp::Write { payload_pos, .. } => {
-                            let h = RecordHeader::decode(&payload[payload_pos..], 0)
-                                .map_err(|e| ReplicaError::Ingest(e.to_string()))?;
-                            let start = payload_pos + batch::RECORD_HEADER_BYTES;
-                            let stored = &payload[start..start + h.stored_len as usize];
-                            h.decode_data(stored, &mut self.decompressor, &mut self.scratch)
-                                .map_err(|e| ReplicaError::Ingest(e.to_string()))?;
-                            target.write_at(h.offset, &self.scratch)?;
-                        }
-                        TargetOp::Zero { offset, length, .. } => {
-                            target.zero(offset, u64::from(length))?
-                        }
+        for (batch, plan) in batches {
+            for op in &plan.target_ops {
+                let agent_id = match op {
+                    TargetOp::Write { volume, .. } | TargetOp::Zero { volume, .. } => *volume,
+                };
+                let target = match self.targets.entry(agent_id) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let v = volumes.get(&agent_id).ok_or_else(|| {
+                            ReplicaError::Ingest(format!("volume id {agent_id} vanished"))
+                        })?;
+                        e.insert(TargetFile::open(&self.data_dir.target(&v.name), v.size)?)
+                    }
+                };
+                match *op {
+                    TargetOp::Write { record, .. } => {
+                        let rec = batch.record(record).ok_or_else(|| {
+                            ReplicaError::Ingest(format!(
+                                "batch {} has no record {record} to write",
+                                batch.header().seq
+                            ))
+                        })?;
+                        rec.header
+                            .decode_data(rec.stored, &mut self.decompressor, &mut self.scratch)
+                            .map_err(|e| ReplicaError::Ingest(e.to_string()))?;
+                        target.write_at(rec.header.offset, &self.scratch)?;
+                    }
+                    TargetOp::Zero { offset, length, .. } => {
+                        target.zero(offset, u64::from(length))?
                     }
                 }
             }
             spans.push(if plan.journal {
-                Some(self.journal.append(bytes)?)
+                Some(self.journal.append(batch.bytes())?)
             } else {
                 None
             });
@@ -193,12 +194,12 @@ pub(super) async fn record_event(
 }
 
 pub(super) fn nack(out: &mut Outbox, r: &Received, reason: String) {
-    tracing::warn!(group = %r.header.group, seq = r.header.seq.0, agent = %r.agent, "refused a batch: {reason}");
+    tracing::warn!(group = %r.header().group, seq = r.header().seq.0, agent = %r.agent, "refused a batch: {reason}");
     out.push((
         r.reply.clone(),
         Control::Nack {
-            group: r.header.group.clone(),
-            seq: r.header.seq.0,
+            group: r.header().group.clone(),
+            seq: r.header().seq.0,
             reason,
         },
     ));
@@ -356,11 +357,11 @@ impl GroupIngest {
     /// [`GroupIngest::commit_ready`].
     pub async fn handle_batch(&mut self, r: Received) -> Result<Outbox> {
         let mut out = Outbox::new();
-        let seq = r.header.seq.0;
+        let seq = r.header().seq.0;
         let paused = self.paused.as_ref().map(|p| p.reason.as_str());
         match self.pending.offer(r, self.head, paused) {
             Offer::Duplicate(r) => match self.catalog.batch_hash(self.group_id, seq).await? {
-                Some(h) if h != r.header.header_hash => {
+                Some(h) if h != r.header().header_hash => {
                     tracing::error!(group = %self.name, seq, agent = %r.agent, "a resent batch differs from the journaled batch with the same seq");
                     self.event(
                         EventLevel::Error,
@@ -466,9 +467,9 @@ impl GroupIngest {
             .take_in_order(self.head, GROUP_COMMIT_BYTES_MAX)
             .into_iter();
         for r in run.by_ref() {
-            let seq = r.header.seq.0;
+            let seq = r.header().seq.0;
             if let Some(prev) = expected_prev
-                && r.header.prev_hash != prev
+                && r.header().prev_hash != prev
             {
                 nack(
                     out,
@@ -480,14 +481,7 @@ impl GroupIngest {
                 );
                 break;
             }
-            let view = match batch::decode(&r.bytes) {
-                Ok(v) => v,
-                Err(e) => {
-                    nack(out, &r, e.to_string());
-                    break;
-                }
-            };
-            let plan = match plan_batch(&view, &self.name, &sim) {
+            let plan = match plan_batch(&r.batch, &self.name, &sim) {
                 Ok(plan) => plan,
                 Err(reason) => {
                     nack(out, &r, reason);
@@ -499,7 +493,7 @@ impl GroupIngest {
                     v.state = *state;
                 }
             }
-            expected_prev = Some(r.header.header_hash);
+            expected_prev = Some(r.header().header_hash);
             chosen.push((r, plan));
         }
         // The batches after a refused one wait again, as they were.
@@ -525,10 +519,8 @@ impl GroupIngest {
         let undo_to = io.rollback_due.unwrap_or_else(|| io.journal.durable());
         let volumes = self.volumes.clone();
         let (io, written, chosen) = tokio::task::spawn_blocking(move || {
-            let refs: Vec<(&[u8], &BatchPlan)> = chosen
-                .iter()
-                .map(|(r, plan)| (r.bytes.as_slice(), plan))
-                .collect();
+            let refs: Vec<(&CheckedBatch, &BatchPlan)> =
+                chosen.iter().map(|(r, plan)| (&r.batch, plan)).collect();
             let written = io.write(&refs, &volumes);
             (io, written, chosen)
         })
@@ -594,11 +586,13 @@ impl GroupIngest {
                 let msg = match state {
                     VolumeState::Syncing => format!(
                         "volume {} began its initial sync at seq {}",
-                        v.name, r.header.seq
+                        v.name,
+                        r.header().seq
                     ),
                     VolumeState::Protecting => format!(
                         "volume {} completed its initial sync at seq {}; its window starts there",
-                        v.name, r.header.seq
+                        v.name,
+                        r.header().seq
                     ),
                     VolumeState::New => continue,
                 };
@@ -632,7 +626,7 @@ impl GroupIngest {
             ..CommitRows::default()
         };
         for ((r, plan), span) in chosen.iter().zip(spans) {
-            let h = &r.header;
+            let h = r.header();
             rows.batches.push(BatchRow {
                 seq: h.seq.0,
                 agent_ns: h.agent_time_ns,
@@ -673,8 +667,8 @@ impl GroupIngest {
             }
         }
         if let Some((last, _)) = chosen.last() {
-            rows.head_seq = last.header.seq.0;
-            rows.head_hash = Some(last.header.header_hash);
+            rows.head_seq = last.header().seq.0;
+            rows.head_hash = Some(last.header().header_hash);
         }
         rows
     }
@@ -725,15 +719,15 @@ impl GroupIngest {
 
 impl Ordered for Received {
     fn seq(&self) -> u64 {
-        self.header.seq.0
+        self.header().seq.0
     }
 
     fn header_hash(&self) -> Hash {
-        self.header.header_hash
+        self.header().header_hash
     }
 
     fn byte_len(&self) -> usize {
-        self.bytes.len()
+        self.batch.bytes().len()
     }
 
     /// The same batch came again (over another connection, or resent): its replies go where

@@ -13,8 +13,10 @@
 //!   runs group commits of the in-order run the buffer hands out.
 //! * [`IngestService`] is what the QUIC server (and in-process tests) talk to: `hello` admits
 //!   an agent's groups, `attach` subscribes a connection to its groups' `Paused`/`Resumed`
-//!   news, `submit` fully checks a batch and hands it to its group's task through a bounded
-//!   channel. Replies (`Ack`/`Nack`) go back on the [`Reply`] channel that came with the batch.
+//!   news, `submit` checks a batch once into a `CheckedBatch` and hands it to its group's task
+//!   through a bounded channel; planning, duplicate handling and the group commit's writes
+//!   read the batch's header and records from that check, never decoding it again. Replies
+//!   (`Ack`/`Nack`) go back on the [`Reply`] channel that came with the batch.
 //!   `heads` publishes every group's durable head (a watch), for the verifier.
 //! * A group commit that fails on a full disk is undone and retried every
 //!   [`PAUSE_RETRY_INTERVAL`] (the group is *paused*, see the crate docs); any other failure

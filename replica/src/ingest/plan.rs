@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use cdp_shared::batch::{BatchView, RecordKind};
+use cdp_shared::batch::{CheckedBatch, RecordKind};
 use cdp_shared::types::CHUNK_BYTES;
 
 use super::VolumeEntry;
@@ -11,8 +11,8 @@ use crate::catalog::VolumeState;
 /// A change a record makes to a syncing volume's target file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TargetOp {
-    /// Write the data record whose header is at `payload_pos` of the payload.
-    Write { volume: u32, payload_pos: usize },
+    /// Write data record `record` (its index in the batch).
+    Write { volume: u32, record: usize },
     /// Make the range read as zeros (zero and trim records).
     Zero {
         volume: u32,
@@ -46,14 +46,15 @@ pub struct BatchPlan {
 }
 
 /// The semantic checks of one batch and its plan, against `volumes` as they stand when the
-/// batch's turn comes (sans-IO). `Err` is the one-line reason the batch is refused.
+/// batch's turn comes (sans-IO). `Err` is the one-line reason the batch is refused. It reads
+/// the records as the batch's check decoded them.
 pub fn plan_batch(
-    view: &BatchView<'_>,
+    batch: &CheckedBatch,
     group: &str,
     volumes: &HashMap<u32, VolumeEntry>,
 ) -> std::result::Result<BatchPlan, String> {
-    let seq = view.header.seq.0;
-    let count = view.header.record_count as usize;
+    let seq = batch.header().seq.0;
+    let count = batch.record_count();
     let mut states: HashMap<u32, VolumeState> = HashMap::new();
     let mut plan = BatchPlan {
         journal: false,
@@ -61,7 +62,7 @@ pub fn plan_batch(
         rows: Vec::new(),
         state_changes: Vec::new(),
     };
-    for (i, r) in view.records().enumerate() {
+    for (i, r) in batch.records().enumerate() {
         let h = r.header;
         let Some(v) = volumes.get(&h.volume) else {
             return Err(format!(
@@ -122,7 +123,7 @@ pub fn plan_batch(
                     VolumeState::Syncing => plan.target_ops.push(match h.kind {
                         RecordKind::Data => TargetOp::Write {
                             volume: h.volume,
-                            payload_pos: r.payload_pos,
+                            record: i,
                         },
                         _ => TargetOp::Zero {
                             volume: h.volume,
@@ -153,7 +154,7 @@ pub fn plan_batch(
 mod tests {
     use super::*;
     use cdp_shared::Seq;
-    use cdp_shared::batch::{self, BatchFlags, RecordEncoder, SealParams, encode_marker, seal};
+    use cdp_shared::batch::{BatchFlags, RecordEncoder, SealParams, encode_marker, seal};
 
     fn volumes(state: VolumeState) -> HashMap<u32, VolumeEntry> {
         [(
@@ -170,7 +171,7 @@ mod tests {
         .collect()
     }
 
-    fn build(records: impl FnOnce(&mut Vec<u8>) -> u32) -> Vec<u8> {
+    fn build(records: impl FnOnce(&mut Vec<u8>) -> u32) -> CheckedBatch {
         let mut payload = Vec::new();
         let n = records(&mut payload);
         let params = SealParams {
@@ -182,23 +183,35 @@ mod tests {
             prev_hash: [0; 32],
             record_count: n,
         };
-        seal(&params, &payload).0
+        CheckedBatch::new(seal(&params, &payload).0.into()).expect("a sealed batch checks")
     }
 
     #[test]
     fn sync_records_go_to_the_target_and_protected_ones_to_the_journal() {
         let mut enc = RecordEncoder::new();
-        let bytes = build(|p| {
+        let batch = build(|p| {
             encode_marker(1, RecordKind::SyncBegin, 0, 0, 0, p);
             enc.encode_data(1, 0, &[1u8; 4096], 0, p);
             encode_marker(1, RecordKind::Zero, 8192, 4096, 0, p);
             encode_marker(1, RecordKind::SyncEnd, 0, 0, 0, p);
             4
         });
-        let view = batch::decode(&bytes).expect("decode");
-        let plan = plan_batch(&view, "g", &volumes(VolumeState::New)).expect("plan");
+        let plan = plan_batch(&batch, "g", &volumes(VolumeState::New)).expect("plan");
         assert!(!plan.journal);
         assert_eq!(plan.target_ops.len(), 2);
+        // The write names the data record by its index in the batch.
+        assert_eq!(
+            plan.target_ops[0],
+            TargetOp::Write {
+                volume: 1,
+                record: 1
+            }
+        );
+        let data = batch.record(1).expect("record 1");
+        assert_eq!(
+            (data.header.kind, data.header.length),
+            (RecordKind::Data, 4096)
+        );
         assert_eq!(
             plan.state_changes,
             vec![
@@ -207,7 +220,7 @@ mod tests {
             ]
         );
 
-        let plan = plan_batch(&view, "g", &volumes(VolumeState::Protecting)).expect("plan");
+        let plan = plan_batch(&batch, "g", &volumes(VolumeState::Protecting)).expect("plan");
         assert!(plan.journal);
         assert_eq!(plan.rows.len(), 2);
         assert!(plan.state_changes.is_empty());
@@ -220,22 +233,20 @@ mod tests {
             enc.encode_data(1, 0, &[1u8; 512], 0, p);
             1
         });
-        let view = batch::decode(&data_first).expect("decode");
         assert!(
-            plan_batch(&view, "g", &volumes(VolumeState::New))
+            plan_batch(&data_first, "g", &volumes(VolumeState::New))
                 .expect_err("new volume")
                 .contains("SyncBegin must come first")
         );
-        assert!(plan_batch(&view, "g", &volumes(VolumeState::Syncing)).is_ok());
+        assert!(plan_batch(&data_first, "g", &volumes(VolumeState::Syncing)).is_ok());
 
         let late_begin = build(|p| {
             enc.encode_data(1, 0, &[1u8; 512], 0, p);
             encode_marker(1, RecordKind::SyncBegin, 0, 0, 0, p);
             2
         });
-        let view = batch::decode(&late_begin).expect("decode");
         assert!(
-            plan_batch(&view, "g", &volumes(VolumeState::Syncing))
+            plan_batch(&late_begin, "g", &volumes(VolumeState::Syncing))
                 .expect_err("late")
                 .contains("first record")
         );
@@ -245,9 +256,8 @@ mod tests {
             enc.encode_data(1, 0, &[1u8; 512], 0, p);
             2
         });
-        let view = batch::decode(&early_end).expect("decode");
         assert!(
-            plan_batch(&view, "g", &volumes(VolumeState::Syncing))
+            plan_batch(&early_end, "g", &volumes(VolumeState::Syncing))
                 .expect_err("early")
                 .contains("last record")
         );
@@ -256,9 +266,8 @@ mod tests {
             encode_marker(1, RecordKind::Trim, 4 << 20, 512, 0, p);
             1
         });
-        let view = batch::decode(&past_end).expect("decode");
         assert!(
-            plan_batch(&view, "g", &volumes(VolumeState::Protecting))
+            plan_batch(&past_end, "g", &volumes(VolumeState::Protecting))
                 .expect_err("past end")
                 .contains("which has")
         );
@@ -267,9 +276,8 @@ mod tests {
             encode_marker(7, RecordKind::Trim, 0, 512, 0, p);
             1
         });
-        let view = batch::decode(&stranger).expect("decode");
         assert!(
-            plan_batch(&view, "g", &volumes(VolumeState::Protecting))
+            plan_batch(&stranger, "g", &volumes(VolumeState::Protecting))
                 .expect_err("unknown volume")
                 .contains("volume id 7")
         );

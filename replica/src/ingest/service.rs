@@ -3,7 +3,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use cdp_shared::batch::{self};
+use bytes::Bytes;
+use cdp_shared::batch::CheckedHeader;
 use cdp_shared::identity::Fingerprint;
 use cdp_shared::wire::Control;
 use tokio::sync::{mpsc, watch};
@@ -263,9 +264,18 @@ impl IngestService {
         self.inner.groups.lock().await.get(name).map(|s| s.id)
     }
 
-    /// Fully checks one batch (header, payload hash, structure, every record's data hash) and
-    /// hands it to its group's task; a batch that fails is refused right here with a Nack on
-    /// `reply` and one warning line. `announced` are the groups of the agent's hello.
+    /// Checks one batch, once, into a [`CheckedBatch`](cdp_shared::batch::CheckedBatch) (header, header hash, exact length,
+    /// payload hash — which covers every byte of every record — and every record's
+    /// structure) and hands it to its group's task, which reads its header and records from
+    /// that check and never decodes the batch again. A batch that fails is refused right here
+    /// with a Nack on `reply` and one warning line. `announced` are the groups of the agent's
+    /// hello: the header is checked first, on this task, so a batch of a group not announced
+    /// is refused before its payload is hashed; the rest runs on the blocking pool.
+    ///
+    /// Record data hashes are not checked here but where record data is decoded: a syncing
+    /// volume's data records when the group commit writes them to its target
+    /// (`GroupIo::write`), every journal read in reconstruction. Decoding every record here as
+    /// well cost more CPU than all the rest of ingest together (`make bench`, section 7).
     ///
     /// Cancellation-safe: it writes nothing to disk; dropping it drops the batch.
     pub async fn submit(
@@ -284,7 +294,7 @@ impl IngestService {
                 reason,
             }
         };
-        let header = match batch::decode_header(&bytes) {
+        let unchecked = match CheckedHeader::new(Bytes::from(bytes)) {
             Ok(h) => h,
             Err(e) => {
                 let _ = reply
@@ -293,47 +303,37 @@ impl IngestService {
                 return;
             }
         };
-        if !announced.contains(&header.group) {
-            let reason = format!(
-                "group {} was not announced in this connection's hello",
-                header.group
-            );
-            let _ = reply
-                .send(refuse(&header.group, header.seq.0, reason))
-                .await;
+        let group = unchecked.header().group.clone();
+        let seq = unchecked.header().seq.0;
+        if !announced.contains(&group) {
+            let reason = format!("group {group} was not announced in this connection's hello");
+            let _ = reply.send(refuse(&group, seq, reason)).await;
             return;
         }
-        let checked = tokio::task::spawn_blocking(move || {
-            let result = check_fully(&bytes);
-            (bytes, result)
-        })
-        .await;
-        let (bytes, result) = match checked {
-            Ok(x) => x,
+        let checked = tokio::task::spawn_blocking(move || unchecked.check_payload()).await;
+        let batch = match checked {
+            Ok(Ok(batch)) => batch,
+            Ok(Err(e)) => {
+                let _ = reply.send(refuse(&group, seq, e.to_string())).await;
+                return;
+            }
             Err(e) => {
                 let _ = reply
                     .send(refuse(
-                        &header.group,
-                        header.seq.0,
+                        &group,
+                        seq,
                         format!("internal error while checking: {e}"),
                     ))
                     .await;
                 return;
             }
         };
-        if let Err(e) = result {
-            let _ = reply.send(refuse(&header.group, header.seq.0, e)).await;
-            return;
-        }
-        let tx = match self.inner.groups.lock().await.get(&header.group) {
+        let tx = match self.inner.groups.lock().await.get(&group) {
             Some(slot) => slot.tx.clone(),
             None => return,
         };
-        let group = header.group.clone();
-        let seq = header.seq.0;
         let msg = GroupMsg::Batch(Box::new(Received {
-            bytes,
-            header,
+            batch,
             received_ns,
             agent: *agent,
             reply: reply.clone(),
@@ -349,14 +349,4 @@ impl IngestService {
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
     }
-}
-
-/// `batch::decode` + `check_record_data`, as a reason string.
-/// The ingest check of a batch: header, header hash, exact length, payload hash (which covers
-/// every byte of every record) and every record's structure. Record data hashes are checked
-/// where record data is decoded (syncing volumes here, every journal read in
-/// reconstruction); decoding every record here as well cost more CPU than all the rest of
-/// ingest together (`make bench`, section 7).
-pub(super) fn check_fully(bytes: &[u8]) -> std::result::Result<(), String> {
-    batch::decode(bytes).map(|_| ()).map_err(|e| e.to_string())
 }

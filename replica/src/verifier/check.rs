@@ -9,10 +9,7 @@ use cdp_shared::point::PointSpec;
 use cdp_shared::types::CHUNK_BYTES;
 use cdp_shared::wire::Control;
 
-use super::{
-    ANSWER_TIMEOUT, Check, Ctx, HEAD_WAIT_TIMEOUT, NO_AGENT_RETRY, PIN_HOLDER,
-    Target,
-};
+use super::{ANSWER_TIMEOUT, Check, Ctx, HEAD_WAIT_TIMEOUT, NO_AGENT_RETRY, PIN_HOLDER, Target};
 use crate::agent_ports::Asked;
 use crate::catalog::{EventLevel, MismatchRow, NewVerifyResult, VerifyOutcome};
 use crate::clock::now_ns;

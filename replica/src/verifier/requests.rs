@@ -10,8 +10,8 @@ use tokio::task::JoinSet;
 
 use super::check::check_and_record;
 use super::{
-    ANSWER_TIMEOUT, Check, Ctx, NO_AGENT_RETRY, REPAIR_WAIT_TIMEOUT,
-    REQUEST_POLL_INTERVAL, RUN_CHECKS_IN_FLIGHT, SAMPLE_RUN_CHUNKS, Target, window_floor,
+    ANSWER_TIMEOUT, Check, Ctx, NO_AGENT_RETRY, REPAIR_WAIT_TIMEOUT, REQUEST_POLL_INTERVAL,
+    RUN_CHECKS_IN_FLIGHT, SAMPLE_RUN_CHUNKS, Target, window_floor,
 };
 use crate::agent_ports::Asked;
 use crate::catalog::{Catalog, EventLevel, GroupRow, RunRow, VerifyOutcome, VolumeState};
