@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 /// The replica's layers, lowest first (ARCHITECTURE.md, "Layers").
 const REPLICA: &[&[&str]] = &[
     &["error", "clock", "retention", "agent_ports"],
-    &["datadir", "catalog"],
-    &["journal", "target", "pause_board", "overlay"],
+    &["datadir"],
+    &["journal"],
+    &["catalog"],
+    &["target", "pause_board", "overlay"],
     &["reconstruct", "points"],
-    &["lazy_image"],
+    &["lazy_image", "apply"],
     &["pins"],
     &[
         "restore", "diff", "status", "hashes", "trimmer", "export", "agents",

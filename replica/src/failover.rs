@@ -15,11 +15,11 @@
 //!   from `segment_min` on ([`crate::trimmer`], step (a) and (e)). The journal after S is
 //!   kept.
 //! * `committing` — a `--commit` passed its point of no return (below); reads of the volume
-//!   are refused ([`crate::recovery`]'s window) until a `--commit` completes.
+//!   are refused ([`crate::points`]' window) until a `--commit` completes.
 //! * `committed` — the target disk holds the failover image; the group's points are S alone.
 //!
 //! While a row exists the group is FENCED: `serve` refuses its agent at Hello with a
-//! `Refused { reason }` ([`fence_reason`]); a connection already up is closed within
+//! `Refused { reason }` ([`FailoverRow::refusal`]); a connection already up is closed within
 //! [`crate::server::FENCE_CHECK_INTERVAL`]; and every group commit checks the row inside its
 //! SQLite transaction (and before it writes), so no batch of the group is committed once the
 //! row exists. The agent keeps spooling meanwhile (as on any refusal); after `--undo` it is
@@ -97,7 +97,6 @@ use crate::overlay::Overlay;
 use crate::pins;
 use crate::points::ChosenPoint;
 use crate::target::TargetFile;
-use crate::trimmer;
 
 const FAILOVER_DIR: &str = "failover";
 /// Bytes of the overlay copied to the target at once by a commit.
@@ -146,24 +145,6 @@ impl FailoverFiles {
 /// The default socket of a failover of `volume`: `DIR/failover-<volume>.sock`.
 pub fn default_socket(root: &Path, volume: &str) -> PathBuf {
     root.join(format!("failover-{volume}.sock"))
-}
-
-/// The sentence with which `serve` refuses the agent of a failed-over group.
-pub fn fence_reason(group: &str, volume: &str, f: &FailoverRow) -> String {
-    match f.state {
-        FailoverState::Active => format!(
-            "volume {volume} (group {group}) is failed over on the replica at seq {} since {}: protection resumes after `cdp-replica failover --volume {volume} --undo` on the replica (this agent keeps spooling until then)",
-            f.seq,
-            rfc3339(&time_of(f.started_ns))
-        ),
-        FailoverState::Committing | FailoverState::Committed => format!(
-            "volume {volume} (group {group}) was failed over on the replica at seq {} and that failover was committed{}: this agent's device is no longer the volume's history, and failback is not built yet, so group {group} stays refused",
-            f.seq,
-            f.committed_ns
-                .map(|ns| format!(" on {}", rfc3339(&time_of(ns))))
-                .unwrap_or_default()
-        ),
-    }
 }
 
 /// The flock on `DIR/failover/<volume>.lock`; released when dropped.
@@ -582,7 +563,7 @@ async fn commit_in(dir: &DataDir, catalog: &Catalog, v: &VolumeRow) -> Result<Co
 
     // Steps 2-3: the journal up to S, the overlay over it, fsync.
     let targets_from_journal =
-        trimmer::apply_journal(catalog, dir, g.id, &g.name, g.base_seq, f.seq, false).await?;
+        crate::apply::apply_journal(catalog, dir, g.id, &g.name, g.base_seq, f.seq, false).await?;
     let (data, map, target, size) = (
         files.overlay.clone(),
         files.map.clone(),
@@ -662,30 +643,4 @@ async fn commit_in(dir: &DataDir, catalog: &Catalog, v: &VolumeRow) -> Result<Co
         batches_removed: done.batches,
         segments_removed,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusal_sentences_name_the_volume_and_the_remedy() {
-        let mut f = FailoverRow {
-            group_id: 1,
-            volume_id: 1,
-            seq: 123,
-            segment_min: None,
-            state: FailoverState::Active,
-            started_ns: 1_700_000_000_000_000_000,
-            committed_ns: None,
-        };
-        let r = fence_reason("g", "db", &f);
-        assert!(r.starts_with("volume db (group g) is failed over on the replica at seq 123 since 2023-11-14T22:13:20"), "{r}");
-        assert!(r.contains("failover --volume db --undo"), "{r}");
-        f.state = FailoverState::Committed;
-        f.committed_ns = Some(f.started_ns);
-        let r = fence_reason("g", "db", &f);
-        assert!(r.contains("committed on 2023-11-14T22:13:20"), "{r}");
-        assert!(r.contains("failback is not built yet"), "{r}");
-    }
 }

@@ -31,9 +31,22 @@ use std::path::{Path, PathBuf};
 
 use cdp_shared::batch::BATCH_BYTES_MAX;
 
-use crate::catalog::SegmentSpan;
 use crate::datadir::sync_dir;
 use crate::error::{ReplicaError, Result};
+
+/// Where a journaled batch lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentSpan {
+    pub segment: u64,
+    pub position: u64,
+    pub length: u64,
+}
+
+impl SegmentSpan {
+    pub fn end(&self) -> u64 {
+        self.position + self.length
+    }
+}
 
 pub const SEGMENT_MAGIC: [u8; 4] = *b"CDPJ";
 pub const SEGMENT_VERSION: u16 = 1;

@@ -224,6 +224,7 @@
 
 pub mod agent_ports;
 pub mod agents;
+pub mod apply;
 pub mod catalog;
 pub mod clock;
 pub mod datadir;

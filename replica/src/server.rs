@@ -491,7 +491,7 @@ async fn fenced(shared: &Arc<Shared>, group_ids: &[i64]) -> Option<String> {
                     .into_iter()
                     .find(|v| v.id == f.volume_id)
                     .map_or_else(|| "?".to_owned(), |v| v.name);
-                return Some(crate::failover::fence_reason(&group.name, &volume, &f));
+                return Some(f.refusal(&group.name, &volume));
             }
             Ok(None) => {}
             Err(e) => tracing::debug!("could not check the fence of group {gid}: {e}"),

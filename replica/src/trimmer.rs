@@ -72,22 +72,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use cdp_shared::batch::RecordKind;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{
-    Catalog, EventLevel, FailoverState, GroupRow, RecordRow, TrimReads, VolumeRow,
-};
+use crate::catalog::{Catalog, FailoverState, GroupRow, TrimReads};
 use crate::datadir::DataDir;
-use crate::error::{ReplicaError, Result};
+use crate::error::Result;
 use crate::journal;
 use crate::pins;
-use crate::reconstruct::{RecordLoader, RecordRef};
 use crate::retention::{
     BatchWeight, Retention, TRIM_ROUND_BATCHES_MAX, TrimChoice, TrimInputs, choose_trim,
 };
-use crate::target::TargetFile;
 
 /// How often the trimmer of a group wakes up by itself.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(1);
@@ -334,7 +329,7 @@ impl Trimmer {
     /// Steps (b) and (c): applies the records in (base, to] to the target files, and fsyncs
     /// them when `sync`. Returns the number of target files written.
     async fn apply(&self, base: u64, to: u64, sync: bool) -> Result<usize> {
-        apply_journal(
+        crate::apply::apply_journal(
             &self.catalog,
             &self.dir,
             self.group_id,
@@ -503,79 +498,6 @@ pub(crate) async fn base_after_trims(
         base = to;
     }
     Ok(base)
-}
-
-/// Applies every journal record of group `group_id` (named `name`) with seq in (base, to] to
-/// its target file in (seq, index) order, and fsyncs the files written when `sync` (steps (b)
-/// and (c); also what a failover commit applies). Returns the number of target files written.
-pub(crate) async fn apply_journal(
-    catalog: &Catalog,
-    dir: &DataDir,
-    group_id: i64,
-    name: &str,
-    base: u64,
-    to: u64,
-    sync: bool,
-) -> Result<usize> {
-    let mut work: Vec<(VolumeRow, Vec<RecordRow>)> = Vec::new();
-    for v in catalog.volumes_of_group(group_id).await? {
-        let rows = catalog.records_in_seq_order(v.id, base, to).await?;
-        if !rows.is_empty() {
-            work.push((v, rows));
-        }
-    }
-    let dir = dir.clone();
-    let journal_dir = dir.journal(name);
-    let (written, damaged) =
-        tokio::task::spawn_blocking(move || -> Result<(usize, Vec<(String, String)>)> {
-            let mut loader = RecordLoader::new(&journal_dir)?;
-            let mut data = Vec::new();
-            let mut targets = Vec::with_capacity(work.len());
-            let mut damaged = Vec::new();
-            for (v, rows) in &work {
-                let mut target = TargetFile::open(&dir.target(&v.name), v.size)?;
-                for row in rows {
-                    let r = RecordRef::from_row(row)?;
-                    match r.kind {
-                        RecordKind::Data => match loader.load(&r, v.agent_volume_id, &mut data) {
-                            Ok(()) => target.write_at(r.offset, &data)?,
-                            // A damaged record (the verifier reports the chunk; a repair
-                            // resends it in a later batch): its bytes are not applied, and
-                            // trimming goes on instead of stopping the replica.
-                            Err(ReplicaError::JournalCorrupt(why)) => {
-                                damaged.push((v.name.clone(), why))
-                            }
-                            Err(e) => return Err(e),
-                        },
-                        _ => target.zero(r.offset, u64::from(r.length))?,
-                    }
-                }
-                targets.push(target);
-            }
-            if sync {
-                for t in &mut targets {
-                    t.sync_all()?;
-                }
-            }
-            Ok((targets.len(), damaged))
-        })
-        .await??;
-    for (volume, why) in damaged {
-        let msg = format!(
-            "a damaged journal record was left out when trimming: {why}; `cdp-replica verify run --volume {volume} --full` finds the chunks it leaves wrong and `verify repair` resends them"
-        );
-        tracing::error!(group = %name, volume = %volume, "{msg}");
-        catalog
-            .event(
-                EventLevel::Error,
-                Some(name),
-                Some(&volume),
-                &msg,
-                crate::clock::now_ns(),
-            )
-            .await?;
-    }
-    Ok(written)
 }
 
 /// Runs a group's trimmer until `token` is cancelled (see the module docs). An `Err` is an

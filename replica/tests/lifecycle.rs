@@ -374,7 +374,8 @@ async fn points_in_catalog(
     n: u64,
     journaled: Option<u64>,
 ) -> Vec<i64> {
-    use cdp_replica::catalog::{BatchRow, Catalog, CommitRows, OpenMode, SegmentSpan, VolumeState};
+    use cdp_replica::catalog::{BatchRow, Catalog, CommitRows, OpenMode, VolumeState};
+    use cdp_replica::journal::SegmentSpan;
     let catalog = Catalog::open(&data.join("meta.db"), OpenMode::Existing)
         .await
         .expect("catalog");

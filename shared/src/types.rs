@@ -25,19 +25,6 @@ impl fmt::Display for Seq {
     }
 }
 
-/// Index of a 1 MiB chunk of a volume.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ChunkIndex(pub u64);
-
-impl ChunkIndex {
-    pub fn of_offset(offset: u64) -> ChunkIndex {
-        ChunkIndex(offset / CHUNK_BYTES)
-    }
-    pub fn start(self) -> u64 {
-        self.0 * CHUNK_BYTES
-    }
-}
-
 /// Identifier of a volume inside its consistency group (assigned by the agent at `protect`).
 pub type VolumeId = u32;
 

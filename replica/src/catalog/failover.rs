@@ -6,6 +6,7 @@ use sqlx::Sqlite;
 
 use super::trim::{BaseMove, move_base_on};
 use super::{Catalog, WriteLock};
+use crate::clock::{rfc3339, time_of};
 use crate::error::{ReplicaError, Result};
 
 /// Where a failover stands (see `failover`).
@@ -70,6 +71,28 @@ fn failover_of(t: FailoverTuple) -> Result<FailoverRow> {
         started_ns: t.5,
         committed_ns: t.6,
     })
+}
+
+impl FailoverRow {
+    /// The sentence with which `serve` refuses the agent of the failed-over group `group`
+    /// (`volume` is the failed-over volume's name).
+    pub fn refusal(&self, group: &str, volume: &str) -> String {
+        let f = self;
+        match f.state {
+            FailoverState::Active => format!(
+                "volume {volume} (group {group}) is failed over on the replica at seq {} since {}: protection resumes after `cdp-replica failover --volume {volume} --undo` on the replica (this agent keeps spooling until then)",
+                f.seq,
+                rfc3339(&time_of(f.started_ns))
+            ),
+            FailoverState::Committing | FailoverState::Committed => format!(
+                "volume {volume} (group {group}) was failed over on the replica at seq {} and that failover was committed{}: this agent's device is no longer the volume's history, and failback is not built yet, so group {group} stays refused",
+                f.seq,
+                f.committed_ns
+                    .map(|ns| format!(" on {}", rfc3339(&time_of(ns))))
+                    .unwrap_or_default()
+            ),
+        }
+    }
 }
 
 /// What a failover commit's transaction did.
@@ -227,4 +250,30 @@ pub(super) async fn failover_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     .await
     .map_err(ReplicaError::catalog("read a failover"))?;
     row.map(failover_of).transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_sentences_name_the_volume_and_the_remedy() {
+        let mut f = FailoverRow {
+            group_id: 1,
+            volume_id: 1,
+            seq: 123,
+            segment_min: None,
+            state: FailoverState::Active,
+            started_ns: 1_700_000_000_000_000_000,
+            committed_ns: None,
+        };
+        let r = f.refusal("g", "db");
+        assert!(r.starts_with("volume db (group g) is failed over on the replica at seq 123 since 2023-11-14T22:13:20"), "{r}");
+        assert!(r.contains("failover --volume db --undo"), "{r}");
+        f.state = FailoverState::Committed;
+        f.committed_ns = Some(f.started_ns);
+        let r = f.refusal("g", "db");
+        assert!(r.contains("committed on 2023-11-14T22:13:20"), "{r}");
+        assert!(r.contains("failback is not built yet"), "{r}");
+    }
 }

@@ -7,10 +7,10 @@ use sqlx::{QueryBuilder, Sqlite};
 use super::executor::Executes;
 use super::failover::failover_on;
 use super::{
-    BatchRow, Catalog, FailoverRow, NewRecord, RecordRow, SegmentSpan, VolumeState, WriteLock,
-    hash_of,
+    BatchRow, Catalog, FailoverRow, NewRecord, RecordRow, VolumeState, WriteLock, hash_of,
 };
 use crate::error::{ReplicaError, Result};
+use crate::journal::SegmentSpan;
 
 /// Record rows per INSERT statement (9 parameters each; SQLite allows 32766).
 const RECORD_ROWS_PER_INSERT: usize = 500;

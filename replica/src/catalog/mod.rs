@@ -28,6 +28,7 @@ use sqlx::sqlite::{
 };
 
 use crate::error::{ReplicaError, Result};
+use crate::journal::SegmentSpan;
 use crate::retention::Retention;
 
 mod failover;
@@ -125,20 +126,6 @@ pub struct VolumeRow {
     pub size: u64,
     pub state: VolumeState,
     pub sync_done_seq: Option<u64>,
-}
-
-/// Where a journaled batch lies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SegmentSpan {
-    pub segment: u64,
-    pub position: u64,
-    pub length: u64,
-}
-
-impl SegmentSpan {
-    pub fn end(&self) -> u64 {
-        self.position + self.length
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -103,7 +103,7 @@ impl IngestService {
                         .iter()
                         .find(|k| k.id == f.volume_id)
                         .map_or("?", |k| k.name.as_str());
-                    return Ok(Err(crate::failover::fence_reason(&gh.name, volume, &f)));
+                    return Ok(Err(f.refusal(&gh.name, volume)));
                 }
                 for v in &gh.volumes {
                     if let Some(k) = known.iter().find(|k| k.agent_volume_id == v.id)

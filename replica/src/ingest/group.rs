@@ -17,12 +17,12 @@ use super::pause::Paused;
 use super::plan::{BatchPlan, TargetOp, plan_batch};
 use super::{GROUP_COMMIT_BYTES_MAX, IngestOptions, Reply, VolumeEntry};
 use crate::catalog::{
-    BatchRow, Catalog, CommitRows, EventLevel, NewRecord, RecordRow, SegmentSpan, VolumeState,
+    BatchRow, Catalog, CommitRows, EventLevel, NewRecord, RecordRow, VolumeState,
 };
 use crate::clock::now_ns;
 use crate::datadir::DataDir;
 use crate::error::{ReplicaError, Result};
-use crate::journal::{Journal, JournalPos};
+use crate::journal::{Journal, JournalPos, SegmentSpan};
 use crate::pause_board::PauseBoard;
 use crate::target::TargetFile;
 use crate::trimmer::TrimLink;

@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use cdp_replica::catalog::{Catalog, GroupRow, OpenMode, SegmentSpan};
+use cdp_replica::catalog::{Catalog, GroupRow, OpenMode};
 use cdp_replica::datadir::DataDir;
+use cdp_replica::journal::SegmentSpan;
 use cdp_replica::journal::segment_name;
 
 /// Opens the catalog of an existing data directory (not creating it, read-write).
