@@ -570,7 +570,7 @@ impl Spool {
     }
 
     /// Queues a sealed batch (seq must follow the last appended one). Returns at once.
-    pub fn append(&self, batch: SealedBatch, header_hash: Hash, time_ns: i64) {
+    pub fn append(&self, batch: SealedBatch) {
         {
             let mut st = self.lock();
             st.cached_bytes += batch.bytes.len();
@@ -578,11 +578,11 @@ impl Spool {
             st.entries.insert(
                 batch.seq,
                 Entry {
-                    time_ns,
+                    time_ns: batch.agent_time_ns,
                     segment: 0,
                     offset: 0,
                     len: batch.bytes.len() as u64,
-                    hash: header_hash,
+                    hash: batch.header_hash,
                     cached: Some(batch.bytes.clone()),
                     written: false,
                 },
@@ -959,13 +959,11 @@ mod tests {
     use cdp_shared::batch::{BatchFlags, RecordKind, encode_marker};
     use std::time::Instant;
 
-    fn make(b: &mut Batcher) -> (SealedBatch, Hash) {
+    fn make(b: &mut Batcher) -> SealedBatch {
         let mut rec = Vec::new();
         encode_marker(0, RecordKind::Zero, 0, 512, 0, &mut rec);
         b.push(&rec, 1, false, false, Instant::now(), 0);
-        let s = b.seal(BatchFlags::FLUSH, None, false, 0).expect("sealed");
-        let h = batch::decode_header(&s.bytes).expect("header").header_hash;
-        (s, h)
+        b.seal(BatchFlags::FLUSH, None, false, 0).expect("sealed")
     }
 
     #[tokio::test]
@@ -976,9 +974,9 @@ mod tests {
         assert_eq!(rec.last_seq, Seq(0));
         let mut hashes = Vec::new();
         for _ in 0..5 {
-            let (s, h) = make(&mut b);
-            hashes.push(h);
-            spool.append(s, h, 0);
+            let s = make(&mut b);
+            hashes.push(s.header_hash);
+            spool.append(s);
         }
         spool.wait_durable(Seq(5)).await.expect("durable");
         assert_eq!(spool.durable(), Seq(5));
@@ -1003,7 +1001,8 @@ mod tests {
 
         // Acknowledge everything; the chain continues after the acknowledged batches.
         let mut b = Batcher::new("g", BatcherConfig::default(), rec.last_seq, rec.last_hash);
-        let (s6, h6) = make(&mut b);
+        let s6 = make(&mut b);
+        let h6 = s6.header_hash;
         assert!(spool.held_bytes() > 0);
         spool.ack(Seq(5));
         // Whoever the acknowledgement wakes sees the room it made, without waiting for the
@@ -1013,7 +1012,7 @@ mod tests {
             (0, 0),
             "acknowledged batches are forgotten at once"
         );
-        spool.append(s6, h6, 0);
+        spool.append(s6);
         spool.wait_durable(Seq(6)).await.expect("durable");
         spool.ack(Seq(6));
         spool.wait_durable(Seq(6)).await.expect("still durable");
@@ -1032,9 +1031,9 @@ mod tests {
         let (spool, _) = Spool::open(dir.path()).expect("open");
         let mut lens = Vec::new();
         for _ in 0..20 {
-            let (s, h) = make(&mut b);
+            let s = make(&mut b);
             lens.push(s.bytes.len() as u64);
-            spool.append(s, h, 0);
+            spool.append(s);
         }
         assert_eq!(spool.held(), (20, lens.iter().sum()));
         for (acked, seq) in [(5usize, 5u64), (5, 3), (12, 12), (20, 20)] {
@@ -1059,9 +1058,9 @@ mod tests {
         let (spool, _) = Spool::open(dir.path()).expect("open");
         let mut lens = Vec::new();
         for _ in 0..4 {
-            let (s, h) = make(&mut b);
+            let s = make(&mut b);
             lens.push(s.bytes.len() as u64);
-            spool.append(s, h, 0);
+            spool.append(s);
         }
         // Room once at most two batches are held.
         let room_below = lens[..2].iter().sum::<u64>() + 1;
@@ -1090,8 +1089,8 @@ mod tests {
             .expect("waiter");
 
         // Looking only after the ack: the first look sees the room.
-        let (s, h) = make(&mut b);
-        spool.append(s, h, 0);
+        let s = make(&mut b);
+        spool.append(s);
         spool.ack(Seq(4));
         acked.send_replace(Seq(4));
         let rx = acked.subscribe();
@@ -1118,11 +1117,11 @@ mod tests {
             b.push(&rec, 1, false, false, Instant::now(), 0);
             let name = (i == 2).then_some("mark");
             let s = b.seal(BatchFlags::FLUSH, name, false, 0).expect("sealed");
-            let h = batch::decode_header(&s.bytes).expect("header").header_hash;
+            let h = s.header_hash;
             spans.push((at, s.bytes.len() as u64));
             at += s.bytes.len() as u64;
             hashes.push(h);
-            spool.append(s, h, 0);
+            spool.append(s);
         }
         spool.wait_durable(Seq(5)).await.expect("durable");
         (hashes, spans)
