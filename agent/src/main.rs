@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cdp_agent::config::{AgentConfig, CONFIG_FILE, VolumeConfig};
+use cdp_agent::config::{AgentConfig, AgentConfigFile, CONFIG_FILE, VolumeConfig};
 use cdp_agent::control::{self, Reply, Request};
 use cdp_agent::device::{BlockDev, FileDev};
 use cdp_agent::run::{Agent, Listen, RunOptions};
@@ -201,24 +201,14 @@ fn init(data: &Path, replica: &str, replica_fingerprint: &str) -> Result<()> {
     std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
     let identity = Identity::generate("cdp-agent")?;
     identity.save(data)?;
-    let config = AgentConfig {
-        replica: replica.to_owned(),
-        replica_fingerprint: fp.to_string(),
-        batch_age_ms: cdp_shared::types::BATCH_AGE_MS_DEFAULT,
-        batches_in_flight: cdp_shared::types::BATCHES_IN_FLIGHT_DEFAULT,
-        sync_bytes_per_sec_max: 0,
-        spool_bytes_max: cdp_agent::config::SPOOL_BYTES_MAX_DEFAULT,
-        activity_log_chunks: cdp_agent::activity_log::CAPACITY_DEFAULT,
-        nbd_connections_max: cdp_shared::nbd::server::CONNECTIONS_MAX_DEFAULT,
-        volumes: Vec::new(),
-    };
+    let config = AgentConfigFile::new(replica, &fp.to_string());
     config.save(data)?;
     println!("fingerprint: {}", identity.fingerprint());
     Ok(())
 }
 
 async fn protect(data: &Path, volume: &str, device: &Path, group: Option<String>) -> Result<()> {
-    let mut config = AgentConfig::load(data)?;
+    let mut config = AgentConfigFile::load(data)?;
     check_name("volume", volume).map_err(anyhow::Error::msg)?;
     let group = group.unwrap_or_else(|| volume.to_owned());
     check_name("group", &group).map_err(anyhow::Error::msg)?;
@@ -391,7 +381,7 @@ async fn unprotect(
     group: Option<String>,
     purge: bool,
 ) -> Result<()> {
-    let mut config = AgentConfig::load(data)?;
+    let mut config = AgentConfigFile::load(data)?;
     let group = match (volume, group) {
         (Some(v), _) => {
             let Some(vc) = config.volumes.iter().find(|c| c.name == v) else {

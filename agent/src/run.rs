@@ -140,7 +140,7 @@ impl Agent {
 
         let options = GroupOptions {
             batcher: BatcherConfig {
-                age_max: Duration::from_millis(config.batch_age_ms),
+                age_max: config.batch_age_max,
                 ..BatcherConfig::default()
             },
             spool_bytes_max: config.spool_bytes_max,
