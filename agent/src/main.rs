@@ -382,7 +382,30 @@ async fn unprotect(
     purge: bool,
 ) -> Result<()> {
     let mut config = AgentConfigFile::load(data)?;
-    let group = match (volume, group) {
+    let group = group_to_unprotect(&config, volume, group)?;
+    let volumes: Vec<VolumeConfig> = config
+        .volumes
+        .iter()
+        .filter(|c| c.group == group)
+        .cloned()
+        .collect();
+    let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+    let live = stop_serving(data, &group).await?;
+    config.volumes.retain(|c| c.group != group);
+    config.save(data)?;
+    let files = agent_side_files(data, &group, &volumes);
+    let kept = remove_or_set_aside(data, &group, &files, purge)?;
+    report_unprotected(&group, &names, live.as_ref(), purge, kept.as_deref());
+    Ok(())
+}
+
+/// The group `unprotect` names: `--group`, or the group of `--volume` when it is alone in it.
+fn group_to_unprotect(
+    config: &AgentConfigFile,
+    volume: Option<String>,
+    group: Option<String>,
+) -> Result<String> {
+    Ok(match (volume, group) {
         (Some(v), _) => {
             let Some(vc) = config.volumes.iter().find(|c| c.name == v) else {
                 bail!("no volume named {v} is protected by this agent");
@@ -410,47 +433,59 @@ async fn unprotect(
             g
         }
         (None, None) => bail!("name a --volume or a --group"),
-    };
-    let volumes: Vec<VolumeConfig> = config
-        .volumes
-        .iter()
-        .filter(|c| c.group == group)
-        .cloned()
-        .collect();
-    let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
-    let live = match control::request(data, &Request::Status, Some(Duration::from_secs(5))).await? {
-        None => None,
-        Some(_) => match control::request(
-            data,
-            &Request::Unprotect {
-                group: group.clone(),
-            },
-            Some(control::UNPROTECT_WAIT * 3),
-        )
-        .await?
-        {
-            Some(Reply::Unprotected(u)) => Some(u),
-            Some(Reply::Error { message }) => bail!("{message}"),
-            Some(_) => bail!("the agent answered an unprotect request with something else"),
+    })
+}
+
+/// Asks a running agent to stop serving and recording `group`; `None` when no agent runs.
+async fn stop_serving(data: &Path, group: &str) -> Result<Option<control::Unprotected>> {
+    Ok(
+        match control::request(data, &Request::Status, Some(Duration::from_secs(5))).await? {
             None => None,
+            Some(_) => match control::request(
+                data,
+                &Request::Unprotect {
+                    group: group.to_owned(),
+                },
+                Some(control::UNPROTECT_WAIT * 3),
+            )
+            .await?
+            {
+                Some(Reply::Unprotected(u)) => Some(u),
+                Some(Reply::Error { message }) => bail!("{message}"),
+                Some(_) => bail!("the agent answered an unprotect request with something else"),
+                None => None,
+            },
         },
-    };
-    config.volumes.retain(|c| c.group != group);
-    config.save(data)?;
+    )
+}
+
+/// The agent-side files of `group` and its `volumes` that exist: state, logs, maps, spool.
+fn agent_side_files(data: &Path, group: &str, volumes: &[VolumeConfig]) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = Vec::new();
     let state = state::state_dir(data);
-    for v in &volumes {
+    for v in volumes {
         for suffix in [".json", ".al.0", ".al.1", ".dirty"] {
             files.push(state.join(format!("{}{suffix}", v.name)));
         }
     }
     files.push(state.join(format!("{group}.generation")));
-    files.push(data.join("spool").join(&group));
-    let files: Vec<PathBuf> = files.into_iter().filter(|p| p.exists()).collect();
-    let kept = if files.is_empty() {
-        None
-    } else if purge {
-        for f in &files {
+    files.push(data.join("spool").join(group));
+    files.into_iter().filter(|p| p.exists()).collect()
+}
+
+/// Deletes `files` (`purge`) or moves them to `DATA/unprotected/<group>.<time>`; returns
+/// where they were kept, if anywhere.
+fn remove_or_set_aside(
+    data: &Path,
+    group: &str,
+    files: &[PathBuf],
+    purge: bool,
+) -> Result<Option<PathBuf>> {
+    if files.is_empty() {
+        return Ok(None);
+    }
+    if purge {
+        for f in files {
             let r = if f.is_dir() {
                 std::fs::remove_dir_all(f)
             } else {
@@ -458,19 +493,28 @@ async fn unprotect(
             };
             r.with_context(|| format!("delete {}", f.display()))?;
         }
-        None
-    } else {
-        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-        let aside = data.join("unprotected").join(format!("{group}.{stamp}"));
-        std::fs::create_dir_all(&aside).with_context(|| format!("create {}", aside.display()))?;
-        for f in &files {
-            let to = aside.join(f.file_name().unwrap_or_default());
-            std::fs::rename(f, &to)
-                .with_context(|| format!("move {} to {}", f.display(), to.display()))?;
-        }
-        Some(aside)
-    };
-    match &live {
+        return Ok(None);
+    }
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let aside = data.join("unprotected").join(format!("{group}.{stamp}"));
+    std::fs::create_dir_all(&aside).with_context(|| format!("create {}", aside.display()))?;
+    for f in files {
+        let to = aside.join(f.file_name().unwrap_or_default());
+        std::fs::rename(f, &to)
+            .with_context(|| format!("move {} to {}", f.display(), to.display()))?;
+    }
+    Ok(Some(aside))
+}
+
+/// Tells the operator what `unprotect` did.
+fn report_unprotected(
+    group: &str,
+    names: &[&str],
+    live: Option<&control::Unprotected>,
+    purge: bool,
+    kept: Option<&Path>,
+) {
+    match live {
         Some(u) => {
             println!(
                 "group {group} ({}) is no longer protected: the agent stopped serving and recording it{}",
@@ -509,7 +553,6 @@ async fn unprotect(
         "the replica keeps the history of {}: `cdp-replica forget` deletes it there",
         names.join(", ")
     );
-    Ok(())
 }
 
 async fn show_status(data: &Path, json: bool) -> Result<()> {
