@@ -10,12 +10,18 @@ use cdp_shared::Seq;
 use cdp_shared::batch::{self, BatchFlags, Hash, RecordHeader, SealParams};
 use cdp_shared::types::{BATCH_PAYLOAD_BYTES_MAX, BATCH_RECORDS_MAX};
 
-/// A batch ready for the spool: its seq and its bytes in the one batch format.
+/// A batch ready for the spool: its seq and its bytes in the one batch format, with the two
+/// header fields the spool keeps for it, as the seal encoded them (so nothing decodes the
+/// header again).
 #[derive(Clone, Debug)]
 pub struct SealedBatch {
     pub seq: Seq,
     pub bytes: Bytes,
     pub flags: BatchFlags,
+    /// The batch's identity: blake3 of its header, which the next batch carries as `prev_hash`.
+    pub header_hash: Hash,
+    /// The agent's wall-clock time the batch was sealed at, in ns since the Unix epoch.
+    pub agent_time_ns: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -200,6 +206,8 @@ impl Batcher {
             seq: self.next_seq,
             bytes: Bytes::from(bytes),
             flags: BatchFlags(f),
+            header_hash: hash,
+            agent_time_ns: time_ns,
         };
         self.prev_hash = hash;
         self.next_seq = self.next_seq.next();
@@ -276,6 +284,35 @@ mod tests {
         assert_eq!(third.header.bookmark.as_deref(), Some("bm"));
         assert_eq!(third.header.record_count, 0);
         assert_eq!(b.last_sealed(), Seq(3));
+    }
+
+    /// The hash and time a sealed batch carries are those its bytes say: the spool and the
+    /// chain rely on them without decoding the header again.
+    #[test]
+    fn a_sealed_batch_carries_its_header_hash_and_time() {
+        let cfg = BatcherConfig {
+            payload_bytes_target: 2 * marker().len(),
+            age_max: Duration::from_millis(20),
+        };
+        let mut b = Batcher::new("g", cfg, Seq(0), [7; 32]);
+        let mut sealed = b.push(&marker(), 1, false, false, Instant::now(), 11);
+        sealed.extend(b.push(&marker(), 1, true, true, Instant::now(), 12));
+        sealed.extend(b.seal(BatchFlags::FLUSH, Some("bm"), false, 13));
+        sealed.push(b.seal_always(0, None, false, -5));
+        assert_eq!(sealed.len(), 3);
+        let mut prev = [7; 32];
+        for s in &sealed {
+            let h = batch::decode_header(&s.bytes).expect("decodes");
+            assert_eq!(s.header_hash, h.header_hash, "seq {}", s.seq.0);
+            assert_eq!(s.agent_time_ns, h.agent_time_ns, "seq {}", s.seq.0);
+            assert_eq!(s.seq, h.seq);
+            assert_eq!(h.prev_hash, prev, "chained");
+            prev = s.header_hash;
+        }
+        assert_eq!(
+            sealed.iter().map(|s| s.agent_time_ns).collect::<Vec<_>>(),
+            vec![12, 13, -5]
+        );
     }
 
     #[test]

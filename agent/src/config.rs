@@ -1,10 +1,14 @@
-//! The agent's configuration (`agent.toml`: the replica and the protected volumes), replaced
-//! atomically (see [`write_atomic`]).
+//! The agent's configuration (`agent.toml`: the replica and the protected volumes), in two
+//! layers: [`AgentConfigFile`], the lenient serde form with its defaults, which the commands
+//! that edit the file (`init`, `protect`, `unprotect`) read and save, replaced atomically (see
+//! [`write_atomic`]); and [`AgentConfig`], the typed form every runtime user takes, made from
+//! the file by one validation ([`AgentConfigFile::validate`]).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -14,6 +18,8 @@ use crate::fsutil::write_atomic;
 pub const CONFIG_FILE: &str = "agent.toml";
 /// Default cap of the spool (bytes of batches not yet acknowledged).
 pub const SPOOL_BYTES_MAX_DEFAULT: u64 = 4 << 30;
+/// Smallest spool cap accepted: two batches of the hard maximum size.
+pub const SPOOL_BYTES_MAX_MIN: u64 = 2 * cdp_shared::types::BATCH_PAYLOAD_BYTES_MAX as u64;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeConfig {
@@ -24,9 +30,10 @@ pub struct VolumeConfig {
     pub id: u32,
 }
 
-/// `agent.toml`.
+/// `agent.toml` as written: every key, with the defaults of the keys a file may leave out.
+/// Only [`AgentConfigFile::validate`] turns it into what the agent runs with.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct AgentConfig {
+pub struct AgentConfigFile {
     /// The replica, `HOST:PORT`.
     pub replica: String,
     /// The replica's certificate fingerprint (hex).
@@ -72,8 +79,66 @@ fn default_in_flight() -> usize {
     cdp_shared::types::BATCHES_IN_FLIGHT_DEFAULT
 }
 
-impl AgentConfig {
-    pub fn load(data_dir: &Path) -> Result<AgentConfig> {
+/// A value of `agent.toml` the agent refuses; the message names its key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{key} must be at least 1")]
+    Zero { key: &'static str },
+    #[error("spool_bytes_max must be at least {min} bytes (two batches)")]
+    SpoolTooSmall { min: u64 },
+}
+
+impl ConfigError {
+    /// The key of the refused value.
+    pub fn key(&self) -> &'static str {
+        match self {
+            ConfigError::Zero { key } => key,
+            ConfigError::SpoolTooSmall { .. } => "spool_bytes_max",
+        }
+    }
+}
+
+/// The configuration the agent runs with: `agent.toml` validated, in units.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The replica, `HOST:PORT`.
+    pub replica: String,
+    /// The replica's certificate fingerprint (hex), parsed where the link is set up.
+    pub replica_fingerprint: String,
+    /// Age limit of an open batch (at least 1 ms).
+    pub batch_age_max: Duration,
+    /// Batches sent but not acknowledged, at most (at least 1).
+    pub batches_in_flight: usize,
+    /// Read rate limit of the initial sync, bytes per second (0: unlimited).
+    pub sync_bytes_per_sec_max: u64,
+    /// Cap of each group's spool, in bytes (at least [`SPOOL_BYTES_MAX_MIN`]).
+    pub spool_bytes_max: u64,
+    /// Chunks each volume's activity log holds (at least 1).
+    pub activity_log_chunks: usize,
+    /// NBD connections served at once, before `run` fits it to the descriptor limit (at
+    /// least 1).
+    pub nbd_connections_max: usize,
+    pub volumes: Vec<VolumeConfig>,
+}
+
+impl AgentConfigFile {
+    /// A new agent's file: the replica, every default, no volume.
+    pub fn new(replica: &str, replica_fingerprint: &str) -> AgentConfigFile {
+        AgentConfigFile {
+            replica: replica.to_owned(),
+            replica_fingerprint: replica_fingerprint.to_owned(),
+            batch_age_ms: default_batch_age_ms(),
+            batches_in_flight: default_in_flight(),
+            sync_bytes_per_sec_max: 0,
+            spool_bytes_max: default_spool_bytes_max(),
+            activity_log_chunks: default_al_chunks(),
+            nbd_connections_max: default_nbd_connections_max(),
+            volumes: Vec::new(),
+        }
+    }
+
+    /// Reads and parses `agent.toml` without validating its values.
+    fn read(data_dir: &Path) -> Result<AgentConfigFile> {
         let path = data_dir.join(CONFIG_FILE);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
@@ -86,32 +151,67 @@ impl AgentConfig {
             }
             Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
         };
-        let config: AgentConfig = toml::from_str(&text)
-            .with_context(|| format!("{} is not a valid agent configuration", path.display()))?;
-        if config.spool_bytes_max < 2 * cdp_shared::types::BATCH_PAYLOAD_BYTES_MAX as u64 {
-            bail!(
-                "{}: spool_bytes_max must be at least {} bytes (two batches)",
-                path.display(),
-                2 * cdp_shared::types::BATCH_PAYLOAD_BYTES_MAX
-            );
-        }
-        if config.batch_age_ms == 0
-            || config.batches_in_flight == 0
-            || config.activity_log_chunks == 0
-            || config.nbd_connections_max == 0
-        {
-            bail!(
-                "{}: batch_age_ms, batches_in_flight, activity_log_chunks and nbd_connections_max must be at least 1",
-                path.display()
-            );
-        }
-        Ok(config)
+        toml::from_str(&text)
+            .with_context(|| format!("{} is not a valid agent configuration", path.display()))
+    }
+
+    /// Reads `agent.toml` for an edit, refusing it as [`AgentConfig::load`] would, so that an
+    /// edit never starts from a file the agent does not run with.
+    pub fn load(data_dir: &Path) -> Result<AgentConfigFile> {
+        let file = AgentConfigFile::read(data_dir)?;
+        file.validate().map_err(|e| in_file(data_dir, e))?;
+        Ok(file)
     }
 
     pub fn save(&self, data_dir: &Path) -> Result<()> {
         let text = toml::to_string(self).context("serialize the agent configuration")?;
         let path = data_dir.join(CONFIG_FILE);
         write_atomic(&path, text.as_bytes()).with_context(|| format!("write {}", path.display()))
+    }
+
+    /// The one validation: the typed configuration, or the first value refused.
+    pub fn validate(&self) -> Result<AgentConfig, ConfigError> {
+        if self.spool_bytes_max < SPOOL_BYTES_MAX_MIN {
+            return Err(ConfigError::SpoolTooSmall {
+                min: SPOOL_BYTES_MAX_MIN,
+            });
+        }
+        at_least_one("batch_age_ms", self.batch_age_ms)?;
+        at_least_one("batches_in_flight", self.batches_in_flight as u64)?;
+        at_least_one("activity_log_chunks", self.activity_log_chunks as u64)?;
+        at_least_one("nbd_connections_max", self.nbd_connections_max as u64)?;
+        Ok(AgentConfig {
+            replica: self.replica.clone(),
+            replica_fingerprint: self.replica_fingerprint.clone(),
+            batch_age_max: Duration::from_millis(self.batch_age_ms),
+            batches_in_flight: self.batches_in_flight,
+            sync_bytes_per_sec_max: self.sync_bytes_per_sec_max,
+            spool_bytes_max: self.spool_bytes_max,
+            activity_log_chunks: self.activity_log_chunks,
+            nbd_connections_max: self.nbd_connections_max,
+            volumes: self.volumes.clone(),
+        })
+    }
+}
+
+fn at_least_one(key: &'static str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::Zero { key });
+    }
+    Ok(())
+}
+
+/// A refused value as an operator reads it: the file, then the key and what it must be.
+fn in_file(data_dir: &Path, e: ConfigError) -> anyhow::Error {
+    anyhow::anyhow!("{}: {e}", data_dir.join(CONFIG_FILE).display())
+}
+
+impl AgentConfig {
+    /// Reads and validates `agent.toml`.
+    pub fn load(data_dir: &Path) -> Result<AgentConfig> {
+        AgentConfigFile::read(data_dir)?
+            .validate()
+            .map_err(|e| in_file(data_dir, e))
     }
 
     /// Volumes by group, in a stable order.
@@ -121,5 +221,137 @@ impl AgentConfig {
             groups.entry(v.group.clone()).or_default().push(v.clone());
         }
         groups
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file() -> AgentConfigFile {
+        AgentConfigFile::new("127.0.0.1:7000", &"ab".repeat(32))
+    }
+
+    /// The file `init` writes and `protect` extends, byte for byte as before the two layers.
+    const WRITTEN: &str = r#"replica = "127.0.0.1:7000"
+replica_fingerprint = "abababababababababababababababababababababababababababababababab"
+batch_age_ms = 20
+batches_in_flight = 32
+sync_bytes_per_sec_max = 0
+spool_bytes_max = 4294967296
+activity_log_chunks = 4096
+nbd_connections_max = 256
+
+[[volume]]
+name = "v1"
+device = "/tmp/cfgx-dev"
+group = "v1"
+id = 0
+"#;
+
+    #[test]
+    fn the_file_format_is_unchanged() {
+        let mut f = file();
+        let empty = toml::to_string(&f).expect("serialize");
+        assert_eq!(
+            empty,
+            WRITTEN[..WRITTEN.find("\n[[volume]]").unwrap()].to_owned() + "volume = []\n"
+        );
+        f.volumes.push(VolumeConfig {
+            name: "v1".to_owned(),
+            device: PathBuf::from("/tmp/cfgx-dev"),
+            group: "v1".to_owned(),
+            id: 0,
+        });
+        assert_eq!(toml::to_string(&f).expect("serialize"), WRITTEN);
+        let back: AgentConfigFile = toml::from_str(WRITTEN).expect("parse");
+        assert_eq!(toml::to_string(&back).expect("serialize"), WRITTEN);
+    }
+
+    #[test]
+    fn a_file_of_only_the_replica_takes_every_default() {
+        let f: AgentConfigFile =
+            toml::from_str("replica = \"h:1\"\nreplica_fingerprint = \"x\"\n").expect("parse");
+        let c = f.validate().expect("valid");
+        assert_eq!(
+            c.batch_age_max,
+            Duration::from_millis(cdp_shared::types::BATCH_AGE_MS_DEFAULT)
+        );
+        assert_eq!(
+            c.batches_in_flight,
+            cdp_shared::types::BATCHES_IN_FLIGHT_DEFAULT
+        );
+        assert_eq!(c.sync_bytes_per_sec_max, 0);
+        assert_eq!(c.spool_bytes_max, SPOOL_BYTES_MAX_DEFAULT);
+        assert_eq!(c.activity_log_chunks, crate::activity_log::CAPACITY_DEFAULT);
+        assert_eq!(
+            c.nbd_connections_max,
+            cdp_shared::nbd::server::CONNECTIONS_MAX_DEFAULT
+        );
+        assert!(c.volumes.is_empty());
+        let d = file().validate().expect("the defaults are valid");
+        assert_eq!(d.batch_age_max, c.batch_age_max);
+        assert_eq!(d.spool_bytes_max, c.spool_bytes_max);
+    }
+
+    #[test]
+    fn each_refused_value_names_its_key() {
+        type Edit = fn(&mut AgentConfigFile);
+        let cases: [(&str, Edit); 5] = [
+            ("batch_age_ms", |f| f.batch_age_ms = 0),
+            ("batches_in_flight", |f| f.batches_in_flight = 0),
+            ("activity_log_chunks", |f| f.activity_log_chunks = 0),
+            ("nbd_connections_max", |f| f.nbd_connections_max = 0),
+            ("spool_bytes_max", |f| {
+                f.spool_bytes_max = SPOOL_BYTES_MAX_MIN - 1
+            }),
+        ];
+        for (key, edit) in cases {
+            let mut f = file();
+            edit(&mut f);
+            let e = f.validate().expect_err(key);
+            assert_eq!(e.key(), key);
+            assert!(e.to_string().starts_with(key), "{key}: {e}");
+        }
+        let mut f = file();
+        f.spool_bytes_max = SPOOL_BYTES_MAX_MIN;
+        f.batch_age_ms = 1;
+        f.batches_in_flight = 1;
+        f.activity_log_chunks = 1;
+        f.nbd_connections_max = 1;
+        let c = f.validate().expect("the smallest values are valid");
+        assert_eq!(c.batch_age_max, Duration::from_millis(1));
+        assert_eq!(c.spool_bytes_max, SPOOL_BYTES_MAX_MIN);
+    }
+
+    #[test]
+    fn load_names_the_file_and_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = AgentConfig::load(dir.path()).expect_err("no file");
+        assert!(e.to_string().contains("cdp-agent init"), "{e}");
+        let mut f = file();
+        f.batches_in_flight = 0;
+        f.save(dir.path()).expect("save");
+        for e in [
+            AgentConfig::load(dir.path()).expect_err("refused"),
+            AgentConfigFile::load(dir.path()).expect_err("refused for an edit too"),
+        ] {
+            let msg = e.to_string();
+            assert!(msg.contains(CONFIG_FILE), "{msg}");
+            assert!(
+                msg.contains("batches_in_flight must be at least 1"),
+                "{msg}"
+            );
+        }
+        f.batches_in_flight = 3;
+        f.save(dir.path()).expect("save");
+        let c = AgentConfig::load(dir.path()).expect("valid");
+        assert_eq!(c.batches_in_flight, 3);
+        assert_eq!(
+            AgentConfigFile::load(dir.path())
+                .expect("valid")
+                .batches_in_flight,
+            3
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cdp_agent::config::{AgentConfig, CONFIG_FILE, VolumeConfig};
+use cdp_agent::config::{AgentConfig, AgentConfigFile, CONFIG_FILE, VolumeConfig};
 use cdp_agent::control::{self, Reply, Request};
 use cdp_agent::device::{BlockDev, FileDev};
 use cdp_agent::run::{Agent, Listen, RunOptions};
@@ -201,24 +201,14 @@ fn init(data: &Path, replica: &str, replica_fingerprint: &str) -> Result<()> {
     std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
     let identity = Identity::generate("cdp-agent")?;
     identity.save(data)?;
-    let config = AgentConfig {
-        replica: replica.to_owned(),
-        replica_fingerprint: fp.to_string(),
-        batch_age_ms: cdp_shared::types::BATCH_AGE_MS_DEFAULT,
-        batches_in_flight: cdp_shared::types::BATCHES_IN_FLIGHT_DEFAULT,
-        sync_bytes_per_sec_max: 0,
-        spool_bytes_max: cdp_agent::config::SPOOL_BYTES_MAX_DEFAULT,
-        activity_log_chunks: cdp_agent::activity_log::CAPACITY_DEFAULT,
-        nbd_connections_max: cdp_shared::nbd::server::CONNECTIONS_MAX_DEFAULT,
-        volumes: Vec::new(),
-    };
+    let config = AgentConfigFile::new(replica, &fp.to_string());
     config.save(data)?;
     println!("fingerprint: {}", identity.fingerprint());
     Ok(())
 }
 
 async fn protect(data: &Path, volume: &str, device: &Path, group: Option<String>) -> Result<()> {
-    let mut config = AgentConfig::load(data)?;
+    let mut config = AgentConfigFile::load(data)?;
     check_name("volume", volume).map_err(anyhow::Error::msg)?;
     let group = group.unwrap_or_else(|| volume.to_owned());
     check_name("group", &group).map_err(anyhow::Error::msg)?;
@@ -391,8 +381,31 @@ async fn unprotect(
     group: Option<String>,
     purge: bool,
 ) -> Result<()> {
-    let mut config = AgentConfig::load(data)?;
-    let group = match (volume, group) {
+    let mut config = AgentConfigFile::load(data)?;
+    let group = group_to_unprotect(&config, volume, group)?;
+    let volumes: Vec<VolumeConfig> = config
+        .volumes
+        .iter()
+        .filter(|c| c.group == group)
+        .cloned()
+        .collect();
+    let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+    let live = stop_serving(data, &group).await?;
+    config.volumes.retain(|c| c.group != group);
+    config.save(data)?;
+    let files = agent_side_files(data, &group, &volumes);
+    let kept = remove_or_set_aside(data, &group, &files, purge)?;
+    report_unprotected(&group, &names, live.as_ref(), purge, kept.as_deref());
+    Ok(())
+}
+
+/// The group `unprotect` names: `--group`, or the group of `--volume` when it is alone in it.
+fn group_to_unprotect(
+    config: &AgentConfigFile,
+    volume: Option<String>,
+    group: Option<String>,
+) -> Result<String> {
+    Ok(match (volume, group) {
         (Some(v), _) => {
             let Some(vc) = config.volumes.iter().find(|c| c.name == v) else {
                 bail!("no volume named {v} is protected by this agent");
@@ -420,47 +433,59 @@ async fn unprotect(
             g
         }
         (None, None) => bail!("name a --volume or a --group"),
-    };
-    let volumes: Vec<VolumeConfig> = config
-        .volumes
-        .iter()
-        .filter(|c| c.group == group)
-        .cloned()
-        .collect();
-    let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
-    let live = match control::request(data, &Request::Status, Some(Duration::from_secs(5))).await? {
-        None => None,
-        Some(_) => match control::request(
-            data,
-            &Request::Unprotect {
-                group: group.clone(),
-            },
-            Some(control::UNPROTECT_WAIT * 3),
-        )
-        .await?
-        {
-            Some(Reply::Unprotected(u)) => Some(u),
-            Some(Reply::Error { message }) => bail!("{message}"),
-            Some(_) => bail!("the agent answered an unprotect request with something else"),
+    })
+}
+
+/// Asks a running agent to stop serving and recording `group`; `None` when no agent runs.
+async fn stop_serving(data: &Path, group: &str) -> Result<Option<control::Unprotected>> {
+    Ok(
+        match control::request(data, &Request::Status, Some(Duration::from_secs(5))).await? {
             None => None,
+            Some(_) => match control::request(
+                data,
+                &Request::Unprotect {
+                    group: group.to_owned(),
+                },
+                Some(control::UNPROTECT_WAIT * 3),
+            )
+            .await?
+            {
+                Some(Reply::Unprotected(u)) => Some(u),
+                Some(Reply::Error { message }) => bail!("{message}"),
+                Some(_) => bail!("the agent answered an unprotect request with something else"),
+                None => None,
+            },
         },
-    };
-    config.volumes.retain(|c| c.group != group);
-    config.save(data)?;
+    )
+}
+
+/// The agent-side files of `group` and its `volumes` that exist: state, logs, maps, spool.
+fn agent_side_files(data: &Path, group: &str, volumes: &[VolumeConfig]) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = Vec::new();
     let state = state::state_dir(data);
-    for v in &volumes {
+    for v in volumes {
         for suffix in [".json", ".al.0", ".al.1", ".dirty"] {
             files.push(state.join(format!("{}{suffix}", v.name)));
         }
     }
     files.push(state.join(format!("{group}.generation")));
-    files.push(data.join("spool").join(&group));
-    let files: Vec<PathBuf> = files.into_iter().filter(|p| p.exists()).collect();
-    let kept = if files.is_empty() {
-        None
-    } else if purge {
-        for f in &files {
+    files.push(data.join("spool").join(group));
+    files.into_iter().filter(|p| p.exists()).collect()
+}
+
+/// Deletes `files` (`purge`) or moves them to `DATA/unprotected/<group>.<time>`; returns
+/// where they were kept, if anywhere.
+fn remove_or_set_aside(
+    data: &Path,
+    group: &str,
+    files: &[PathBuf],
+    purge: bool,
+) -> Result<Option<PathBuf>> {
+    if files.is_empty() {
+        return Ok(None);
+    }
+    if purge {
+        for f in files {
             let r = if f.is_dir() {
                 std::fs::remove_dir_all(f)
             } else {
@@ -468,19 +493,28 @@ async fn unprotect(
             };
             r.with_context(|| format!("delete {}", f.display()))?;
         }
-        None
-    } else {
-        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-        let aside = data.join("unprotected").join(format!("{group}.{stamp}"));
-        std::fs::create_dir_all(&aside).with_context(|| format!("create {}", aside.display()))?;
-        for f in &files {
-            let to = aside.join(f.file_name().unwrap_or_default());
-            std::fs::rename(f, &to)
-                .with_context(|| format!("move {} to {}", f.display(), to.display()))?;
-        }
-        Some(aside)
-    };
-    match &live {
+        return Ok(None);
+    }
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+    let aside = data.join("unprotected").join(format!("{group}.{stamp}"));
+    std::fs::create_dir_all(&aside).with_context(|| format!("create {}", aside.display()))?;
+    for f in files {
+        let to = aside.join(f.file_name().unwrap_or_default());
+        std::fs::rename(f, &to)
+            .with_context(|| format!("move {} to {}", f.display(), to.display()))?;
+    }
+    Ok(Some(aside))
+}
+
+/// Tells the operator what `unprotect` did.
+fn report_unprotected(
+    group: &str,
+    names: &[&str],
+    live: Option<&control::Unprotected>,
+    purge: bool,
+    kept: Option<&Path>,
+) {
+    match live {
         Some(u) => {
             println!(
                 "group {group} ({}) is no longer protected: the agent stopped serving and recording it{}",
@@ -519,7 +553,6 @@ async fn unprotect(
         "the replica keeps the history of {}: `cdp-replica forget` deletes it there",
         names.join(", ")
     );
-    Ok(())
 }
 
 async fn show_status(data: &Path, json: bool) -> Result<()> {

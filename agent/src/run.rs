@@ -18,11 +18,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use cdp_shared::identity::{Fingerprint, Identity};
 use cdp_shared::nbd::server::{HANDSHAKE_TIMEOUT_DEFAULT, ServerLimits};
+use cdp_shared::types::VolumeId;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::BatcherConfig;
-use crate::config::{AgentConfig, CONFIG_FILE};
+use crate::config::{AgentConfig, CONFIG_FILE, VolumeConfig};
 use crate::control::{self, ControlContext};
 use crate::device::{BlockDev, FileDev};
 use crate::exports::VolumeExports;
@@ -128,175 +129,23 @@ impl Agent {
                 data_dir.display()
             );
         }
-        let marker = data_dir.join("state").join("running");
-        if marker.exists() {
-            tracing::warn!(
-                "the previous run of this agent did not stop cleanly: writes that were in flight at that moment may be on the devices but not on the replica"
-            );
-        }
-        std::fs::create_dir_all(state::state_dir(&data_dir))
-            .context("create the state directory")?;
-        fsutil::write_atomic(&marker, b"running\n").context("write the running marker")?;
-
-        let options = GroupOptions {
-            batcher: BatcherConfig {
-                age_max: Duration::from_millis(config.batch_age_ms),
-                ..BatcherConfig::default()
-            },
-            spool_bytes_max: config.spool_bytes_max,
-            al_capacity: config.activity_log_chunks,
-            state_dir: state::state_dir(&data_dir),
-        };
-        let mut groups = Vec::new();
-        for (group_name, vols) in config.groups() {
-            let mut volumes = Vec::new();
-            let mut sorted = vols.clone();
-            sorted.sort_by_key(|v| v.id);
-            let mut to_sync = Vec::new();
-            for (i, v) in sorted.iter().enumerate() {
-                if v.id as usize != i {
-                    bail!(
-                        "{}: the volume ids of group {group_name} are not 0, 1, 2, ...; the configuration was edited by hand",
-                        data_dir.join(CONFIG_FILE).display()
-                    );
-                }
-                let dev = FileDev::open(&v.device).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::ResourceBusy {
-                        anyhow!("{e}")
-                    } else {
-                        anyhow!(
-                            "open device {} of volume {}: {e}",
-                            v.device.display(),
-                            v.name
-                        )
-                    }
-                })?;
-                let st = state::load_volume_state(&data_dir, &v.name)?;
-                if st.as_ref().is_none_or(|s| s.state == VolumeState::Syncing) {
-                    to_sync.push(v.id);
-                }
-                volumes.push(Arc::new(Volume::new(
-                    v.id,
-                    &v.name,
-                    Arc::new(dev) as Arc<dyn BlockDev>,
-                )));
-            }
-            let spool_dir = data_dir.join("spool").join(&group_name);
-            let (spool, recovered) = Spool::open(&spool_dir)
-                .with_context(|| format!("open the spool of group {group_name}"))?;
-            if recovered.truncated_bytes > 0 {
-                tracing::warn!(group = %group_name, bytes = recovered.truncated_bytes, "truncated a torn spool tail");
-            }
-            tracing::info!(group = %group_name, seq = recovered.last_seq.0, "the log of group {group_name} continues after seq {}", recovered.last_seq);
-            let (group, found) = Group::new(
-                &group_name,
-                volumes,
-                spool,
-                options.clone(),
-                recovered.last_seq,
-                recovered.last_hash,
-            )
-            .with_context(|| {
-                format!("open the activity logs and dirty maps of group {group_name}")
-            })?;
-            if let Some(lost) = &recovered.lost {
-                let marked = group.mark_lost(lost).with_context(|| {
-                    format!("mark the chunks of the damaged spool batches of group {group_name} for resync")
-                })?;
-                tracing::error!(
-                    group = %group_name,
-                    chunks = marked,
-                    "{marked} chunks of the damaged spool batches (seq {} to {} of segment {}) are marked for resync; the group's points are not consistent until it completes",
-                    lost.first_seq,
-                    lost.last_seq,
-                    lost.segment.display()
-                );
-            }
-            if found.al_chunks > 0 {
-                tracing::warn!(group = %group_name, chunks = found.al_chunks, "the activity log names {} chunks written just before an unclean stop: they are resynced", found.al_chunks);
-            }
-            if found.dirty_chunks > 0 {
-                tracing::info!(group = %group_name, chunks = found.dirty_chunks, "{} dirty chunks wait for a resync", found.dirty_chunks);
-            }
-            group.await_initial_sync(to_sync.iter().copied());
-            group.pending().initial_sync.extend(to_sync);
-            groups.push(group);
-        }
+        mark_running(&data_dir)?;
+        let groups = open_groups(&data_dir, &config)?;
 
         let shutdown = CancellationToken::new();
         let nbd_shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let link: SharedLink = Arc::new(std::sync::Mutex::new(LinkState::default()));
 
-        let limits = ServerLimits {
-            connections_max: budget.connections_max,
-            handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT,
-        };
-        tracing::info!(
-            connections_max = budget.connections_max,
-            descriptors_open = descriptors_open(),
-            "NBD: at most {} connections at once (nbd_connections_max {}; the descriptor limit {} less the {} the agent keeps leaves {}), each to finish its handshake within {:?}",
-            budget.connections_max,
-            config.nbd_connections_max,
-            budget.soft_limit,
-            budget.reserved,
-            budget.connections_available,
-            limits.handshake_timeout
-        );
+        let limits = nbd_limits(&budget, config.nbd_connections_max);
         let exports = Arc::new(VolumeExports::new(&groups));
         let group_set = GroupSet::new(groups, &shutdown);
         for g in group_set.snapshot() {
             tasks.spawn(g.clone().run_age_cutter(group_set.token(&g.name)));
         }
-        let (nbd, nbd_task) = match &opts.listen {
-            Listen::Unix(path) => {
-                let _ = std::fs::remove_file(path);
-                let listener = tokio::net::UnixListener::bind(path)
-                    .with_context(|| format!("listen on {}", path.display()))?;
-                let t = tokio::spawn(cdp_shared::nbd::server::serve_unix(
-                    listener,
-                    exports.clone(),
-                    nbd_shutdown.clone(),
-                    limits,
-                ));
-                (Listen::Unix(path.clone()), t)
-            }
-            Listen::Tcp(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("listen on {addr}"))?;
-                let bound = listener.local_addr()?;
-                let t = tokio::spawn(cdp_shared::nbd::server::serve_tcp(
-                    listener,
-                    exports.clone(),
-                    nbd_shutdown.clone(),
-                    limits,
-                ));
-                (Listen::Tcp(bound), t)
-            }
-        };
-
-        let ctl_path = data_dir.join(control::SOCKET_NAME);
-        let _ = std::fs::remove_file(&ctl_path);
-        let ctl_listener = tokio::net::UnixListener::bind(&ctl_path)
-            .with_context(|| format!("listen on {}", ctl_path.display()))?;
-        let status_groups = group_set.clone();
-        let status_link = link.clone();
-        let devices: std::collections::BTreeMap<String, String> = config
-            .volumes
-            .iter()
-            .map(|v| (v.name.clone(), v.device.display().to_string()))
-            .collect();
-        let ctx = Arc::new(ControlContext {
-            groups: group_set.clone(),
-            exports: exports.clone(),
-            link: link.clone(),
-            status: Arc::new(move || {
-                status::collect(&status_groups.snapshot(), &status_link, &|name| {
-                    devices.get(name).cloned().unwrap_or_default()
-                })
-            }),
-        });
+        let (nbd, nbd_task) = serve_nbd(&opts.listen, &exports, &nbd_shutdown, limits).await?;
+        let ctl_listener = bind_control(&data_dir)?;
+        let ctx = control_context(&config, &group_set, &exports, &link);
         tasks.spawn(control::serve(ctl_listener, ctx, shutdown.clone()));
 
         let sender_config = SenderConfig {
@@ -397,6 +246,221 @@ impl Agent {
         let _ = std::fs::remove_file(self.data_dir.join("state").join("running"));
         Ok(())
     }
+}
+
+/// Warns when the previous run did not stop cleanly, and marks this one as running (the mark
+/// is removed by a clean stop).
+fn mark_running(data_dir: &Path) -> Result<()> {
+    let marker = data_dir.join("state").join("running");
+    if marker.exists() {
+        tracing::warn!(
+            "the previous run of this agent did not stop cleanly: writes that were in flight at that moment may be on the devices but not on the replica"
+        );
+    }
+    std::fs::create_dir_all(state::state_dir(data_dir)).context("create the state directory")?;
+    fsutil::write_atomic(&marker, b"running\n").context("write the running marker")?;
+    Ok(())
+}
+
+/// Opens every group of `config`: its devices, spool, activity logs and dirty maps.
+fn open_groups(data_dir: &Path, config: &AgentConfig) -> Result<Vec<Arc<Group>>> {
+    let options = GroupOptions {
+        batcher: BatcherConfig {
+            age_max: config.batch_age_max,
+            ..BatcherConfig::default()
+        },
+        spool_bytes_max: config.spool_bytes_max,
+        al_capacity: config.activity_log_chunks,
+        state_dir: state::state_dir(data_dir),
+    };
+    let mut groups = Vec::new();
+    for (group_name, vols) in config.groups() {
+        groups.push(open_group(data_dir, &group_name, &vols, &options)?);
+    }
+    Ok(groups)
+}
+
+/// Opens group `group_name` of volumes `vols`, recovers its spool (a damaged batch's chunks
+/// marked for resync) and queues the initial syncs still due.
+fn open_group(
+    data_dir: &Path,
+    group_name: &str,
+    vols: &[VolumeConfig],
+    options: &GroupOptions,
+) -> Result<Arc<Group>> {
+    let (volumes, to_sync) = open_volumes(data_dir, group_name, vols)?;
+    let spool_dir = data_dir.join("spool").join(group_name);
+    let (spool, recovered) =
+        Spool::open(&spool_dir).with_context(|| format!("open the spool of group {group_name}"))?;
+    if recovered.truncated_bytes > 0 {
+        tracing::warn!(group = %group_name, bytes = recovered.truncated_bytes, "truncated a torn spool tail");
+    }
+    tracing::info!(group = %group_name, seq = recovered.last_seq.0, "the log of group {group_name} continues after seq {}", recovered.last_seq);
+    let (group, found) = Group::new(
+        group_name,
+        volumes,
+        spool,
+        options.clone(),
+        recovered.last_seq,
+        recovered.last_hash,
+    )
+    .with_context(|| format!("open the activity logs and dirty maps of group {group_name}"))?;
+    if let Some(lost) = &recovered.lost {
+        let marked = group.mark_lost(lost).with_context(|| {
+            format!("mark the chunks of the damaged spool batches of group {group_name} for resync")
+        })?;
+        tracing::error!(
+            group = %group_name,
+            chunks = marked,
+            "{marked} chunks of the damaged spool batches (seq {} to {} of segment {}) are marked for resync; the group's points are not consistent until it completes",
+            lost.first_seq,
+            lost.last_seq,
+            lost.segment.display()
+        );
+    }
+    if found.al_chunks > 0 {
+        tracing::warn!(group = %group_name, chunks = found.al_chunks, "the activity log names {} chunks written just before an unclean stop: they are resynced", found.al_chunks);
+    }
+    if found.dirty_chunks > 0 {
+        tracing::info!(group = %group_name, chunks = found.dirty_chunks, "{} dirty chunks wait for a resync", found.dirty_chunks);
+    }
+    group.await_initial_sync(to_sync.iter().copied());
+    group.pending().initial_sync.extend(to_sync);
+    Ok(group)
+}
+
+/// Opens the devices of group `group_name`'s volumes in id order; returns them and the ids
+/// of those whose initial sync is not complete.
+fn open_volumes(
+    data_dir: &Path,
+    group_name: &str,
+    vols: &[VolumeConfig],
+) -> Result<(Vec<Arc<Volume>>, Vec<VolumeId>)> {
+    let mut volumes = Vec::new();
+    let mut sorted = vols.to_vec();
+    sorted.sort_by_key(|v| v.id);
+    let mut to_sync = Vec::new();
+    for (i, v) in sorted.iter().enumerate() {
+        if v.id as usize != i {
+            bail!(
+                "{}: the volume ids of group {group_name} are not 0, 1, 2, ...; the configuration was edited by hand",
+                data_dir.join(CONFIG_FILE).display()
+            );
+        }
+        let dev = FileDev::open(&v.device).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::ResourceBusy {
+                anyhow!("{e}")
+            } else {
+                anyhow!(
+                    "open device {} of volume {}: {e}",
+                    v.device.display(),
+                    v.name
+                )
+            }
+        })?;
+        let st = state::load_volume_state(data_dir, &v.name)?;
+        if st.as_ref().is_none_or(|s| s.state == VolumeState::Syncing) {
+            to_sync.push(v.id);
+        }
+        volumes.push(Arc::new(Volume::new(
+            v.id,
+            &v.name,
+            Arc::new(dev) as Arc<dyn BlockDev>,
+        )));
+    }
+    Ok((volumes, to_sync))
+}
+
+/// The NBD server's limits from the descriptor budget, logged with how they were reached.
+fn nbd_limits(budget: &DescriptorBudget, nbd_connections_max: usize) -> ServerLimits {
+    let limits = ServerLimits {
+        connections_max: budget.connections_max,
+        handshake_timeout: HANDSHAKE_TIMEOUT_DEFAULT,
+    };
+    tracing::info!(
+        connections_max = budget.connections_max,
+        descriptors_open = descriptors_open(),
+        "NBD: at most {} connections at once (nbd_connections_max {}; the descriptor limit {} less the {} the agent keeps leaves {}), each to finish its handshake within {:?}",
+        budget.connections_max,
+        nbd_connections_max,
+        budget.soft_limit,
+        budget.reserved,
+        budget.connections_available,
+        limits.handshake_timeout
+    );
+    limits
+}
+
+/// Binds the NBD listener and spawns its server; returns where it listens (the bound port
+/// for TCP) and the server's task.
+async fn serve_nbd(
+    listen: &Listen,
+    exports: &Arc<VolumeExports>,
+    nbd_shutdown: &CancellationToken,
+    limits: ServerLimits,
+) -> Result<(Listen, tokio::task::JoinHandle<()>)> {
+    Ok(match listen {
+        Listen::Unix(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("listen on {}", path.display()))?;
+            let t = tokio::spawn(cdp_shared::nbd::server::serve_unix(
+                listener,
+                exports.clone(),
+                nbd_shutdown.clone(),
+                limits,
+            ));
+            (Listen::Unix(path.clone()), t)
+        }
+        Listen::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listen on {addr}"))?;
+            let bound = listener.local_addr()?;
+            let t = tokio::spawn(cdp_shared::nbd::server::serve_tcp(
+                listener,
+                exports.clone(),
+                nbd_shutdown.clone(),
+                limits,
+            ));
+            (Listen::Tcp(bound), t)
+        }
+    })
+}
+
+/// Binds the control socket in `data_dir`, replacing one a previous run left.
+fn bind_control(data_dir: &Path) -> Result<tokio::net::UnixListener> {
+    let ctl_path = data_dir.join(control::SOCKET_NAME);
+    let _ = std::fs::remove_file(&ctl_path);
+    tokio::net::UnixListener::bind(&ctl_path)
+        .with_context(|| format!("listen on {}", ctl_path.display()))
+}
+
+/// What the control socket's requests reach: the groups, the exports, the link, and the
+/// status (each volume with its configured device).
+fn control_context(
+    config: &AgentConfig,
+    group_set: &Arc<GroupSet>,
+    exports: &Arc<VolumeExports>,
+    link: &SharedLink,
+) -> Arc<ControlContext> {
+    let status_groups = group_set.clone();
+    let status_link = link.clone();
+    let devices: std::collections::BTreeMap<String, String> = config
+        .volumes
+        .iter()
+        .map(|v| (v.name.clone(), v.device.display().to_string()))
+        .collect();
+    Arc::new(ControlContext {
+        groups: group_set.clone(),
+        exports: exports.clone(),
+        link: link.clone(),
+        status: Arc::new(move || {
+            status::collect(&status_groups.snapshot(), &status_link, &|name| {
+                devices.get(name).cloned().unwrap_or_default()
+            })
+        }),
+    })
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit, logs what the agent has, and returns

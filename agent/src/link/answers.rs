@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
 use cdp_shared::Seq;
+use cdp_shared::types::VolumeId;
 use cdp_shared::wire::Control;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -39,69 +40,20 @@ impl Ctx<'_> {
 
     pub(super) fn handle(&mut self, msg: Control) -> Result<()> {
         match msg {
-            Control::Ack { group, durable } => {
-                if let Some(free) = self.window.handle_ack(&group, Seq(durable))? {
-                    let g = self.group(&group)?;
-                    // The spool forgets the batches before the waiters hear of the ack: a
-                    // sync woken by it (`wait_for_room`) sees the room it made.
-                    g.spool.ack(free);
-                    g.acked.send_replace(free);
-                    g.bump();
-                }
-            }
-            Control::Nack { group, seq, reason } => {
-                // A nack the replica could not attribute (its header was unreadable) ends
-                // the connection: the next one sends every unacknowledged batch again.
-                if self.window.has_group(&group) {
-                    tracing::warn!(
-                        group,
-                        seq,
-                        "the replica refused batch {seq}: {reason}; sending it again"
-                    );
-                }
-                match self.window.handle_nack(&group, Seq(seq), &reason)? {
-                    NackAction::Resend(seq) => {
-                        let bytes = self
-                            .group(&group)?
-                            .spool
-                            .get(seq)?
-                            .ok_or_else(|| anyhow!("batch {seq} is missing from the spool"))?;
-                        self.sends.spawn(send_batch(self.conn.clone(), bytes));
-                    }
-                    NackAction::Ignore => {}
-                }
-            }
+            Control::Ack { group, durable } => self.handle_ack(&group, Seq(durable))?,
+            Control::Nack { group, seq, reason } => self.handle_nack(&group, seq, &reason)?,
             Control::HashReply {
                 group,
                 volume,
                 seq: _,
                 first_chunk,
                 hashes,
-            } => {
-                if let Some(reply) = self.hash_waiters.remove(&(group, volume, first_chunk)) {
-                    let parsed: Option<Vec<[u8; 32]>> =
-                        hashes.iter().map(|h| parse_hash(h)).collect();
-                    let _ =
-                        reply.send(parsed.ok_or_else(|| "a hash is not 64 hex digits".to_owned()));
-                }
-            }
+            } => self.handle_hash_reply(group, volume, first_chunk, &hashes),
             Control::HashError {
                 group,
                 volume,
                 reason,
-            } => {
-                let keys: Vec<_> = self
-                    .hash_waiters
-                    .keys()
-                    .filter(|(g, v, _)| *g == group && *v == volume)
-                    .cloned()
-                    .collect();
-                for k in keys {
-                    if let Some(reply) = self.hash_waiters.remove(&k) {
-                        let _ = reply.send(Err(reason.clone()));
-                    }
-                }
-            }
+            } => self.handle_hash_error(&group, volume, &reason),
             Control::Paused { group, reason } => {
                 tracing::warn!(
                     group,
@@ -126,61 +78,134 @@ impl Ctx<'_> {
                 group,
                 volume,
                 chunk,
-            } => {
-                let Some(g) = self.groups.get(&group) else {
-                    let _ = self.replies.try_send(Control::VerifyRefused {
-                        id,
-                        reason: format!("no group {group} on this agent"),
-                    });
-                    return Ok(());
-                };
-                let g = g.clone();
-                let replies = self.replies.clone();
-                self.verifies.spawn(async move {
-                    let msg = match g.hash_chunk_at_boundary(volume, chunk).await {
-                        Ok((seq, hash)) => Control::VerifyReply {
-                            id,
-                            seq: seq.0,
-                            hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
-                        },
-                        Err(reason) => Control::VerifyRefused { id, reason },
-                    };
-                    let _ = replies.send(msg).await;
-                });
-            }
+            } => self.handle_verify_request(id, &group, volume, chunk),
             Control::RepairRequest {
                 id,
                 group,
                 volume,
                 chunks,
-            } => {
-                let refuse = |reason: String| Control::RepairRefused { id, reason };
-                let Some(g) = self.groups.get(&group) else {
-                    let _ = self
-                        .replies
-                        .try_send(refuse(format!("no group {group} on this agent")));
-                    return Ok(());
-                };
-                if chunks.len() > cdp_shared::wire::REPAIR_CHUNKS_PER_MESSAGE_MAX {
-                    let _ = self.replies.try_send(refuse(format!(
-                        "{} chunks in one repair request (at most {})",
-                        chunks.len(),
-                        cdp_shared::wire::REPAIR_CHUNKS_PER_MESSAGE_MAX
-                    )));
-                    return Ok(());
-                }
-                let g = g.clone();
-                let replies = self.replies.clone();
-                self.verifies.spawn(async move {
-                    let msg = match g.repair_chunks(volume, &chunks).await {
-                        Ok(seq) => Control::RepairStarted { id, seq: seq.0 },
-                        Err(reason) => Control::RepairRefused { id, reason },
-                    };
-                    let _ = replies.send(msg).await;
-                });
-            }
+            } => self.handle_repair_request(id, &group, volume, chunks),
             other => bail!("unexpected message from the replica: {other:?}"),
         }
         Ok(())
+    }
+
+    fn handle_ack(&mut self, group: &str, durable: Seq) -> Result<()> {
+        if let Some(free) = self.window.handle_ack(group, durable)? {
+            let g = self.group(group)?;
+            // The spool forgets the batches before the waiters hear of the ack: a
+            // sync woken by it (`wait_for_room`) sees the room it made.
+            g.spool.ack(free);
+            g.acked.send_replace(free);
+            g.bump();
+        }
+        Ok(())
+    }
+
+    fn handle_nack(&mut self, group: &str, seq: u64, reason: &str) -> Result<()> {
+        // A nack the replica could not attribute (its header was unreadable) ends
+        // the connection: the next one sends every unacknowledged batch again.
+        if self.window.has_group(group) {
+            tracing::warn!(
+                group,
+                seq,
+                "the replica refused batch {seq}: {reason}; sending it again"
+            );
+        }
+        match self.window.handle_nack(group, Seq(seq), reason)? {
+            NackAction::Resend(seq) => {
+                let bytes = self
+                    .group(group)?
+                    .spool
+                    .get(seq)?
+                    .ok_or_else(|| anyhow!("batch {seq} is missing from the spool"))?;
+                self.sends.spawn(send_batch(self.conn.clone(), bytes));
+            }
+            NackAction::Ignore => {}
+        }
+        Ok(())
+    }
+
+    fn handle_hash_reply(
+        &mut self,
+        group: String,
+        volume: VolumeId,
+        first_chunk: u64,
+        hashes: &[String],
+    ) {
+        if let Some(reply) = self.hash_waiters.remove(&(group, volume, first_chunk)) {
+            let parsed: Option<Vec<[u8; 32]>> = hashes.iter().map(|h| parse_hash(h)).collect();
+            let _ = reply.send(parsed.ok_or_else(|| "a hash is not 64 hex digits".to_owned()));
+        }
+    }
+
+    /// The replica cannot hash `volume` of `group`: every request waiting for it hears why.
+    fn handle_hash_error(&mut self, group: &str, volume: VolumeId, reason: &str) {
+        let keys: Vec<_> = self
+            .hash_waiters
+            .keys()
+            .filter(|(g, v, _)| *g == group && *v == volume)
+            .cloned()
+            .collect();
+        for k in keys {
+            if let Some(reply) = self.hash_waiters.remove(&k) {
+                let _ = reply.send(Err(reason.to_owned()));
+            }
+        }
+    }
+
+    /// Hashes `chunk` at a batch boundary in a task of its own; the answer goes back through
+    /// the connection loop.
+    fn handle_verify_request(&mut self, id: u64, group: &str, volume: VolumeId, chunk: u64) {
+        let Some(g) = self.groups.get(group) else {
+            let _ = self.replies.try_send(Control::VerifyRefused {
+                id,
+                reason: format!("no group {group} on this agent"),
+            });
+            return;
+        };
+        let g = g.clone();
+        let replies = self.replies.clone();
+        self.verifies.spawn(async move {
+            let msg = match g.hash_chunk_at_boundary(volume, chunk).await {
+                Ok((seq, hash)) => Control::VerifyReply {
+                    id,
+                    seq: seq.0,
+                    hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
+                },
+                Err(reason) => Control::VerifyRefused { id, reason },
+            };
+            let _ = replies.send(msg).await;
+        });
+    }
+
+    /// Marks `chunks` for repair in a task of its own (at most
+    /// [`cdp_shared::wire::REPAIR_CHUNKS_PER_MESSAGE_MAX`]); the answer goes back through the
+    /// connection loop.
+    fn handle_repair_request(&mut self, id: u64, group: &str, volume: VolumeId, chunks: Vec<u64>) {
+        let refuse = |reason: String| Control::RepairRefused { id, reason };
+        let Some(g) = self.groups.get(group) else {
+            let _ = self
+                .replies
+                .try_send(refuse(format!("no group {group} on this agent")));
+            return;
+        };
+        if chunks.len() > cdp_shared::wire::REPAIR_CHUNKS_PER_MESSAGE_MAX {
+            let _ = self.replies.try_send(refuse(format!(
+                "{} chunks in one repair request (at most {})",
+                chunks.len(),
+                cdp_shared::wire::REPAIR_CHUNKS_PER_MESSAGE_MAX
+            )));
+            return;
+        }
+        let g = g.clone();
+        let replies = self.replies.clone();
+        self.verifies.spawn(async move {
+            let msg = match g.repair_chunks(volume, &chunks).await {
+                Ok(seq) => Control::RepairStarted { id, seq: seq.0 },
+                Err(reason) => Control::RepairRefused { id, reason },
+            };
+            let _ = replies.send(msg).await;
+        });
     }
 }

@@ -24,7 +24,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use cdp_shared::identity::{self, Fingerprint, Identity};
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::VolumeId;
-use cdp_shared::wire::{self, Control, FrameDecoder, GroupHello, VolumeInfo};
+use cdp_shared::wire::{self, Control, FrameDecoder, GroupHello, GroupWelcome, VolumeInfo};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -242,16 +242,9 @@ fn parse_hash(hex: &str) -> Option<[u8; 32]> {
     Some(h)
 }
 
-async fn serve_connection(
-    groups: &[Arc<Group>],
-    config: &SenderConfig,
-    link: &SharedLink,
-    conn: &quinn::Connection,
-    queries: &mut mpsc::Receiver<HashQuery>,
-    backoff: &mut Duration,
-) -> Result<()> {
-    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.context("open the control stream")?;
-    let hello = Control::Hello {
+/// The hello that opens a connection: each group's volumes, head and first seq held.
+fn hello(groups: &[Arc<Group>]) -> Control {
+    Control::Hello {
         protocol: wire::PROTOCOL_VERSION,
         groups: groups
             .iter()
@@ -273,19 +266,28 @@ async fn serve_connection(
                 }
             })
             .collect(),
-    };
+    }
+}
+
+/// Sends the hello and reads the replica's welcome; returns what it says of each group.
+/// `decoder` keeps what followed the welcome.
+async fn handshake(
+    groups: &[Arc<Group>],
+    ctl_send: &mut quinn::SendStream,
+    ctl_recv: &mut quinn::RecvStream,
+    decoder: &mut FrameDecoder,
+    buf: &mut [u8],
+) -> Result<Vec<GroupWelcome>> {
     ctl_send
-        .write_all(&wire::encode(&hello))
+        .write_all(&wire::encode(&hello(groups)))
         .await
         .context("send hello")?;
-    let mut decoder = FrameDecoder::new();
-    let mut buf = vec![0u8; 64 << 10];
     let welcome = loop {
         if let Some(msg) = decoder.poll_frame()? {
             break msg;
         }
         match ctl_recv
-            .read(&mut buf)
+            .read(buf)
             .await
             .context("read the replica's welcome")?
         {
@@ -293,16 +295,25 @@ async fn serve_connection(
             None => bail!("the replica closed the control stream during the handshake"),
         }
     };
-    let welcome_groups = match welcome {
-        Control::Welcome { protocol, groups } if protocol == wire::PROTOCOL_VERSION => groups,
+    match welcome {
+        Control::Welcome { protocol, groups } if protocol == wire::PROTOCOL_VERSION => Ok(groups),
         Control::Welcome { protocol, .. } => bail!(
             "the replica speaks control protocol {protocol}, this agent {}",
             wire::PROTOCOL_VERSION
         ),
         Control::Refused { reason } => bail!("the replica refused this agent: {reason}"),
         other => bail!("unexpected first message from the replica: {other:?}"),
-    };
-    let mut window = SendWindow::new(config.window);
+    }
+}
+
+/// Catches every group up with the replica's welcome and opens the send window over them,
+/// each from what the replica holds durably; returns the window and the groups by name.
+fn catch_up_groups(
+    groups: &[Arc<Group>],
+    welcome_groups: &[GroupWelcome],
+    window: usize,
+) -> Result<(SendWindow, BTreeMap<String, Arc<Group>>)> {
+    let mut window = SendWindow::new(window);
     let mut by_name: BTreeMap<String, Arc<Group>> = BTreeMap::new();
     for g in groups {
         let w = welcome_groups
@@ -315,14 +326,12 @@ async fn serve_connection(
         window.add_group(&g.name, durable);
         by_name.insert(g.name.clone(), g.clone());
     }
-    set_link(link, true, None);
-    *backoff = BACKOFF_MIN;
-    tracing::info!(replica = %config.replica, "connected to the replica");
-    for g in groups {
-        g.wake.send_modify(|v| *v += 1);
-    }
+    Ok((window, by_name))
+}
 
-    // Wake the loop whenever any group's spool grows.
+/// A notify woken whenever any group's spool grows, and the tasks that watch the spools
+/// (they stop when the set is dropped).
+fn watch_spools(groups: &[Arc<Group>]) -> (Arc<Notify>, JoinSet<()>) {
     let wake = Arc::new(Notify::new());
     let mut watchers = JoinSet::new();
     for g in groups {
@@ -334,6 +343,32 @@ async fn serve_connection(
             }
         });
     }
+    (wake, watchers)
+}
+
+async fn serve_connection(
+    groups: &[Arc<Group>],
+    config: &SenderConfig,
+    link: &SharedLink,
+    conn: &quinn::Connection,
+    queries: &mut mpsc::Receiver<HashQuery>,
+    backoff: &mut Duration,
+) -> Result<()> {
+    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.context("open the control stream")?;
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let welcome_groups =
+        handshake(groups, &mut ctl_send, &mut ctl_recv, &mut decoder, &mut buf).await?;
+    let (mut window, by_name) = catch_up_groups(groups, &welcome_groups, config.window)?;
+    set_link(link, true, None);
+    *backoff = BACKOFF_MIN;
+    tracing::info!(replica = %config.replica, "connected to the replica");
+    for g in groups {
+        g.wake.send_modify(|v| *v += 1);
+    }
+
+    // Wake the loop whenever any group's spool grows.
+    let (wake, _watchers) = watch_spools(groups);
     let mut sends: JoinSet<Result<()>> = JoinSet::new();
     let mut hash_waiters: HashWaiters = HashMap::new();
     let (replies, mut reply_rx) = mpsc::channel::<Control>(VERIFIES_IN_FLIGHT_MAX);

@@ -436,12 +436,7 @@ impl Group {
 
     fn to_spool(&self, sealed: impl IntoIterator<Item = SealedBatch>) {
         for s in sealed {
-            let header = match batch::decode_header(&s.bytes) {
-                Ok(h) => h,
-                Err(e) => panic!("the batcher sealed a batch that does not decode: {e}"),
-            };
-            self.spool
-                .append(s, header.header_hash, header.agent_time_ns);
+            self.spool.append(s);
         }
     }
 

@@ -1,11 +1,11 @@
 //! The spool: a durable, append-only, segmented log on the agent's disk of the batches of one
 //! consistency group that the replica has not acknowledged yet (DESIGN 3.4).
 //!
-//! Sealed batches are appended in seq order by a dedicated writer thread. Two numbers are kept
-//! apart: *written* (the bytes are in the segment file) and *durable* (fdatasync'd). A FLUSH
-//! asks for durability up to its batch and waits for it. Segments whose batches are all
-//! acknowledged are deleted; before that, the newest acknowledged seq and its header hash are
-//! saved in `trimmed`, so the seq chain survives an empty spool.
+//! Sealed batches are appended in seq order by a dedicated writer thread ([`writer`]). Two
+//! numbers are kept apart: *written* (the bytes are in the segment file) and *durable*
+//! (fdatasync'd). A FLUSH asks for durability up to its batch and waits for it. Segments whose
+//! batches are all acknowledged are deleted; before that, the newest acknowledged seq and its
+//! header hash are saved in `trimmed`, so the seq chain survives an empty spool.
 //!
 //! File layout: `DIR/<first seq, 20 digits>.spl`, each starting with a [`SEGMENT_HEADER_BYTES`]
 //! header — [`SEGMENT_MAGIC`] | durable end u64 | check u64 (the first 8 bytes of the blake3 of
@@ -26,6 +26,8 @@
 //! covers it.) Segments of the first format (`CDPSPL01`, no durable end) are read as before:
 //! a failing batch in the last one is a torn tail.
 
+mod writer;
+
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -39,6 +41,7 @@ use cdp_shared::batch::{self, HEADER_FIXED_BYTES, Hash};
 use tokio::sync::watch;
 
 use crate::batcher::SealedBatch;
+use writer::writer_thread;
 
 /// Magic and format version at the start of every spool segment.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"CDPSPL02";
@@ -392,147 +395,229 @@ fn move_damaged(
     Ok(())
 }
 
+/// The names of the spool's segment files in `dir`, oldest first.
+fn segment_ids(dir: &Path) -> Result<Vec<u64>, SpoolError> {
+    let mut ids: Vec<u64> = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Some(stem) = name.strip_suffix(".spl")
+            && let Ok(id) = stem.parse::<u64>()
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// What [`Spool::open`] has found so far, one segment after another, oldest first.
+struct Scan {
+    /// The newest trimmed batch: batches up to it are not held again.
+    trimmed_seq: Seq,
+    entries: BTreeMap<Seq, Entry>,
+    /// Each segment's good length.
+    segments: BTreeMap<u64, u64>,
+    truncated_bytes: u64,
+    last_seq: Seq,
+    last_hash: Hash,
+    /// Set at the first damaged batch: it and everything after it leave the spool.
+    lost: Option<LostBatches>,
+}
+
+impl Scan {
+    fn new(trimmed_seq: Seq, trimmed_hash: Hash) -> Scan {
+        Scan {
+            trimmed_seq,
+            entries: BTreeMap::new(),
+            segments: BTreeMap::new(),
+            truncated_bytes: 0,
+            last_seq: trimmed_seq,
+            last_hash: trimmed_hash,
+            lost: None,
+        }
+    }
+
+    /// Reads segment `id` (`is_last`: the one the writer was appending to), holds its good
+    /// batches, and cuts a torn tail, or moves out what follows damage.
+    fn segment(&mut self, dir: &Path, id: u64, is_last: bool) -> Result<(), SpoolError> {
+        let path = segment_path(dir, id);
+        let data = fs::read(&path).map_err(io_err(&path))?;
+        if let Some(lost) = self.lost.as_mut() {
+            // Everything after damage is out of the spool, read only to know its chunks.
+            account_lost(
+                lost,
+                &data,
+                segment_layout(&data).map_or(data.len(), |l| l.0),
+            );
+            move_damaged(dir, &path, &data, 0, lost)?;
+            return Ok(());
+        }
+        let Some((start, durable_end)) = segment_layout(&data) else {
+            // Not even a whole header: a segment torn while it was being created.
+            self.truncated_bytes += data.len() as u64;
+            tracing::warn!(segment = %path.display(), bytes = data.len(), "removed a spool segment torn at its creation");
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            return Ok(());
+        };
+        // A segment the writer left was synced whole before it went on.
+        let durable_end = if is_last {
+            durable_end
+        } else {
+            data.len() as u64
+        };
+        let good = self.batches(dir, &path, id, &data, start, durable_end)?;
+        if good < data.len() as u64 {
+            if self.lost.is_none() {
+                self.truncated_bytes += data.len() as u64 - good;
+                tracing::warn!(segment = %path.display(), bytes = data.len() as u64 - good, "truncated a torn spool segment tail (past the segment's durable end: no flush was answered for it)");
+            }
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            f.set_len(good).map_err(io_err(&path))?;
+            f.sync_all().map_err(io_err(&path))?;
+        }
+        self.segments.insert(id, good);
+        Ok(())
+    }
+
+    /// Checks the batches of segment `id` (`data`, at `path`) from `start` and holds those
+    /// past the trimmed one; returns where the last good batch ends. A batch that fails its
+    /// checks ends the segment: past `durable_end` a torn tail, before it damage.
+    fn batches(
+        &mut self,
+        dir: &Path,
+        path: &Path,
+        id: u64,
+        data: &[u8],
+        start: usize,
+        durable_end: u64,
+    ) -> Result<u64, SpoolError> {
+        let mut pos = start;
+        let mut good = start as u64;
+        while pos < data.len() {
+            let decoded = batch::decode_header(&data[pos..]).ok().and_then(|h| {
+                let end = pos + h.total_len();
+                (end <= data.len() && batch::decode(&data[pos..end]).is_ok()).then_some((h, end))
+            });
+            let Some((header, end)) = decoded else {
+                if (pos as u64) < durable_end {
+                    self.damaged(dir, path, data, pos)?;
+                }
+                break;
+            };
+            if header.seq > self.trimmed_seq {
+                if self.last_seq.0 != 0 && header.seq != self.last_seq.next() {
+                    return Err(SpoolError::Damaged {
+                        path: path.to_path_buf(),
+                        reason: format!("seq {} follows seq {}", header.seq, self.last_seq),
+                    });
+                }
+                self.entries.insert(
+                    header.seq,
+                    Entry {
+                        time_ns: header.agent_time_ns,
+                        segment: id,
+                        offset: pos as u64,
+                        len: (end - pos) as u64,
+                        hash: header.header_hash,
+                        cached: None,
+                        written: true,
+                    },
+                );
+                self.last_seq = header.seq;
+                self.last_hash = header.header_hash;
+            }
+            pos = end;
+            good = pos as u64;
+        }
+        Ok(good)
+    }
+
+    /// The batch at `pos` of `data` (segment `path`) is damaged, before the segment's durable
+    /// end: it and every later batch leave the spool, unless only acknowledged ones did.
+    fn damaged(
+        &mut self,
+        dir: &Path,
+        path: &Path,
+        data: &[u8],
+        pos: usize,
+    ) -> Result<(), SpoolError> {
+        let mut l = LostBatches {
+            segment: path.to_path_buf(),
+            first_seq: self.last_seq.next(),
+            last_seq: self.last_seq,
+            moved_to: dir.join(DAMAGED_DIR),
+            ..LostBatches::default()
+        };
+        account_lost(&mut l, data, pos);
+        if l.batches == 0 {
+            // Only acknowledged batches were damaged: nothing is lost.
+            tracing::warn!(segment = %path.display(), offset = pos, "a damaged spool batch was acknowledged already; it is dropped");
+            return Ok(());
+        }
+        let l = self.lost.insert(l);
+        move_damaged(dir, path, data, pos, l)
+    }
+}
+
+/// Makes the moves of damaged batches out of `dir` durable and tells the operator.
+fn report_lost(dir: &Path, l: &LostBatches) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    tracing::error!(
+        segment = %l.segment.display(),
+        "the spool is damaged: {} batch(es) from seq {} (up to seq {} at least) failed their checks or follow one that did, {} of them damaged; they are moved to {}, their chunks are resynced from the devices{}",
+        l.batches,
+        l.first_seq,
+        l.last_seq,
+        l.damaged,
+        l.moved_to.display(),
+        if l.bookmarks.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", and their bookmarks ({}) are no longer points: take them again",
+                l.bookmarks.join(", ")
+            )
+        }
+    );
+    Ok(())
+}
+
 impl Spool {
     /// Opens (creating) the spool in `dir`, checks every batch in it, truncates a torn tail, and
     /// starts the writer thread.
     pub fn open(dir: &Path) -> Result<(Spool, Recovered), SpoolError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let (trimmed_seq, trimmed_hash) = read_trimmed(dir)?;
-        let mut ids: Vec<u64> = Vec::new();
-        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
-            let entry = entry.map_err(io_err(dir))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if let Some(stem) = name.strip_suffix(".spl")
-                && let Ok(id) = stem.parse::<u64>()
-            {
-                ids.push(id);
-            }
-        }
-        ids.sort_unstable();
-        let mut entries = BTreeMap::new();
-        let mut segments = BTreeMap::new();
-        let mut truncated_bytes = 0;
-        let (mut last_seq, mut last_hash) = (trimmed_seq, trimmed_hash);
-        let mut lost: Option<LostBatches> = None;
+        let ids = segment_ids(dir)?;
+        let mut scan = Scan::new(trimmed_seq, trimmed_hash);
         let last_id = ids.last().copied();
         for id in ids {
-            let path = segment_path(dir, id);
-            let data = fs::read(&path).map_err(io_err(&path))?;
-            if let Some(lost) = lost.as_mut() {
-                // Everything after damage is out of the spool, read only to know its chunks.
-                account_lost(
-                    lost,
-                    &data,
-                    segment_layout(&data).map_or(data.len(), |l| l.0),
-                );
-                move_damaged(dir, &path, &data, 0, lost)?;
-                continue;
-            }
-            let Some((start, durable_end)) = segment_layout(&data) else {
-                // Not even a whole header: a segment torn while it was being created.
-                truncated_bytes += data.len() as u64;
-                tracing::warn!(segment = %path.display(), bytes = data.len(), "removed a spool segment torn at its creation");
-                fs::remove_file(&path).map_err(io_err(&path))?;
-                continue;
-            };
-            // A segment the writer left was synced whole before it went on.
-            let durable_end = if Some(id) == last_id {
-                durable_end
-            } else {
-                data.len() as u64
-            };
-            let mut pos = start;
-            let mut good = start as u64;
-            while pos < data.len() {
-                let decoded = batch::decode_header(&data[pos..]).ok().and_then(|h| {
-                    let end = pos + h.total_len();
-                    (end <= data.len() && batch::decode(&data[pos..end]).is_ok())
-                        .then_some((h, end))
-                });
-                let Some((header, end)) = decoded else {
-                    if (pos as u64) < durable_end {
-                        let mut l = LostBatches {
-                            segment: path.clone(),
-                            first_seq: last_seq.next(),
-                            last_seq,
-                            moved_to: dir.join(DAMAGED_DIR),
-                            ..LostBatches::default()
-                        };
-                        account_lost(&mut l, &data, pos);
-                        if l.batches == 0 {
-                            // Only acknowledged batches were damaged: nothing is lost.
-                            tracing::warn!(segment = %path.display(), offset = pos, "a damaged spool batch was acknowledged already; it is dropped");
-                        } else {
-                            lost = Some(l);
-                        }
-                        if let Some(l) = lost.as_mut() {
-                            move_damaged(dir, &path, &data, pos, l)?;
-                        }
-                    }
-                    break;
-                };
-                if header.seq > trimmed_seq {
-                    if last_seq.0 != 0 && header.seq != last_seq.next() {
-                        return Err(SpoolError::Damaged {
-                            path,
-                            reason: format!("seq {} follows seq {}", header.seq, last_seq),
-                        });
-                    }
-                    entries.insert(
-                        header.seq,
-                        Entry {
-                            time_ns: header.agent_time_ns,
-                            segment: id,
-                            offset: pos as u64,
-                            len: (end - pos) as u64,
-                            hash: header.header_hash,
-                            cached: None,
-                            written: true,
-                        },
-                    );
-                    last_seq = header.seq;
-                    last_hash = header.header_hash;
-                }
-                pos = end;
-                good = pos as u64;
-            }
-            if good < data.len() as u64 {
-                if lost.is_none() {
-                    truncated_bytes += data.len() as u64 - good;
-                    tracing::warn!(segment = %path.display(), bytes = data.len() as u64 - good, "truncated a torn spool segment tail (past the segment's durable end: no flush was answered for it)");
-                }
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
-                f.set_len(good).map_err(io_err(&path))?;
-                f.sync_all().map_err(io_err(&path))?;
-            }
-            segments.insert(id, good);
+            scan.segment(dir, id, Some(id) == last_id)?;
         }
-        if let Some(l) = &lost {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(dir))?;
-            tracing::error!(
-                segment = %l.segment.display(),
-                "the spool is damaged: {} batch(es) from seq {} (up to seq {} at least) failed their checks or follow one that did, {} of them damaged; they are moved to {}, their chunks are resynced from the devices{}",
-                l.batches,
-                l.first_seq,
-                l.last_seq,
-                l.damaged,
-                l.moved_to.display(),
-                if l.bookmarks.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        ", and their bookmarks ({}) are no longer points: take them again",
-                        l.bookmarks.join(", ")
-                    )
-                }
-            );
+        if let Some(l) = &scan.lost {
+            report_lost(dir, l)?;
         }
+        Spool::start(dir, scan)
+    }
+
+    /// Starts the writer thread over what `scan` found in `dir`.
+    fn start(dir: &Path, scan: Scan) -> Result<(Spool, Recovered), SpoolError> {
+        let Scan {
+            trimmed_seq,
+            entries,
+            segments,
+            truncated_bytes,
+            last_seq,
+            last_hash,
+            lost,
+        } = scan;
         let first_held = entries.keys().next().copied().unwrap_or(last_seq.next());
         let held_bytes = entries.values().map(|e| e.len).sum();
         let (written, _) = watch::channel(last_seq);
@@ -570,7 +655,7 @@ impl Spool {
     }
 
     /// Queues a sealed batch (seq must follow the last appended one). Returns at once.
-    pub fn append(&self, batch: SealedBatch, header_hash: Hash, time_ns: i64) {
+    pub fn append(&self, batch: SealedBatch) {
         {
             let mut st = self.lock();
             st.cached_bytes += batch.bytes.len();
@@ -578,11 +663,11 @@ impl Spool {
             st.entries.insert(
                 batch.seq,
                 Entry {
-                    time_ns,
+                    time_ns: batch.agent_time_ns,
                     segment: 0,
                     offset: 0,
                     len: batch.bytes.len() as u64,
-                    hash: header_hash,
+                    hash: batch.header_hash,
                     cached: Some(batch.bytes.clone()),
                     written: false,
                 },
@@ -726,232 +811,6 @@ impl Spool {
     }
 }
 
-struct Writer {
-    shared: Arc<Shared>,
-    current: Option<(u64, File, u64)>,
-    synced: bool,
-    /// The durable end last written into the current segment's header.
-    durable_end: u64,
-}
-
-impl Writer {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn open_segment(&mut self, first_seq: Seq) -> io::Result<()> {
-        if let Some((_, file, len)) = self.current.take() {
-            // Everything before the current segment is durable: sync it, whole, before
-            // leaving it.
-            file.write_all_at(&durable_end_field(len), DURABLE_END_AT)?;
-            file.sync_data()?;
-        }
-        let id = first_seq.0;
-        let path = segment_path(&self.shared.dir, id);
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)?;
-        file.write_all(&segment_header(SEGMENT_HEADER_BYTES))?;
-        file.sync_all()?;
-        File::open(&self.shared.dir)?.sync_all()?;
-        self.current = Some((id, file, SEGMENT_HEADER_BYTES));
-        self.durable_end = SEGMENT_HEADER_BYTES;
-        self.lock().segments.insert(id, SEGMENT_HEADER_BYTES);
-        Ok(())
-    }
-
-    fn resume_last_segment(&mut self) -> io::Result<()> {
-        let last = self
-            .lock()
-            .segments
-            .iter()
-            .next_back()
-            .map(|(id, len)| (*id, *len));
-        if let Some((id, len)) = last
-            && len < SEGMENT_BYTES_TARGET
-        {
-            // Only a segment of the current format is appended to (a first-format one has no
-            // durable end to keep).
-            let path = segment_path(&self.shared.dir, id);
-            let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let mut magic = [0u8; 8];
-            if file.read_exact_at(&mut magic, 0).is_ok() && &magic == SEGMENT_MAGIC {
-                // Open cut the segment to its last whole batch: all of it is durable.
-                file.write_all_at(&durable_end_field(len), DURABLE_END_AT)?;
-                file.sync_data()?;
-                self.durable_end = len;
-                self.current = Some((id, file, len));
-            }
-        }
-        Ok(())
-    }
-
-    fn append(&mut self, batch: &SealedBatch) -> io::Result<()> {
-        let need_new = match &self.current {
-            None => true,
-            Some((_, _, len)) => *len >= SEGMENT_BYTES_TARGET,
-        };
-        if need_new {
-            self.open_segment(batch.seq)?;
-        }
-        let Some((id, file, len)) = self.current.as_mut() else {
-            return Err(io::Error::other("no segment"));
-        };
-        file.write_all_at(&batch.bytes, *len)?;
-        let offset = *len;
-        *len += batch.bytes.len() as u64;
-        let (id, new_len) = (*id, *len);
-        self.synced = false;
-        let mut st = self.lock();
-        st.segments.insert(id, new_len);
-        if let Some(e) = st.entries.get_mut(&batch.seq) {
-            e.segment = id;
-            e.offset = offset;
-            e.written = true;
-        }
-        // Keep the cache bounded: drop the oldest written batches' bytes.
-        while st.cached_bytes > CACHE_BYTES_MAX {
-            let Some((_, e)) = st
-                .entries
-                .iter_mut()
-                .find(|(_, e)| e.cached.is_some() && e.written)
-            else {
-                break;
-            };
-            if let Some(b) = e.cached.take() {
-                st.cached_bytes -= b.len();
-            }
-        }
-        Ok(())
-    }
-
-    fn reset(&mut self, seq: Seq, hash: &Hash) -> io::Result<()> {
-        self.current = None;
-        write_trimmed(&self.shared.dir, seq, hash)?;
-        let ids: Vec<u64> = self.lock().segments.keys().copied().collect();
-        for id in ids {
-            fs::remove_file(segment_path(&self.shared.dir, id))?;
-        }
-        File::open(&self.shared.dir)?.sync_all()?;
-        let mut st = self.lock();
-        st.segments.clear();
-        st.entries.clear();
-        st.cached_bytes = 0;
-        st.held_bytes = 0;
-        st.acked = seq;
-        st.trim_to = None;
-        drop(st);
-        self.synced = true;
-        self.shared.written.send_replace(seq);
-        self.shared.durable.send_replace(seq);
-        Ok(())
-    }
-
-    /// Makes the current segment durable: its durable end is written into its header first,
-    /// so that the same fdatasync makes both durable (see the module doc).
-    fn sync(&mut self) -> io::Result<()> {
-        if !self.synced
-            && let Some((_, file, len)) = &self.current
-        {
-            if *len != self.durable_end {
-                file.write_all_at(&durable_end_field(*len), DURABLE_END_AT)?;
-            }
-            file.sync_data()?;
-            self.durable_end = *len;
-        }
-        self.synced = true;
-        Ok(())
-    }
-
-    /// Deletes the segments that hold no batch (except the one being appended), after saving
-    /// the newest acknowledged seq and hash in `trimmed` so the chain survives them.
-    fn trim(&mut self) -> io::Result<()> {
-        let st = self.lock();
-        let Some((acked_seq, acked_hash)) = st.trim_to else {
-            return Ok(());
-        };
-        let current = self.current.as_ref().map(|(id, _, _)| *id);
-        let live: std::collections::BTreeSet<u64> =
-            st.entries.values().map(|e| e.segment).collect();
-        let dead: Vec<u64> = st
-            .segments
-            .keys()
-            .copied()
-            .filter(|id| Some(*id) != current && !live.contains(id))
-            .collect();
-        drop(st);
-        if dead.is_empty() {
-            return Ok(());
-        }
-        write_trimmed(&self.shared.dir, acked_seq, &acked_hash)?;
-        for id in dead {
-            fs::remove_file(segment_path(&self.shared.dir, id))?;
-            self.lock().segments.remove(&id);
-        }
-        Ok(())
-    }
-}
-
-fn writer_thread(shared: Arc<Shared>, rx: mpsc::Receiver<Cmd>) {
-    let mut w = Writer {
-        shared: shared.clone(),
-        current: None,
-        synced: true,
-        durable_end: 0,
-    };
-    let fail = |w: &Writer, what: &str, e: io::Error| {
-        tracing::error!(dir = %w.shared.dir.display(), "spool {what} failed: {e}; the agent cannot keep its promise of durability and stops accepting flushes");
-        w.lock().failed = Some(format!("{what}: {e}"));
-    };
-    if let Err(e) = w.resume_last_segment() {
-        fail(&w, "open", e);
-        return;
-    }
-    while let Ok(first) = rx.recv() {
-        let mut cmds = vec![first];
-        cmds.extend(rx.try_iter());
-        let mut want_sync = false;
-        let mut last_written = None;
-        let mut trim = false;
-        for cmd in cmds {
-            match cmd {
-                Cmd::Append(batch) => {
-                    if let Err(e) = w.append(&batch) {
-                        fail(&w, "append", e);
-                        return;
-                    }
-                    last_written = Some(batch.seq);
-                }
-                Cmd::Sync => want_sync = true,
-                Cmd::Trim => trim = true,
-                Cmd::Reset(seq, hash, done) => {
-                    // Whatever was queued before the reset belonged to the old chain.
-                    last_written = None;
-                    want_sync = false;
-                    trim = false;
-                    let _ = done.send(w.reset(seq, &hash));
-                }
-            }
-        }
-        if let Some(seq) = last_written {
-            shared.written.send_replace(seq);
-        }
-        if want_sync {
-            if let Err(e) = w.sync() {
-                fail(&w, "fdatasync", e);
-                return;
-            }
-            let written = *shared.written.borrow();
-            shared.durable.send_replace(written);
-        }
-        if trim && let Err(e) = w.trim() {
-            tracing::warn!(dir = %shared.dir.display(), "could not trim the spool: {e}");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -959,13 +818,11 @@ mod tests {
     use cdp_shared::batch::{BatchFlags, RecordKind, encode_marker};
     use std::time::Instant;
 
-    fn make(b: &mut Batcher) -> (SealedBatch, Hash) {
+    fn make(b: &mut Batcher) -> SealedBatch {
         let mut rec = Vec::new();
         encode_marker(0, RecordKind::Zero, 0, 512, 0, &mut rec);
         b.push(&rec, 1, false, false, Instant::now(), 0);
-        let s = b.seal(BatchFlags::FLUSH, None, false, 0).expect("sealed");
-        let h = batch::decode_header(&s.bytes).expect("header").header_hash;
-        (s, h)
+        b.seal(BatchFlags::FLUSH, None, false, 0).expect("sealed")
     }
 
     #[tokio::test]
@@ -976,9 +833,9 @@ mod tests {
         assert_eq!(rec.last_seq, Seq(0));
         let mut hashes = Vec::new();
         for _ in 0..5 {
-            let (s, h) = make(&mut b);
-            hashes.push(h);
-            spool.append(s, h, 0);
+            let s = make(&mut b);
+            hashes.push(s.header_hash);
+            spool.append(s);
         }
         spool.wait_durable(Seq(5)).await.expect("durable");
         assert_eq!(spool.durable(), Seq(5));
@@ -1003,7 +860,8 @@ mod tests {
 
         // Acknowledge everything; the chain continues after the acknowledged batches.
         let mut b = Batcher::new("g", BatcherConfig::default(), rec.last_seq, rec.last_hash);
-        let (s6, h6) = make(&mut b);
+        let s6 = make(&mut b);
+        let h6 = s6.header_hash;
         assert!(spool.held_bytes() > 0);
         spool.ack(Seq(5));
         // Whoever the acknowledgement wakes sees the room it made, without waiting for the
@@ -1013,7 +871,7 @@ mod tests {
             (0, 0),
             "acknowledged batches are forgotten at once"
         );
-        spool.append(s6, h6, 0);
+        spool.append(s6);
         spool.wait_durable(Seq(6)).await.expect("durable");
         spool.ack(Seq(6));
         spool.wait_durable(Seq(6)).await.expect("still durable");
@@ -1032,9 +890,9 @@ mod tests {
         let (spool, _) = Spool::open(dir.path()).expect("open");
         let mut lens = Vec::new();
         for _ in 0..20 {
-            let (s, h) = make(&mut b);
+            let s = make(&mut b);
             lens.push(s.bytes.len() as u64);
-            spool.append(s, h, 0);
+            spool.append(s);
         }
         assert_eq!(spool.held(), (20, lens.iter().sum()));
         for (acked, seq) in [(5usize, 5u64), (5, 3), (12, 12), (20, 20)] {
@@ -1059,9 +917,9 @@ mod tests {
         let (spool, _) = Spool::open(dir.path()).expect("open");
         let mut lens = Vec::new();
         for _ in 0..4 {
-            let (s, h) = make(&mut b);
+            let s = make(&mut b);
             lens.push(s.bytes.len() as u64);
-            spool.append(s, h, 0);
+            spool.append(s);
         }
         // Room once at most two batches are held.
         let room_below = lens[..2].iter().sum::<u64>() + 1;
@@ -1090,8 +948,8 @@ mod tests {
             .expect("waiter");
 
         // Looking only after the ack: the first look sees the room.
-        let (s, h) = make(&mut b);
-        spool.append(s, h, 0);
+        let s = make(&mut b);
+        spool.append(s);
         spool.ack(Seq(4));
         acked.send_replace(Seq(4));
         let rx = acked.subscribe();
@@ -1118,11 +976,11 @@ mod tests {
             b.push(&rec, 1, false, false, Instant::now(), 0);
             let name = (i == 2).then_some("mark");
             let s = b.seal(BatchFlags::FLUSH, name, false, 0).expect("sealed");
-            let h = batch::decode_header(&s.bytes).expect("header").header_hash;
+            let h = s.header_hash;
             spans.push((at, s.bytes.len() as u64));
             at += s.bytes.len() as u64;
             hashes.push(h);
-            spool.append(s, h, 0);
+            spool.append(s);
         }
         spool.wait_durable(Seq(5)).await.expect("durable");
         (hashes, spans)
