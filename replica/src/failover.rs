@@ -305,31 +305,15 @@ pub async fn start(
     }
 }
 
-async fn start_in(
-    dir: &DataDir,
+/// Step 3 of a failover (see the module docs), in one write transaction: the failover row
+/// recorded at `at` (or the active one resumed: `at`, if given, must name its point), with
+/// an event when it is new. Returns the point and whether an active failover was resumed.
+async fn record_failover(
     catalog: &Catalog,
     v: &VolumeRow,
     at: Option<&PointSpec>,
-    endpoint: Option<Endpoint>,
-) -> Result<FailoverHandle> {
+) -> Result<(ChosenPoint, bool)> {
     let volume = v.name.as_str();
-    let files = FailoverFiles::of(dir, volume);
-    let lock = FailoverLock::try_acquire(&files.lock)?.ok_or_else(|| {
-        refuse(format!(
-            "the failover of volume {volume} is already served by another process (it holds {}): use that one, or stop it first",
-            files.lock.display()
-        ))
-    })?;
-    let endpoint = endpoint.unwrap_or_else(|| Endpoint::Unix(default_socket(dir.root(), volume)));
-    if let Endpoint::Unix(path) = &endpoint {
-        export::clear_stale_socket(path)?;
-    }
-    if catalog.failover(v.group_id).await?.is_none() {
-        // Left by an earlier failover that ended with a crash (the lock keeps others out).
-        files.remove_overlay()?;
-    }
-
-    // Step 3: one write transaction.
     let mut w = catalog.write_lock().await?;
     let g = w.group(v.group_id).await?;
     let (point, resumed) = match (w.failover(g.id).await?, at) {
@@ -395,6 +379,35 @@ async fn start_in(
             tracing::warn!("could not record an event: {e}");
         }
     }
+
+    Ok((point, resumed))
+}
+
+async fn start_in(
+    dir: &DataDir,
+    catalog: &Catalog,
+    v: &VolumeRow,
+    at: Option<&PointSpec>,
+    endpoint: Option<Endpoint>,
+) -> Result<FailoverHandle> {
+    let volume = v.name.as_str();
+    let files = FailoverFiles::of(dir, volume);
+    let lock = FailoverLock::try_acquire(&files.lock)?.ok_or_else(|| {
+        refuse(format!(
+            "the failover of volume {volume} is already served by another process (it holds {}): use that one, or stop it first",
+            files.lock.display()
+        ))
+    })?;
+    let endpoint = endpoint.unwrap_or_else(|| Endpoint::Unix(default_socket(dir.root(), volume)));
+    if let Endpoint::Unix(path) = &endpoint {
+        export::clear_stale_socket(path)?;
+    }
+    if catalog.failover(v.group_id).await?.is_none() {
+        // Left by an earlier failover that ended with a crash (the lock keeps others out).
+        files.remove_overlay()?;
+    }
+
+    let (point, resumed) = record_failover(catalog, v, at).await?;
 
     // Step 4: serve the image with the persistent overlay.
     let g = catalog.group_by_id(v.group_id).await?;
@@ -512,6 +525,33 @@ pub async fn commit(root: &Path, volume: &str) -> Result<CommitSummary> {
     result
 }
 
+/// Step 3 of a commit: every byte the failover's overlay (files `data` and `map`) holds
+/// copied onto the volume's `target` file (zeros as holes), then the target fsynced. Returns
+/// the bytes copied.
+fn copy_overlay(data: &Path, map: &Path, target: &Path, size: u64) -> Result<u64> {
+    let overlay = Overlay::open_persistent(data, map, size)?;
+    let mut target = TargetFile::open(target, size)?;
+    let mut copied = 0u64;
+    let mut buf = Vec::new();
+    for (from, len) in overlay.held_ranges(0, size) {
+        let mut at = from;
+        while at < from + len {
+            let n = COMMIT_COPY_BYTES.min(from + len - at);
+            buf.resize(n as usize, 0);
+            overlay.read_at(at, &mut buf)?;
+            if buf.iter().all(|&b| b == 0) {
+                target.zero(at, n)?;
+            } else {
+                target.write_at(at, &buf)?;
+            }
+            at += n;
+        }
+        copied += len;
+    }
+    target.sync_all()?;
+    Ok(copied)
+}
+
 async fn commit_in(dir: &DataDir, catalog: &Catalog, v: &VolumeRow) -> Result<CommitSummary> {
     let volume = v.name.as_str();
     let files = FailoverFiles::of(dir, volume);
@@ -570,30 +610,8 @@ async fn commit_in(dir: &DataDir, catalog: &Catalog, v: &VolumeRow) -> Result<Co
         dir.target(volume),
         v.size,
     );
-    let overlay_bytes = tokio::task::spawn_blocking(move || -> Result<u64> {
-        let overlay = Overlay::open_persistent(&data, &map, size)?;
-        let mut target = TargetFile::open(&target, size)?;
-        let mut copied = 0u64;
-        let mut buf = Vec::new();
-        for (from, len) in overlay.held_ranges(0, size) {
-            let mut at = from;
-            while at < from + len {
-                let n = COMMIT_COPY_BYTES.min(from + len - at);
-                buf.resize(n as usize, 0);
-                overlay.read_at(at, &mut buf)?;
-                if buf.iter().all(|&b| b == 0) {
-                    target.zero(at, n)?;
-                } else {
-                    target.write_at(at, &buf)?;
-                }
-                at += n;
-            }
-            copied += len;
-        }
-        target.sync_all()?;
-        Ok(copied)
-    })
-    .await??;
+    let overlay_bytes =
+        tokio::task::spawn_blocking(move || copy_overlay(&data, &map, &target, size)).await??;
 
     // Step 4: one transaction.
     let done = catalog

@@ -409,23 +409,11 @@ pub async fn execute(catalog: &Catalog, dir: &DataDir, plan: &ForgetPlan) -> Res
     complete_pending(catalog, dir).await
 }
 
-/// Test-only: a forget of `target` killed right after step 1 (the rows are gone, the files
-/// are listed in `forget_files` and still there). `serve` must not run.
-#[doc(hidden)]
-pub async fn stop_after_rows_for_test(root: &Path, target: &ForgetTarget) -> Result<()> {
-    let dir = DataDir::existing(root)?;
-    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
-    let _lock = ServeLock::acquire(&dir)?;
-    let result = match plan(&catalog, target).await? {
-        Some(p) => delete_rows(&catalog, &dir, &p).await,
-        None => Err(ReplicaError::Forget(format!("no {target}"))),
-    };
-    catalog.close().await;
-    result
-}
-
-/// Step 1: the one transaction that checks the holds again and deletes the rows.
-async fn delete_rows(catalog: &Catalog, dir: &DataDir, plan: &ForgetPlan) -> Result<()> {
+/// Step 1 of the protocol: the one transaction that checks the holds again and deletes the
+/// rows, listing the files to delete in `forget_files` (step 2, [`complete_pending`], deletes
+/// them; a forget stopped between the two is completed by the next forget or serve). The
+/// caller keeps `serve` (or, inside serve, the group's tasks and its agent) out.
+pub async fn delete_rows(catalog: &Catalog, dir: &DataDir, plan: &ForgetPlan) -> Result<()> {
     let mut lock = catalog.write_lock().await?;
     // Everything is read again inside the transaction that deletes.
     let group = match lock.group_by_name(&plan.group.name).await? {

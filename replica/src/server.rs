@@ -253,22 +253,23 @@ async fn write_frame(
         .map_err(|e| format!("control stream write failed: {e}"))
 }
 
-async fn refuse(
-    send: &mut quinn::SendStream,
-    agent: &Fingerprint,
-    reason: String,
-) -> std::result::Result<(), String> {
+/// Refuses the agent: `Refused { reason }` written and given [`REFUSAL_LINGER`] to be read.
+/// Returns how the connection ends (its error).
+async fn refuse(send: &mut quinn::SendStream, agent: &Fingerprint, reason: String) -> String {
     tracing::warn!(%agent, "refused the agent: {reason}");
-    write_frame(
+    if let Err(e) = write_frame(
         send,
         &Control::Refused {
             reason: reason.clone(),
         },
     )
-    .await?;
+    .await
+    {
+        return e;
+    }
     let _ = send.finish();
     let _ = tokio::time::timeout(REFUSAL_LINGER, send.stopped()).await;
-    Err(format!("refused: {reason}"))
+    format!("refused: {reason}")
 }
 
 /// Reads frames from the control stream until one is complete.
@@ -289,14 +290,41 @@ async fn read_frame(
     }
 }
 
+/// A connection past its Hello: the agent's groups admitted and welcomed.
+struct Welcomed {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+    buf: Vec<u8>,
+    agent_name: String,
+    welcomes: Vec<wire::GroupWelcome>,
+    /// The group names the Hello announced.
+    announced: Arc<HashSet<String>>,
+}
+
+/// Serves one authenticated connection: the Hello ([`welcome`]), then the session until the
+/// connection ends or is closed (deauthorized, forgotten, fenced) or serve stops.
 async fn serve_connection(
     conn: &quinn::Connection,
     agent: Fingerprint,
     shared: &Arc<Shared>,
     id: u64,
 ) -> std::result::Result<(), String> {
+    match welcome(conn, &agent, shared).await? {
+        Some(w) => session(conn, agent, shared, id, w).await,
+        None => Ok(()),
+    }
+}
+
+/// The control stream and the Hello: the agent's groups admitted by ingest and the Welcome
+/// written, or the agent refused (`Err`). `None`: serve is stopping.
+async fn welcome(
+    conn: &quinn::Connection,
+    agent: &Fingerprint,
+    shared: &Arc<Shared>,
+) -> std::result::Result<Option<Welcomed>, String> {
     let accepted = tokio::select! {
-        _ = shared.token.cancelled() => return Ok(()),
+        _ = shared.token.cancelled() => return Ok(None),
         r = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()) => r,
     };
     let (mut send, mut recv) = match accepted {
@@ -306,7 +334,7 @@ async fn serve_connection(
     };
     let agent_name = crate::datadir::read_agents(shared.ingest.data_dir())
         .ok()
-        .and_then(|list| list.into_iter().find(|a| a.fingerprint == agent))
+        .and_then(|list| list.into_iter().find(|a| a.fingerprint == *agent))
         .map(|a| a.name)
         .unwrap_or_default();
     let mut decoder = FrameDecoder::new();
@@ -318,35 +346,35 @@ async fn serve_connection(
             Ok(Ok(Some(frame))) => frame,
             Ok(Ok(None)) => return Err("the control stream ended before Hello".into()),
             Ok(Err(e)) => {
-                return refuse(
+                return Err(refuse(
                     &mut send,
-                    &agent,
+                    agent,
                     format!("the control stream is malformed: {e}"),
                 )
-                .await;
+                .await);
             }
             Err(_) => return Err(format!("no Hello within {HELLO_TIMEOUT:?}")),
         };
-    record_seen(shared, &agent, conn.remote_address()).await;
+    record_seen(shared, agent, conn.remote_address()).await;
     let Control::Hello { protocol, groups } = hello else {
-        return refuse(
+        return Err(refuse(
             &mut send,
-            &agent,
+            agent,
             "the first control message must be Hello".into(),
         )
-        .await;
+        .await);
     };
-    let welcomes = match shared.ingest.hello(&agent, protocol, &groups).await {
+    let welcomes = match shared.ingest.hello(agent, protocol, &groups).await {
         Ok(Ok(w)) => w,
-        Ok(Err(reason)) => return refuse(&mut send, &agent, reason).await,
+        Ok(Err(reason)) => return Err(refuse(&mut send, agent, reason).await),
         Err(e) => {
             tracing::error!(%agent, "could not admit the agent's groups: {e}");
-            return refuse(
+            return Err(refuse(
                 &mut send,
-                &agent,
+                agent,
                 format!("the replica could not admit the groups: {e}"),
             )
-            .await;
+            .await);
         }
     };
     write_frame(
@@ -357,7 +385,37 @@ async fn serve_connection(
         },
     )
     .await?;
-    let announced: Arc<HashSet<String>> = Arc::new(groups.iter().map(|g| g.name.clone()).collect());
+    let announced = Arc::new(groups.iter().map(|g| g.name.clone()).collect());
+    Ok(Some(Welcomed {
+        send,
+        recv,
+        decoder,
+        buf,
+        agent_name,
+        welcomes,
+        announced,
+    }))
+}
+
+/// A welcomed connection: its links held, its port registered and its groups attached for
+/// their news, then batch streams, hash requests and answers taken until it ends; every
+/// [`FENCE_CHECK_INTERVAL`] the connection checks that it may go on ([`must_close`]).
+async fn session(
+    conn: &quinn::Connection,
+    agent: Fingerprint,
+    shared: &Arc<Shared>,
+    id: u64,
+    w: Welcomed,
+) -> std::result::Result<(), String> {
+    let Welcomed {
+        mut send,
+        mut recv,
+        mut decoder,
+        mut buf,
+        agent_name,
+        welcomes,
+        announced,
+    } = w;
     let mut group_ids = Vec::new();
     for w in &welcomes {
         if let Some(gid) = shared.ingest.group_id(&w.name).await {
@@ -393,40 +451,13 @@ async fn serve_connection(
         tokio::select! {
             _ = shared.token.cancelled() => break Ok(()),
             _ = fence_check.tick() => {
-                if let Some(reason) = deauthorized(shared, &agent) {
-                    tracing::warn!(%agent, name = %agent_name, "closing the connection of agent {agent_name:?} ({agent}): it was deauthorized");
-                    conn.close(CLOSE_DEAUTHORIZED.into(), reason.as_bytes());
-                    // Said above; the end of the connection is logged as usual.
-                    break Ok(());
-                }
-                if let Some((group, _)) = forget_epochs.iter().find(|(g, e)| shared.ingest.forget_epoch(g) != *e) {
-                    let reason = format!("group {group} was forgotten on the replica (cdp-replica forget); the next connection starts it afresh");
-                    tracing::warn!(%agent, "closing the agent's connection: {reason}");
-                    conn.close(CLOSE_FORGOTTEN.into(), reason.as_bytes());
-                    break Err(reason);
-                }
-                if let Some(reason) = fenced(shared, &group_ids).await {
-                    tracing::warn!(%agent, "closing the agent's connection: {reason}");
-                    conn.close(2u32.into(), reason.as_bytes());
-                    break Err(format!("fenced: {reason}"));
+                if let Some(end) = must_close(conn, &agent, &agent_name, shared, &forget_epochs, &group_ids).await {
+                    break end;
                 }
             }
             s = conn.accept_uni() => match s {
-                Ok(mut stream) => {
-                    let ingest = shared.ingest.clone();
-                    let announced = announced.clone();
-                    let outbox = outbox.clone();
-                    streams.spawn(async move {
-                        match read_batch(&mut stream).await {
-                            Ok(bytes) => ingest.submit(&agent, &announced, bytes, &outbox).await,
-                            Err(ReadBatchError::TooLong) => {
-                                let reason = format!("a batch stream is longer than {BATCH_BYTES_MAX} bytes");
-                                tracing::warn!(%agent, "refused a batch: {reason}");
-                                let _ = outbox.send(Control::Nack { group: String::new(), seq: 0, reason }).await;
-                            }
-                            Err(ReadBatchError::Read(e)) => tracing::debug!(%agent, "a batch stream ended early: {e}"),
-                        }
-                    });
+                Ok(stream) => {
+                    streams.spawn(take_batch(stream, shared.ingest.clone(), agent, announced.clone(), outbox.clone()));
                 }
                 Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => break Ok(()),
                 Err(e) => break Err(e.to_string()),
@@ -441,24 +472,7 @@ async fn serve_connection(
                         let _ = outbox.send(reply).await;
                     });
                 }
-                Ok(Some(
-                    msg @ (Control::VerifyReply { .. }
-                    | Control::VerifyRefused { .. }
-                    | Control::RepairStarted { .. }
-                    | Control::RepairRefused { .. }),
-                )) => {
-                    let id = match &msg {
-                        Control::VerifyReply { id, .. }
-                        | Control::VerifyRefused { id, .. }
-                        | Control::RepairStarted { id, .. }
-                        | Control::RepairRefused { id, .. } => *id,
-                        _ => 0,
-                    };
-                    if !port.answer(id, msg) {
-                        tracing::debug!(%agent, id, "ignored an answer nobody waits for");
-                    }
-                }
-                Ok(Some(msg)) => tracing::debug!(%agent, ?msg, "ignored a control message"),
+                Ok(Some(msg)) => route_answer(&port, &agent, msg),
                 Ok(None) => control_open = false,
                 Err(e) => break Err(e),
             },
@@ -475,6 +489,88 @@ async fn serve_connection(
     streams.wait().await;
     writer.abort();
     result
+}
+
+/// Whether a welcomed connection must close now, and how its session ends: its agent was
+/// deauthorized, one of its groups was forgotten or failed over since its Welcome. The
+/// connection is closed here with the code and reason the agent logs.
+async fn must_close(
+    conn: &quinn::Connection,
+    agent: &Fingerprint,
+    agent_name: &str,
+    shared: &Arc<Shared>,
+    forget_epochs: &[(String, u64)],
+    group_ids: &[i64],
+) -> Option<std::result::Result<(), String>> {
+    if let Some(reason) = deauthorized(shared, agent) {
+        tracing::warn!(%agent, name = %agent_name, "closing the connection of agent {agent_name:?} ({agent}): it was deauthorized");
+        conn.close(CLOSE_DEAUTHORIZED.into(), reason.as_bytes());
+        // Said above; the end of the connection is logged as usual.
+        return Some(Ok(()));
+    }
+    if let Some((group, _)) = forget_epochs
+        .iter()
+        .find(|(g, e)| shared.ingest.forget_epoch(g) != *e)
+    {
+        let reason = format!(
+            "group {group} was forgotten on the replica (cdp-replica forget); the next connection starts it afresh"
+        );
+        tracing::warn!(%agent, "closing the agent's connection: {reason}");
+        conn.close(CLOSE_FORGOTTEN.into(), reason.as_bytes());
+        return Some(Err(reason));
+    }
+    if let Some(reason) = fenced(shared, group_ids).await {
+        tracing::warn!(%agent, "closing the agent's connection: {reason}");
+        conn.close(2u32.into(), reason.as_bytes());
+        return Some(Err(format!("fenced: {reason}")));
+    }
+    None
+}
+
+/// One batch stream: read whole and submitted to ingest (which answers on `outbox`), or
+/// refused when longer than a batch can be.
+async fn take_batch(
+    mut stream: quinn::RecvStream,
+    ingest: IngestService,
+    agent: Fingerprint,
+    announced: Arc<HashSet<String>>,
+    outbox: mpsc::Sender<Control>,
+) {
+    match read_batch(&mut stream).await {
+        Ok(bytes) => ingest.submit(&agent, &announced, bytes, &outbox).await,
+        Err(ReadBatchError::TooLong) => {
+            let reason = format!("a batch stream is longer than {BATCH_BYTES_MAX} bytes");
+            tracing::warn!(%agent, "refused a batch: {reason}");
+            let _ = outbox
+                .send(Control::Nack {
+                    group: String::new(),
+                    seq: 0,
+                    reason,
+                })
+                .await;
+        }
+        Err(ReadBatchError::Read(e)) => {
+            tracing::debug!(%agent, "a batch stream ended early: {e}")
+        }
+    }
+}
+
+/// An answer to one of the replica's questions, routed by its id to the asker waiting on
+/// `port`; any other message is ignored.
+fn route_answer(port: &AgentPort, agent: &Fingerprint, msg: Control) {
+    let id = match &msg {
+        Control::VerifyReply { id, .. }
+        | Control::VerifyRefused { id, .. }
+        | Control::RepairStarted { id, .. }
+        | Control::RepairRefused { id, .. } => *id,
+        _ => {
+            tracing::debug!(%agent, ?msg, "ignored a control message");
+            return;
+        }
+    };
+    if !port.answer(id, msg) {
+        tracing::debug!(%agent, id, "ignored an answer nobody waits for");
+    }
 }
 
 /// The refusal sentence of the first of `group_ids` that is failed over, if any.

@@ -1162,12 +1162,7 @@ async fn forget_without_serve_is_crash_safe_and_forgets_one_volume_of_several() 
     serve.stop();
 
     // Killed after its transaction: no row, the files still there and listed.
-    cdp_replica::forget::stop_after_rows_for_test(
-        &data,
-        &cdp_replica::forget::ForgetTarget::Group("solo".into()),
-    )
-    .await
-    .expect("step 1");
+    forget_stopped_after_rows(&data, "solo").await;
     assert_eq!(volume_names(d), ["pair-a", "pair-b"]);
     let solo_journal = data.join("journal").join("solo");
     assert!(solo_journal.is_dir() && data.join("volumes").join("solo-disk").is_dir());
@@ -1178,12 +1173,7 @@ async fn forget_without_serve_is_crash_safe_and_forgets_one_volume_of_several() 
 
     // Killed after its transaction again (the whole group), then serve starts: it deletes
     // the files before it admits the agent, and the group is new to it.
-    cdp_replica::forget::stop_after_rows_for_test(
-        &data,
-        &cdp_replica::forget::ForgetTarget::Group("pair".into()),
-    )
-    .await
-    .expect("step 1");
+    forget_stopped_after_rows(&data, "pair").await;
     assert!(data.join("journal").join("pair").is_dir());
     let serve = Serve::start(&data);
     assert!(!data.join("journal").join("pair").exists());
@@ -1225,4 +1215,26 @@ async fn forget_without_serve_is_crash_safe_and_forgets_one_volume_of_several() 
     ]);
     assert!(read(&img) == fresh.image_at(synced, 0));
     serve.stop();
+}
+
+/// A forget of group `name` that stops right after step 1 of its protocol (as if killed
+/// there): the rows are gone, the files listed in `forget_files` and still there. Run as the
+/// CLI runs it: with serve's lock taken (serve must not run).
+async fn forget_stopped_after_rows(data: &Path, name: &str) {
+    use cdp_replica::catalog::{Catalog, OpenMode};
+    use cdp_replica::datadir::{DataDir, ServeLock};
+    use cdp_replica::forget::{self, ForgetTarget};
+    let dir = DataDir::existing(data).expect("data dir");
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing)
+        .await
+        .expect("catalog");
+    let _lock = ServeLock::acquire(&dir).expect("serve is not running");
+    let plan = forget::plan(&catalog, &ForgetTarget::Group(name.into()))
+        .await
+        .expect("plan")
+        .expect("the group is there");
+    forget::delete_rows(&catalog, &dir, &plan)
+        .await
+        .expect("step 1");
+    catalog.close().await;
 }
