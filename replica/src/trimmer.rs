@@ -266,6 +266,9 @@ impl Trimmer {
                 outcome.trimmed_to = Some(to);
             }
             if stop == Some(TrimStep::Commit) {
+                // A crash right after (d): a restart counts the journal from the catalog,
+                // which (d) changed.
+                self.link.trimmed(released);
                 return Ok(outcome);
             }
         }
