@@ -281,7 +281,7 @@ mod tests {
                         id,
                         Control::VerifyReply {
                             id,
-                            seq: id * 10,
+                            seq: cdp_shared::types::Seq(id * 10),
                             hash: String::new()
                         }
                     ));
@@ -303,7 +303,7 @@ mod tests {
         });
         for answer in futures_join(asks).await {
             match answer {
-                Asked::Answer(Control::VerifyReply { id, seq, .. }) => assert_eq!(seq, id * 10),
+                Asked::Answer(Control::VerifyReply { id, seq, .. }) => assert_eq!(seq.0, id * 10),
                 other => panic!("expected a reply, got {other:?}"),
             }
         }

@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use cdp_shared::batch::{self, BATCH_BYTES_MAX};
 use cdp_shared::identity::{self, AuthorizeFn, Fingerprint, Identity};
+use cdp_shared::types::Seq;
 use cdp_shared::wire::{self, Control, FrameDecoder};
 use quinn::{Endpoint, EndpointConfig, TokioRuntime};
 use tokio::sync::mpsc;
@@ -543,8 +544,8 @@ async fn take_batch(
             tracing::warn!(%agent, "refused a batch: {reason}");
             let _ = outbox
                 .send(Control::Nack {
-                    group: String::new(),
-                    seq: 0,
+                    group: None,
+                    seq: Seq::ZERO,
                     reason,
                 })
                 .await;
@@ -632,7 +633,7 @@ async fn answer_hashes(
             hashes: h.hex(),
             group,
             volume,
-            seq: h.seq,
+            seq: Seq(h.seq),
             first_chunk,
         },
         Ok(Err(reason)) => refuse(group, reason),

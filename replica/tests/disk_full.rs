@@ -165,7 +165,7 @@ async fn hear(agent: &mut QuicAgent, heard: &mut Heard) {
                 heard.paused.is_none(),
                 "batch {durable} acknowledged while ingest is paused"
             );
-            heard.acked = heard.acked.max(durable);
+            heard.acked = heard.acked.max(durable.0);
         }
         Control::Paused { group, reason } => {
             assert_eq!(group, "g");
@@ -396,11 +396,11 @@ async fn a_full_disk_pauses_ingest_and_it_resumes_when_space_returns() {
         .await
         .expect("connect");
     let hello = GroupHello {
-        first_held: heard.acked + 1,
+        first_held: cdp_shared::types::Seq(heard.acked + 1),
         ..sim.hello()
     };
     match agent.hello(vec![hello.clone()]).await.expect("welcome") {
-        Control::Welcome { groups, .. } => assert_eq!(groups[0].durable, heard.acked),
+        Control::Welcome { groups, .. } => assert_eq!(groups[0].durable.0, heard.acked),
         other => panic!("expected Welcome, got {other:?}"),
     }
     let mut queue: std::collections::VecDeque<_> = (heard.acked + 1..=sim.seq)

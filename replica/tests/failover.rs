@@ -394,7 +394,7 @@ async fn a_failover_fences_the_agent_until_undone() {
         match q.next_control().await {
             Ok(Control::Ack { durable, .. }) => {
                 assert!(
-                    durable < next,
+                    durable.0 < next,
                     "batch {next} was committed after the failover"
                 )
             }
@@ -435,7 +435,7 @@ async fn a_failover_fences_the_agent_until_undone() {
     cli_ok(root, &["--undo"]);
     let (mut q, answer) = connect(&agent, &server, &sim).await;
     match answer {
-        Control::Welcome { groups, .. } => assert_eq!(groups[0].durable, s),
+        Control::Welcome { groups, .. } => assert_eq!(groups[0].durable.0, s),
         other => panic!("expected Welcome, got {other:?}"),
     }
     q.send_batch(&sim.batches[&next].clone())

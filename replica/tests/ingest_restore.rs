@@ -50,7 +50,7 @@ async fn scenario(root: &Path, ops: &[RandomOp], ops_per_batch: usize) -> AgentS
     sim.history[0] = sim.images.clone();
 
     let welcome = h.hello(vec![sim.hello()]).await.expect("welcome");
-    assert_eq!(welcome[0].durable, 0);
+    assert_eq!(welcome[0].durable.0, 0);
     assert_eq!(welcome[0].generation.len(), 32);
 
     let mut batches = Vec::new();
@@ -301,7 +301,11 @@ async fn out_of_order_duplicates_and_semantic_refusals() {
     );
     h.submit(early).await;
     match h.next_reply().await {
-        cdp_shared::wire::Control::Nack { seq: 1, reason, .. } => {
+        cdp_shared::wire::Control::Nack {
+            seq: cdp_shared::types::Seq(1),
+            reason,
+            ..
+        } => {
             assert!(reason.contains("SyncBegin must come first"), "{reason}")
         }
         other => panic!("expected a nack, got {other:?}"),
@@ -332,7 +336,11 @@ async fn out_of_order_duplicates_and_semantic_refusals() {
     let (_, conflicting) = other.batch(&[Op::SyncBegin(0)], BatchFlags::SYNC, None);
     h.submit(conflicting).await;
     match h.next_reply().await {
-        cdp_shared::wire::Control::Nack { seq: 1, reason, .. } => {
+        cdp_shared::wire::Control::Nack {
+            seq: cdp_shared::types::Seq(1),
+            reason,
+            ..
+        } => {
             assert!(reason.contains("conflicts with the journal"), "{reason}")
         }
         other => panic!("expected a nack, got {other:?}"),

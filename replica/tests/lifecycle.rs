@@ -1017,13 +1017,13 @@ async fn forget_is_refused_while_held_and_then_deletes_everything() {
         .expect("connect");
     // Like the real agent, its spool starts well after seq 1.
     let mut hello = fresh.hello();
-    hello.head = web_sim.seq;
-    hello.first_held = web_sim.seq - 3;
+    hello.head = cdp_shared::types::Seq(web_sim.seq);
+    hello.first_held = cdp_shared::types::Seq(web_sim.seq - 3);
     let welcome = q.hello(vec![hello]).await.expect("welcome");
     match welcome {
         cdp_shared::wire::Control::Welcome { groups, .. } => {
-            assert_eq!(groups[0].durable, 0, "{groups:?}");
-            assert_eq!(groups[0].volumes[0].state, "new");
+            assert_eq!(groups[0].durable.0, 0, "{groups:?}");
+            assert_eq!(groups[0].volumes[0].state.as_str(), "new");
         }
         other => panic!("expected a welcome, got {other:?}"),
     }
@@ -1132,7 +1132,7 @@ async fn forget_without_serve_is_crash_safe_and_forgets_one_volume_of_several() 
         .expect("connect");
     match q.hello(vec![sim.hello()]).await.expect("welcome") {
         cdp_shared::wire::Control::Welcome { groups, .. } => {
-            assert_eq!(groups[0].durable, head);
+            assert_eq!(groups[0].durable.0, head);
             let states: Vec<&str> = groups[0].volumes.iter().map(|v| v.state.as_str()).collect();
             assert_eq!(states, ["protecting", "new"]);
         }
@@ -1189,7 +1189,7 @@ async fn forget_without_serve_is_crash_safe_and_forgets_one_volume_of_several() 
     match q.hello(vec![fresh.hello()]).await.expect("welcome") {
         cdp_shared::wire::Control::Welcome { groups, .. } => {
             assert_eq!(
-                (groups[0].durable, groups[0].volumes[0].state.as_str()),
+                (groups[0].durable.0, groups[0].volumes[0].state.as_str()),
                 (0, "new")
             )
         }

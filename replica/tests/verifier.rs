@@ -107,7 +107,7 @@ impl VerifyAgent {
                     };
                     match msg {
                         Control::Ack { durable, .. } => {
-                            acked.fetch_max(durable, Ordering::SeqCst);
+                            acked.fetch_max(durable.0, Ordering::SeqCst);
                         }
                         Control::VerifyRequest {
                             id, volume, chunk, ..
@@ -116,7 +116,7 @@ impl VerifyAgent {
                                 let sim = sim.lock().expect("sim");
                                 Control::VerifyReply {
                                     id,
-                                    seq: sim.seq,
+                                    seq: cdp_shared::types::Seq(sim.seq),
                                     hash: hash_hex(chunk_of(&sim.images[&volume], chunk)),
                                 }
                             };
@@ -138,7 +138,14 @@ impl VerifyAgent {
                                     .collect();
                                 (started, sim.batch(&ops, BatchFlags::FLUSH, None).1)
                             };
-                            send_frame(&send, &Control::RepairStarted { id, seq: started }).await;
+                            send_frame(
+                                &send,
+                                &Control::RepairStarted {
+                                    id,
+                                    seq: cdp_shared::types::Seq(started),
+                                },
+                            )
+                            .await;
                             send_batch(&conn, &batch).await;
                         }
                         other => panic!("unexpected control message {other:?}"),

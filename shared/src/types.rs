@@ -7,9 +7,14 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 /// Sequence number of a batch within a consistency group. Dense, starts at 1, never reused.
-/// `Seq(0)` means "nothing yet".
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// `Seq(0)` means "nothing yet". On the wire it is the bare number.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
 pub struct Seq(pub u64);
 
 impl Seq {

@@ -12,8 +12,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::{Seq, VolumeId};
 
-/// Version of this control protocol; a peer with another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this control protocol; a peer with another version is refused, with a sentence
+/// naming both versions (a `Hello` and a `Refused` decode the same in every version).
+///
+/// 2: seqs are [`Seq`], a volume's state in a Welcome is a [`VolumeState`] (unknown states are
+/// malformed frames), and a Nack that names no batch has `group: null` instead of `""`.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest control frame body.
 pub const CONTROL_FRAME_BYTES_MAX: usize = 1 << 20;
 
@@ -30,10 +34,10 @@ pub struct GroupHello {
     pub name: String,
     pub volumes: Vec<VolumeInfo>,
     /// The last seq the agent has sealed (0 when none).
-    pub head: u64,
+    pub head: Seq,
     /// The oldest seq the agent can still send (it holds every batch in `[first_held, head]`);
     /// `head + 1` when it holds none.
-    pub first_held: u64,
+    pub first_held: Seq,
 }
 
 /// What the replica says about one group in return.
@@ -41,7 +45,7 @@ pub struct GroupHello {
 pub struct GroupWelcome {
     pub name: String,
     /// The last seq durable on the replica (0 when none). The agent resumes after it.
-    pub durable: u64,
+    pub durable: Seq,
     /// Changes whenever the replica's copy of the group starts over (new, or restored).
     pub generation: String,
     /// Header hash (64 hex digits) of batch `durable`; empty when `durable` is 0. An agent
@@ -57,9 +61,35 @@ pub struct GroupWelcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeWelcome {
     pub id: VolumeId,
-    /// `new` (no image yet: the agent must run an initial sync), `syncing` (an initial sync
-    /// began and did not complete: the agent starts it again) or `protecting`.
-    pub state: String,
+    pub state: VolumeState,
+}
+
+/// Where a volume stands on the replica (JSON: `"new"`, `"syncing"`, `"protecting"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeState {
+    /// No image yet: the agent must run an initial sync.
+    New,
+    /// An initial sync began and did not complete: the agent starts it again.
+    Syncing,
+    /// The replica holds the volume's image and its history.
+    Protecting,
+}
+
+impl VolumeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeState::New => "new",
+            VolumeState::Syncing => "syncing",
+            VolumeState::Protecting => "protecting",
+        }
+    }
+}
+
+impl std::fmt::Display for VolumeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Most chunk hashes asked for or answered in one message.
@@ -79,11 +109,13 @@ pub enum Control {
     /// The replica will not serve this agent; `reason` is one sentence for the operator.
     Refused { reason: String },
     /// Every batch of `group` up to and including `durable` is durable on the replica.
-    Ack { group: String, durable: u64 },
+    Ack { group: String, durable: Seq },
     /// The batch `seq` of `group` was refused (it failed its checks); the agent sends it again.
+    /// `group` is `None` (and `seq` 0) when the batch could not be told (its stream was too
+    /// long, or its header unreadable).
     Nack {
-        group: String,
-        seq: u64,
+        group: Option<String>,
+        seq: Seq,
         reason: String,
     },
     /// Agent → replica: the blake3 hashes of chunks `first_chunk..first_chunk + count` of a
@@ -101,7 +133,7 @@ pub enum Control {
     HashReply {
         group: String,
         volume: VolumeId,
-        seq: u64,
+        seq: Seq,
         first_chunk: u64,
         hashes: Vec<String>,
     },
@@ -127,7 +159,7 @@ pub enum Control {
     /// Agent → replica: the chunk's hash (64 hex digits; the last chunk of a volume over its
     /// actual length) and the seq `seq` of the batch boundary it was read at: the replica's
     /// image at `seq` must hold the same bytes in that chunk.
-    VerifyReply { id: u64, seq: u64, hash: String },
+    VerifyReply { id: u64, seq: Seq, hash: String },
     /// Agent → replica: the chunk cannot be verified now (it is being synced or resynced, or
     /// the group's writes are not all in the log); `reason` says which.
     VerifyRefused { id: u64, reason: String },
@@ -142,7 +174,7 @@ pub enum Control {
     /// Agent → replica: the chunks are marked for resync (durably, in the dirty map); their
     /// bytes arrive in batches after `seq`, and the batch that completes the resync is a
     /// consistent point.
-    RepairStarted { id: u64, seq: u64 },
+    RepairStarted { id: u64, seq: Seq },
     /// Agent → replica: the repair cannot start; `reason` says why.
     RepairRefused { id: u64, reason: String },
 }
@@ -154,7 +186,7 @@ impl Control {
     pub fn ack(group: &str, durable: Seq) -> Control {
         Control::Ack {
             group: group.to_owned(),
-            durable: durable.0,
+            durable,
         }
     }
 }
@@ -228,14 +260,14 @@ mod tests {
                         name: "v".into(),
                         size: 1 << 30,
                     }],
-                    head: 5,
-                    first_held: 3,
+                    head: Seq(5),
+                    first_held: Seq(3),
                 }],
             },
             Control::ack("g", Seq(5)),
             Control::Nack {
-                group: "g".into(),
-                seq: 6,
+                group: Some("g".into()),
+                seq: Seq(6),
                 reason: "payload checksum".into(),
             },
         ];
@@ -249,6 +281,79 @@ mod tests {
             }
         }
         assert_eq!(got, msgs);
+    }
+
+    fn json(msg: &Control) -> String {
+        String::from_utf8(encode(msg)[4..].to_vec()).expect("utf-8")
+    }
+
+    #[test]
+    fn what_every_version_reads_keeps_its_shape() {
+        // A Hello (with its seqs as bare numbers) and a Refused read the same in versions 1
+        // and 2, so that a peer of the other version is refused with a sentence it can read.
+        let hello = Control::Hello {
+            protocol: 1,
+            groups: vec![GroupHello {
+                name: "g".into(),
+                volumes: vec![],
+                head: Seq(5),
+                first_held: Seq(3),
+            }],
+        };
+        assert_eq!(
+            json(&hello),
+            r#"{"type":"hello","protocol":1,"groups":[{"name":"g","volumes":[],"head":5,"first_held":3}]}"#
+        );
+        let v1_refused = br#"{"type":"refused","reason":"this replica speaks control protocol version 2, not 1"}"#;
+        let mut d = FrameDecoder::new();
+        d.handle_bytes(&(v1_refused.len() as u32).to_le_bytes());
+        d.handle_bytes(v1_refused);
+        assert!(matches!(d.poll_frame(), Ok(Some(Control::Refused { .. }))));
+        assert_eq!(
+            json(&Control::ack("g", Seq(7))),
+            r#"{"type":"ack","group":"g","durable":7}"#
+        );
+    }
+
+    #[test]
+    fn a_nack_that_names_no_batch_says_so_and_states_are_typed() {
+        let nack = Control::Nack {
+            group: None,
+            seq: Seq::ZERO,
+            reason: "unreadable batch header".into(),
+        };
+        assert_eq!(
+            json(&nack),
+            r#"{"type":"nack","group":null,"seq":0,"reason":"unreadable batch header"}"#
+        );
+        let welcome = |state: &str| {
+            format!(
+                r#"{{"type":"welcome","protocol":2,"groups":[{{"name":"g","durable":0,"generation":"x","volumes":[{{"id":0,"state":"{state}"}}]}}]}}"#
+            )
+        };
+        for (text, state) in [
+            ("new", VolumeState::New),
+            ("syncing", VolumeState::Syncing),
+            ("protecting", VolumeState::Protecting),
+        ] {
+            let body = welcome(text);
+            let mut d = FrameDecoder::new();
+            d.handle_bytes(&(body.len() as u32).to_le_bytes());
+            d.handle_bytes(body.as_bytes());
+            match d.poll_frame() {
+                Ok(Some(Control::Welcome { groups, .. })) => {
+                    assert_eq!(groups[0].volumes[0].state, state);
+                    assert_eq!(state.as_str(), text);
+                }
+                other => panic!("expected a Welcome, got {other:?}"),
+            }
+        }
+        // A state this version does not know is a malformed frame, not a guess.
+        let body = welcome("restoring");
+        let mut d = FrameDecoder::new();
+        d.handle_bytes(&(body.len() as u32).to_le_bytes());
+        d.handle_bytes(body.as_bytes());
+        assert!(matches!(d.poll_frame(), Err(WireError::Malformed(_))));
     }
 
     #[test]

@@ -40,8 +40,10 @@ impl Ctx<'_> {
 
     pub(super) fn handle(&mut self, msg: Control) -> Result<()> {
         match msg {
-            Control::Ack { group, durable } => self.handle_ack(&group, Seq(durable))?,
-            Control::Nack { group, seq, reason } => self.handle_nack(&group, seq, &reason)?,
+            Control::Ack { group, durable } => self.handle_ack(&group, durable)?,
+            Control::Nack { group, seq, reason } => {
+                self.handle_nack(group.as_deref(), seq, &reason)?
+            }
             Control::HashReply {
                 group,
                 volume,
@@ -102,18 +104,21 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn handle_nack(&mut self, group: &str, seq: u64, reason: &str) -> Result<()> {
+    fn handle_nack(&mut self, group: Option<&str>, seq: Seq, reason: &str) -> Result<()> {
         // A nack the replica could not attribute (its header was unreadable) ends
         // the connection: the next one sends every unacknowledged batch again.
-        if self.window.has_group(group) {
+        if let Some(group) = group
+            && self.window.has_group(group)
+        {
             tracing::warn!(
                 group,
-                seq,
+                seq = seq.0,
                 "the replica refused batch {seq}: {reason}; sending it again"
             );
         }
-        match self.window.handle_nack(group, Seq(seq), reason)? {
-            NackAction::Resend(seq) => {
+        // The window resends only batches of a group it knows, so `group` is named then.
+        match (self.window.handle_nack(group, seq, reason)?, group) {
+            (NackAction::Resend(seq), Some(group)) => {
                 let bytes = self
                     .group(group)?
                     .spool
@@ -121,7 +126,7 @@ impl Ctx<'_> {
                     .ok_or_else(|| anyhow!("batch {seq} is missing from the spool"))?;
                 self.sends.spawn(send_batch(self.conn.clone(), bytes));
             }
-            NackAction::Ignore => {}
+            (NackAction::Resend(_), None) | (NackAction::Ignore, _) => {}
         }
         Ok(())
     }
@@ -170,7 +175,7 @@ impl Ctx<'_> {
             let msg = match g.hash_chunk_at_boundary(volume, chunk).await {
                 Ok((seq, hash)) => Control::VerifyReply {
                     id,
-                    seq: seq.0,
+                    seq,
                     hash: hash.iter().map(|b| format!("{b:02x}")).collect(),
                 },
                 Err(reason) => Control::VerifyRefused { id, reason },
@@ -202,7 +207,7 @@ impl Ctx<'_> {
         let replies = self.replies.clone();
         self.verifies.spawn(async move {
             let msg = match g.repair_chunks(volume, &chunks).await {
-                Ok(seq) => Control::RepairStarted { id, seq: seq.0 },
+                Ok(seq) => Control::RepairStarted { id, seq },
                 Err(reason) => Control::RepairRefused { id, reason },
             };
             let _ = replies.send(msg).await;

@@ -136,15 +136,10 @@ fn on_replica(w: &wire::GroupWelcome, id: VolumeId) -> OnReplica {
     if w.volumes.is_empty() {
         return OnReplica::Protecting;
     }
-    match w
-        .volumes
-        .iter()
-        .find(|v| v.id == id)
-        .map(|v| v.state.as_str())
-    {
-        Some("protecting") => OnReplica::Protecting,
-        Some("new") | None => OnReplica::New,
-        Some(_) => OnReplica::Incomplete,
+    match w.volumes.iter().find(|v| v.id == id).map(|v| v.state) {
+        Some(wire::VolumeState::Protecting) => OnReplica::Protecting,
+        Some(wire::VolumeState::New) | None => OnReplica::New,
+        Some(wire::VolumeState::Syncing) => OnReplica::Incomplete,
     }
 }
 
@@ -164,7 +159,7 @@ pub(super) fn decide(
     w: &wire::GroupWelcome,
     known_generation: Option<&str>,
 ) -> Result<CatchUp, BadHeadHash> {
-    let durable = Seq(w.durable);
+    let durable = w.durable;
     let record_generation = known_generation != Some(w.generation.as_str());
     let replaced = known_generation.filter(|k| *k != w.generation);
     let lost: Vec<VolumeId> = view
@@ -332,7 +327,7 @@ mod tests {
     fn welcome(durable: u64, generation: &str, states: &[&str]) -> GroupWelcome {
         GroupWelcome {
             name: "g".into(),
-            durable,
+            durable: Seq(durable),
             generation: generation.into(),
             head_hash: if durable == 0 {
                 String::new()
@@ -344,7 +339,12 @@ mod tests {
                 .enumerate()
                 .map(|(id, s)| VolumeWelcome {
                     id: id as VolumeId,
-                    state: (*s).into(),
+                    state: match *s {
+                        "new" => wire::VolumeState::New,
+                        "syncing" => wire::VolumeState::Syncing,
+                        "protecting" => wire::VolumeState::Protecting,
+                        other => panic!("no volume state {other}"),
+                    },
                 })
                 .collect(),
         }
@@ -530,7 +530,7 @@ mod tests {
 
     #[test]
     fn a_volume_the_replica_is_syncing_resumes_but_is_synced_again_on_a_rebase() {
-        let w = welcome(5, "gen-a", &["protecting", "syncing", "unknown-state"]);
+        let w = welcome(5, "gen-a", &["protecting", "syncing", "syncing"]);
         assert!(matches!(
             decide(&view(10, 4, 3), &w, Some("gen-a")).expect("decide"),
             CatchUp::Resume { .. }

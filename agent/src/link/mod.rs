@@ -261,8 +261,8 @@ fn hello(groups: &[Arc<Group>]) -> Control {
                             size: v.size,
                         })
                         .collect(),
-                    head: head.0,
-                    first_held: g.spool.first_held().unwrap_or(head.next()).0,
+                    head,
+                    first_held: g.spool.first_held().unwrap_or(head.next()),
                 }
             })
             .collect(),

@@ -159,11 +159,11 @@ impl SendWindow {
     /// reconnect's.
     pub(super) fn handle_nack(
         &mut self,
-        group: &str,
+        group: Option<&str>,
         seq: Seq,
         reason: &str,
     ) -> Result<NackAction, WindowError> {
-        let Some(g) = self.groups.get_mut(group) else {
+        let Some((group, g)) = group.and_then(|n| self.groups.get_mut(n).map(|g| (n, g))) else {
             return Err(WindowError::UnattributedNack {
                 reason: reason.to_owned(),
             });
@@ -336,11 +336,11 @@ mod tests {
         win.handle_written("a", Seq(5));
         assert_eq!(drain(&mut win), sent("a", 1..=2));
         assert_eq!(
-            win.handle_nack("a", Seq(2), "bad hash"),
+            win.handle_nack(Some("a"), Seq(2), "bad hash"),
             Ok(NackAction::Resend(Seq(2)))
         );
         assert_eq!(
-            win.handle_nack("a", Seq(1), "bad hash"),
+            win.handle_nack(Some("a"), Seq(1), "bad hash"),
             Ok(NackAction::Resend(Seq(1)))
         );
         // The window does not move: the resent batches are counted in it already.
@@ -354,7 +354,7 @@ mod tests {
         assert_eq!(drain(&mut win), sent("a", 4..=5));
         for seq in [2, 3, 6, 9] {
             assert_eq!(
-                win.handle_nack("a", Seq(seq), "stale"),
+                win.handle_nack(Some("a"), Seq(seq), "stale"),
                 Ok(NackAction::Ignore),
                 "seq {seq}"
             );
@@ -368,12 +368,14 @@ mod tests {
         drain(&mut win);
         for _ in 0..NACKS_IN_A_ROW_MAX {
             assert_eq!(
-                win.handle_nack("a", Seq(1), "bad"),
+                win.handle_nack(Some("a"), Seq(1), "bad"),
                 Ok(NackAction::Resend(Seq(1)))
             );
         }
         // Ignored nacks count too.
-        let e = win.handle_nack("a", Seq(9), "bad").expect_err("too many");
+        let e = win
+            .handle_nack(Some("a"), Seq(9), "bad")
+            .expect_err("too many");
         assert_eq!(
             e.to_string(),
             "the replica refused batches of group a 6 times in a row (last: seq 9: bad)"
@@ -386,20 +388,23 @@ mod tests {
         win.handle_written("a", Seq(5));
         drain(&mut win);
         for _ in 0..NACKS_IN_A_ROW_MAX {
-            win.handle_nack("a", Seq(2), "bad").expect("resend");
+            win.handle_nack(Some("a"), Seq(2), "bad").expect("resend");
         }
         // A repeated ack does not reset it; one that moves the window does.
         assert_eq!(win.handle_ack("a", Seq(0)), Ok(None));
         assert_eq!(win.handle_ack("a", Seq(1)), Ok(Some(Seq(1))));
         for _ in 0..NACKS_IN_A_ROW_MAX {
             assert_eq!(
-                win.handle_nack("a", Seq(2), "bad"),
+                win.handle_nack(Some("a"), Seq(2), "bad"),
                 Ok(NackAction::Resend(Seq(2)))
             );
         }
-        assert!(win.handle_nack("a", Seq(2), "bad").is_err());
+        assert!(win.handle_nack(Some("a"), Seq(2), "bad").is_err());
         // The count is per group.
-        assert_eq!(win.handle_nack("b", Seq(1), "bad"), Ok(NackAction::Ignore));
+        assert_eq!(
+            win.handle_nack(Some("b"), Seq(1), "bad"),
+            Ok(NackAction::Ignore)
+        );
     }
 
     #[test]
@@ -407,7 +412,7 @@ mod tests {
         let mut win = window(2, 0);
         assert!(!win.has_group(""));
         let e = win
-            .handle_nack("", Seq(0), "unreadable header")
+            .handle_nack(None, Seq(0), "unreadable header")
             .expect_err("unattributed");
         assert_eq!(
             e.to_string(),

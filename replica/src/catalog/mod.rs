@@ -76,6 +76,16 @@ impl VolumeState {
             VolumeState::Protecting => "protecting",
         }
     }
+
+    /// The same state in the control protocol (`Welcome`).
+    pub fn on_wire(self) -> cdp_shared::wire::VolumeState {
+        use cdp_shared::wire::VolumeState as Wire;
+        match self {
+            VolumeState::New => Wire::New,
+            VolumeState::Syncing => Wire::Syncing,
+            VolumeState::Protecting => Wire::Protecting,
+        }
+    }
 }
 
 impl FromStr for VolumeState {

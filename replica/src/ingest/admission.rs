@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use cdp_shared::identity::Fingerprint;
+use cdp_shared::types::Seq;
 use cdp_shared::types::check_name;
 use cdp_shared::wire::{GroupHello, GroupWelcome, PROTOCOL_VERSION, VolumeWelcome};
 use tokio::sync::oneshot;
@@ -145,7 +146,7 @@ impl IngestService {
         let start = if catalog.forgotten("group", &gh.name).await?.is_some() {
             0
         } else {
-            gh.first_held.saturating_sub(1)
+            gh.first_held.0.saturating_sub(1)
         };
         let g = match catalog.group_by_name(&gh.name).await? {
             Some(g) => {
@@ -172,7 +173,7 @@ impl IngestService {
                 g
             }
         };
-        if gh.first_held > g.head_seq + 1 && catalog.group_has_batches(g.id).await? {
+        if gh.first_held.0 > g.head_seq + 1 && catalog.group_has_batches(g.id).await? {
             // The agent's spool no longer holds what follows the head (it overflowed, or
             // was lost): the agent continues its chain after the head and resyncs.
             tracing::info!(
@@ -231,7 +232,7 @@ impl IngestService {
             .iter()
             .map(|v| VolumeWelcome {
                 id: v.agent_volume_id,
-                state: v.state.as_str().to_owned(),
+                state: v.state.on_wire(),
             })
             .collect();
         let head_hash = match g.head_hash {
@@ -240,7 +241,7 @@ impl IngestService {
         };
         Ok(GroupWelcome {
             name: g.name,
-            durable: g.head_seq,
+            durable: Seq(g.head_seq),
             generation: g.generation,
             head_hash,
             volumes,

@@ -198,8 +198,8 @@ pub(super) fn nack(out: &mut Outbox, r: &Received, reason: String) {
     out.push((
         r.reply.clone(),
         Control::Nack {
-            group: r.header().group.clone(),
-            seq: r.header().seq.0,
+            group: Some(r.header().group.clone()),
+            seq: r.header().seq,
             reason,
         },
     ));

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use cdp_shared::batch::CheckedHeader;
 use cdp_shared::identity::Fingerprint;
+use cdp_shared::types::Seq;
 use cdp_shared::wire::Control;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -286,11 +287,11 @@ impl IngestService {
         reply: &Reply,
     ) {
         let received_ns = now_ns();
-        let refuse = |group: &str, seq: u64, reason: String| {
+        let refuse = |group: Option<&str>, seq: u64, reason: String| {
             tracing::warn!(group, seq, agent = %agent, "refused a batch: {reason}");
             Control::Nack {
-                group: group.to_owned(),
-                seq,
+                group: group.map(str::to_owned),
+                seq: Seq(seq),
                 reason,
             }
         };
@@ -298,7 +299,7 @@ impl IngestService {
             Ok(h) => h,
             Err(e) => {
                 let _ = reply
-                    .send(refuse("", 0, format!("unreadable batch header: {e}")))
+                    .send(refuse(None, 0, format!("unreadable batch header: {e}")))
                     .await;
                 return;
             }
@@ -307,20 +308,20 @@ impl IngestService {
         let seq = unchecked.header().seq.0;
         if !announced.contains(&group) {
             let reason = format!("group {group} was not announced in this connection's hello");
-            let _ = reply.send(refuse(&group, seq, reason)).await;
+            let _ = reply.send(refuse(Some(&group), seq, reason)).await;
             return;
         }
         let checked = tokio::task::spawn_blocking(move || unchecked.check_payload()).await;
         let batch = match checked {
             Ok(Ok(batch)) => batch,
             Ok(Err(e)) => {
-                let _ = reply.send(refuse(&group, seq, e.to_string())).await;
+                let _ = reply.send(refuse(Some(&group), seq, e.to_string())).await;
                 return;
             }
             Err(e) => {
                 let _ = reply
                     .send(refuse(
-                        &group,
+                        Some(&group),
                         seq,
                         format!("internal error while checking: {e}"),
                     ))

@@ -55,7 +55,7 @@ async fn check_chunk(ctx: &Ctx, t: &Target, chunk: u64) -> Result<Option<Check>>
         Asked::Answer(Control::VerifyRefused { reason, .. }) => {
             return Ok(Some(Check::without_seq(VerifyOutcome::Skipped, reason)));
         }
-        Asked::Answer(Control::VerifyReply { seq, hash, .. }) => (seq, hash),
+        Asked::Answer(Control::VerifyReply { seq, hash, .. }) => (seq.0, hash),
         Asked::Answer(other) => {
             return Ok(Some(Check::without_seq(
                 VerifyOutcome::Skipped,

@@ -287,7 +287,7 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<std::result::Result
                 .await;
             match asked {
                 Asked::Answer(Control::RepairStarted { seq, .. }) => {
-                    started = started.max(seq);
+                    started = started.max(seq.0);
                     break;
                 }
                 Asked::Answer(Control::RepairRefused { reason, .. }) => {

@@ -195,8 +195,8 @@ impl AgentSim {
         GroupHello {
             name: self.group.clone(),
             volumes: self.volumes.clone(),
-            head: self.seq,
-            first_held: 1,
+            head: cdp_shared::types::Seq(self.seq),
+            first_held: cdp_shared::types::Seq(1),
         }
     }
 
@@ -482,7 +482,7 @@ pub async fn wait_ack(replies: &mut mpsc::Receiver<Control>, group: &str, seq: u
             .expect("ack in time")
             .expect("reply channel open");
         match msg {
-            Control::Ack { group: g, durable } if g == group && durable >= seq => return,
+            Control::Ack { group: g, durable } if g == group && durable.0 >= seq => return,
             Control::Ack { .. } => {}
             other => panic!("expected an ack of {group} {seq}, got {other:?}"),
         }
@@ -589,7 +589,7 @@ impl QuicAgent {
     pub async fn try_wait_ack(&mut self, group: &str, seq: u64) -> Result<(), String> {
         loop {
             match self.next_control().await {
-                Ok(Control::Ack { group: g, durable }) if g == group && durable >= seq => {
+                Ok(Control::Ack { group: g, durable }) if g == group && durable.0 >= seq => {
                     return Ok(());
                 }
                 Ok(Control::Ack { .. }) => {}

@@ -45,7 +45,7 @@ impl<X> TestAgent<X> {
     /// The hello of a restarted agent: it holds every batch after the last acknowledged one.
     pub fn hello(&self) -> GroupHello {
         GroupHello {
-            first_held: self.acked + 1,
+            first_held: cdp_shared::types::Seq(self.acked + 1),
             ..self.sim.hello()
         }
     }
@@ -64,7 +64,7 @@ impl<X> TestAgent<X> {
             .await
             .expect("connect");
         match q.hello(vec![self.hello()]).await.expect("welcome") {
-            Control::Welcome { groups, .. } => (q, groups[0].durable),
+            Control::Welcome { groups, .. } => (q, groups[0].durable.0),
             other => panic!("expected Welcome, got {other:?}"),
         }
     }
@@ -87,7 +87,7 @@ impl<X> TestAgent<X> {
                 tokio::task::yield_now().await;
             }
             match q.next_control().await.expect("control message") {
-                Control::Ack { durable, .. } => self.saw_ack(durable),
+                Control::Ack { durable, .. } => self.saw_ack(durable.0),
                 other => panic!("unexpected {other:?}"),
             }
         }
