@@ -227,7 +227,7 @@ async fn bookmark(
     let mut points = Vec::new();
     for g in &groups {
         match g.bookmark(name).await {
-            Ok((seq, consistent, rebases)) => points.push((g.clone(), seq, consistent, rebases)),
+            Ok(cut) => points.push((g.clone(), cut.seq, cut.consistent, cut.rebases)),
             Err(e) => {
                 return Reply::Error {
                     message: format!("bookmark {name} in group {}: {e}", g.name),

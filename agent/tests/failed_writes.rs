@@ -89,7 +89,9 @@ async fn a_failed_write_leaves_its_chunk_dirty_and_the_resync_sends_it() {
     failing.store(false, Ordering::SeqCst);
     assert_eq!(group.dirty_total(), 1, "the failed write's chunk is dirty");
     assert!(group.state().inconsistent, "points are not consistent now");
-    let (seq, consistent, _) = group.bookmark("while-dirty").await.expect("bookmark");
+    let cdp_agent::pipeline::Cut {
+        seq, consistent, ..
+    } = group.bookmark("while-dirty").await.expect("bookmark");
     assert!(
         !consistent,
         "a point while a chunk is dirty is not consistent"

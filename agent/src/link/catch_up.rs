@@ -619,7 +619,7 @@ mod tests {
         .expect("group");
         let first = welcome(0, "gen-a", &["protecting"]);
         assert_eq!(catch_up(&g, &first).expect("first catch-up"), Seq(0));
-        let (seq, _, rebases) = g.bookmark("b").await.expect("bookmark");
+        let crate::pipeline::Cut { seq, rebases, .. } = g.bookmark("b").await.expect("bookmark");
         let mut acked = g.acked.subscribe();
         acked.borrow_and_update();
 

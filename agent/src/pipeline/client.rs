@@ -9,7 +9,7 @@ use cdp_shared::batch::{self, BatchFlags, RecordKind};
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::{Seq, VolumeId, split_at_chunks};
 
-use super::{ENCODER, Group, Recorded, blocking_err, io_err};
+use super::{Cut, ENCODER, Group, Recorded, blocking_err, io_err};
 use crate::clock::now_ns;
 use crate::device::BlockDev;
 use crate::range_lock::wait_all;
@@ -166,8 +166,8 @@ impl Group {
             group
                 .sync_devices(vec![group.volume(volume).dev.clone()])
                 .await?;
-            let (seq, _, ended, _) = group.cut(BatchFlags::FLUSH, None, &[volume]);
-            group.make_durable(seq, &[(volume, ended[0])]).await
+            let cut = group.cut(BatchFlags::FLUSH, None, &[volume]);
+            group.make_durable(cut.seq, &[(volume, cut.ended[0])]).await
         }
     }
 
@@ -175,16 +175,16 @@ impl Group {
         self.volumes.iter().map(|v| v.id).collect()
     }
 
-    /// Makes every device of the group durable and seals a batch named `name`; returns its seq,
-    /// once it is durable in the spool, and whether it is a consistent point.
-    pub async fn bookmark(self: &Arc<Self>, name: &str) -> ExportResult<(Seq, bool, u64)> {
+    /// Makes every device of the group durable and seals a batch named `name`; returns its
+    /// point once it is durable in the spool.
+    pub async fn bookmark(self: &Arc<Self>, name: &str) -> ExportResult<Cut> {
         self.sync_devices(self.volumes.iter().map(|v| v.dev.clone()).collect())
             .await?;
         let all = self.all_volumes();
-        let (seq, consistent, ended, rebases) = self.cut(BatchFlags::FLUSH, Some(name), &all);
-        let ended: Vec<_> = all.into_iter().zip(ended).collect();
-        self.make_durable(seq, &ended).await?;
-        Ok((seq, consistent, rebases))
+        let cut = self.cut(BatchFlags::FLUSH, Some(name), &all);
+        let ended: Vec<_> = all.into_iter().zip(cut.ended.iter().copied()).collect();
+        self.make_durable(cut.seq, &ended).await?;
+        Ok(cut)
     }
 
     /// Seals the open batch and makes everything durable (used at a clean stop); then empties
@@ -193,8 +193,9 @@ impl Group {
         self.sync_devices(self.volumes.iter().map(|v| v.dev.clone()).collect())
             .await?;
         let all = self.all_volumes();
-        let (seq, _, ended, _) = self.cut(BatchFlags::FLUSH, None, &all);
-        let ended: Vec<_> = all.iter().copied().zip(ended).collect();
+        let cut = self.cut(BatchFlags::FLUSH, None, &all);
+        let ended: Vec<_> = all.iter().copied().zip(cut.ended).collect();
+        let seq = cut.seq;
         self.make_durable(seq, &ended).await?;
         for v in all {
             let version = {

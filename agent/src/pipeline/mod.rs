@@ -196,6 +196,22 @@ pub struct GroupState {
     pub open_since_ns: Option<i64>,
 }
 
+/// A point cut in the group's log: the batch sealed by a flush, a bookmark or the end of a
+/// sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cut {
+    /// The seq that covers every record pushed before the cut.
+    pub seq: Seq,
+    /// Whether the point is consistent (no volume of the group dirty or in a sync).
+    pub consistent: bool,
+    /// The epoch ended for each volume the cut named, in their order (none for a sync's
+    /// point).
+    pub ended: Vec<u64>,
+    /// The group's rebases so far: a wait for this point ends at the next one too (the
+    /// point's batch may be gone, and the new chain may never reach its seq).
+    pub rebases: u64,
+}
+
 /// One consistency group: its volumes, its log and its spool.
 pub struct Group {
     pub name: String,
@@ -542,15 +558,9 @@ impl Group {
         &self.volumes[id as usize]
     }
 
-    /// Seals the open batch with `flags` (and a bookmark name) and returns the seq that now
-    /// covers every record pushed so far, and whether the point is consistent. Ends the open
-    /// epoch of `volumes`, returning the epochs ended.
-    fn cut(
-        &self,
-        flags: u16,
-        bookmark: Option<&str>,
-        volumes: &[VolumeId],
-    ) -> (Seq, bool, Vec<u64>, u64) {
+    /// Seals the open batch with `flags` (and a bookmark name): the point that now covers
+    /// every record pushed so far. Ends the open epoch of `volumes` (see [`Cut::ended`]).
+    fn cut(&self, flags: u16, bookmark: Option<&str>, volumes: &[VolumeId]) -> Cut {
         let mut inner = self.lock();
         // The paired assertion at a flush: whether this point is consistent depends on the
         // dirty counts, so they must be the bits'.
@@ -569,23 +579,28 @@ impl Group {
         let inconsistent = inner.inconsistent();
         let sealed = inner.batcher.seal(flags, bookmark, inconsistent, now_ns());
         self.to_spool(sealed);
-        (
-            inner.batcher.last_sealed(),
-            !inconsistent,
+        Cut {
+            seq: inner.batcher.last_sealed(),
+            consistent: !inconsistent,
             ended,
-            inner.rebases,
-        )
+            rebases: inner.rebases,
+        }
     }
 
     /// Seals a point even if nothing is open (a sync or resync just ended: its last records may
     /// all sit in batches sealed as not consistent, and the point that says the group is
     /// consistent again must exist).
-    fn cut_point(&self) -> (Seq, bool) {
+    fn cut_point(&self) -> Cut {
         let mut inner = self.lock();
         let inconsistent = inner.inconsistent();
         let sealed = inner.batcher.seal_always(0, None, inconsistent, now_ns());
         self.to_spool([sealed]);
-        (inner.batcher.last_sealed(), !inconsistent)
+        Cut {
+            seq: inner.batcher.last_sealed(),
+            consistent: !inconsistent,
+            ended: Vec::new(),
+            rebases: inner.rebases,
+        }
     }
 
     /// Saves the dirty maps that changed. Under the group lock only to take the snapshots.

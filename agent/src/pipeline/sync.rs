@@ -11,7 +11,7 @@ use cdp_shared::batch::{self, RECORD_FLAG_SYNC, RecordKind};
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::{CHUNK_BYTES, Seq, VolumeId};
 
-use super::{ENCODER, Group, Inner, Recorded, blocking_err};
+use super::{Cut, ENCODER, Group, Inner, Recorded, blocking_err};
 use crate::clock::now_ns;
 use crate::range_lock::wait_all;
 
@@ -302,7 +302,9 @@ impl Group {
         if sent == 0 {
             return Ok(0);
         }
-        let (seq, consistent) = self.cut_point();
+        let Cut {
+            seq, consistent, ..
+        } = self.cut_point();
         self.make_durable(seq, &[]).await?;
         if consistent {
             tracing::info!(group = %self.name, seq = seq.0, "resync complete: seq {seq} is consistent again");
@@ -361,9 +363,9 @@ impl Group {
             Ok((compared, sent))
         }
         .await;
-        let (seq, _) = {
+        let seq = {
             self.lock().syncing -= 1;
-            self.cut_point()
+            self.cut_point().seq
         };
         self.make_durable(seq, &[]).await?;
         self.bump();

@@ -488,9 +488,9 @@ impl GroupIngest {
                     break;
                 }
             };
-            for (agent_id, state, _) in &plan.state_changes {
-                if let Some(v) = sim.get_mut(agent_id) {
-                    v.state = *state;
+            for c in &plan.state_changes {
+                if let Some(v) = sim.get_mut(&c.volume) {
+                    v.state = c.state;
                 }
             }
             expected_prev = Some(r.header().header_hash);
@@ -578,12 +578,12 @@ impl GroupIngest {
             self.resume(out).await?;
         }
         for (r, plan) in chosen {
-            for (agent_id, state, _) in &plan.state_changes {
-                let Some(v) = self.volumes.get_mut(agent_id) else {
+            for c in &plan.state_changes {
+                let Some(v) = self.volumes.get_mut(&c.volume) else {
                     continue;
                 };
-                v.state = *state;
-                let msg = match state {
+                v.state = c.state;
+                let msg = match c.state {
                     VolumeState::Syncing => format!(
                         "volume {} began its initial sync at seq {}",
                         v.name,
@@ -660,9 +660,9 @@ impl GroupIngest {
             if let Some(b) = &h.bookmark {
                 rows.bookmarks.push((b.clone(), h.seq.0));
             }
-            for (agent_id, state, sync_done) in &plan.state_changes {
-                if let Some(v) = self.volumes.get(agent_id) {
-                    rows.volume_changes.push((v.id, *state, *sync_done));
+            for c in &plan.state_changes {
+                if let Some(v) = self.volumes.get(&c.volume) {
+                    rows.volume_changes.push((v.id, c.state, c.sync_done_seq));
                 }
             }
         }

@@ -32,7 +32,7 @@ mod plan;
 mod service;
 
 pub use group::{GroupIngest, Received};
-pub use plan::{BatchPlan, PlannedRow, TargetOp, plan_batch};
+pub use plan::{BatchPlan, PlannedRow, StateChange, TargetOp, plan_batch};
 pub use service::IngestService;
 
 /// The durable head of every open group (group id → seq), published by each group task

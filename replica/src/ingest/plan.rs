@@ -41,8 +41,17 @@ pub struct BatchPlan {
     pub journal: bool,
     pub target_ops: Vec<TargetOp>,
     pub rows: Vec<PlannedRow>,
-    /// (agent volume id, new state, sync_done_seq)
-    pub state_changes: Vec<(u32, VolumeState, Option<u64>)>,
+    pub state_changes: Vec<StateChange>,
+}
+
+/// A volume's state changed by a batch (its sync began, or ended).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateChange {
+    /// The volume's id inside its group (the agent's).
+    pub volume: u32,
+    pub state: VolumeState,
+    /// The seq whose batch completed the volume's initial sync, when it did.
+    pub sync_done_seq: Option<u64>,
 }
 
 /// The semantic checks of one batch and its plan, against `volumes` as they stand when the
@@ -80,8 +89,11 @@ pub fn plan_batch(
                 }
                 if state == VolumeState::New {
                     states.insert(h.volume, VolumeState::Syncing);
-                    plan.state_changes
-                        .push((h.volume, VolumeState::Syncing, None));
+                    plan.state_changes.push(StateChange {
+                        volume: h.volume,
+                        state: VolumeState::Syncing,
+                        sync_done_seq: None,
+                    });
                 }
             }
             RecordKind::SyncEnd => {
@@ -99,8 +111,11 @@ pub fn plan_batch(
                     }
                     VolumeState::Syncing => {
                         states.insert(h.volume, VolumeState::Protecting);
-                        plan.state_changes
-                            .push((h.volume, VolumeState::Protecting, Some(seq)));
+                        plan.state_changes.push(StateChange {
+                            volume: h.volume,
+                            state: VolumeState::Protecting,
+                            sync_done_seq: Some(seq),
+                        });
                     }
                     VolumeState::Protecting => {}
                 }
@@ -215,8 +230,16 @@ mod tests {
         assert_eq!(
             plan.state_changes,
             vec![
-                (1, VolumeState::Syncing, None),
-                (1, VolumeState::Protecting, Some(5))
+                StateChange {
+                    volume: 1,
+                    state: VolumeState::Syncing,
+                    sync_done_seq: None
+                },
+                StateChange {
+                    volume: 1,
+                    state: VolumeState::Protecting,
+                    sync_done_seq: Some(5)
+                }
             ]
         );
 
