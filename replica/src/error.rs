@@ -9,6 +9,33 @@ use cdp_shared::identity::IdentityError;
 
 pub type Result<T, E = ReplicaError> = std::result::Result<T, E>;
 
+/// A request the replica declines, with the one sentence that says why (to the operator or
+/// the agent): nothing was changed. Unlike a [`ReplicaError`], the replica itself is fine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal(pub String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Refusal {
+        Refusal(reason)
+    }
+}
+
+impl From<Refusal> for String {
+    fn from(r: Refusal) -> String {
+        r.0
+    }
+}
+
+/// The outcome of a request that may be declined: `Ok(Ok(t))` done, `Ok(Err(refusal))`
+/// declined (nothing changed), `Err` the replica failed.
+pub type Decided<T> = Result<std::result::Result<T, Refusal>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error("no replica in {}: run `cdp-replica init --data {}` first", dir.display(), dir.display())]

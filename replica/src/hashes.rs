@@ -18,7 +18,7 @@ use cdp_shared::wire::{CONTROL_FRAME_BYTES_MAX, HASHES_PER_MESSAGE_MAX};
 
 use crate::catalog::{Catalog, VolumeState};
 use crate::datadir::DataDir;
-use crate::error::{ReplicaError, Result};
+use crate::error::{Decided, ReplicaError, Result};
 use crate::pins::{PinAt, PinTiming, pin_in};
 
 // A full reply (64 hex digits, quotes and a comma per hash, plus the envelope) fits a frame.
@@ -82,9 +82,9 @@ pub async fn chunk_hashes(
     volume: VolumeId,
     first_chunk: u64,
     count: u32,
-) -> Result<std::result::Result<ChunkHashes, String>> {
+) -> Decided<ChunkHashes> {
     let Some(g) = catalog.group_by_name(group).await? else {
-        return Ok(Err(format!("the replica has no group {group}")));
+        return Ok(Err(format!("the replica has no group {group}").into()));
     };
     let Some(v) = catalog
         .volumes_of_group(g.id)
@@ -94,10 +94,11 @@ pub async fn chunk_hashes(
     else {
         return Ok(Err(format!(
             "group {group} has no volume with id {volume} on the replica"
-        )));
+        )
+        .into()));
     };
     if let Err(reason) = check_request(&v.name, v.size, v.state, first_chunk, count) {
-        return Ok(Err(reason));
+        return Ok(Err(reason.into()));
     }
     // The head, pinned for as long as the chunks are read (the trimmer may move the base up to
     // it meanwhile, but not past it).
@@ -113,7 +114,7 @@ pub async fn chunk_hashes(
     .await
     {
         Ok(p) => p,
-        Err(ReplicaError::Point(reason)) => return Ok(Err(reason)),
+        Err(ReplicaError::Point(reason)) => return Ok(Err(reason.into())),
         Err(e) => return Err(e),
     };
     let seq = point.seq;

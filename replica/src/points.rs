@@ -22,7 +22,7 @@ use crate::catalog::{
 };
 use crate::clock::{rfc3339, ser_time, time_of};
 use crate::datadir::DataDir;
-use crate::error::{ReplicaError, Result};
+use crate::error::{Decided, ReplicaError, Result};
 
 /// The point a spec resolved to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -150,14 +150,14 @@ pub(crate) async fn window(
     reads: &mut impl PointReads,
     v: &VolumeRow,
     g: &GroupRow,
-) -> Result<std::result::Result<Window, String>> {
+) -> Decided<Window> {
     let sync_done = match (v.state, v.sync_done_seq) {
         (VolumeState::Protecting, Some(s)) => s,
         _ => {
             return Ok(Err(format!(
                 "volume {} has no restorable point yet: its initial sync has not completed, and its window starts when it does",
                 v.name
-            )));
+            ).into()));
         }
     };
     if let Some(f) = reads.failover(g.id).await?
@@ -166,7 +166,7 @@ pub(crate) async fn window(
         return Ok(Err(format!(
             "volume {} is being failed over for good at seq {} (a `cdp-replica failover --commit` began and has not completed, so its target disk is being rewritten): run `cdp-replica failover --volume {} --commit` again to complete it",
             v.name, f.seq, v.name
-        )));
+        ).into()));
     }
     let start = sync_done.max(g.window_floor());
     Ok(Ok(Window {
@@ -190,7 +190,9 @@ pub(crate) async fn resolve(
     g: &GroupRow,
     spec: &PointSpec,
 ) -> Result<ChosenPoint> {
-    let w = window(reads, v, g).await?.map_err(ReplicaError::Point)?;
+    let w = window(reads, v, g)
+        .await?
+        .map_err(|r| ReplicaError::Point(r.0))?;
     let v = &v.name;
     let refuse = |what: String| ReplicaError::Point(what);
     let batch = match spec {

@@ -34,7 +34,7 @@ use crate::agent_ports::{AgentPorts, Links};
 use crate::catalog::{Catalog, ForgetRequestRow, OpenMode};
 use crate::clock::now_ns;
 use crate::datadir::{DataDir, ServeLock};
-use crate::error::{ReplicaError, Result};
+use crate::error::{Decided, ReplicaError, Result};
 use crate::forget::{self, ForgetTarget};
 use crate::ingest::{IngestOptions, IngestService};
 use crate::server::{Shell, ShellParts};
@@ -250,7 +250,7 @@ async fn forget_requests(svc: ForgetService) {
             }
             let (state, message) = match serve_forget(&svc, &r).await {
                 Ok(Ok(msg)) => ("done", msg),
-                Ok(Err(why)) => ("failed", why),
+                Ok(Err(why)) => ("failed", why.0),
                 Err(e) => {
                     tracing::error!("could not forget {} {}: {e}", r.kind, r.name);
                     ("failed", e.to_string())
@@ -269,10 +269,7 @@ async fn forget_requests(svc: ForgetService) {
 
 /// One forget inside serve: refused while the group's agent holds its link; otherwise the
 /// group's tasks are stopped around [`forget::execute`]. `Ok(Err)`: refused.
-async fn serve_forget(
-    svc: &ForgetService,
-    r: &ForgetRequestRow,
-) -> Result<std::result::Result<String, String>> {
+async fn serve_forget(svc: &ForgetService, r: &ForgetRequestRow) -> Decided<String> {
     let target = match r.kind.as_str() {
         "group" => ForgetTarget::Group(r.name.clone()),
         _ => ForgetTarget::Volume(r.name.clone()),
@@ -281,7 +278,8 @@ async fn serve_forget(
     let Some(plan) = forget::plan(&svc.catalog, &target).await? else {
         return Ok(Err(format!(
             "there is no {target} on this replica any more"
-        )));
+        )
+        .into()));
     };
     let gid = plan.group.id;
     let name = plan.group.name.clone();
@@ -311,7 +309,7 @@ async fn serve_forget(
             tracing::info!("forgot {target} (requested by cdp-replica forget)");
             Ok(Ok(format!("forgot {target}")))
         }
-        Err(ReplicaError::Forget(why)) => Ok(Err(why)),
+        Err(ReplicaError::Forget(why)) => Ok(Err(why.into())),
         Err(e) => Err(e),
     }
 }

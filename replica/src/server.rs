@@ -367,7 +367,7 @@ async fn welcome(
     };
     let welcomes = match shared.ingest.hello(agent, protocol, &groups).await {
         Ok(Ok(w)) => w,
-        Ok(Err(reason)) => return Err(refuse(&mut send, agent, reason).await),
+        Ok(Err(reason)) => return Err(refuse(&mut send, agent, reason.0).await),
         Err(e) => {
             tracing::error!(%agent, "could not admit the agent's groups: {e}");
             return Err(refuse(
@@ -636,7 +636,7 @@ async fn answer_hashes(
             seq: Seq(h.seq),
             first_chunk,
         },
-        Ok(Err(reason)) => refuse(group, reason),
+        Ok(Err(reason)) => refuse(group, reason.0),
         Err(e) => {
             tracing::error!(%agent, group, volume, "could not hash chunks {first_chunk}.. of a volume: {e}");
             let reason = format!("the replica could not read the image of volume {volume}: {e}");

@@ -13,7 +13,7 @@ use super::group::GroupMsg;
 use super::service::GroupSlot;
 use crate::catalog::EventLevel;
 use crate::clock::now_ns;
-use crate::error::{ReplicaError, Result};
+use crate::error::{Decided, ReplicaError, Result};
 use crate::target::TargetFile;
 
 impl IngestService {
@@ -24,11 +24,11 @@ impl IngestService {
         agent: &Fingerprint,
         protocol: u32,
         hello: &[GroupHello],
-    ) -> Result<std::result::Result<Vec<GroupWelcome>, String>> {
+    ) -> Decided<Vec<GroupWelcome>> {
         if protocol != PROTOCOL_VERSION {
             return Ok(Err(format!(
                 "this replica speaks control protocol version {PROTOCOL_VERSION}, not {protocol}; upgrade the older side"
-            )));
+            ).into()));
         }
         let owner = agent.to_string();
         let mut groups = self.inner.groups.lock().await;
@@ -45,19 +45,15 @@ impl IngestService {
     }
 
     /// Pass 1 of a Hello: every check, before anything is changed. `Ok(Err)` is the refusal.
-    async fn check_hello(
-        &self,
-        owner: &str,
-        hello: &[GroupHello],
-    ) -> Result<std::result::Result<(), String>> {
+    async fn check_hello(&self, owner: &str, hello: &[GroupHello]) -> Decided<()> {
         let catalog = &self.inner.catalog;
         let mut seen = HashSet::new();
         for gh in hello {
             if let Err(e) = check_name("group", &gh.name) {
-                return Ok(Err(e));
+                return Ok(Err(e.into()));
             }
             if !seen.insert(gh.name.as_str()) {
-                return Ok(Err(format!("group {} is announced twice", gh.name)));
+                return Ok(Err(format!("group {} is announced twice", gh.name).into()));
             }
             if self
                 .inner
@@ -68,25 +64,27 @@ impl IngestService {
                 return Ok(Err(format!(
                     "group {} is being forgotten on this replica (cdp-replica forget); once that is done it is new to the replica: connect again",
                     gh.name
-                )));
+                ).into()));
             }
             let mut ids = HashSet::new();
             let mut names = HashSet::new();
             for v in &gh.volumes {
                 if let Err(e) = check_name("volume", &v.name) {
-                    return Ok(Err(e));
+                    return Ok(Err(e.into()));
                 }
                 if !ids.insert(v.id) || !names.insert(v.name.as_str()) {
                     return Ok(Err(format!(
                         "group {} announces volume id {} or name {} twice",
                         gh.name, v.id, v.name
-                    )));
+                    )
+                    .into()));
                 }
                 if v.size == 0 {
                     return Ok(Err(format!(
                         "volume {} of group {} has size 0",
                         v.name, gh.name
-                    )));
+                    )
+                    .into()));
                 }
             }
             let existing = catalog.group_by_name(&gh.name).await?;
@@ -96,7 +94,7 @@ impl IngestService {
                     return Ok(Err(format!(
                         "group {} belongs to another agent ({}) on this replica; rename the group or remove it from the replica",
                         gh.name, g.owner
-                    )));
+                    ).into()));
                 }
                 let known = catalog.volumes_of_group(g.id).await?;
                 if let Some(f) = catalog.failover(g.id).await? {
@@ -104,7 +102,7 @@ impl IngestService {
                         .iter()
                         .find(|k| k.id == f.volume_id)
                         .map_or("?", |k| k.name.as_str());
-                    return Ok(Err(f.refusal(&gh.name, volume)));
+                    return Ok(Err(f.refusal(&gh.name, volume).into()));
                 }
                 for v in &gh.volumes {
                     if let Some(k) = known.iter().find(|k| k.agent_volume_id == v.id)
@@ -113,7 +111,7 @@ impl IngestService {
                         return Ok(Err(format!(
                             "volume id {} of group {} is {} of {} bytes on this replica, not {} of {} bytes; a volume cannot be renamed or resized while protected",
                             v.id, gh.name, k.name, k.size, v.name, v.size
-                        )));
+                        ).into()));
                     }
                 }
             }
@@ -124,7 +122,7 @@ impl IngestService {
                     return Ok(Err(format!(
                         "volume name {} is already used by another volume on this replica; choose another name",
                         v.name
-                    )));
+                    ).into()));
                 }
             }
         }

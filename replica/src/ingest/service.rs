@@ -17,7 +17,7 @@ use super::{GroupIngest, INGEST_QUEUE_BATCHES, IngestOptions, Received, Reply};
 use crate::catalog::Catalog;
 use crate::clock::now_ns;
 use crate::datadir::DataDir;
-use crate::error::{ReplicaError, Result};
+use crate::error::{Decided, ReplicaError, Result};
 use crate::pause_board::PauseBoard;
 use crate::retention::Retention;
 use crate::trimmer::{self, Trimmer};
@@ -178,10 +178,10 @@ impl IngestService {
         &self,
         name: &str,
         check: impl FnOnce() -> std::result::Result<(), String>,
-    ) -> Result<std::result::Result<(), String>> {
+    ) -> Decided<()> {
         let mut groups = self.inner.groups.lock().await;
         if let Err(why) = check() {
-            return Ok(Err(why));
+            return Ok(Err(why.into()));
         }
         if let Ok(mut f) = self.inner.forgetting.lock() {
             f.insert(name.to_owned());

@@ -212,8 +212,8 @@ pub(super) async fn repair_requests(ctx: Arc<Ctx>) {
                 continue;
             }
             let (state, message) = match do_repair(&ctx, req.volume_id).await {
-                Ok(Ok(m)) => ("done", m),
-                Ok(Err(m)) => ("failed", m),
+                Ok(Repair::Done(m)) => ("done", m),
+                Ok(Repair::Failed(m)) => ("failed", m),
                 Err(e) => ("failed", e.to_string()),
             };
             if ctx.token.is_cancelled() {
@@ -240,15 +240,22 @@ pub(super) async fn repair_requests(ctx: Arc<Ctx>) {
     }
 }
 
+/// How a repair ended, with the sentence the CLI shows.
+enum Repair {
+    Done(String),
+    /// The agent refused or did not resend in time, or the chunks are still wrong.
+    Failed(String),
+}
+
 // Over 120 lines: the repair protocol (ask, wait for the resync, check again) reads best in order.
-/// One repair (see the module docs): `Ok(Ok(message))` done, `Ok(Err(message))` failed.
-async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<std::result::Result<String, String>> {
+/// One repair (see the module docs).
+async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<Repair> {
     let Some((t, _)) = target_of(&ctx.catalog, volume_id).await? else {
-        return Ok(Err("the volume no longer exists".into()));
+        return Ok(Repair::Failed("the volume no longer exists".into()));
     };
     let open = ctx.catalog.open_mismatches(volume_id).await?;
     if open.is_empty() {
-        return Ok(Ok(format!(
+        return Ok(Repair::Done(format!(
             "volume {} has no open mismatch: nothing to repair",
             t.volume.name
         )));
@@ -266,7 +273,7 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<std::result::Result
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(Err(format!(
+                return Ok(Repair::Failed(format!(
                     "no agent of group {} connected within {} s to resend the chunks",
                     t.group,
                     REPAIR_WAIT_TIMEOUT.as_secs()
@@ -291,14 +298,18 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<std::result::Result
                     break;
                 }
                 Asked::Answer(Control::RepairRefused { reason, .. }) => {
-                    return Ok(Err(format!("the agent refused the repair: {reason}")));
+                    return Ok(Repair::Failed(format!(
+                        "the agent refused the repair: {reason}"
+                    )));
                 }
                 Asked::Answer(other) => {
-                    return Ok(Err(format!("the agent answered the repair with {other:?}")));
+                    return Ok(Repair::Failed(format!(
+                        "the agent answered the repair with {other:?}"
+                    )));
                 }
                 Asked::NoAgent | Asked::Lost | Asked::Timeout => {
                     tokio::select! {
-                        _ = ctx.token.cancelled() => return Ok(Err("serve stopped".into())),
+                        _ = ctx.token.cancelled() => return Ok(Repair::Failed("serve stopped".into())),
                         _ = tokio::time::sleep(NO_AGENT_RETRY) => {}
                     }
                 }
@@ -320,17 +331,17 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<std::result::Result
             break b.seq;
         }
         if Instant::now() >= deadline {
-            return Ok(Err(format!(
+            return Ok(Repair::Failed(format!(
                 "the agent's resend of {} chunks did not complete within {} s (no consistent point after seq {started})",
                 chunks.len(),
                 REPAIR_WAIT_TIMEOUT.as_secs()
             )));
         }
         tokio::select! {
-            _ = ctx.token.cancelled() => return Ok(Err("serve stopped".into())),
+            _ = ctx.token.cancelled() => return Ok(Repair::Failed("serve stopped".into())),
             changed = heads.changed() => {
                 if changed.is_err() {
-                    return Ok(Err("serve stopped".into()));
+                    return Ok(Repair::Failed("serve stopped".into()));
                 }
             }
             _ = tokio::time::sleep_until(deadline.into()) => {}
@@ -343,7 +354,7 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<std::result::Result
         let outcome = loop {
             let check = check_and_record(ctx.clone(), t.clone(), m.chunk, None, true).await?;
             match check {
-                None => return Ok(Err("serve stopped".into())),
+                None => return Ok(Repair::Failed("serve stopped".into())),
                 Some(c)
                     if matches!(c.outcome, VerifyOutcome::Skipped | VerifyOutcome::Timeout)
                         && Instant::now() < deadline =>
@@ -387,8 +398,11 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<std::result::Result
         tracing::warn!("could not record an event: {e}");
     }
     if still.is_empty() {
-        Ok(Ok(msg))
+        Ok(Repair::Done(msg))
     } else {
-        Ok(Err(format!("{msg}; still wrong: {}", still.join(", "))))
+        Ok(Repair::Failed(format!(
+            "{msg}; still wrong: {}",
+            still.join(", ")
+        )))
     }
 }
