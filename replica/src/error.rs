@@ -146,6 +146,13 @@ pub enum ReplicaError {
     #[error("ingest of a failed-over group: {0}")]
     Fenced(String),
 
+    /// A group commit found a record of batch `seq` whose data fails its check (its hash, or
+    /// its compression) while writing it to a target: only a damaged or faulty agent sends
+    /// one, since the payload hash held. Handled inside ingest: the batch is refused (Nack),
+    /// the commit undone, the batches before it committed again.
+    #[error("batch {seq}: {reason}")]
+    BadRecord { seq: u64, reason: String },
+
     #[error("`cdp-replica serve` is not running on {}: `{command}` works through the running serve; start it (`cdp-replica serve --data {}`) and try again", dir.display(), dir.display())]
     NotServing { dir: PathBuf, command: &'static str },
 

@@ -486,3 +486,83 @@ async fn chunk_hashes_over_quic() {
     agent.conn.close(0u32.into(), b"done");
     server.shutdown().await.expect("shutdown");
 }
+
+/// A record whose data fails its hash while the batch's payload hash holds (only a faulty
+/// agent sends one) is found when the group commit writes it to the syncing volume's target:
+/// the batch is refused like any bad batch, the commit undone, and ingest goes on (it used
+/// to stop the whole replica). The batch sent again is committed, and the image is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_data_fails_its_hash_is_refused_and_ingest_goes_on() {
+    use cdp_shared::batch::{SealParams, decode_header, seal};
+    const BIG: (u32, &str, u64) = (0, "disk0", 3 * CHUNK_BYTES);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("replica");
+    let replica_fp = init_replica(&root).await;
+    let agent_id = Identity::generate("test-agent").expect("agent identity");
+    cdp_replica::authorize(&root, agent_id.fingerprint(), "test").expect("authorize");
+    let server = Server::start(&root, "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("server");
+    let mut agent = QuicAgent::connect(&agent_id, replica_fp, server.local_addr())
+        .await
+        .expect("connect");
+    let mut sim = AgentSim::new("g", &[BIG]);
+    sim.images.insert(0, pattern(5, BIG.2 as usize));
+    sim.history[0] = sim.images.clone();
+    assert!(matches!(
+        agent.hello(vec![sim.hello()]).await.expect("welcome"),
+        Control::Welcome { .. }
+    ));
+    let mut batches = Vec::new();
+    let done = sim.sync_volume(0, &mut batches);
+    assert!(batches.len() >= 2, "the sync spans several batches");
+
+    // The first sync batch with the last byte of its last record's data flipped, sealed
+    // again: its payload hash holds, its record's data hash does not.
+    let (seq, good) = batches[0].clone();
+    let h = decode_header(&good).expect("header");
+    let mut payload = good[h.header_len as usize..].to_vec();
+    let last = payload.len() - 1;
+    payload[last] ^= 0x01;
+    let (bad, _) = seal(
+        &SealParams {
+            group: &h.group,
+            seq: h.seq,
+            agent_time_ns: h.agent_time_ns,
+            flags: h.flags,
+            bookmark: h.bookmark.as_deref(),
+            prev_hash: h.prev_hash,
+            record_count: h.record_count,
+        },
+        &payload,
+    );
+    agent.send_batch(&bad).await.expect("send");
+    match agent.next_control().await.expect("reply") {
+        Control::Nack {
+            group,
+            seq: nacked,
+            reason,
+        } => {
+            assert_eq!((group.as_deref(), nacked.0), (Some("g"), seq));
+            assert!(reason.contains("record"), "{reason}");
+        }
+        other => panic!("expected a Nack, got {other:?}"),
+    }
+    // The agent sends it again (and the rest of the sync): all of it is committed.
+    for (_, b) in &batches {
+        agent.send_batch(b).await.expect("send");
+    }
+    agent.wait_ack("g", done).await;
+    let (image, _) = restore_bytes(&root, BIG.1, &PointSpec::Seq(done))
+        .await
+        .expect("restore");
+    assert!(
+        image == sim.images[&0],
+        "the restored image is the device's"
+    );
+    agent.conn.close(0u32.into(), b"done");
+    server
+        .shutdown()
+        .await
+        .expect("ingest never stopped: a clean shutdown");
+}

@@ -106,7 +106,10 @@ impl GroupIo {
                         })?;
                         rec.header
                             .decode_data(rec.stored, &mut self.decompressor, &mut self.scratch)
-                            .map_err(|e| ReplicaError::Ingest(e.to_string()))?;
+                            .map_err(|e| ReplicaError::BadRecord {
+                                seq: batch.header().seq.0,
+                                reason: format!("record {record}: {e}"),
+                            })?;
                         target.write_at(rec.header.offset, &self.scratch)?;
                     }
                     TargetOp::Zero { offset, length, .. } => {
@@ -447,6 +450,19 @@ impl GroupIngest {
                 self.undo(undo_to, chosen).await?;
                 self.pause(&e, out).await?;
                 return Ok(false);
+            }
+            Err(ReplicaError::BadRecord { seq, reason }) => {
+                // Refused like a batch that fails its plan; the batches before it are
+                // committed again at once (their target writes are re-applied identically),
+                // the ones after it wait for its resend.
+                let (bad, rest): (Chosen, Chosen) = chosen
+                    .into_iter()
+                    .partition(|(r, _)| r.header().seq.0 == seq);
+                for (r, _) in &bad {
+                    nack(out, r, reason.clone());
+                }
+                self.undo(undo_to, rest).await?;
+                return Ok(true);
             }
             Err(e) => return Err(e),
         };

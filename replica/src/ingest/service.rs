@@ -275,7 +275,8 @@ impl IngestService {
     ///
     /// Record data hashes are not checked here but where record data is decoded: a syncing
     /// volume's data records when the group commit writes them to its target
-    /// (`GroupIo::write`), every journal read in reconstruction. Decoding every record here as
+    /// (`GroupIo::write`; a failure refuses that batch with a Nack and undoes the commit,
+    /// [`ReplicaError::BadRecord`]), every journal read in reconstruction. Decoding every record here as
     /// well cost more CPU than all the rest of ingest together (`make bench`, section 7).
     ///
     /// Cancellation-safe: it writes nothing to disk; dropping it drops the batch.
