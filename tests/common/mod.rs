@@ -576,14 +576,35 @@ impl Cluster {
 
     /// Waits until the agent reports `volume` protecting (initial sync done).
     pub fn wait_protecting(&self, volume: &str, timeout: Duration) {
+        // The agent says `protecting` once it has sealed its sync's last batch; the replica
+        // is protecting once it has committed it (then the sync's point is acknowledged).
+        let mut synced = 0;
         wait_until(
             &format!("volume {volume} to be protecting"),
             timeout,
             || {
                 let st = self.agent_status();
+                let v = st["volumes"]
+                    .as_array()
+                    .and_then(|vs| vs.iter().find(|v| v["name"] == volume));
+                match v {
+                    Some(v) if v["state"] == "protecting" => {
+                        synced = v["last_seq"].as_u64().unwrap_or(0);
+                        true
+                    }
+                    _ => false,
+                }
+            },
+        );
+        wait_until(
+            &format!("the replica to acknowledge the sync of volume {volume} (seq {synced})"),
+            timeout,
+            || {
+                let st = self.agent_status();
                 st["volumes"].as_array().is_some_and(|vs| {
-                    vs.iter()
-                        .any(|v| v["name"] == volume && v["state"] == "protecting")
+                    vs.iter().any(|v| {
+                        v["name"] == volume && v["acked_seq"].as_u64().unwrap_or(0) >= synced
+                    })
                 })
             },
         );
