@@ -6,6 +6,7 @@
 //! an event (the verifier reports the chunks it leaves wrong), and the work goes on.
 
 use cdp_shared::batch::RecordKind;
+use cdp_shared::types::Seq;
 
 use crate::catalog::{Catalog, EventLevel, RecordRow, VolumeRow};
 use crate::datadir::DataDir;
@@ -21,8 +22,8 @@ pub(crate) async fn apply_journal(
     dir: &DataDir,
     group_id: i64,
     name: &str,
-    base: u64,
-    to: u64,
+    base: Seq,
+    to: Seq,
     sync: bool,
 ) -> Result<usize> {
     let mut work: Vec<(VolumeRow, Vec<RecordRow>)> = Vec::new();

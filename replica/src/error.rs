@@ -2,6 +2,7 @@
 //! the thing and what to do. Errors are logged where they are handled (the CLI prints them as
 //! `error: ...`; the server logs the ones it survives), never where they are passed on.
 
+use cdp_shared::types::Seq;
 use std::io;
 use std::path::PathBuf;
 
@@ -151,7 +152,7 @@ pub enum ReplicaError {
     /// one, since the payload hash held. Handled inside ingest: the batch is refused (Nack),
     /// the commit undone, the batches before it committed again.
     #[error("batch {seq}: {reason}")]
-    BadRecord { seq: u64, reason: String },
+    BadRecord { seq: Seq, reason: String },
 
     #[error("`cdp-replica serve` is not running on {}: `{command}` works through the running serve; start it (`cdp-replica serve --data {}`) and try again", dir.display(), dir.display())]
     NotServing { dir: PathBuf, command: &'static str },

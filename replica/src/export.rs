@@ -39,6 +39,7 @@
 //! server bounds what is in flight per connection). Reads are not ordered against writes in
 //! flight — as on any disk, a client that wants a read to see a write waits for its reply.
 
+use cdp_shared::types::Seq;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -421,7 +422,7 @@ pub struct PointExport {
     writes: Option<mpsc::UnboundedSender<WriteOp>>,
 }
 
-fn pin_lost(seq: u64) -> ExportError {
+fn pin_lost(seq: Seq) -> ExportError {
     ExportError::Io(format!(
         "the export's pin on seq {seq} was lost (the process stalled past the pin's time to live), so the image can no longer be vouched for; restart the export"
     ))

@@ -76,6 +76,7 @@
 //!
 //! Errors are one sentence naming the thing and what to do ([`ReplicaError::Failover`]).
 
+use cdp_shared::types::Seq;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -324,7 +325,7 @@ async fn record_failover(
             return Err(commit_under_way(volume, &f));
         }
         (Some(f), spec) => {
-            let (point, _) = pins::resolve_held(&mut w, v, &g, &PointSpec::Seq(f.seq)).await?;
+            let (point, _) = pins::resolve_held(&mut w, v, &g, &PointSpec::Seq(f.seq.0)).await?;
             if let Some(spec) = spec {
                 let asked = pins::resolve_held(&mut w, v, &g, spec).await;
                 if !matches!(&asked, Ok((p, _)) if p.seq == f.seq) {
@@ -458,7 +459,7 @@ async fn start_in(
 
 /// Ends the active failover of `volume` without a trace (see the module docs). Returns its
 /// point.
-pub async fn undo(root: &Path, volume: &str) -> Result<u64> {
+pub async fn undo(root: &Path, volume: &str) -> Result<Seq> {
     let (dir, catalog, v) = open(root, volume).await?;
     let result = async {
         let files = FailoverFiles::of(&dir, volume);
@@ -506,7 +507,7 @@ pub async fn undo(root: &Path, volume: &str) -> Result<u64> {
 /// What a failover commit did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommitSummary {
-    pub seq: u64,
+    pub seq: Seq,
     /// Target files written from the journal (0 or 1).
     pub targets_from_journal: usize,
     /// Bytes copied from the overlay to the target.

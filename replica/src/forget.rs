@@ -53,6 +53,7 @@
 //! already forgotten, says so and succeeds). Deleting a file already gone is not an error, so
 //! step 2 is idempotent.
 
+use cdp_shared::types::Seq;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -123,8 +124,8 @@ pub struct ForgottenVolume {
     /// Recovery points in its window.
     pub points: u64,
     /// The window's first and last points (seq), when it has any.
-    pub first_seq: Option<u64>,
-    pub last_seq: Option<u64>,
+    pub first_seq: Option<Seq>,
+    pub last_seq: Option<Seq>,
 }
 
 /// What a forget deletes.
@@ -659,8 +660,8 @@ mod tests {
                 name: "g".into(),
                 owner: "ab".into(),
                 generation: "x".into(),
-                base_seq: 0,
-                head_seq: 10,
+                base_seq: Seq(0),
+                head_seq: Seq(10),
                 head_hash: None,
                 retention: Retention::default(),
                 trimming_to: None,
@@ -673,7 +674,7 @@ mod tests {
                 name: "v".into(),
                 size: 1 << 20,
                 state: VolumeState::Protecting,
-                sync_done_seq: Some(2),
+                sync_done_seq: Some(Seq(2)),
             }],
             whole_group: true,
             kept: Vec::new(),
@@ -685,7 +686,7 @@ mod tests {
             id: 1,
             group_id: 1,
             volume_id,
-            seq: 5,
+            seq: Seq(5),
             segment_min: None,
             holder: "export on /tmp/x.sock".into(),
             pid: 1,
@@ -709,7 +710,7 @@ mod tests {
         let mut f = FailoverRow {
             group_id: 1,
             volume_id: 7,
-            seq: 4,
+            seq: Seq(4),
             segment_min: None,
             state: FailoverState::Active,
             started_ns: 0,

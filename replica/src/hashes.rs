@@ -13,6 +13,7 @@
 //!   keeps the trimmer from moving the base past S or unlinking a segment the plan reads; so
 //!   the answer is the image at S however ingest and the trimmer move on meanwhile.
 
+use cdp_shared::types::Seq;
 use cdp_shared::types::{CHUNK_BYTES, VolumeId, chunk_count};
 use cdp_shared::wire::{CONTROL_FRAME_BYTES_MAX, HASHES_PER_MESSAGE_MAX};
 
@@ -28,7 +29,7 @@ const _: () = assert!((HASHES_PER_MESSAGE_MAX as usize) * 70 + 1024 <= CONTROL_F
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkHashes {
     /// The seq of the image hashed (the group's durable head when the hashes were taken).
-    pub seq: u64,
+    pub seq: Seq,
     pub first_chunk: u64,
     pub hashes: Vec<blake3::Hash>,
 }

@@ -38,6 +38,7 @@
 //! caller checks [`crate::PinGuard::check_held`] / `is_held` (export refuses reads once its
 //! pin is known lost; diff checks before it reports).
 
+use cdp_shared::types::Seq;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::PathBuf;
@@ -121,9 +122,9 @@ pub struct LazyImageSpec {
     pub agent_volume_id: u32,
     pub size: u64,
     /// The pinned seq S.
-    pub seq: u64,
+    pub seq: Seq,
     /// L: the group's base read after pinning (see the module docs).
-    pub base_floor: u64,
+    pub base_floor: Seq,
     pub target: PathBuf,
     pub journal_dir: PathBuf,
 }
@@ -171,7 +172,7 @@ impl LazyImage {
         self.inner.spec.size
     }
 
-    pub fn seq(&self) -> u64 {
+    pub fn seq(&self) -> Seq {
         self.inner.spec.seq
     }
 

@@ -251,6 +251,7 @@ pub mod target;
 pub mod trimmer;
 pub mod verifier;
 
+use cdp_shared::types::Seq;
 use std::fs;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -349,11 +350,11 @@ pub struct RetentionDrop {
     /// Points (batches) dropped.
     pub points: u64,
     /// The first and last point dropped: seq and agent time.
-    pub first_seq: u64,
+    pub first_seq: Seq,
     pub first_ns: i64,
-    pub last_seq: u64,
+    pub last_seq: Seq,
     /// The first point kept (the new window's start): seq and agent time.
-    pub kept_seq: u64,
+    pub kept_seq: Seq,
     pub kept_ns: i64,
 }
 
@@ -408,17 +409,17 @@ pub async fn retention_drop(
     if then <= from {
         return Ok(None);
     }
-    let points = catalog.batch_count_in(g.id, from, then - 1).await?;
+    let points = catalog.batch_count_in(g.id, from, Seq(then.0 - 1)).await?;
     let page = |newest_first| catalog::PointsFilter {
         limit: Some(1),
         newest_first,
         ..catalog::PointsFilter::default()
     };
     let first = catalog
-        .points_page(g.id, from, then - 1, &page(false))
+        .points_page(g.id, from, Seq(then.0 - 1), &page(false))
         .await?;
     let last = catalog
-        .points_page(g.id, from, then - 1, &page(true))
+        .points_page(g.id, from, Seq(then.0 - 1), &page(true))
         .await?;
     let (Some(first), Some(last), Some(kept)) = (
         first.first(),

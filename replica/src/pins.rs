@@ -41,6 +41,7 @@
 //! [`pin_point_with`] takes another timing, so that tests see a stalled reader's pin expire in
 //! seconds.
 
+use cdp_shared::types::Seq;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -266,7 +267,7 @@ pub(crate) async fn pin_in(
     }
     let spec = match at {
         PinAt::Spec(s) => s.clone(),
-        PinAt::Head => PointSpec::Seq(group.head_seq),
+        PinAt::Head => PointSpec::Seq(group.head_seq.0),
     };
     let (point, segment_min) = resolve_held(&mut lock, &v, &group, &spec).await?;
     let now = now_ns();
@@ -284,7 +285,7 @@ pub(crate) async fn pin_in(
         })
         .await?;
     lock.commit().await?;
-    tracing::debug!(volume, seq = point.seq, holder, "pinned");
+    tracing::debug!(volume, seq = point.seq.0, holder, "pinned");
     let guard = PinGuard::start(PinInner {
         id,
         seq: point.seq,
@@ -318,7 +319,7 @@ pub(crate) async fn resolve_held(
 
 struct PinInner {
     id: i64,
-    seq: u64,
+    seq: Seq,
     volume: VolumeRow,
     dir: DataDir,
     catalog: Catalog,
@@ -393,7 +394,7 @@ impl PinGuard {
     }
 
     /// The pinned seq.
-    pub fn seq(&self) -> u64 {
+    pub fn seq(&self) -> Seq {
         self.inner().seq
     }
 
@@ -556,7 +557,7 @@ mod tests {
             id: 1,
             group_id: 1,
             volume_id: 1,
-            seq: 5,
+            seq: Seq(5),
             segment_min: None,
             holder: "t".into(),
             pid: 42,

@@ -9,6 +9,7 @@
 //! it; a time is the latest consistent batch whose agent time is at or before it. Anything else is refused with one sentence naming the window's
 //! first and last restorable points.
 
+use cdp_shared::types::Seq;
 use std::path::Path;
 
 use cdp_shared::batch::BatchFlags;
@@ -27,7 +28,7 @@ use crate::error::{Decided, ReplicaError, Result};
 /// The point a spec resolved to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ChosenPoint {
-    pub seq: u64,
+    pub seq: Seq,
     /// Agent clock time of the batch.
     #[serde(serialize_with = "ser_time")]
     pub time: DateTime<Utc>,
@@ -62,7 +63,7 @@ impl std::fmt::Display for ChosenPoint {
 /// One recovery point of `points`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PointInfo {
-    pub seq: u64,
+    pub seq: Seq,
     /// Agent clock time (RFC 3339).
     #[serde(serialize_with = "ser_time")]
     pub time: DateTime<Utc>,
@@ -105,7 +106,7 @@ pub(crate) async fn open_volume(root: &Path, name: &str) -> Result<VolumeContext
 
 /// The window of a volume: (start seq, first and last consistent batches in it).
 pub(crate) struct Window {
-    pub start: u64,
+    pub start: Seq,
     /// The window starts later than the volume's initial sync: retention trimmed it.
     pub trimmed: bool,
     pub start_batch: Option<BatchRow>,
@@ -203,7 +204,8 @@ pub(crate) async fn resolve(
             ))
         })?,
         PointSpec::Seq(n) => {
-            if *n < w.start {
+            let n = Seq(*n);
+            if n < w.start {
                 return Err(refuse(format!(
                     "seq:{n} is before the window of volume {v}, which starts at {} {}; {}",
                     w.start_text(),
@@ -211,14 +213,14 @@ pub(crate) async fn resolve(
                     w.describe()
                 )));
             }
-            if *n > g.head_seq {
+            if n > g.head_seq {
                 return Err(refuse(format!(
                     "seq:{n} is past the end of the journal of volume {v} (durable up to seq {}); {}",
                     g.head_seq,
                     w.describe()
                 )));
             }
-            reads.batch(g.id, *n).await?.ok_or_else(|| {
+            reads.batch(g.id, n).await?.ok_or_else(|| {
                 refuse(format!(
                     "seq:{n} was never recorded for volume {v}; {}",
                     w.describe()

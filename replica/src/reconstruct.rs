@@ -17,6 +17,7 @@
 //! * [`RecordLoader`] is the one place that reads a journal record back (the image reader and
 //!   the trimmer use it).
 
+use cdp_shared::types::Seq;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -44,7 +45,7 @@ pub enum Source {
 /// A journaled record the plan may read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordRef {
-    pub seq: u64,
+    pub seq: Seq,
     pub idx: u32,
     pub offset: u64,
     pub length: u32,
@@ -399,7 +400,7 @@ mod tests {
 
     fn rec(n: u32, offset: u64, length: u32, kind: RecordKind) -> RecordRef {
         RecordRef {
-            seq: u64::from(n),
+            seq: Seq(u64::from(n)),
             idx: 0,
             offset,
             length,
@@ -424,7 +425,7 @@ mod tests {
                             && p.offset >= base
                             && p.offset + p.len <= base + u64::from(r.length)
                     );
-                    r.seq as u8
+                    r.seq.0 as u8
                 }
             };
             v.extend(std::iter::repeat_n(who, p.len as usize));

@@ -110,7 +110,7 @@ pub async fn restore(
     if !point.consistent {
         tracing::warn!(
             volume,
-            seq = point.seq,
+            seq = point.seq.0,
             "seq {} is not a crash-consistent point (it lies inside a sync); restoring it because it was asked for",
             point.seq
         );

@@ -23,6 +23,7 @@
 //! Durations are written `30s`, `15m`, `24h`, `7d`; sizes `512MiB`, `100GiB`, `1TB` (KiB, MiB,
 //! GiB, TiB are powers of 1024; KB, MB, GB, TB powers of 1000; B bytes), or `none` for no cap.
 
+use cdp_shared::types::Seq;
 use std::time::Duration;
 
 use cdp_shared::batch::BATCH_BYTES_MAX;
@@ -221,7 +222,7 @@ pub fn format_size(bytes: u64) -> String {
 /// One batch after the base, as the trimmer weighs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchWeight {
-    pub seq: u64,
+    pub seq: Seq,
     /// Bytes of the batch in a journal segment (0 when it was not journaled).
     pub journal_bytes: u64,
     /// Records of the batch.
@@ -232,25 +233,25 @@ pub struct BatchWeight {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrimInputs {
     /// The group's base (every batch ≤ base is in the target files).
-    pub base: u64,
+    pub base: Seq,
     /// The group's durable head.
-    pub head: u64,
+    pub head: Seq,
     /// The newest seq such that every batch in (base, it] is older than the window (base when
     /// the batch after the base is not).
-    pub older_than_window: u64,
+    pub older_than_window: Seq,
     /// Journal bytes beyond the cap (0 when there is no cap or the journal is within it).
     pub excess_bytes: u64,
     /// The oldest live pin of the group, if any.
-    pub oldest_pin: Option<u64>,
+    pub oldest_pin: Option<Seq>,
 }
 
 /// The trimmer's decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrimChoice {
     /// The new base B', or `None` when the base stays.
-    pub to: Option<u64>,
+    pub to: Option<Seq>,
     /// What retention asks for (before the round limits and pins).
-    pub wanted: u64,
+    pub wanted: Seq,
     /// A pin keeps the base short of what retention asks for.
     pub held_by_pin: bool,
     /// The round limits (not a pin) stopped short of `wanted`: another round should follow.
@@ -383,7 +384,7 @@ mod tests {
     fn weights(from: u64, to: u64, bytes: u64) -> Vec<BatchWeight> {
         (from..=to)
             .map(|seq| BatchWeight {
-                seq,
+                seq: Seq(seq),
                 journal_bytes: bytes,
                 records: 1,
             })
@@ -394,9 +395,9 @@ mod tests {
     fn the_window_the_cap_pins_and_the_head_bound_the_base() {
         let batches = weights(11, 30, 100);
         let inputs = TrimInputs {
-            base: 10,
-            head: 30,
-            older_than_window: 15,
+            base: Seq(10),
+            head: Seq(30),
+            older_than_window: Seq(15),
             excess_bytes: 0,
             oldest_pin: None,
         };
@@ -404,12 +405,12 @@ mod tests {
         let c = choose_trim(&inputs, &batches);
         assert_eq!(
             (c.to, c.wanted, c.held_by_pin, c.more),
-            (Some(15), 15, false, false)
+            (Some(Seq(15)), Seq(15), false, false)
         );
         // Nothing older than the window, no cap: the base stays.
         let c = choose_trim(
             &TrimInputs {
-                older_than_window: 10,
+                older_than_window: Seq(10),
                 ..inputs
             },
             &batches,
@@ -423,21 +424,21 @@ mod tests {
             },
             &batches,
         );
-        assert_eq!(c.to, Some(20));
+        assert_eq!(c.to, Some(Seq(20)));
         // A pin holds it back, and says so.
         let c = choose_trim(
             &TrimInputs {
                 excess_bytes: 450,
-                oldest_pin: Some(12),
+                oldest_pin: Some(Seq(12)),
                 ..inputs
             },
             &batches,
         );
-        assert_eq!((c.to, c.held_by_pin), (Some(12), true));
+        assert_eq!((c.to, c.held_by_pin), (Some(Seq(12)), true));
         // A pin at the base: nothing moves.
         let c = choose_trim(
             &TrimInputs {
-                oldest_pin: Some(10),
+                oldest_pin: Some(Seq(10)),
                 ..inputs
             },
             &batches,
@@ -446,46 +447,46 @@ mod tests {
         // A pin past what is wanted does not hold anything.
         let c = choose_trim(
             &TrimInputs {
-                oldest_pin: Some(25),
+                oldest_pin: Some(Seq(25)),
                 ..inputs
             },
             &batches,
         );
-        assert_eq!((c.to, c.held_by_pin), (Some(15), false));
+        assert_eq!((c.to, c.held_by_pin), (Some(Seq(15)), false));
         // Never past the head, even when everything is older than the window.
         let c = choose_trim(
             &TrimInputs {
-                older_than_window: 99,
+                older_than_window: Seq(99),
                 ..inputs
             },
             &batches,
         );
-        assert_eq!(c.to, Some(30));
+        assert_eq!(c.to, Some(Seq(30)));
     }
 
     #[test]
     fn a_round_is_bounded_but_takes_at_least_one_batch() {
         let big = weights(1, 10, TRIM_ROUND_BYTES_MAX / 2 + 1);
         let inputs = TrimInputs {
-            base: 0,
-            head: 10,
-            older_than_window: 10,
+            base: Seq(0),
+            head: Seq(10),
+            older_than_window: Seq(10),
             excess_bytes: 0,
             oldest_pin: None,
         };
         let c = choose_trim(&inputs, &big);
-        assert_eq!((c.to, c.more), (Some(1), true));
+        assert_eq!((c.to, c.more), (Some(Seq(1)), true));
         let small = weights(1, 10, TRIM_ROUND_BYTES_MAX / 4);
-        assert_eq!(choose_trim(&inputs, &small).to, Some(4));
+        assert_eq!(choose_trim(&inputs, &small).to, Some(Seq(4)));
         let many = weights(1, TRIM_ROUND_BATCHES_MAX + 10, 0);
         let c = choose_trim(
             &TrimInputs {
-                head: TRIM_ROUND_BATCHES_MAX + 10,
-                older_than_window: TRIM_ROUND_BATCHES_MAX + 10,
+                head: Seq(TRIM_ROUND_BATCHES_MAX + 10),
+                older_than_window: Seq(TRIM_ROUND_BATCHES_MAX + 10),
                 ..inputs
             },
             &many,
         );
-        assert_eq!(c.to, Some(TRIM_ROUND_BATCHES_MAX));
+        assert_eq!(c.to, Some(Seq(TRIM_ROUND_BATCHES_MAX)));
     }
 }

@@ -633,7 +633,7 @@ async fn answer_hashes(
             hashes: h.hex(),
             group,
             volume,
-            seq: Seq(h.seq),
+            seq: h.seq,
             first_chunk,
         },
         Ok(Err(reason)) => refuse(group, reason.0),

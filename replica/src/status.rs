@@ -5,6 +5,7 @@
 //! until they are repaired), and whether the window is shorter than the group's retention
 //! although points were trimmed (`window_short`: the journal cap limits it).
 
+use cdp_shared::types::Seq;
 use std::path::Path;
 
 use chrono::{DateTime, Utc};
@@ -23,7 +24,7 @@ use crate::retention::{Retention, format_duration, format_size};
 /// A point named in `status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PointRef {
-    pub seq: u64,
+    pub seq: Seq,
     #[serde(serialize_with = "ser_time")]
     pub time: DateTime<Utc>,
 }
@@ -51,9 +52,9 @@ pub struct VolumeStatus {
     /// Bytes of the group's batches in journal segments.
     pub journal_bytes: u64,
     /// Last durable seq of the group.
-    pub head_seq: u64,
+    pub head_seq: Seq,
     /// The group's base: every batch up to it is in the target files.
-    pub base_seq: u64,
+    pub base_seq: Seq,
     /// The group's retention.
     pub retention: RetentionStatus,
     /// The live pins of the group (readers holding points; the base does not pass them).
@@ -123,7 +124,7 @@ pub fn window_short(
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FailoverStatus {
     /// The failover point.
-    pub seq: u64,
+    pub seq: Seq,
     /// `active`, `committing` or `committed`.
     pub state: String,
     /// When it started (active, committing) or was committed (committed), RFC 3339.
@@ -164,7 +165,7 @@ impl From<&Retention> for RetentionStatus {
 pub struct PinsStatus {
     pub count: usize,
     /// The oldest pinned seq; null when there is no pin.
-    pub oldest_seq: Option<u64>,
+    pub oldest_seq: Option<Seq>,
 }
 
 /// The whole `status`.

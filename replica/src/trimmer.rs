@@ -68,6 +68,7 @@
 //! `run` is cancellation-safe between rounds; a round (disk writes, fsyncs, transactions) runs
 //! to completion outside any `select!`.
 
+use cdp_shared::types::Seq;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -179,7 +180,7 @@ pub enum TrimStep {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoundOutcome {
     /// The base the round moved to (or completed a pending move to).
-    pub trimmed_to: Option<u64>,
+    pub trimmed_to: Option<Seq>,
     /// Another round should follow at once (this one was cut short by its limits, or
     /// completed a pending move).
     pub more: bool,
@@ -331,7 +332,7 @@ impl Trimmer {
 
     /// Steps (b) and (c): applies the records in (base, to] to the target files, and fsyncs
     /// them when `sync`. Returns the number of target files written.
-    async fn apply(&self, base: u64, to: u64, sync: bool) -> Result<usize> {
+    async fn apply(&self, base: Seq, to: Seq, sync: bool) -> Result<usize> {
         crate::apply::apply_journal(
             &self.catalog,
             &self.dir,
@@ -352,7 +353,7 @@ impl Trimmer {
         };
         let first_live = self
             .catalog
-            .first_segment(g.id, g.base_seq, u64::MAX >> 1)
+            .first_segment(g.id, g.base_seq, Seq(u64::MAX >> 1))
             .await?;
         let pinned = self
             .catalog
@@ -421,7 +422,7 @@ impl Trimmer {
 pub(crate) async fn trim_inputs(
     reads: &mut impl TrimReads,
     g: &GroupRow,
-    base: u64,
+    base: Seq,
     retention: &Retention,
     journal_bytes: u64,
 ) -> Result<Option<(TrimInputs, Vec<BatchWeight>)>> {
@@ -440,12 +441,12 @@ pub(crate) async fn trim_inputs(
         .saturating_sub(window_ns);
     let scan_to = g
         .head_seq
-        .min(base.saturating_add(TRIM_ROUND_BATCHES_MAX + 1));
+        .min(Seq(base.0.saturating_add(TRIM_ROUND_BATCHES_MAX + 1)));
     let older_than_window = match reads
         .first_batch_since(g.id, base, scan_to, cutoff_ns)
         .await?
     {
-        Some(young) => young - 1,
+        Some(young) => Seq(young.0 - 1),
         None => scan_to,
     };
     let excess_bytes = match retention.journal_bytes_max {
@@ -456,7 +457,7 @@ pub(crate) async fn trim_inputs(
     let weigh = if excess_bytes > 0 {
         TRIM_ROUND_BATCHES_MAX
     } else {
-        (older_than_window - base).min(TRIM_ROUND_BATCHES_MAX)
+        (older_than_window.0 - base.0).min(TRIM_ROUND_BATCHES_MAX)
     };
     let batches = if weigh > 0 {
         reads.batch_weights(g.id, base, weigh).await?
@@ -483,7 +484,7 @@ pub(crate) async fn base_after_trims(
     reads: &mut impl TrimReads,
     g: &GroupRow,
     retention: &Retention,
-) -> Result<u64> {
+) -> Result<Seq> {
     let mut base = g.window_floor();
     let mut journal_bytes = reads.journal_bytes_after(g.id, base).await?;
     while let Some((inputs, batches)) =

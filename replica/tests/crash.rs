@@ -114,7 +114,7 @@ async fn check(root: &Path, out_dir: &Path, agent: &mut Agent, acked_before: u64
     // The journal agrees with the catalog.
     let (dir, catalog) = open_catalog(root).await;
     let g = group_row(&catalog, "g").await;
-    assert_eq!(g.head_seq, durable);
+    assert_eq!(g.head_seq.0, durable);
     assert_eq!(catalog.batch_count(g.id).await.expect("count"), durable);
     assert_journal_ends_at_its_commit(&dir, &catalog, "g", &g).await;
     catalog.close().await;
@@ -124,7 +124,7 @@ async fn check(root: &Path, out_dir: &Path, agent: &mut Agent, acked_before: u64
     }
     // Every point of the window is listed, up to the head.
     let points = cdp_replica::points(root, VOL.1).await.expect("points");
-    let seqs: Vec<u64> = points.iter().map(|p| p.seq).collect();
+    let seqs: Vec<u64> = points.iter().map(|p| p.seq.0).collect();
     assert_eq!(seqs, (agent.synced..=durable).collect::<Vec<_>>());
     // Restores at random acknowledged points, and the head.
     let mut at: Vec<u64> = (0..RESTORES_PER_RESTART - 1)

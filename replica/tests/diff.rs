@@ -140,7 +140,7 @@ async fn diff_reports_exactly_the_chunks_whose_images_differ() {
         let want = expected(&ia, &ib);
         assert_eq!(r.extents, want, "diff seq:{a} seq:{b}");
         assert_eq!(r.bytes, want.iter().map(|e| e.length).sum::<u64>());
-        assert_eq!((r.from.seq, r.to.seq), (a, b));
+        assert_eq!((r.from.seq.0, r.to.seq.0), (a, b));
         if k < 2 {
             // Against restores, not just the model.
             let ra = root.join(format!("a{k}.img"));

@@ -213,7 +213,7 @@ async fn restore_equals(root: &Path, out_dir: &Path, volume: &str, seq: u64, mod
     let s = cdp_replica::restore(root, volume, &PointSpec::Seq(seq), &out)
         .await
         .unwrap_or_else(|e| panic!("restore {volume} at {seq}: {e}"));
-    assert_eq!(s.point.seq, seq);
+    assert_eq!(s.point.seq.0, seq);
     assert!(
         read(&out) == model,
         "{volume} at seq {seq} differs from the model"
@@ -694,7 +694,7 @@ async fn a_lower_journal_cap_frees_a_full_disk_at_once() {
     agent.conn.close(0u32.into(), b"done");
     server.shutdown().await.expect("clean shutdown");
     let points = cdp_replica::points(&root, vol.1).await.expect("points");
-    let first = points.first().expect("a point").seq;
+    let first = points.first().expect("a point").seq.0;
     assert!(first > synced, "the window moved: first point {first}");
     for seq in (first..=last).step_by(5).chain([last]) {
         restore_equals(&root, tmp.path(), vol.1, seq, &images[&seq]).await;

@@ -17,7 +17,7 @@ use cdp_replica::datadir::DataDir;
 use cdp_replica::{PointSpec, Retention};
 use cdp_shared::batch::BatchFlags;
 use cdp_shared::nbd::proto;
-use cdp_shared::types::CHUNK_BYTES;
+use cdp_shared::types::{CHUNK_BYTES, Seq};
 use common::export::NbdProc;
 use common::nbd::*;
 use common::ops::{Kinds, Mix};
@@ -446,7 +446,7 @@ async fn an_export_holds_its_pin_while_the_trimmer_trims() {
     let e = start_export(&root, "bookmark:keep", None, false);
     let base_at_pin = group(&catalog).await.base_seq;
     assert!(
-        base_at_pin < kept,
+        base_at_pin < Seq(kept),
         "the test needs batches to trim up to the pin"
     );
     let want = sim.model_image(kept, 0);
@@ -465,9 +465,12 @@ async fn an_export_holds_its_pin_while_the_trimmer_trims() {
             "a read during trimming differs from the pinned image"
         );
         let g = group(&catalog).await;
-        assert!(g.base_seq <= kept, "the base passed the export's pin");
+        assert!(g.base_seq <= Seq(kept), "the base passed the export's pin");
         let age = sim.times[&sim.seq] - sim.times[&kept];
-        if g.base_seq == kept && g.trimming_to.is_none() && age > (2 * WINDOW).as_nanos() as i64 {
+        if g.base_seq == Seq(kept)
+            && g.trimming_to.is_none()
+            && age > (2 * WINDOW).as_nanos() as i64
+        {
             break;
         }
         assert!(
@@ -490,7 +493,7 @@ async fn an_export_holds_its_pin_while_the_trimmer_trims() {
     )
     .await
     .expect("the pinned point is still restorable");
-    assert_eq!(got.point.seq, kept);
+    assert_eq!(got.point.seq, Seq(kept));
     assert!(read(&root.join("r.img")) == want);
     c.disconnect();
     e.stop();
@@ -499,7 +502,7 @@ async fn an_export_holds_its_pin_while_the_trimmer_trims() {
     let deadline = Instant::now() + DEADLINE;
     loop {
         ingest(&mut h, &mut sim, None).await;
-        if group(&catalog).await.base_seq > kept {
+        if group(&catalog).await.base_seq > Seq(kept) {
             break;
         }
         assert!(

@@ -21,7 +21,7 @@ use cdp_replica::{PointSpec, RetentionChange, Server};
 use cdp_shared::batch::BatchFlags;
 use cdp_shared::identity::Identity;
 use cdp_shared::nbd::proto;
-use cdp_shared::types::CHUNK_BYTES;
+use cdp_shared::types::{CHUNK_BYTES, Seq};
 use cdp_shared::wire::Control;
 use common::export::{NbdProc, command_args};
 use common::nbd::*;
@@ -93,7 +93,7 @@ async fn point_seqs(root: &Path) -> Vec<u64> {
         .await
         .expect("points")
         .iter()
-        .map(|p| p.seq)
+        .map(|p| p.seq.0)
         .collect()
 }
 
@@ -237,7 +237,7 @@ async fn a_failover_keeps_its_writes_until_undone() {
     let v = &status.volumes[0];
     assert_eq!(v.state, format!("failed over at seq {mid}"));
     let fo = v.failover.as_ref().expect("failover in status");
-    assert_eq!((fo.seq, fo.state.as_str()), (mid, "active"));
+    assert_eq!((fo.seq, fo.state.as_str()), (Seq(mid), "active"));
 
     // Undo: everything as before.
     assert!(!overlay_files(root).is_empty());
@@ -315,7 +315,7 @@ async fn the_trimmer_stops_at_an_active_failover() {
         }
     }
     let g = catalog.group_by_id(group.id).await.expect("group");
-    assert_eq!(g.base_seq, mid, "the base stops at the failover point");
+    assert_eq!(g.base_seq, Seq(mid), "the base stops at the failover point");
     assert!(held, "the round said a hold kept the base back");
     catalog.close().await;
     assert_eq!(
@@ -335,7 +335,7 @@ async fn the_trimmer_stops_at_an_active_failover() {
         }
     }
     let g = catalog.group_by_id(group.id).await.expect("group");
-    assert!(g.base_seq > mid, "the base moves on after the undo");
+    assert!(g.base_seq > Seq(mid), "the base moves on after the undo");
     catalog.close().await;
 }
 
@@ -427,7 +427,7 @@ async fn a_failover_fences_the_agent_until_undone() {
         .id;
     assert_eq!(
         catalog.head(gid).await.expect("head"),
-        s,
+        Seq(s),
         "nothing journaled after the failover"
     );
     f.stop();
@@ -442,7 +442,7 @@ async fn a_failover_fences_the_agent_until_undone() {
         .await
         .expect("send");
     q.wait_ack(GROUP, next).await;
-    assert_eq!(catalog.head(gid).await.expect("head"), next);
+    assert_eq!(catalog.head(gid).await.expect("head"), Seq(next));
     catalog.close().await;
     drop(q);
     server.shutdown().await.expect("shutdown");
@@ -501,7 +501,7 @@ async fn a_committed_failover_is_the_volume() {
     cli_fails(root, &["--at", "latest"], "was committed");
     let v = &cdp_replica::status(root).await.expect("status").volumes[0];
     assert_eq!(v.state, format!("failed over at seq {mid} (committed)"));
-    assert_eq!((v.head_seq, v.base_seq), (mid, mid));
+    assert_eq!((v.head_seq, v.base_seq), (Seq(mid), Seq(mid)));
 
     // serve starts (journal recovery agrees with the catalog) and stops; the agent (the
     // group's owner, through the in-process ingest) is refused.

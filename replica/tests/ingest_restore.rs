@@ -11,7 +11,7 @@ use cdp_replica::datadir::DataDir;
 use cdp_replica::journal::segment_name;
 use cdp_replica::{PointSpec, ReplicaError};
 use cdp_shared::batch::BatchFlags;
-use cdp_shared::types::CHUNK_BYTES;
+use cdp_shared::types::{CHUNK_BYTES, Seq};
 use common::*;
 use proptest::prelude::*;
 
@@ -114,7 +114,7 @@ async fn check_every_restore(root: &Path, sim: &AgentSim, vols: &[((u32, &str, u
             } else {
                 let (bytes, summary) =
                     got.unwrap_or_else(|e| panic!("restore {name} at seq {seq}: {e}"));
-                assert_eq!(summary.point.seq, seq);
+                assert_eq!(summary.point.seq, Seq(seq));
                 assert!(
                     bytes == sim.image_at(seq, id),
                     "{name} at seq {seq} differs from the model"
@@ -149,12 +149,12 @@ async fn restores_match_the_model_at_every_seq() {
         .await
         .expect("latest");
     assert!(s.point.consistent);
-    assert!(bytes == sim.image_at(s.point.seq, 0));
+    assert!(bytes == sim.image_at(s.point.seq.0, 0));
     let last_consistent = (1..=sim.seq)
         .rev()
         .find(|&q| q % 5 != 0 || q < 5)
         .expect("a consistent seq");
-    assert!(s.point.seq <= sim.seq && s.point.seq >= last_consistent.saturating_sub(1));
+    assert!(s.point.seq.0 <= sim.seq && s.point.seq.0 >= last_consistent.saturating_sub(1));
 
     // A bookmark: the latest batch carrying it.
     let points = cdp_replica::points(&root, "vol-b").await.expect("points");
@@ -169,14 +169,14 @@ async fn restores_match_the_model_at_every_seq() {
         .expect("bookmark");
     assert_eq!(s.point.seq, bm.seq);
     assert_eq!(s.point.bookmark.as_deref(), Some(name.as_str()));
-    assert!(bytes == sim.image_at(bm.seq, 1));
+    assert!(bytes == sim.image_at(bm.seq.0, 1));
 
     // A time: the latest consistent batch at or before it.
     let t = chrono::DateTime::from_timestamp_nanos(AgentSim::agent_time(sim.seq - 1) + 500_000_000);
     let (_, s) = restore_bytes(&root, "vol-a", &PointSpec::Time(t))
         .await
         .expect("time");
-    assert!(s.point.seq < sim.seq && s.point.consistent);
+    assert!(s.point.seq.0 < sim.seq && s.point.consistent);
 
     // Outside the window.
     let e = restore_bytes(&root, "vol-a", &PointSpec::Seq(sim.seq + 1))
@@ -275,7 +275,7 @@ async fn a_torn_segment_tail_is_truncated_on_start() {
     h.hello(vec![sim.hello()]).await.expect("welcome again");
     h.submit(next).await;
     h.wait_ack("g", sim.seq).await;
-    check_every_restore(&root, &sim, &[(VOL_A, a_done), (VOL_B, b_done)]).await;
+    check_every_restore(&root, &sim, &[(VOL_A, a_done.0), (VOL_B, b_done.0)]).await;
     h.shutdown().await;
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use cdp_shared::batch::BatchFlags;
 use cdp_shared::identity::{Fingerprint, Identity};
-use cdp_shared::types::CHUNK_BYTES;
+use cdp_shared::types::{CHUNK_BYTES, Seq};
 use common::cli::*;
 use common::export::NbdProc;
 use common::serve::{Serve, log_tail};
@@ -384,7 +384,7 @@ async fn points_in_catalog(
             group,
             "owner",
             "gen",
-            0,
+            Seq(0),
             &cdp_replica::Retention::default(),
             0,
         )
@@ -400,7 +400,7 @@ async fn points_in_catalog(
         .collect();
     let batches = (1..=n)
         .map(|seq| BatchRow {
-            seq,
+            seq: Seq(seq),
             agent_ns: times[seq as usize],
             received_ns: times[seq as usize] + 1000,
             durable_ns: times[seq as usize] + 2000,
@@ -418,9 +418,9 @@ async fn points_in_catalog(
     catalog
         .commit(&CommitRows {
             group_id: g.id,
-            head_seq: n,
+            head_seq: Seq(n),
             batches,
-            volume_changes: vec![(v.id, VolumeState::Protecting, Some(1))],
+            volume_changes: vec![(v.id, VolumeState::Protecting, Some(Seq(1)))],
             ..CommitRows::default()
         })
         .await

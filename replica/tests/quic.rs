@@ -9,7 +9,7 @@ use cdp_replica::datadir::DataDir;
 use cdp_replica::{PointSpec, Server};
 use cdp_shared::batch::BatchFlags;
 use cdp_shared::identity::Identity;
-use cdp_shared::types::CHUNK_BYTES;
+use cdp_shared::types::{CHUNK_BYTES, Seq};
 use cdp_shared::wire::{self, Control};
 use common::*;
 
@@ -135,14 +135,17 @@ async fn agent_session_over_quic() {
         .await
         .expect("query")
         .expect("group");
-    let rows = catalog.batches(g.id, s2, s4).await.expect("batches");
+    let rows = catalog
+        .batches(g.id, Seq(s2), Seq(s4))
+        .await
+        .expect("batches");
     catalog.close().await;
     let positions: Vec<u64> = rows
         .iter()
         .map(|b| b.span.expect("journaled").position)
         .collect();
     assert_eq!(
-        rows.iter().map(|b| b.seq).collect::<Vec<_>>(),
+        rows.iter().map(|b| b.seq.0).collect::<Vec<_>>(),
         vec![s2, s3, s4]
     );
     assert!(
@@ -216,7 +219,7 @@ async fn agent_session_over_quic() {
     let st = cdp_replica::status(&root).await.expect("status");
     assert!(st.serving);
     assert_eq!(st.volumes[0].state, "protecting");
-    assert_eq!(st.volumes[0].head_seq, s6);
+    assert_eq!(st.volumes[0].head_seq.0, s6);
     let out = tmp.path().join("restored");
     let summary = cdp_replica::restore(
         &root,
@@ -226,7 +229,7 @@ async fn agent_session_over_quic() {
     )
     .await
     .expect("restore");
-    assert_eq!(summary.point.seq, s3);
+    assert_eq!(summary.point.seq.0, s3);
     assert!(read(&out) == sim.image_at(s3, 0));
 
     agent.conn.close(0u32.into(), b"done");

@@ -104,13 +104,13 @@ async fn check(root: &Path, out_dir: &Path, agent: &mut Agent, acked_before: u64
 
     let (dir, catalog) = open_catalog(root).await;
     let g = group_row(&catalog, GROUP).await;
-    assert_eq!(g.head_seq, durable);
+    assert_eq!(g.head_seq.0, durable);
     assert_journal_ends_at_its_commit(&dir, &catalog, GROUP, &g).await;
     catalog.close().await;
     if durable < agent.synced {
         return;
     }
-    let start = g.window_floor().max(agent.synced);
+    let start = g.window_floor().0.max(agent.synced);
     let allowed = retention_base(agent, durable).max(agent.synced);
     assert!(
         start <= allowed,
@@ -123,7 +123,7 @@ async fn check(root: &Path, out_dir: &Path, agent: &mut Agent, acked_before: u64
     // no more): a point may leave the window while this check reads, but never one that
     // retention still keeps.
     let points = cdp_replica::points(root, VOL.1).await.expect("points");
-    let seqs: Vec<u64> = points.iter().map(|p| p.seq).collect();
+    let seqs: Vec<u64> = points.iter().map(|p| p.seq.0).collect();
     let first = seqs.first().copied().unwrap_or(durable);
     assert!(
         first >= start && first <= allowed.max(start),
@@ -243,7 +243,8 @@ async fn kill_9_while_trimming_loses_nothing_the_window_needs() {
     loop {
         let g = group_row(&catalog, GROUP).await;
         let first = segments(&root).first().copied();
-        if g.base_seq == settled && g.trimming_to.is_none() && g.trimmed_end.map(|e| e.0) == first {
+        if g.base_seq.0 == settled && g.trimming_to.is_none() && g.trimmed_end.map(|e| e.0) == first
+        {
             break;
         }
         assert!(
@@ -274,5 +275,5 @@ async fn window_floor(root: &Path) -> u64 {
     let (_, catalog) = open_catalog(root).await;
     let g = group_row(&catalog, GROUP).await;
     catalog.close().await;
-    g.window_floor()
+    g.window_floor().0
 }

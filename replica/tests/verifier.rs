@@ -21,7 +21,7 @@ use cdp_replica::catalog::{Catalog, OpenMode};
 use cdp_replica::datadir::DataDir;
 use cdp_shared::batch::{BatchFlags, RECORD_HEADER_BYTES};
 use cdp_shared::identity::{Fingerprint, Identity};
-use cdp_shared::types::CHUNK_BYTES;
+use cdp_shared::types::{CHUNK_BYTES, Seq};
 use cdp_shared::wire::{self, Control, FrameDecoder};
 use common::cli::*;
 use common::serve::Serve;
@@ -328,14 +328,14 @@ async fn no_false_mismatch_under_continuous_ingest() {
         .iter()
         .find(|m| m.chunk == 4)
         .expect("chunk 4");
-    assert_eq!((m.seq, m.reason.as_str()), (head, "the hashes differ"));
+    assert_eq!((m.seq, m.reason.as_str()), (Seq(head), "the hashes differ"));
     let repaired = wait_for_report(&root, "the automatic repair of chunk 4", |v| {
         v.open_mismatches == 0 && v.mismatches.iter().all(|m| m.repaired.is_some())
     })
     .await;
     assert_eq!(repaired.mismatches.len(), 1, "{:?}", repaired.mismatches);
     let r = repaired.mismatches[0].repaired.as_ref().expect("repaired");
-    assert!(r.seq > head);
+    assert!(r.seq > Seq(head));
     assert_eq!(
         repaired.mismatches[0].suspect_points.before_seq,
         Some(r.seq)
@@ -453,7 +453,7 @@ async fn faults_are_found_reported_and_repaired() {
     flip_byte(&dir.target("vault"), 5 * CHUNK_BYTES + 777);
     // (b) A byte flipped inside the payload of chunk 1's journal record.
     let rec = catalog
-        .records_in_chunks(vrow.id, 0, head, 1, 2, |_| CHUNK_BYTES)
+        .records_in_chunks(vrow.id, Seq(0), Seq(head), 1, 2, |_| CHUNK_BYTES)
         .await
         .expect("records");
     assert_eq!(rec.len(), 1, "{rec:?}");
@@ -520,7 +520,7 @@ async fn faults_are_found_reported_and_repaired() {
         if chunk == 1 {
             assert!(m["replica_hash"].is_null());
             // The damaged record's batch.
-            assert_eq!(likely, rec[0].seq);
+            assert_eq!(likely, rec[0].seq.0);
         } else {
             assert_eq!(m["replica_hash"].as_str().map(str::len), Some(64));
         }

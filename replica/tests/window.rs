@@ -20,7 +20,7 @@ use cdp_replica::journal::segment_name;
 use cdp_replica::trimmer::{TrimLink, TrimStep, Trimmer};
 use cdp_replica::{PointSpec, ReplicaError, Retention, RetentionChange};
 use cdp_shared::batch::BatchFlags;
-use cdp_shared::types::CHUNK_BYTES;
+use cdp_shared::types::{CHUNK_BYTES, Seq};
 use common::ops::{Kinds, Mix};
 use common::*;
 use rand::rngs::StdRng;
@@ -170,7 +170,7 @@ impl Rig {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let g = self.group().await;
-            if g.base_seq == seq && g.trimming_to.is_none() {
+            if g.base_seq == Seq(seq) && g.trimming_to.is_none() {
                 return;
             }
             assert!(
@@ -197,7 +197,7 @@ async fn restore_image(root: &Path, at: &PointSpec) -> Result<Vec<u8>, ReplicaEr
 
 async fn check_window(root: &Path, sim: &AgentSim, start: u64, synced: u64, head: u64) {
     let points = cdp_replica::points(root, VOL.1).await.expect("points");
-    let seqs: Vec<u64> = points.iter().map(|p| p.seq).collect();
+    let seqs: Vec<u64> = points.iter().map(|p| p.seq.0).collect();
     assert_eq!(
         seqs,
         (start..=head).collect::<Vec<_>>(),
@@ -297,7 +297,7 @@ async fn the_window_slides_under_continuous_ingest() {
     let chosen = cdp_replica::resolve_point(&root, VOL.1, &PointSpec::Bookmark("late".into()))
         .await
         .expect("the late bookmark");
-    assert_eq!(chosen.seq, late);
+    assert_eq!(chosen.seq, Seq(late));
 
     // Trimmed segments are gone: the oldest one left holds the journal's committed end.
     let g = rig.group().await;
@@ -311,8 +311,8 @@ async fn the_window_slides_under_continuous_ingest() {
     // status shows the window and the retention.
     let s = cdp_replica::status(&root).await.expect("status");
     let v = &s.volumes[0];
-    assert_eq!(v.base_seq, start);
-    assert_eq!(v.window_first.as_ref().map(|p| p.seq), Some(start));
+    assert_eq!(v.base_seq, Seq(start));
+    assert_eq!(v.window_first.as_ref().map(|p| p.seq), Some(Seq(start)));
     assert_eq!(v.retention.window, "2s");
     assert_eq!(v.retention.window_s, 2);
     assert_eq!(v.retention.max_journal_bytes, None);
@@ -414,11 +414,11 @@ async fn a_pin_keeps_its_point_until_released() {
     )
     .await
     .expect("pin");
-    assert_eq!((point.seq, pin.seq()), (kept, kept));
+    assert_eq!((point.seq, pin.seq()), (Seq(kept), Seq(kept)));
     let s = cdp_replica::status(&root).await.expect("status");
     assert_eq!(
         (s.volumes[0].pins.count, s.volumes[0].pins.oldest_seq),
-        (1, Some(kept))
+        (1, Some(Seq(kept)))
     );
 
     // Ingest on until the pinned point is far older than the window: the base stops at it,
@@ -427,8 +427,8 @@ async fn a_pin_keeps_its_point_until_released() {
         rig.ingest(None).await;
         tokio::time::sleep(INGEST_GAP).await;
         let g = rig.group().await;
-        assert!(g.base_seq <= kept, "the base passed a live pin");
-        if g.base_seq == kept && rig.age_ns(kept) > (2 * WINDOW).as_nanos() as i64 {
+        assert!(g.base_seq <= Seq(kept), "the base passed a live pin");
+        if g.base_seq == Seq(kept) && rig.age_ns(kept) > (2 * WINDOW).as_nanos() as i64 {
             break rig.sim.seq;
         }
         assert!(
@@ -441,7 +441,7 @@ async fn a_pin_keeps_its_point_until_released() {
         tokio::time::sleep(INGEST_GAP).await;
         assert_eq!(
             rig.group().await.base_seq,
-            kept,
+            Seq(kept),
             "the base passed a live pin"
         );
     }
@@ -514,7 +514,7 @@ async fn trimmed_bytes_are_released_only_when_no_reader_needs_them() {
     // The base moves up to the pinned point; the records the early reader planned are
     // applied to the target file, and kept in the segment.
     let deadline = Instant::now() + DEADLINE;
-    while rig.group().await.base_seq < kept {
+    while rig.group().await.base_seq < Seq(kept) {
         assert!(Instant::now() < deadline, "the base never reached the pin");
         rig.ingest(None).await;
         tokio::time::sleep(INGEST_GAP).await;
@@ -544,7 +544,7 @@ async fn trimmed_bytes_are_released_only_when_no_reader_needs_them() {
         let g = rig.group().await;
         let on_disk = allocated(&seg);
         let journal = rig.journal_bytes().await;
-        if g.base_seq > kept && on_disk < before_release && on_disk <= journal + (256 << 10) {
+        if g.base_seq > Seq(kept) && on_disk < before_release && on_disk <= journal + (256 << 10) {
             eprintln!(
                 "segment: {before_release} bytes on disk while pinned, {on_disk} for a journal of {journal} bytes once released"
             );
@@ -683,8 +683,8 @@ async fn a_dead_readers_pin_expires() {
             rig.ingest(None).await;
             tokio::time::sleep(INGEST_GAP).await;
             let g = rig.group().await;
-            assert!(g.base_seq <= pinned, "the base passed a live pin");
-            if g.base_seq == pinned && rig.age_ns(pinned) > (2 * WINDOW).as_nanos() as i64 {
+            assert!(g.base_seq <= Seq(pinned), "the base passed a live pin");
+            if g.base_seq == Seq(pinned) && rig.age_ns(pinned) > (2 * WINDOW).as_nanos() as i64 {
                 break;
             }
             assert!(
@@ -693,7 +693,7 @@ async fn a_dead_readers_pin_expires() {
             );
         }
         let s = cdp_replica::status(&root).await.expect("status");
-        assert_eq!(s.volumes[0].pins.oldest_seq, Some(pinned));
+        assert_eq!(s.volumes[0].pins.oldest_seq, Some(Seq(pinned)));
         let dead = std::time::Instant::now();
         if stall {
             // Stopped, its process exists but it renews nothing: the pin expires.
@@ -710,12 +710,12 @@ async fn a_dead_readers_pin_expires() {
             "the dead pin held for {:?}",
             dead.elapsed()
         );
-        assert!(rig.group().await.base_seq > pinned);
+        assert!(rig.group().await.base_seq > Seq(pinned));
         let s = cdp_replica::status(&root).await.expect("status");
         assert_eq!(s.volumes[0].pins.count, 0);
     }
     let start = rig.group().await.base_seq;
-    rig.check_window(start).await;
+    rig.check_window(start.0).await;
     rig.h.shutdown().await;
 }
 
@@ -809,7 +809,7 @@ async fn a_trim_cut_short_after_any_step_completes_the_same() {
             .await
             .expect("query")
             .expect("group");
-        assert_eq!((g.base_seq, g.trimming_to), (start, None), "{stop:?}");
+        assert_eq!((g.base_seq, g.trimming_to), (Seq(start), None), "{stop:?}");
         assert_eq!(
             catalog.batch_count(g.id).await.expect("count"),
             head - start + 1,
@@ -891,7 +891,7 @@ async fn a_damaged_record_is_left_out_by_the_trimmer_which_goes_on() {
         .expect("volume");
     let rows = rig
         .catalog
-        .records(volume.id, seq - 1, seq)
+        .records(volume.id, Seq(seq - 1), Seq(seq))
         .await
         .expect("records");
     let row = rows.first().expect("the record");
@@ -908,7 +908,7 @@ async fn a_damaged_record_is_left_out_by_the_trimmer_which_goes_on() {
     let deadline = Instant::now() + DEADLINE;
     loop {
         rig.ingest(None).await;
-        if rig.group().await.base_seq >= seq {
+        if rig.group().await.base_seq >= Seq(seq) {
             break;
         }
         assert!(

@@ -1,5 +1,6 @@
 //! Failovers (table `failovers`, see `failover`): the fence's row and the commit's transaction.
 
+use cdp_shared::types::Seq;
 use std::str::FromStr;
 
 use sqlx::Sqlite;
@@ -49,7 +50,7 @@ impl FromStr for FailoverState {
 pub struct FailoverRow {
     pub group_id: i64,
     pub volume_id: i64,
-    pub seq: u64,
+    pub seq: Seq,
     /// The lowest journal segment the image at `seq` may read.
     pub segment_min: Option<u64>,
     pub state: FailoverState,
@@ -65,7 +66,7 @@ fn failover_of(t: FailoverTuple) -> Result<FailoverRow> {
     Ok(FailoverRow {
         group_id: t.0,
         volume_id: t.1,
-        seq: t.2 as u64,
+        seq: Seq(t.2 as u64),
         segment_min: t.3.map(|n| n as u64),
         state: t.4.parse()?,
         started_ns: t.5,
@@ -145,7 +146,7 @@ impl Catalog {
     pub async fn finish_failover_commit(
         &self,
         group_id: i64,
-        seq: u64,
+        seq: Seq,
         now_ns: i64,
     ) -> Result<Option<FailoverCommitDone>> {
         let mut lock = self.write_lock().await?;
@@ -166,7 +167,7 @@ impl WriteLock {
         sqlx::query("INSERT INTO failovers (group_id, volume_id, seq, segment_min, state, started_ns, committed_ns) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(f.group_id)
             .bind(f.volume_id)
-            .bind(f.seq as i64)
+            .bind(f.seq.0 as i64)
             .bind(f.segment_min.map(|n| n as i64))
             .bind(f.state.as_str())
             .bind(f.started_ns)
@@ -192,7 +193,7 @@ impl WriteLock {
     async fn finish_failover_commit(
         &mut self,
         group_id: i64,
-        seq: u64,
+        seq: Seq,
         now_ns: i64,
     ) -> Result<Option<FailoverCommitDone>> {
         let err = ReplicaError::catalog;
@@ -202,7 +203,7 @@ impl WriteLock {
         }
         let g = self.group(group_id).await?;
         let conn = self.conn()?;
-        let s = seq as i64;
+        let s = seq.0 as i64;
         let head_hash: Vec<u8> =
             sqlx::query_scalar("SELECT header_hash FROM batches WHERE group_id = ? AND seq = ?")
                 .bind(group_id)
@@ -261,7 +262,7 @@ mod tests {
         let mut f = FailoverRow {
             group_id: 1,
             volume_id: 1,
-            seq: 123,
+            seq: Seq(123),
             segment_min: None,
             state: FailoverState::Active,
             started_ns: 1_700_000_000_000_000_000,

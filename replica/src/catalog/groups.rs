@@ -1,5 +1,6 @@
 //! Groups, volumes, agent links, agents seen, events and a group's retention.
 
+use cdp_shared::types::Seq;
 use std::time::Duration;
 
 use sqlx::Sqlite;
@@ -65,14 +66,14 @@ fn group_of(t: GroupTuple) -> Result<GroupRow> {
         name: t.1,
         owner: t.2,
         generation: t.3,
-        base_seq: t.4 as u64,
-        head_seq: t.5 as u64,
+        base_seq: Seq(t.4 as u64),
+        head_seq: Seq(t.5 as u64),
         head_hash: hash_of(t.6)?,
         retention: Retention {
             window: Duration::from_secs(t.7.max(1) as u64),
             journal_bytes_max: t.8.map(|n| n as u64),
         },
-        trimming_to: t.9.map(|n| n as u64),
+        trimming_to: t.9.map(|n| Seq(n as u64)),
         trimmed_end: match (t.10, t.11) {
             (Some(s), Some(o)) => Some((s as u64, o as u64)),
             _ => None,
@@ -91,7 +92,7 @@ fn volume_of(t: VolumeTuple) -> Result<VolumeRow> {
         name: t.3,
         size: t.4 as u64,
         state: t.5.parse()?,
-        sync_done_seq: t.6.map(|s| s as u64),
+        sync_done_seq: t.6.map(|s| Seq(s as u64)),
     })
 }
 
@@ -123,7 +124,7 @@ impl Catalog {
         name: &str,
         owner: &str,
         generation: &str,
-        head: u64,
+        head: Seq,
         retention: &Retention,
         now_ns: i64,
     ) -> Result<GroupRow> {
@@ -131,8 +132,8 @@ impl Catalog {
             .bind(name)
             .bind(owner)
             .bind(generation)
-            .bind(head as i64)
-            .bind(head as i64)
+            .bind(head.0 as i64)
+            .bind(head.0 as i64)
             .bind(now_ns)
             .bind(retention.window.as_secs() as i64)
             .bind(retention.journal_bytes_max.map(|n| n as i64))
@@ -143,10 +144,10 @@ impl Catalog {
     }
 
     /// Moves an empty group's start (no batch committed yet) to `head`.
-    pub async fn rebase_empty_group(&self, group_id: i64, head: u64) -> Result<()> {
+    pub async fn rebase_empty_group(&self, group_id: i64, head: Seq) -> Result<()> {
         sqlx::query("UPDATE groups SET base_seq = ?, head_seq = ?, head_hash = NULL WHERE id = ? AND NOT EXISTS (SELECT 1 FROM batches WHERE group_id = ?)")
-            .bind(head as i64)
-            .bind(head as i64)
+            .bind(head.0 as i64)
+            .bind(head.0 as i64)
             .bind(group_id)
             .bind(group_id)
             .execute(&self.pool)

@@ -2,6 +2,7 @@
 //! queries that resolve recovery points.
 
 use cdp_shared::batch::Hash;
+use cdp_shared::types::Seq;
 use sqlx::{QueryBuilder, Sqlite};
 
 use super::executor::Executes;
@@ -49,13 +50,13 @@ fn points_sql(filter: &PointsFilter) -> String {
 #[derive(Clone, Debug, Default)]
 pub struct CommitRows {
     pub group_id: i64,
-    pub head_seq: u64,
+    pub head_seq: Seq,
     pub head_hash: Option<Hash>,
     pub batches: Vec<BatchRow>,
     pub records: Vec<NewRecord>,
-    pub bookmarks: Vec<(String, u64)>,
+    pub bookmarks: Vec<(String, Seq)>,
     /// (volume id, new state, sync_done_seq)
-    pub volume_changes: Vec<(i64, VolumeState, Option<u64>)>,
+    pub volume_changes: Vec<(i64, VolumeState, Option<Seq>)>,
 }
 
 /// Rows of one page of [`Catalog::records_in_chunks`].
@@ -101,7 +102,7 @@ type RecordTuple = (i64, i64, i64, i64, i64, i64, i64, i64);
 fn record_of(r: RecordTuple) -> RecordRow {
     RecordRow {
         chunk: r.0 as u64,
-        seq: r.1 as u64,
+        seq: Seq(r.1 as u64),
         idx: r.2 as u32,
         chunk_offset: r.3 as u32,
         length: r.4 as u32,
@@ -142,7 +143,7 @@ fn batch_of(t: BatchTuple) -> Result<BatchRow> {
         }
     };
     Ok(BatchRow {
-        seq: t.0 as u64,
+        seq: Seq(t.0 as u64),
         agent_ns: t.1,
         received_ns: t.2,
         durable_ns: t.3,
@@ -158,11 +159,11 @@ impl Catalog {
     // ---- ingest ----
 
     /// The header hash of batch `seq` of the group, if it is durable.
-    pub async fn batch_hash(&self, group_id: i64, seq: u64) -> Result<Option<Hash>> {
+    pub async fn batch_hash(&self, group_id: i64, seq: Seq) -> Result<Option<Hash>> {
         let h: Option<Vec<u8>> =
             sqlx::query_scalar("SELECT header_hash FROM batches WHERE group_id = ? AND seq = ?")
                 .bind(group_id)
-                .bind(seq as i64)
+                .bind(seq.0 as i64)
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(ReplicaError::catalog("read a batch"))?;
@@ -230,7 +231,7 @@ impl Catalog {
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(rows.group_id)
-            .bind(b.seq as i64)
+            .bind(b.seq.0 as i64)
             .bind(b.agent_ns)
             .bind(b.received_ns)
             .bind(b.durable_ns)
@@ -252,7 +253,7 @@ impl Catalog {
             qb.push_values(chunk, |mut v, r| {
                 v.push_bind(r.volume_id)
                     .push_bind(r.row.chunk as i64)
-                    .push_bind(r.row.seq as i64)
+                    .push_bind(r.row.seq.0 as i64)
                     .push_bind(i64::from(r.row.idx))
                     .push_bind(i64::from(r.row.chunk_offset))
                     .push_bind(i64::from(r.row.length))
@@ -269,7 +270,7 @@ impl Catalog {
             sqlx::query("INSERT OR IGNORE INTO bookmarks (group_id, name, seq) VALUES (?, ?, ?)")
                 .bind(rows.group_id)
                 .bind(name)
-                .bind(*seq as i64)
+                .bind(seq.0 as i64)
                 .execute(&mut *tx)
                 .await
                 .map_err(err("record a bookmark"))?;
@@ -277,7 +278,7 @@ impl Catalog {
         for (volume_id, state, sync_done) in &rows.volume_changes {
             sqlx::query("UPDATE volumes SET state = ?, sync_done_seq = COALESCE(?, sync_done_seq) WHERE id = ?")
                 .bind(state.as_str())
-                .bind(sync_done.map(|s| s as i64))
+                .bind(sync_done.map(|s| s.0 as i64))
                 .bind(*volume_id)
                 .execute(&mut *tx)
                 .await
@@ -292,7 +293,7 @@ impl Catalog {
             )));
         }
         sqlx::query("UPDATE groups SET head_seq = ?, head_hash = ? WHERE id = ?")
-            .bind(rows.head_seq as i64)
+            .bind(rows.head_seq.0 as i64)
             .bind(rows.head_hash.as_ref().map(|h| h.as_slice()))
             .bind(rows.group_id)
             .execute(&mut *tx)
@@ -304,16 +305,16 @@ impl Catalog {
 
     // ---- readers ----
 
-    pub async fn batch(&self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
+    pub async fn batch(&self, group_id: i64, seq: Seq) -> Result<Option<BatchRow>> {
         batch_on(&self.pool, group_id, seq).await
     }
 
     /// The batches of the group with seq in `[from, to]`, in seq order.
-    pub async fn batches(&self, group_id: i64, from: u64, to: u64) -> Result<Vec<BatchRow>> {
+    pub async fn batches(&self, group_id: i64, from: Seq, to: Seq) -> Result<Vec<BatchRow>> {
         let rows: Vec<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq >= ? AND seq <= ? ORDER BY seq")))
             .bind(group_id)
-            .bind(from as i64)
-            .bind(to as i64)
+            .bind(from.0 as i64)
+            .bind(to.0 as i64)
             .fetch_all(&self.pool)
             .await
             .map_err(ReplicaError::catalog("list batches"))?;
@@ -322,13 +323,13 @@ impl Catalog {
 
     /// The number of batches of the group with seq in `[from, to]` (one range of the primary
     /// key).
-    pub async fn batch_count_in(&self, group_id: i64, from: u64, to: u64) -> Result<u64> {
+    pub async fn batch_count_in(&self, group_id: i64, from: Seq, to: Seq) -> Result<u64> {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM batches WHERE group_id = ? AND seq >= ? AND seq <= ?",
         )
         .bind(group_id)
-        .bind(from as i64)
-        .bind(to.min(i64::MAX as u64) as i64)
+        .bind(from.0 as i64)
+        .bind(to.0.min(i64::MAX as u64) as i64)
         .fetch_one(&self.pool)
         .await
         .map_err(ReplicaError::catalog("count batches"))?;
@@ -342,14 +343,14 @@ impl Catalog {
     pub async fn points_page(
         &self,
         group_id: i64,
-        from: u64,
-        to: u64,
+        from: Seq,
+        to: Seq,
         filter: &PointsFilter,
     ) -> Result<Vec<BatchRow>> {
         let rows: Vec<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(points_sql(filter)))
             .bind(group_id)
-            .bind(from as i64)
-            .bind(to.min(i64::MAX as u64) as i64)
+            .bind(from.0 as i64)
+            .bind(to.0.min(i64::MAX as u64) as i64)
             .bind(filter.since_ns.unwrap_or(i64::MIN))
             .bind(filter.until_ns.unwrap_or(i64::MAX))
             .bind(filter.limit.map_or(-1, |n| n.min(i64::MAX as u64) as i64))
@@ -364,8 +365,8 @@ impl Catalog {
     pub async fn consistent_batch(
         &self,
         group_id: i64,
-        from: u64,
-        to: u64,
+        from: Seq,
+        to: Seq,
         time_ns_max: Option<i64>,
         latest: bool,
     ) -> Result<Option<BatchRow>> {
@@ -384,14 +385,14 @@ impl Catalog {
 
     /// The journaled records of a volume with seq in `(after, upto]`, in key order: chunk by
     /// chunk, and within a chunk in (seq, idx) order — the order in which they are overlaid.
-    pub async fn records(&self, volume_id: i64, after: u64, upto: u64) -> Result<Vec<RecordRow>> {
+    pub async fn records(&self, volume_id: i64, after: Seq, upto: Seq) -> Result<Vec<RecordRow>> {
         let rows: Vec<RecordTuple> = sqlx::query_as(
             "SELECT chunk, seq, idx, chunk_offset, length, kind, segment, position FROM records \
              WHERE volume_id = ? AND seq > ? AND seq <= ? ORDER BY chunk, seq, idx",
         )
         .bind(volume_id)
-        .bind(after as i64)
-        .bind(upto as i64)
+        .bind(after.0 as i64)
+        .bind(upto.0 as i64)
         .fetch_all(&self.pool)
         .await
         .map_err(ReplicaError::catalog("read the journal index"))?;
@@ -409,8 +410,8 @@ impl Catalog {
     pub async fn records_in_chunks(
         &self,
         volume_id: i64,
-        after: u64,
-        upto: u64,
+        after: Seq,
+        upto: Seq,
         first_chunk: u64,
         end_chunk: u64,
         chunk_len: impl Fn(u64) -> u64,
@@ -433,8 +434,8 @@ impl Catalog {
             .bind(below.0)
             .bind(below.1)
             .bind(below.2)
-            .bind(after as i64)
-            .bind(upto as i64)
+            .bind(after.0 as i64)
+            .bind(upto.0 as i64)
             .bind(COVER_PAGE_ROWS)
             .fetch_all(&self.pool)
             .await
@@ -470,14 +471,14 @@ impl Catalog {
 
     /// The chunks of a volume that records with seq in `(after, upto]` change, ascending (the
     /// candidates of `diff`; one range of the `(volume_id, seq)` index).
-    pub async fn chunks_changed(&self, volume_id: i64, after: u64, upto: u64) -> Result<Vec<u64>> {
+    pub async fn chunks_changed(&self, volume_id: i64, after: Seq, upto: Seq) -> Result<Vec<u64>> {
         let chunks: Vec<i64> = sqlx::query_scalar(
             "SELECT DISTINCT chunk FROM records WHERE volume_id = ? AND seq > ? AND seq <= ? \
              ORDER BY chunk",
         )
         .bind(volume_id)
-        .bind(after as i64)
-        .bind(upto as i64)
+        .bind(after.0 as i64)
+        .bind(upto.0 as i64)
         .fetch_all(&self.pool)
         .await
         .map_err(ReplicaError::catalog("read the journal index"))?;
@@ -485,13 +486,13 @@ impl Catalog {
     }
 
     /// The group's durable head seq as committed (read back after a failed commit).
-    pub async fn head(&self, group_id: i64) -> Result<u64> {
+    pub async fn head(&self, group_id: i64) -> Result<Seq> {
         let n: i64 = sqlx::query_scalar("SELECT head_seq FROM groups WHERE id = ?")
             .bind(group_id)
             .fetch_one(&self.pool)
             .await
             .map_err(ReplicaError::catalog("read a group's head"))?;
-        Ok(n as u64)
+        Ok(Seq(n as u64))
     }
 
     /// Number of record rows of a volume (tests and measurements).
@@ -509,16 +510,16 @@ impl Catalog {
     pub async fn records_in_seq_order(
         &self,
         volume_id: i64,
-        after: u64,
-        upto: u64,
+        after: Seq,
+        upto: Seq,
     ) -> Result<Vec<RecordRow>> {
         let rows: Vec<RecordTuple> = sqlx::query_as(
             "SELECT chunk, seq, idx, chunk_offset, length, kind, segment, position FROM records \
              WHERE volume_id = ? AND seq > ? AND seq <= ? ORDER BY seq, idx",
         )
         .bind(volume_id)
-        .bind(after as i64)
-        .bind(upto as i64)
+        .bind(after.0 as i64)
+        .bind(upto.0 as i64)
         .fetch_all(&self.pool)
         .await
         .map_err(ReplicaError::catalog("read the journal index"))?;
@@ -545,15 +546,15 @@ impl WriteLock {
 /// The reads that resolve a recovery point, on the pool ([`Catalog`]) or inside a transaction
 /// ([`WriteLock`]).
 pub(crate) trait PointReads: Executes {
-    async fn batch(&mut self, group_id: i64, seq: u64) -> Result<Option<BatchRow>> {
+    async fn batch(&mut self, group_id: i64, seq: Seq) -> Result<Option<BatchRow>> {
         batch_on(self.executor()?, group_id, seq).await
     }
     /// See [`Catalog::consistent_batch`].
     async fn consistent_batch(
         &mut self,
         group_id: i64,
-        from: u64,
-        to: u64,
+        from: Seq,
+        to: Seq,
         time_ns_max: Option<i64>,
         latest: bool,
     ) -> Result<Option<BatchRow>> {
@@ -576,13 +577,13 @@ impl PointReads for WriteLock {}
 async fn batch_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     e: E,
     group_id: i64,
-    seq: u64,
+    seq: Seq,
 ) -> Result<Option<BatchRow>> {
     let row: Option<BatchTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq = ?"
     )))
     .bind(group_id)
-    .bind(seq as i64)
+    .bind(seq.0 as i64)
     .fetch_optional(e)
     .await
     .map_err(ReplicaError::catalog("read a batch"))?;
@@ -592,8 +593,8 @@ async fn batch_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
 async fn consistent_batch_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     e: E,
     group_id: i64,
-    from: u64,
-    to: u64,
+    from: Seq,
+    to: Seq,
     time_ns_max: Option<i64>,
     latest: bool,
 ) -> Result<Option<BatchRow>> {
@@ -602,8 +603,8 @@ async fn consistent_batch_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
             "SELECT {BATCH_COLUMNS} FROM batches WHERE group_id = ? AND seq >= ? AND seq <= ? AND (flags & 8) = 0 AND agent_ns <= ? ORDER BY seq {order} LIMIT 1"
         )))
         .bind(group_id)
-        .bind(from as i64)
-        .bind(to as i64)
+        .bind(from.0 as i64)
+        .bind(to.0 as i64)
         .bind(time_ns_max.unwrap_or(i64::MAX))
         .fetch_optional(e)
         .await
@@ -677,12 +678,12 @@ mod tests {
             .await
             .unwrap();
         let g = catalog
-            .create_group("g", "agent", "gen", 0, &Retention::default(), 0)
+            .create_group("g", "agent", "gen", Seq(0), &Retention::default(), 0)
             .await
             .unwrap();
         let batches: Vec<BatchRow> = (1..=1000u64)
             .map(|seq| BatchRow {
-                seq,
+                seq: Seq(seq),
                 agent_ns: seq as i64 * 1000,
                 received_ns: seq as i64 * 1000 + 1,
                 durable_ns: seq as i64 * 1000 + 2,
@@ -696,20 +697,25 @@ mod tests {
         catalog
             .commit(&CommitRows {
                 group_id: g.id,
-                head_seq: 1000,
+                head_seq: Seq(1000),
                 batches,
                 ..CommitRows::default()
             })
             .await
             .unwrap();
-        let seqs = |rows: Vec<BatchRow>| rows.iter().map(|b| b.seq).collect::<Vec<_>>();
+        let seqs = |rows: Vec<BatchRow>| rows.iter().map(|b| b.seq.0).collect::<Vec<_>>();
         let newest = PointsFilter {
             limit: Some(3),
             newest_first: true,
             ..PointsFilter::default()
         };
         assert_eq!(
-            seqs(catalog.points_page(g.id, 10, 1000, &newest).await.unwrap()),
+            seqs(
+                catalog
+                    .points_page(g.id, Seq(10), Seq(1000), &newest)
+                    .await
+                    .unwrap()
+            ),
             [1000, 999, 998]
         );
         let f = PointsFilter {
@@ -718,7 +724,12 @@ mod tests {
             ..PointsFilter::default()
         };
         assert_eq!(
-            seqs(catalog.points_page(g.id, 10, 1000, &f).await.unwrap()),
+            seqs(
+                catalog
+                    .points_page(g.id, Seq(10), Seq(1000), &f)
+                    .await
+                    .unwrap()
+            ),
             [500, 501, 502, 503]
         );
         let f = PointsFilter {
@@ -729,7 +740,12 @@ mod tests {
             ..PointsFilter::default()
         };
         assert_eq!(
-            seqs(catalog.points_page(g.id, 150, 1000, &f).await.unwrap()),
+            seqs(
+                catalog
+                    .points_page(g.id, Seq(150), Seq(1000), &f)
+                    .await
+                    .unwrap()
+            ),
             [400, 300]
         );
         for filter in [
@@ -780,7 +796,7 @@ mod tests {
                     (
                         p.offset,
                         p.len,
-                        Some((r.seq, r.idx, p.offset - base)),
+                        Some((r.seq.0, r.idx, p.offset - base)),
                         false,
                     )
                 }
@@ -798,7 +814,7 @@ mod tests {
             .await
             .unwrap();
         let g = catalog
-            .create_group("g", "agent", "gen", 0, &Retention::default(), 0)
+            .create_group("g", "agent", "gen", Seq(0), &Retention::default(), 0)
             .await
             .unwrap();
         // 3 chunks and a half: chunk 0 cold (a few small writes), chunk 1 rewritten whole
@@ -818,7 +834,7 @@ mod tests {
                 volume_id: v.id,
                 row: RecordRow {
                     chunk,
-                    seq,
+                    seq: Seq(seq),
                     idx,
                     chunk_offset: off as u32,
                     length: len as u32,
@@ -850,7 +866,7 @@ mod tests {
         catalog
             .commit(&CommitRows {
                 group_id: g.id,
-                head_seq: 60,
+                head_seq: Seq(60),
                 records,
                 ..CommitRows::default()
             })
@@ -859,7 +875,7 @@ mod tests {
         for (after, upto) in [(0, 60), (0, 30), (10, 60), (59, 60), (0, 1), (30, 30)] {
             for (first, end) in [(0, 4), (1, 2), (0, 1), (2, 4), (3, 4)] {
                 let every: Vec<RecordRow> = catalog
-                    .records_in_seq_order(v.id, after, upto)
+                    .records_in_seq_order(v.id, Seq(after), Seq(upto))
                     .await
                     .unwrap()
                     .into_iter()
@@ -868,8 +884,8 @@ mod tests {
                 let some = catalog
                     .records_in_chunks(
                         v.id,
-                        after,
-                        upto,
+                        Seq(after),
+                        Seq(upto),
                         first,
                         end,
                         cdp_shared::types::chunk_len_of(size),

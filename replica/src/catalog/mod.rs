@@ -17,6 +17,7 @@
 //! made against. Pins and the trimmer's intent are serialized with it (see `pins` and
 //! `trimmer`).
 
+use cdp_shared::types::Seq;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -109,12 +110,12 @@ pub struct GroupRow {
     /// Fingerprint (hex) of the owning agent.
     pub owner: String,
     pub generation: String,
-    pub base_seq: u64,
-    pub head_seq: u64,
+    pub base_seq: Seq,
+    pub head_seq: Seq,
     pub head_hash: Option<Hash>,
     pub retention: Retention,
     /// The base a trim under way is moving to (step (a) of the trim protocol).
-    pub trimming_to: Option<u64>,
+    pub trimming_to: Option<Seq>,
     /// Where the last trimmed journaled batch ended: (segment, offset).
     pub trimmed_end: Option<(u64, u64)>,
 }
@@ -122,8 +123,8 @@ pub struct GroupRow {
 impl GroupRow {
     /// Where every window of the group starts at the earliest: the base, or the base a trim
     /// under way is moving to.
-    pub fn window_floor(&self) -> u64 {
-        self.base_seq.max(self.trimming_to.unwrap_or(0))
+    pub fn window_floor(&self) -> Seq {
+        self.base_seq.max(self.trimming_to.unwrap_or(Seq::ZERO))
     }
 }
 
@@ -135,12 +136,12 @@ pub struct VolumeRow {
     pub name: String,
     pub size: u64,
     pub state: VolumeState,
-    pub sync_done_seq: Option<u64>,
+    pub sync_done_seq: Option<Seq>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchRow {
-    pub seq: u64,
+    pub seq: Seq,
     pub agent_ns: i64,
     pub received_ns: i64,
     pub durable_ns: i64,
@@ -155,7 +156,7 @@ pub struct BatchRow {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordRow {
     pub chunk: u64,
-    pub seq: u64,
+    pub seq: Seq,
     pub idx: u32,
     pub chunk_offset: u32,
     pub length: u32,

@@ -1,5 +1,6 @@
 //! Readers' pins (see `pins`).
 
+use cdp_shared::types::Seq;
 use sqlx::Sqlite;
 
 use super::{Catalog, WriteLock};
@@ -11,7 +12,7 @@ pub struct PinRow {
     pub id: i64,
     pub group_id: i64,
     pub volume_id: i64,
-    pub seq: u64,
+    pub seq: Seq,
     pub segment_min: Option<u64>,
     pub holder: String,
     pub pid: i64,
@@ -40,7 +41,7 @@ fn pin_of(t: PinTuple) -> PinRow {
         id: t.0,
         group_id: t.1,
         volume_id: t.2,
-        seq: t.3 as u64,
+        seq: Seq(t.3 as u64),
         segment_min: t.4.map(|n| n as u64),
         holder: t.5,
         pid: t.6,
@@ -55,7 +56,7 @@ fn pin_of(t: PinTuple) -> PinRow {
 pub struct NewPin<'a> {
     pub group_id: i64,
     pub volume_id: i64,
-    pub seq: u64,
+    pub seq: Seq,
     pub segment_min: Option<u64>,
     pub holder: &'a str,
     pub pid: u32,
@@ -105,7 +106,7 @@ impl WriteLock {
         sqlx::query_scalar("INSERT INTO pins (group_id, volume_id, seq, segment_min, holder, pid, pid_ns, created_ns, expires_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id")
             .bind(pin.group_id)
             .bind(pin.volume_id)
-            .bind(pin.seq as i64)
+            .bind(pin.seq.0 as i64)
             .bind(pin.segment_min.map(|n| n as i64))
             .bind(pin.holder)
             .bind(i64::from(pin.pid))

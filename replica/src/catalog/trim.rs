@@ -1,5 +1,6 @@
 //! The trimmer's reads and its intent, and step (d) of the trim protocol (see `trimmer`).
 
+use cdp_shared::types::Seq;
 use sqlx::Sqlite;
 
 use super::journal_index::PointReads;
@@ -22,10 +23,10 @@ impl Catalog {
     pub async fn first_batch_since(
         &self,
         group_id: i64,
-        after: u64,
-        upto: u64,
+        after: Seq,
+        upto: Seq,
         cutoff_ns: i64,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<Seq>> {
         first_batch_since_on(&self.pool, group_id, after, upto, cutoff_ns).await
     }
 
@@ -33,14 +34,14 @@ impl Catalog {
     pub async fn batch_weights(
         &self,
         group_id: i64,
-        after: u64,
+        after: Seq,
         limit: u64,
     ) -> Result<Vec<BatchWeight>> {
         batch_weights_on(&self.pool, group_id, after, limit).await
     }
 
     /// The lowest segment holding a journaled batch with seq in `(after, upto]`.
-    pub async fn first_segment(&self, group_id: i64, after: u64, upto: u64) -> Result<Option<u64>> {
+    pub async fn first_segment(&self, group_id: i64, after: Seq, upto: Seq) -> Result<Option<u64>> {
         first_segment_on(&self.pool, group_id, after, upto).await
     }
 
@@ -49,7 +50,7 @@ impl Catalog {
     /// is kept but no longer counted as journaled, the end of the last trimmed journaled batch
     /// is remembered, the base moves to `to` and the intent is cleared. Does nothing (and
     /// returns `None`) unless the group's intent is `to`.
-    pub async fn finish_trim(&self, group_id: i64, to: u64) -> Result<Option<TrimDone>> {
+    pub async fn finish_trim(&self, group_id: i64, to: Seq) -> Result<Option<TrimDone>> {
         let mut lock = self.write_lock().await?;
         let done = lock.finish_trim(group_id, to).await?;
         lock.commit().await?;
@@ -61,17 +62,17 @@ impl WriteLock {
     pub async fn first_batch_since(
         &mut self,
         group_id: i64,
-        after: u64,
-        upto: u64,
+        after: Seq,
+        upto: Seq,
         cutoff_ns: i64,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<Seq>> {
         first_batch_since_on(self.conn()?, group_id, after, upto, cutoff_ns).await
     }
 
     pub async fn batch_weights(
         &mut self,
         group_id: i64,
-        after: u64,
+        after: Seq,
         limit: u64,
     ) -> Result<Vec<BatchWeight>> {
         batch_weights_on(self.conn()?, group_id, after, limit).await
@@ -80,16 +81,16 @@ impl WriteLock {
     pub async fn first_segment(
         &mut self,
         group_id: i64,
-        after: u64,
-        upto: u64,
+        after: Seq,
+        upto: Seq,
     ) -> Result<Option<u64>> {
         first_segment_on(self.conn()?, group_id, after, upto).await
     }
 
     /// Step (a) of the trim protocol: records the intent to move the base to `to`.
-    pub async fn set_trimming_to(&mut self, group_id: i64, to: u64) -> Result<()> {
+    pub async fn set_trimming_to(&mut self, group_id: i64, to: Seq) -> Result<()> {
         sqlx::query("UPDATE groups SET trimming_to = ? WHERE id = ?")
-            .bind(to as i64)
+            .bind(to.0 as i64)
             .bind(group_id)
             .execute(self.conn()?)
             .await
@@ -98,15 +99,15 @@ impl WriteLock {
     }
 
     /// See [`Catalog::finish_trim`].
-    async fn finish_trim(&mut self, group_id: i64, to: u64) -> Result<Option<TrimDone>> {
+    async fn finish_trim(&mut self, group_id: i64, to: Seq) -> Result<Option<TrimDone>> {
         let err = ReplicaError::catalog;
         let g = self.group(group_id).await?;
         if g.trimming_to != Some(to) {
             return Ok(None);
         }
         let conn = self.conn()?;
-        let base = g.base_seq as i64;
-        let to_i = to as i64;
+        let base = g.base_seq.0 as i64;
+        let to_i = to.0 as i64;
         let (journal_bytes, batches): (Option<i64>, i64) = sqlx::query_as(
             "SELECT SUM(length), COUNT(*) FROM batches WHERE group_id = ? AND seq > ? AND seq <= ?",
         )
@@ -142,23 +143,23 @@ pub(crate) trait TrimReads: PointReads {
     async fn first_batch_since(
         &mut self,
         group_id: i64,
-        after: u64,
-        upto: u64,
+        after: Seq,
+        upto: Seq,
         cutoff_ns: i64,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Option<Seq>> {
         first_batch_since_on(self.executor()?, group_id, after, upto, cutoff_ns).await
     }
     /// See [`Catalog::batch_weights`].
     async fn batch_weights(
         &mut self,
         group_id: i64,
-        after: u64,
+        after: Seq,
         limit: u64,
     ) -> Result<Vec<BatchWeight>> {
         batch_weights_on(self.executor()?, group_id, after, limit).await
     }
     /// Journal bytes of the group's batches after seq `after`.
-    async fn journal_bytes_after(&mut self, group_id: i64, after: u64) -> Result<u64> {
+    async fn journal_bytes_after(&mut self, group_id: i64, after: Seq) -> Result<u64> {
         journal_bytes_after_on(self.executor()?, group_id, after).await
     }
 }
@@ -185,7 +186,7 @@ pub(super) enum BaseMove {
 pub(super) async fn move_base_on(
     conn: &mut sqlx::SqliteConnection,
     g: &GroupRow,
-    base: u64,
+    base: Seq,
     end: Option<(i64, i64)>,
     how: BaseMove,
 ) -> Result<(u64, u64)> {
@@ -195,7 +196,7 @@ pub(super) async fn move_base_on(
         if trim { trim_says } else { failover_says }
     };
     let group_id = g.id;
-    let b = base as i64;
+    let b = base.0 as i64;
     let mut records = 0u64;
     let volume_ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM volumes WHERE group_id = ?")
         .bind(group_id)
@@ -290,13 +291,13 @@ pub(super) async fn move_base_on(
 async fn journal_bytes_after_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     e: E,
     group_id: i64,
-    after: u64,
+    after: Seq,
 ) -> Result<u64> {
     let n: Option<i64> = sqlx::query_scalar(
         "SELECT SUM(length) FROM batches WHERE group_id = ? AND seq > ? AND segment IS NOT NULL",
     )
     .bind(group_id)
-    .bind(after as i64)
+    .bind(after.0 as i64)
     .fetch_one(e)
     .await
     .map_err(ReplicaError::catalog("sum the journal"))?;
@@ -306,34 +307,34 @@ async fn journal_bytes_after_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
 async fn first_batch_since_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     e: E,
     group_id: i64,
-    after: u64,
-    upto: u64,
+    after: Seq,
+    upto: Seq,
     cutoff_ns: i64,
-) -> Result<Option<u64>> {
+) -> Result<Option<Seq>> {
     let seq: Option<i64> = sqlx::query_scalar(
             "SELECT MIN(seq) FROM batches WHERE group_id = ? AND seq > ? AND seq <= ? AND agent_ns >= ?",
         )
         .bind(group_id)
-        .bind(after as i64)
-        .bind(upto as i64)
+        .bind(after.0 as i64)
+        .bind(upto.0 as i64)
         .bind(cutoff_ns)
         .fetch_one(e)
         .await
         .map_err(ReplicaError::catalog("find the window's start"))?;
-    Ok(seq.map(|s| s as u64))
+    Ok(seq.map(|s| Seq(s as u64)))
 }
 
 async fn batch_weights_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     e: E,
     group_id: i64,
-    after: u64,
+    after: Seq,
     limit: u64,
 ) -> Result<Vec<BatchWeight>> {
     let rows: Vec<(i64, Option<i64>, i64)> = sqlx::query_as(
             "SELECT seq, length, record_count FROM batches WHERE group_id = ? AND seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(group_id)
-        .bind(after as i64)
+        .bind(after.0 as i64)
         .bind(limit as i64)
         .fetch_all(e)
         .await
@@ -341,7 +342,7 @@ async fn batch_weights_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     Ok(rows
         .into_iter()
         .map(|(seq, length, records)| BatchWeight {
-            seq: seq as u64,
+            seq: Seq(seq as u64),
             journal_bytes: length.unwrap_or(0) as u64,
             records: records as u64,
         })
@@ -351,15 +352,15 @@ async fn batch_weights_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
 async fn first_segment_on<'e, E: sqlx::Executor<'e, Database = Sqlite>>(
     e: E,
     group_id: i64,
-    after: u64,
-    upto: u64,
+    after: Seq,
+    upto: Seq,
 ) -> Result<Option<u64>> {
     let n: Option<i64> = sqlx::query_scalar(
             "SELECT MIN(segment) FROM batches WHERE group_id = ? AND seq > ? AND seq <= ? AND segment IS NOT NULL",
         )
         .bind(group_id)
-        .bind(after as i64)
-        .bind(upto as i64)
+        .bind(after.0 as i64)
+        .bind(upto.0 as i64)
         .fetch_one(e)
         .await
         .map_err(ReplicaError::catalog("find the first journal segment"))?;

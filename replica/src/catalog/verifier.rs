@@ -3,6 +3,7 @@
 
 use super::Catalog;
 use crate::error::{ReplicaError, Result};
+use cdp_shared::types::Seq;
 
 /// Outcome of one chunk check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -33,7 +34,7 @@ pub struct NewVerifyResult {
     pub time_ns: i64,
     pub volume_id: i64,
     pub chunk: u64,
-    pub seq: Option<u64>,
+    pub seq: Option<Seq>,
     pub agent_hash: Option<String>,
     pub replica_hash: Option<String>,
     pub outcome: VerifyOutcome,
@@ -48,13 +49,13 @@ pub struct MismatchRow {
     pub id: i64,
     pub volume_id: i64,
     pub chunk: u64,
-    pub seq: u64,
+    pub seq: Seq,
     pub found_ns: i64,
     pub reason: String,
     pub agent_hash: String,
     pub replica_hash: Option<String>,
     pub repaired_ns: Option<i64>,
-    pub repaired_seq: Option<u64>,
+    pub repaired_seq: Option<Seq>,
 }
 
 type MismatchTuple = (
@@ -77,13 +78,13 @@ fn mismatch_of(t: MismatchTuple) -> MismatchRow {
         id: t.0,
         volume_id: t.1,
         chunk: t.2 as u64,
-        seq: t.3 as u64,
+        seq: Seq(t.3 as u64),
         found_ns: t.4,
         reason: t.5,
         agent_hash: t.6,
         replica_hash: t.7,
         repaired_ns: t.8,
-        repaired_seq: t.9.map(|s| s as u64),
+        repaired_seq: t.9.map(|s| Seq(s as u64)),
     }
 }
 
@@ -190,7 +191,7 @@ impl Catalog {
         .bind(r.time_ns)
         .bind(r.volume_id)
         .bind(r.chunk as i64)
-        .bind(r.seq.map(|s| s as i64))
+        .bind(r.seq.map(|s| s.0 as i64))
         .bind(r.agent_hash.as_deref())
         .bind(r.replica_hash.as_deref())
         .bind(r.outcome.as_str())
@@ -294,7 +295,7 @@ impl Catalog {
         )
         .bind(m.volume_id)
         .bind(m.chunk as i64)
-        .bind(m.seq as i64)
+        .bind(m.seq.0 as i64)
         .bind(m.found_ns)
         .bind(&m.reason)
         .bind(&m.agent_hash)
@@ -338,10 +339,10 @@ impl Catalog {
     }
 
     /// Marks a mismatch repaired: the chunk is right again from `seq` on.
-    pub async fn mark_repaired(&self, id: i64, now_ns: i64, seq: u64) -> Result<()> {
+    pub async fn mark_repaired(&self, id: i64, now_ns: i64, seq: Seq) -> Result<()> {
         sqlx::query("UPDATE verify_mismatches SET repaired_ns = ?, repaired_seq = ? WHERE id = ? AND repaired_ns IS NULL")
             .bind(now_ns)
-            .bind(seq as i64)
+            .bind(seq.0 as i64)
             .bind(id)
             .execute(&self.pool)
             .await
@@ -375,20 +376,20 @@ impl Catalog {
         &self,
         volume_id: i64,
         chunk: u64,
-        after: u64,
-        upto: u64,
-    ) -> Result<Option<u64>> {
+        after: Seq,
+        upto: Seq,
+    ) -> Result<Option<Seq>> {
         let n: Option<i64> = sqlx::query_scalar(
             "SELECT MAX(seq) FROM records WHERE volume_id = ? AND chunk = ? AND seq > ? AND seq <= ?",
         )
         .bind(volume_id)
         .bind(chunk as i64)
-        .bind(after as i64)
-        .bind(upto as i64)
+        .bind(after.0 as i64)
+        .bind(upto.0 as i64)
         .fetch_one(&self.pool)
         .await
         .map_err(ReplicaError::catalog("read the journal index"))?;
-        Ok(n.map(|s| s as u64))
+        Ok(n.map(|s| Seq(s as u64)))
     }
 
     // ---- verify runs ----

@@ -224,7 +224,8 @@ fn print_verify_report(report: &cdp_replica::verifier::VerifyReport) {
                         "seq {} {}; most likely from seq {}",
                         m.suspect_points.from_seq,
                         match m.suspect_points.before_seq {
-                            Some(s) => format!("to {} (repaired at seq {s})", s.saturating_sub(1)),
+                            Some(s) =>
+                                format!("to {} (repaired at seq {s})", s.0.saturating_sub(1)),
                             None => "to the head (not repaired)".into(),
                         },
                         m.suspect_points.likely_from_seq

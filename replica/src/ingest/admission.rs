@@ -142,9 +142,9 @@ impl IngestService {
         // A group created again after a forget starts at seq 0: its agent knows the old
         // group's generation, continues on a fresh chain and syncs every volume again.
         let start = if catalog.forgotten("group", &gh.name).await?.is_some() {
-            0
+            Seq::ZERO
         } else {
-            gh.first_held.0.saturating_sub(1)
+            Seq(gh.first_held.0.saturating_sub(1))
         };
         let g = match catalog.group_by_name(&gh.name).await? {
             Some(g) => {
@@ -171,7 +171,7 @@ impl IngestService {
                 g
             }
         };
-        if gh.first_held.0 > g.head_seq + 1 && catalog.group_has_batches(g.id).await? {
+        if gh.first_held > g.head_seq.next() && catalog.group_has_batches(g.id).await? {
             // The agent's spool no longer holds what follows the head (it overflowed, or
             // was lost): the agent continues its chain after the head and resyncs.
             tracing::info!(
@@ -234,12 +234,12 @@ impl IngestService {
             })
             .collect();
         let head_hash = match g.head_hash {
-            Some(h) if g.head_seq > 0 => blake3::Hash::from_bytes(h).to_hex().to_string(),
+            Some(h) if g.head_seq > Seq::ZERO => blake3::Hash::from_bytes(h).to_hex().to_string(),
             _ => String::new(),
         };
         Ok(GroupWelcome {
             name: g.name,
-            durable: Seq(g.head_seq),
+            durable: g.head_seq,
             generation: g.generation,
             head_hash,
             volumes,

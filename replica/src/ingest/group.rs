@@ -2,6 +2,7 @@
 //! fills (in the sans-IO reorder buffer, `order`), group commits and their undo, and the task
 //! that runs it.
 
+use cdp_shared::types::Seq;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -107,7 +108,7 @@ impl GroupIo {
                         rec.header
                             .decode_data(rec.stored, &mut self.decompressor, &mut self.scratch)
                             .map_err(|e| ReplicaError::BadRecord {
-                                seq: batch.header().seq.0,
+                                seq: batch.header().seq,
                                 reason: format!("record {record}: {e}"),
                             })?;
                         target.write_at(rec.header.offset, &self.scratch)?;
@@ -147,7 +148,7 @@ pub struct GroupIngest {
     pub(super) group_id: i64,
     pub(super) name: String,
     /// Last durable seq (journal fsynced, rows committed).
-    pub(super) head: u64,
+    pub(super) head: Seq,
     pub(super) head_hash: Option<Hash>,
     pub(super) volumes: HashMap<u32, VolumeEntry>,
     /// Batches ahead of the head, waiting for the gap before them (bounded).
@@ -293,7 +294,7 @@ impl GroupIngest {
         self.pending.next_ready(self.head) && self.link.must_wait()
     }
 
-    pub fn head(&self) -> u64 {
+    pub fn head(&self) -> Seq {
         self.head
     }
 
@@ -360,12 +361,12 @@ impl GroupIngest {
     /// [`GroupIngest::commit_ready`].
     pub async fn handle_batch(&mut self, r: Received) -> Result<Outbox> {
         let mut out = Outbox::new();
-        let seq = r.header().seq.0;
+        let seq = r.header().seq;
         let paused = self.paused.as_ref().map(|p| p.reason.as_str());
         match self.pending.offer(r, self.head, paused) {
             Offer::Duplicate(r) => match self.catalog.batch_hash(self.group_id, seq).await? {
                 Some(h) if h != r.header().header_hash => {
-                    tracing::error!(group = %self.name, seq, agent = %r.agent, "a resent batch differs from the journaled batch with the same seq");
+                    tracing::error!(group = %self.name, seq = seq.0, agent = %r.agent, "a resent batch differs from the journaled batch with the same seq");
                     self.event(
                         EventLevel::Error,
                         None,
@@ -381,17 +382,14 @@ impl GroupIngest {
                         ),
                     );
                 }
-                _ => out.push((
-                    r.reply.clone(),
-                    Control::ack(&self.name, cdp_shared::Seq(self.head)),
-                )),
+                _ => out.push((r.reply.clone(), Control::ack(&self.name, self.head))),
             },
             Offer::Refreshed | Offer::Held => {}
             // Nothing waiting is acknowledged, and a group's batches come from its one agent:
             // a different batch with the same seq is the agent's newer chain (after a rebase),
             // so it replaced the older one.
             Offer::Replaced(_older) => {
-                tracing::debug!(group = %self.name, seq, "a newer batch {seq} replaces the one waiting");
+                tracing::debug!(group = %self.name, seq = seq.0, "a newer batch {seq} replaces the one waiting");
             }
             Offer::Refused(r, refusal) => nack(&mut out, &r, refusal.reason(&self.name)),
         }
@@ -443,7 +441,7 @@ impl GroupIngest {
             Err(ReplicaError::Fenced(why)) => {
                 self.undo(undo_to, chosen).await?;
                 tracing::debug!(group = %self.name, "a commit met the fence: {why}");
-                self.fence(0);
+                self.fence(Seq::ZERO);
                 return Ok(false);
             }
             Err(e) if e.is_disk_full() => {
@@ -455,9 +453,8 @@ impl GroupIngest {
                 // Refused like a batch that fails its plan; the batches before it are
                 // committed again at once (their target writes are re-applied identically),
                 // the ones after it wait for its resend.
-                let (bad, rest): (Chosen, Chosen) = chosen
-                    .into_iter()
-                    .partition(|(r, _)| r.header().seq.0 == seq);
+                let (bad, rest): (Chosen, Chosen) =
+                    chosen.into_iter().partition(|(r, _)| r.header().seq == seq);
                 for (r, _) in &bad {
                     nack(out, r, reason.clone());
                 }
@@ -483,7 +480,7 @@ impl GroupIngest {
             .take_in_order(self.head, GROUP_COMMIT_BYTES_MAX)
             .into_iter();
         for r in run.by_ref() {
-            let seq = r.header().seq.0;
+            let seq = r.header().seq;
             if let Some(prev) = expected_prev
                 && r.header().prev_hash != prev
             {
@@ -492,7 +489,7 @@ impl GroupIngest {
                     &r,
                     format!(
                         "batch {seq} does not follow batch {} in the journal (its prev_hash differs)",
-                        seq - 1
+                        seq.0 - 1
                     ),
                 );
                 break;
@@ -625,7 +622,7 @@ impl GroupIngest {
             }
         }
         for r in replies {
-            out.push((r, Control::ack(&self.name, cdp_shared::Seq(self.head))));
+            out.push((r, Control::ack(&self.name, self.head)));
         }
         Ok(())
     }
@@ -644,7 +641,7 @@ impl GroupIngest {
         for ((r, plan), span) in chosen.iter().zip(spans) {
             let h = r.header();
             rows.batches.push(BatchRow {
-                seq: h.seq.0,
+                seq: h.seq,
                 agent_ns: h.agent_time_ns,
                 received_ns: r.received_ns,
                 durable_ns,
@@ -660,7 +657,7 @@ impl GroupIngest {
                         volume_id: pr.volume_id,
                         row: RecordRow {
                             chunk: pr.chunk,
-                            seq: h.seq.0,
+                            seq: h.seq,
                             idx: pr.idx,
                             chunk_offset: pr.chunk_offset,
                             length: pr.length,
@@ -674,7 +671,7 @@ impl GroupIngest {
                 }
             }
             if let Some(b) = &h.bookmark {
-                rows.bookmarks.push((b.clone(), h.seq.0));
+                rows.bookmarks.push((b.clone(), h.seq));
             }
             for c in &plan.state_changes {
                 if let Some(v) = self.volumes.get(&c.volume) {
@@ -683,7 +680,7 @@ impl GroupIngest {
             }
         }
         if let Some((last, _)) = chosen.last() {
-            rows.head_seq = last.header().seq.0;
+            rows.head_seq = last.header().seq;
             rows.head_hash = Some(last.header().header_hash);
         }
         rows
@@ -720,12 +717,12 @@ impl GroupIngest {
     /// The group is failed over: every batch waiting is dropped unacknowledged (the agent
     /// keeps it in its spool, and the server closes its connection within
     /// `server::FENCE_CHECK_INTERVAL`). One warning line the first time.
-    pub(super) fn fence(&mut self, seq: u64) {
+    pub(super) fn fence(&mut self, seq: Seq) {
         if !self.fenced {
             tracing::warn!(
                 group = %self.name,
                 "the group is failed over on this replica{}: its batches are no longer committed",
-                if seq > 0 { format!(" at seq {seq}") } else { String::new() }
+                if seq > Seq::ZERO { format!(" at seq {seq}") } else { String::new() }
             );
             self.fenced = true;
         }
@@ -734,8 +731,8 @@ impl GroupIngest {
 }
 
 impl Ordered for Received {
-    fn seq(&self) -> u64 {
-        self.header().seq.0
+    fn seq(&self) -> Seq {
+        self.header().seq
     }
 
     fn header_hash(&self) -> Hash {
@@ -766,7 +763,7 @@ pub(super) async fn run_group(
     mut g: GroupIngest,
     mut rx: mpsc::Receiver<GroupMsg>,
     token: CancellationToken,
-    heads: watch::Sender<HashMap<i64, u64>>,
+    heads: watch::Sender<HashMap<i64, Seq>>,
 ) -> Result<()> {
     let link = g.trim_link();
     loop {

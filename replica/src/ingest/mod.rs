@@ -37,7 +37,8 @@ pub use service::IngestService;
 
 /// The durable head of every open group (group id → seq), published by each group task
 /// after its commits ([`IngestService::heads`]): what the verifier waits on, with no query.
-pub type Heads = tokio::sync::watch::Receiver<std::collections::HashMap<i64, u64>>;
+pub type Heads =
+    tokio::sync::watch::Receiver<std::collections::HashMap<i64, cdp_shared::types::Seq>>;
 
 use std::time::Duration;
 

@@ -7,6 +7,7 @@
 //! duplicate (seq ≤ head) is handed back: only the caller can compare it with the catalog's
 //! header hash and ack or refuse it.
 
+use cdp_shared::types::Seq;
 use std::collections::BTreeMap;
 
 use cdp_shared::batch::Hash;
@@ -16,7 +17,7 @@ use super::{PENDING_BATCHES_MAX, PENDING_BYTES_MAX};
 /// A batch as the reorder buffer sees it.
 pub(super) trait Ordered {
     /// The batch's seq.
-    fn seq(&self) -> u64;
+    fn seq(&self) -> Seq;
     /// The batch's header hash: two batches with the same seq and the same header hash are the
     /// same batch.
     fn header_hash(&self) -> Hash;
@@ -61,9 +62,9 @@ pub(super) enum Bound {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Refusal {
     /// The refused batch's seq.
-    pub(super) seq: u64,
+    pub(super) seq: Seq,
     /// The journal's durable head when it was refused.
-    pub(super) head: u64,
+    pub(super) head: Seq,
     /// How many batches were waiting.
     pub(super) waiting: usize,
     /// The group's pause reason, when it is paused by a full disk.
@@ -94,7 +95,7 @@ impl Refusal {
 /// most head + [`PENDING_BATCHES_MAX`].
 #[derive(Debug)]
 pub(super) struct ReorderBuffer<T> {
-    waiting: BTreeMap<u64, T>,
+    waiting: BTreeMap<Seq, T>,
     /// The sum of `byte_len` over `waiting`.
     bytes: usize,
 }
@@ -116,7 +117,7 @@ impl<T: Ordered> ReorderBuffer<T> {
 
     /// Offers a batch that arrived while the journal's durable head is `head`; `paused` is the
     /// group's pause reason, if it is paused (it goes into a refusal).
-    pub(super) fn offer(&mut self, item: T, head: u64, paused: Option<&str>) -> Offer<T> {
+    pub(super) fn offer(&mut self, item: T, head: Seq, paused: Option<&str>) -> Offer<T> {
         let seq = item.seq();
         if seq <= head {
             return Offer::Duplicate(item);
@@ -131,7 +132,7 @@ impl<T: Ordered> ReorderBuffer<T> {
             self.bytes = self.bytes - w.byte_len() + item.byte_len();
             return Offer::Replaced(std::mem::replace(w, item));
         }
-        let bound = if seq > head + PENDING_BATCHES_MAX as u64 {
+        let bound = if seq.0 > head.0 + PENDING_BATCHES_MAX as u64 {
             Some(Bound::Distance)
         } else if self.len() >= PENDING_BATCHES_MAX {
             Some(Bound::Count)
@@ -156,8 +157,8 @@ impl<T: Ordered> ReorderBuffer<T> {
     }
 
     /// Drops the batches with seq ≤ `head` (durable already, e.g. found so by a reload).
-    pub(super) fn drop_through(&mut self, head: u64) {
-        let keep = self.waiting.split_off(&(head.saturating_add(1)));
+    pub(super) fn drop_through(&mut self, head: Seq) {
+        let keep = self.waiting.split_off(&Seq(head.0.saturating_add(1)));
         for dropped in std::mem::replace(&mut self.waiting, keep).into_values() {
             self.bytes -= dropped.byte_len();
         }
@@ -166,10 +167,10 @@ impl<T: Ordered> ReorderBuffer<T> {
     /// Takes the run of batches head + 1, head + 2, … that are waiting, in seq order, while
     /// their bytes stay within `max_bytes` — but always the first one when it is there. Stops
     /// at the first gap.
-    pub(super) fn take_in_order(&mut self, head: u64, max_bytes: usize) -> Vec<T> {
+    pub(super) fn take_in_order(&mut self, head: Seq, max_bytes: usize) -> Vec<T> {
         let mut run = Vec::new();
         let mut bytes = 0usize;
-        let mut next = head + 1;
+        let mut next = head.next();
         while let Some(w) = self.waiting.get(&next) {
             if !run.is_empty() && bytes + w.byte_len() > max_bytes {
                 break;
@@ -179,7 +180,7 @@ impl<T: Ordered> ReorderBuffer<T> {
             };
             self.bytes -= w.byte_len();
             bytes += w.byte_len();
-            next += 1;
+            next = next.next();
             run.push(w);
         }
         run
@@ -195,8 +196,8 @@ impl<T: Ordered> ReorderBuffer<T> {
     }
 
     /// Batch head + 1 is waiting: a commit can go ahead.
-    pub(super) fn next_ready(&self, head: u64) -> bool {
-        self.waiting.contains_key(&(head + 1))
+    pub(super) fn next_ready(&self, head: Seq) -> bool {
+        self.waiting.contains_key(&head.next())
     }
 
     /// Drops every waiting batch (the group is fenced).
@@ -224,14 +225,14 @@ mod tests {
     /// A batch without a channel: `reply` stands for where its replies go.
     #[derive(Debug, Clone, PartialEq, Eq)]
     struct Item {
-        seq: u64,
+        seq: Seq,
         hash: u8,
         len: usize,
         reply: u32,
     }
 
     impl Ordered for Item {
-        fn seq(&self) -> u64 {
+        fn seq(&self) -> Seq {
             self.seq
         }
         fn header_hash(&self) -> Hash {
@@ -247,7 +248,7 @@ mod tests {
 
     fn item(seq: u64, len: usize) -> Item {
         Item {
-            seq,
+            seq: Seq(seq),
             hash: 1,
             len,
             reply: 0,
@@ -259,33 +260,33 @@ mod tests {
     }
 
     fn seqs(items: &[Item]) -> Vec<u64> {
-        items.iter().map(|i| i.seq).collect()
+        items.iter().map(|i| i.seq.0).collect()
     }
 
     #[test]
     fn a_batch_at_or_below_the_head_is_handed_back_as_a_duplicate() {
         let mut b = ReorderBuffer::new();
         for seq in [1, 9, 10] {
-            match b.offer(item(seq, 100), 10, None) {
-                Offer::Duplicate(i) => assert_eq!(i.seq, seq),
+            match b.offer(item(seq, 100), Seq(10), None) {
+                Offer::Duplicate(i) => assert_eq!(i.seq, Seq(seq)),
                 other => panic!("seq {seq}: {other:?}"),
             }
         }
         assert_eq!((b.len(), b.bytes()), (0, 0));
-        assert!(matches!(b.offer(item(11, 100), 10, None), Offer::Held));
+        assert!(matches!(b.offer(item(11, 100), Seq(10), None), Offer::Held));
     }
 
     #[test]
     fn the_same_batch_resent_while_waiting_replaces_its_reply_not_its_bytes() {
         let mut b = ReorderBuffer::new();
-        assert!(matches!(b.offer(item(12, 100), 10, None), Offer::Held));
+        assert!(matches!(b.offer(item(12, 100), Seq(10), None), Offer::Held));
         let again = Item {
             reply: 7,
             ..item(12, 100)
         };
-        assert!(matches!(b.offer(again, 10, None), Offer::Refreshed));
+        assert!(matches!(b.offer(again, Seq(10), None), Offer::Refreshed));
         assert_eq!((b.len(), b.bytes()), (1, 100));
-        let run = b.take_in_order(11, usize::MAX);
+        let run = b.take_in_order(Seq(11), usize::MAX);
         assert_eq!(
             run,
             vec![Item {
@@ -298,15 +299,15 @@ mod tests {
     #[test]
     fn a_newer_chains_batch_replaces_the_waiting_one_and_its_bytes() {
         let mut b = ReorderBuffer::new();
-        assert!(matches!(b.offer(item(12, 100), 10, None), Offer::Held));
-        assert!(matches!(b.offer(item(13, 50), 10, None), Offer::Held));
+        assert!(matches!(b.offer(item(12, 100), Seq(10), None), Offer::Held));
+        assert!(matches!(b.offer(item(13, 50), Seq(10), None), Offer::Held));
         let newer = Item {
             hash: 2,
             len: 300,
             reply: 5,
-            seq: 12,
+            seq: Seq(12),
         };
-        match b.offer(newer.clone(), 10, None) {
+        match b.offer(newer.clone(), Seq(10), None) {
             Offer::Replaced(old) => assert_eq!(old, item(12, 100)),
             other => panic!("{other:?}"),
         }
@@ -318,9 +319,9 @@ mod tests {
             len: 10,
             ..newer.clone()
         };
-        assert!(matches!(b.offer(smaller, 10, None), Offer::Replaced(o) if o == newer));
+        assert!(matches!(b.offer(smaller, Seq(10), None), Offer::Replaced(o) if o == newer));
         assert_eq!((b.len(), b.bytes()), (2, 60));
-        assert_eq!(seqs(&b.take_in_order(11, usize::MAX)), vec![12, 13]);
+        assert_eq!(seqs(&b.take_in_order(Seq(11), usize::MAX)), vec![12, 13]);
         assert_eq!(b.bytes(), 0);
     }
 
@@ -330,13 +331,13 @@ mod tests {
         let mut b = ReorderBuffer::new();
         // Offered while the head was `max`: batches max+1 ..= 2*max wait.
         for seq in max + 1..=2 * max {
-            assert!(matches!(b.offer(item(seq, 1), max, None), Offer::Held));
+            assert!(matches!(b.offer(item(seq, 1), Seq(max), None), Offer::Held));
         }
         assert_eq!(b.len(), PENDING_BATCHES_MAX);
         // Within the distance bound of head 1, not waiting, but the count is full.
-        match b.offer(item(2, 1), 1, None) {
+        match b.offer(item(2, 1), Seq(1), None) {
             Offer::Refused(i, r) => {
-                assert_eq!(i.seq, 2);
+                assert_eq!(i.seq, Seq(2));
                 assert_eq!(r.bound, Bound::Count);
                 assert_eq!(r.waiting, PENDING_BATCHES_MAX);
                 assert_eq!(
@@ -356,11 +357,14 @@ mod tests {
     fn the_bytes_bound_refuses_what_would_go_over_it() {
         let mut b = ReorderBuffer::new();
         let half = PENDING_BYTES_MAX / 2;
-        assert!(matches!(b.offer(item(3, half), 1, None), Offer::Held));
-        assert!(matches!(b.offer(item(4, half - 10), 1, None), Offer::Held));
-        match b.offer(item(5, 11), 1, Some("disk full")) {
+        assert!(matches!(b.offer(item(3, half), Seq(1), None), Offer::Held));
+        assert!(matches!(
+            b.offer(item(4, half - 10), Seq(1), None),
+            Offer::Held
+        ));
+        match b.offer(item(5, 11), Seq(1), Some("disk full")) {
             Offer::Refused(i, r) => {
-                assert_eq!(i.seq, 5);
+                assert_eq!(i.seq, Seq(5));
                 assert_eq!(r.bound, Bound::Bytes);
                 assert_eq!(
                     r.reason("db"),
@@ -370,7 +374,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Exactly up to the bound fits.
-        assert!(matches!(b.offer(item(5, 10), 1, None), Offer::Held));
+        assert!(matches!(b.offer(item(5, 10), Seq(1), None), Offer::Held));
         assert_eq!(b.bytes(), PENDING_BYTES_MAX);
         assert_eq!(b.bytes(), held_sum(&b));
     }
@@ -379,10 +383,13 @@ mod tests {
     fn the_distance_bound_refuses_a_batch_too_far_ahead_with_or_without_a_pause() {
         let max = PENDING_BATCHES_MAX as u64;
         let mut b = ReorderBuffer::new();
-        assert!(matches!(b.offer(item(10 + max, 1), 10, None), Offer::Held));
-        match b.offer(item(11 + max, 1), 10, None) {
+        assert!(matches!(
+            b.offer(item(10 + max, 1), Seq(10), None),
+            Offer::Held
+        ));
+        match b.offer(item(11 + max, 1), Seq(10), None) {
             Offer::Refused(i, r) => {
-                assert_eq!(i.seq, 11 + max);
+                assert_eq!(i.seq, Seq(11 + max));
                 assert_eq!(r.bound, Bound::Distance);
                 assert_eq!(r.paused, None);
                 assert_eq!(
@@ -395,7 +402,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match b.offer(item(11 + max, 1), 10, Some("no space left on device")) {
+        match b.offer(item(11 + max, 1), Seq(10), Some("no space left on device")) {
             Offer::Refused(_, r) => {
                 assert_eq!(r.bound, Bound::Distance);
                 assert_eq!(
@@ -415,16 +422,19 @@ mod tests {
     fn take_in_order_stops_at_a_gap() {
         let mut b = ReorderBuffer::new();
         for seq in [11, 12, 14, 15] {
-            assert!(matches!(b.offer(item(seq, 10), 10, None), Offer::Held));
+            assert!(matches!(b.offer(item(seq, 10), Seq(10), None), Offer::Held));
         }
-        assert!(b.next_ready(10));
-        assert_eq!(seqs(&b.take_in_order(10, usize::MAX)), vec![11, 12]);
+        assert!(b.next_ready(Seq(10)));
+        assert_eq!(seqs(&b.take_in_order(Seq(10), usize::MAX)), vec![11, 12]);
         assert_eq!((b.len(), b.bytes()), (2, 20));
         // Nothing follows head 12 yet.
-        assert!(!b.next_ready(12));
-        assert!(b.take_in_order(12, usize::MAX).is_empty());
-        assert!(matches!(b.offer(item(13, 10), 12, None), Offer::Held));
-        assert_eq!(seqs(&b.take_in_order(12, usize::MAX)), vec![13, 14, 15]);
+        assert!(!b.next_ready(Seq(12)));
+        assert!(b.take_in_order(Seq(12), usize::MAX).is_empty());
+        assert!(matches!(b.offer(item(13, 10), Seq(12), None), Offer::Held));
+        assert_eq!(
+            seqs(&b.take_in_order(Seq(12), usize::MAX)),
+            vec![13, 14, 15]
+        );
         assert_eq!((b.len(), b.bytes()), (0, 0));
     }
 
@@ -432,13 +442,13 @@ mod tests {
     fn take_in_order_stops_at_max_bytes_but_takes_at_least_one() {
         let mut b = ReorderBuffer::new();
         for (seq, len) in [(1, 40), (2, 40), (3, 30), (4, 10)] {
-            assert!(matches!(b.offer(item(seq, len), 0, None), Offer::Held));
+            assert!(matches!(b.offer(item(seq, len), Seq(0), None), Offer::Held));
         }
         // 40 + 40 = 80 ≤ 100, + 30 > 100.
-        assert_eq!(seqs(&b.take_in_order(0, 100)), vec![1, 2]);
+        assert_eq!(seqs(&b.take_in_order(Seq(0), 100)), vec![1, 2]);
         // One batch over the limit is still taken, alone.
-        assert_eq!(seqs(&b.take_in_order(2, 5)), vec![3]);
-        assert_eq!(seqs(&b.take_in_order(3, 10)), vec![4]);
+        assert_eq!(seqs(&b.take_in_order(Seq(2), 5)), vec![3]);
+        assert_eq!(seqs(&b.take_in_order(Seq(3), 10)), vec![4]);
         assert_eq!(b.bytes(), 0);
     }
 
@@ -447,33 +457,36 @@ mod tests {
         let mut b = ReorderBuffer::new();
         for seq in 1..=3 {
             assert!(matches!(
-                b.offer(item(seq, seq as usize), 0, None),
+                b.offer(item(seq, seq as usize), Seq(0), None),
                 Offer::Held
             ));
         }
-        let run = b.take_in_order(0, usize::MAX);
+        let run = b.take_in_order(Seq(0), usize::MAX);
         assert_eq!((b.len(), b.bytes()), (0, 0));
         for i in run {
             b.put_back(i);
         }
         assert_eq!((b.len(), b.bytes()), (3, 6));
-        assert!(b.next_ready(0));
-        assert_eq!(seqs(&b.take_in_order(0, usize::MAX)), vec![1, 2, 3]);
+        assert!(b.next_ready(Seq(0)));
+        assert_eq!(seqs(&b.take_in_order(Seq(0), usize::MAX)), vec![1, 2, 3]);
     }
 
     #[test]
     fn drop_through_after_a_reload_drops_what_is_durable() {
         let mut b = ReorderBuffer::new();
         for seq in [12, 13, 15, 20] {
-            assert!(matches!(b.offer(item(seq, 100), 10, None), Offer::Held));
+            assert!(matches!(
+                b.offer(item(seq, 100), Seq(10), None),
+                Offer::Held
+            ));
         }
         // A reload found head 15 (another connection's batches got there first).
-        b.drop_through(15);
+        b.drop_through(Seq(15));
         assert_eq!((b.len(), b.bytes()), (1, 100));
-        assert!(!b.next_ready(15));
-        b.drop_through(15);
+        assert!(!b.next_ready(Seq(15)));
+        b.drop_through(Seq(15));
         assert_eq!(b.len(), 1);
-        b.drop_through(u64::MAX);
+        b.drop_through(Seq(u64::MAX));
         assert_eq!((b.len(), b.bytes()), (0, 0));
     }
 
@@ -481,13 +494,13 @@ mod tests {
     fn clear_on_fence_drops_everything() {
         let mut b = ReorderBuffer::new();
         for seq in [2, 3, 9] {
-            assert!(matches!(b.offer(item(seq, 100), 1, None), Offer::Held));
+            assert!(matches!(b.offer(item(seq, 100), Seq(1), None), Offer::Held));
         }
         b.clear();
         assert_eq!((b.len(), b.bytes()), (0, 0));
-        assert!(!b.next_ready(1));
+        assert!(!b.next_ready(Seq(1)));
         // And it takes batches again afterwards.
-        assert!(matches!(b.offer(item(2, 5), 1, None), Offer::Held));
+        assert!(matches!(b.offer(item(2, 5), Seq(1), None), Offer::Held));
         assert_eq!(b.bytes(), 5);
     }
 
@@ -524,9 +537,9 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Offer { ahead, hash, len } => {
-                        let i = Item { seq: head + ahead, hash, len, reply: 0 };
+                        let i = Item { seq: Seq(head + ahead), hash, len, reply: 0 };
                         let (count, before) = (b.len(), b.bytes());
-                        match b.offer(i, head, None) {
+                        match b.offer(i, Seq(head), None) {
                             Offer::Duplicate(_) => prop_assert_eq!(ahead, 0),
                             Offer::Refreshed | Offer::Refused(_, _) => {
                                 prop_assert_eq!((b.len(), b.bytes()), (count, before));
@@ -544,17 +557,17 @@ mod tests {
                     }
                     Op::Advance(n) => {
                         head += n;
-                        b.drop_through(head);
-                        taken.retain(|i| i.seq > head);
-                        prop_assert!(b.waiting.keys().all(|s| *s > head));
+                        b.drop_through(Seq(head));
+                        taken.retain(|i| i.seq > Seq(head));
+                        prop_assert!(b.waiting.keys().all(|s| *s > Seq(head)));
                     }
                     Op::Take(max) => {
-                        let run = b.take_in_order(head, max);
+                        let run = b.take_in_order(Seq(head), max);
                         let total: usize = run.iter().map(|i| i.len).sum();
                         prop_assert!(run.len() <= 1 || total <= max);
-                        prop_assert!(!b.next_ready(head));
+                        prop_assert!(!b.next_ready(Seq(head)));
                         for (k, i) in run.iter().enumerate() {
-                            prop_assert_eq!(i.seq, head + 1 + k as u64);
+                            prop_assert_eq!(i.seq, Seq(head + 1 + k as u64));
                         }
                         taken.extend(run);
                     }

@@ -1,5 +1,6 @@
 //! The sans-IO core of ingest: what one batch means for its group's volumes.
 
+use cdp_shared::types::Seq;
 use std::collections::HashMap;
 
 use cdp_shared::batch::{CheckedBatch, RecordKind};
@@ -51,7 +52,7 @@ pub struct StateChange {
     pub volume: u32,
     pub state: VolumeState,
     /// The seq whose batch completed the volume's initial sync, when it did.
-    pub sync_done_seq: Option<u64>,
+    pub sync_done_seq: Option<Seq>,
 }
 
 /// The semantic checks of one batch and its plan, against `volumes` as they stand when the
@@ -62,7 +63,7 @@ pub fn plan_batch(
     group: &str,
     volumes: &HashMap<u32, VolumeEntry>,
 ) -> std::result::Result<BatchPlan, String> {
-    let seq = batch.header().seq.0;
+    let seq = batch.header().seq;
     let count = batch.record_count();
     let mut states: HashMap<u32, VolumeState> = HashMap::new();
     let mut plan = BatchPlan {
@@ -238,7 +239,7 @@ mod tests {
                 StateChange {
                     volume: 1,
                     state: VolumeState::Protecting,
-                    sync_done_seq: Some(5)
+                    sync_done_seq: Some(Seq(5))
                 }
             ]
         );

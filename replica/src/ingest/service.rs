@@ -48,7 +48,7 @@ pub(super) struct ServiceInner {
     /// before a forget of one of its groups is closed.
     pub(super) forget_epochs: Mutex<HashMap<String, u64>>,
     /// Every open group's durable head (see [`super::Heads`]).
-    pub(super) heads: watch::Sender<HashMap<i64, u64>>,
+    pub(super) heads: watch::Sender<HashMap<i64, Seq>>,
 }
 
 impl ServiceInner {
@@ -288,11 +288,11 @@ impl IngestService {
         reply: &Reply,
     ) {
         let received_ns = now_ns();
-        let refuse = |group: Option<&str>, seq: u64, reason: String| {
-            tracing::warn!(group, seq, agent = %agent, "refused a batch: {reason}");
+        let refuse = |group: Option<&str>, seq: Seq, reason: String| {
+            tracing::warn!(group, seq = seq.0, agent = %agent, "refused a batch: {reason}");
             Control::Nack {
                 group: group.map(str::to_owned),
-                seq: Seq(seq),
+                seq,
                 reason,
             }
         };
@@ -300,13 +300,17 @@ impl IngestService {
             Ok(h) => h,
             Err(e) => {
                 let _ = reply
-                    .send(refuse(None, 0, format!("unreadable batch header: {e}")))
+                    .send(refuse(
+                        None,
+                        Seq::ZERO,
+                        format!("unreadable batch header: {e}"),
+                    ))
                     .await;
                 return;
             }
         };
         let group = unchecked.header().group.clone();
-        let seq = unchecked.header().seq.0;
+        let seq = unchecked.header().seq;
         if !announced.contains(&group) {
             let reason = format!("group {group} was not announced in this connection's hello");
             let _ = reply.send(refuse(Some(&group), seq, reason)).await;
@@ -341,7 +345,11 @@ impl IngestService {
             reply: reply.clone(),
         }));
         if tx.send(msg).await.is_err() {
-            tracing::debug!(group, seq, "dropped a batch: its group is shutting down");
+            tracing::debug!(
+                group,
+                seq = seq.0,
+                "dropped a batch: its group is shutting down"
+            );
         }
     }
 

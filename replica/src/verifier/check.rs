@@ -2,6 +2,7 @@
 //! reconstruction at S, and storing the result (steps 1–5 of the module docs of
 //! [`crate::verifier`]).
 
+use cdp_shared::types::Seq;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,7 +56,7 @@ async fn check_chunk(ctx: &Ctx, t: &Target, chunk: u64) -> Result<Option<Check>>
         Asked::Answer(Control::VerifyRefused { reason, .. }) => {
             return Ok(Some(Check::without_seq(VerifyOutcome::Skipped, reason)));
         }
-        Asked::Answer(Control::VerifyReply { seq, hash, .. }) => (seq.0, hash),
+        Asked::Answer(Control::VerifyReply { seq, hash, .. }) => (seq, hash),
         Asked::Answer(other) => {
             return Ok(Some(Check::without_seq(
                 VerifyOutcome::Skipped,
@@ -81,7 +82,7 @@ async fn check_chunk(ctx: &Ctx, t: &Target, chunk: u64) -> Result<Option<Check>>
                 if changed.is_err() {
                     return Ok(None);
                 }
-                head = head.max(heads.borrow_and_update().get(&t.group_id).copied().unwrap_or(0));
+                head = head.max(heads.borrow_and_update().get(&t.group_id).copied().unwrap_or(Seq::ZERO));
             }
             _ = tokio::time::sleep_until(deadline) => {
                 return Ok(Some(with_seq(
@@ -103,7 +104,7 @@ async fn check_chunk(ctx: &Ctx, t: &Target, chunk: u64) -> Result<Option<Check>>
             Err(_) => return Ok(None),
         },
     };
-    let spec = PointSpec::Seq(seq);
+    let spec = PointSpec::Seq(seq.0);
     let (_, pin) = match pin_in(
         dir,
         catalog,
@@ -201,7 +202,7 @@ async fn record(
         }
         VerifyOutcome::Match => return Ok(false),
     }
-    let seq = check.seq.unwrap_or(0);
+    let seq = check.seq.unwrap_or(Seq::ZERO);
     let reason = check.reason.clone().unwrap_or_default();
     let new = ctx
         .catalog

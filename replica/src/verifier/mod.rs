@@ -114,6 +114,7 @@
 //!
 //! [`check_chunk`]: check::check_chunk
 
+use cdp_shared::types::Seq;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -195,7 +196,7 @@ struct Ctx {
     config: VerifierConfig,
     token: CancellationToken,
     /// Group id → durable head, published by ingest after its commits.
-    heads: watch::Receiver<HashMap<i64, u64>>,
+    heads: watch::Receiver<HashMap<i64, Seq>>,
     /// Reconstructions at once (each reads and hashes a chunk).
     reconstructions: Semaphore,
 }
@@ -212,7 +213,7 @@ pub struct Target {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Check {
     pub outcome: VerifyOutcome,
-    pub seq: Option<u64>,
+    pub seq: Option<Seq>,
     pub agent_hash: Option<String>,
     pub replica_hash: Option<String>,
     pub reason: Option<String>,
@@ -237,7 +238,7 @@ pub async fn start(
     dir: DataDir,
     catalog: Catalog,
     ports: AgentPorts,
-    heads: watch::Receiver<HashMap<i64, u64>>,
+    heads: watch::Receiver<HashMap<i64, Seq>>,
     config: VerifierConfig,
     token: CancellationToken,
 ) -> Result<JoinHandle<()>> {
@@ -269,8 +270,8 @@ pub async fn start(
     }))
 }
 
-fn window_floor(g: &GroupRow, v: &VolumeRow) -> u64 {
-    g.window_floor().max(v.sync_done_seq.unwrap_or(0))
+fn window_floor(g: &GroupRow, v: &VolumeRow) -> Seq {
+    g.window_floor().max(v.sync_done_seq.unwrap_or(Seq::ZERO))
 }
 
 #[cfg(test)]
@@ -285,7 +286,7 @@ mod tests {
             time_ns,
             volume_id,
             chunk,
-            seq: Some(1),
+            seq: Some(Seq(1)),
             agent_hash: None,
             replica_hash: None,
             outcome,
@@ -302,7 +303,7 @@ mod tests {
             .await
             .expect("catalog");
         let g = catalog
-            .create_group("g", "owner", "gen", 0, &Retention::default(), 0)
+            .create_group("g", "owner", "gen", Seq(0), &Retention::default(), 0)
             .await
             .expect("group");
         let v = catalog
@@ -400,7 +401,7 @@ mod tests {
             id: 0,
             volume_id: v.id,
             chunk: 2,
-            seq: 7,
+            seq: Seq(7),
             found_ns: 50,
             reason: "the hashes differ".into(),
             agent_hash: "a".into(),
@@ -416,7 +417,7 @@ mod tests {
         let open = catalog.open_mismatches(v.id).await.expect("open");
         assert_eq!(open.len(), 1);
         catalog
-            .mark_repaired(open[0].id, 60, 9)
+            .mark_repaired(open[0].id, 60, Seq(9))
             .await
             .expect("repair");
         assert!(
@@ -430,7 +431,7 @@ mod tests {
         let listed = catalog.mismatches_for_report(v.id, 0).await.expect("list");
         assert_eq!(
             (listed[0].repaired_ns, listed[0].repaired_seq),
-            (Some(60), Some(9))
+            (Some(60), Some(Seq(9)))
         );
         assert!(
             catalog

@@ -1,6 +1,7 @@
 //! The report of `verify report` (human tables in the binary, JSON as documented in the
 //! module docs of [`crate::verifier`]).
 
+use cdp_shared::types::Seq;
 use std::path::Path;
 
 use cdp_shared::types::CHUNK_BYTES;
@@ -62,7 +63,7 @@ pub struct MismatchReport {
     pub chunk: u64,
     pub offset: u64,
     pub length: u64,
-    pub seq: u64,
+    pub seq: Seq,
     pub found: String,
     pub reason: String,
     pub agent_hash: String,
@@ -74,16 +75,16 @@ pub struct MismatchReport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RepairedReport {
     pub time: String,
-    pub seq: u64,
+    pub seq: Seq,
 }
 
 /// Points whose image of the chunk may hold the bad bytes: `from_seq ≤ p < before_seq`
 /// (`before_seq` null: up to the head). See the module docs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SuspectPoints {
-    pub from_seq: u64,
-    pub likely_from_seq: u64,
-    pub before_seq: Option<u64>,
+    pub from_seq: Seq,
+    pub likely_from_seq: Seq,
+    pub before_seq: Option<Seq>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -1,6 +1,7 @@
 //! On-demand runs and repairs, requested by the CLI through catalog rows and carried out by
 //! serve's verifier.
 
+use cdp_shared::types::Seq;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -268,7 +269,7 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<Repair> {
         .into_iter()
         .collect();
     // Ask the agent to resend them; R is the newest seq it named.
-    let mut started = 0u64;
+    let mut started = Seq::ZERO;
     for part in chunks.chunks(REPAIR_CHUNKS_PER_MESSAGE_MAX) {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -294,7 +295,7 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<Repair> {
                 .await;
             match asked {
                 Asked::Answer(Control::RepairStarted { seq, .. }) => {
-                    started = started.max(seq.0);
+                    started = started.max(seq);
                     break;
                 }
                 Asked::Answer(Control::RepairRefused { reason, .. }) => {
@@ -316,7 +317,7 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<Repair> {
             }
         }
     }
-    tracing::info!(volume = %t.volume.name, chunks = chunks.len(), after = started, "the agent resends the mismatched chunks");
+    tracing::info!(volume = %t.volume.name, chunks = chunks.len(), after = started.0, "the agent resends the mismatched chunks");
     // The resync is durable once a consistent batch after R is: looked for again at every
     // commit of the group (ingest publishes its head).
     let mut heads = ctx.heads.clone();
@@ -325,7 +326,7 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<Repair> {
         if head > started
             && let Some(b) = ctx
                 .catalog
-                .consistent_batch(t.group_id, started + 1, head, None, false)
+                .consistent_batch(t.group_id, started.next(), head, None, false)
                 .await?
         {
             break b.seq;
@@ -364,7 +365,8 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<Repair> {
                 Some(c) => break c,
             }
         };
-        if outcome.outcome == VerifyOutcome::Match && outcome.seq.unwrap_or(0) >= consistent {
+        if outcome.outcome == VerifyOutcome::Match && outcome.seq.unwrap_or(Seq::ZERO) >= consistent
+        {
             ctx.catalog
                 .mark_repaired(m.id, now_ns(), consistent)
                 .await?;

@@ -1,6 +1,7 @@
 //! Which chunks the background verifier checks, and how fast: recent chunks first, then the
 //! persisted uniform sweep.
 
+use cdp_shared::types::Seq;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +25,7 @@ pub(super) async fn background(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut queue: VecDeque<(Arc<Target>, u64)> = VecDeque::new();
-    let mut cursors: HashMap<i64, u64> = HashMap::new();
+    let mut cursors: HashMap<i64, Seq> = HashMap::new();
     let mut jobs: JoinSet<()> = JoinSet::new();
     let mut last_prune: Option<Instant> = None;
     'outer: loop {
@@ -76,7 +77,7 @@ pub(super) async fn background(ctx: Arc<Ctx>) {
 pub async fn choose(
     catalog: &Catalog,
     ports: &AgentPorts,
-    cursors: &mut HashMap<i64, u64>,
+    cursors: &mut HashMap<i64, Seq>,
 ) -> Result<VecDeque<(Arc<Target>, u64)>> {
     let mut recent = VecDeque::new();
     let mut sweep = VecDeque::new();
