@@ -64,15 +64,18 @@ pub struct VolumeWelcome {
     pub state: VolumeState,
 }
 
-/// Where a volume stands on the replica (JSON: `"new"`, `"syncing"`, `"protecting"`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Where a volume stands on the replica (JSON: `"new"`, `"syncing"`, `"protecting"`); the
+/// replica's catalog stores the same names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VolumeState {
-    /// No image yet: the agent must run an initial sync.
+    /// Announced by the agent; no image yet: the agent must run an initial sync.
     New,
-    /// An initial sync began and did not complete: the agent starts it again.
+    /// An initial sync began and did not complete (records go straight to the target file,
+    /// nothing is journaled): the agent starts it again.
     Syncing,
-    /// The replica holds the volume's image and its history.
+    /// The replica holds the volume's image and its history: records are journaled, and the
+    /// window starts at the seq that completed the sync.
     Protecting,
 }
 

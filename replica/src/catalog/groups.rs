@@ -91,7 +91,7 @@ fn volume_of(t: VolumeTuple) -> Result<VolumeRow> {
         agent_volume_id: t.2 as u32,
         name: t.3,
         size: t.4 as u64,
-        state: t.5.parse()?,
+        state: super::parse_volume_state(&t.5)?,
         sync_done_seq: t.6.map(|s| Seq(s as u64)),
     })
 }

@@ -19,7 +19,6 @@
 
 use cdp_shared::types::Seq;
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use cdp_shared::batch::Hash;
@@ -58,48 +57,18 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections in a pool (SQLite has one writer; readers share the rest).
 pub const POOL_CONNECTIONS_MAX: u32 = 4;
 
-/// State of a volume on the replica.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum VolumeState {
-    /// Announced by the agent; its initial sync has not begun.
-    New,
-    /// Initial sync running: records go straight to the target file, nothing is journaled.
-    Syncing,
-    /// Records are journaled; the window starts at `sync_done_seq`.
-    Protecting,
-}
+/// State of a volume on the replica: the wire's type, stored as its name (`as_str`).
+pub use cdp_shared::wire::VolumeState;
 
-impl VolumeState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VolumeState::New => "new",
-            VolumeState::Syncing => "syncing",
-            VolumeState::Protecting => "protecting",
-        }
-    }
-
-    /// The same state in the control protocol (`Welcome`).
-    pub fn on_wire(self) -> cdp_shared::wire::VolumeState {
-        use cdp_shared::wire::VolumeState as Wire;
-        match self {
-            VolumeState::New => Wire::New,
-            VolumeState::Syncing => Wire::Syncing,
-            VolumeState::Protecting => Wire::Protecting,
-        }
-    }
-}
-
-impl FromStr for VolumeState {
-    type Err = ReplicaError;
-    fn from_str(s: &str) -> Result<VolumeState> {
-        match s {
-            "new" => Ok(VolumeState::New),
-            "syncing" => Ok(VolumeState::Syncing),
-            "protecting" => Ok(VolumeState::Protecting),
-            other => Err(ReplicaError::CatalogCorrupt(format!(
-                "unknown volume state {other:?}"
-            ))),
-        }
+/// A volume state read from the catalog.
+pub(crate) fn parse_volume_state(s: &str) -> Result<VolumeState> {
+    match s {
+        "new" => Ok(VolumeState::New),
+        "syncing" => Ok(VolumeState::Syncing),
+        "protecting" => Ok(VolumeState::Protecting),
+        other => Err(ReplicaError::CatalogCorrupt(format!(
+            "unknown volume state {other:?}"
+        ))),
     }
 }
 

@@ -230,7 +230,7 @@ impl IngestService {
             .iter()
             .map(|v| VolumeWelcome {
                 id: v.agent_volume_id,
-                state: v.state.on_wire(),
+                state: v.state,
             })
             .collect();
         let head_hash = match g.head_hash {
