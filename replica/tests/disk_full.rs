@@ -525,15 +525,7 @@ async fn a_lower_journal_cap_frees_a_full_disk_at_once() {
         return;
     };
     let root = fs.path.join("replica");
-    let replica_fp = init_replica(&root).await;
-    let agent_id = Identity::generate("cap-agent").expect("identity");
-    cdp_replica::authorize(&root, agent_id.fingerprint(), "cap").expect("authorize");
-    let server = Server::start(&root, "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("server");
-    let mut agent = QuicAgent::connect(&agent_id, replica_fp, server.local_addr())
-        .await
-        .expect("connect");
+    let (server, mut agent) = serve_with_agent(&root, "cap").await;
     let vol = (0u32, "capped", CHUNK_BYTES);
     let mut sim = AgentSim::new("g", &[vol]);
     sim.keep_history = false;

@@ -500,15 +500,7 @@ async fn a_record_whose_data_fails_its_hash_is_refused_and_ingest_goes_on() {
     const BIG: (u32, &str, u64) = (0, "disk0", 3 * CHUNK_BYTES);
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path().join("replica");
-    let replica_fp = init_replica(&root).await;
-    let agent_id = Identity::generate("test-agent").expect("agent identity");
-    cdp_replica::authorize(&root, agent_id.fingerprint(), "test").expect("authorize");
-    let server = Server::start(&root, "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("server");
-    let mut agent = QuicAgent::connect(&agent_id, replica_fp, server.local_addr())
-        .await
-        .expect("connect");
+    let (server, mut agent) = serve_with_agent(&root, "test").await;
     let mut sim = AgentSim::new("g", &[BIG]);
     sim.images.insert(0, pattern(5, BIG.2 as usize));
     sim.history[0] = sim.images.clone();

@@ -186,11 +186,10 @@ fn hash_at(b: &[u8], at: usize) -> Hash {
     h
 }
 
-/// Decodes and checks a batch header from the start of `buf` (which may hold more).
-/// Does not look at the payload.
-pub fn decode_header(buf: &[u8]) -> Result<BatchHeader, BatchError> {
-    if buf.len() < HEADER_FIXED_BYTES {
-        return Err(BatchError::Truncated(HEADER_FIXED_BYTES - buf.len()));
+/// `buf` holds at least `need` bytes and starts with this format's magic and version.
+fn check_prefix(buf: &[u8], need: usize) -> Result<(), BatchError> {
+    if buf.len() < need {
+        return Err(BatchError::Truncated(need - buf.len()));
     }
     if buf[0..4] != MAGIC {
         return Err(BatchError::BadMagic);
@@ -199,6 +198,13 @@ pub fn decode_header(buf: &[u8]) -> Result<BatchHeader, BatchError> {
     if version != VERSION {
         return Err(BatchError::BadVersion(version));
     }
+    Ok(())
+}
+
+/// Decodes and checks a batch header from the start of `buf` (which may hold more).
+/// Does not look at the payload.
+pub fn decode_header(buf: &[u8]) -> Result<BatchHeader, BatchError> {
+    check_prefix(buf, HEADER_FIXED_BYTES)?;
     let flags = u16_at(buf, 6);
     if flags & !BatchFlags::KNOWN != 0 {
         return Err(BatchError::BadHeader("unknown flags"));
@@ -521,16 +527,7 @@ const HEADER_BYTES_MIN: usize = HEADER_FIXED_BYTES + 1 + HASH_BYTES;
 /// announcement is refused before anyone allocates; [`decode_header`] checks the rest. A
 /// header that `decode_header` accepts announces its [`BatchHeader::total_len`].
 pub fn announced_len(prefix: &[u8]) -> Result<usize, BatchError> {
-    if prefix.len() < LENGTH_PREFIX_BYTES {
-        return Err(BatchError::Truncated(LENGTH_PREFIX_BYTES - prefix.len()));
-    }
-    if prefix[0..4] != MAGIC {
-        return Err(BatchError::BadMagic);
-    }
-    let version = u16_at(prefix, 4);
-    if version != VERSION {
-        return Err(BatchError::BadVersion(version));
-    }
+    check_prefix(prefix, LENGTH_PREFIX_BYTES)?;
     let header_len = u32_at(prefix, 8) as usize;
     if !(HEADER_BYTES_MIN..=HEADER_BYTES_MAX).contains(&header_len) {
         return Err(BatchError::BadHeader("header length out of range"));

@@ -489,6 +489,21 @@ pub async fn wait_ack(replies: &mut mpsc::Receiver<Control>, group: &str, seq: u
     }
 }
 
+/// A replica initialized in `root`, serving on loopback, with one agent named `name`
+/// authorized and connected over QUIC.
+pub async fn serve_with_agent(root: &Path, name: &str) -> (cdp_replica::ServerHandle, QuicAgent) {
+    let replica_fp = init_replica(root).await;
+    let agent_id = Identity::generate(&format!("{name}-agent")).expect("agent identity");
+    cdp_replica::authorize(root, agent_id.fingerprint(), name).expect("authorize");
+    let server = cdp_replica::Server::start(root, "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("server");
+    let agent = QuicAgent::connect(&agent_id, replica_fp, server.local_addr())
+        .await
+        .expect("connect");
+    (server, agent)
+}
+
 /// A QUIC agent for tests.
 pub struct QuicAgent {
     pub endpoint: quinn::Endpoint,
