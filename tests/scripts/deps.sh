@@ -11,7 +11,9 @@ have nbdfuse  || need+=(libnbd-bin)
 have nbdkit   || need+=(nbdkit)
 have qemu-io  || need+=(qemu-utils)
 have qemu-img || need+=(qemu-utils)
+have qemu-storage-daemon || need+=(qemu-utils)   # the bench's replicating peer
 have fio      || need+=(fio)
+have taskset  || need+=(util-linux)
 have mkfs.ext4 || need+=(e2fsprogs)
 have fusermount3 || need+=(fuse3)
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need+=(python3-libnbd)
@@ -32,3 +34,9 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+# Some Debian releases ship qemu-storage-daemon in qemu-system-common
+# rather than qemu-utils.
+if ! have qemu-storage-daemon; then
+  echo "installing: qemu-system-common (for qemu-storage-daemon)"
+  $SUDO apt-get install -y -qq --no-install-recommends qemu-system-common
+fi
