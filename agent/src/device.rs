@@ -23,6 +23,12 @@ pub trait BlockDev: Send + Sync + 'static {
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Makes every completed write durable.
     fn sync(&self) -> io::Result<()>;
+    /// Reads like [`BlockDev::read_at`] when every byte is in the page cache already, without
+    /// waiting for the disk; `Ok(false)` when it would have to wait (or cannot tell), and the
+    /// caller then reads on the blocking pool. `buf` may be partly filled then.
+    fn read_cached(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
     /// Reads like [`BlockDev::read_at`], for the agent's own reads of whole chunks (syncs,
     /// resyncs, the verifier), leaving as little as it can in the page cache. A sync reads
     /// the whole device: left cached, its pages would crowd out the client's and, cached as
@@ -162,6 +168,31 @@ impl BlockDev for FileDev {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        use rustix::io::{Errno, ReadWriteFlags, preadv2};
+        let mut done = 0;
+        while done < buf.len() {
+            let mut slice = [io::IoSliceMut::new(&mut buf[done..])];
+            match preadv2(
+                &self.file,
+                &mut slice,
+                offset + done as u64,
+                ReadWriteFlags::NOWAIT,
+            ) {
+                // Past the end: the blocking read reports it.
+                Ok(0) => return Ok(false),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                // Not all cached (AGAIN), or no RWF_NOWAIT here (OPNOTSUPP, NOSYS, INVAL).
+                Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(true)
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {

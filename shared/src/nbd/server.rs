@@ -25,7 +25,9 @@
 
 use std::future::Future;
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -292,13 +294,7 @@ struct ReplyTo {
 
 impl ReplyTo {
     async fn send(self, result: ExportResult<Vec<u8>>) {
-        let (error, data) = match result {
-            Ok(data) => (0, data),
-            Err(e) => {
-                tracing::debug!(handle = self.handle, error = %e, "NBD request failed");
-                (e.nbd_errno(), Vec::new())
-            }
-        };
+        let (error, data) = reply_parts(self.handle, result);
         let reply = Reply {
             handle: self.handle,
             error,
@@ -324,20 +320,81 @@ impl ReplyTo {
         let _ = self.tx.send(reply).await;
     }
 
-    /// Awaits an admitted export operation in its own task and sends its reply. The operation
-    /// runs in a task of its own so that a panic in it still gets an EIO reply instead of
-    /// leaving the client waiting.
+    /// Runs an admitted export operation and sends its reply. The operation is polled once
+    /// right here: one that is done at once (a read served from the page cache) is answered
+    /// without a task. Otherwise it goes on in a task of its own. Either way a panic in it gets
+    /// an EIO reply instead of leaving the client waiting.
     fn spawn<F>(self, operation: F)
     where
         F: Future<Output = ExportResult<Vec<u8>>> + Send + 'static,
     {
-        tokio::spawn(async move {
-            let result = match tokio::spawn(operation).await {
-                Ok(result) => result,
-                Err(e) => Err(ExportError::Io(format!("export operation failed: {e}"))),
-            };
-            self.send(result).await;
-        });
+        let mut operation: BoxedOperation = Box::pin(operation);
+        let mut cx = Context::from_waker(Waker::noop());
+        match poll_guarded(&mut operation, &mut cx) {
+            Poll::Ready(result) => self.send_now(result),
+            Poll::Pending => {
+                tokio::spawn(async move {
+                    let result = std::future::poll_fn(|cx| poll_guarded(&mut operation, cx)).await;
+                    self.send(result).await;
+                });
+            }
+        }
+    }
+
+    /// Sends the reply without waiting: the channel holds as many replies as there are slots,
+    /// and this reply holds one, so there is room. Should the channel be full all the same,
+    /// the reply is sent from a task.
+    fn send_now(self, result: ExportResult<Vec<u8>>) {
+        let tx = self.tx.clone();
+        let (handle, slot, bytes) = (self.handle, self.slot, self.bytes);
+        let (error, data) = reply_parts(handle, result);
+        let reply = Reply {
+            handle,
+            error,
+            data,
+            _slot: slot,
+            _bytes: bytes,
+        };
+        match tx.try_send(reply) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(reply)) => {
+                tokio::spawn(async move {
+                    let _ = tx.send(reply).await;
+                });
+            }
+            // The writer has stopped because the connection broke: dropping the reply
+            // releases its permits.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+/// An admitted export operation, boxed so that it can be polled in place and then moved into
+/// a task if it is not done.
+type BoxedOperation = std::pin::Pin<Box<dyn Future<Output = ExportResult<Vec<u8>>> + Send>>;
+
+/// Polls an operation, turning a panic into an I/O error. After a panic (or `Ready`) the
+/// operation is not polled again.
+fn poll_guarded(
+    operation: &mut BoxedOperation,
+    cx: &mut Context<'_>,
+) -> Poll<ExportResult<Vec<u8>>> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| operation.as_mut().poll(cx))) {
+        Ok(poll) => poll,
+        Err(_) => Poll::Ready(Err(ExportError::Io(
+            "export operation failed: it panicked".to_owned(),
+        ))),
+    }
+}
+
+/// The error code and payload of a reply to `result`.
+fn reply_parts(handle: u64, result: ExportResult<Vec<u8>>) -> (u32, Vec<u8>) {
+    match result {
+        Ok(data) => (0, data),
+        Err(e) => {
+            tracing::debug!(handle, error = %e, "NBD request failed");
+            (e.nbd_errno(), Vec::new())
+        }
     }
 }
 
