@@ -39,7 +39,7 @@ bench: deps release
 
 # Longer runs of the randomized and fault tests (counts raised).
 soak: deps release
-	CDP_TEST_DEADLINE_S=14400 CDP_VERIFY_SECS=600 CDP_ORACLE_OPS=20000 CDP_REPLICA_KILLS=200 CDP_AGENT_KILLS=200 CDP_CRASH_ROUNDS=100 CDP_REPAIR_ROUNDS=100 CDP_OVERFLOW_ROUNDS=100 $(CARGO) test --workspace --release --locked -- --test-threads=1
+	CDP_TEST_DEADLINE_S=14400 CDP_VERIFY_SECS=600 CDP_ORACLE_OPS=20000 CDP_REPLICA_KILLS=200 CDP_AGENT_KILLS=200 CDP_UNSPOOLED_KILLS=50 CDP_CRASH_ROUNDS=100 CDP_REPAIR_ROUNDS=100 CDP_OVERFLOW_ROUNDS=100 $(CARGO) test --workspace --release --locked -- --test-threads=1
 
 clean:
 	$(CARGO) clean

@@ -6,6 +6,10 @@
 //!   default 20);
 //! * the agent killed with SIGKILL at random moments during writes (`CDP_AGENT_KILLS`, default
 //!   20): the activity log names the chunks to resync;
+//! * the agent killed with SIGKILL while the replica has acknowledged batches its spool never
+//!   wrote (`CDP_UNSPOOLED_KILLS`, default 5, 50 in `make soak`): the spool skips what the
+//!   replica acknowledged first, and after the restart the agent continues on its own chain
+//!   without comparing every chunk;
 //!
 //! A spool overflow (dirty regions, their resync) is in `resync_paths.rs`, with the crash and
 //! repair paths that end in the same resync.
@@ -264,5 +268,94 @@ fn agent_killed_at_random_resyncs_what_it_had_in_flight() {
     assert!(
         log.contains("did not stop cleanly") || log.contains("activity log"),
         "the agent noticed the unclean stop: {log}"
+    );
+}
+
+#[test]
+fn agent_killed_with_acknowledged_batches_never_spooled_loses_nothing() {
+    if !require_python_nbd() {
+        return;
+    }
+    let seed = test_seed();
+    let kills = count("CDP_UNSPOOLED_KILLS", 5);
+    let (mut c, dev, mut model) = started(16 * MIB, 4 * MIB, seed);
+    let mut rng = Lcg(seed ^ 0x5b001);
+    let mut on_chain = 0;
+    for k in 0..kills {
+        let mut w = Writer::new(
+            &c.nbd_uri("v"),
+            16 * MIB,
+            seed.wrapping_add(1000 + k as u64),
+        );
+        let ops = 10 + rng.below(60);
+        let flush_at = rng.below(ops);
+        for i in 0..ops {
+            w.op(&mut model)
+                .unwrap_or_else(|e| panic!("write failed in round {k}: {e}"));
+            if i == flush_at {
+                w.nbd.flush().expect("flush");
+            }
+        }
+        // Every batch acknowledged, and the last ones never written to the spool: the writer
+        // lags behind the sender and skips what the replica acknowledged first. A flush (or
+        // a FUA write) has the spool write everything queued, and an ack slower than the
+        // writer's lag lets it write too: plain writes follow until the state is reached.
+        let mut last = serde_json::Value::Null;
+        let mut block = vec![0u8; 4096];
+        let mut tries = 0;
+        wait_until(
+            &format!("round {k}: the replica to acknowledge batches the spool never wrote"),
+            Duration::from_secs(120),
+            || {
+                last = c.volume_status("v");
+                let acked = last["acked_seq"].as_u64().unwrap_or(0);
+                if last["last_seq"].as_u64() == Some(acked)
+                    && last["spool_written_seq"]
+                        .as_u64()
+                        .is_some_and(|s| s < acked)
+                {
+                    return true;
+                }
+                tries += 1;
+                if tries % 10 == 1 {
+                    rng.fill(&mut block);
+                    let at = rng.below(16 * MIB / 4096) * 4096;
+                    w.nbd.write(at, &block, false).expect("plain write");
+                    model[at as usize..at as usize + 4096].copy_from_slice(&block);
+                }
+                false
+            },
+        );
+        c.agent.as_mut().expect("agent").kill9();
+        drop(w);
+        let device = read_file(&dev);
+        assert_same_image(
+            &format!("round {k}: the device after the kill"),
+            &device,
+            &model,
+        );
+        c.start_agent();
+        c.wait_in_step("v", Duration::from_secs(120));
+        assert_eq!(
+            restore_hash(&c, "v", "latest"),
+            hash(&model),
+            "round {k}: latest equals the device after the restart (status before the kill: {last})"
+        );
+        let log = c.agent.as_ref().expect("agent").log_text();
+        assert!(
+            !log.contains("hash-compare resync started"),
+            "round {k}: the agent resumed from its spool or found its head on the replica's chain, and compared nothing: {}",
+            tail(&log, 40)
+        );
+        if log.contains("on this agent's chain") {
+            on_chain += 1;
+        }
+    }
+    eprintln!(
+        "{on_chain} of {kills} restarts continued after the replica's head on their own chain; the others resumed from the spool"
+    );
+    assert!(
+        on_chain > 0,
+        "no restart found the replica past its head: the spool wrote every batch"
     );
 }

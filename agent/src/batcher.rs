@@ -3,12 +3,23 @@
 //! open batch reaches its age limit, and at every flush, FUA write and bookmark. Sans-IO: time
 //! comes in as arguments.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cdp_shared::Seq;
 use cdp_shared::batch::{self, BatchFlags, Hash, RecordHeader, SealParams};
+use cdp_shared::pool::BufferPool;
 use cdp_shared::types::{BATCH_PAYLOAD_BYTES_MAX, BATCH_RECORDS_MAX};
+
+/// Room left for a batch's header before its payload (the longest header there is).
+const HEADER_ROOM: usize = batch::HEADER_BYTES_MAX;
+/// A sealed batch with a payload smaller than this is copied out of the batcher's buffer
+/// (cheap); a bigger one takes the buffer with it, and the next batch gets one from the pool.
+const COPIED_PAYLOAD_BYTES_MAX: usize = 256 << 10;
+/// Full-size batch buffers the pool keeps for reuse (about 4 MiB each). Buffers come back
+/// once the spool and the sender are done with their batch.
+const POOLED_BUFFERS_MAX: usize = 8;
 
 /// A batch ready for the spool: its seq and its bytes in the one batch format, with the two
 /// header fields the spool keeps for it, as the seal encoded them (so nothing decodes the
@@ -46,7 +57,10 @@ pub struct Batcher {
     next_seq: Seq,
     /// Header hash of the last sealed batch.
     prev_hash: Hash,
-    payload: Vec<u8>,
+    /// The open batch: [`HEADER_ROOM`] bytes left for its header, then its payload, so that
+    /// a seal writes the header in place instead of copying the payload.
+    buf: Vec<u8>,
+    pool: Arc<BufferPool>,
     record_count: u32,
     has_sync_records: bool,
     opened_at: Option<Instant>,
@@ -64,7 +78,8 @@ impl Batcher {
             config,
             next_seq: last_seq.next(),
             prev_hash: last_hash,
-            payload: Vec::new(),
+            buf: vec![0; HEADER_ROOM],
+            pool: BufferPool::new(HEADER_ROOM + BATCH_PAYLOAD_BYTES_MAX, POOLED_BUFFERS_MAX),
             record_count: 0,
             has_sync_records: false,
             opened_at: None,
@@ -73,7 +88,7 @@ impl Batcher {
 
     /// Bytes of the open batch's payload.
     pub fn open_bytes(&self) -> usize {
-        self.payload.len()
+        self.buf.len() - HEADER_ROOM
     }
 
     /// Continues the chain after `seq` (header hash `hash`), dropping what is open: used when
@@ -81,7 +96,7 @@ impl Batcher {
     pub fn rebase(&mut self, seq: Seq, hash: Hash) {
         self.next_seq = seq.next();
         self.prev_hash = hash;
-        self.payload.clear();
+        self.buf.truncate(HEADER_ROOM);
         self.record_count = 0;
         self.has_sync_records = false;
         self.opened_at = None;
@@ -90,6 +105,11 @@ impl Batcher {
     /// The last sealed seq.
     pub fn last_sealed(&self) -> Seq {
         Seq(self.next_seq.0 - 1)
+    }
+
+    /// The header hash of the last sealed batch (zeros before the first).
+    pub fn last_hash(&self) -> Hash {
+        self.prev_hash
     }
 
     pub fn is_empty(&self) -> bool {
@@ -120,7 +140,7 @@ impl Batcher {
             encoded.len() <= self.config.payload_bytes_target && n as usize <= BATCH_RECORDS_MAX;
         if fits_alone {
             if !self.is_empty()
-                && (self.payload.len() + encoded.len() > self.config.payload_bytes_target
+                && (self.open_bytes() + encoded.len() > self.config.payload_bytes_target
                     || self.record_count as usize + n as usize > BATCH_RECORDS_MAX)
             {
                 out.extend(self.seal(0, None, inconsistent, time_ns));
@@ -135,7 +155,7 @@ impl Batcher {
                 };
                 let record = &encoded[pos..pos + len];
                 if !self.is_empty()
-                    && (self.payload.len() + len > self.config.payload_bytes_target
+                    && (self.open_bytes() + len > self.config.payload_bytes_target
                         || self.record_count as usize >= BATCH_RECORDS_MAX)
                 {
                     out.extend(self.seal(0, None, inconsistent, time_ns));
@@ -144,18 +164,26 @@ impl Batcher {
                 pos += len;
             }
         }
-        if self.payload.len() >= self.config.payload_bytes_target {
+        if self.open_bytes() >= self.config.payload_bytes_target {
             out.extend(self.seal(0, None, inconsistent, time_ns));
         }
         out
     }
 
     fn append(&mut self, encoded: &[u8], n: u32, sync: bool, now: Instant) {
-        debug_assert!(self.payload.len() + encoded.len() <= BATCH_PAYLOAD_BYTES_MAX);
+        debug_assert!(self.open_bytes() + encoded.len() <= BATCH_PAYLOAD_BYTES_MAX);
         if self.opened_at.is_none() {
             self.opened_at = Some(now);
         }
-        self.payload.extend_from_slice(encoded);
+        if self.buf.capacity() < HEADER_ROOM + BATCH_PAYLOAD_BYTES_MAX
+            && self.buf.len() == HEADER_ROOM
+        {
+            // The first record of a batch: a buffer of full size, from the pool.
+            let mut buf = self.pool.take();
+            buf.resize(HEADER_ROOM, 0);
+            self.buf = buf;
+        }
+        self.buf.extend_from_slice(encoded);
         self.record_count += n;
         self.has_sync_records |= sync;
     }
@@ -201,17 +229,25 @@ impl Batcher {
             prev_hash: self.prev_hash,
             record_count: self.record_count,
         };
-        let (bytes, hash) = batch::seal(&params, &self.payload);
+        let (start, hash) = batch::seal_in_place(&params, &mut self.buf, HEADER_ROOM);
+        let bytes = if self.open_bytes() < COPIED_PAYLOAD_BYTES_MAX {
+            // A small batch is copied out: the open batch keeps its big buffer.
+            Bytes::copy_from_slice(&self.buf[start..])
+        } else {
+            let full = std::mem::replace(&mut self.buf, vec![0; HEADER_ROOM]);
+            let end = full.len();
+            self.pool.freeze(full, start..end)
+        };
         let sealed = SealedBatch {
             seq: self.next_seq,
-            bytes: Bytes::from(bytes),
+            bytes,
             flags: BatchFlags(f),
             header_hash: hash,
             agent_time_ns: time_ns,
         };
         self.prev_hash = hash;
         self.next_seq = self.next_seq.next();
-        self.payload.clear();
+        self.buf.truncate(HEADER_ROOM);
         self.record_count = 0;
         self.has_sync_records = false;
         self.opened_at = None;
@@ -288,6 +324,49 @@ mod tests {
 
     /// The hash and time a sealed batch carries are those its bytes say: the spool and the
     /// chain rely on them without decoding the header again.
+    #[test]
+    fn a_big_batch_is_sealed_in_place_and_its_buffer_comes_back_for_the_next() {
+        let mut b = Batcher::new("g", BatcherConfig::default(), Seq(0), [0; 32]);
+        let mut enc = cdp_shared::batch::RecordEncoder::new();
+        let mut sealed = Vec::new();
+        for round in 0..3u8 {
+            // Incompressible, so that the record stays 1 MiB.
+            let mut data = vec![0u8; 1 << 20];
+            blake3::Hasher::new()
+                .update(&[round])
+                .finalize_xof()
+                .fill(&mut data);
+            let mut rec = Vec::new();
+            enc.encode_data(0, 0, &data, 0, &mut rec);
+            let records = b.push(&rec, 1, false, false, Instant::now(), 1);
+            assert!(records.is_empty());
+            let s = b
+                .seal(BatchFlags::FLUSH, Some("x"), false, 2)
+                .expect("sealed");
+            // The same bytes the copying seal makes.
+            let decoded = batch::decode(&s.bytes).expect("decodes");
+            assert_eq!(decoded.header.seq, s.seq);
+            assert_eq!(decoded.header.header_hash, s.header_hash);
+            assert_eq!(decoded.header.bookmark.as_deref(), Some("x"));
+            let params = SealParams {
+                group: "g",
+                seq: s.seq,
+                agent_time_ns: 2,
+                flags: decoded.header.flags,
+                bookmark: Some("x"),
+                prev_hash: decoded.header.prev_hash,
+                record_count: 1,
+            };
+            let (copied, hash) = batch::seal(&params, &rec);
+            assert_eq!(&s.bytes[..], &copied[..]);
+            assert_eq!(hash, s.header_hash);
+            sealed.push(s);
+        }
+        assert_eq!(b.pool.kept(), 0, "every buffer is held by its batch");
+        sealed.clear();
+        assert_eq!(b.pool.kept(), 3, "dropped batches give their buffers back");
+    }
+
     #[test]
     fn a_sealed_batch_carries_its_header_hash_and_time() {
         let cfg = BatcherConfig {

@@ -42,6 +42,14 @@ pub struct VolumeStatus {
     /// Batches and bytes in the group's spool (sealed, not yet acknowledged).
     pub spool_batches: Option<u64>,
     pub spool_bytes: Option<u64>,
+    /// The newest seq the spool has written to its files. Batches the replica acknowledged
+    /// before the spool reached them are never written, so it may trail `acked_seq`.
+    #[serde(default)]
+    pub spool_written_seq: Option<u64>,
+    /// Batches the spool never wrote, because the replica acknowledged them first, since the
+    /// agent started.
+    #[serde(default)]
+    pub spool_skipped_batches: Option<u64>,
     /// 1 MiB regions written but not yet in the log (overflow, unclean stop), to be resynced.
     pub dirty_regions: Option<u64>,
     /// Bytes of records sent by resyncs since the agent started.
@@ -111,6 +119,8 @@ pub fn collect(
                 acked_seq: Some(acked),
                 spool_batches: Some(batches),
                 spool_bytes: Some(bytes),
+                spool_written_seq: Some(g.spool.written().0),
+                spool_skipped_batches: Some(g.spool.skipped_batches()),
                 dirty_regions: Some(dirty),
                 resync_bytes_sent: Some(v.resync_bytes_sent.load(Ordering::Relaxed)),
                 rpo_lag_ms: Some(lag_ms),

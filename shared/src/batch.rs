@@ -852,45 +852,70 @@ pub struct SealParams<'a> {
     pub record_count: u32,
 }
 
+/// Bytes of the header of a batch of `group` with `bookmark`.
+pub fn header_len(group: &str, bookmark: Option<&str>) -> usize {
+    HEADER_FIXED_BYTES + group.len() + bookmark.map_or(0, str::len) + HASH_BYTES
+}
+
 /// Builds the header for `payload` and returns the whole batch (header then payload) and its
 /// header hash. The payload must be a sequence of `record_count` encoded records.
 pub fn seal(params: &SealParams<'_>, payload: &[u8]) -> (Vec<u8>, Hash) {
+    let reserve = header_len(params.group, params.bookmark);
+    let mut out = Vec::with_capacity(reserve + payload.len());
+    out.resize(reserve, 0);
+    out.extend_from_slice(payload);
+    let (start, hash) = seal_in_place(params, &mut out, reserve);
+    debug_assert_eq!(start, 0);
+    (out, hash)
+}
+
+/// Seals a batch whose payload already sits in `buf[payload_at..]`, without copying it: the
+/// header is written just before it, into room the caller left (at least
+/// [`header_len`] bytes). Returns where the batch starts in `buf` and its header hash;
+/// `buf[start..]` is then exactly what [`seal`] returns.
+pub fn seal_in_place(params: &SealParams<'_>, buf: &mut [u8], payload_at: usize) -> (usize, Hash) {
     let bookmark = params.bookmark.unwrap_or("");
+    let payload_len = buf.len() - payload_at;
     assert!(
         !params.group.is_empty()
             && params.group.len() <= NAME_BYTES_MAX
             && bookmark.len() <= NAME_BYTES_MAX
     );
     assert!(
-        payload.len() <= BATCH_PAYLOAD_BYTES_MAX
-            && params.record_count as usize <= BATCH_RECORDS_MAX
+        payload_len <= BATCH_PAYLOAD_BYTES_MAX && params.record_count as usize <= BATCH_RECORDS_MAX
     );
+    let header_len = header_len(params.group, params.bookmark);
+    assert!(payload_at >= header_len, "no room for the header");
     let mut flags = params.flags.0;
     if params.bookmark.is_some() {
         flags |= BatchFlags::BOOKMARK;
     }
-    let header_len = HEADER_FIXED_BYTES + params.group.len() + bookmark.len() + HASH_BYTES;
-    let mut out = Vec::with_capacity(header_len + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&flags.to_le_bytes());
-    out.extend_from_slice(&(header_len as u32).to_le_bytes());
-    out.extend_from_slice(&params.record_count.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&params.seq.0.to_le_bytes());
-    out.extend_from_slice(&params.agent_time_ns.to_le_bytes());
-    out.extend_from_slice(&params.prev_hash);
-    out.extend_from_slice(blake3::hash(payload).as_bytes());
-    out.push(params.group.len() as u8);
-    out.push(bookmark.len() as u8);
-    out.extend_from_slice(params.group.as_bytes());
-    out.extend_from_slice(bookmark.as_bytes());
-    let header_hash = *blake3::hash(&out).as_bytes();
-    out.extend_from_slice(&header_hash);
-    debug_assert_eq!(out.len(), header_len);
-    out.extend_from_slice(payload);
-    (out, header_hash)
+    let payload_hash = blake3::hash(&buf[payload_at..]);
+    let start = payload_at - header_len;
+    let mut at = start;
+    let mut put = |bytes: &[u8]| {
+        buf[at..at + bytes.len()].copy_from_slice(bytes);
+        at += bytes.len();
+    };
+    put(&MAGIC);
+    put(&VERSION.to_le_bytes());
+    put(&flags.to_le_bytes());
+    put(&(header_len as u32).to_le_bytes());
+    put(&params.record_count.to_le_bytes());
+    put(&(payload_len as u32).to_le_bytes());
+    put(&0u32.to_le_bytes());
+    put(&params.seq.0.to_le_bytes());
+    put(&params.agent_time_ns.to_le_bytes());
+    put(&params.prev_hash);
+    put(payload_hash.as_bytes());
+    put(&[params.group.len() as u8, bookmark.len() as u8]);
+    put(params.group.as_bytes());
+    put(bookmark.as_bytes());
+    let hashed_end = at;
+    let header_hash = *blake3::hash(&buf[start..hashed_end]).as_bytes();
+    buf[hashed_end..payload_at].copy_from_slice(&header_hash);
+    debug_assert_eq!(hashed_end + HASH_BYTES, payload_at);
+    (start, header_hash)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod identity;
 pub mod nbd;
 pub mod point;
+pub mod pool;
 pub mod types;
 pub mod wire;
 

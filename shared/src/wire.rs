@@ -38,6 +38,11 @@ pub struct GroupHello {
     /// The oldest seq the agent can still send (it holds every batch in `[first_held, head]`);
     /// `head + 1` when it holds none.
     pub first_held: Seq,
+    /// Header hash (64 hex digits) of batch `head`; empty when `head` is 0 (or from an agent
+    /// that does not send it). Lets the replica tell whether its chain runs through the
+    /// agent's head ([`GroupWelcome::agent_head_on_chain`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub head_hash: String,
 }
 
 /// What the replica says about one group in return.
@@ -55,6 +60,12 @@ pub struct GroupWelcome {
     /// Where each volume of the group stands on the replica.
     #[serde(default)]
     pub volumes: Vec<VolumeWelcome>,
+    /// The replica is past the agent's head and holds batch `head` of the Hello with the
+    /// Hello's `head_hash`: the batches the agent lacks are its own, acknowledged before it
+    /// had spooled them (an agent killed then). The agent continues after `durable` and
+    /// resyncs only what its activity log names, instead of comparing every chunk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent_head_on_chain: bool,
 }
 
 /// A volume's state on the replica, in [`GroupWelcome`].
@@ -265,6 +276,7 @@ mod tests {
                     }],
                     head: Seq(5),
                     first_held: Seq(3),
+                    head_hash: String::new(),
                 }],
             },
             Control::ack("g", Seq(5)),
@@ -301,6 +313,7 @@ mod tests {
                 volumes: vec![],
                 head: Seq(5),
                 first_held: Seq(3),
+                head_hash: String::new(),
             }],
         };
         assert_eq!(

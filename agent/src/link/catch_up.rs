@@ -64,6 +64,12 @@ pub(super) enum RebaseReason {
     ImagesLost(Vec<VolumeId>),
     /// The replica is past this agent's head.
     ReplicaAhead,
+    /// The replica is past this agent's head on this agent's own chain: it acknowledged
+    /// batches the spool had not written yet when the agent stopped (the spool writes only
+    /// what the replica has not acknowledged). Their writes are on the device and on the
+    /// replica; whatever came after them is in the activity log, whose chunks are dirty since
+    /// the start. Nothing is compared.
+    ReplicaAheadOnChain,
     /// The spool no longer holds the batch after the replica's seq (it overflowed, was lost
     /// or damaged).
     SpoolGap,
@@ -174,6 +180,8 @@ pub(super) fn decide(
         }
     } else if !lost.is_empty() {
         RebaseReason::ImagesLost(lost)
+    } else if durable > view.head && w.agent_head_on_chain && view.head.0 > 0 {
+        RebaseReason::ReplicaAheadOnChain
     } else if durable > view.head {
         RebaseReason::ReplicaAhead
     } else if durable.next() < view.first_held {
@@ -191,11 +199,14 @@ pub(super) fn decide(
             group: view.name.clone(),
         })?
     };
-    let (compare, initial_sync) = view
+    let (mut compare, initial_sync): (Vec<VolumeId>, Vec<VolumeId>) = view
         .volumes
         .iter()
         .map(|v| v.id)
         .partition(|id| on_replica(w, *id) == OnReplica::Protecting);
+    if reason == RebaseReason::ReplicaAheadOnChain {
+        compare.clear();
+    }
     Ok(CatchUp::Rebase(Rebase {
         after: durable,
         hash,
@@ -262,6 +273,12 @@ fn rebase(g: &Arc<Group>, w: &wire::GroupWelcome, view: &GroupView, r: &Rebase) 
     match &r.reason {
         RebaseReason::NewGeneration { known } => {
             tracing::warn!(group = %g.name, "the replica's copy of group {} is a new one (generation {} instead of {}): the agent continues after its seq {durable} and resyncs", g.name, w.generation, known);
+        }
+        RebaseReason::ReplicaAheadOnChain => {
+            tracing::info!(
+                group = %g.name,
+                "the replica is at seq {durable}, past this agent's head {head}, on this agent's chain (batches acknowledged before they were spooled): the agent continues after seq {durable} and resyncs the chunks its activity log names"
+            );
         }
         RebaseReason::ImagesLost(_) | RebaseReason::ReplicaAhead | RebaseReason::SpoolGap => {
             tracing::warn!(
@@ -347,6 +364,7 @@ mod tests {
                     },
                 })
                 .collect(),
+            agent_head_on_chain: false,
         }
     }
 
@@ -433,6 +451,32 @@ mod tests {
         let r = rebase_of(decide(&view(10, 4, 1), &w, Some("gen-a")).expect("decide"));
         assert_eq!(r.reason, RebaseReason::ReplicaAhead);
         assert_eq!(r.after, Seq(12));
+        assert_eq!(r.compare, vec![0]);
+    }
+
+    #[test]
+    fn a_replica_past_the_agents_head_on_its_chain_rebases_without_a_compare() {
+        let w = GroupWelcome {
+            agent_head_on_chain: true,
+            ..welcome(12, "gen-a", &["protecting", "syncing"])
+        };
+        let r = rebase_of(decide(&view(10, 4, 2), &w, Some("gen-a")).expect("decide"));
+        assert_eq!(r.reason, RebaseReason::ReplicaAheadOnChain);
+        assert_eq!(r.after, Seq(12));
+        assert_eq!(r.compare, Vec::<VolumeId>::new(), "nothing to compare");
+        assert_eq!(
+            r.initial_sync,
+            vec![1],
+            "an incomplete image is still synced"
+        );
+        // An agent with nothing sealed has no head to find on the chain: every chunk is
+        // compared.
+        let r = rebase_of(decide(&view(0, 1, 2), &w, Some("gen-a")).expect("decide"));
+        assert_eq!(r.reason, RebaseReason::ReplicaAhead);
+        assert_eq!(r.compare, vec![0]);
+        // A new generation wins over the chain.
+        let r = rebase_of(decide(&view(10, 4, 2), &w, Some("gen-z")).expect("decide"));
+        assert!(matches!(r.reason, RebaseReason::NewGeneration { .. }));
         assert_eq!(r.compare, vec![0]);
     }
 

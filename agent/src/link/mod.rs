@@ -249,7 +249,7 @@ fn hello(groups: &[Arc<Group>]) -> Control {
         groups: groups
             .iter()
             .map(|g| {
-                let head = g.last_sealed();
+                let (head, head_hash) = g.head();
                 GroupHello {
                     name: g.name.clone(),
                     volumes: g
@@ -263,6 +263,11 @@ fn hello(groups: &[Arc<Group>]) -> Control {
                         .collect(),
                     head,
                     first_held: g.spool.first_held().unwrap_or(head.next()),
+                    head_hash: if head.0 == 0 {
+                        String::new()
+                    } else {
+                        blake3::Hash::from_bytes(head_hash).to_hex().to_string()
+                    },
                 }
             })
             .collect(),
@@ -335,7 +340,7 @@ fn watch_spools(groups: &[Arc<Group>]) -> (Arc<Notify>, JoinSet<()>) {
     let wake = Arc::new(Notify::new());
     let mut watchers = JoinSet::new();
     for g in groups {
-        let mut rx = g.spool.subscribe_written();
+        let mut rx = g.spool.subscribe_appended();
         let wake = wake.clone();
         watchers.spawn(async move {
             while rx.changed().await.is_ok() {

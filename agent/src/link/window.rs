@@ -1,8 +1,9 @@
-//! The send window: each group's spooled batches go out, each on its own unidirectional
-//! stream, while at most `window` of them are unacknowledged.
+//! The send window: each group's sealed batches go out (from memory as soon as they are
+//! sealed, not after the spool has written them), each on its own unidirectional stream,
+//! while at most `window` of them are unacknowledged.
 //!
 //! [`SendWindow`] is the window and the nack policy, sans-IO: the shell tells it how far each
-//! spool is written and what the replica answered, and asks it what to send next
+//! group has sealed and what the replica answered, and asks it what to send next
 //! ([`SendWindow::poll_send`]), what to send again ([`NackAction::Resend`]) and what the spool
 //! may forget ([`SendWindow::handle_ack`]). [`send_window`] and [`send_batch`] are the quinn
 //! shell.
@@ -35,8 +36,8 @@ struct GroupWindow {
     next: Seq,
     /// The last seq acknowledged.
     acked: Seq,
-    /// The newest seq in the spool.
-    written: Seq,
+    /// The newest seq sealed and queued in the spool.
+    appended: Seq,
     /// Nacks since the last ack that moved the window.
     nacks_in_a_row: u32,
 }
@@ -84,14 +85,14 @@ impl SendWindow {
     }
 
     /// Adds a group the replica holds up to `durable` (its catch-up is done): the window sends
-    /// from `durable + 1` once the spool is written that far.
+    /// from `durable + 1` once batches are appended that far.
     pub(super) fn add_group(&mut self, group: &str, durable: Seq) {
         self.groups.insert(
             group.to_owned(),
             GroupWindow {
                 next: durable.next(),
                 acked: durable,
-                written: durable,
+                appended: durable,
                 nacks_in_a_row: 0,
             },
         );
@@ -102,21 +103,21 @@ impl SendWindow {
         self.groups.contains_key(group)
     }
 
-    /// The spool of `group` is written up to `written`.
-    pub(super) fn handle_written(&mut self, group: &str, written: Seq) {
+    /// Batches of `group` are sealed and queued up to `appended`.
+    pub(super) fn handle_appended(&mut self, group: &str, appended: Seq) {
         if let Some(g) = self.groups.get_mut(group) {
-            g.written = written;
+            g.appended = appended;
         }
     }
 
     /// The next batch to send, counted as sent: the groups in name order, each group's
-    /// written batches in seq order while fewer than `window` of them are unacknowledged.
+    /// appended batches in seq order while fewer than `window` of them are unacknowledged.
     pub(super) fn poll_send(&mut self) -> Option<(String, Seq)> {
         let window = self.window;
         let (name, g) = self
             .groups
             .iter_mut()
-            .find(|(_, g)| g.next <= g.written && (g.next.0 - g.acked.0 - 1) < window)?;
+            .find(|(_, g)| g.next <= g.appended && (g.next.0 - g.acked.0 - 1) < window)?;
         let seq = g.next;
         g.next = seq.next();
         Some((name.clone(), seq))
@@ -194,7 +195,7 @@ pub(super) fn send_window(
     conn: &quinn::Connection,
 ) -> Result<()> {
     for (name, g) in groups {
-        window.handle_written(name, g.spool.written());
+        window.handle_appended(name, g.spool.appended());
     }
     while let Some((name, seq)) = window.poll_send() {
         let g = groups
@@ -242,7 +243,7 @@ mod tests {
     fn sends_written_batches_in_seq_order_up_to_the_window() {
         let mut win = window(3, 4);
         assert_eq!(drain(&mut win), vec![], "nothing written past the ack");
-        win.handle_written("a", Seq(10));
+        win.handle_appended("a", Seq(10));
         assert_eq!(drain(&mut win), sent("a", 5..=7));
         assert_eq!(drain(&mut win), vec![], "the window is full");
     }
@@ -250,17 +251,17 @@ mod tests {
     #[test]
     fn sends_nothing_past_what_the_spool_holds() {
         let mut win = window(32, 0);
-        win.handle_written("a", Seq(2));
+        win.handle_appended("a", Seq(2));
         assert_eq!(drain(&mut win), sent("a", 1..=2));
-        win.handle_written("a", Seq(3));
+        win.handle_appended("a", Seq(3));
         assert_eq!(drain(&mut win), sent("a", 3..=3));
     }
 
     #[test]
     fn groups_go_in_name_order_each_as_far_as_its_window_allows() {
         let mut win = window(2, 0);
-        win.handle_written("b", Seq(5));
-        win.handle_written("a", Seq(5));
+        win.handle_appended("b", Seq(5));
+        win.handle_appended("a", Seq(5));
         let mut want = sent("a", 1..=2);
         want.extend(sent("b", 1..=2));
         assert_eq!(drain(&mut win), want);
@@ -269,7 +270,7 @@ mod tests {
     #[test]
     fn an_ack_opens_the_window_and_frees_the_spool_up_to_it() {
         let mut win = window(3, 0);
-        win.handle_written("a", Seq(10));
+        win.handle_appended("a", Seq(10));
         assert_eq!(drain(&mut win), sent("a", 1..=3));
         assert_eq!(win.handle_ack("a", Seq(2)), Ok(Some(Seq(2))));
         assert_eq!(drain(&mut win), sent("a", 4..=5));
@@ -283,7 +284,7 @@ mod tests {
     #[test]
     fn an_ack_reports_the_room_it_frees_at_once() {
         let mut win = window(32, 0);
-        win.handle_written("a", Seq(8));
+        win.handle_appended("a", Seq(8));
         assert_eq!(drain(&mut win), sent("a", 1..=8));
         assert_eq!(win.handle_ack("a", Seq(8)), Ok(Some(Seq(8))));
         // Nothing is left to free later, and nothing is freed twice.
@@ -294,7 +295,7 @@ mod tests {
     #[test]
     fn an_older_or_repeated_ack_moves_nothing() {
         let mut win = window(32, 0);
-        win.handle_written("a", Seq(5));
+        win.handle_appended("a", Seq(5));
         drain(&mut win);
         assert_eq!(win.handle_ack("a", Seq(4)), Ok(Some(Seq(4))));
         assert_eq!(win.handle_ack("a", Seq(4)), Ok(None));
@@ -307,7 +308,7 @@ mod tests {
     #[test]
     fn an_ack_of_a_batch_never_sent_ends_the_connection() {
         let mut win = window(2, 0);
-        win.handle_written("a", Seq(5));
+        win.handle_appended("a", Seq(5));
         assert_eq!(drain(&mut win), sent("a", 1..=2));
         let e = win.handle_ack("a", Seq(3)).expect_err("never sent");
         assert_eq!(
@@ -333,7 +334,7 @@ mod tests {
     #[test]
     fn a_nack_of_a_batch_in_flight_sends_it_again_outside_the_window() {
         let mut win = window(2, 0);
-        win.handle_written("a", Seq(5));
+        win.handle_appended("a", Seq(5));
         assert_eq!(drain(&mut win), sent("a", 1..=2));
         assert_eq!(
             win.handle_nack(Some("a"), Seq(2), "bad hash"),
@@ -350,7 +351,7 @@ mod tests {
     #[test]
     fn a_nack_of_an_acknowledged_or_unsent_batch_is_ignored() {
         let mut win = window(2, 3);
-        win.handle_written("a", Seq(10));
+        win.handle_appended("a", Seq(10));
         assert_eq!(drain(&mut win), sent("a", 4..=5));
         for seq in [2, 3, 6, 9] {
             assert_eq!(
@@ -364,7 +365,7 @@ mod tests {
     #[test]
     fn more_than_five_nacks_in_a_row_end_the_connection() {
         let mut win = window(2, 0);
-        win.handle_written("a", Seq(5));
+        win.handle_appended("a", Seq(5));
         drain(&mut win);
         for _ in 0..NACKS_IN_A_ROW_MAX {
             assert_eq!(
@@ -385,7 +386,7 @@ mod tests {
     #[test]
     fn an_ack_that_moves_the_window_resets_the_nack_count() {
         let mut win = window(2, 0);
-        win.handle_written("a", Seq(5));
+        win.handle_appended("a", Seq(5));
         drain(&mut win);
         for _ in 0..NACKS_IN_A_ROW_MAX {
             win.handle_nack(Some("a"), Seq(2), "bad").expect("resend");

@@ -476,6 +476,12 @@ impl Group {
         self.lock().batcher.last_sealed()
     }
 
+    /// The last sealed seq and its header hash, read together.
+    pub fn head(&self) -> (Seq, batch::Hash) {
+        let inner = self.lock();
+        (inner.batcher.last_sealed(), inner.batcher.last_hash())
+    }
+
     /// A snapshot for `status`.
     pub fn state(&self) -> GroupState {
         let inner = self.lock();

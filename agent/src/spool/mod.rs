@@ -33,6 +33,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use bytes::Bytes;
@@ -104,8 +105,14 @@ struct State {
 struct Shared {
     dir: PathBuf,
     state: Mutex<State>,
+    /// The newest batch queued ([`Spool::append`]): the sender sends from memory up to it.
+    appended: watch::Sender<Seq>,
+    /// The newest batch the writer put in a segment file (or the trimmed one).
     written: watch::Sender<Seq>,
+    /// Every batch up to it is safe: durable in a segment file, or acknowledged by the replica.
     durable: watch::Sender<Seq>,
+    /// Batches the writer never wrote because the replica had acknowledged them first.
+    skipped: AtomicU64,
 }
 
 enum Cmd {
@@ -620,6 +627,7 @@ impl Spool {
         } = scan;
         let first_held = entries.keys().next().copied().unwrap_or(last_seq.next());
         let held_bytes = entries.values().map(|e| e.len).sum();
+        let (appended, _) = watch::channel(last_seq);
         let (written, _) = watch::channel(last_seq);
         let (durable, _) = watch::channel(last_seq);
         let shared = Arc::new(Shared {
@@ -633,14 +641,16 @@ impl Spool {
                 trim_to: None,
                 failed: None,
             }),
+            appended,
             written,
             durable,
+            skipped: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let writer_shared = shared.clone();
         std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer_thread(writer_shared, rx))
+            .spawn(move || writer_thread(writer_shared, rx, trimmed_seq, last_seq))
             .map_err(io_err(dir))?;
         Ok((
             Spool { shared, tx },
@@ -673,11 +683,14 @@ impl Spool {
                 },
             );
         }
+        let seq = batch.seq;
         // The writer thread only stops when every handle is gone.
         let _ = self.tx.send(Cmd::Append(batch));
+        self.shared.appended.send_replace(seq);
     }
 
-    /// Waits until every batch up to `seq` is durable.
+    /// Waits until every batch up to `seq` is safe: durable in the spool, or acknowledged by
+    /// the replica, whichever comes first (the writer is asked to write and sync at once).
     pub async fn wait_durable(&self, seq: Seq) -> Result<(), SpoolError> {
         if *self.shared.durable.borrow() >= seq {
             return Ok(());
@@ -710,7 +723,7 @@ impl Spool {
     /// waits for room in the spool and is woken by the acknowledgement sees it; only the
     /// deletion of the segment files is left to the writer thread.
     pub fn ack(&self, seq: Seq) {
-        {
+        let acked_seq = {
             let mut st = self.lock();
             if seq <= st.acked {
                 return;
@@ -731,7 +744,15 @@ impl Spool {
             st.held_bytes -= freed_held;
             st.acked = acked_seq;
             st.trim_to = Some((acked_seq, acked_hash));
-        }
+            acked_seq
+        };
+        // What the replica holds durably is safe: a flush waiting for it is answered now,
+        // whether or not the writer has reached it.
+        self.shared.durable.send_if_modified(|d| {
+            let moved = acked_seq > *d;
+            *d = (*d).max(acked_seq);
+            moved
+        });
         let _ = self.tx.send(Cmd::Trim);
     }
 
@@ -757,15 +778,25 @@ impl Spool {
         Ok(Some(Bytes::from(buf)))
     }
 
-    /// The newest seq in the spool or already trimmed.
+    /// The newest seq queued: what the sender may send (from memory).
+    pub fn appended(&self) -> Seq {
+        *self.shared.appended.borrow()
+    }
+    pub fn subscribe_appended(&self) -> watch::Receiver<Seq> {
+        self.shared.appended.subscribe()
+    }
+    /// The newest seq the writer put in a segment file, or the trimmed one. Batches the
+    /// replica acknowledged before the writer reached them are never written.
     pub fn written(&self) -> Seq {
         *self.shared.written.borrow()
     }
+    /// Every batch up to it is safe: durable in the spool or acknowledged by the replica.
     pub fn durable(&self) -> Seq {
         *self.shared.durable.borrow()
     }
-    pub fn subscribe_written(&self) -> watch::Receiver<Seq> {
-        self.shared.written.subscribe()
+    /// Batches never written because the replica acknowledged them first.
+    pub fn skipped_batches(&self) -> u64 {
+        self.shared.skipped.load(Ordering::Relaxed)
     }
 
     /// Batches and bytes held (not yet acknowledged).
@@ -879,6 +910,97 @@ mod tests {
         let (_spool, rec) = Spool::open(dir.path()).expect("reopen");
         assert_eq!(rec.last_seq, Seq(6));
         assert_eq!(rec.last_hash, h6);
+    }
+
+    /// Waits, with a deadline, until `cond` holds.
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Batches the replica acknowledges before the writer reaches them are never written; a
+    /// batch written after them is readable on reopen (the trimmed seq names the batch before
+    /// it), and a spool that stopped with acknowledged batches unwritten reopens at a head the
+    /// replica's chain runs through.
+    #[tokio::test]
+    async fn acknowledged_batches_are_never_written_and_the_chain_survives_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = Batcher::new("g", BatcherConfig::default(), Seq(0), [0; 32]);
+        let (spool, _) = Spool::open(dir.path()).expect("open");
+        let mut hashes = Vec::new();
+        for _ in 0..5 {
+            let s = make(&mut b);
+            hashes.push(s.header_hash);
+            spool.append(s);
+        }
+        assert_eq!(
+            spool.appended(),
+            Seq(5),
+            "the sender may send from memory at once"
+        );
+        spool.ack(Seq(5));
+        // Safe through the ack: a flush waiting for seq 5 is answered without the spool.
+        assert_eq!(spool.durable(), Seq(5));
+        spool.wait_durable(Seq(5)).await.expect("durable");
+        eventually("the writer to skip the acknowledged batches", || {
+            spool.skipped_batches() == 5
+        })
+        .await;
+        assert_eq!(spool.written(), Seq(0), "nothing acknowledged is written");
+
+        // Two more, made durable by the spool itself.
+        for _ in 0..2 {
+            let s = make(&mut b);
+            hashes.push(s.header_hash);
+            spool.append(s);
+        }
+        spool.wait_durable(Seq(7)).await.expect("durable");
+        assert_eq!(spool.written(), Seq(7));
+        assert_eq!(spool.skipped_batches(), 5);
+        drop(spool);
+        let (spool, rec) = Spool::open(dir.path()).expect("reopen");
+        assert_eq!(rec.last_seq, Seq(7));
+        assert_eq!(rec.last_hash, hashes[6]);
+        assert_eq!(
+            rec.first_held,
+            Seq(6),
+            "the acknowledged batches are not held again"
+        );
+        let got = spool.get(Seq(6)).expect("get").expect("held");
+        assert_eq!(batch::decode(&got).expect("decode").header.seq, Seq(6));
+
+        // Acknowledged and never written, then the agent stops: the spool reopens at a head
+        // it holds the hash of, on the chain the replica continues.
+        let mut b = Batcher::new("g", BatcherConfig::default(), rec.last_seq, rec.last_hash);
+        for _ in 0..3 {
+            let s = make(&mut b);
+            hashes.push(s.header_hash);
+            spool.append(s);
+        }
+        spool.ack(Seq(10));
+        eventually("the writer to skip the acknowledged batches", || {
+            spool.skipped_batches() == 3
+        })
+        .await;
+        drop(spool);
+        let (_spool, rec) = Spool::open(dir.path()).expect("reopen");
+        assert!(
+            rec.last_seq == Seq(7) || rec.last_seq == Seq(10),
+            "head {} is the last batch written or the acknowledged one",
+            rec.last_seq
+        );
+        assert_eq!(rec.last_hash, hashes[rec.last_seq.0 as usize - 1]);
+        // Batches 6 and 7 are held again until the trimmed seq passes them (the replica's
+        // welcome acknowledges them at once).
+        let first_held = if rec.last_seq == Seq(7) {
+            Seq(6)
+        } else {
+            Seq(11)
+        };
+        assert_eq!(rec.first_held, first_held);
     }
 
     /// The held bytes decide when a group overflows: they must follow every append and ack

@@ -4,10 +4,13 @@
 //! into the segment's header just before each fdatasync, and deletes the segments an ack left
 //! without a batch.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use cdp_shared::Seq;
 use cdp_shared::batch::Hash;
@@ -18,12 +21,30 @@ use super::{
 };
 use crate::batcher::SealedBatch;
 
+/// How long a batch waits before the writer spools it: the replica usually acknowledges it
+/// within that time, and an acknowledged batch is never written (nor read back). A flush
+/// does not wait: it has everything queued written and synced at once.
+pub const WRITE_LAG: Duration = Duration::from_millis(100);
+/// Bytes queued for the writer beyond which it spools the oldest at once.
+pub const QUEUED_BYTES_MAX: usize = 64 << 20;
+/// How often, at most, the newest acknowledged seq is saved while batches are skipped.
+pub const TRIMMED_REFRESH: Duration = Duration::from_secs(1);
+
 struct Writer {
     shared: Arc<Shared>,
     current: Option<(u64, File, u64)>,
     synced: bool,
     /// The durable end last written into the current segment's header.
     durable_end: u64,
+    /// The newest batch in a segment file (or the trimmed one): the next one written must
+    /// follow it, or `trimmed` must name the batch before it (see [`Writer::write_or_skip`]).
+    last_in_file: Seq,
+    /// The seq `trimmed` holds on disk, and when it was last written.
+    trimmed_on_disk: Seq,
+    trimmed_at: Instant,
+    /// The newest batch written or skipped: once the segment is synced, everything up to it
+    /// is safe.
+    done: Seq,
 }
 
 impl Writer {
@@ -119,6 +140,69 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes `batch` into the spool, or skips it if the replica acknowledged it already
+    /// (everything before it is acknowledged then too).
+    ///
+    /// Opening the spool reads the batches after the one `trimmed` names and wants their seqs
+    /// to follow each other. So before the first batch written after skipped ones, `trimmed`
+    /// is made to name the batch just before it (the newest acknowledged one: it is not
+    /// acknowledged itself, or it would be skipped too).
+    fn write_or_skip(&mut self, batch: &SealedBatch) -> io::Result<()> {
+        let (acked, trim_to) = {
+            let st = self.lock();
+            (st.acked, st.trim_to)
+        };
+        if batch.seq <= acked {
+            self.skip(batch);
+            return Ok(());
+        }
+        if batch.seq != self.last_in_file.next() && self.trimmed_on_disk.next() != batch.seq {
+            match trim_to {
+                Some((seq, hash)) if seq.next() == batch.seq => {
+                    write_trimmed(&self.shared.dir, seq, &hash)?;
+                    self.trimmed_on_disk = seq;
+                    self.trimmed_at = Instant::now();
+                }
+                _ => {
+                    return Err(io::Error::other(format!(
+                        "batch {} follows neither the last one spooled ({}) nor an acknowledged one",
+                        batch.seq, self.last_in_file
+                    )));
+                }
+            }
+        }
+        self.append(batch)?;
+        self.last_in_file = batch.seq;
+        self.done = batch.seq;
+        Ok(())
+    }
+
+    /// Passes over a batch the replica acknowledged before it was written.
+    fn skip(&mut self, batch: &SealedBatch) {
+        self.done = batch.seq;
+        self.shared.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Saves the newest acknowledged seq in `trimmed` when batches were skipped since it was
+    /// last saved, at most once per [`TRIMMED_REFRESH`]: after a crash the agent's head is
+    /// then at most that far behind the replica, well inside its window, and the replica can
+    /// tell that its chain runs through it (nothing is compared again).
+    fn refresh_trimmed(&mut self, now: Instant) -> io::Result<()> {
+        if now < self.trimmed_at + TRIMMED_REFRESH || self.done <= self.last_in_file {
+            return Ok(());
+        }
+        let Some((seq, hash)) = self.lock().trim_to else {
+            return Ok(());
+        };
+        if seq <= self.trimmed_on_disk || seq <= self.last_in_file {
+            return Ok(());
+        }
+        write_trimmed(&self.shared.dir, seq, &hash)?;
+        self.trimmed_on_disk = seq;
+        self.trimmed_at = now;
+        Ok(())
+    }
+
     fn reset(&mut self, seq: Seq, hash: &Hash) -> io::Result<()> {
         self.current = None;
         write_trimmed(&self.shared.dir, seq, hash)?;
@@ -136,6 +220,9 @@ impl Writer {
         st.trim_to = None;
         drop(st);
         self.synced = true;
+        self.last_in_file = seq;
+        self.trimmed_on_disk = seq;
+        self.done = seq;
         self.shared.written.send_replace(seq);
         self.shared.durable.send_replace(seq);
         Ok(())
@@ -178,6 +265,8 @@ impl Writer {
             return Ok(());
         }
         write_trimmed(&self.shared.dir, acked_seq, &acked_hash)?;
+        self.trimmed_on_disk = self.trimmed_on_disk.max(acked_seq);
+        self.trimmed_at = Instant::now();
         for id in dead {
             fs::remove_file(segment_path(&self.shared.dir, id))?;
             self.lock().segments.remove(&id);
@@ -186,12 +275,83 @@ impl Writer {
     }
 }
 
-pub(super) fn writer_thread(shared: Arc<Shared>, rx: mpsc::Receiver<Cmd>) {
+/// Batches waiting for the writer, oldest first, with when each was queued.
+#[derive(Default)]
+struct Queue {
+    batches: VecDeque<(SealedBatch, Instant)>,
+    bytes: usize,
+}
+
+impl Queue {
+    fn push(&mut self, batch: SealedBatch, now: Instant) {
+        self.bytes += batch.bytes.len();
+        self.batches.push_back((batch, now));
+    }
+
+    /// When the oldest batch is due, if any is queued.
+    fn deadline(&self) -> Option<Instant> {
+        self.batches.front().map(|(_, at)| *at + WRITE_LAG)
+    }
+
+    /// The oldest batch, if it is due: `all` (a flush waits), its lag is over, or the queue
+    /// holds too many bytes.
+    fn pop_due(&mut self, now: Instant, all: bool) -> Option<SealedBatch> {
+        let (_, at) = self.batches.front()?;
+        if !(all || *at + WRITE_LAG <= now || self.bytes > QUEUED_BYTES_MAX) {
+            return None;
+        }
+        let (batch, _) = self.batches.pop_front()?;
+        self.bytes -= batch.bytes.len();
+        Some(batch)
+    }
+
+    /// The oldest batch, if `acked` covers it.
+    fn pop_acked(&mut self, acked: Seq) -> Option<SealedBatch> {
+        if self.batches.front()?.0.seq > acked {
+            return None;
+        }
+        let (batch, _) = self.batches.pop_front()?;
+        self.bytes -= batch.bytes.len();
+        Some(batch)
+    }
+
+    fn clear(&mut self) {
+        self.batches.clear();
+        self.bytes = 0;
+    }
+}
+
+/// The commands waiting, the first one waited for until `deadline` (or for ever): empty when
+/// the deadline passed; `None` when every handle is gone.
+fn next_commands(rx: &mpsc::Receiver<Cmd>, deadline: Option<Instant>) -> Option<Vec<Cmd>> {
+    let first = match deadline {
+        None => rx.recv().ok()?,
+        Some(d) => match rx.recv_timeout(d.saturating_duration_since(Instant::now())) {
+            Ok(cmd) => cmd,
+            Err(mpsc::RecvTimeoutError::Timeout) => return Some(Vec::new()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+        },
+    };
+    let mut cmds = vec![first];
+    cmds.extend(rx.try_iter());
+    Some(cmds)
+}
+
+pub(super) fn writer_thread(
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Cmd>,
+    trimmed_seq: Seq,
+    last_seq: Seq,
+) {
     let mut w = Writer {
         shared: shared.clone(),
         current: None,
         synced: true,
         durable_end: 0,
+        last_in_file: last_seq,
+        trimmed_on_disk: trimmed_seq,
+        trimmed_at: Instant::now(),
+        done: last_seq,
     };
     let fail = |w: &Writer, what: &str, e: io::Error| {
         tracing::error!(dir = %w.shared.dir.display(), "spool {what} failed: {e}; the agent cannot keep its promise of durability and stops accepting flushes");
@@ -201,45 +361,66 @@ pub(super) fn writer_thread(shared: Arc<Shared>, rx: mpsc::Receiver<Cmd>) {
         fail(&w, "open", e);
         return;
     }
-    while let Ok(first) = rx.recv() {
-        let mut cmds = vec![first];
-        cmds.extend(rx.try_iter());
-        let mut want_sync = false;
-        let mut last_written = None;
+    let mut queue = Queue::default();
+    loop {
+        // Every handle gone (the agent stops): what is queued and not acknowledged is
+        // written and synced all the same, then the thread ends.
+        let (cmds, stopping) = match next_commands(&rx, queue.deadline()) {
+            Some(cmds) => (cmds, false),
+            None => (Vec::new(), true),
+        };
+        let mut want_sync = stopping;
         let mut trim = false;
         for cmd in cmds {
             match cmd {
-                Cmd::Append(batch) => {
-                    if let Err(e) = w.append(&batch) {
-                        fail(&w, "append", e);
-                        return;
-                    }
-                    last_written = Some(batch.seq);
-                }
+                Cmd::Append(batch) => queue.push(batch, Instant::now()),
                 Cmd::Sync => want_sync = true,
                 Cmd::Trim => trim = true,
                 Cmd::Reset(seq, hash, done) => {
                     // Whatever was queued before the reset belonged to the old chain.
-                    last_written = None;
+                    queue.clear();
                     want_sync = false;
                     trim = false;
                     let _ = done.send(w.reset(seq, &hash));
                 }
             }
         }
-        if let Some(seq) = last_written {
-            shared.written.send_replace(seq);
+        let now = Instant::now();
+        let before = w.last_in_file;
+        // Batches acknowledged while they waited are dropped at once (their bytes with them).
+        let acked = w.lock().acked;
+        while let Some(batch) = queue.pop_acked(acked) {
+            w.skip(&batch);
+        }
+        while let Some(batch) = queue.pop_due(now, want_sync) {
+            if let Err(e) = w.write_or_skip(&batch) {
+                fail(&w, "append", e);
+                return;
+            }
+        }
+        if w.last_in_file != before {
+            shared.written.send_replace(w.last_in_file);
         }
         if want_sync {
             if let Err(e) = w.sync() {
                 fail(&w, "fdatasync", e);
                 return;
             }
-            let written = *shared.written.borrow();
-            shared.durable.send_replace(written);
+            let done = w.done;
+            shared.durable.send_if_modified(|d| {
+                let moved = done > *d;
+                *d = (*d).max(done);
+                moved
+            });
         }
         if trim && let Err(e) = w.trim() {
             tracing::warn!(dir = %shared.dir.display(), "could not trim the spool: {e}");
+        }
+        if let Err(e) = w.refresh_trimmed(now) {
+            tracing::warn!(dir = %shared.dir.display(), "could not save the acknowledged seq: {e}");
+        }
+        if stopping {
+            return;
         }
     }
 }

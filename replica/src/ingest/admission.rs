@@ -237,12 +237,33 @@ impl IngestService {
             Some(h) if g.head_seq > Seq::ZERO => blake3::Hash::from_bytes(h).to_hex().to_string(),
             _ => String::new(),
         };
+        let agent_head_on_chain = agent_head_on_chain(catalog, g.id, g.head_seq, gh).await?;
         Ok(GroupWelcome {
             name: g.name,
             durable: g.head_seq,
             generation: g.generation,
             head_hash,
             volumes,
+            agent_head_on_chain,
         })
     }
+}
+
+/// Whether this replica, durable up to `head_seq`, is past the agent's head and holds batch
+/// `head` of the Hello with the Hello's hash (see [`GroupWelcome::agent_head_on_chain`]).
+/// Unknown (no hash sent, the batch trimmed from the window) is `false`: the agent then
+/// compares every chunk.
+async fn agent_head_on_chain(
+    catalog: &crate::catalog::Catalog,
+    group_id: i64,
+    head_seq: Seq,
+    gh: &GroupHello,
+) -> Result<bool> {
+    if gh.head == Seq::ZERO || gh.head >= head_seq {
+        return Ok(false);
+    }
+    let Ok(sent) = blake3::Hash::from_hex(&gh.head_hash) else {
+        return Ok(false);
+    };
+    Ok(catalog.batch_hash(group_id, gh.head).await? == Some(*sent.as_bytes()))
 }

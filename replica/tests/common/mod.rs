@@ -197,6 +197,7 @@ impl AgentSim {
             volumes: self.volumes.clone(),
             head: cdp_shared::types::Seq(self.seq),
             first_held: cdp_shared::types::Seq(1),
+            head_hash: String::new(),
         }
     }
 
