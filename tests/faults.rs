@@ -222,6 +222,46 @@ fn replica_killed_at_random_loses_no_acknowledged_batch() {
     }
 }
 
+/// `ops` operations of `w`, with a flush after operation `flush_at`.
+fn ops_with_one_flush(w: &mut Writer, model: &mut [u8], ops: u64, flush_at: u64, round: usize) {
+    for i in 0..ops {
+        w.op(model)
+            .unwrap_or_else(|e| panic!("write failed in round {round}: {e}"));
+        if i == flush_at {
+            w.nbd.flush().expect("flush");
+        }
+    }
+}
+
+/// Kills the agent with SIGKILL, checks that the device holds every replied write, starts it
+/// again and checks that, once in step, `latest` on the replica is the device.
+fn kill_and_restart(
+    c: &mut Cluster,
+    dev: &std::path::Path,
+    model: &[u8],
+    w: Writer,
+    round: usize,
+    context: &str,
+) {
+    c.agent.as_mut().expect("agent").kill9();
+    drop(w);
+    // A killed process loses nothing that reached the page cache: every replied write is on
+    // the device.
+    let device = read_file(dev);
+    assert_same_image(
+        &format!("round {round}: the device after the kill"),
+        &device,
+        model,
+    );
+    c.start_agent();
+    c.wait_in_step("v", Duration::from_secs(120));
+    assert_eq!(
+        restore_hash(c, "v", "latest"),
+        hash(model),
+        "round {round}: latest equals the device after the restart{context}"
+    );
+}
+
 #[test]
 fn agent_killed_at_random_resyncs_what_it_had_in_flight() {
     if !require_python_nbd() {
@@ -234,35 +274,9 @@ fn agent_killed_at_random_resyncs_what_it_had_in_flight() {
     for k in 0..kills {
         let mut w = Writer::new(&c.nbd_uri("v"), 16 * MIB, seed.wrapping_add(k as u64));
         let ops = 10 + rng.below(80);
-        let flush_at = rng.below(ops);
-        let mut flushed = model.clone();
-        for i in 0..ops {
-            w.op(&mut model)
-                .unwrap_or_else(|e| panic!("write failed in round {k}: {e}"));
-            if i == flush_at {
-                w.nbd.flush().expect("flush");
-                flushed = model.clone();
-            }
-        }
+        ops_with_one_flush(&mut w, &mut model, ops, rng.below(ops), k);
         // The agent dies with writes replied (some flushed, some not) and batches unsent.
-        c.agent.as_mut().expect("agent").kill9();
-        drop(w);
-        // No flushed write is missing from the device (a killed process loses nothing that
-        // reached the page cache, so every replied write is there too).
-        let device = read_file(&dev);
-        assert_same_image(
-            &format!("round {k}: the device after the kill"),
-            &device,
-            &model,
-        );
-        let _ = flushed;
-        c.start_agent();
-        c.wait_in_step("v", Duration::from_secs(120));
-        assert_eq!(
-            restore_hash(&c, "v", "latest"),
-            hash(&model),
-            "round {k}: latest equals the device after the resync"
-        );
+        kill_and_restart(&mut c, &dev, &model, w, k, "");
     }
     let log = c.agent.as_ref().expect("agent").log_text();
     assert!(
@@ -288,14 +302,7 @@ fn agent_killed_with_acknowledged_batches_never_spooled_loses_nothing() {
             seed.wrapping_add(1000 + k as u64),
         );
         let ops = 10 + rng.below(60);
-        let flush_at = rng.below(ops);
-        for i in 0..ops {
-            w.op(&mut model)
-                .unwrap_or_else(|e| panic!("write failed in round {k}: {e}"));
-            if i == flush_at {
-                w.nbd.flush().expect("flush");
-            }
-        }
+        ops_with_one_flush(&mut w, &mut model, ops, rng.below(ops), k);
         // Every batch acknowledged, and the last ones never written to the spool: the writer
         // lags behind the sender and skips what the replica acknowledged first. A flush (or
         // a FUA write) has the spool write everything queued, and an ack slower than the
@@ -326,20 +333,13 @@ fn agent_killed_with_acknowledged_batches_never_spooled_loses_nothing() {
                 false
             },
         );
-        c.agent.as_mut().expect("agent").kill9();
-        drop(w);
-        let device = read_file(&dev);
-        assert_same_image(
-            &format!("round {k}: the device after the kill"),
-            &device,
+        kill_and_restart(
+            &mut c,
+            &dev,
             &model,
-        );
-        c.start_agent();
-        c.wait_in_step("v", Duration::from_secs(120));
-        assert_eq!(
-            restore_hash(&c, "v", "latest"),
-            hash(&model),
-            "round {k}: latest equals the device after the restart (status before the kill: {last})"
+            w,
+            k,
+            &format!(" (status before the kill: {last})"),
         );
         let log = c.agent.as_ref().expect("agent").log_text();
         assert!(

@@ -327,6 +327,14 @@ class Cluster:
         out = run([self.bin("cdp-agent"), "bookmark", "--data", self.adir, name, "--wait"])
         return int(out.split(" seq ")[1].split()[0])
 
+    def record_count(self):
+        """Journal records in the replica's catalog."""
+        con = self.db()
+        try:
+            return con.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        finally:
+            con.close()
+
     def db(self):
         con = sqlite3.connect(f"file:{os.path.join(self.rdir, 'meta.db')}?mode=ro", uri=True, timeout=30)
         return con
@@ -850,9 +858,7 @@ def bench_restore(args, rep, work):
         rep.cmd(f["cmd"].replace(cl.uri, "<agent URI>"))
         end = cl.bookmark("restore-end")
         cl.wait_caught_up()
-        con = cl.db()
-        records = con.execute("SELECT COUNT(*) FROM records").fetchone()[0]
-        con.close()
+        records = cl.record_count()
         mid = (start + end) // 2
         shutil.copyfile(dev, image)
         times = {"restore": [], "cp": [], "cp+fsync": []}
@@ -939,9 +945,7 @@ def bench_export(args, rep, work):
             rep.cmd(f["cmd"].replace(cl.uri, "<agent URI>"))
             cl.bookmark(f"records-{target}")
             cl.wait_caught_up(1800)
-            con = cl.db()
-            records = con.execute("SELECT COUNT(*) FROM records").fetchone()[0]
-            con.close()
+            records = cl.record_count()
             done = target
             ms = export_first_read_ms(cl, args.rounds * 2, size)
             rows.append([f"{records}", f"{records // (size // MIB)}", fmt3(ms)])
@@ -1155,9 +1159,7 @@ def bench_export_read(args, rep, work):
         rep.cmd(f["cmd"].replace(cl.uri, "<agent URI>"))
         point = cl.bookmark("xread")
         cl.wait_caught_up()
-        con = cl.db()
-        records = con.execute("SELECT COUNT(*) FROM records").fetchone()[0]
-        con.close()
+        records = cl.record_count()
         t0 = time.time()
         run([cl.bin("cdp-replica"), "restore", "--data", cl.rdir, "--volume", cl.name, "--at", "bookmark:xread", "--out", image])
         restore_s = time.time() - t0

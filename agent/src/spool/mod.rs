@@ -1003,6 +1003,23 @@ mod tests {
         assert_eq!(rec.first_held, first_held);
     }
 
+    /// A reset (a rebase on the replica's head) takes the sender's view back too: batches of
+    /// the old chain past the new head are not there to send.
+    #[tokio::test]
+    async fn a_reset_to_an_earlier_seq_takes_the_appended_seq_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = Batcher::new("g", BatcherConfig::default(), Seq(0), [0; 32]);
+        let (spool, _) = Spool::open(dir.path()).expect("open");
+        for _ in 0..3 {
+            spool.append(make(&mut b));
+        }
+        assert_eq!(spool.appended(), Seq(3));
+        spool.reset_blocking(Seq(0), [0; 32]).expect("reset");
+        assert_eq!(spool.appended(), Seq(0));
+        assert_eq!(spool.get(Seq(1)).expect("get"), None);
+        assert_eq!(spool.written(), Seq(0));
+    }
+
     /// The held bytes decide when a group overflows: they must follow every append and ack
     /// exactly (a release-mode test, like every counter that drives a decision).
     #[tokio::test]

@@ -223,6 +223,9 @@ impl Writer {
         self.last_in_file = seq;
         self.trimmed_on_disk = seq;
         self.done = seq;
+        // The caller holds its group's lock: no batch of the new chain is appended before
+        // this returns, and the sender must not look for the old chain's batches past `seq`.
+        self.shared.appended.send_replace(seq);
         self.shared.written.send_replace(seq);
         self.shared.durable.send_replace(seq);
         Ok(())
