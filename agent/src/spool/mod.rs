@@ -1,9 +1,12 @@
 //! The spool: a durable, append-only, segmented log on the agent's disk of the batches of one
 //! consistency group that the replica has not acknowledged yet (DESIGN 3.4).
 //!
-//! Sealed batches are appended in seq order by a dedicated writer thread ([`writer`]). Two
-//! numbers are kept apart: *written* (the bytes are in the segment file) and *durable*
-//! (fdatasync'd). A FLUSH asks for durability up to its batch and waits for it. Segments whose
+//! Sealed batches are queued in seq order ([`Spool::append`]) and the sender may send them at
+//! once, from memory (*appended*). A dedicated writer thread ([`writer`]) writes a batch into
+//! the segment files only once it has waited [`writer::WRITE_LAG`] unacknowledged, and never
+//! one the replica acknowledged first (*written*). *Durable* means safe: fdatasync'd in the
+//! spool, or acknowledged by the replica. A FLUSH asks for durability up to its batch and
+//! waits for whichever comes first. Segments whose
 //! batches are all acknowledged are deleted; before that, the newest acknowledged seq and its
 //! header hash are saved in `trimmed`, so the seq chain survives an empty spool.
 //!
@@ -113,6 +116,17 @@ struct Shared {
     durable: watch::Sender<Seq>,
     /// Batches the writer never wrote because the replica had acknowledged them first.
     skipped: AtomicU64,
+}
+
+impl Shared {
+    /// Everything up to `seq` is safe now; the durable seq never goes back (but on a reset).
+    fn advance_durable(&self, seq: Seq) {
+        self.durable.send_if_modified(|d| {
+            let moved = seq > *d;
+            *d = (*d).max(seq);
+            moved
+        });
+    }
 }
 
 enum Cmd {
@@ -748,11 +762,7 @@ impl Spool {
         };
         // What the replica holds durably is safe: a flush waiting for it is answered now,
         // whether or not the writer has reached it.
-        self.shared.durable.send_if_modified(|d| {
-            let moved = acked_seq > *d;
-            *d = (*d).max(acked_seq);
-            moved
-        });
+        self.shared.advance_durable(acked_seq);
         let _ = self.tx.send(Cmd::Trim);
     }
 

@@ -409,12 +409,7 @@ pub(super) fn writer_thread(
                 fail(&w, "fdatasync", e);
                 return;
             }
-            let done = w.done;
-            shared.durable.send_if_modified(|d| {
-                let moved = done > *d;
-                *d = (*d).max(done);
-                moved
-            });
+            shared.advance_durable(w.done);
         }
         if trim && let Err(e) = w.trim() {
             tracing::warn!(dir = %shared.dir.display(), "could not trim the spool: {e}");
