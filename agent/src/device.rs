@@ -171,28 +171,7 @@ impl BlockDev for FileDev {
     }
 
     fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
-        use rustix::io::{Errno, ReadWriteFlags, preadv2};
-        let mut done = 0;
-        while done < buf.len() {
-            let mut slice = [io::IoSliceMut::new(&mut buf[done..])];
-            match preadv2(
-                &self.file,
-                &mut slice,
-                offset + done as u64,
-                ReadWriteFlags::NOWAIT,
-            ) {
-                // Past the end: the blocking read reports it.
-                Ok(0) => return Ok(false),
-                Ok(n) => done += n,
-                Err(Errno::INTR) => {}
-                // Not all cached (AGAIN), or no RWF_NOWAIT here (OPNOTSUPP, NOSYS, INVAL).
-                Err(Errno::AGAIN | Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
-                    return Ok(false);
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(true)
+        cdp_shared::fileio::read_cached_at(&self.file, buf, offset)
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {

@@ -47,7 +47,7 @@ pub(crate) async fn apply_journal(
                     let r = RecordRef::from_row(row)?;
                     match r.kind {
                         RecordKind::Data => match loader.load(&r, v.agent_volume_id, &mut data) {
-                            Ok(()) => target.write_at(r.offset, &data)?,
+                            Ok(range) => target.write_at(r.offset, &data[range])?,
                             // A damaged record (the verifier reports the chunk; a repair
                             // resends it in a later batch): its bytes are not applied, and
                             // trimming goes on instead of stopping the replica.

@@ -489,24 +489,7 @@ impl SegmentReader {
     /// (short only at the end of the file).
     pub fn read_at(&mut self, segment: u64, position: u64, buf: &mut [u8]) -> Result<usize> {
         let path = self.dir.join(segment_name(segment));
-        let i = match self.files.iter().position(|(n, _)| *n == segment) {
-            Some(i) => i,
-            None => {
-                let file =
-                    File::open(&path).map_err(ReplicaError::io("open journal segment", &path))?;
-                let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
-                file.read_exact_at(&mut header, 0)
-                    .map_err(ReplicaError::io("read the header of", &path))?;
-                check_segment_header(&header, segment).map_err(|e| {
-                    ReplicaError::JournalCorrupt(format!("{}: {e}", path.display()))
-                })?;
-                if self.files.len() >= READER_FILES_MAX {
-                    self.files.remove(0);
-                }
-                self.files.push((segment, file));
-                self.files.len() - 1
-            }
-        };
+        let i = self.open(segment, &path)?;
         let file = &self.files[i].1;
         let mut done = 0;
         while done < buf.len() {
@@ -518,6 +501,42 @@ impl SegmentReader {
             }
         }
         Ok(done)
+    }
+
+    /// Fills `buf` at `position` of segment `segment` if the segment is open here already and
+    /// every byte is in the page cache ([`cdp_shared::fileio::read_cached_at`]): `Ok(false)`
+    /// when that would mean waiting for the disk (or the range passes the end of the file),
+    /// and the caller then uses [`SegmentReader::read_at`] on the blocking pool.
+    pub fn read_cached_at(&mut self, segment: u64, position: u64, buf: &mut [u8]) -> Result<bool> {
+        let Some((_, file)) = self.files.iter().find(|(n, _)| *n == segment) else {
+            return Ok(false);
+        };
+        cdp_shared::fileio::read_cached_at(file, buf, position).map_err(ReplicaError::io(
+            "read journal segment",
+            &self.dir.join(segment_name(segment)),
+        ))
+    }
+
+    /// The index in `files` of segment `segment`, opened (and its header checked) if needed.
+    fn open(&mut self, segment: u64, path: &Path) -> Result<usize> {
+        Ok(match self.files.iter().position(|(n, _)| *n == segment) {
+            Some(i) => i,
+            None => {
+                let file =
+                    File::open(path).map_err(ReplicaError::io("open journal segment", path))?;
+                let mut header = [0u8; SEGMENT_HEADER_BYTES as usize];
+                file.read_exact_at(&mut header, 0)
+                    .map_err(ReplicaError::io("read the header of", path))?;
+                check_segment_header(&header, segment).map_err(|e| {
+                    ReplicaError::JournalCorrupt(format!("{}: {e}", path.display()))
+                })?;
+                if self.files.len() >= READER_FILES_MAX {
+                    self.files.remove(0);
+                }
+                self.files.push((segment, file));
+                self.files.len() - 1
+            }
+        })
     }
 }
 

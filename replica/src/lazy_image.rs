@@ -7,8 +7,10 @@
 //! [`PLAN_CACHE_CHUNKS_MAX`] chunks). Opening it costs two catalog reads, however long the
 //! journal, so an export serves its first byte at once. Bytes come from the target file where
 //! no record covers them, else from the journal through a [`RecordLoader`] (hash checked);
-//! reads run on the blocking pool, any number at once (record loaders are pooled, at most
-//! [`LOADERS_KEPT_MAX`] kept idle).
+//! a read of at most [`INLINE_READ_BYTES_MAX`] whose chunk plans are cached and whose bytes the
+//! page cache holds (`preadv2(RWF_NOWAIT)`, segments already open) is served on the calling
+//! task; any other read runs on the blocking pool, any number at once (record loaders are
+//! pooled, at most [`LOADERS_KEPT_MAX`] kept idle).
 //!
 //! # Why lazy plans stay right while the trimmer runs
 //! S is pinned ([`crate::pins`]), so the trimmer never moves the base past S and never unlinks
@@ -49,7 +51,9 @@ use cdp_shared::types::CHUNK_BYTES;
 
 use crate::catalog::{Catalog, RecordRow};
 use crate::error::{ReplicaError, Result};
-use crate::reconstruct::{ImageSources, Plan, ReadScratch, RecordLoader, RecordRef, read_planned};
+use crate::reconstruct::{
+    ImageSources, Plan, ReadMode, ReadScratch, RecordLoader, RecordRef, read_planned,
+};
 
 /// Chunk plans a [`LazyImage`] keeps (least recently used evicted first).
 pub const PLAN_CACHE_CHUNKS_MAX: usize = 4096;
@@ -57,6 +61,9 @@ pub const PLAN_CACHE_CHUNKS_MAX: usize = 4096;
 pub const LOADERS_KEPT_MAX: usize = 16;
 /// The largest read [`LazyImage::read`] takes (the NBD request limit).
 pub const LAZY_READ_BYTES_MAX: u64 = cdp_shared::NBD_REQUEST_BYTES_MAX as u64;
+/// The largest read [`LazyImage::read`] tries on the calling task, from the page cache only,
+/// before it hands the read to the blocking pool.
+pub const INLINE_READ_BYTES_MAX: u64 = 1024 * 1024;
 
 /// A bounded least-recently-used map from chunk index to its plan (sans-IO).
 #[derive(Debug)]
@@ -134,7 +141,8 @@ struct Inner {
     catalog: Catalog,
     target: File,
     plans: Mutex<PlanCache>,
-    loaders: Mutex<Vec<RecordLoader>>,
+    /// Idle record loaders, each with the scratch buffers of its last read.
+    loaders: Mutex<Vec<(RecordLoader, ReadScratch)>>,
     plans_built: AtomicU64,
 }
 
@@ -245,28 +253,48 @@ impl LazyImage {
         let first = offset / CHUNK_BYTES;
         let last = (offset + len - 1) / CHUNK_BYTES;
         let plans = self.plans(first, last).await?;
+        // What the page cache holds is read right here: a handoff to the blocking pool costs
+        // more than such a read (measured: the export's 4 KiB reads spent most of their time
+        // waking blocking threads).
+        if len <= INLINE_READ_BYTES_MAX
+            && let Some(buf) =
+                self.inner
+                    .read_with(offset, len, first, &plans, ReadMode::CachedOnly)?
+        {
+            return Ok(buf);
+        }
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.read_blocking(offset, len, first, &plans)).await?
+        tokio::task::spawn_blocking(move || {
+            inner
+                .read_with(offset, len, first, &plans, ReadMode::Blocking)?
+                .ok_or_else(|| ReplicaError::Task("a blocking image read declined".into()))
+        })
+        .await?
     }
 }
 
 impl Inner {
-    fn read_blocking(
+    /// The bytes `[offset, offset + len)` read as `mode` allows; `None` when
+    /// [`ReadMode::CachedOnly`] would have had to wait.
+    fn read_with(
         &self,
         offset: u64,
         len: u64,
         first: u64,
         plans: &[Arc<Plan>],
-    ) -> Result<Vec<u8>> {
+        mode: ReadMode,
+    ) -> Result<Option<Vec<u8>>> {
         let mut buf = vec![0u8; len as usize];
         let popped = lock(&self.loaders).pop();
-        let mut loader = match popped {
+        let (mut loader, mut scratch) = match popped {
             Some(l) => l,
-            None => RecordLoader::new(&self.spec.journal_dir)?,
+            None => (
+                RecordLoader::new(&self.spec.journal_dir)?,
+                ReadScratch::default(),
+            ),
         };
-        let mut scratch = ReadScratch::default();
         let end = offset + len;
-        let mut result = Ok(());
+        let mut result = Ok(true);
         for (k, plan) in plans.iter().enumerate() {
             let chunk_start = (first + k as u64) * CHUNK_BYTES;
             let from = offset.max(chunk_start);
@@ -278,17 +306,18 @@ impl Inner {
                 records: &mut loader,
                 agent_volume_id: self.spec.agent_volume_id,
             };
-            result = read_planned(plan, from, out, &mut src, &mut scratch);
-            if result.is_err() {
+            result = read_planned(plan, from, out, &mut src, &mut scratch, mode);
+            if !matches!(result, Ok(true)) {
                 break;
             }
         }
+        scratch.keep_small();
         let mut idle = lock(&self.loaders);
         if idle.len() < LOADERS_KEPT_MAX {
-            idle.push(loader);
+            idle.push((loader, scratch));
         }
         drop(idle);
-        result.map(|()| buf)
+        result.map(|all| all.then_some(buf))
     }
 }
 

@@ -20,10 +20,11 @@
 use cdp_shared::types::Seq;
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use cdp_shared::batch::{RECORD_HEADER_BYTES, RecordHeader, RecordKind};
+use cdp_shared::batch::{Encoding, RECORD_HEADER_BYTES, RecordHeader, RecordKind};
 use cdp_shared::types::CHUNK_BYTES;
 
 use crate::catalog::RecordRow;
@@ -240,14 +241,51 @@ impl RecordLoader {
         self.records_read
     }
 
-    /// Reads data record `r` of volume `agent_volume_id` from its segment into `out` (its
-    /// decoded bytes), after checking it against its row and its hash.
-    pub fn load(&mut self, r: &RecordRef, agent_volume_id: u32, out: &mut Vec<u8>) -> Result<()> {
+    /// Reads data record `r` of volume `agent_volume_id` from its segment into `out`, after
+    /// checking it against its row and its hash; returns where in `out` its decoded bytes lie
+    /// (a raw record is checked where it was read, header in front, rather than copied again).
+    pub fn load(
+        &mut self,
+        r: &RecordRef,
+        agent_volume_id: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<Range<usize>> {
+        self.load_with(r, agent_volume_id, out, false)?
+            .ok_or_else(|| ReplicaError::Task("a blocking record read declined".into()))
+    }
+
+    /// Like [`RecordLoader::load`] if the record's bytes are in the page cache and its segment
+    /// is open here already; `Ok(None)` when that would mean waiting for the disk.
+    pub fn load_cached(
+        &mut self,
+        r: &RecordRef,
+        agent_volume_id: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Range<usize>>> {
+        self.load_with(r, agent_volume_id, out, true)
+    }
+
+    fn load_with(
+        &mut self,
+        r: &RecordRef,
+        agent_volume_id: u32,
+        out: &mut Vec<u8>,
+        cached_only: bool,
+    ) -> Result<Option<Range<usize>>> {
         let want = RECORD_HEADER_BYTES + r.length as usize;
         self.raw.resize(want, 0);
-        let got = self
-            .segments
-            .read_at(r.segment, r.position, &mut self.raw)?;
+        let got = if cached_only {
+            if !self
+                .segments
+                .read_cached_at(r.segment, r.position, &mut self.raw)?
+            {
+                return Ok(None);
+            }
+            want
+        } else {
+            self.segments
+                .read_at(r.segment, r.position, &mut self.raw)?
+        };
         let damaged = |why: String| {
             ReplicaError::JournalCorrupt(format!(
                 "record {} of batch {} (segment {}, position {}): {why}",
@@ -267,14 +305,22 @@ impl RecordLoader {
         if stored_end > got {
             return Err(damaged("the segment ends inside the record".into()));
         }
-        h.decode_data(
-            &self.raw[RECORD_HEADER_BYTES..stored_end],
-            &mut self.decompressor,
-            out,
-        )
-        .map_err(|e| damaged(e.to_string()))?;
+        let stored = &self.raw[RECORD_HEADER_BYTES..stored_end];
+        let range = match h.encoding {
+            Encoding::Raw => {
+                h.check_raw(stored).map_err(|e| damaged(e.to_string()))?;
+                // The bytes read are the record's: hand them over, keep `out`'s buffer.
+                std::mem::swap(&mut self.raw, out);
+                RECORD_HEADER_BYTES..stored_end
+            }
+            Encoding::Zstd => {
+                h.decode_data(stored, &mut self.decompressor, out)
+                    .map_err(|e| damaged(e.to_string()))?;
+                0..out.len()
+            }
+        };
         self.records_read += 1;
-        Ok(())
+        Ok(Some(range))
     }
 }
 
@@ -282,10 +328,29 @@ impl RecordLoader {
 /// spare buffers.
 #[derive(Default)]
 pub struct ReadScratch {
-    /// Decoded records of the current call: (record index in the plan, data).
-    loaded: Vec<(u32, Vec<u8>)>,
+    /// Records loaded by the current call: (record index in the plan, buffer, where in the
+    /// buffer its decoded bytes lie).
+    loaded: Vec<(u32, Vec<u8>, Range<usize>)>,
     /// Spare buffers for `loaded`.
     pool: Vec<Vec<u8>>,
+}
+
+/// Spare buffers a [`ReadScratch`] keeps between reads ([`ReadScratch::keep_small`]), and
+/// the largest it keeps.
+const SCRATCH_SPARES_MAX: usize = 64;
+const SCRATCH_SPARE_BYTES_MAX: usize = 256 * 1024;
+
+impl ReadScratch {
+    /// Gives back this call's buffers, keeping at most [`SCRATCH_SPARES_MAX`] small ones for
+    /// the next read (so that scratch kept idle in a pool holds little memory).
+    pub fn keep_small(&mut self) {
+        for (_, b, _) in self.loaded.drain(..) {
+            self.pool.push(b);
+        }
+        self.pool
+            .retain(|b| b.capacity() <= SCRATCH_SPARE_BYTES_MAX);
+        self.pool.truncate(SCRATCH_SPARES_MAX);
+    }
 }
 
 /// Where [`read_planned`] reads from: the target file and the group's journal.
@@ -296,16 +361,29 @@ pub struct ImageSources<'a> {
     pub agent_volume_id: u32,
 }
 
+/// How [`read_planned`] may read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Wait for the disk where needed (on the blocking pool).
+    Blocking,
+    /// Only what the page cache holds, from segments already open: the read gives up
+    /// (`Ok(false)`) rather than wait, so that it can run on an async task.
+    CachedOnly,
+}
+
 /// Fills `buf` with the image bytes at `offset` as `plan` describes them: each byte is read
 /// once, from the target file, from one record (each record needed is read and hash-checked
 /// once per call), or zeros. `offset + buf.len()` must not pass the end of the volume.
+/// `Ok(false)` only in [`ReadMode::CachedOnly`], when some byte is not cached (`buf` is then
+/// partly filled, and the caller reads again with [`ReadMode::Blocking`]).
 pub fn read_planned(
     plan: &Plan,
     offset: u64,
     buf: &mut [u8],
     src: &mut ImageSources<'_>,
     scratch: &mut ReadScratch,
-) -> Result<()> {
+    mode: ReadMode,
+) -> Result<bool> {
     let len = buf.len() as u64;
     if offset + len > plan.size {
         return Err(ReplicaError::Task(format!(
@@ -313,7 +391,7 @@ pub fn read_planned(
             plan.size
         )));
     }
-    for (_, b) in scratch.loaded.drain(..) {
+    for (_, b, _) in scratch.loaded.drain(..) {
         scratch.pool.push(b);
     }
     for piece in plan.pieces(offset, len) {
@@ -321,27 +399,49 @@ pub fn read_planned(
         let out = &mut buf[at..at + piece.len as usize];
         match piece.source {
             Source::Zero => out.fill(0),
-            Source::Target => src
-                .target
-                .read_exact_at(out, piece.offset)
-                .map_err(ReplicaError::io("read target file", src.target_path))?,
+            Source::Target => match mode {
+                ReadMode::Blocking => src
+                    .target
+                    .read_exact_at(out, piece.offset)
+                    .map_err(ReplicaError::io("read target file", src.target_path))?,
+                ReadMode::CachedOnly => {
+                    let cached = cdp_shared::fileio::read_cached_at(src.target, out, piece.offset)
+                        .map_err(ReplicaError::io("read target file", src.target_path))?;
+                    if !cached {
+                        return Ok(false);
+                    }
+                }
+            },
             Source::Record { record, base } => {
-                let i = match scratch.loaded.iter().position(|(r, _)| *r == record) {
+                let i = match scratch.loaded.iter().position(|(r, _, _)| *r == record) {
                     Some(i) => i,
                     None => {
                         let r = plan.records[record as usize];
                         let mut data = scratch.pool.pop().unwrap_or_default();
-                        src.records.load(&r, src.agent_volume_id, &mut data)?;
-                        scratch.loaded.push((record, data));
+                        let got = match mode {
+                            ReadMode::Blocking => {
+                                Some(src.records.load(&r, src.agent_volume_id, &mut data)?)
+                            }
+                            ReadMode::CachedOnly => {
+                                src.records
+                                    .load_cached(&r, src.agent_volume_id, &mut data)?
+                            }
+                        };
+                        let Some(range) = got else {
+                            scratch.pool.push(data);
+                            return Ok(false);
+                        };
+                        scratch.loaded.push((record, data, range));
                         scratch.loaded.len() - 1
                     }
                 };
-                let from = (piece.offset - base) as usize;
-                out.copy_from_slice(&scratch.loaded[i].1[from..from + piece.len as usize]);
+                let (_, data, range) = &scratch.loaded[i];
+                let from = range.start + (piece.offset - base) as usize;
+                out.copy_from_slice(&data[from..from + piece.len as usize]);
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Reads the image described by a [`Plan`] (target file + journal segments).
@@ -390,7 +490,15 @@ impl ImageReader {
             records: &mut self.records,
             agent_volume_id: self.agent_volume_id,
         };
-        read_planned(&self.plan, offset, buf, &mut src, &mut self.scratch)
+        read_planned(
+            &self.plan,
+            offset,
+            buf,
+            &mut src,
+            &mut self.scratch,
+            ReadMode::Blocking,
+        )
+        .map(|_| ())
     }
 }
 

@@ -406,7 +406,28 @@ impl RecordHeader {
                 }
             }
         }
-        if *blake3::hash(out).as_bytes() != self.data_hash {
+        self.check_data(out)
+    }
+
+    /// Checks the stored bytes of a [`Encoding::Raw`] data record (its length and its
+    /// blake3 hash) without copying them: they are the record's bytes as they are.
+    pub fn check_raw(&self, stored: &[u8]) -> Result<(), BatchError> {
+        debug_assert_eq!(
+            (self.kind, self.encoding),
+            (RecordKind::Data, Encoding::Raw)
+        );
+        if stored.len() != self.length as usize || self.stored_len != self.length {
+            return Err(BatchError::Length {
+                expected: self.length as usize,
+                actual: stored.len(),
+            });
+        }
+        self.check_data(stored)
+    }
+
+    /// Checks decoded bytes against the record's blake3 hash.
+    fn check_data(&self, data: &[u8]) -> Result<(), BatchError> {
+        if *blake3::hash(data).as_bytes() != self.data_hash {
             return Err(BatchError::DataHash {
                 volume: self.volume,
                 offset: self.offset,

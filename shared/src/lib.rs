@@ -2,9 +2,11 @@
 //! protocol, the NBD server core, identities and TLS, the extent map, point and time parsing.
 //!
 //! Nothing here depends on `cdp-agent` or `cdp-replica`. Apart from the NBD server shell and
-//! the identity files, nothing here does socket or disk I/O.
+//! the identity files (and [`fileio`]'s page-cache-only read), nothing here does socket or disk
+//! I/O.
 
 pub mod batch;
+pub mod fileio;
 pub mod identity;
 pub mod nbd;
 pub mod point;
