@@ -305,6 +305,7 @@ impl Inner {
                 target_path: &self.spec.target,
                 records: &mut loader,
                 agent_volume_id: self.spec.agent_volume_id,
+                holes: None,
             };
             result = read_planned(plan, from, out, &mut src, &mut scratch, mode);
             if !matches!(result, Ok(true)) {

@@ -359,6 +359,96 @@ pub struct ImageSources<'a> {
     pub target_path: &'a Path,
     pub records: &'a mut RecordLoader,
     pub agent_volume_id: u32,
+    /// Where set, [`ReadMode::Blocking`] reads of the target file skip its holes (zeros
+    /// filled here instead of pages the kernel would allocate and zero): for a reader going
+    /// through the image once, like a restore. Left `None` where reads repeat (an export),
+    /// so the page cache keeps what they read.
+    pub holes: Option<&'a mut TargetHoles>,
+}
+
+/// The target file's layout around the last read, learnt with `SEEK_DATA` / `SEEK_HOLE`, so
+/// that a read of a hole costs a `memset` of a buffer already backed, not a page cache of
+/// zeros (reading the holes of a sparse target was most of a restore's time).
+///
+/// Right while the trimmer runs, for the reason the target file's bytes are (see
+/// [`crate::lazy_image`]): the target is only read where no record of the plan covers a
+/// byte, and nothing writes such a byte while the pin holds, so a byte in a hole when the
+/// layout was asked is zero in the image, whenever it is read.
+#[derive(Debug, Default)]
+pub struct TargetHoles {
+    known: Option<Extent>,
+}
+
+/// `[from, data)` is a hole, `[data, hole)` holds data.
+#[derive(Clone, Copy, Debug)]
+struct Extent {
+    from: u64,
+    data: u64,
+    hole: u64,
+}
+
+impl TargetHoles {
+    /// Fills `out` with the target file's bytes at `offset`, reading only its data extents.
+    fn read(&mut self, file: &File, path: &Path, out: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset + out.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let e = match self.known {
+                Some(e) if e.from <= pos && pos < e.hole => e,
+                _ => {
+                    let e = extent_at(file, pos);
+                    self.known = Some(e);
+                    e
+                }
+            };
+            let at = (pos - offset) as usize;
+            if pos < e.data {
+                let n = (e.data.min(end) - pos) as usize;
+                out[at..at + n].fill(0);
+                pos += n as u64;
+            } else {
+                let n = (e.hole.min(end) - pos) as usize;
+                file.read_exact_at(&mut out[at..at + n], pos)
+                    .map_err(ReplicaError::io("read target file", path))?;
+                pos += n as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The extent of `file` that `pos` starts: a hole up to the next data (none: the rest of the
+/// file), then data up to the next hole. Where the file system cannot tell (or answers
+/// something that makes no progress), all of it is taken as data, which reading gets right.
+fn extent_at(file: &File, pos: u64) -> Extent {
+    use rustix::fs::{SeekFrom, seek};
+    let all_data = Extent {
+        from: pos,
+        data: pos,
+        hole: u64::MAX,
+    };
+    match seek(file, SeekFrom::Data(pos)) {
+        // No data at or after `pos` (the caller checked the file is as long as the volume).
+        Err(rustix::io::Errno::NXIO) => Extent {
+            from: pos,
+            data: u64::MAX,
+            hole: u64::MAX,
+        },
+        Err(_) => all_data,
+        Ok(data) if data < pos => all_data,
+        Ok(data) => match seek(file, SeekFrom::Hole(data)) {
+            Ok(hole) if hole > data => Extent {
+                from: pos,
+                data,
+                hole,
+            },
+            _ => Extent {
+                from: pos,
+                data,
+                hole: u64::MAX,
+            },
+        },
+    }
 }
 
 /// How [`read_planned`] may read.
@@ -400,10 +490,13 @@ pub fn read_planned(
         match piece.source {
             Source::Zero => out.fill(0),
             Source::Target => match mode {
-                ReadMode::Blocking => src
-                    .target
-                    .read_exact_at(out, piece.offset)
-                    .map_err(ReplicaError::io("read target file", src.target_path))?,
+                ReadMode::Blocking => match src.holes.as_deref_mut() {
+                    Some(holes) => holes.read(src.target, src.target_path, out, piece.offset)?,
+                    None => src
+                        .target
+                        .read_exact_at(out, piece.offset)
+                        .map_err(ReplicaError::io("read target file", src.target_path))?,
+                },
                 ReadMode::CachedOnly => {
                     let cached = cdp_shared::fileio::read_cached_at(src.target, out, piece.offset)
                         .map_err(ReplicaError::io("read target file", src.target_path))?;
@@ -452,6 +545,7 @@ pub struct ImageReader {
     target: File,
     records: RecordLoader,
     scratch: ReadScratch,
+    holes: TargetHoles,
 }
 
 impl ImageReader {
@@ -462,6 +556,18 @@ impl ImageReader {
         journal_dir: &Path,
     ) -> Result<ImageReader> {
         let file = File::open(target).map_err(ReplicaError::io("open target file", target))?;
+        // Holes are read as zeros, so a short file must be refused here, not read as zeros.
+        let len = file
+            .metadata()
+            .map_err(ReplicaError::io("stat", target))?
+            .len();
+        if len < plan.size {
+            return Err(ReplicaError::CatalogCorrupt(format!(
+                "target file {} is {len} bytes long but the volume is {}",
+                target.display(),
+                plan.size
+            )));
+        }
         Ok(ImageReader {
             plan,
             agent_volume_id,
@@ -469,6 +575,7 @@ impl ImageReader {
             target: file,
             records: RecordLoader::new(journal_dir)?,
             scratch: ReadScratch::default(),
+            holes: TargetHoles::default(),
         })
     }
 
@@ -489,6 +596,7 @@ impl ImageReader {
             target_path: &self.target_path,
             records: &mut self.records,
             agent_volume_id: self.agent_volume_id,
+            holes: Some(&mut self.holes),
         };
         read_planned(
             &self.plan,
@@ -539,6 +647,84 @@ mod tests {
             v.extend(std::iter::repeat_n(who, p.len as usize));
         }
         v
+    }
+
+    /// A sparse target read through its holes: every byte as a plain read of the file says,
+    /// in any order of reads (the layout kept from one read is reused by the next, forwards
+    /// and backwards), and the holes were known as holes where the file system tells.
+    #[test]
+    fn target_reads_skip_holes_and_return_every_byte() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("target");
+        let size = 8 * CHUNK_BYTES;
+        let file = File::create(&path).expect("create");
+        file.set_len(size).expect("size");
+        let mut model = vec![0u8; size as usize];
+        // Data extents of several sizes; everything else is a hole.
+        for (n, (at, len)) in [
+            (0u64, 4096u64),
+            (CHUNK_BYTES + 12 * 4096, 8 * 4096),
+            (3 * CHUNK_BYTES - 4096, 2 * 4096),
+            (5 * CHUNK_BYTES, CHUNK_BYTES + 4096),
+            (size - 4096, 4096),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data: Vec<u8> = (0..len).map(|i| ((i + n as u64) % 251) as u8 + 1).collect();
+            file.write_all_at(&data, at).expect("write");
+            model[at as usize..(at + len) as usize].copy_from_slice(&data);
+        }
+        file.sync_all().expect("sync");
+        // Zero records over part of a data extent: read as zeros whatever the target says.
+        let plan = Plan::build(
+            size,
+            [rec(1, 5 * CHUNK_BYTES + 8192, 4096, RecordKind::Zero)],
+        )
+        .expect("plan");
+        model[(5 * CHUNK_BYTES + 8192) as usize..(5 * CHUNK_BYTES + 3 * 4096) as usize].fill(0);
+        let journal = dir.path().join("journal");
+        std::fs::create_dir(&journal).expect("journal dir");
+        let mut reader = ImageReader::open(plan, 1, &path, &journal).expect("open");
+        let mut reads: Vec<(u64, u64)> = (0..size / CHUNK_BYTES)
+            .map(|c| (c * CHUNK_BYTES, CHUNK_BYTES))
+            .collect();
+        reads.extend([
+            (CHUNK_BYTES + 11 * 4096, 3 * 4096),
+            (4096, 4096),
+            (3 * CHUNK_BYTES - 6000, 9000),
+            (0, size),
+            (6 * CHUNK_BYTES + 1, 5),
+            (5 * CHUNK_BYTES - 1, 2),
+        ]);
+        for (at, len) in reads {
+            let mut buf = vec![0xeeu8; len as usize];
+            reader.read_at(at, &mut buf).expect("read");
+            assert!(
+                buf == model[at as usize..(at + len) as usize],
+                "bytes differ in the read of {len} at {at}"
+            );
+        }
+        // Where the file system reports holes at all, the one after the first block is one.
+        let e = extent_at(&file, 4096);
+        if e.data != 4096 {
+            assert_eq!((e.from, e.data), (4096, CHUNK_BYTES + 12 * 4096));
+        }
+        drop(dir);
+    }
+
+    #[test]
+    fn a_target_shorter_than_the_volume_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("target");
+        File::create(&path)
+            .expect("create")
+            .set_len(CHUNK_BYTES)
+            .expect("size");
+        let err = ImageReader::open(Plan::new(2 * CHUNK_BYTES), 1, &path, dir.path())
+            .err()
+            .expect("a short target is refused");
+        assert!(err.to_string().contains("bytes long"), "{err}");
     }
 
     #[test]
