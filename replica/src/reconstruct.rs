@@ -556,18 +556,7 @@ impl ImageReader {
         journal_dir: &Path,
     ) -> Result<ImageReader> {
         let file = File::open(target).map_err(ReplicaError::io("open target file", target))?;
-        // Holes are read as zeros, so a short file must be refused here, not read as zeros.
-        let len = file
-            .metadata()
-            .map_err(ReplicaError::io("stat", target))?
-            .len();
-        if len < plan.size {
-            return Err(ReplicaError::CatalogCorrupt(format!(
-                "target file {} is {len} bytes long but the volume is {}",
-                target.display(),
-                plan.size
-            )));
-        }
+        crate::target::check_len(&file, target, plan.size)?;
         Ok(ImageReader {
             plan,
             agent_volume_id,
@@ -705,10 +694,14 @@ mod tests {
                 "bytes differ in the read of {len} at {at}"
             );
         }
-        // Where the file system reports holes at all, the one after the first block is one.
+        // Where the file system reports holes at all, the one after the first block is one,
+        // and the reader went through the layout (the last read, 2 bytes at the end of chunk
+        // 4, lies in the hole that runs up to chunk 5's data).
         let e = extent_at(&file, 4096);
         if e.data != 4096 {
             assert_eq!((e.from, e.data), (4096, CHUNK_BYTES + 12 * 4096));
+            let known = reader.holes.known.expect("the reader asked for the layout");
+            assert_eq!(known.data, 5 * CHUNK_BYTES, "{known:?}");
         }
         drop(dir);
     }

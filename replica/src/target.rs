@@ -25,6 +25,23 @@ pub struct TargetFile {
     dirty: bool,
 }
 
+/// Refuses a target file that is not exactly `size` bytes long (the volume's size: a volume
+/// cannot be resized while protected), for writers and readers alike: a reader takes the
+/// file's holes for zeros, so a short file would otherwise read as zeros past its end.
+pub fn check_len(file: &File, path: &Path, size: u64) -> Result<()> {
+    let len = file
+        .metadata()
+        .map_err(ReplicaError::io("stat", path))?
+        .len();
+    if len != size {
+        return Err(ReplicaError::CatalogCorrupt(format!(
+            "target file {} is {len} bytes long but the volume is {size}",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 impl TargetFile {
     /// Creates (or recreates, empty) the sparse target file of a volume of `size` bytes, and
     /// makes its existence durable.
@@ -62,16 +79,7 @@ impl TargetFile {
             .write(true)
             .open(path)
             .map_err(ReplicaError::io("open target file", path))?;
-        let len = file
-            .metadata()
-            .map_err(ReplicaError::io("stat", path))?
-            .len();
-        if len != size {
-            return Err(ReplicaError::CatalogCorrupt(format!(
-                "target file {} is {len} bytes long but the volume is {size}",
-                path.display()
-            )));
-        }
+        check_len(&file, path, size)?;
         Ok(TargetFile {
             path: path.to_path_buf(),
             file,
