@@ -3,11 +3,15 @@
 //! them), and cuts the link completely for a few seconds. (At 5 % loss QUIC's congestion
 //! control keeps the throughput near 1 MB/s, so the volume is small.) Writes go on throughout; at the end
 //! the replica's `latest` equals the device, and every acknowledged bookmark restores exactly.
+//!
+//! Loss the link makes itself: both binaries size their UDP socket's kernel buffers
+//! ([`cdp_shared::identity::UDP_BUFFER_BYTES`]), checked from outside with `ss`.
 
 mod common;
 
 use std::collections::BinaryHeap;
 use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -216,5 +220,58 @@ fn a_lossy_link_that_also_goes_down_loses_nothing() {
             *h,
             "bookmark {name} (seq {seq})"
         );
+    }
+}
+
+/// `ss -u -a -m -n -p`'s (rb, tb) of every UDP socket of process `pid`.
+fn udp_buffers_of(pid: u32) -> Vec<(u64, u64)> {
+    let out = run_ok(Command::new("ss").args(["-u", "-a", "-m", "-n", "-p"]));
+    let mut found = Vec::new();
+    let mut lines = out.lines();
+    while let Some(line) = lines.next() {
+        if !line.contains(&format!("pid={pid},")) {
+            continue;
+        }
+        let skmem = lines.next().unwrap_or_default();
+        let field = |name: &str| {
+            skmem
+                .split(['(', ',', ')'])
+                .find_map(|f| f.trim().strip_prefix(name)?.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in {skmem:?}"))
+        };
+        found.push((field("rb"), field("tb")));
+    }
+    found
+}
+
+#[test]
+fn both_ends_of_the_link_size_their_udp_buffers() {
+    if !require_tool("ss") {
+        return;
+    }
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc"));
+    if uid != 0 {
+        assert!(!in_ci(), "CI runs as root");
+        println!("skipped: not root, so the buffers are capped by net.core.rmem_max");
+        return;
+    }
+    let mut c = Cluster::new();
+    let dev = c.make_device("v.img", 8 * MIB, MIB, 1);
+    c.protect("v", &dev, None);
+    c.start_replica();
+    c.start_agent();
+    c.wait_protecting("v", Duration::from_secs(120));
+    // The kernel reports twice what was asked for (its bookkeeping).
+    let want = 2 * cdp_shared::identity::UDP_BUFFER_BYTES as u64;
+    for (name, proc) in [("replica", &c.replica), ("agent", &c.agent)] {
+        let pid = proc.as_ref().expect("running").child.id();
+        let sockets = udp_buffers_of(pid);
+        assert!(!sockets.is_empty(), "the {name} has a UDP socket");
+        for (rb, tb) in sockets {
+            assert!(
+                rb >= want && tb >= want,
+                "{name}: rb {rb}, tb {tb}, want {want}"
+            );
+        }
     }
 }

@@ -122,6 +122,7 @@ impl Shell {
                 }
             });
         let server_config = identity::server_config(identity, authorize)?;
+        identity::size_udp_buffers(&socket);
         let addr = socket.local_addr().map_err(|source| ReplicaError::Listen {
             addr: "the given socket".into(),
             source,

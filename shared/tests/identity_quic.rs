@@ -385,3 +385,27 @@ async fn client_refuses_a_server_with_the_wrong_fingerprint() {
     client.close(0u32.into(), b"bye");
     server.close(0u32.into(), b"bye");
 }
+
+#[test]
+fn udp_buffers_are_sized_and_reported_as_the_kernel_sees_them() {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let before = rustix::net::sockopt::socket_recv_buffer_size(&socket).unwrap() / 2;
+    let got = identity::size_udp_buffers(&socket);
+    // The report is what the kernel holds now, not what was asked for.
+    assert_eq!(
+        got.recv,
+        rustix::net::sockopt::socket_recv_buffer_size(&socket).unwrap() / 2
+    );
+    assert_eq!(
+        got.send,
+        rustix::net::sockopt::socket_send_buffer_size(&socket).unwrap() / 2
+    );
+    assert!(got.recv >= before, "{got:?} < {before}");
+    if rustix::process::geteuid().is_root() {
+        // Root may pass net.core.rmem_max (SO_RCVBUFFORCE): the whole size, both ways.
+        assert!(got.sufficient(), "{got:?}");
+        assert_eq!(got.recv, identity::UDP_BUFFER_BYTES);
+    } else {
+        println!("not root: buffers capped by net.core.rmem_max/wmem_max: {got:?}");
+    }
+}

@@ -209,7 +209,15 @@ async fn session(
     } else {
         "[::]:0".parse()?
     };
-    let mut endpoint = quinn::Endpoint::client(bind).context("open a UDP socket for QUIC")?;
+    let socket = std::net::UdpSocket::bind(bind).context("open a UDP socket for QUIC")?;
+    identity::size_udp_buffers(&socket);
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .context("open a QUIC endpoint")?;
     endpoint.set_default_client_config(identity::client_config(
         &config.identity,
         config.replica_fingerprint,
