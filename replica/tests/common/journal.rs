@@ -5,8 +5,8 @@ use std::path::Path;
 
 use cdp_replica::catalog::{Catalog, GroupRow, OpenMode};
 use cdp_replica::datadir::DataDir;
-use cdp_replica::journal::SegmentSpan;
 use cdp_replica::journal::segment_name;
+use cdp_replica::journal::{DIRECT_ALIGN, SegmentSpan};
 
 /// Opens the catalog of an existing data directory (not creating it, read-write).
 pub async fn open_catalog(root: &Path) -> (DataDir, Catalog) {
@@ -38,13 +38,19 @@ pub async fn assert_journal_ends_at_its_commit(
     let last = catalog.last_journaled(g.id).await.expect("query");
     if let Some(end) = &last {
         let seg = dir.journal(group).join(segment_name(end.segment));
-        assert_eq!(
-            std::fs::metadata(&seg)
-                .expect("the committed end's segment")
-                .len(),
-            end.end(),
-            "segment {} does not end where its last committed batch does",
-            end.segment
+        let file = std::fs::File::open(&seg).expect("the committed end's segment");
+        let len = file.metadata().expect("stat").len();
+        // A direct write pads its batch with zeros to the next multiple of DIRECT_ALIGN;
+        // anything else past the committed end is a half batch.
+        let padded = end.end().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        let mut tail = vec![0u8; len.saturating_sub(end.end()).min(DIRECT_ALIGN) as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut tail, end.end()).expect("read");
+        assert!(
+            len >= end.end() && len <= padded && tail.iter().all(|&b| b == 0),
+            "segment {} is {len} bytes long but its last committed batch ends at {} (zero \
+             padding allowed up to {padded})",
+            end.segment,
+            end.end()
         );
         assert!(
             !dir.journal(group)
