@@ -36,7 +36,7 @@ Usage: bench.py --bin target/release [--out BENCHMARKS.md] [--rounds 3] [--runti
                 [--nbd-size-mib 1024] [--peer quorum|mirror] [--restore-records 100000]
                 [--meta-records 1000000] [--cpu-gib 1] [--export-records 10000,100000,1000000]
                 [--export-read-size-mib 512] [--export-read-write-mib 256]
-                [--work DIR] [--only 1,2,...]
+                [--work DIR] [--only 1,2,...] [--nbd-jobs 'JOB,...']
 At the defaults about 20 minutes on 2 cores (section 1 about 12 of them). A quick check of
 the harness itself: --rounds 1 --runtime 2 --nbd-size-mib 256 --only N.
 """
@@ -603,6 +603,7 @@ def bench_nbd(args, rep, work):
     for f in files.values():
         make_file(f, size)
     first = configs[0]
+    jobs = [j for j in NBD_JOBS if args.nbd_jobs is None or j[0] in args.nbd_jobs]
     results = {}
     with contextlib.ExitStack() as stack:
         cl = Cluster(args.bin, work, "nbdvol", files["agent"], config=first)
@@ -623,7 +624,7 @@ def bench_nbd(args, rep, work):
             for config in configs:
                 cl.pin(config)
                 pin_all(config, front=[nbdkit, qemu, peer.qsd], back=[peer.target])
-                for job, rw, bs, qd, extra in NBD_JOBS:
+                for job, rw, bs, qd, extra in jobs:
                     for side, uri in sides.items():
                         res = fio(uri, "nbd", rw, bs, qd, runtime=args.runtime, size=size, extra=extra, pin=config.front)
                         results.setdefault((config.name, job, side), []).append(res)
@@ -658,7 +659,7 @@ def bench_nbd(args, rep, work):
           "nbdkit target on CPU 1 (`taskset`).")
     rows = []
     for config in configs:
-        for job, _, _, _, _ in NBD_JOBS:
+        for job, _, _, _, _ in jobs:
             if job == FLUSH_JOB:
                 continue
             for side in NBD_SIDES:
@@ -668,7 +669,7 @@ def bench_nbd(args, rep, work):
     rep.table(["config", "job", "server", "IOPS", "MB/s", "p50 µs", "p99 µs"], rows)
     rows = []
     for config in configs:
-        for job, _, _, _, _ in NBD_JOBS:
+        for job, _, _, _, _ in jobs:
             if job == FLUSH_JOB:
                 continue
             m = {side: med(x["iops"] for x in results[(config.name, job, side)]) for side in NBD_SIDES}
@@ -679,6 +680,9 @@ def bench_nbd(args, rep, work):
     rep.p("Ratio of medians (IOPS; higher is better for the agent):")
     rep.table(["config", "job", "agent / nbdkit", "agent / qemu-nbd", "agent / peer"], rows)
 
+    if FLUSH_JOB not in (j[0] for j in jobs):
+        rep.cmd("nbdkit -f -U SOCK file FILE    # and: qemu-nbd -t -f raw -k SOCK -e 8 FILE")
+        return results
     rep.p(f"**Flush latency**: 4 KiB random writes at qd1 with `--fsync=1` (fio issues an NBD flush after each write "
           f"completed, and the next write after the flush completed), {args.runtime} s per side. fio reports the write's "
           "completion latency (`write.clat_ns`) and the flush's (`sync.lat_ns`) separately, not their sum; the flush's "
@@ -1305,9 +1309,17 @@ def main():
                     help="MiB of 4-64 KiB random writes journaled in section 8 before it reads")
     ap.add_argument("--work", default=None, help="work directory (default: a temporary directory under target/)")
     ap.add_argument("--only", default="1,2,3,4,5,6,7,8")
+    ap.add_argument("--nbd-jobs", default=None,
+                    help="section 1's jobs to run, by name, comma-separated (default all: "
+                    + ", ".join(j[0] for j in NBD_JOBS) + ")")
     args = ap.parse_args()
     args.bin = os.path.abspath(args.bin)
     args.export_records = [int(x) for x in args.export_records.split(",")]
+    if args.nbd_jobs is not None:
+        args.nbd_jobs = [x.strip() for x in args.nbd_jobs.split(",")]
+        unknown = [x for x in args.nbd_jobs if x not in (j[0] for j in NBD_JOBS)]
+        if unknown:
+            raise SystemExit(f"bench: unknown --nbd-jobs {unknown}; known: {[j[0] for j in NBD_JOBS]}")
     only = {int(x) for x in args.only.split(",")}
     require_tools(only)
     for name in ("cdp-agent", "cdp-replica"):

@@ -160,48 +160,64 @@ impl Group {
         Ok(())
     }
 
-    /// FLUSH on one volume: its device durable, the batch cut as a flush point, the spool
-    /// (and, if any, the dirty maps) durable up to it.
+    /// FLUSH on one volume: the batch cut as a flush point, then its device and the spool
+    /// (and, if any, the dirty maps) durable up to it, at the same time (see
+    /// [`Group::flush_cut`]).
     pub fn flush_volume(
         self: &Arc<Self>,
         volume: VolumeId,
     ) -> impl Future<Output = ExportResult<()>> + Send + 'static + use<> {
         let group = self.clone();
         async move {
-            group
-                .sync_devices(vec![group.volume(volume).dev.clone()])
-                .await?;
             let cut = group.cut(BatchFlags::FLUSH, None, &[volume]);
-            group.make_durable(cut.seq, &[(volume, cut.ended[0])]).await
+            group.flush_cut(&cut, &[volume]).await
         }
+    }
+
+    /// Makes a cut of `volumes` durable: their devices synced and the spool durable up to the
+    /// cut, the two at once (a FLUSH waits for the longer of the two fsyncs, not their sum);
+    /// then the cut's epochs end. The cut comes first: every write of an ended epoch
+    /// completed on its device before the cut, so the device sync, begun after it, covers it.
+    /// (Cutting after the sync would put a write that reached the device while the sync ran
+    /// into the ended epoch, and its chunk could leave the activity log undurable.)
+    async fn flush_cut(self: &Arc<Self>, cut: &Cut, volumes: &[VolumeId]) -> ExportResult<()> {
+        let devices = volumes
+            .iter()
+            .map(|v| self.volume(*v).dev.clone())
+            .collect();
+        let (synced, durable) =
+            tokio::join!(self.sync_devices(devices), self.spool_durable(cut.seq));
+        synced?;
+        durable?;
+        let ended: Vec<_> = volumes
+            .iter()
+            .copied()
+            .zip(cut.ended.iter().copied())
+            .collect();
+        self.end_epochs(&ended);
+        Ok(())
     }
 
     fn all_volumes(&self) -> Vec<VolumeId> {
         self.volumes.iter().map(|v| v.id).collect()
     }
 
-    /// Makes every device of the group durable and seals a batch named `name`; returns its
-    /// point once it is durable in the spool.
+    /// Seals a batch named `name` and makes it and every device of the group durable;
+    /// returns its point once it is durable in the spool.
     pub async fn bookmark(self: &Arc<Self>, name: &str) -> ExportResult<Cut> {
-        self.sync_devices(self.volumes.iter().map(|v| v.dev.clone()).collect())
-            .await?;
         let all = self.all_volumes();
         let cut = self.cut(BatchFlags::FLUSH, Some(name), &all);
-        let ended: Vec<_> = all.into_iter().zip(cut.ended.iter().copied()).collect();
-        self.make_durable(cut.seq, &ended).await?;
+        self.flush_cut(&cut, &all).await?;
         Ok(cut)
     }
 
     /// Seals the open batch and makes everything durable (used at a clean stop); then empties
     /// the activity logs, which only hold chunks of durable epochs now.
     pub async fn seal_and_sync(self: &Arc<Self>) -> ExportResult<Seq> {
-        self.sync_devices(self.volumes.iter().map(|v| v.dev.clone()).collect())
-            .await?;
         let all = self.all_volumes();
         let cut = self.cut(BatchFlags::FLUSH, None, &all);
-        let ended: Vec<_> = all.iter().copied().zip(cut.ended).collect();
+        self.flush_cut(&cut, &all).await?;
         let seq = cut.seq;
-        self.make_durable(seq, &ended).await?;
         for v in all {
             let version = {
                 let mut inner = self.lock();

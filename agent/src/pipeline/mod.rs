@@ -11,7 +11,8 @@
 //! the device's state at every later batch boundary. A record is pushed before the client's
 //! reply, so every replied write is in the batch sealed by a later FLUSH.
 //!
-//! FLUSH and FUA make the device and the spool durable before the reply and cut the batch.
+//! FLUSH and FUA cut the batch, then make the device and the spool durable up to the cut
+//! before the reply; the two syncs run at once.
 //!
 //! **Never losing a write** (DESIGN 3.4). Before a write reaches the device, its chunks are
 //! durably in the volume's activity log, so that after a crash the chunks whose writes may be
@@ -651,18 +652,29 @@ impl Group {
     }
 
     /// Everything up to `seq` durable in the spool and the dirty maps saved; then the ended
-    /// epochs are durable.
+    /// epochs are durable (for cuts whose devices need no sync; a flush uses
+    /// `client::flush_cut`).
     async fn make_durable(&self, seq: Seq, ended: &[(VolumeId, u64)]) -> ExportResult<()> {
+        self.spool_durable(seq).await?;
+        self.end_epochs(ended);
+        Ok(())
+    }
+
+    /// Everything up to `seq` durable in the spool, and the dirty maps saved.
+    async fn spool_durable(&self, seq: Seq) -> ExportResult<()> {
         self.spool
             .wait_durable(seq)
             .await
             .map_err(|e| ExportError::Io(e.to_string()))?;
-        self.save_dirty_maps().await?;
+        self.save_dirty_maps().await
+    }
+
+    /// The ended epochs of a cut are durable: their chunks may leave the activity logs.
+    fn end_epochs(&self, ended: &[(VolumeId, u64)]) {
         let mut inner = self.lock();
         for (v, e) in ended {
             let vs = &mut inner.vols[*v as usize];
             vs.durable_epoch = vs.durable_epoch.max(*e);
         }
-        Ok(())
     }
 }
