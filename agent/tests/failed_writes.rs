@@ -3,15 +3,14 @@
 //! dirty-region resync sends those chunks as the device holds them; the point that ends the
 //! resync is consistent again (issue 10). Runs optimized in `make test`, like everything.
 
+mod common;
+
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cdp_agent::batcher::BatcherConfig;
 use cdp_agent::device::{BlockDev, FileDev};
-use cdp_agent::pipeline::{Group, GroupOptions, Volume};
-use cdp_agent::spool::Spool;
 use cdp_shared::Seq;
 use cdp_shared::batch::{self, RecordKind};
 use cdp_shared::types::CHUNK_BYTES;
@@ -48,35 +47,13 @@ impl BlockDev for FlakyDev {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_write_leaves_its_chunk_dirty_and_the_resync_sends_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("vol");
-    let f = std::fs::File::create(&path).expect("create device");
-    f.set_len(4 * CHUNK_BYTES).expect("size device");
-    drop(f);
+    let path = common::device_file(dir.path());
     let failing = Arc::new(AtomicBool::new(false));
     let dev = FlakyDev {
         file: FileDev::open(&path).expect("open device"),
         failing: failing.clone(),
     };
-    let volume = Arc::new(Volume::new(0, "vol", Arc::new(dev)));
-    let (spool, rec) = Spool::open(&dir.path().join("spool")).expect("spool");
-    let options = GroupOptions {
-        batcher: BatcherConfig {
-            payload_bytes_target: 1 << 20,
-            age_max: Duration::from_millis(5),
-        },
-        spool_bytes_max: 1 << 40,
-        al_capacity: 64,
-        state_dir: dir.path().join("state"),
-    };
-    let (group, _) = Group::new(
-        "g",
-        vec![volume],
-        spool,
-        options,
-        rec.last_seq,
-        rec.last_hash,
-    )
-    .expect("group");
+    let group = common::group_over(dir.path(), Arc::new(dev), Duration::from_millis(5));
 
     group
         .write(0, 4096, vec![1u8; 8192], true)

@@ -3,15 +3,14 @@
 //! sum); it replies only when both are done, and a write that completes while the device
 //! syncs belongs to the next batch. Runs optimized in `make test`, like everything.
 
+mod common;
+
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use cdp_agent::batcher::BatcherConfig;
 use cdp_agent::device::{BlockDev, FileDev};
-use cdp_agent::pipeline::{Group, GroupOptions, Volume};
-use cdp_agent::spool::Spool;
 use cdp_shared::batch::{self, BatchFlags, RecordKind};
 use cdp_shared::types::CHUNK_BYTES;
 
@@ -62,10 +61,7 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_makes_its_batch_durable_while_the_device_syncs_and_replies_after_both() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("vol");
-    let f = std::fs::File::create(&path).expect("create device");
-    f.set_len(4 * CHUNK_BYTES).expect("size device");
-    drop(f);
+    let path = common::device_file(dir.path());
     let gated = Arc::new(AtomicBool::new(false));
     let (entered_tx, entered_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel();
@@ -75,26 +71,7 @@ async fn a_flush_makes_its_batch_durable_while_the_device_syncs_and_replies_afte
         entered: entered_tx,
         release: Mutex::new(release_rx),
     };
-    let volume = Arc::new(Volume::new(0, "vol", Arc::new(dev)));
-    let (spool, rec) = Spool::open(&dir.path().join("spool")).expect("spool");
-    let options = GroupOptions {
-        batcher: BatcherConfig {
-            payload_bytes_target: 1 << 20,
-            age_max: Duration::from_secs(60),
-        },
-        spool_bytes_max: 1 << 40,
-        al_capacity: 64,
-        state_dir: dir.path().join("state"),
-    };
-    let (group, _) = Group::new(
-        "g",
-        vec![volume],
-        spool,
-        options,
-        rec.last_seq,
-        rec.last_hash,
-    )
-    .expect("group");
+    let group = common::group_over(dir.path(), Arc::new(dev), Duration::from_secs(60));
 
     group
         .write(0, 0, vec![1u8; 8192], false)

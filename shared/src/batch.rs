@@ -741,6 +741,11 @@ pub fn check_record_data(
 pub struct RecordEncoder {
     compressor: zstd::bulk::Compressor<'static>,
     scratch: Vec<u8>,
+    /// Small records (too short to sample) still to be stored raw without trying zstd.
+    small_skip: u32,
+    /// How many small records the next miss skips; doubles per consecutive miss up to
+    /// [`SMALL_SKIP_MAX`], back to 0 on a hit.
+    small_backoff: u32,
 }
 
 impl RecordEncoder {
@@ -751,6 +756,8 @@ impl RecordEncoder {
         RecordEncoder {
             compressor,
             scratch: Vec::new(),
+            small_skip: 0,
+            small_backoff: 0,
         }
     }
 
@@ -770,14 +777,19 @@ impl RecordEncoder {
         );
         let data_hash = *blake3::hash(data).as_bytes();
         let length = data.len() as u32;
+        let small = data.len() < SAMPLE_MIN_BYTES;
         let compressed = self.worth_compressing(data) && {
             self.scratch.clear();
             self.scratch
                 .reserve(zstd::zstd_safe::compress_bound(data.len()));
-            match self.compressor.compress_to_buffer(data, &mut self.scratch) {
-                Ok(n) => n > 0 && n < data.len(),
-                Err(_) => false,
+            let n = match self.compressor.compress_to_buffer(data, &mut self.scratch) {
+                Ok(n) => n,
+                Err(_) => data.len(),
+            };
+            if small {
+                self.small_outcome(n <= data.len() - data.len() / SAMPLE_SAVING_MIN_DIV);
             }
+            n > 0 && n < data.len()
         };
         let (encoding, stored): (Encoding, &[u8]) = if compressed {
             (Encoding::Zstd, &self.scratch)
@@ -806,8 +818,17 @@ impl RecordEncoder {
     /// (its start and its middle) shrinks by at least 1/[`SAMPLE_SAVING_MIN_DIV`].
     /// Compressing incompressible data was most of the agent's CPU, and compressing data
     /// that saves 6 % (fio's default buffers) was a fifth of it for bytes not worth saving.
+    /// A shorter record is its own sample: it is compressed unless the small records before
+    /// it missed (saved less than 1/[`SAMPLE_SAVING_MIN_DIV`]), in which case the next 1, 2,
+    /// 4 … up to [`SMALL_SKIP_MAX`] small records are stored raw without trying; one hit
+    /// ends the back-off. Trying every 4 KiB record of fio's buffers was a fifth of the
+    /// agent's CPU at qd32 (issue 12).
     fn worth_compressing(&mut self, data: &[u8]) -> bool {
         if data.len() < SAMPLE_MIN_BYTES {
+            if self.small_skip > 0 {
+                self.small_skip -= 1;
+                return false;
+            }
             return true;
         }
         let mid = (data.len() / 2) & !(SAMPLE_BYTES - 1);
@@ -828,6 +849,21 @@ impl RecordEncoder {
     }
 }
 
+impl RecordEncoder {
+    /// Records whether a small record's compression saved enough, and sets the back-off.
+    fn small_outcome(&mut self, saved: bool) {
+        if saved {
+            self.small_backoff = 0;
+        } else {
+            self.small_backoff = (self.small_backoff * 2).clamp(1, SMALL_SKIP_MAX);
+        }
+        self.small_skip = self.small_backoff;
+    }
+}
+
+/// Most small records stored raw, untried, after consecutive misses (one try in 65 then:
+/// compressible data that follows is noticed within 64 records).
+pub const SMALL_SKIP_MAX: u32 = 64;
 /// Records at least this long are sampled before they are compressed.
 pub const SAMPLE_MIN_BYTES: usize = 32 << 10;
 /// Bytes of each compressibility sample.
@@ -1052,6 +1088,47 @@ mod tests {
             h.decode_data(&out[RECORD_HEADER_BYTES..], &mut d, &mut back)
                 .expect("decodes");
             assert_eq!(&back, data);
+        }
+    }
+
+    #[test]
+    fn small_records_that_do_not_compress_back_off_and_a_compressible_one_ends_it() {
+        let mut enc = RecordEncoder::new();
+        let mut random = vec![0u8; 4096];
+        blake3::Hasher::new()
+            .update(b"s")
+            .finalize_xof()
+            .fill(&mut random);
+        let text = b"a journal of every write, in order; ".repeat(120)[..4096].to_vec();
+        let mut encode = |data: &[u8]| {
+            let mut out = Vec::new();
+            enc.encode_data(0, 0, data, 0, &mut out);
+            let h = RecordHeader::decode(&out, 0).expect("record");
+            let mut d = zstd::bulk::Decompressor::new().expect("decompressor");
+            let mut back = Vec::new();
+            h.decode_data(&out[RECORD_HEADER_BYTES..], &mut d, &mut back)
+                .expect("decodes");
+            assert_eq!(back, data);
+            h.encoding
+        };
+        // Compressible small records are compressed every time: a hit never backs off.
+        for _ in 0..100 {
+            assert_eq!(encode(&text), Encoding::Zstd);
+        }
+        // A long run of misses: tries at 0, 2, 5, 10, 19, 36, 69, 134, …; the back-off stops
+        // doubling at SMALL_SKIP_MAX.
+        for _ in 0..1000 {
+            assert_eq!(encode(&random), Encoding::Raw);
+        }
+        // Compressible data now: stored raw while the back-off lasts, then compressed again
+        // within SMALL_SKIP_MAX + 1 records, and from then on every time.
+        let raw_first = (0..=SMALL_SKIP_MAX)
+            .take_while(|_| encode(&text) == Encoding::Raw)
+            .count();
+        assert!(raw_first >= 1, "the back-off skipped nothing");
+        assert!(raw_first <= SMALL_SKIP_MAX as usize, "never tried again");
+        for _ in 0..100 {
+            assert_eq!(encode(&text), Encoding::Zstd);
         }
     }
 
