@@ -18,11 +18,12 @@
 //!   the trimmer use it).
 
 use cdp_shared::types::Seq;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use cdp_shared::batch::{Encoding, RECORD_HEADER_BYTES, RecordHeader, RecordKind};
 use cdp_shared::types::CHUNK_BYTES;
@@ -222,6 +223,49 @@ pub struct RecordLoader {
     /// Record bytes as stored (header + data), reused.
     raw: Vec<u8>,
     records_read: u64,
+    /// Where set, raw records checked whole by this loader are noted here, and
+    /// [`RecordLoader::read_checked_part`] may read part of them again from the page cache.
+    checked: Option<Arc<CheckedRecords>>,
+    parts_read: u64,
+}
+
+/// Raw records (by segment and position) that a reader has read whole and found to match
+/// their index row and hash, shared by the record loaders of one image (see
+/// [`crate::lazy_image`]). Bounded: when [`CHECKED_RECORDS_MAX`] are noted, the set starts
+/// again empty (a record forgotten is only read whole and checked again).
+#[derive(Debug, Default)]
+pub struct CheckedRecords {
+    set: Mutex<HashSet<(u64, u64)>>,
+}
+
+/// The most records a [`CheckedRecords`] notes (about 40 MiB of memory at most).
+pub const CHECKED_RECORDS_MAX: usize = 1 << 20;
+
+impl CheckedRecords {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(u64, u64)>> {
+        // A set of keys cannot be left half-updated: a poisoned lock is used as it is.
+        self.set.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note(&self, r: &RecordRef) {
+        let mut set = self.lock();
+        if set.len() >= CHECKED_RECORDS_MAX {
+            set.clear();
+        }
+        set.insert((r.segment, r.position));
+    }
+
+    fn contains(&self, r: &RecordRef) -> bool {
+        self.lock().contains(&(r.segment, r.position))
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl RecordLoader {
@@ -233,12 +277,51 @@ impl RecordLoader {
             decompressor,
             raw: Vec::new(),
             records_read: 0,
+            checked: None,
+            parts_read: 0,
         })
     }
 
-    /// Data records read so far.
+    /// A loader that notes the raw records it checks in `checked`, and reads parts of the
+    /// records noted there from the page cache ([`RecordLoader::read_checked_part`]).
+    pub fn with_checked(journal_dir: &Path, checked: Arc<CheckedRecords>) -> Result<RecordLoader> {
+        let mut l = RecordLoader::new(journal_dir)?;
+        l.checked = Some(checked);
+        Ok(l)
+    }
+
+    /// Data records read (whole, and checked) so far.
     pub fn records_read(&self) -> u64 {
         self.records_read
+    }
+
+    /// Parts of checked records read so far ([`RecordLoader::read_checked_part`]).
+    pub fn parts_read(&self) -> u64 {
+        self.parts_read
+    }
+
+    /// Fills `out` with the data bytes of record `r` from its byte `at`, if `r` is a raw
+    /// record this image's loaders have read whole and checked already, its segment is open
+    /// here, and the bytes are in the page cache; `Ok(false)` otherwise, and the caller loads
+    /// the record whole (checking it again). What comes from the disk is thus always checked
+    /// against its hash; a part comes unchecked only from pages the kernel kept since (see
+    /// [`crate::lazy_image`] for what that trusts).
+    pub fn read_checked_part(&mut self, r: &RecordRef, at: u64, out: &mut [u8]) -> Result<bool> {
+        let Some(checked) = &self.checked else {
+            return Ok(false);
+        };
+        if r.kind != RecordKind::Data
+            || at + out.len() as u64 > u64::from(r.length)
+            || !checked.contains(r)
+        {
+            return Ok(false);
+        }
+        let position = r.position + RECORD_HEADER_BYTES as u64 + at;
+        let got = self.segments.read_cached_at(r.segment, position, out)?;
+        if got {
+            self.parts_read += 1;
+        }
+        Ok(got)
     }
 
     /// Reads data record `r` of volume `agent_volume_id` from its segment into `out`, after
@@ -309,6 +392,9 @@ impl RecordLoader {
         let range = match h.encoding {
             Encoding::Raw => {
                 h.check_raw(stored).map_err(|e| damaged(e.to_string()))?;
+                if let Some(checked) = &self.checked {
+                    checked.note(r);
+                }
                 // The bytes read are the record's: hand them over, keep `out`'s buffer.
                 std::mem::swap(&mut self.raw, out);
                 RECORD_HEADER_BYTES..stored_end
@@ -510,6 +596,12 @@ pub fn read_planned(
                     Some(i) => i,
                     None => {
                         let r = plan.records[record as usize];
+                        if src
+                            .records
+                            .read_checked_part(&r, piece.offset - base, out)?
+                        {
+                            continue;
+                        }
                         let mut data = scratch.pool.pop().unwrap_or_default();
                         let got = match mode {
                             ReadMode::Blocking => {

@@ -298,6 +298,111 @@ async fn the_first_read_plans_one_chunk_not_the_volume() {
     h.shutdown().await;
 }
 
+/// A raw record is read whole and hash-checked the first time an export reads it; later reads
+/// of parts of it come from the page cache without reading (and hashing) the whole record
+/// again, and give the right bytes. A record damaged in its segment before its first read is
+/// refused, not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checked_record_is_read_in_parts_and_a_damaged_one_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("replica");
+    init_replica(&root).await;
+    let mut h = Harness::open(&root).await;
+    let mut sim = AgentSim::new(GROUP, &[VOL]).checkpointed(1000);
+    h.hello(vec![sim.hello()]).await.expect("welcome");
+    h.sync(&mut sim, 0).await;
+    // Two incompressible 64 KiB records (stored raw), in two chunks.
+    let seq = h
+        .commit(
+            &mut sim,
+            &[
+                Op::Data {
+                    vol: 0,
+                    offset: 0,
+                    bytes: pattern(7, 64 << 10),
+                },
+                Op::Data {
+                    vol: 0,
+                    offset: CHUNK_BYTES,
+                    bytes: pattern(8, 64 << 10),
+                },
+            ],
+            BatchFlags::FLUSH,
+            None,
+        )
+        .await;
+    let want = sim.model_image(sim.seq, 0);
+
+    // Damage the second record's payload in its segment.
+    let catalog = Catalog::open(&DataDir::new(&root).catalog(), OpenMode::Existing)
+        .await
+        .expect("catalog");
+    let volume = catalog
+        .volume_by_name(VOL.1)
+        .await
+        .expect("query")
+        .expect("volume");
+    let rows = catalog
+        .records(volume.id, Seq(seq - 1), Seq(seq))
+        .await
+        .expect("records");
+    let row = rows
+        .iter()
+        .find(|r| r.chunk == 1)
+        .expect("the second record");
+    let seg = DataDir::new(&root)
+        .journal(GROUP)
+        .join(cdp_replica::journal::segment_name(row.segment));
+    let mut data = std::fs::read(&seg).expect("segment");
+    data[row.position as usize + cdp_shared::batch::RECORD_HEADER_BYTES + 5000] ^= 0x40;
+    std::fs::write(&seg, &data).expect("damage the segment");
+
+    let (_, pin) = cdp_replica::pin_point(&root, VOL.1, &PointSpec::Latest, "test")
+        .await
+        .expect("pin");
+    let image = pin.lazy_image().await.expect("open");
+    let got = image.read(8192, 4096).await.expect("read");
+    assert_eq!(got, want[8192..8192 + 4096]);
+    assert_eq!(
+        (image.records_read(), image.parts_read()),
+        (1, 0),
+        "the first read loads and checks the record whole"
+    );
+    for (at, len) in [
+        (16384u64, 4096u64),
+        (0, 512),
+        (60 << 10, 4096),
+        (0, 64 << 10),
+    ] {
+        let got = image.read(at, len).await.expect("read");
+        assert_eq!(got, want[at as usize..(at + len) as usize], "{at}+{len}");
+    }
+    assert_eq!(
+        (image.records_read(), image.parts_read()),
+        (1, 4),
+        "later reads take parts of the checked record"
+    );
+    // A read spanning the record and the target around it.
+    let got = image.read(60 << 10, 8192).await.expect("read");
+    assert_eq!(got, want[60 << 10..(68 << 10)]);
+    assert_eq!(image.records_read(), 1);
+
+    let err = image
+        .read(CHUNK_BYTES + 4096, 4096)
+        .await
+        .expect_err("the damaged record is refused");
+    assert!(err.to_string().contains("batch"), "{err}");
+    let err = image
+        .read(CHUNK_BYTES + 8192, 4096)
+        .await
+        .expect_err("and refused again: a refused record is never noted as checked");
+    assert!(err.to_string().contains("batch"), "{err}");
+    assert_eq!(image.parts_read(), 5);
+    pin.release().await.expect("release");
+    drop(catalog);
+    h.shutdown().await;
+}
+
 fn file_hash(path: &Path) -> String {
     blake3::hash(&read(path)).to_hex().to_string()
 }
