@@ -65,7 +65,7 @@ fn crash_unflushed_writes_are_resynced_in_the_same_run() {
     c.protect("v", &dev, None);
     // Batches are cut only by a flush (or 4 MiB): the few small writes of a round stay in the
     // open batch, in memory, and die with the agent. The activity log is their only trace.
-    c.set_agent_config("batch_age_ms", "600000");
+    c.set_agent_config("batch_age", "\"10m\"");
     c.start_replica();
     c.start_agent();
     c.wait_protecting("v", Duration::from_secs(120));

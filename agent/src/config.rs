@@ -13,6 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use cdp_shared::units::{DurationValue, SizeValue};
+
 use crate::fsutil::write_atomic;
 
 pub const CONFIG_FILE: &str = "agent.toml";
@@ -22,6 +24,7 @@ pub const SPOOL_BYTES_MAX_DEFAULT: u64 = 4 << 30;
 pub const SPOOL_BYTES_MAX_MIN: u64 = 2 * cdp_shared::types::BATCH_PAYLOAD_BYTES_MAX as u64;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct VolumeConfig {
     pub name: String,
     pub device: PathBuf,
@@ -31,27 +34,32 @@ pub struct VolumeConfig {
 }
 
 /// `agent.toml` as written: every key, with the defaults of the keys a file may leave out.
-/// Only [`AgentConfigFile::validate`] turns it into what the agent runs with.
+/// Only [`AgentConfigFile::validate`] turns it into what the agent runs with. A key it does not
+/// know is refused (a mistyped key would otherwise leave its default in force unnoticed).
+/// Sizes and durations take the syntax of [`cdp_shared::units`] (`"4GiB"`, `"20ms"`); a bare
+/// number is bytes for a size, milliseconds for `batch_age`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AgentConfigFile {
     /// The replica, `HOST:PORT`.
     pub replica: String,
     /// The replica's certificate fingerprint (hex).
     pub replica_fingerprint: String,
-    /// Age limit of an open batch, in milliseconds.
-    #[serde(default = "default_batch_age_ms")]
-    pub batch_age_ms: u64,
+    /// Age limit of an open batch (`"20ms"`; a bare number is milliseconds, and the key's
+    /// older name `batch_age_ms` is still read).
+    #[serde(default = "default_batch_age", alias = "batch_age_ms")]
+    pub batch_age: DurationValue,
     /// Batches sent but not acknowledged, at most.
     #[serde(default = "default_in_flight")]
     pub batches_in_flight: usize,
     /// Read rate limit of the initial sync, bytes per second (0: unlimited), so that a first
     /// sync does not saturate the device or the link.
-    #[serde(default)]
-    pub sync_bytes_per_sec_max: u64,
+    #[serde(default = "default_sync_rate")]
+    pub sync_bytes_per_sec_max: SizeValue,
     /// Cap of each group's spool, in bytes. Above it the group tracks dirty regions instead
     /// of batches, and resyncs them when the replica has caught up.
     #[serde(default = "default_spool_bytes_max")]
-    pub spool_bytes_max: u64,
+    pub spool_bytes_max: SizeValue,
     /// Chunks (1 MiB) each volume's activity log holds: what is resynced after a crash.
     #[serde(default = "default_al_chunks")]
     pub activity_log_chunks: usize,
@@ -63,11 +71,16 @@ pub struct AgentConfigFile {
     pub volumes: Vec<VolumeConfig>,
 }
 
-fn default_batch_age_ms() -> u64 {
-    cdp_shared::types::BATCH_AGE_MS_DEFAULT
+fn default_batch_age() -> DurationValue {
+    DurationValue::of(Duration::from_millis(
+        cdp_shared::types::BATCH_AGE_MS_DEFAULT,
+    ))
 }
-fn default_spool_bytes_max() -> u64 {
-    SPOOL_BYTES_MAX_DEFAULT
+fn default_sync_rate() -> SizeValue {
+    SizeValue::Bytes(0)
+}
+fn default_spool_bytes_max() -> SizeValue {
+    SizeValue::of(SPOOL_BYTES_MAX_DEFAULT)
 }
 fn default_al_chunks() -> usize {
     crate::activity_log::CAPACITY_DEFAULT
@@ -82,10 +95,17 @@ fn default_in_flight() -> usize {
 /// A value of `agent.toml` the agent refuses; the message names its key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("{key} must be at least 1")]
+    #[error("{key} must be at least 1 (1ms for a duration)")]
     Zero { key: &'static str },
-    #[error("spool_bytes_max must be at least {min} bytes (two batches)")]
+    #[error("spool_bytes_max must be at least {} (two batches)", cdp_shared::units::format_size(*min))]
     SpoolTooSmall { min: u64 },
+    #[error("{key} = {value}: {why}; write {example}")]
+    Unit {
+        key: &'static str,
+        value: String,
+        why: String,
+        example: &'static str,
+    },
 }
 
 impl ConfigError {
@@ -94,6 +114,7 @@ impl ConfigError {
         match self {
             ConfigError::Zero { key } => key,
             ConfigError::SpoolTooSmall { .. } => "spool_bytes_max",
+            ConfigError::Unit { key, .. } => key,
         }
     }
 }
@@ -127,9 +148,9 @@ impl AgentConfigFile {
         AgentConfigFile {
             replica: replica.to_owned(),
             replica_fingerprint: replica_fingerprint.to_owned(),
-            batch_age_ms: default_batch_age_ms(),
+            batch_age: default_batch_age(),
             batches_in_flight: default_in_flight(),
-            sync_bytes_per_sec_max: 0,
+            sync_bytes_per_sec_max: default_sync_rate(),
             spool_bytes_max: default_spool_bytes_max(),
             activity_log_chunks: default_al_chunks(),
             nbd_connections_max: default_nbd_connections_max(),
@@ -171,27 +192,49 @@ impl AgentConfigFile {
 
     /// The one validation: the typed configuration, or the first value refused.
     pub fn validate(&self) -> Result<AgentConfig, ConfigError> {
-        if self.spool_bytes_max < SPOOL_BYTES_MAX_MIN {
+        let spool_bytes_max = size("spool_bytes_max", &self.spool_bytes_max)?;
+        if spool_bytes_max < SPOOL_BYTES_MAX_MIN {
             return Err(ConfigError::SpoolTooSmall {
                 min: SPOOL_BYTES_MAX_MIN,
             });
         }
-        at_least_one("batch_age_ms", self.batch_age_ms)?;
+        let sync_bytes_per_sec_max = size("sync_bytes_per_sec_max", &self.sync_bytes_per_sec_max)?;
+        let batch_age_max = self
+            .batch_age
+            .duration(Duration::from_millis(1))
+            .map_err(|why| ConfigError::Unit {
+                key: "batch_age",
+                value: self.batch_age.to_string(),
+                why,
+                example: "a duration such as 20ms or 1s",
+            })?;
+        if batch_age_max < Duration::from_millis(1) {
+            return Err(ConfigError::Zero { key: "batch_age" });
+        }
         at_least_one("batches_in_flight", self.batches_in_flight as u64)?;
         at_least_one("activity_log_chunks", self.activity_log_chunks as u64)?;
         at_least_one("nbd_connections_max", self.nbd_connections_max as u64)?;
         Ok(AgentConfig {
             replica: self.replica.clone(),
             replica_fingerprint: self.replica_fingerprint.clone(),
-            batch_age_max: Duration::from_millis(self.batch_age_ms),
+            batch_age_max,
             batches_in_flight: self.batches_in_flight,
-            sync_bytes_per_sec_max: self.sync_bytes_per_sec_max,
-            spool_bytes_max: self.spool_bytes_max,
+            sync_bytes_per_sec_max,
+            spool_bytes_max,
             activity_log_chunks: self.activity_log_chunks,
             nbd_connections_max: self.nbd_connections_max,
             volumes: self.volumes.clone(),
         })
     }
+}
+
+fn size(key: &'static str, value: &SizeValue) -> Result<u64, ConfigError> {
+    value.bytes().map_err(|why| ConfigError::Unit {
+        key,
+        value: value.to_string(),
+        why,
+        example: "a size such as 512MiB or 4GiB",
+    })
 }
 
 fn at_least_one(key: &'static str, value: u64) -> Result<(), ConfigError> {
@@ -232,13 +275,13 @@ mod tests {
         AgentConfigFile::new("127.0.0.1:7000", &"ab".repeat(32))
     }
 
-    /// The file `init` writes and `protect` extends, byte for byte as before the two layers.
+    /// The file `init` writes and `protect` extends.
     const WRITTEN: &str = r#"replica = "127.0.0.1:7000"
 replica_fingerprint = "abababababababababababababababababababababababababababababababab"
-batch_age_ms = 20
+batch_age = "20ms"
 batches_in_flight = 32
 sync_bytes_per_sec_max = 0
-spool_bytes_max = 4294967296
+spool_bytes_max = "4GiB"
 activity_log_chunks = 4096
 nbd_connections_max = 256
 
@@ -297,13 +340,22 @@ id = 0
     #[test]
     fn each_refused_value_names_its_key() {
         type Edit = fn(&mut AgentConfigFile);
-        let cases: [(&str, Edit); 5] = [
-            ("batch_age_ms", |f| f.batch_age_ms = 0),
+        let cases: [(&str, Edit); 8] = [
+            ("batch_age", |f| f.batch_age = DurationValue::Number(0)),
+            ("batch_age", |f| {
+                f.batch_age = DurationValue::Text("soon".into())
+            }),
+            ("spool_bytes_max", |f| {
+                f.spool_bytes_max = SizeValue::Text("4 GB-ish".into())
+            }),
+            ("sync_bytes_per_sec_max", |f| {
+                f.sync_bytes_per_sec_max = SizeValue::Text("fast".into())
+            }),
             ("batches_in_flight", |f| f.batches_in_flight = 0),
             ("activity_log_chunks", |f| f.activity_log_chunks = 0),
             ("nbd_connections_max", |f| f.nbd_connections_max = 0),
             ("spool_bytes_max", |f| {
-                f.spool_bytes_max = SPOOL_BYTES_MAX_MIN - 1
+                f.spool_bytes_max = SizeValue::Bytes(SPOOL_BYTES_MAX_MIN - 1)
             }),
         ];
         for (key, edit) in cases {
@@ -314,8 +366,8 @@ id = 0
             assert!(e.to_string().starts_with(key), "{key}: {e}");
         }
         let mut f = file();
-        f.spool_bytes_max = SPOOL_BYTES_MAX_MIN;
-        f.batch_age_ms = 1;
+        f.spool_bytes_max = SizeValue::Bytes(SPOOL_BYTES_MAX_MIN);
+        f.batch_age = DurationValue::Number(1);
         f.batches_in_flight = 1;
         f.activity_log_chunks = 1;
         f.nbd_connections_max = 1;
@@ -353,5 +405,62 @@ id = 0
                 .batches_in_flight,
             3
         );
+    }
+
+    #[test]
+    fn sizes_and_durations_take_units_and_old_files_still_read() {
+        let base = "replica = \"h:1\"\nreplica_fingerprint = \"x\"\n";
+        let parse = |extra: &str| -> AgentConfig {
+            toml::from_str::<AgentConfigFile>(&format!("{base}{extra}"))
+                .expect("parse")
+                .validate()
+                .expect("valid")
+        };
+        let c = parse(
+            "batch_age = \"1s\"\nspool_bytes_max = \"512MiB\"\nsync_bytes_per_sec_max = \"100MiB\"\n",
+        );
+        assert_eq!(c.batch_age_max, Duration::from_secs(1));
+        assert_eq!(c.spool_bytes_max, 512 << 20);
+        assert_eq!(c.sync_bytes_per_sec_max, 100 << 20);
+        // A file written before the units: bare numbers, `batch_age_ms`.
+        let c =
+            parse("batch_age_ms = 50\nspool_bytes_max = 1073741824\nsync_bytes_per_sec_max = 0\n");
+        assert_eq!(c.batch_age_max, Duration::from_millis(50));
+        assert_eq!(c.spool_bytes_max, 1 << 30);
+        assert_eq!(c.sync_bytes_per_sec_max, 0);
+        let c = parse("batch_age = \"1m30s\"\n");
+        assert_eq!(c.batch_age_max, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_its_name_and_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        file().save(dir.path()).expect("save");
+        let path = dir.path().join(CONFIG_FILE);
+        let good = fs::read_to_string(&path)
+            .expect("read")
+            .replace("volume = []\n", "");
+        for (text, key) in [
+            (
+                good.replace("batches_in_flight", "batches_inflight"),
+                "batches_inflight",
+            ),
+            (
+                format!(
+                    "{good}\n[[volume]]\nname = \"v\"\ndevice = \"/d\"\ngroup = \"v\"\nid = 0\ndevcie = \"/e\"\n"
+                ),
+                "devcie",
+            ),
+        ] {
+            fs::write(&path, text).expect("write");
+            for e in [
+                AgentConfig::load(dir.path()).expect_err("refused"),
+                AgentConfigFile::load(dir.path()).expect_err("refused for an edit too"),
+            ] {
+                let msg = format!("{e:#}");
+                assert!(msg.contains(&path.display().to_string()), "{msg}");
+                assert!(msg.contains(&format!("unknown field `{key}`")), "{msg}");
+            }
+        }
     }
 }

@@ -20,8 +20,35 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log lines as text (the default) or as JSON objects, one per line (on standard error).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where `--data` points unless given (or set by `CDP_AGENT_DATA`).
+const DATA_DEFAULT: &str = "/var/lib/cdp-agent";
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The log subscriber: `RUST_LOG` filters (default `info`), lines to standard error.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -29,7 +56,7 @@ enum Command {
     /// Create the agent's data directory and identity; prints its fingerprint.
     Init {
         /// The agent's data directory.
-        #[arg(long)]
+        #[arg(long, env = "CDP_AGENT_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// The replica to ship to, HOST:PORT.
         #[arg(long)]
@@ -41,13 +68,13 @@ enum Command {
     /// Print this agent's certificate fingerprint (authorize it on the replica).
     Fingerprint {
         /// The agent's data directory.
-        #[arg(long)]
+        #[arg(long, env = "CDP_AGENT_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
     },
     /// Protect a volume: a block device or a regular file. Takes effect at the next `run`.
     Protect {
         /// The agent's data directory.
-        #[arg(long)]
+        #[arg(long, env = "CDP_AGENT_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the volume (also its NBD export name).
         #[arg(long)]
@@ -63,7 +90,7 @@ enum Command {
     /// Serve the protected volumes over NBD and replicate every write.
     Run {
         /// The agent's data directory.
-        #[arg(long)]
+        #[arg(long, env = "CDP_AGENT_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Unix socket for NBD clients (default: DIR/nbd.sock).
         #[arg(long, conflicts_with = "listen")]
@@ -75,7 +102,7 @@ enum Command {
     /// Seal a named consistent point in every group of the running agent.
     Bookmark {
         /// The agent's data directory.
-        #[arg(long)]
+        #[arg(long, env = "CDP_AGENT_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the bookmark.
         name: String,
@@ -87,7 +114,7 @@ enum Command {
     /// chunks that differ. Returns when done.
     Resync {
         /// The agent's data directory.
-        #[arg(long)]
+        #[arg(long, env = "CDP_AGENT_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Only this volume (default: every volume).
         #[arg(long)]
@@ -99,7 +126,7 @@ enum Command {
     /// keeps its history (`cdp-replica forget` deletes that).
     Unprotect {
         /// The agent's data directory.
-        #[arg(long)]
+        #[arg(long, env = "CDP_AGENT_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// The volume; it must be the only volume of its group (otherwise use --group).
         #[arg(long, conflicts_with = "group", required_unless_present = "group")]
@@ -115,7 +142,7 @@ enum Command {
     /// Show the state of every protected volume.
     Status {
         /// The agent's data directory.
-        #[arg(long)]
+        #[arg(long, env = "CDP_AGENT_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -125,13 +152,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -159,7 +180,7 @@ async fn dispatch(command: Command) -> Result<()> {
             replica_fingerprint,
         } => init(&data, &replica, &replica_fingerprint),
         Command::Fingerprint { data } => {
-            println!("{}", Identity::load(&data)?.fingerprint());
+            cdp_shared::outln!("{}", Identity::load(&data)?.fingerprint());
             Ok(())
         }
         Command::Protect {
@@ -203,7 +224,7 @@ fn init(data: &Path, replica: &str, replica_fingerprint: &str) -> Result<()> {
     identity.save(data)?;
     let config = AgentConfigFile::new(replica, &fp.to_string());
     config.save(data)?;
-    println!("fingerprint: {}", identity.fingerprint());
+    cdp_shared::outln!("fingerprint: {}", identity.fingerprint());
     Ok(())
 }
 
@@ -248,7 +269,7 @@ async fn protect(data: &Path, volume: &str, device: &Path, group: Option<String>
         id,
     });
     config.save(data)?;
-    println!(
+    cdp_shared::outln!(
         "protecting volume {volume} ({}, {}) in group {group}",
         device.display(),
         cdp_shared::types::human_bytes(dev.size())
@@ -257,7 +278,7 @@ async fn protect(data: &Path, volume: &str, device: &Path, group: Option<String>
         .await?
         .is_some()
     {
-        println!(
+        cdp_shared::outln!(
             "the agent is running: restart it (`cdp-agent run --data {}`) to start protecting {volume}",
             data.display()
         );
@@ -337,7 +358,7 @@ async fn bookmark(data: &Path, name: &str, wait: bool) -> Result<()> {
                 } else {
                     "sealed in the spool"
                 };
-                println!("bookmark {name}: group {} seq {} ({how})", p.group, p.seq);
+                cdp_shared::outln!("bookmark {name}: group {} seq {} ({how})", p.group, p.seq);
                 if !p.consistent {
                     eprintln!(
                         "warning: group {} is syncing or resyncing: bookmark {name} is recorded but is not a consistent recovery point; take it again once `cdp-agent status` shows the group protecting",
@@ -360,7 +381,7 @@ async fn resync(data: &Path, volume: Option<String>) -> Result<()> {
     match reply {
         Reply::Resynced { volumes } => {
             for v in volumes {
-                println!(
+                cdp_shared::outln!(
                     "resynced volume {}: {} chunks compared, {} differed and were sent ({} sent by resyncs since the agent started)",
                     v.volume,
                     v.chunks_compared,
@@ -516,7 +537,7 @@ fn report_unprotected(
 ) {
     match live {
         Some(u) => {
-            println!(
+            cdp_shared::outln!(
                 "group {group} ({}) is no longer protected: the agent stopped serving and recording it{}",
                 names.join(", "),
                 if u.released {
@@ -538,18 +559,18 @@ fn report_unprotected(
                 );
             }
         }
-        None => println!(
+        None => cdp_shared::outln!(
             "group {group} ({}) is no longer protected (the agent is not running)",
             names.join(", ")
         ),
     }
     if let Some(aside) = kept {
-        println!(
+        cdp_shared::outln!(
             "its agent-side state is kept in {} (--purge deletes it); protecting the volume again starts it afresh",
             aside.display()
         );
     }
-    println!(
+    cdp_shared::outln!(
         "the replica keeps the history of {}: `cdp-replica forget` deletes it there",
         names.join(", ")
     );
@@ -564,9 +585,9 @@ async fn show_status(data: &Path, json: bool) -> Result<()> {
         None => status::offline(data, &config)?,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        cdp_shared::outln!("{}", serde_json::to_string_pretty(&st)?);
     } else {
-        print!("{}", status::render(&st));
+        cdp_shared::out!("{}", status::render(&st));
     }
     Ok(())
 }

@@ -240,18 +240,7 @@ pub fn render(s: &AgentStatus) -> String {
             paused.push(format!("replica paused group {}: {reason}", v.group));
         }
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    out.push_str(&cdp_shared::table::render(&rows));
     paused.dedup();
     for p in paused {
         out.push_str(&p);

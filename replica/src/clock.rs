@@ -18,6 +18,11 @@ pub(crate) fn rfc3339(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
+/// A catalog time (UTC nanoseconds) as [`rfc3339`] shows it.
+pub fn rfc3339_ns(ns: i64) -> String {
+    rfc3339(&time_of(ns))
+}
+
 /// Serializes a date as [`rfc3339`] (serde `serialize_with`).
 pub(crate) fn ser_time<S: Serializer>(
     t: &DateTime<Utc>,

@@ -143,7 +143,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 
 /// `replica.toml` as written: every field optional.
 #[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ConfigToml {
     /// UDP address `serve` listens on.
     pub listen: Option<String>,
@@ -157,7 +157,7 @@ pub struct ConfigToml {
 
 /// `[journal]` of `replica.toml`, read when `serve` starts.
 #[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct JournalToml {
     /// Size at which a group's journal segment file is rotated, e.g. "256MiB" (the default).
     pub segment_size: Option<String>,
@@ -171,7 +171,7 @@ pub const SEGMENT_SIZE_MAX: u64 = 256 << 20;
 
 /// `[verifier]` of `replica.toml`, read when `serve` starts.
 #[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct VerifierToml {
     /// Chunks the background verifier checks per second (default 2; 0 turns it off).
     pub chunks_per_sec: Option<f64>,
@@ -204,7 +204,7 @@ impl Default for VerifierConfig {
 /// `[retention]` of `replica.toml`: the retention a new group starts with (a group's own is in
 /// the catalog, changed with `cdp-replica retention`).
 #[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetentionToml {
     /// The window, e.g. "24h" (default 24h).
     pub window: Option<String>,
@@ -326,6 +326,7 @@ pub fn write_config(dir: &DataDir, listen: SocketAddr, retention: &Retention) ->
 
 /// One authorized agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuthorizedAgent {
     pub fingerprint: Fingerprint,
     #[serde(default)]
@@ -333,6 +334,7 @@ pub struct AuthorizedAgent {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AgentsToml {
     #[serde(default)]
     agent: Vec<AuthorizedAgent>,
@@ -423,8 +425,9 @@ mod tests {
             c.parse_and_validate(p).expect("valid").listen.to_string(),
             LISTEN_DEFAULT
         );
-        let c: ConfigToml = toml::from_str("listen = \"0.0.0.0:9\"\nunknown = 1").expect("lenient");
-        assert_eq!(c.parse_and_validate(p).expect("valid").listen.port(), 9);
+        let e = toml::from_str::<ConfigToml>("listen = \"0.0.0.0:9\"\nunknown = 1")
+            .expect_err("an unknown key is refused");
+        assert!(e.to_string().contains("unknown field `unknown`"), "{e}");
         let c: ConfigToml = toml::from_str("listen = \"nowhere\"").expect("parses");
         let e = c.parse_and_validate(p).expect_err("invalid address");
         assert!(e.to_string().contains("nowhere"), "{e}");
@@ -433,7 +436,7 @@ mod tests {
         let r = c.parse_and_validate(p).expect("valid").retention;
         assert_eq!(r.window.as_secs(), 7200);
         assert_eq!(r.journal_bytes_max, Some(1 << 30));
-        let c: ConfigToml = toml::from_str("[retention]\nwindow = \"2 weeks\"").expect("parses");
+        let c: ConfigToml = toml::from_str("[retention]\nwindow = \"two weeks\"").expect("parses");
         let e = c.parse_and_validate(p).expect_err("invalid window");
         assert!(e.to_string().contains("[retention] window"), "{e}");
         // [verifier]: defaults, a budget, off, out of range.
@@ -477,6 +480,40 @@ mod tests {
             assert_eq!(c.verifier, VerifierConfig::default());
             assert_eq!(c.journal_segment_bytes, SEGMENT_SIZE_MAX);
         }
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_its_name_and_the_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = DataDir::new(tmp.path());
+        for (text, key) in [
+            ("listne = \"127.0.0.1:1\"\n", "listne"),
+            ("[retention]\nwindw = \"1h\"\n", "windw"),
+            ("[verifier]\nchunks_per_second = 5\n", "chunks_per_second"),
+            ("[journal]\nsegment_bytes = \"1MiB\"\n", "segment_bytes"),
+            ("[retenton]\nwindow = \"1h\"\n", "retenton"),
+        ] {
+            fs::write(dir.config(), text).expect("write");
+            let e = load_config(&dir).expect_err(key).to_string();
+            assert!(e.contains(&dir.config().display().to_string()), "{e}");
+            assert!(e.contains(&format!("unknown field `{key}`")), "{e}");
+        }
+        fs::write(dir.config(), "[retention]\nwindow = \"1h30m\"\n").expect("write");
+        let c = load_config(&dir).expect("1h30m is a window");
+        assert_eq!(c.retention.window, std::time::Duration::from_secs(5400));
+        fs::write(
+            dir.agents(),
+            format!(
+                "[[agent]]\nfingerprint = \"{}\"\nnmae = \"a\"\n",
+                "ab".repeat(32)
+            ),
+        )
+        .expect("write");
+        let e = read_agents(&dir).expect_err("unknown key").to_string();
+        assert!(
+            e.contains("nmae") && e.contains(&dir.agents().display().to_string()),
+            "{e}"
+        );
     }
 
     #[test]

@@ -15,8 +15,35 @@ use crate::cli::{CliError, admin, recover, serve, verify};
 #[derive(Parser, Debug)]
 #[command(name = "cdp-replica", version, about)]
 struct Cli {
+    /// Log lines as text (the default) or as JSON objects, one per line (on standard error).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where `--data` points unless given (or set by `CDP_REPLICA_DATA`).
+const DATA_DEFAULT: &str = "/var/lib/cdp-replica";
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The log subscriber: `RUST_LOG` filters (default `info`), lines to standard error.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -24,7 +51,7 @@ enum Command {
     /// Create a new replica data directory and its identity; prints its fingerprint.
     Init {
         /// Data directory to create (or an empty one to fill).
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// UDP address `serve` will listen on (written to replica.toml).
         #[arg(long, default_value = "127.0.0.1:7400")]
@@ -41,7 +68,7 @@ enum Command {
     /// Show a group's retention, or change it (also while serving: applied within a second).
     Retention {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the consistency group.
         #[arg(long)]
@@ -57,17 +84,20 @@ enum Command {
         /// change is refused with what it would drop, and nothing changes).
         #[arg(long)]
         yes: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the replica's certificate fingerprint (what agents pin).
     Fingerprint {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
     },
     /// Allow an agent to connect (takes effect at once, also while serving).
     Authorize {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// The agent's certificate fingerprint (64 hex characters, from `cdp-agent init`).
         #[arg(long)]
@@ -80,7 +110,7 @@ enum Command {
     /// its connections within a second and refuses it from then on). Its groups stay.
     Deauthorize {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// The agent: its fingerprint (64 hex characters) or the name given at `authorize`.
         #[arg(long)]
@@ -90,7 +120,7 @@ enum Command {
     /// each, and the groups each protects.
     Agents {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -100,7 +130,7 @@ enum Command {
     /// rows. Without --yes it only says what it would delete (and exits 1).
     Forget {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// The volume to forget (its whole group when it is the group's only volume).
         #[arg(long, conflicts_with = "group", required_unless_present = "group")]
@@ -115,7 +145,7 @@ enum Command {
     /// Receive batches from agents until interrupted (Ctrl-C or SIGTERM).
     Serve {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// UDP address to listen on (default: the one in replica.toml).
         #[arg(long)]
@@ -124,7 +154,7 @@ enum Command {
     /// Show every volume: state, size, window and journal size.
     Status {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -133,7 +163,7 @@ enum Command {
     /// List the recovery points of a volume.
     Points {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the volume.
         #[arg(long)]
@@ -163,7 +193,7 @@ enum Command {
     /// Write the image of a volume at a point to a new file or a block device.
     Restore {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the volume.
         #[arg(long)]
@@ -179,7 +209,7 @@ enum Command {
     /// Ready at once however long the journal; the point is pinned while it runs.
     Export {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the volume (also the NBD export name).
         #[arg(long)]
@@ -203,7 +233,7 @@ enum Command {
     /// --undo (everything as before) or --commit (the volume continues from the failover).
     Failover {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the volume (also the NBD export name).
         #[arg(long)]
@@ -236,7 +266,7 @@ enum Command {
     /// points of a volume.
     Diff {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the volume.
         #[arg(long)]
@@ -259,7 +289,7 @@ enum VerifyCommand {
     /// result: a sample of recently written chunks, or every chunk with --full.
     Run {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the volume (default: every protecting volume).
         #[arg(long)]
@@ -280,7 +310,7 @@ enum VerifyCommand {
     /// last full pass, and every mismatch in detail.
     Report {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the volume (default: every volume).
         #[arg(long)]
@@ -296,7 +326,7 @@ enum VerifyCommand {
     /// them again, and wait for the outcome.
     Repair {
         /// Data directory of the replica.
-        #[arg(long)]
+        #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the volume.
         #[arg(long)]
@@ -309,13 +339,7 @@ enum VerifyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -349,7 +373,8 @@ async fn run(command: Command) -> Result<(), CliError> {
             window,
             max_journal,
             yes,
-        } => admin::retention(data, group, window, max_journal, yes).await,
+            json,
+        } => admin::retention(data, group, window, max_journal, yes, json).await,
         Command::Fingerprint { data } => admin::fingerprint(data),
         Command::Authorize { data, agent, name } => admin::authorize(data, agent, name),
         Command::Deauthorize { data, agent } => admin::deauthorize(data, agent),

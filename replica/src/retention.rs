@@ -20,8 +20,9 @@
 //! [`TRIM_ROUND_BATCHES_MAX`] beyond the current base in one round (a round that must go
 //! further is followed at once by another).
 //!
-//! Durations are written `30s`, `15m`, `24h`, `7d`; sizes `512MiB`, `100GiB`, `1TB` (KiB, MiB,
-//! GiB, TiB are powers of 1024; KB, MB, GB, TB powers of 1000; B bytes), or `none` for no cap.
+//! Durations are written `30s`, `15m`, `24h`, `1h30m`, `7d`; sizes `512MiB`, `100GiB`, `1TB`
+//! (KiB, MiB, GiB, TiB are powers of 1024; KB, MB, GB, TB powers of 1000; B bytes), or `none`
+//! for no cap: the syntax of `cdp_shared::units`, shared with the agent.
 
 use cdp_shared::types::Seq;
 use std::time::Duration;
@@ -81,40 +82,26 @@ impl std::fmt::Display for Retention {
     }
 }
 
-/// Parses a window: a whole number and a unit, `s`, `m`, `h` or `d` (`30s`, `15m`, `24h`,
-/// `7d`). `Err` is the sentence for the operator.
+/// Parses a window: numbers with units (`30s`, `15m`, `24h`, `1h30m`, `7d`; the syntax of
+/// [`cdp_shared::units::parse_duration`]), whole seconds from 1s to 3650d. `Err` is the
+/// sentence for the operator.
 pub fn parse_duration(input: &str) -> Result<Duration, String> {
-    let s = input.trim();
     let bad = |why: &str| {
         format!(
-            "{input:?} is not a window: {why}; write a whole number and a unit, such as 30s, 15m, 24h or 7d"
+            "{input:?} is not a window: {why}; write a number and a unit, such as 30s, 15m, 24h, 1h30m or 7d"
         )
     };
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    if digits.is_empty() {
-        return Err(bad("it does not start with a number"));
+    let d = cdp_shared::units::parse_duration(input).map_err(|e| bad(&e))?;
+    if d > WINDOW_MAX {
+        return Err(bad("it is longer than 3650d"));
     }
-    let n: u64 = digits.parse().map_err(|_| bad("the number is too large"))?;
-    let unit_s: u64 = match unit.trim() {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 24 * 3600,
-        "" => return Err(bad("it has no unit")),
-        other if other.starts_with('.') || other.starts_with(',') => {
-            return Err(bad("the number must be whole"));
-        }
-        other => return Err(bad(&format!("{other:?} is not a unit"))),
-    };
-    let secs = n
-        .checked_mul(unit_s)
-        .filter(|&s| s <= WINDOW_MAX.as_secs())
-        .ok_or_else(|| bad("it is longer than 3650d"))?;
-    if secs < WINDOW_MIN.as_secs() {
+    if d < WINDOW_MIN {
         return Err(bad("it must be at least 1s"));
     }
-    Ok(Duration::from_secs(secs))
+    if d.subsec_nanos() != 0 {
+        return Err(bad("it must be whole seconds"));
+    }
+    Ok(d)
 }
 
 /// A window as [`parse_duration`] reads it, in the largest unit that divides it (`24h`, `90m`).
@@ -166,37 +153,15 @@ pub fn parse_size(input: &str) -> Result<Option<u64>, String> {
     Ok(Some(bytes))
 }
 
-/// A size in bytes: a whole number and a unit (`64KiB`, `256MiB`, `1TB`; powers of 1024 or
-/// of 1000), at most 1 EiB. `Err` says why not, for the caller's sentence.
+/// A size in bytes: a number and a unit (`64KiB`, `256MiB`, `1.5GiB`, `1TB`; the syntax of
+/// [`cdp_shared::units::parse_size`]), at most 1 EiB. `Err` says why not, for the caller's
+/// sentence.
 pub fn parse_bytes(input: &str) -> Result<u64, String> {
-    let s = input.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    if digits.is_empty() {
-        return Err("it does not start with a number".to_owned());
+    let n = cdp_shared::units::parse_size(input)?;
+    if n > JOURNAL_CAP_MAX_BYTES {
+        return Err("it is larger than 1 EiB".to_owned());
     }
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| "the number is too large".to_owned())?;
-    let unit_bytes: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "b" => 1,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        "" => return Err("it has no unit".to_owned()),
-        other if other.starts_with('.') || other.starts_with(',') => {
-            return Err("the number must be whole".to_owned());
-        }
-        _ => return Err(format!("{:?} is not a unit", unit.trim())),
-    };
-    n.checked_mul(unit_bytes)
-        .filter(|&b| b <= JOURNAL_CAP_MAX_BYTES)
-        .ok_or_else(|| "it is larger than 1 EiB".to_owned())
+    Ok(n)
 }
 
 /// A journal cap as [`parse_size`] reads it, exactly, in the largest binary or decimal unit
@@ -320,16 +285,17 @@ mod tests {
         assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
         assert_eq!(parse_duration(" 24h "), Ok(WINDOW_DEFAULT));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         for (bad, why) in [
-            ("", "does not start with a number"),
+            ("", "empty"),
             ("h", "does not start with a number"),
             ("10", "no unit"),
-            ("5x", "\"x\" is not a unit"),
-            ("1.5h", "whole"),
+            ("5x", "not a duration"),
+            ("1s 500ms", "whole seconds"),
             ("0s", "at least 1s"),
             ("-3h", "does not start with a number"),
             ("3651d", "longer than 3650d"),
-            ("99999999999999999999s", "too large"),
+            ("99999999999999999999s", "not a duration"),
         ] {
             let e = parse_duration(bad).expect_err(bad);
             assert!(e.contains(why) && e.contains("24h"), "{bad}: {e}");
@@ -361,10 +327,10 @@ mod tests {
         assert_eq!(parse_size("1TB"), Ok(Some(1_000_000_000_000)));
         assert_eq!(parse_size("2gib"), Ok(Some(2 << 30)));
         assert_eq!(parse_size("none"), Ok(None));
+        assert_eq!(parse_size("1.5GiB"), Ok(Some(3 << 29)));
         for (bad, why) in [
             ("12", "no unit"),
-            ("1.5GiB", "whole"),
-            ("3 parsecs", "not a unit"),
+            ("3 parsecs", "is not a unit"),
             ("1KiB", "at least 1MiB"),
             ("GiB", "does not start with a number"),
             ("2000000TiB", "larger than 1 EiB"),

@@ -304,12 +304,16 @@ async fn retention_is_set_shown_and_checked() {
         "group g: window 30s, journal cap none"
     );
     assert_eq!(
+        show(&["--window", "1.5h"]),
+        "group g: window 90m, journal cap none"
+    );
+    assert_eq!(
         show(&["--window", "7d", "--max-journal", "512MiB"]),
         "group g: window 7d, journal cap 512MiB"
     );
     for (flag, value, why) in [
         ("--window", "0s", "it must be at least 1s"),
-        ("--window", "1.5h", "the number must be whole"),
+        ("--window", "1s 500ms", "it must be whole seconds"),
         ("--window", "10", "it has no unit"),
         ("--window", "3651d", "longer than 3650d"),
         ("--max-journal", "100XB", "\"XB\" is not a unit"),
@@ -322,6 +326,17 @@ async fn retention_is_set_shown_and_checked() {
         );
     }
     assert_eq!(show(&[]), "group g: window 7d, journal cap 512MiB");
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&["retention", "--data", d, "--group", "g", "--json"]))
+            .expect("retention --json");
+    assert_eq!(
+        shown,
+        serde_json::json!({
+            "group": "g",
+            "retention": { "window": "7d", "window_s": 604800, "max_journal_bytes": 536870912 },
+            "dropped": null,
+        })
+    );
 
     let status: serde_json::Value =
         serde_json::from_str(&ok(&["status", "--data", d, "--json"])).expect("json");

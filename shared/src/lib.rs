@@ -11,7 +11,10 @@ pub mod identity;
 pub mod nbd;
 pub mod point;
 pub mod pool;
+pub mod stdout;
+pub mod table;
 pub mod types;
+pub mod units;
 pub mod wire;
 
 pub use types::*;

@@ -22,7 +22,7 @@ pub(crate) async fn init(
         journal_bytes_max: parse_size(&max_journal).map_err(CliError::Usage)?,
     };
     let fp = cdp_replica::init_with(&data, listen, &retention).await?;
-    println!("fingerprint: {fp}");
+    cdp_shared::outln!("fingerprint: {fp}");
     Ok(())
 }
 
@@ -32,6 +32,7 @@ pub(crate) async fn retention(
     window: Option<String>,
     max_journal: Option<String>,
     yes: bool,
+    json: bool,
 ) -> Result<(), CliError> {
     let change = RetentionChange {
         window: window
@@ -46,9 +47,29 @@ pub(crate) async fn retention(
             .map_err(CliError::Usage)?,
     };
     let (r, dropped) = cdp_replica::set_retention_checked(&data, &group, &change, yes).await?;
-    println!("group {group}: {r}");
+    if json {
+        let ns = cdp_replica::clock::rfc3339_ns;
+        let dropped = dropped.as_ref().map(|d| {
+            serde_json::json!({
+                "points": d.points,
+                "first_seq": d.first_seq.0,
+                "first_time": ns(d.first_ns),
+                "last_seq": d.last_seq.0,
+                "kept_seq": d.kept_seq.0,
+                "kept_time": ns(d.kept_ns),
+            })
+        });
+        let out = serde_json::json!({
+            "group": group,
+            "retention": cdp_replica::RetentionStatus::from(&r),
+            "dropped": dropped,
+        });
+        cdp_shared::outln!("{}", to_json(&out)?);
+        return Ok(());
+    }
+    cdp_shared::outln!("group {group}: {r}");
     if let Some(d) = dropped {
-        println!(
+        cdp_shared::outln!(
             "the trimmer drops {d} from the window (within a second while serve runs, or when it next starts; a reader's pin holds its point until it ends)"
         );
     }
@@ -56,23 +77,23 @@ pub(crate) async fn retention(
 }
 
 pub(crate) fn fingerprint(data: PathBuf) -> Result<(), CliError> {
-    println!("{}", cdp_replica::fingerprint(&data)?);
+    cdp_shared::outln!("{}", cdp_replica::fingerprint(&data)?);
     Ok(())
 }
 
 pub(crate) fn authorize(data: PathBuf, agent: String, name: String) -> Result<(), CliError> {
     let fp: Fingerprint = agent.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
     if cdp_replica::authorize(&data, fp, &name)? {
-        println!("authorized agent {fp}");
+        cdp_shared::outln!("authorized agent {fp}");
     } else {
-        println!("agent {fp} was already authorized");
+        cdp_shared::outln!("agent {fp} was already authorized");
     }
     Ok(())
 }
 
 pub(crate) fn deauthorize(data: PathBuf, agent: String) -> Result<(), CliError> {
     let a = cdp_replica::deauthorize(&data, &agent)?;
-    println!(
+    cdp_shared::outln!(
         "deauthorized agent {}{}: a running serve closes its connections within a second and refuses it from now on; its groups stay on the replica (`cdp-replica forget --group NAME` removes one)",
         a.fingerprint,
         if a.name.is_empty() {
@@ -102,20 +123,20 @@ pub(crate) async fn forget(
     };
     match cdp_replica::forget::forget(&data, &target, yes).await? {
         ForgetOutcome::WouldDelete(r) => {
-            println!("forget would delete {r}");
+            cdp_shared::outln!("forget would delete {r}");
             return Err(CliError::Usage(format!(
                 "nothing was deleted ({} would be freed): run the command again with --yes to delete it",
                 cdp_shared::types::human_bytes(r.bytes())
             )));
         }
         ForgetOutcome::Forgot(r) => {
-            println!("forgot {r}");
-            println!(
+            cdp_shared::outln!("forgot {r}");
+            cdp_shared::outln!(
                 "{} freed; if its agent connects again, it is new to the replica and gets a fresh initial sync",
                 cdp_shared::types::human_bytes(r.bytes())
             );
         }
-        ForgetOutcome::AlreadyForgotten { target, at_ns } => println!(
+        ForgetOutcome::AlreadyForgotten { target, at_ns } => cdp_shared::outln!(
             "{target} was already forgotten ({})",
             chrono::DateTime::from_timestamp_nanos(at_ns)
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -127,7 +148,7 @@ pub(crate) async fn forget(
 pub(crate) async fn agents(data: PathBuf, json: bool) -> Result<(), CliError> {
     let list = cdp_replica::agents(&data).await?;
     if json {
-        println!("{}", to_json(&list)?);
+        cdp_shared::outln!("{}", to_json(&list)?);
     } else {
         print_agents(&list);
     }
@@ -137,7 +158,7 @@ pub(crate) async fn agents(data: PathBuf, json: bool) -> Result<(), CliError> {
 pub(crate) async fn status(data: PathBuf, json: bool) -> Result<(), CliError> {
     let report = cdp_replica::status(&data).await?;
     if json {
-        println!("{}", to_json(&report)?);
+        cdp_shared::outln!("{}", to_json(&report)?);
     } else {
         print_status(&report);
     }
@@ -146,7 +167,7 @@ pub(crate) async fn status(data: PathBuf, json: bool) -> Result<(), CliError> {
 
 fn print_agents(list: &[AgentInfo]) {
     if list.is_empty() {
-        println!(
+        cdp_shared::outln!(
             "no authorized agents: authorize one with `cdp-replica authorize --agent FINGERPRINT --name NAME`"
         );
         return;
@@ -180,9 +201,9 @@ fn print_agents(list: &[AgentInfo]) {
 }
 
 fn print_status(report: &StatusReport) {
-    println!("serving: {}", if report.serving { "yes" } else { "no" });
+    cdp_shared::outln!("serving: {}", if report.serving { "yes" } else { "no" });
     if report.volumes.is_empty() {
-        println!("no volumes yet: authorize an agent and let it connect");
+        cdp_shared::outln!("no volumes yet: authorize an agent and let it connect");
         return;
     }
     let point = |p: &Option<cdp_replica::PointRef>| match p {
@@ -232,10 +253,10 @@ fn print_status(report: &StatusReport) {
     print_table(&rows);
     for v in &report.volumes {
         if let Some(d) = &v.degraded {
-            println!("volume {}: DEGRADED: {}", v.volume, d.reason);
+            cdp_shared::outln!("volume {}: DEGRADED: {}", v.volume, d.reason);
         }
         if let Some(w) = &v.window_short {
-            println!("volume {}: WINDOW SHORT: {}", v.volume, w.reason);
+            cdp_shared::outln!("volume {}: WINDOW SHORT: {}", v.volume, w.reason);
         }
     }
     let mut told = std::collections::HashSet::new();
@@ -243,7 +264,7 @@ fn print_status(report: &StatusReport) {
         if let Some(reason) = &v.ingest_reason
             && told.insert(&v.group)
         {
-            println!(
+            cdp_shared::outln!(
                 "group {}: ingest PAUSED since {}: {reason}",
                 v.group,
                 v.paused_since.as_deref().unwrap_or("?")

@@ -4,26 +4,9 @@ use cdp_replica::retention::parse_duration;
 
 use super::CliError;
 
-/// Prints rows with each column padded to its widest cell.
+/// Prints rows with each column padded to its widest cell ([`cdp_shared::table`]).
 pub(crate) fn print_table(rows: &[Vec<String>]) {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, cell)| format!("{cell:<w$}", w = widths[i]))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    cdp_shared::out!("{}", cdp_shared::table::render(rows));
 }
 
 pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CliError> {

@@ -20,9 +20,9 @@ pub(crate) async fn point_at(
     let at: PointSpec = at.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
     let point = cdp_replica::resolve_point(&data, &volume, &at).await?;
     if json {
-        println!("{}", to_json(&point)?);
+        cdp_shared::outln!("{}", to_json(&point)?);
     } else {
-        println!("{point}");
+        cdp_shared::outln!("{point}");
     }
     Ok(())
 }
@@ -56,7 +56,7 @@ pub(crate) async fn points(
     };
     let points = cdp_replica::points_filtered(&data, &volume, &filter).await?;
     if json {
-        println!("{}", to_json(&points)?);
+        cdp_shared::outln!("{}", to_json(&points)?);
     } else {
         print_points(&points, filter != PointsFilter::default());
     }
@@ -71,7 +71,7 @@ pub(crate) async fn restore(
 ) -> Result<(), CliError> {
     let at: PointSpec = at.parse().map_err(|e| CliError::Usage(format!("{e}")))?;
     let s = cdp_replica::restore(&data, &volume, &at, &out).await?;
-    println!(
+    cdp_shared::outln!(
         "restored volume {} at {} to {}: {}, {} journal records read",
         s.volume,
         s.point,
@@ -105,7 +105,7 @@ pub(crate) async fn export(
             info.point.seq
         );
     }
-    println!("{info}");
+    cdp_shared::outln!("{info}");
     let token = handle.token();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -119,7 +119,7 @@ pub(crate) async fn export(
 /// `failover --undo`.
 pub(crate) async fn failover_undo(data: PathBuf, volume: String) -> Result<(), CliError> {
     let seq = cdp_replica::failover::undo(&data, &volume).await?;
-    println!(
+    cdp_shared::outln!(
         "failover of volume {volume} at seq {seq} undone: its writes are discarded, the journal and every point are as before, and the agent is accepted again"
     );
     Ok(())
@@ -128,7 +128,7 @@ pub(crate) async fn failover_undo(data: PathBuf, volume: String) -> Result<(), C
 /// `failover --commit`.
 pub(crate) async fn failover_commit(data: PathBuf, volume: String) -> Result<(), CliError> {
     let s = cdp_replica::failover::commit(&data, &volume).await?;
-    println!(
+    cdp_shared::outln!(
         "failover of volume {volume} at seq {} committed: the volume continues from it ({} written through the failover); {} batch rows and {} journal segments removed; the agent stays refused (failback is not built yet)",
         s.seq,
         cdp_shared::types::human_bytes(s.overlay_bytes),
@@ -166,7 +166,7 @@ pub(crate) async fn failover(
             info.point.seq
         );
     }
-    println!("{info}");
+    cdp_shared::outln!("{info}");
     let token = handle.token();
     tokio::spawn(async move {
         stop.await;
@@ -190,7 +190,7 @@ pub(crate) async fn diff(
     let (from, to) = (parse(&from)?, parse(&to)?);
     let report = cdp_replica::diff(&data, &volume, &from, &to).await?;
     if json {
-        println!("{}", to_json(&report)?);
+        cdp_shared::outln!("{}", to_json(&report)?);
     } else {
         print_diff(&report);
     }
@@ -200,9 +200,13 @@ pub(crate) async fn diff(
 fn print_points(points: &[PointInfo], filtered: bool) {
     if points.is_empty() {
         if filtered {
-            println!("no recovery point matches (`points` without filters lists the window)");
+            cdp_shared::outln!(
+                "no recovery point matches (`points` without filters lists the window)"
+            );
         } else {
-            println!("no recovery points yet (the volume's initial sync has not completed)");
+            cdp_shared::outln!(
+                "no recovery points yet (the volume's initial sync has not completed)"
+            );
         }
         return;
     }
@@ -235,9 +239,11 @@ fn print_points(points: &[PointInfo], filtered: bool) {
 }
 
 fn print_diff(report: &DiffReport) {
-    println!(
+    cdp_shared::outln!(
         "volume {} from {} to {}",
-        report.volume, report.from, report.to
+        report.volume,
+        report.from,
+        report.to
     );
     if !report.extents.is_empty() {
         let mut rows = vec![["OFFSET", "LENGTH", "SIZE"].map(String::from).to_vec()];
@@ -250,7 +256,7 @@ fn print_diff(report: &DiffReport) {
         }
         print_table(&rows);
     }
-    println!(
+    cdp_shared::outln!(
         "{} extent{}, {} bytes differ ({})",
         report.extents.len(),
         if report.extents.len() == 1 { "" } else { "s" },

@@ -12,7 +12,7 @@ pub(crate) async fn serve(data: PathBuf, listen: Option<SocketAddr>) -> Result<(
         None => cdp_replica::configured_listen(&data)?,
     };
     let handle = cdp_replica::Server::start(&data, listen).await?;
-    println!(
+    cdp_shared::outln!(
         "listening on {} (fingerprint {})",
         handle.local_addr(),
         handle.fingerprint()

@@ -31,7 +31,7 @@ pub(crate) async fn verify(command: VerifyCommand) -> Result<(), CliError> {
             };
             let report = cdp_replica::verifier::report(&data, volume.as_deref(), since_ns).await?;
             if json {
-                println!("{}", to_json(&report)?);
+                cdp_shared::outln!("{}", to_json(&report)?);
             } else {
                 print_verify_report(&report);
             }
@@ -44,7 +44,7 @@ pub(crate) async fn verify(command: VerifyCommand) -> Result<(), CliError> {
             let timeout =
                 parse_duration(&timeout).map_err(|e| CliError::Usage(format!("--timeout: {e}")))?;
             let msg = cdp_replica::verifier::repair(&data, &volume, timeout).await?;
-            println!("{msg}");
+            cdp_shared::outln!("{msg}");
         }
     }
     Ok(())
@@ -111,10 +111,10 @@ async fn run(
         };
         match &v.error {
             Some(e) => {
-                println!("volume {}: verification failed: {e}", v.volume);
+                cdp_shared::outln!("volume {}: verification failed: {e}", v.volume);
                 failed.push(v.volume.clone());
             }
-            None => println!(
+            None => cdp_shared::outln!(
                 "volume {}: verified {} of {} chunks{}: {} mismatch{}{skipped}",
                 v.volume,
                 v.chunks_done,
@@ -141,12 +141,12 @@ async fn run(
 }
 
 fn print_verify_report(report: &cdp_replica::verifier::VerifyReport) {
-    println!(
+    cdp_shared::outln!(
         "verification since {} (coverage over the last 24 h)",
         human_time(&report.since)
     );
     if report.volumes.is_empty() {
-        println!("no volumes yet");
+        cdp_shared::outln!("no volumes yet");
         return;
     }
     let mut rows = vec![
@@ -195,8 +195,8 @@ fn print_verify_report(report: &cdp_replica::verifier::VerifyReport) {
     print_table(&rows);
     for v in &report.volumes {
         for m in &v.mismatches {
-            println!();
-            println!(
+            cdp_shared::outln!();
+            cdp_shared::outln!(
                 "mismatch: volume {} chunk {} (bytes {}..{}, {}) at seq {}, found {}: {}",
                 v.volume,
                 m.chunk,

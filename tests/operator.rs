@@ -1,0 +1,101 @@
+//! What an operator meets at the command line, on the release binaries:
+//! * `CDP_AGENT_DATA` / `CDP_REPLICA_DATA` stand for `--data`;
+//! * a command whose output goes to a pipe closed early (`status --json | head -c1`) exits 0
+//!   and prints no panic;
+//! * a mistyped key in `agent.toml` stops `run` with the key and the file named;
+//! * `--log-format json` logs one JSON object per line.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn data_from_the_environment_closed_pipes_unknown_keys_and_json_logs() {
+    let mut c = Cluster::new();
+    let dev = c.make_device("dev", 4 * MIB, MIB, test_seed());
+
+    // The environment names the data directory.
+    let by_flag = run_ok(&mut c.agent_cmd(&["fingerprint"]));
+    let by_env = run_ok(
+        Command::new(bin("cdp-agent"))
+            .arg("fingerprint")
+            .env("CDP_AGENT_DATA", &c.agent_dir),
+    );
+    assert_eq!(by_flag, by_env, "CDP_AGENT_DATA stands for --data");
+    run_ok(
+        Command::new(bin("cdp-agent"))
+            .args(["protect", "--volume", "v", "--device"])
+            .arg(&dev)
+            .env("CDP_AGENT_DATA", &c.agent_dir),
+    );
+    let by_env = run_ok(
+        Command::new(bin("cdp-replica"))
+            .args(["status", "--json"])
+            .env("CDP_REPLICA_DATA", &c.replica_dir),
+    );
+    let by_flag = run_ok(&mut c.replica_cmd(&["status", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&by_env).expect("status JSON");
+    assert_eq!(
+        v,
+        serde_json::from_str::<serde_json::Value>(&by_flag).expect("status JSON"),
+        "CDP_REPLICA_DATA stands for --data"
+    );
+
+    // Output into a pipe whose reader has gone: exit 0, no panic. The reader is closed before
+    // the process can have written anything, so every write meets EPIPE.
+    for mut cmd in [
+        c.replica_cmd(&["status", "--json"]),
+        c.replica_cmd(&["status"]),
+        c.agent_cmd(&["fingerprint"]),
+    ] {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "{cmd:?} into a closed pipe: {} {stderr}",
+            out.status
+        );
+        assert!(!stderr.contains("panicked"), "{cmd:?}: {stderr}");
+    }
+
+    // --log-format json: every line the agent logs is a JSON object with a level.
+    c.start_replica();
+    let log = c.path("agent-json.log");
+    let mut cmd = c.agent_cmd(&["run", "--log-format", "json"]);
+    cmd.env("RUST_LOG", "info");
+    let mut agent = Proc::spawn("agent", &mut cmd, &log);
+    wait_until("the agent to log", Duration::from_secs(30), || {
+        agent.log_text().lines().count() >= 2
+    });
+    assert!(agent.stop(Duration::from_secs(20)), "the agent stops");
+    for line in agent.log_text().lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+    }
+
+    // A mistyped key stops `run` before anything starts, naming the key and the file.
+    let conf = c.agent_dir.join("agent.toml");
+    let text = std::fs::read_to_string(&conf).expect("agent.toml");
+    std::fs::write(&conf, text.replace("batches_in_flight", "batches_inflight"))
+        .expect("write agent.toml");
+    let out = run(&mut c.agent_cmd(&["run"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "run with a mistyped key: {stderr}");
+    assert!(
+        stderr.contains("unknown field `batches_inflight`")
+            && stderr.contains(&conf.display().to_string()),
+        "{stderr}"
+    );
+}
