@@ -3,7 +3,9 @@
 //! * a command whose output goes to a pipe closed early (`status --json | head -c1`) exits 0
 //!   and prints no panic;
 //! * a mistyped key in `agent.toml` stops `run` with the key and the file named;
-//! * `--log-format json` logs one JSON object per line.
+//! * `--log-format json` logs one JSON object per line;
+//! * the agent's RPO lag: "not protected yet" (null) during the initial sync, which shows its
+//!   progress and ETA; 0 once an idle volume's every batch is durable.
 
 mod common;
 
@@ -98,4 +100,51 @@ fn data_from_the_environment_closed_pipes_unknown_keys_and_json_logs() {
             && stderr.contains(&conf.display().to_string()),
         "{stderr}"
     );
+}
+
+#[test]
+fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
+    let mut c = Cluster::new();
+    let dev = c.make_device("dev", 32 * MIB, 32 * MIB, test_seed());
+    c.protect("v", &dev, None);
+    // A slow initial sync (about 8 s), so that status sees it under way.
+    c.set_agent_config("sync_bytes_per_sec_max", "\"4MiB\"");
+    c.start_replica();
+    c.start_agent();
+    let mut seen = serde_json::Value::Null;
+    wait_until(
+        "the initial sync to report progress",
+        Duration::from_secs(60),
+        || {
+            seen = c.volume_status("v");
+            seen["state"] == "syncing" && seen["sync_eta_s"].is_u64()
+        },
+    );
+    assert!(
+        seen["rpo_lag_ms"].is_null(),
+        "no RPO lag before the first point: {seen}"
+    );
+    let p = seen["sync_progress"].as_f64().expect("progress");
+    assert!(p > 0.0 && p < 1.0, "{seen}");
+    let text = run_ok(&mut c.agent_cmd(&["status"]));
+    assert!(
+        text.contains("not protected yet") && text.contains("ETA"),
+        "{text}"
+    );
+
+    c.wait_protecting("v", Duration::from_secs(120));
+    let mut w = NbdDriver::connect(&c.nbd_uri("v"));
+    w.write(0, &[7u8; 4096], false).expect("write");
+    w.flush().expect("flush");
+    c.wait_caught_up("v", Duration::from_secs(60));
+    // Everything durable and nothing open: the lag is 0, not the time since the last write.
+    wait_until(
+        "an idle volume's lag to be 0",
+        Duration::from_secs(30),
+        || c.volume_status("v")["rpo_lag_ms"] == 0,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let v = c.volume_status("v");
+    assert_eq!(v["rpo_lag_ms"], 0, "idle for 1.5 s: {v}");
+    assert!(v["sync_eta_s"].is_null(), "{v}");
 }

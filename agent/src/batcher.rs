@@ -63,7 +63,9 @@ pub struct Batcher {
     pool: Arc<BufferPool>,
     record_count: u32,
     has_sync_records: bool,
-    opened_at: Option<Instant>,
+    /// When the open batch got its first record: for its age limit, and (agent time) for
+    /// the RPO lag.
+    opened_at: Option<(Instant, i64)>,
 }
 
 impl Batcher {
@@ -118,7 +120,12 @@ impl Batcher {
 
     /// When the open batch must be cut for age, if one is open.
     pub fn deadline(&self) -> Option<Instant> {
-        self.opened_at.map(|t| t + self.config.age_max)
+        self.opened_at.map(|(t, _)| t + self.config.age_max)
+    }
+
+    /// The agent time at which the open batch got its first record, if one is open.
+    pub fn opened_ns(&self) -> Option<i64> {
+        self.opened_at.map(|(_, ns)| ns)
     }
 
     /// Appends `n` encoded records (`encoded` holds exactly them) and returns the batches this
@@ -145,7 +152,7 @@ impl Batcher {
             {
                 out.extend(self.seal(0, None, inconsistent, time_ns));
             }
-            self.append(encoded, n, sync, now);
+            self.append(encoded, n, sync, now, time_ns);
         } else {
             let mut pos = 0;
             while pos < encoded.len() {
@@ -160,7 +167,7 @@ impl Batcher {
                 {
                     out.extend(self.seal(0, None, inconsistent, time_ns));
                 }
-                self.append(record, 1, sync, now);
+                self.append(record, 1, sync, now, time_ns);
                 pos += len;
             }
         }
@@ -170,10 +177,10 @@ impl Batcher {
         out
     }
 
-    fn append(&mut self, encoded: &[u8], n: u32, sync: bool, now: Instant) {
+    fn append(&mut self, encoded: &[u8], n: u32, sync: bool, now: Instant, time_ns: i64) {
         debug_assert!(self.open_bytes() + encoded.len() <= BATCH_PAYLOAD_BYTES_MAX);
         if self.opened_at.is_none() {
-            self.opened_at = Some(now);
+            self.opened_at = Some((now, time_ns));
         }
         if self.buf.capacity() < HEADER_ROOM + BATCH_PAYLOAD_BYTES_MAX
             && self.buf.len() == HEADER_ROOM

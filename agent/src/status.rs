@@ -35,6 +35,10 @@ pub struct VolumeStatus {
     pub state: String,
     /// Share of the running sync or resync done, 0..=1.
     pub sync_progress: Option<f64>,
+    /// Seconds the running sync or resync still needs at its rate so far (None before its
+    /// first chunk, or when none runs).
+    #[serde(default)]
+    pub sync_eta_s: Option<u64>,
     /// The last seq sealed in the group (None when the agent is stopped).
     pub last_seq: Option<u64>,
     /// The last seq the replica acknowledged as durable.
@@ -55,12 +59,20 @@ pub struct VolumeStatus {
     /// Bytes of records sent by resyncs since the agent started.
     pub resync_bytes_sent: Option<u64>,
     /// RPO lag: age, in milliseconds, of the oldest write not yet durable on the replica
-    /// (0 when everything is).
+    /// (0 when everything is); None while the volume is in its initial sync (not protected
+    /// yet) or when the agent is stopped.
     pub rpo_lag_ms: Option<u64>,
     /// Whether the group's latest sealed point is crash-consistent.
     pub consistent: Option<bool>,
     /// Why the replica paused ingest of the group (e.g. its disk is full), if it did.
     pub replica_paused: Option<String>,
+}
+
+/// Seconds left of a sync that did `done` of `total` chunks in `elapsed_ns`, at that rate.
+fn eta_s(elapsed_ns: i64, done: u64, total: u64) -> u64 {
+    let left = u128::from(total.saturating_sub(done));
+    let ns = elapsed_ns.max(0) as u128 * left / u128::from(done.max(1));
+    u64::try_from(ns / 1_000_000_000).unwrap_or(u64::MAX)
 }
 
 /// The status of a running agent.
@@ -105,9 +117,12 @@ pub fn collect(
                 "disconnected"
             };
             let total = v.sync_chunks_total.load(Ordering::Relaxed).max(1);
-            let progress = (syncing || resyncing).then(|| {
-                (v.sync_chunks_done.load(Ordering::Relaxed) as f64 / total as f64).min(1.0)
-            });
+            let done = v.sync_chunks_done.load(Ordering::Relaxed).min(total);
+            let progress = (syncing || resyncing).then(|| done as f64 / total as f64);
+            let elapsed_ns = now.saturating_sub(v.sync_started_ns.load(Ordering::Relaxed));
+            let eta = progress
+                .filter(|_| done > 0 && elapsed_ns > 0)
+                .map(|_| eta_s(elapsed_ns, done, total));
             volumes.push(VolumeStatus {
                 name: v.name.clone(),
                 group: g.name.clone(),
@@ -115,6 +130,7 @@ pub fn collect(
                 size: v.size,
                 state: state.to_owned(),
                 sync_progress: progress,
+                sync_eta_s: eta,
                 last_seq: Some(last),
                 acked_seq: Some(acked),
                 spool_batches: Some(batches),
@@ -123,7 +139,8 @@ pub fn collect(
                 spool_skipped_batches: Some(g.spool.skipped_batches()),
                 dirty_regions: Some(dirty),
                 resync_bytes_sent: Some(v.resync_bytes_sent.load(Ordering::Relaxed)),
-                rpo_lag_ms: Some(lag_ms),
+                // An initial sync has no point to lose writes from yet: not protected.
+                rpo_lag_ms: (!syncing).then_some(lag_ms),
                 consistent: Some(!gs.inconsistent),
                 replica_paused: l.paused.get(&g.name).cloned(),
             });
@@ -200,9 +217,15 @@ pub fn render(s: &AgentStatus) -> String {
     ];
     let mut paused = Vec::new();
     for v in &s.volumes {
-        let state = match v.sync_progress {
-            Some(p) => format!("{} {:.0}%", v.state, p * 100.0),
-            None => v.state.clone(),
+        let state = match (v.sync_progress, v.sync_eta_s) {
+            (Some(p), Some(eta)) => format!(
+                "{} {:.0}% (ETA {})",
+                v.state,
+                p * 100.0,
+                cdp_shared::units::format_duration(std::time::Duration::from_secs(eta))
+            ),
+            (Some(p), None) => format!("{} {:.0}%", v.state, p * 100.0),
+            _ => v.state.clone(),
         };
         let spool = match (v.spool_batches, v.spool_bytes) {
             (Some(n), Some(b)) => format!("{n} batches, {}", cdp_shared::types::human_bytes(b)),
@@ -223,7 +246,13 @@ pub fn render(s: &AgentStatus) -> String {
                         format!("{} s", ms / 1000)
                     }
                 })
-                .unwrap_or_else(|| "-".into()),
+                .unwrap_or_else(|| {
+                    if v.state == "syncing" {
+                        "not protected yet".into()
+                    } else {
+                        "-".into()
+                    }
+                }),
             spool,
             v.dirty_regions
                 .map(|d| {

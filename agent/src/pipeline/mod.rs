@@ -34,7 +34,7 @@
 
 use std::cell::RefCell;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -74,6 +74,8 @@ pub struct Volume {
     pub sync_chunks_total: AtomicU64,
     /// Whether the volume is inside its initial sync.
     pub syncing: AtomicBool,
+    /// When the running sync or resync started (agent time), for its ETA.
+    pub sync_started_ns: AtomicI64,
     /// Bytes of resync records pushed (dirty-chunk and hash-compare resyncs).
     pub resync_bytes_sent: AtomicU64,
     /// Set when a running initial sync must stop and start again from the beginning (the
@@ -91,9 +93,17 @@ impl Volume {
             sync_chunks_done: AtomicU64::new(0),
             sync_chunks_total: AtomicU64::new(0),
             syncing: AtomicBool::new(false),
+            sync_started_ns: AtomicI64::new(0),
             resync_bytes_sent: AtomicU64::new(0),
             restart_sync: AtomicBool::new(false),
         }
+    }
+
+    /// Starts counting a sync or resync of `total` chunks.
+    pub(crate) fn start_progress(&self, total: u64) {
+        self.sync_chunks_done.store(0, Ordering::Relaxed);
+        self.sync_chunks_total.store(total, Ordering::Relaxed);
+        self.sync_started_ns.store(now_ns(), Ordering::Relaxed);
     }
 
     pub fn chunks(&self) -> u64 {
@@ -230,8 +240,6 @@ pub struct Group {
     /// Records pushed, for status.
     pub records_total: AtomicU64,
     pending: Mutex<Pending>,
-    /// When the open batch got its first record (for the RPO lag).
-    open_since_ns: AtomicU64,
 }
 
 /// An admitted operation's place in its range lock; released on drop so that an operation
@@ -297,9 +305,6 @@ impl Place {
             );
             group.to_spool(sealed);
             if was_empty {
-                group
-                    .open_since_ns
-                    .store(now_ns() as u64, Ordering::Relaxed);
                 group.age_notify.notify_one();
             }
             group
@@ -433,7 +438,6 @@ impl Group {
             wake,
             records_total: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
-            open_since_ns: AtomicU64::new(0),
         });
         Ok((group, recovery))
     }
@@ -486,12 +490,11 @@ impl Group {
     /// A snapshot for `status`.
     pub fn state(&self) -> GroupState {
         let inner = self.lock();
-        let open = !inner.batcher.is_empty();
         GroupState {
             overflow_since_ns: inner.overflow_since,
             dirty_chunks: inner.vols.iter().map(|v| v.dirty.count()).collect(),
             inconsistent: inner.inconsistent(),
-            open_since_ns: open.then(|| self.open_since_ns.load(Ordering::Relaxed) as i64),
+            open_since_ns: inner.batcher.opened_ns(),
         }
     }
 

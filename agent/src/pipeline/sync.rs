@@ -182,8 +182,7 @@ impl Group {
         bytes_per_sec_max: u64,
     ) -> ExportResult<Seq> {
         let vol = self.volume(volume).clone();
-        vol.sync_chunks_done.store(0, Ordering::Relaxed);
-        vol.sync_chunks_total.store(vol.chunks(), Ordering::Relaxed);
+        vol.start_progress(vol.chunks());
         vol.syncing.store(true, Ordering::Relaxed);
         vol.restart_sync.store(false, Ordering::Relaxed);
         self.wait_for_room(backlog_max).await?;
@@ -283,8 +282,7 @@ impl Group {
             if total == 0 {
                 continue;
             }
-            vol.sync_chunks_done.store(0, Ordering::Relaxed);
-            vol.sync_chunks_total.store(total, Ordering::Relaxed);
+            vol.start_progress(total);
             tracing::info!(group = %self.name, volume = %vol.name, chunks = total, "resyncing dirty regions");
             let mut next = 0;
             loop {
@@ -328,8 +326,7 @@ impl Group {
         const RANGE: u64 = cdp_shared::wire::HASHES_PER_MESSAGE_MAX as u64 / 4;
         let vol = self.volume(volume).clone();
         let chunks = vol.chunks();
-        vol.sync_chunks_done.store(0, Ordering::Relaxed);
-        vol.sync_chunks_total.store(chunks, Ordering::Relaxed);
+        vol.start_progress(chunks);
         self.lock().syncing += 1;
         let result = async {
             let (mut compared, mut sent) = (0, 0);
