@@ -131,6 +131,10 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
         text.contains("not protected yet") && text.contains("ETA"),
         "{text}"
     );
+    let rv = &c.replica_status()["volumes"][0];
+    assert!(rv["rpo_lag_ms"].is_null(), "replica side, syncing: {rv}");
+    let text = run_ok(&mut c.replica_cmd(&["status"]));
+    assert!(text.contains("not protected yet"), "{text}");
 
     c.wait_protecting("v", Duration::from_secs(120));
     let mut w = NbdDriver::connect(&c.nbd_uri("v"));
@@ -147,4 +151,26 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
     let v = c.volume_status("v");
     assert_eq!(v["rpo_lag_ms"], 0, "idle for 1.5 s: {v}");
     assert!(v["sync_eta_s"].is_null(), "{v}");
+
+    // The replica shows the lag the agent reports (every second, on the control stream).
+    wait_until(
+        "the replica to show the agent's lag of 0",
+        Duration::from_secs(30),
+        || c.replica_status()["volumes"][0]["rpo_lag_ms"] == 0,
+    );
+    let rv = c.replica_status()["volumes"][0].clone();
+    assert_eq!(rv["agent_head_seq"], v["last_seq"], "{rv}");
+    // An agent the replica no longer hears from may be writing: the lag grows with the
+    // report's age.
+    let agent = c.agent.as_mut().expect("agent");
+    agent.kill9();
+    wait_until(
+        "the replica's lag to grow once the agent is gone",
+        Duration::from_secs(30),
+        || {
+            c.replica_status()["volumes"][0]["rpo_lag_ms"]
+                .as_u64()
+                .is_some_and(|ms| ms > 2000)
+        },
+    );
 }

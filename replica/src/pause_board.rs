@@ -1,5 +1,8 @@
-//! The pause board: which groups' ingest is paused (their disk is full) and why, published
-//! by `serve` in `DIR/paused.json` for `status`, which runs in another process.
+//! The pause board: which groups' ingest is paused (their disk is full) and why, and the
+//! head and RPO lag each group's agent last reported ([`Head`]), published by `serve` in
+//! `DIR/paused.json` for `status`, which runs in another process. A pause is written at once;
+//! heads arrive every second per group and are written at most once a second
+//! ([`PauseBoard::flush_heads`]).
 //!
 //! The board must be writable exactly when the disk is full, so `serve` allocates the file
 //! once when it starts ([`PAUSE_BOARD_BYTES`], filled and fsynced) and from then on only
@@ -20,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::datadir::DataDir;
 use crate::error::{ReplicaError, Result};
 
-/// Size of the board file.
-pub const PAUSE_BOARD_BYTES: usize = 64 << 10;
+/// Size of the board file (a thousand groups' heads, with long names, and the pauses).
+pub const PAUSE_BOARD_BYTES: usize = 512 << 10;
 /// Longest reason kept on the board (characters); longer ones are cut.
 pub const PAUSE_REASON_CHARS_MAX: usize = 1000;
 /// Times `status` reads the board again when it caught a write half done.
@@ -38,11 +41,42 @@ pub struct Pause {
     pub since_ns: i64,
 }
 
+/// What a group's agent last reported of its head (`Control::Head`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    /// The agent's last sealed seq.
+    pub seq: u64,
+    /// The agent's RPO lag then; `None` during an initial sync.
+    pub lag_ms: Option<u64>,
+    /// When the replica received the report (its clock, UTC nanoseconds).
+    pub at_ns: i64,
+}
+
+impl Head {
+    /// The RPO lag as the replica can vouch for it at `now_ns`: 0 when the agent reported 0
+    /// within the last [`HEAD_FRESH_NS`]; otherwise the reported lag plus the report's age
+    /// (an agent not heard from may have written since). `None` during an initial sync.
+    pub fn lag_ms_at(&self, now_ns: i64) -> Option<u64> {
+        let lag = self.lag_ms?;
+        let age_ns = now_ns.saturating_sub(self.at_ns).max(0);
+        if lag == 0 && age_ns <= HEAD_FRESH_NS {
+            return Some(0);
+        }
+        Some(lag.saturating_add((age_ns / 1_000_000) as u64))
+    }
+}
+
+/// A report of lag 0 younger than this still reads as 0 (the agent reports every second).
+pub const HEAD_FRESH_NS: i64 = 2_500_000_000;
+
 /// The board's contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Board {
     /// Paused groups by name.
     pub groups: BTreeMap<String, Pause>,
+    /// The last head each group's agent reported since `serve` started, by group name.
+    #[serde(default)]
+    pub heads: BTreeMap<String, Head>,
     /// Paused groups left out because the board was full.
     #[serde(default)]
     pub omitted: usize,
@@ -50,8 +84,11 @@ pub struct Board {
 
 /// The board as the file holds it: JSON padded with spaces to exactly [`PAUSE_BOARD_BYTES`]
 /// (groups that do not fit are counted in `omitted`). Sans-IO.
-pub fn encode(groups: &BTreeMap<String, Pause>) -> Vec<u8> {
-    let mut board = Board::default();
+pub fn encode(groups: &BTreeMap<String, Pause>, heads: &BTreeMap<String, Head>) -> Vec<u8> {
+    let mut board = Board {
+        heads: heads.clone(),
+        ..Board::default()
+    };
     for (name, p) in groups {
         let reason: String = p.reason.chars().take(PAUSE_REASON_CHARS_MAX).collect();
         board.groups.insert(
@@ -68,6 +105,11 @@ pub fn encode(groups: &BTreeMap<String, Pause>) -> Vec<u8> {
         if bytes.len() <= PAUSE_BOARD_BYTES {
             bytes.resize(PAUSE_BOARD_BYTES, b' ');
             return bytes;
+        }
+        // Heads go first (the next report brings them back); then pauses, counted.
+        if let Some(last) = board.heads.keys().next_back().cloned() {
+            board.heads.remove(&last);
+            continue;
         }
         let Some(last) = board.groups.keys().next_back().cloned() else {
             return vec![b' '; PAUSE_BOARD_BYTES];
@@ -93,7 +135,15 @@ pub struct PauseBoard {
     /// None when the board could not be prepared at start (then `status` cannot show pauses;
     /// logs, events and the agents still hear of them).
     file: Option<File>,
-    groups: Mutex<BTreeMap<String, Pause>>,
+    groups: Mutex<Contents>,
+}
+
+#[derive(Default)]
+struct Contents {
+    pauses: BTreeMap<String, Pause>,
+    heads: BTreeMap<String, Head>,
+    /// Heads changed since the board was last written.
+    heads_changed: bool,
 }
 
 impl PauseBoard {
@@ -118,7 +168,7 @@ impl PauseBoard {
         PauseBoard {
             path,
             file,
-            groups: Mutex::new(BTreeMap::new()),
+            groups: Mutex::new(Contents::default()),
         }
     }
 
@@ -138,7 +188,7 @@ impl PauseBoard {
         }
         file.set_len(PAUSE_BOARD_BYTES as u64)
             .map_err(ReplicaError::io("size the pause board", path))?;
-        file.write_all_at(&encode(&BTreeMap::new()), 0)
+        file.write_all_at(&encode(&BTreeMap::new(), &BTreeMap::new()), 0)
             .map_err(ReplicaError::io("write the pause board", path))?;
         file.sync_all()
             .map_err(ReplicaError::io("fsync the pause board", path))?;
@@ -148,15 +198,45 @@ impl PauseBoard {
     /// Marks `group` paused (`Some`) or running (`None`) and rewrites the board in place.
     /// A write failure is logged; it never stops ingest.
     pub fn set(&self, group: &str, pause: Option<Pause>) {
-        let Ok(mut groups) = self.groups.lock() else {
+        let Ok(mut c) = self.groups.lock() else {
             return;
         };
         match pause {
-            Some(p) => groups.insert(group.to_owned(), p),
-            None => groups.remove(group),
+            Some(p) => c.pauses.insert(group.to_owned(), p),
+            None => c.pauses.remove(group),
         };
+        self.write(&mut c);
+    }
+
+    /// Notes the head `group`'s agent reported; written by the next [`Self::flush_heads`].
+    pub fn set_head(&self, group: &str, head: Head) {
+        if let Ok(mut c) = self.groups.lock() {
+            c.heads.insert(group.to_owned(), head);
+            c.heads_changed = true;
+        }
+    }
+
+    /// Forgets the head of `group` (forgotten on the replica).
+    pub fn remove_head(&self, group: &str) {
+        if let Ok(mut c) = self.groups.lock() {
+            c.heads_changed |= c.heads.remove(group).is_some();
+        }
+    }
+
+    /// Writes the board if a head changed since it was last written (`serve` calls it every
+    /// second).
+    pub fn flush_heads(&self) {
+        if let Ok(mut c) = self.groups.lock()
+            && c.heads_changed
+        {
+            self.write(&mut c);
+        }
+    }
+
+    fn write(&self, c: &mut Contents) {
+        c.heads_changed = false;
         if let Some(file) = &self.file
-            && let Err(e) = file.write_all_at(&encode(&groups), 0)
+            && let Err(e) = file.write_all_at(&encode(&c.pauses, &c.heads), 0)
         {
             tracing::warn!(
                 "could not write the pause board {}: {e}",
@@ -203,7 +283,10 @@ mod tests {
     #[test]
     fn the_board_round_trips_at_a_fixed_size_and_drops_what_does_not_fit() {
         let mut groups = BTreeMap::new();
-        assert_eq!(decode(&encode(&groups)), Some(Board::default()));
+        assert_eq!(
+            decode(&encode(&groups, &BTreeMap::new())),
+            Some(Board::default())
+        );
         groups.insert(
             "db".to_owned(),
             Pause {
@@ -211,7 +294,7 @@ mod tests {
                 since_ns: 42,
             },
         );
-        let bytes = encode(&groups);
+        let bytes = encode(&groups, &BTreeMap::new());
         assert_eq!(bytes.len(), PAUSE_BOARD_BYTES);
         let board = decode(&bytes).expect("decodes");
         assert_eq!(board.groups, groups);
@@ -220,10 +303,11 @@ mod tests {
         assert_eq!(decode(&bytes[..10]), None);
         // Too many long reasons: some groups are left out, and counted.
         let long = "x".repeat(5 * PAUSE_REASON_CHARS_MAX);
-        let many: BTreeMap<String, Pause> = (0..200)
+        const N: usize = 1000;
+        let many: BTreeMap<String, Pause> = (0..N as i64)
             .map(|i| {
                 (
-                    format!("g{i:03}"),
+                    format!("g{i:04}"),
                     Pause {
                         reason: long.clone(),
                         since_ns: i,
@@ -231,14 +315,72 @@ mod tests {
                 )
             })
             .collect();
-        let board = decode(&encode(&many)).expect("decodes");
-        assert!(board.omitted > 0 && board.groups.len() + board.omitted == 200);
+        let heads: BTreeMap<String, Head> = (0..10)
+            .map(|i| {
+                let head = Head {
+                    seq: i,
+                    lag_ms: Some(0),
+                    at_ns: 0,
+                };
+                (format!("h{i}"), head)
+            })
+            .collect();
+        let board = decode(&encode(&many, &heads)).expect("decodes");
+        assert!(board.heads.is_empty(), "heads give way to pauses");
+        assert!(board.omitted > 0 && board.groups.len() + board.omitted == N);
         assert!(
             board
                 .groups
                 .values()
                 .all(|p| p.reason.len() == PAUSE_REASON_CHARS_MAX)
         );
+    }
+
+    #[test]
+    fn a_heads_lag_is_zero_only_while_fresh_and_grows_with_its_age() {
+        let h = |lag_ms| Head {
+            seq: 1,
+            lag_ms,
+            at_ns: 1_000_000_000,
+        };
+        assert_eq!(h(Some(0)).lag_ms_at(2_000_000_000), Some(0));
+        assert_eq!(
+            h(Some(0)).lag_ms_at(1_000_000_000 + HEAD_FRESH_NS + 1),
+            Some(2500)
+        );
+        assert_eq!(h(Some(40)).lag_ms_at(1_500_000_000), Some(540));
+        assert_eq!(h(None).lag_ms_at(9_000_000_000), None);
+        // A report from the future (clock stepped back) is not a negative age.
+        assert_eq!(h(Some(7)).lag_ms_at(0), Some(7));
+    }
+
+    #[test]
+    fn a_thousand_heads_fit_beside_the_pauses() {
+        let heads: BTreeMap<String, Head> = (0..1000)
+            .map(|i| {
+                (
+                    format!("group-with-a-longish-name-{i:04}"),
+                    Head {
+                        seq: u64::MAX,
+                        lag_ms: Some(u64::MAX),
+                        at_ns: i64::MAX,
+                    },
+                )
+            })
+            .collect();
+        let pauses: BTreeMap<String, Pause> = (0..8)
+            .map(|i| {
+                (
+                    format!("g{i}"),
+                    Pause {
+                        reason: "\"".repeat(PAUSE_REASON_CHARS_MAX),
+                        since_ns: 1,
+                    },
+                )
+            })
+            .collect();
+        let board = decode(&encode(&pauses, &heads)).expect("decodes");
+        assert_eq!((board.heads.len(), board.groups.len()), (1000, 8));
     }
 
     #[test]
@@ -255,6 +397,16 @@ mod tests {
         assert_eq!(read(&dir).expect("read").groups.get("g"), Some(&pause));
         board.set("g", None);
         assert!(read(&dir).expect("read").groups.is_empty());
+        // Heads are written by the flush, not by the report.
+        let head = Head {
+            seq: 9,
+            lag_ms: Some(0),
+            at_ns: 100,
+        };
+        board.set_head("g", head);
+        assert!(read(&dir).expect("read").heads.is_empty());
+        board.flush_heads();
+        assert_eq!(read(&dir).expect("read").heads.get("g"), Some(&head));
         let len = std::fs::metadata(dir.pause_board()).expect("stat").len();
         assert_eq!(len, PAUSE_BOARD_BYTES as u64);
     }

@@ -474,6 +474,11 @@ async fn session(
                         let _ = outbox.send(reply).await;
                     });
                 }
+                Ok(Some(Control::Head { group, seq, lag_ms })) => {
+                    if announced.contains(&group) {
+                        shared.ingest.report_head(&group, seq, lag_ms);
+                    }
+                }
                 Ok(Some(msg)) => route_answer(&port, &agent, msg),
                 Ok(None) => control_open = false,
                 Err(e) => break Err(e),

@@ -53,6 +53,14 @@ pub struct VolumeStatus {
     pub journal_bytes: u64,
     /// Last durable seq of the group.
     pub head_seq: Seq,
+    /// The agent's last sealed seq, as it last reported it to this `serve` (null before a
+    /// report, or when `serve` is not running).
+    pub agent_head_seq: Option<Seq>,
+    /// RPO lag in milliseconds as the replica can vouch for it: the agent's reported lag
+    /// plus the report's age (0 while the agent reports 0 every second). Null while the volume
+    /// is not protecting yet (initial sync), while failed over, or without a report since
+    /// `serve` started.
+    pub rpo_lag_ms: Option<u64>,
     /// The group's base: every batch up to it is in the target files.
     pub base_seq: Seq,
     /// The group's retention.
@@ -227,6 +235,10 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             Err(_) => (None, None),
         };
         let pause = board.groups.get(&group.name);
+        let head = board.heads.get(&group.name);
+        let rpo_lag_ms = head
+            .filter(|_| v.state == VolumeState::Protecting && failover.is_none())
+            .and_then(|h| h.lag_ms_at(crate::clock::now_ns()));
         let open = catalog.open_mismatches(v.id).await?;
         let degraded = open.first().map(|first| {
             let more = match open.len() {
@@ -269,6 +281,8 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             window_last,
             journal_bytes,
             head_seq: group.head_seq,
+            agent_head_seq: head.map(|h| Seq(h.seq)),
+            rpo_lag_ms,
             base_seq: group.base_seq,
             retention: RetentionStatus::from(&group.retention),
             pins: PinsStatus {

@@ -88,6 +88,15 @@ pub fn format_duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
+/// An RPO lag for a table: `12 ms` under ten seconds, else whole seconds (`42 s`).
+pub fn format_lag_ms(ms: u64) -> String {
+    if ms < 10_000 {
+        format!("{ms} ms")
+    } else {
+        format!("{} s", ms / 1000)
+    }
+}
+
 /// A size in a TOML file: a string with a unit (`"4GiB"`) or a bare integer of bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]

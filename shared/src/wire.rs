@@ -17,7 +17,8 @@ use crate::types::{Seq, VolumeId};
 ///
 /// 2: seqs are [`Seq`], a volume's state in a Welcome is a [`VolumeState`] (unknown states are
 /// malformed frames), and a Nack that names no batch has `group: null` instead of `""`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: the agent sends [`Control::Head`] every [`HEAD_INTERVAL`].
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest control frame body.
 pub const CONTROL_FRAME_BYTES_MAX: usize = 1 << 20;
 
@@ -162,6 +163,15 @@ pub enum Control {
     Paused { group: String, reason: String },
     /// Replica → agent: ingest of `group` resumed.
     Resumed { group: String },
+    /// Agent → replica, every [`HEAD_INTERVAL`]: the group's last sealed seq and its RPO lag
+    /// as the agent sees it (age of its oldest write not yet acknowledged; 0 when every batch
+    /// is; `None` while a volume of the group is in its initial sync), so that the replica's
+    /// status shows the lag too.
+    Head {
+        group: String,
+        seq: Seq,
+        lag_ms: Option<u64>,
+    },
     /// Replica → agent (the verifier): the blake3 of chunk `chunk` of a volume as the device
     /// holds it at a batch boundary. `id` pairs the answer with the question.
     VerifyRequest {
@@ -192,6 +202,9 @@ pub enum Control {
     /// Agent → replica: the repair cannot start; `reason` says why.
     RepairRefused { id: u64, reason: String },
 }
+
+/// How often the agent sends [`Control::Head`] for each group.
+pub const HEAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Chunks one [`Control::RepairRequest`] may name.
 pub const REPAIR_CHUNKS_PER_MESSAGE_MAX: usize = 4096;
@@ -280,6 +293,11 @@ mod tests {
                 }],
             },
             Control::ack("g", Seq(5)),
+            Control::Head {
+                group: "g".into(),
+                seq: Seq(5),
+                lag_ms: None,
+            },
             Control::Nack {
                 group: Some("g".into()),
                 seq: Seq(6),

@@ -399,6 +399,8 @@ async fn serve_connection(
     while let Some(msg) = decoder.poll_frame()? {
         ctx.handle(msg)?;
     }
+    let mut heads = tokio::time::interval(wire::HEAD_INTERVAL);
+    heads.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Send what the window allows.
         send_window(ctx.window, ctx.groups, ctx.sends, conn)?;
@@ -425,6 +427,13 @@ async fn serve_connection(
                 ctl_send.write_all(&wire::encode(&reply)).await.context("answer a verify request")?;
             }
             Some(_) = ctx.verifies.join_next() => {}
+            _ = heads.tick() => {
+                // Each group's head and lag, for the replica's status.
+                for g in groups {
+                    let head = Control::Head { group: g.name.clone(), seq: g.last_sealed(), lag_ms: crate::status::group_lag_ms(g) };
+                    ctl_send.write_all(&wire::encode(&head)).await.context("send the head")?;
+                }
+            }
             _ = wake_fut => {}
         }
     }

@@ -224,6 +224,7 @@ fn print_status(report: &StatusReport) {
             "WINDOW LAST",
             "JOURNAL",
             "HEAD",
+            "RPO LAG",
             "RETENTION",
             "PINS",
         ]
@@ -240,6 +241,11 @@ fn print_status(report: &StatusReport) {
             point(&v.window_last),
             cdp_shared::types::human_bytes(v.journal_bytes),
             v.head_seq.to_string(),
+            match v.rpo_lag_ms {
+                Some(ms) => cdp_shared::units::format_lag_ms(ms),
+                None if v.volume_state != "protecting" => "not protected yet".into(),
+                None => "-".into(),
+            },
             match v.retention.max_journal_bytes {
                 Some(cap) => format!("{}, cap {}", v.retention.window, format_size(cap)),
                 None => v.retention.window.clone(),

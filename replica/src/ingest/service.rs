@@ -112,6 +112,18 @@ impl IngestService {
                 heads: watch::Sender::new(HashMap::new()),
             }),
         };
+        // Agents' head reports reach `status` through the board, at most once a second.
+        let (board, token) = (service.inner.board.clone(), service.inner.token.clone());
+        service.inner.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(cdp_shared::wire::HEAD_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => break,
+                    _ = tick.tick() => board.flush_heads(),
+                }
+            }
+        });
         let mut groups = service.inner.groups.lock().await;
         for g in catalog.groups().await? {
             let slot = service.spawn_group(g.id).await?;
@@ -123,6 +135,18 @@ impl IngestService {
 
     pub fn catalog(&self) -> &Catalog {
         &self.inner.catalog
+    }
+
+    /// Notes the head and RPO lag `group`'s agent reported (`Control::Head`), for `status`.
+    pub fn report_head(&self, group: &str, seq: Seq, lag_ms: Option<u64>) {
+        self.inner.board.set_head(
+            group,
+            crate::pause_board::Head {
+                seq: seq.0,
+                lag_ms,
+                at_ns: now_ns(),
+            },
+        );
     }
 
     /// Every open group's durable head, as its task commits (see [`super::Heads`]).
@@ -198,6 +222,7 @@ impl IngestService {
             }
         }
         self.inner.board.set(name, None);
+        self.inner.board.remove_head(name);
         Ok(Ok(()))
     }
 
