@@ -22,34 +22,13 @@ use clap::{Parser, Subcommand};
 struct Cli {
     /// Log lines as text (the default) or as JSON objects, one per line (on standard error).
     #[arg(long, global = true, value_enum, default_value = "text")]
-    log_format: LogFormat,
+    log_format: cdp_shared::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
 /// Where `--data` points unless given (or set by `CDP_AGENT_DATA`).
 const DATA_DEFAULT: &str = "/var/lib/cdp-agent";
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-/// The log subscriber: `RUST_LOG` filters (default `info`), lines to standard error.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
 
 #[derive(Subcommand)]
 enum Command {
@@ -152,7 +131,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    cdp_shared::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -106,9 +106,14 @@ pub fn encode(groups: &BTreeMap<String, Pause>, heads: &BTreeMap<String, Head>) 
             bytes.resize(PAUSE_BOARD_BYTES, b' ');
             return bytes;
         }
-        // Heads go first (the next report brings them back); then pauses, counted.
-        if let Some(last) = board.heads.keys().next_back().cloned() {
-            board.heads.remove(&last);
+        // Heads go first, half of them per attempt (the next reports bring them back); then
+        // pauses, one by one, counted.
+        if !board.heads.is_empty() {
+            let keep = board.heads.len() / 2;
+            board.heads = std::mem::take(&mut board.heads)
+                .into_iter()
+                .take(keep)
+                .collect();
             continue;
         }
         let Some(last) = board.groups.keys().next_back().cloned() else {
@@ -144,6 +149,9 @@ struct Contents {
     heads: BTreeMap<String, Head>,
     /// Heads changed since the board was last written.
     heads_changed: bool,
+    /// Bytes of JSON the file held after the last write: past them it holds only spaces, so
+    /// a write covers the new JSON or the old one, whichever is longer, not the whole file.
+    written_len: usize,
 }
 
 impl PauseBoard {
@@ -235,13 +243,22 @@ impl PauseBoard {
 
     fn write(&self, c: &mut Contents) {
         c.heads_changed = false;
-        if let Some(file) = &self.file
-            && let Err(e) = file.write_all_at(&encode(&c.pauses, &c.heads), 0)
-        {
-            tracing::warn!(
-                "could not write the pause board {}: {e}",
-                self.path.display()
-            );
+        let Some(file) = &self.file else {
+            return;
+        };
+        let bytes = encode(&c.pauses, &c.heads);
+        let len = bytes.trim_ascii_end().len();
+        let upto = len.max(c.written_len).min(bytes.len());
+        match file.write_all_at(&bytes[..upto], 0) {
+            Ok(()) => c.written_len = len,
+            // Unknown how much was written: the next write covers the whole file.
+            Err(e) => {
+                c.written_len = PAUSE_BOARD_BYTES;
+                tracing::warn!(
+                    "could not write the pause board {}: {e}",
+                    self.path.display()
+                );
+            }
         }
     }
 }
@@ -397,6 +414,9 @@ mod tests {
         assert_eq!(read(&dir).expect("read").groups.get("g"), Some(&pause));
         board.set("g", None);
         assert!(read(&dir).expect("read").groups.is_empty());
+        // A shorter board written over a longer one leaves no tail of the old one.
+        let bytes = std::fs::read(dir.pause_board()).expect("read the file");
+        assert_eq!(decode(&bytes), Some(Board::default()));
         // Heads are written by the flush, not by the report.
         let head = Head {
             seq: 9,

@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod fileio;
 pub mod identity;
+pub mod logging;
 pub mod nbd;
 pub mod point;
 pub mod pool;

@@ -428,11 +428,12 @@ async fn serve_connection(
             }
             Some(_) = ctx.verifies.join_next() => {}
             _ = heads.tick() => {
-                // Each group's head and lag, for the replica's status.
-                for g in groups {
-                    let head = Control::Head { group: g.name.clone(), seq: g.last_sealed(), lag_ms: crate::status::group_lag_ms(g) };
-                    ctl_send.write_all(&wire::encode(&head)).await.context("send the head")?;
-                }
+                // Each group's head and lag, for the replica's status, in one write.
+                let frames: Vec<u8> = groups
+                    .iter()
+                    .flat_map(|g| wire::encode(&Control::Head { group: g.name.clone(), seq: g.last_sealed(), lag_ms: crate::status::group_lag_ms(g) }))
+                    .collect();
+                ctl_send.write_all(&frames).await.context("send the heads")?;
             }
             _ = wake_fut => {}
         }
