@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::AgentConfig;
 use crate::link::SharedLink;
-use crate::pipeline::{Group, GroupState};
+use crate::pipeline::Group;
 use crate::state::{self, VolumeState};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -68,31 +68,6 @@ pub struct VolumeStatus {
     pub replica_paused: Option<String>,
 }
 
-/// The RPO lag of a group at `now`: the age of its oldest write not yet durable on the
-/// replica (in the spool, in the open batch, or tracked as dirty since an overflow began), 0
-/// when there is none.
-fn lag_ms(g: &Group, gs: &GroupState, now: i64) -> u64 {
-    [
-        g.spool.oldest_held_time_ns(),
-        gs.open_since_ns,
-        gs.overflow_since_ns,
-    ]
-    .into_iter()
-    .flatten()
-    .min()
-    .map(|t| (now.saturating_sub(t).max(0) / 1_000_000) as u64)
-    .unwrap_or(0)
-}
-
-/// The group's RPO lag for the replica ([`cdp_shared::wire::Control::Head`]): `None` while a
-/// volume of the group is in its initial sync (nothing to recover yet).
-pub fn group_lag_ms(g: &Group) -> Option<u64> {
-    if g.volumes.iter().any(|v| v.syncing.load(Ordering::Relaxed)) {
-        return None;
-    }
-    Some(lag_ms(g, &g.state(), crate::clock::now_ns()))
-}
-
 /// Seconds left of a sync that did `done` of `total` chunks in `elapsed_ns`, at that rate.
 fn eta_s(elapsed_ns: i64, done: u64, total: u64) -> u64 {
     let left = u128::from(total.saturating_sub(done));
@@ -114,7 +89,7 @@ pub fn collect(
         let acked = g.acked.borrow().0;
         let (batches, bytes) = g.spool.held();
         let gs = g.state();
-        let lag_ms = lag_ms(g, &gs, now);
+        let lag_ms = g.lag_ms_at(&gs, now);
         let compare: Vec<_> = g.pending().compare.iter().copied().collect();
         for v in &g.volumes {
             let dirty = gs.dirty_chunks.get(v.id as usize).copied().unwrap_or(0);

@@ -431,7 +431,7 @@ async fn serve_connection(
                 // Each group's head and lag, for the replica's status, in one write.
                 let frames: Vec<u8> = groups
                     .iter()
-                    .flat_map(|g| wire::encode(&Control::Head { group: g.name.clone(), seq: g.last_sealed(), lag_ms: crate::status::group_lag_ms(g) }))
+                    .flat_map(|g| wire::encode(&Control::Head { group: g.name.clone(), seq: g.last_sealed(), lag_ms: g.rpo_lag_ms() }))
                     .collect();
                 ctl_send.write_all(&frames).await.context("send the heads")?;
             }

@@ -476,6 +476,35 @@ impl Group {
         self.bump();
     }
 
+    /// The RPO lag of the group at `now` given its state `gs`: the age of its oldest write not
+    /// yet durable on the replica (in the spool, in the open batch, or tracked as dirty since
+    /// an overflow began), 0 when there is none.
+    pub fn lag_ms_at(&self, gs: &GroupState, now: i64) -> u64 {
+        [
+            self.spool.oldest_held_time_ns(),
+            gs.open_since_ns,
+            gs.overflow_since_ns,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| (now.saturating_sub(t).max(0) / 1_000_000) as u64)
+        .unwrap_or(0)
+    }
+
+    /// The group's RPO lag now, for the replica ([`cdp_shared::wire::Control::Head`]): `None`
+    /// while a volume of the group is in its initial sync (nothing to recover yet).
+    pub fn rpo_lag_ms(&self) -> Option<u64> {
+        if self
+            .volumes
+            .iter()
+            .any(|v| v.syncing.load(Ordering::Relaxed))
+        {
+            return None;
+        }
+        Some(self.lag_ms_at(&self.state(), now_ns()))
+    }
+
     /// The last sealed seq.
     pub fn last_sealed(&self) -> Seq {
         self.lock().batcher.last_sealed()
