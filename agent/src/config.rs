@@ -67,10 +67,32 @@ pub struct AgentConfigFile {
     /// refused. `run` lowers it to what the agent's file-descriptor limit leaves.
     #[serde(default = "default_nbd_connections_max")]
     pub nbd_connections_max: usize,
+    /// RPO target of every group (`"30s"`; a bare number is seconds): above it `status`
+    /// names the cause `rpo-breach`, on the agent and on the replica.
+    #[serde(default = "default_rpo_target")]
+    pub rpo_target: DurationValue,
+    /// Per-group settings (`[group.NAME]`), over the ones above.
+    #[serde(default, rename = "group", skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, GroupConfigFile>,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
 }
 
+/// One group's settings in `agent.toml` (`[group.NAME]`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfigFile {
+    /// The group's RPO target, instead of the file's `rpo_target`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_target: Option<DurationValue>,
+}
+
+/// Default RPO target of a group.
+pub const RPO_TARGET_DEFAULT: Duration = Duration::from_secs(30);
+
+fn default_rpo_target() -> DurationValue {
+    DurationValue::of(RPO_TARGET_DEFAULT)
+}
 fn default_batch_age() -> DurationValue {
     DurationValue::of(Duration::from_millis(
         cdp_shared::types::BATCH_AGE_MS_DEFAULT,
@@ -139,6 +161,10 @@ pub struct AgentConfig {
     /// NBD connections served at once, before `run` fits it to the descriptor limit (at
     /// least 1).
     pub nbd_connections_max: usize,
+    /// RPO target of the groups without one of their own (at least 1 ms).
+    pub rpo_target: Duration,
+    /// Groups' own RPO targets.
+    pub group_rpo_targets: BTreeMap<String, Duration>,
     pub volumes: Vec<VolumeConfig>,
 }
 
@@ -154,6 +180,8 @@ impl AgentConfigFile {
             spool_bytes_max: default_spool_bytes_max(),
             activity_log_chunks: default_al_chunks(),
             nbd_connections_max: default_nbd_connections_max(),
+            rpo_target: default_rpo_target(),
+            groups: BTreeMap::new(),
             volumes: Vec::new(),
         }
     }
@@ -214,6 +242,13 @@ impl AgentConfigFile {
         at_least_one("batches_in_flight", self.batches_in_flight as u64)?;
         at_least_one("activity_log_chunks", self.activity_log_chunks as u64)?;
         at_least_one("nbd_connections_max", self.nbd_connections_max as u64)?;
+        let rpo_target = parse_rpo_target("rpo_target", &self.rpo_target)?;
+        let mut group_rpo_targets = BTreeMap::new();
+        for (name, g) in &self.groups {
+            if let Some(t) = &g.rpo_target {
+                group_rpo_targets.insert(name.clone(), parse_rpo_target("group.*.rpo_target", t)?);
+            }
+        }
         Ok(AgentConfig {
             replica: self.replica.clone(),
             replica_fingerprint: self.replica_fingerprint.clone(),
@@ -223,6 +258,8 @@ impl AgentConfigFile {
             spool_bytes_max,
             activity_log_chunks: self.activity_log_chunks,
             nbd_connections_max: self.nbd_connections_max,
+            rpo_target,
+            group_rpo_targets,
             volumes: self.volumes.clone(),
         })
     }
@@ -235,6 +272,21 @@ fn size(key: &'static str, value: &SizeValue) -> Result<u64, ConfigError> {
         why,
         example: "a size such as 512MiB or 4GiB",
     })
+}
+
+fn parse_rpo_target(key: &'static str, value: &DurationValue) -> Result<Duration, ConfigError> {
+    let d = value
+        .duration(Duration::from_secs(1))
+        .map_err(|why| ConfigError::Unit {
+            key,
+            value: value.to_string(),
+            why,
+            example: "a duration such as 30s or 5m",
+        })?;
+    if d < Duration::from_millis(1) {
+        return Err(ConfigError::Zero { key });
+    }
+    Ok(d)
 }
 
 fn at_least_one(key: &'static str, value: u64) -> Result<(), ConfigError> {
@@ -255,6 +307,14 @@ impl AgentConfig {
         AgentConfigFile::read(data_dir)?
             .validate()
             .map_err(|e| in_file(data_dir, e))
+    }
+
+    /// The RPO target of `group`.
+    pub fn rpo_target(&self, group: &str) -> Duration {
+        self.group_rpo_targets
+            .get(group)
+            .copied()
+            .unwrap_or(self.rpo_target)
     }
 
     /// Volumes by group, in a stable order.
@@ -284,6 +344,7 @@ sync_bytes_per_sec_max = 0
 spool_bytes_max = "4GiB"
 activity_log_chunks = 4096
 nbd_connections_max = 256
+rpo_target = "30s"
 
 [[volume]]
 name = "v1"
@@ -430,6 +491,54 @@ id = 0
         assert_eq!(c.sync_bytes_per_sec_max, 0);
         let c = parse("batch_age = \"1m30s\"\n");
         assert_eq!(c.batch_age_max, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn rpo_targets_default_to_30s_and_a_group_can_have_its_own() {
+        let base = "replica = \"h:1\"\nreplica_fingerprint = \"x\"\n";
+        let parse = |extra: &str| {
+            toml::from_str::<AgentConfigFile>(&format!("{base}{extra}"))
+                .expect("parse")
+                .validate()
+        };
+        let c = parse("").expect("valid");
+        assert_eq!(c.rpo_target("any"), RPO_TARGET_DEFAULT);
+        let c = parse("rpo_target = \"1m\"\n[group.db]\nrpo_target = \"5s\"\n[group.web]\n")
+            .expect("valid");
+        assert_eq!(c.rpo_target("db"), Duration::from_secs(5));
+        assert_eq!(c.rpo_target("web"), Duration::from_secs(60));
+        assert_eq!(c.rpo_target("other"), Duration::from_secs(60));
+        // A bare number is seconds; zero and a wrong unit are refused with the key.
+        assert_eq!(
+            parse("rpo_target = 10\n").expect("valid").rpo_target("g"),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            parse("rpo_target = \"0s\"\n").expect_err("zero").key(),
+            "rpo_target"
+        );
+        assert_eq!(
+            parse("[group.db]\nrpo_target = \"5 fortnights\"\n")
+                .expect_err("unit")
+                .key(),
+            "group.*.rpo_target"
+        );
+        let unknown =
+            toml::from_str::<AgentConfigFile>(&format!("{base}[group.db]\nrpo = \"5s\"\n"));
+        assert!(
+            unknown.is_err_and(|e| e.to_string().contains("unknown field `rpo`")),
+            "a mistyped group key is refused"
+        );
+        // Saved and read back, the group table survives.
+        let file =
+            toml::from_str::<AgentConfigFile>(&format!("{base}[group.db]\nrpo_target = \"5s\"\n"))
+                .expect("parse");
+        let again: AgentConfigFile =
+            toml::from_str(&toml::to_string(&file).expect("ser")).expect("parse");
+        assert_eq!(
+            again.validate().expect("valid").rpo_target("db"),
+            Duration::from_secs(5)
+        );
     }
 
     #[test]

@@ -272,9 +272,14 @@ fn open_groups(data_dir: &Path, config: &AgentConfig) -> Result<Vec<Arc<Group>>>
         spool_bytes_max: config.spool_bytes_max,
         al_capacity: config.activity_log_chunks,
         state_dir: state::state_dir(data_dir),
+        rpo_target: config.rpo_target,
     };
     let mut groups = Vec::new();
     for (group_name, vols) in config.groups() {
+        let options = GroupOptions {
+            rpo_target: config.rpo_target(&group_name),
+            ..options.clone()
+        };
         groups.push(open_group(data_dir, &group_name, &vols, &options)?);
     }
     Ok(groups)

@@ -9,6 +9,8 @@ use std::sync::atomic::Ordering;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use cdp_shared::cause::{self, Cause};
+
 use crate::config::AgentConfig;
 use crate::link::SharedLink;
 use crate::pipeline::Group;
@@ -20,6 +22,10 @@ pub struct AgentStatus {
     pub replica: String,
     pub link_connected: bool,
     pub link_error: Option<String>,
+    /// Why the link is down (a `disconnected/*` cause, see [`Cause`]); null while it is up
+    /// or the agent is stopped.
+    #[serde(default)]
+    pub link_cause: Option<Cause>,
     pub volumes: Vec<VolumeStatus>,
 }
 
@@ -31,8 +37,14 @@ pub struct VolumeStatus {
     pub size: u64,
     /// `syncing` (initial sync), `resyncing` (dirty regions or a hash-compare resync),
     /// `overflow` (the spool is full: writes are tracked as dirty regions), `protecting`,
-    /// `disconnected` (running, link down) or `stopped` (no agent running).
+    /// `disconnected` (running, link down), `paused` (the replica paused the group's ingest)
+    /// or `stopped` (no agent running): the part of `cause` before its `/`.
     pub state: String,
+    /// The named cause of `state` (README, "Causes").
+    pub cause: Cause,
+    /// Every cause that holds, `cause` first: also the link's when it is down while the
+    /// state is another, `paused/replica-disk-full`, and `rpo-breach`.
+    pub causes: Vec<Cause>,
     /// Share of the running sync or resync done, 0..=1.
     pub sync_progress: Option<f64>,
     /// Seconds the running sync or resync still needs at its rate so far (None before its
@@ -62,6 +74,9 @@ pub struct VolumeStatus {
     /// (0 when everything is); None while the volume is in its initial sync (not protected
     /// yet) or when the agent is stopped.
     pub rpo_lag_ms: Option<u64>,
+    /// The group's RPO target (`rpo_target` in `agent.toml`), milliseconds.
+    #[serde(default)]
+    pub rpo_target_ms: Option<u64>,
     /// Whether the group's latest sealed point is crash-consistent.
     pub consistent: Option<bool>,
     /// Why the replica paused ingest of the group (e.g. its disk is full), if it did.
@@ -91,21 +106,47 @@ pub fn collect(
         let gs = g.state();
         let lag_ms = g.lag_ms_at(&gs, now);
         let compare: Vec<_> = g.pending().compare.iter().copied().collect();
+        let paused = l.paused.get(&g.name).cloned();
+        let rpo_target_ms = g.rpo_target_ms();
         for v in &g.volumes {
             let dirty = gs.dirty_chunks.get(v.id as usize).copied().unwrap_or(0);
+            let dirty_cause = gs
+                .dirty_causes
+                .get(v.id as usize)
+                .copied()
+                .unwrap_or(Cause::ResyncingAfterCrash);
             let syncing = v.syncing.load(Ordering::Relaxed);
-            let resyncing = dirty > 0 || compare.contains(&v.id);
-            let state = if syncing {
-                "syncing"
+            let comparing = compare.contains(&v.id);
+            let resyncing = dirty > 0 || comparing;
+            let link_cause = l.cause.unwrap_or(Cause::DisconnectedLinkDown);
+            let cause = if syncing {
+                Cause::SyncingInitial
             } else if gs.overflow_since_ns.is_some() {
-                "overflow"
-            } else if resyncing {
-                "resyncing"
-            } else if l.connected {
-                "protecting"
+                Cause::OverflowSpoolFull
+            } else if dirty > 0 {
+                dirty_cause
+            } else if comparing {
+                Cause::ResyncingHashCompare
+            } else if !l.connected {
+                link_cause
+            } else if paused.is_some() {
+                Cause::PausedReplicaDiskFull
             } else {
-                "disconnected"
+                Cause::Protecting
             };
+            let breach = !syncing && lag_ms > rpo_target_ms;
+            let causes = cause::ordered(
+                cause,
+                [
+                    (dirty > 0 && cause.state() != "resyncing").then_some(dirty_cause),
+                    comparing.then_some(Cause::ResyncingHashCompare),
+                    (!l.connected).then_some(link_cause),
+                    paused.is_some().then_some(Cause::PausedReplicaDiskFull),
+                    breach.then_some(Cause::RpoBreach),
+                ]
+                .into_iter()
+                .flatten(),
+            );
             let total = v.sync_chunks_total.load(Ordering::Relaxed).max(1);
             let done = v.sync_chunks_done.load(Ordering::Relaxed).min(total);
             let progress = (syncing || resyncing).then(|| done as f64 / total as f64);
@@ -118,7 +159,9 @@ pub fn collect(
                 group: g.name.clone(),
                 device: devices(&v.name),
                 size: v.size,
-                state: state.to_owned(),
+                state: cause.state().to_owned(),
+                cause,
+                causes,
                 sync_progress: progress,
                 sync_eta_s: eta,
                 last_seq: Some(last),
@@ -131,8 +174,9 @@ pub fn collect(
                 resync_bytes_sent: Some(v.resync_bytes_sent.load(Ordering::Relaxed)),
                 // An initial sync has no point to lose writes from yet: not protected.
                 rpo_lag_ms: (!syncing).then_some(lag_ms),
+                rpo_target_ms: Some(rpo_target_ms),
                 consistent: Some(!gs.inconsistent),
-                replica_paused: l.paused.get(&g.name).cloned(),
+                replica_paused: paused.clone(),
             });
         }
     }
@@ -141,6 +185,7 @@ pub fn collect(
         replica: l.replica,
         link_connected: l.connected,
         link_error: l.last_error,
+        link_cause: (!l.connected).then(|| l.cause.unwrap_or(Cause::DisconnectedLinkDown)),
         volumes,
     }
 }
@@ -151,16 +196,21 @@ pub fn offline(data_dir: &Path, config: &AgentConfig) -> Result<AgentStatus> {
     for v in &config.volumes {
         let st = state::load_volume_state(data_dir, &v.name)?;
         let size = std::fs::metadata(&v.device).map(|m| m.len()).unwrap_or(0);
-        let state = match st.map(|s| s.state) {
-            Some(VolumeState::Protecting) => "stopped",
-            _ => "stopped (initial sync not complete)",
+        let cause = match st.map(|s| s.state) {
+            Some(VolumeState::Protecting) => Cause::StoppedNotRunning,
+            _ => Cause::StoppedSyncIncomplete,
         };
         volumes.push(VolumeStatus {
             name: v.name.clone(),
             group: v.group.clone(),
             device: v.device.display().to_string(),
             size,
-            state: state.to_owned(),
+            state: cause.state().to_owned(),
+            cause,
+            causes: vec![cause],
+            rpo_target_ms: Some(
+                u64::try_from(config.rpo_target(&v.group).as_millis()).unwrap_or(u64::MAX),
+            ),
             ..VolumeStatus::default()
         });
     }
@@ -169,6 +219,7 @@ pub fn offline(data_dir: &Path, config: &AgentConfig) -> Result<AgentStatus> {
         replica: config.replica.clone(),
         link_connected: false,
         link_error: None,
+        link_cause: None,
         volumes,
     })
 }
@@ -182,7 +233,8 @@ pub fn render(s: &AgentStatus) -> String {
         format!("connected to {}", s.replica)
     } else {
         format!(
-            "disconnected from {} ({})",
+            "{} from {} ({})",
+            s.link_cause.unwrap_or(Cause::DisconnectedLinkDown),
             s.replica,
             s.link_error.as_deref().unwrap_or("connecting")
         )
@@ -207,15 +259,21 @@ pub fn render(s: &AgentStatus) -> String {
     ];
     let mut paused = Vec::new();
     for v in &s.volumes {
+        // The causes name the state (`resyncing/overflow`), then what else holds.
+        let causes = v
+            .causes
+            .iter()
+            .map(|c| c.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
         let state = match (v.sync_progress, v.sync_eta_s) {
             (Some(p), Some(eta)) => format!(
-                "{} {:.0}% (ETA {})",
-                v.state,
+                "{causes} {:.0}% (ETA {})",
                 p * 100.0,
                 cdp_shared::units::format_duration(std::time::Duration::from_secs(eta))
             ),
-            (Some(p), None) => format!("{} {:.0}%", v.state, p * 100.0),
-            _ => v.state.clone(),
+            (Some(p), None) => format!("{causes} {:.0}%", p * 100.0),
+            _ => causes,
         };
         let spool = match (v.spool_batches, v.spool_bytes) {
             (Some(n), Some(b)) => format!("{n} batches, {}", cdp_shared::types::human_bytes(b)),

@@ -65,6 +65,11 @@ async fn a_failed_write_leaves_its_chunk_dirty_and_the_resync_sends_it() {
     assert!(failed.is_err(), "the device's error reaches the client");
     failing.store(false, Ordering::SeqCst);
     assert_eq!(group.dirty_total(), 1, "the failed write's chunk is dirty");
+    assert_eq!(
+        group.state().dirty_causes,
+        [cdp_shared::cause::Cause::ResyncingWriteError],
+        "status names the resync's cause"
+    );
     assert!(group.state().inconsistent, "points are not consistent now");
     let cdp_agent::pipeline::Cut {
         seq, consistent, ..

@@ -116,6 +116,7 @@ fn make_group(dir: &Path) -> Arc<Group> {
         spool_bytes_max: 1 << 40,
         al_capacity: 64,
         state_dir: dir.join("state"),
+        rpo_target: std::time::Duration::from_secs(30),
     };
     Group::new("g", volumes, spool, options, rec.last_seq, rec.last_hash)
         .expect("group")

@@ -12,8 +12,10 @@ pub type Result<T, E = ReplicaError> = std::result::Result<T, E>;
 
 /// A request the replica declines, with the one sentence that says why (to the operator or
 /// the agent): nothing was changed. Unlike a [`ReplicaError`], the replica itself is fine.
+/// `.1` names the refusal when the agent reports it apart (a fence: see
+/// [`cdp_shared::cause`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal(pub String);
+pub struct Refusal(pub String, pub Option<cdp_shared::cause::Cause>);
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -23,7 +25,7 @@ impl std::fmt::Display for Refusal {
 
 impl From<String> for Refusal {
     fn from(reason: String) -> Refusal {
-        Refusal(reason)
+        Refusal(reason, None)
     }
 }
 

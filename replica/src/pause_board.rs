@@ -50,6 +50,9 @@ pub struct Head {
     pub lag_ms: Option<u64>,
     /// When the replica received the report (its clock, UTC nanoseconds).
     pub at_ns: i64,
+    /// The group's RPO target as the agent has it configured (`None` from agents before it).
+    #[serde(default)]
+    pub rpo_target_ms: Option<u64>,
 }
 
 impl Head {
@@ -338,6 +341,7 @@ mod tests {
                     seq: i,
                     lag_ms: Some(0),
                     at_ns: 0,
+                    rpo_target_ms: Some(30_000),
                 };
                 (format!("h{i}"), head)
             })
@@ -359,6 +363,7 @@ mod tests {
             seq: 1,
             lag_ms,
             at_ns: 1_000_000_000,
+            rpo_target_ms: None,
         };
         assert_eq!(h(Some(0)).lag_ms_at(2_000_000_000), Some(0));
         assert_eq!(
@@ -381,6 +386,7 @@ mod tests {
                         seq: u64::MAX,
                         lag_ms: Some(u64::MAX),
                         at_ns: i64::MAX,
+                        rpo_target_ms: Some(u64::MAX),
                     },
                 )
             })
@@ -422,6 +428,7 @@ mod tests {
             seq: 9,
             lag_ms: Some(0),
             at_ns: 100,
+            rpo_target_ms: None,
         };
         board.set_head("g", head);
         assert!(read(&dir).expect("read").heads.is_empty());

@@ -53,7 +53,7 @@ use crate::agent_ports::{AgentPort, AgentPorts, Links};
 use crate::catalog::Catalog;
 use crate::clock::now_ns;
 use crate::datadir::read_agents;
-use crate::error::{ReplicaError, Result};
+use crate::error::{Refusal, ReplicaError, Result};
 use crate::hashes;
 use crate::ingest::{CONTROL_OUTBOX_MAX, IngestService};
 
@@ -69,12 +69,9 @@ const CONTROL_READ_BYTES: usize = 64 << 10;
 /// fence, see `failover`; ingest itself commits nothing of a failed-over group at once), and
 /// whether its agent is still authorized (`cdp-replica deauthorize`).
 pub const FENCE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
-/// The QUIC application close code of a connection closed because its agent was deauthorized
-/// (the reason, one sentence, goes with it).
-pub const CLOSE_DEAUTHORIZED: u32 = 3;
-/// The close code of a connection one of whose groups was forgotten (`forget`) after its
-/// Welcome.
-pub const CLOSE_FORGOTTEN: u32 = 4;
+/// The QUIC application close codes (the reason, one sentence, goes with them): its agent was
+/// deauthorized, one of its groups was failed over or forgotten (`forget`) after its Welcome.
+pub use cdp_shared::wire::{CLOSE_DEAUTHORIZED, CLOSE_FENCED, CLOSE_FORGOTTEN};
 /// Hash requests of one connection answered at once (each reads up to
 /// `HASHES_PER_MESSAGE_MAX` MiB of image), so that they never starve ingest.
 pub const HASH_REQUESTS_PER_CONNECTION_MAX: usize = 2;
@@ -257,12 +254,18 @@ async fn write_frame(
 
 /// Refuses the agent: `Refused { reason }` written and given [`REFUSAL_LINGER`] to be read.
 /// Returns how the connection ends (its error).
-async fn refuse(send: &mut quinn::SendStream, agent: &Fingerprint, reason: String) -> String {
+async fn refuse(
+    send: &mut quinn::SendStream,
+    agent: &Fingerprint,
+    refusal: impl Into<Refusal>,
+) -> String {
+    let Refusal(reason, cause) = refusal.into();
     tracing::warn!(%agent, "refused the agent: {reason}");
     if let Err(e) = write_frame(
         send,
         &Control::Refused {
             reason: reason.clone(),
+            cause,
         },
     )
     .await
@@ -362,13 +365,13 @@ async fn welcome(
         return Err(refuse(
             &mut send,
             agent,
-            "the first control message must be Hello".into(),
+            "the first control message must be Hello".to_owned(),
         )
         .await);
     };
     let welcomes = match shared.ingest.hello(agent, protocol, &groups).await {
         Ok(Ok(w)) => w,
-        Ok(Err(reason)) => return Err(refuse(&mut send, agent, reason.0).await),
+        Ok(Err(refusal)) => return Err(refuse(&mut send, agent, refusal).await),
         Err(e) => {
             tracing::error!(%agent, "could not admit the agent's groups: {e}");
             return Err(refuse(
@@ -474,9 +477,9 @@ async fn session(
                         let _ = outbox.send(reply).await;
                     });
                 }
-                Ok(Some(Control::Head { group, seq, lag_ms })) => {
+                Ok(Some(Control::Head { group, seq, lag_ms, rpo_target_ms })) => {
                     if announced.contains(&group) {
-                        shared.ingest.report_head(&group, seq, lag_ms);
+                        shared.ingest.report_head(&group, seq, lag_ms, rpo_target_ms);
                     }
                 }
                 Ok(Some(msg)) => route_answer(&port, &agent, msg),
@@ -528,7 +531,7 @@ async fn must_close(
     }
     if let Some(reason) = fenced(shared, group_ids).await {
         tracing::warn!(%agent, "closing the agent's connection: {reason}");
-        conn.close(2u32.into(), reason.as_bytes());
+        conn.close(CLOSE_FENCED.into(), reason.as_bytes());
         return Some(Err(format!("fenced: {reason}")));
     }
     None

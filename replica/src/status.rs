@@ -5,6 +5,7 @@
 //! until they are repaired), and whether the window is shorter than the group's retention
 //! although points were trimmed (`window_short`: the journal cap limits it).
 
+use cdp_shared::cause::{self, Cause};
 use cdp_shared::types::Seq;
 use std::path::Path;
 
@@ -20,6 +21,10 @@ use crate::pause_board;
 use crate::pins::live_pins;
 use crate::points::window;
 use crate::retention::{Retention, format_duration, format_size};
+
+/// The RPO target `rpo-breach` is judged against before the group's agent reported its own
+/// (the agent's default, `rpo_target` in `agent.toml`).
+pub const RPO_TARGET_DEFAULT_MS: u64 = 30_000;
 
 /// A point named in `status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -37,8 +42,13 @@ pub struct VolumeStatus {
     /// `paused` (`serve` runs but cannot commit the group's batches: see `ingest_reason`),
     /// `degraded` (the verifier found chunks that differ from the agent's: see `degraded`),
     /// `syncing` (initial sync pending or running), `protecting`, or `disconnected` (no agent
-    /// link is up, or `serve` is not running).
+    /// link is up, or `serve` is not running), or `failed over at seq N` (see `failover`).
     pub state: String,
+    /// The named cause of `state` (README, "Causes").
+    pub cause: Cause,
+    /// Every cause that holds, `cause` first: also `degraded/verify-mismatch`, the link's
+    /// when it is down while the state is another, `rpo-breach` and `history-short`.
+    pub causes: Vec<Cause>,
     /// The catalog's state: `new`, `syncing` or `protecting`.
     pub volume_state: String,
     /// Whether the agent link of the group is up.
@@ -61,6 +71,9 @@ pub struct VolumeStatus {
     /// is not protecting yet (initial sync), while failed over, or without a report since
     /// `serve` started.
     pub rpo_lag_ms: Option<u64>,
+    /// The group's RPO target as its agent last reported it (`rpo_target` in `agent.toml`),
+    /// milliseconds; null without a report.
+    pub rpo_target_ms: Option<u64>,
     /// The group's base: every batch up to it is in the target files.
     pub base_seq: Seq,
     /// The group's retention.
@@ -253,27 +266,56 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
                 ),
             }
         });
-        let state: String = if let Some(f) = &failover {
+        let link_cause = if serving {
+            Cause::DisconnectedLinkDown
+        } else {
+            Cause::DisconnectedNotServing
+        };
+        let cause = if let Some(f) = &failover {
             match f.state {
-                FailoverState::Active => format!("failed over at seq {}", f.seq),
-                FailoverState::Committing => format!("failed over at seq {} (committing)", f.seq),
-                FailoverState::Committed => format!("failed over at seq {} (committed)", f.seq),
+                FailoverState::Active => Cause::FailedOverActive,
+                FailoverState::Committing => Cause::FailedOverCommitting,
+                FailoverState::Committed => Cause::FailedOverCommitted,
             }
         } else if pause.is_some() {
-            "paused".to_owned()
+            Cause::PausedReplicaDiskFull
         } else if degraded.is_some() {
-            "degraded".to_owned()
+            Cause::DegradedVerifyMismatch
         } else if !connected {
-            "disconnected".to_owned()
+            link_cause
         } else if v.state == VolumeState::Protecting {
-            "protecting".to_owned()
+            Cause::Protecting
         } else {
-            "syncing".to_owned()
+            Cause::SyncingInitial
         };
+        let state: String = match (&failover, cause) {
+            (Some(f), Cause::FailedOverActive) => format!("failed over at seq {}", f.seq),
+            (Some(f), Cause::FailedOverCommitting) => {
+                format!("failed over at seq {} (committing)", f.seq)
+            }
+            (Some(f), _) => format!("failed over at seq {} (committed)", f.seq),
+            (None, c) => c.state().to_owned(),
+        };
+        let rpo_target_ms = head.and_then(|h| h.rpo_target_ms);
+        let breach =
+            rpo_lag_ms.is_some_and(|lag| lag > rpo_target_ms.unwrap_or(RPO_TARGET_DEFAULT_MS));
+        let causes = cause::ordered(
+            cause,
+            [
+                degraded.is_some().then_some(Cause::DegradedVerifyMismatch),
+                (!connected && failover.is_none()).then_some(link_cause),
+                breach.then_some(Cause::RpoBreach),
+                short.is_some().then_some(Cause::HistoryShort),
+            ]
+            .into_iter()
+            .flatten(),
+        );
         volumes.push(VolumeStatus {
             group: group.name.clone(),
             volume: v.name.clone(),
             state,
+            cause,
+            causes,
             volume_state: v.state.as_str().to_owned(),
             connected,
             size: v.size,
@@ -283,6 +325,7 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             head_seq: group.head_seq,
             agent_head_seq: head.map(|h| Seq(h.seq)),
             rpo_lag_ms,
+            rpo_target_ms,
             base_seq: group.base_seq,
             retention: RetentionStatus::from(&group.retention),
             pins: PinsStatus {

@@ -405,7 +405,7 @@ async fn a_failover_fences_the_agent_until_undone() {
     assert!(!ended.contains("no control message in time"), "{ended}");
     let (_q2, answer) = connect(&agent, &server, &sim).await;
     match answer {
-        Control::Refused { reason } => assert!(
+        Control::Refused { reason, .. } => assert!(
             reason.starts_with(&format!(
                 "volume fo-disk (group {GROUP}) is failed over on the replica at seq {s} since "
             )) && reason.contains("`cdp-replica failover --volume fo-disk --undo`"),

@@ -266,7 +266,7 @@ async fn refusals_in_the_handshake() {
         .await
         .expect("connect b");
     match agent_b.hello(vec![sim.hello()]).await.expect("reply") {
-        Control::Refused { reason } => {
+        Control::Refused { reason, .. } => {
             assert!(reason.contains("belongs to another agent"), "{reason}")
         }
         other => panic!("expected Refused, got {other:?}"),
@@ -285,7 +285,7 @@ async fn refusals_in_the_handshake() {
             .await
             .expect("send");
         match agent_b.next_control().await.expect("reply") {
-            Control::Refused { reason } => assert!(
+            Control::Refused { reason, .. } => assert!(
                 reason.contains(&format!(
                     "protocol version {}, not {old}",
                     cdp_shared::wire::PROTOCOL_VERSION

@@ -82,6 +82,12 @@ const CERT_FILE_MODE: u32 = 0o644;
 const IDENTITY_DIR_MODE: u32 = 0o700;
 
 /// Everything that can go wrong with identities and TLS configuration.
+/// Words of [`IdentityError::AgentNotAuthorized`]'s sentence, by which the agent tells the
+/// refusal apart: a TLS handshake's refusal reaches it as text only.
+pub const NOT_AUTHORIZED_MARK: &str = "is not authorized on this replica";
+/// Words of [`IdentityError::ReplicaMismatch`]'s sentence, likewise.
+pub const REPLICA_MISMATCH_MARK: &str = "but this agent is pinned to";
+
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error(
@@ -642,5 +648,29 @@ impl ServerCertVerifier for PinnedReplica {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent names a TLS refusal by these words of the sentences (see the marks).
+    #[test]
+    fn the_refusal_sentences_hold_their_marks() {
+        let fp = Fingerprint([7; 32]);
+        let refused = IdentityError::AgentNotAuthorized { presented: fp };
+        assert!(
+            refused.to_string().contains(NOT_AUTHORIZED_MARK),
+            "{refused}"
+        );
+        let mismatch = IdentityError::ReplicaMismatch {
+            expected: fp,
+            presented: Fingerprint([8; 32]),
+        };
+        assert!(
+            mismatch.to_string().contains(REPLICA_MISMATCH_MARK),
+            "{mismatch}"
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! I/O.
 
 pub mod batch;
+pub mod cause;
 pub mod fileio;
 pub mod identity;
 pub mod logging;

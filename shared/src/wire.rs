@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cause::Cause;
 use crate::types::{Seq, VolumeId};
 
 /// Version of this control protocol; a peer with another version is refused, with a sentence
@@ -19,6 +20,13 @@ use crate::types::{Seq, VolumeId};
 /// malformed frames), and a Nack that names no batch has `group: null` instead of `""`.
 /// 3: the agent sends [`Control::Head`] every [`HEAD_INTERVAL`].
 pub const PROTOCOL_VERSION: u32 = 3;
+/// The application close code of a connection the replica closed because its agent was
+/// deauthorized.
+pub const CLOSE_DEAUTHORIZED: u32 = 3;
+/// The close code of a connection closed because one of its groups was failed over.
+pub const CLOSE_FENCED: u32 = 2;
+/// The close code of a connection closed because one of its groups was forgotten.
+pub const CLOSE_FORGOTTEN: u32 = 4;
 /// Largest control frame body.
 pub const CONTROL_FRAME_BYTES_MAX: usize = 1 << 20;
 
@@ -121,8 +129,14 @@ pub enum Control {
         protocol: u32,
         groups: Vec<GroupWelcome>,
     },
-    /// The replica will not serve this agent; `reason` is one sentence for the operator.
-    Refused { reason: String },
+    /// The replica will not serve this agent; `reason` is one sentence for the operator, and
+    /// `cause` names the refusal when it is one the agent reports apart (a fence); absent from
+    /// replicas before it, so a `Refused` still decodes the same in every version.
+    Refused {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cause: Option<Cause>,
+    },
     /// Every batch of `group` up to and including `durable` is durable on the replica.
     Ack { group: String, durable: Seq },
     /// The batch `seq` of `group` was refused (it failed its checks); the agent sends it again.
@@ -171,6 +185,10 @@ pub enum Control {
         group: String,
         seq: Seq,
         lag_ms: Option<u64>,
+        /// The group's RPO target (`rpo_target` in `agent.toml`), so that the replica names
+        /// an `rpo-breach` against the same target.
+        #[serde(default)]
+        rpo_target_ms: Option<u64>,
     },
     /// Replica → agent (the verifier): the blake3 of chunk `chunk` of a volume as the device
     /// holds it at a batch boundary. `id` pairs the answer with the question.
@@ -297,6 +315,7 @@ mod tests {
                 group: "g".into(),
                 seq: Seq(5),
                 lag_ms: None,
+                rpo_target_ms: Some(30_000),
             },
             Control::Nack {
                 group: Some("g".into()),

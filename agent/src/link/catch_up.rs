@@ -651,6 +651,7 @@ mod tests {
             spool_bytes_max: 1 << 30,
             al_capacity: 64,
             state_dir: dir.path().join("state"),
+            rpo_target: std::time::Duration::from_secs(30),
         };
         let (g, _) = Group::new(
             "g",

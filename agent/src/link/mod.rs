@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use cdp_shared::cause::Cause;
 use cdp_shared::identity::{self, Fingerprint, Identity};
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::VolumeId;
@@ -53,6 +54,8 @@ pub struct LinkState {
     pub connected: bool,
     pub replica: String,
     pub last_error: Option<String>,
+    /// Why the link is down (a `disconnected/*` cause); `None` while it is up.
+    pub cause: Option<Cause>,
     pub since_ns: i64,
     /// Groups whose ingest the replica paused, with its reason (e.g. its disk is full).
     pub paused: BTreeMap<String, String>,
@@ -125,17 +128,79 @@ impl ReplicaLink {
     }
 }
 
-fn set_link(link: &SharedLink, connected: bool, error: Option<String>) {
+/// Records the link up (`error` `None`) or down, with why (`error` and its cause; a
+/// reconnect without a new error keeps the last ones).
+fn set_link(link: &SharedLink, connected: bool, error: Option<(String, Cause)>) {
     let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
     if l.connected != connected {
         l.since_ns = crate::clock::now_ns();
     }
     l.connected = connected;
-    if !connected {
+    if connected {
+        l.last_error = None;
+        l.cause = None;
+    } else {
         l.paused.clear();
+        if let Some((e, cause)) = error {
+            l.last_error = Some(e);
+            l.cause = Some(cause);
+        } else if l.cause.is_none() {
+            l.cause = Some(Cause::DisconnectedLinkDown);
+        }
     }
-    if error.is_some() || connected {
-        l.last_error = error;
+}
+
+/// The replica refused this agent in the handshake (its `Refused` message).
+#[derive(Debug, thiserror::Error)]
+#[error("the replica refused this agent: {reason}")]
+struct RefusedByReplica {
+    reason: String,
+    cause: Option<Cause>,
+}
+
+/// How the replica ended the connection, as context of the error that ended it (it reads as
+/// the replica's reason, which says more than "connection lost").
+#[derive(Debug)]
+struct CloseReason(quinn::ConnectionError);
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The named cause of a session's end (see [`cdp_shared::cause`]).
+fn link_cause(e: &anyhow::Error) -> Cause {
+    for c in e.chain() {
+        if let Some(r) = c.downcast_ref::<RefusedByReplica>() {
+            return r.cause.unwrap_or(Cause::DisconnectedRefused);
+        }
+    }
+    let close = e.downcast_ref::<CloseReason>().map(|c| &c.0).or_else(|| {
+        e.chain()
+            .find_map(|c| c.downcast_ref::<quinn::ConnectionError>())
+    });
+    if let Some(quinn::ConnectionError::ApplicationClosed(a)) = close {
+        let code = a.error_code.into_inner();
+        if code == u64::from(wire::CLOSE_DEAUTHORIZED) {
+            return Cause::DisconnectedUnauthorized;
+        }
+        if code == u64::from(wire::CLOSE_FENCED) {
+            return Cause::DisconnectedFencedByFailover;
+        }
+        if code == u64::from(wire::CLOSE_FORGOTTEN) {
+            return Cause::DisconnectedRefused;
+        }
+    }
+    // The TLS handshake's refusals travel as text only: the replica's verifier's sentence,
+    // or this agent's own when the replica is not the one it is pinned to.
+    let text = format!("{e:#}");
+    if text.contains(identity::NOT_AUTHORIZED_MARK) {
+        Cause::DisconnectedUnauthorized
+    } else if text.contains(identity::REPLICA_MISMATCH_MARK) {
+        Cause::DisconnectedReplicaMismatch
+    } else {
+        Cause::DisconnectedLinkDown
     }
 }
 
@@ -167,11 +232,14 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
         };
         drop(groups);
-        let msg = match result {
-            Ok(()) => "the replica closed the connection".to_owned(),
-            Err(e) => format!("{e:#}"),
+        let (msg, cause) = match result {
+            Ok(()) => (
+                "the replica closed the connection".to_owned(),
+                Cause::DisconnectedLinkDown,
+            ),
+            Err(e) => (format!("{e:#}"), link_cause(&e)),
         };
-        set_link(&link, false, Some(msg.clone()));
+        set_link(&link, false, Some((msg.clone(), cause)));
         if last_logged.as_ref() != Some(&msg) {
             tracing::warn!(replica = %config.replica, "link to the replica is down: {msg}; retrying");
             last_logged = Some(msg);
@@ -234,7 +302,7 @@ async fn session(
     match (result, reason) {
         // The replica's reason (e.g. "agent certificate ... is not authorized") says more than
         // "connection lost".
-        (Err(e), Some(reason)) => Err(e.context(format!("{reason}"))),
+        (Err(e), Some(reason)) => Err(e.context(CloseReason(reason))),
         (r, _) => r,
     }
 }
@@ -314,7 +382,7 @@ async fn handshake(
             "the replica speaks control protocol {protocol}, this agent {}",
             wire::PROTOCOL_VERSION
         ),
-        Control::Refused { reason } => bail!("the replica refused this agent: {reason}"),
+        Control::Refused { reason, cause } => Err(RefusedByReplica { reason, cause }.into()),
         other => bail!("unexpected first message from the replica: {other:?}"),
     }
 }
@@ -431,7 +499,7 @@ async fn serve_connection(
                 // Each group's head and lag, for the replica's status, in one write.
                 let frames: Vec<u8> = groups
                     .iter()
-                    .flat_map(|g| wire::encode(&Control::Head { group: g.name.clone(), seq: g.last_sealed(), lag_ms: g.rpo_lag_ms() }))
+                    .flat_map(|g| wire::encode(&Control::Head { group: g.name.clone(), seq: g.last_sealed(), lag_ms: g.rpo_lag_ms(), rpo_target_ms: Some(g.rpo_target_ms()) }))
                     .collect();
                 ctl_send.write_all(&frames).await.context("send the heads")?;
             }

@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use cdp_shared::batch::{self, RecordEncoder};
+use cdp_shared::cause::Cause;
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::{CHUNK_BYTES, Seq, VolumeId};
 use tokio::sync::{Notify, watch};
@@ -125,12 +126,17 @@ pub struct GroupOptions {
     pub al_capacity: usize,
     /// Where the activity logs (`<volume>.al.N`) and dirty maps (`<volume>.dirty`) live.
     pub state_dir: PathBuf,
+    /// The group's RPO target: a lag above it is an `rpo-breach`.
+    pub rpo_target: std::time::Duration,
 }
 
 struct VolState {
     lock: RangeLock,
     al: ActivityLog,
     dirty: DirtyMap,
+    /// Why `dirty` holds chunks: the first cause since it was last empty (a `resyncing/*`
+    /// cause; meaningless while it is empty).
+    dirty_cause: Cause,
     /// Whether `dirty` changed since it was last saved.
     dirty_changed: bool,
     /// The open epoch of this volume's writes, and the last one whose flush completed.
@@ -140,6 +146,16 @@ struct VolState {
     /// a volume before its `SyncBegin`, so client writes are not logged (they are on the
     /// device, and the sync reads every chunk after its `SyncBegin`).
     awaiting_sync: bool,
+}
+
+impl VolState {
+    /// Chunks are about to be marked dirty for `cause`: it becomes the map's cause if the
+    /// map is empty (a map keeps the first cause until its resync empties it).
+    fn note_dirty_cause(&mut self, cause: Cause) {
+        if self.dirty.count() == 0 {
+            self.dirty_cause = cause;
+        }
+    }
 }
 
 struct Inner {
@@ -176,8 +192,9 @@ impl Inner {
         self.vols.iter().map(|v| v.dirty.check()).sum()
     }
 
-    fn mark_dirty(&mut self, volume: VolumeId, first: u64, last: u64) {
+    fn mark_dirty(&mut self, volume: VolumeId, first: u64, last: u64, cause: Cause) {
         let v = &mut self.vols[volume as usize];
+        v.note_dirty_cause(cause);
         for c in first..=last {
             if v.dirty.set(c) {
                 v.dirty_changed = true;
@@ -203,6 +220,8 @@ pub struct Pending {
 pub struct GroupState {
     pub overflow_since_ns: Option<i64>,
     pub dirty_chunks: Vec<u64>,
+    /// Why each volume's dirty chunks are dirty (meaningful where its count is not 0).
+    pub dirty_causes: Vec<Cause>,
     pub inconsistent: bool,
     pub open_since_ns: Option<i64>,
 }
@@ -313,9 +332,9 @@ impl Place {
             logged = true;
         } else if let Recorded::Sync(_, chunk) = what {
             // A sync read that cannot be recorded now (overflow) is read again later.
-            inner.mark_dirty(self.volume, chunk, chunk);
+            inner.mark_dirty(self.volume, chunk, chunk, Cause::ResyncingOverflow);
         } else if let Some((first, last)) = self.write_chunks {
-            inner.mark_dirty(self.volume, first, last);
+            inner.mark_dirty(self.volume, first, last, Cause::ResyncingOverflow);
         }
         self.release(&mut inner);
         logged
@@ -341,7 +360,7 @@ impl Drop for Place {
             // A write that failed (or was dropped) may have reached part of the device: its
             // chunks are resynced.
             if let Some((first, last)) = self.write_chunks {
-                inner.mark_dirty(self.volume, first, last);
+                inner.mark_dirty(self.volume, first, last, Cause::ResyncingWriteError);
             }
             self.release(&mut inner);
         }
@@ -386,19 +405,22 @@ impl Group {
         for (i, v) in volumes.iter().enumerate() {
             assert_eq!(v.id as usize, i, "volume ids are dense indexes");
             let dirty_path = options.state_dir.join(format!("{}.dirty", v.name));
-            let mut dirty = match DirtyMap::load(&dirty_path, v.chunks()) {
-                Ok(m) => m,
+            // Chunks carried over from the last run (a clean stop with a resync still to
+            // do), unless the map was lost or the activity log names more (a crash).
+            let (mut dirty, mut dirty_cause) = match DirtyMap::load(&dirty_path, v.chunks()) {
+                Ok(m) => (m, Cause::ResyncingAfterRestart),
                 Err(e) => {
                     tracing::warn!(volume = %v.name, "{e}; the whole volume will be resynced");
                     let mut m = DirtyMap::new(v.chunks());
                     m.set_all();
-                    m
+                    (m, Cause::ResyncingAfterCrash)
                 }
             };
             let (mut al_file, al_chunks) = AlFile::open(&options.state_dir.join(&v.name))?;
             for c in al_chunks.iter().filter(|c| **c < v.chunks()) {
                 if dirty.set(*c) {
                     recovery.al_chunks += 1;
+                    dirty_cause = Cause::ResyncingAfterCrash;
                 }
             }
             // The paired assertion at load: the count that decides the resync follows the bits.
@@ -411,6 +433,7 @@ impl Group {
                 lock: RangeLock::new(),
                 al: ActivityLog::new(options.al_capacity, &[]),
                 dirty,
+                dirty_cause,
                 dirty_changed: false,
                 epoch: 1,
                 durable_epoch: 0,
@@ -492,6 +515,11 @@ impl Group {
         .unwrap_or(0)
     }
 
+    /// The group's RPO target in milliseconds.
+    pub fn rpo_target_ms(&self) -> u64 {
+        u64::try_from(self.options.rpo_target.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// The group's RPO lag now, for the replica ([`cdp_shared::wire::Control::Head`]): `None`
     /// while a volume of the group is in its initial sync (nothing to recover yet).
     pub fn rpo_lag_ms(&self) -> Option<u64> {
@@ -522,6 +550,7 @@ impl Group {
         GroupState {
             overflow_since_ns: inner.overflow_since,
             dirty_chunks: inner.vols.iter().map(|v| v.dirty.count()).collect(),
+            dirty_causes: inner.vols.iter().map(|v| v.dirty_cause).collect(),
             inconsistent: inner.inconsistent(),
             open_since_ns: inner.batcher.opened_ns(),
         }

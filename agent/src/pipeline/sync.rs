@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use cdp_shared::batch::{self, RECORD_FLAG_SYNC, RecordKind};
+use cdp_shared::cause::Cause;
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::{CHUNK_BYTES, Seq, VolumeId};
 
@@ -47,6 +48,8 @@ impl Group {
         for (i, vol) in self.volumes.iter().enumerate() {
             let v = &mut inner.vols[i];
             let before = v.dirty.recount();
+            // Batches the spool lost (a crash tore its files): their regions are resent.
+            v.note_dirty_cause(Cause::ResyncingAfterCrash);
             if lost.unknown_extents {
                 v.dirty.set_all();
             } else {

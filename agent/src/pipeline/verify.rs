@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use cdp_shared::cause::Cause;
 use cdp_shared::types::{CHUNK_BYTES, Seq, VolumeId};
 
 use super::Group;
@@ -107,7 +108,7 @@ impl Group {
         let seq = {
             let mut inner = self.lock();
             for c in chunks {
-                inner.mark_dirty(volume, *c, *c);
+                inner.mark_dirty(volume, *c, *c, Cause::ResyncingRepair);
             }
             inner.batcher.last_sealed()
         };

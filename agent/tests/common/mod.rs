@@ -31,6 +31,7 @@ pub fn group_over(dir: &Path, dev: Arc<dyn BlockDev>, age_max: Duration) -> Arc<
         spool_bytes_max: 1 << 40,
         al_capacity: 64,
         state_dir: dir.join("state"),
+        rpo_target: std::time::Duration::from_secs(30),
     };
     let (group, _) = Group::new(
         "g",

@@ -232,10 +232,18 @@ fn print_status(report: &StatusReport) {
         .to_vec(),
     ];
     for v in &report.volumes {
+        // The causes name the state (`paused/replica-disk-full`), then what else holds; a
+        // failover says its point.
+        let mut state: Vec<String> = v.causes.iter().map(|c| c.to_string()).collect();
+        if v.failover.is_some()
+            && let Some(first) = state.first_mut()
+        {
+            *first = format!("{first} ({})", v.state);
+        }
         rows.push(vec![
             v.group.clone(),
             v.volume.clone(),
-            v.state.clone(),
+            state.join(" "),
             cdp_shared::types::human_bytes(v.size),
             point(&v.window_first),
             point(&v.window_last),

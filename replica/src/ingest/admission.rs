@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use cdp_shared::cause::Cause;
 use cdp_shared::identity::Fingerprint;
 use cdp_shared::types::Seq;
 use cdp_shared::types::check_name;
@@ -13,7 +14,7 @@ use super::group::GroupMsg;
 use super::service::GroupSlot;
 use crate::catalog::EventLevel;
 use crate::clock::now_ns;
-use crate::error::{Decided, ReplicaError, Result};
+use crate::error::{Decided, Refusal, ReplicaError, Result};
 use crate::target::TargetFile;
 
 impl IngestService {
@@ -102,7 +103,10 @@ impl IngestService {
                         .iter()
                         .find(|k| k.id == f.volume_id)
                         .map_or("?", |k| k.name.as_str());
-                    return Ok(Err(f.refusal(&gh.name, volume).into()));
+                    return Ok(Err(Refusal(
+                        f.refusal(&gh.name, volume),
+                        Some(Cause::DisconnectedFencedByFailover),
+                    )));
                 }
                 for v in &gh.volumes {
                     if let Some(k) = known.iter().find(|k| k.agent_volume_id == v.id)

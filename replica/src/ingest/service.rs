@@ -138,13 +138,20 @@ impl IngestService {
     }
 
     /// Notes the head and RPO lag `group`'s agent reported (`Control::Head`), for `status`.
-    pub fn report_head(&self, group: &str, seq: Seq, lag_ms: Option<u64>) {
+    pub fn report_head(
+        &self,
+        group: &str,
+        seq: Seq,
+        lag_ms: Option<u64>,
+        rpo_target_ms: Option<u64>,
+    ) {
         self.inner.board.set_head(
             group,
             crate::pause_board::Head {
                 seq: seq.0,
                 lag_ms,
                 at_ns: now_ns(),
+                rpo_target_ms,
             },
         );
     }
