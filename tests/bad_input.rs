@@ -221,6 +221,11 @@ fn unauthorized_and_mispinned_agents_are_refused_and_nothing_crashes() {
             st["link_error"]
                 .as_str()
                 .is_some_and(|e| e.contains("not authorized"))
+                // Named as a cause too, on the link and on its volume.
+                && st["link_cause"] == "disconnected/unauthorized"
+                && st["volumes"][0]["causes"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|x| x == "disconnected/unauthorized"))
         },
     );
     let replica_log = c.replica.as_ref().expect("replica").log_text();
@@ -270,6 +275,7 @@ fn unauthorized_and_mispinned_agents_are_refused_and_nothing_crashes() {
             st["link_error"]
                 .as_str()
                 .is_some_and(|e| e.contains(&replica_fp) && e.contains("pinned"))
+                && st["link_cause"] == "disconnected/replica-mismatch"
         },
     );
 

@@ -51,6 +51,8 @@ fn a_full_replica_disk_pauses_ingest_and_recovers_by_itself() {
     let mut c = Cluster::with_replica_dir(Some(mnt.path().join("replica")));
     let dev = c.make_device("v.img", 24 * MIB, 4 * MIB, 5);
     c.protect("v", &dev, None);
+    // A tight RPO target: a pause that lasts breaches it, on both sides.
+    c.set_agent_config("rpo_target", "\"2s\"");
     c.start_replica();
     c.start_agent();
     c.wait_protecting("v", Duration::from_secs(120));
@@ -105,6 +107,29 @@ fn a_full_replica_disk_pauses_ingest_and_recovers_by_itself() {
     assert!(
         status.to_string().contains("paused"),
         "the replica's status says it is paused: {status}"
+    );
+    // Both sides name the pause, and then the RPO breach it causes (the lag grows past 2 s
+    // while the batches wait in the agent's spool).
+    assert_eq!(
+        status["volumes"][0]["cause"], "paused/replica-disk-full",
+        "{status}"
+    );
+    wait_until(
+        "both sides to name the pause and the RPO breach",
+        Duration::from_secs(60),
+        || {
+            let v = c.volume_status("v");
+            let r = c.replica_status();
+            let has = |causes: &serde_json::Value, name: &str| {
+                causes
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|x| x == name))
+            };
+            v["cause"] == "paused/replica-disk-full"
+                && has(&v["causes"], "rpo-breach")
+                && has(&r["volumes"][0]["causes"], "paused/replica-disk-full")
+                && has(&r["volumes"][0]["causes"], "rpo-breach")
+        },
     );
     let replica = c.replica.as_mut().expect("replica");
     assert!(

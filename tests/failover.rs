@@ -72,8 +72,12 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
         || {
             let st = c.agent_status();
             st.to_string().contains("failed over")
+                && st["link_cause"] == "disconnected/fenced-by-failover"
+                && st["volumes"][0]["cause"] == "disconnected/fenced-by-failover"
         },
     );
+    let rv = &c.replica_status()["volumes"][0];
+    assert_eq!(rv["cause"], "failed-over/active", "{rv}");
     // Client writes go on while the agent is fenced.
     write_random(&mut nbd, &mut rng, 40);
     assert_eq!(
@@ -169,8 +173,14 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
     wait_until(
         "the agent to be refused after the commit",
         Duration::from_secs(60),
-        || c.agent_status().to_string().contains("committed"),
+        || {
+            let st = c.agent_status();
+            st.to_string().contains("committed")
+                && st["link_cause"] == "disconnected/fenced-by-failover"
+        },
     );
+    let rv = &c.replica_status()["volumes"][0];
+    assert_eq!(rv["cause"], "failed-over/committed", "{rv}");
     write_random(&mut nbd, &mut rng, 5);
     assert_same_image(
         "the committed volume is not overwritten by the fenced agent",

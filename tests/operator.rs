@@ -109,6 +109,8 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
     c.protect("v", &dev, None);
     // A slow initial sync (about 8 s), so that status sees it under way.
     c.set_agent_config("sync_bytes_per_sec_max", "\"4MiB\"");
+    // A tight RPO target, so that the replica names the breach once the agent is gone.
+    c.set_agent_config("rpo_target", "\"2s\"");
     c.start_replica();
     c.start_agent();
     let mut seen = serde_json::Value::Null;
@@ -124,6 +126,13 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
         seen["rpo_lag_ms"].is_null(),
         "no RPO lag before the first point: {seen}"
     );
+    assert_eq!(seen["cause"], "syncing/initial", "{seen}");
+    assert_eq!(
+        seen["causes"],
+        serde_json::json!(["syncing/initial"]),
+        "{seen}"
+    );
+    assert_eq!(seen["rpo_target_ms"], 2000, "{seen}");
     let p = seen["sync_progress"].as_f64().expect("progress");
     assert!(p > 0.0 && p < 1.0, "{seen}");
     let text = run_ok(&mut c.agent_cmd(&["status"]));
@@ -133,6 +142,7 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
     );
     let rv = &c.replica_status()["volumes"][0];
     assert!(rv["rpo_lag_ms"].is_null(), "replica side, syncing: {rv}");
+    assert_eq!(rv["cause"], "syncing/initial", "replica side: {rv}");
     let text = run_ok(&mut c.replica_cmd(&["status"]));
     assert!(text.contains("not protected yet"), "{text}");
 
@@ -151,6 +161,7 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
     let v = c.volume_status("v");
     assert_eq!(v["rpo_lag_ms"], 0, "idle for 1.5 s: {v}");
     assert!(v["sync_eta_s"].is_null(), "{v}");
+    assert_eq!(v["causes"], serde_json::json!(["protecting/ok"]), "{v}");
 
     // The replica shows the lag the agent reports (every second, on the control stream).
     wait_until(
@@ -160,6 +171,8 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
     );
     let rv = c.replica_status()["volumes"][0].clone();
     assert_eq!(rv["agent_head_seq"], v["last_seq"], "{rv}");
+    assert_eq!(rv["causes"], serde_json::json!(["protecting/ok"]), "{rv}");
+    assert_eq!(rv["rpo_target_ms"], 2000, "the agent's target: {rv}");
     // An agent the replica no longer hears from may be writing: the lag grows with the
     // report's age.
     let agent = c.agent.as_mut().expect("agent");
@@ -173,4 +186,17 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
                 .is_some_and(|ms| ms > 2000)
         },
     );
+    // Past the 2 s target, with the link down (noticed within 2 s).
+    wait_until(
+        "the replica to name the link down and the RPO breach",
+        Duration::from_secs(30),
+        || {
+            c.replica_status()["volumes"][0]["causes"]
+                == serde_json::json!(["disconnected/link-down", "rpo-breach"])
+        },
+    );
+    let text = run_ok(&mut c.replica_cmd(&["status"]));
+    assert!(text.contains("disconnected/link-down rpo-breach"), "{text}");
+    let v = c.volume_status("v");
+    assert_eq!(v["cause"], "stopped/not-running", "the agent is gone: {v}");
 }

@@ -92,6 +92,27 @@ fn crash_unflushed_writes_are_resynced_in_the_same_run() {
             &model,
         );
 
+        if round == 0 {
+            // With the replica away too, the restarted agent's resync waits, and its status
+            // names why the chunks are dirty.
+            c.replica.as_mut().expect("replica").kill9();
+            c.start_agent();
+            wait_until(
+                "the agent to name the resync after the crash",
+                Duration::from_secs(60),
+                || {
+                    let v = c.volume_status("v");
+                    v["cause"] == "resyncing/after-crash"
+                        && v["causes"]
+                            == serde_json::json!([
+                                "resyncing/after-crash",
+                                "disconnected/link-down"
+                            ])
+                },
+            );
+            c.agent.as_mut().expect("agent").kill9();
+            c.start_replica();
+        }
         c.start_agent();
         c.wait_in_step("v", Duration::from_secs(120));
         let log = c.agent.as_ref().expect("agent").log_text();
@@ -271,6 +292,21 @@ fn spool_overflow_dirty_regions_are_resynced_and_the_group_is_consistent_again()
         nbd.flush().expect("flush during the overflow");
         let v = c.volume_status("v");
         assert_eq!(v["state"], "overflow", "round {round}: {v}");
+        // The overflow decides the state; its dirty regions are named too, and the link down
+        // once it is noticed (within 2 s of the kill).
+        assert_eq!(v["cause"], "overflow/spool-full", "round {round}: {v}");
+        wait_until(
+            "the agent to name the overflow, its dirty regions and the link down",
+            Duration::from_secs(30),
+            || {
+                c.volume_status("v")["causes"]
+                    == serde_json::json!([
+                        "overflow/spool-full",
+                        "resyncing/overflow",
+                        "disconnected/link-down"
+                    ])
+            },
+        );
         assert!(
             v["dirty_regions"].as_u64().unwrap_or(0) > 0,
             "round {round}: dirty regions are tracked: {v}"

@@ -780,6 +780,20 @@ async fn status_warns_when_the_journal_cap_shortens_the_window() {
         table.contains("volume web-disk: WINDOW SHORT: the window of volume web-disk spans"),
         "{table}"
     );
+    let v = json(&["status", "--data", d, "--json"])["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["volume"] == "web-disk")
+        .cloned()
+        .expect("the volume");
+    assert!(
+        v["causes"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c == "history-short")),
+        "the short window is a named cause: {v}"
+    );
+    assert!(table.contains("history-short"), "{table}");
     // Without a cap the window grows back; until it does, the warning says why it is short.
     ok(&[
         "retention",

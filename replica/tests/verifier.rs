@@ -539,6 +539,7 @@ async fn faults_are_found_reported_and_repaired() {
     let s = json(&["status", "--data", d, "--json"]);
     let sv = &s["volumes"][0];
     assert_eq!(sv["state"], "degraded");
+    assert_eq!(sv["cause"], "degraded/verify-mismatch", "{sv}");
     assert_eq!(sv["degraded"]["mismatches"], 4);
     assert!(
         sv["degraded"]["reason"]
