@@ -295,6 +295,11 @@ fn spool_overflow_dirty_regions_are_resynced_and_the_group_is_consistent_again()
         // The overflow decides the state; its dirty regions are named too, and the link down
         // once it is noticed (within 2 s of the kill).
         assert_eq!(v["cause"], "overflow/spool-full", "round {round}: {v}");
+        let rv = c.replica_status()["volumes"][0].clone();
+        assert_eq!(
+            rv["cause"], "disconnected/not-serving",
+            "round {round}: {rv}"
+        );
         wait_until(
             "the agent to name the overflow, its dirty regions and the link down",
             Duration::from_secs(30),
