@@ -18,7 +18,7 @@ const REPLICA: &[&[&str]] = &[
     &[
         "restore", "diff", "status", "hashes", "trimmer", "export", "agents",
     ],
-    &["failover"],
+    &["failover", "metrics"],
     &["forget", "ingest", "verifier"],
     &["server"],
     &["serve"],
@@ -40,7 +40,7 @@ const AGENT: &[&[&str]] = &[
     &["exports", "groups"],
     &["link"],
     &["maintenance", "status"],
-    &["control"],
+    &["control", "metrics"],
     &["run"],
 ];
 

@@ -71,6 +71,10 @@ pub struct AgentConfigFile {
     /// names the cause `rpo-breach`, on the agent and on the replica.
     #[serde(default = "default_rpo_target")]
     pub rpo_target: DurationValue,
+    /// Where `run` serves `/metrics` (`"127.0.0.1:9101"`); `--metrics` overrides it. Not
+    /// served when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Per-group settings (`[group.NAME]`), over the ones above.
     #[serde(default, rename = "group", skip_serializing_if = "BTreeMap::is_empty")]
     pub groups: BTreeMap<String, GroupConfigFile>,
@@ -165,6 +169,8 @@ pub struct AgentConfig {
     pub rpo_target: Duration,
     /// Groups' own RPO targets.
     pub group_rpo_targets: BTreeMap<String, Duration>,
+    /// Where `run` serves `/metrics`, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
     pub volumes: Vec<VolumeConfig>,
 }
 
@@ -181,6 +187,7 @@ impl AgentConfigFile {
             activity_log_chunks: default_al_chunks(),
             nbd_connections_max: default_nbd_connections_max(),
             rpo_target: default_rpo_target(),
+            metrics: None,
             groups: BTreeMap::new(),
             volumes: Vec::new(),
         }
@@ -260,6 +267,7 @@ impl AgentConfigFile {
             nbd_connections_max: self.nbd_connections_max,
             rpo_target,
             group_rpo_targets,
+            metrics: self.metrics,
             volumes: self.volumes.clone(),
         })
     }

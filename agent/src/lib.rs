@@ -18,6 +18,7 @@ pub mod fsutil;
 pub mod groups;
 pub mod link;
 pub mod maintenance;
+pub mod metrics;
 pub mod pipeline;
 pub mod range_lock;
 pub mod run;

@@ -77,6 +77,10 @@ enum Command {
         /// Serve NBD over TCP on this address instead of a Unix socket.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (over `metrics` in agent.toml;
+        /// bind a loopback address unless a firewall guards it).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
     },
     /// Seal a named consistent point in every group of the running agent.
     Bookmark {
@@ -172,7 +176,8 @@ async fn dispatch(command: Command) -> Result<()> {
             data,
             socket,
             listen,
-        } => run(&data, socket, listen).await,
+            metrics,
+        } => run(&data, socket, listen, metrics).await,
         Command::Bookmark { data, name, wait } => bookmark(&data, &name, wait).await,
         Command::Status { data, json } => show_status(&data, json).await,
         Command::Resync { data, volume } => resync(&data, volume).await,
@@ -265,7 +270,12 @@ async fn protect(data: &Path, volume: &str, device: &Path, group: Option<String>
     Ok(())
 }
 
-async fn run(data: &Path, socket: Option<PathBuf>, listen: Option<SocketAddr>) -> Result<()> {
+async fn run(
+    data: &Path,
+    socket: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+) -> Result<()> {
     let listen = match (socket, listen) {
         (_, Some(addr)) => Listen::Tcp(addr),
         (Some(path), None) => Listen::Unix(path),
@@ -274,6 +284,7 @@ async fn run(data: &Path, socket: Option<PathBuf>, listen: Option<SocketAddr>) -
     let agent = Agent::start(RunOptions {
         data_dir: data.to_owned(),
         listen,
+        metrics,
     })
     .await?;
     match &agent.nbd {

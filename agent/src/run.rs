@@ -67,6 +67,8 @@ pub enum Listen {
 pub struct RunOptions {
     pub data_dir: PathBuf,
     pub listen: Listen,
+    /// Where to serve `/metrics` (over `metrics` in `agent.toml`); none: not served.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// A running agent.
@@ -75,6 +77,8 @@ pub struct Agent {
     pub link: SharedLink,
     /// Where the NBD server actually listens (the bound port for TCP).
     pub nbd: Listen,
+    /// Where `/metrics` is served (the bound port), if it is.
+    pub metrics: Option<std::net::SocketAddr>,
     data_dir: PathBuf,
     nbd_shutdown: CancellationToken,
     shutdown: CancellationToken,
@@ -129,6 +133,15 @@ impl Agent {
                 data_dir.display()
             );
         }
+        // Bound before anything starts, so that a taken port stops `run` with a clear error.
+        let metrics_listener = match opts.metrics.or(config.metrics) {
+            Some(addr) => Some(
+                cdp_shared::metrics::bind(addr)
+                    .await
+                    .map_err(anyhow::Error::msg)?,
+            ),
+            None => None,
+        };
         mark_running(&data_dir)?;
         let groups = open_groups(&data_dir, &config)?;
 
@@ -173,11 +186,35 @@ impl Agent {
             };
             tasks.spawn(m.run(token));
         }
+        let metrics_addr = match metrics_listener {
+            Some((listener, addr)) => {
+                let handle = cdp_shared::metrics::recorder().map_err(anyhow::Error::msg)?;
+                crate::metrics::describe();
+                let (gs, l) = (group_set.clone(), link.clone());
+                let router = cdp_shared::metrics::router(handle, move || {
+                    let (gs, l) = (gs.clone(), l.clone());
+                    async move { crate::metrics::refresh(&gs.snapshot(), &l) }
+                });
+                tasks.spawn(cdp_shared::metrics::serve(
+                    listener,
+                    router,
+                    shutdown.clone(),
+                ));
+                tasks.spawn(crate::metrics::observe_lag(
+                    group_set.clone(),
+                    shutdown.clone(),
+                ));
+                tracing::info!("serving metrics on http://{addr}/metrics");
+                Some(addr)
+            }
+            None => None,
+        };
         // Volumes synced in an earlier run are not marked as syncing.
         Ok(Agent {
             groups: group_set,
             link,
             nbd,
+            metrics: metrics_addr,
             data_dir,
             nbd_shutdown,
             shutdown,

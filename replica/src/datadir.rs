@@ -147,6 +147,9 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 pub struct ConfigToml {
     /// UDP address `serve` listens on.
     pub listen: Option<String>,
+    /// TCP address `serve` serves `/metrics` on (`--http` overrides it); none: not served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
     /// The retention of groups created from now on.
     pub retention: RetentionToml,
     /// The background verifier.
@@ -216,6 +219,8 @@ pub struct RetentionToml {
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
     pub listen: SocketAddr,
+    /// Where `serve` serves `/metrics`, if anywhere.
+    pub http: Option<SocketAddr>,
     /// The retention of groups created from now on.
     pub retention: Retention,
     pub verifier: VerifierConfig,
@@ -236,6 +241,14 @@ impl ConfigToml {
                 "listen = {listen:?} is not an address like {LISTEN_DEFAULT} ({e})"
             ))
         })?;
+        let http = match self.http.as_deref() {
+            None => None,
+            Some(h) => Some(h.parse::<SocketAddr>().map_err(|e| {
+                invalid(format!(
+                    "http = {h:?} is not an address like 127.0.0.1:9102 ({e})"
+                ))
+            })?),
+        };
         let mut retention = Retention::default();
         if let Some(w) = &self.retention.window {
             retention.window =
@@ -277,6 +290,7 @@ impl ConfigToml {
         };
         Ok(ReplicaConfig {
             listen,
+            http,
             retention,
             verifier,
             journal_segment_bytes,

@@ -237,6 +237,7 @@ pub mod hashes;
 pub mod ingest;
 pub mod journal;
 pub mod lazy_image;
+pub mod metrics;
 pub mod overlay;
 pub mod pause_board;
 pub mod pins;
@@ -332,6 +333,12 @@ pub fn fingerprint(root: &Path) -> Result<Fingerprint> {
 pub fn configured_listen(root: &Path) -> Result<SocketAddr> {
     let dir = DataDir::existing(root)?;
     Ok(datadir::load_config(&dir)?.listen)
+}
+
+/// The address `serve` serves `/metrics` on by `replica.toml` (`http`), if any.
+pub fn configured_http(root: &Path) -> Result<Option<SocketAddr>> {
+    let dir = DataDir::existing(root)?;
+    Ok(datadir::load_config(&dir)?.http)
 }
 
 /// A change of a group's retention; `None` leaves that part as it is.

@@ -129,6 +129,10 @@ enum Command {
         /// UDP address to listen on (default: the one in replica.toml).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (over `http` in replica.toml;
+        /// bind a loopback address, or put a reverse proxy with authentication in front).
+        #[arg(long, value_name = "ADDR")]
+        http: Option<SocketAddr>,
     },
     /// Show every volume: state, size, window and journal size.
     Status {
@@ -364,7 +368,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             yes,
         } => admin::forget(data, volume, group, yes).await,
         Command::Agents { data, json } => admin::agents(data, json).await,
-        Command::Serve { data, listen } => serve::serve(data, listen).await,
+        Command::Serve { data, listen, http } => serve::serve(data, listen, http).await,
         Command::Status { data, json } => admin::status(data, json).await,
         Command::Points {
             data,

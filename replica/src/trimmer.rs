@@ -514,6 +514,8 @@ pub async fn run(mut t: Trimmer, token: CancellationToken) -> Result<()> {
         let outcome = match t.round().await {
             Ok(o) => {
                 t.disk_full_told = false;
+                metrics::counter!("cdp_replica_trimmer_runs_total", "group" => t.name.clone())
+                    .increment(1);
                 o
             }
             Err(e) if e.is_disk_full() => {

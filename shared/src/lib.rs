@@ -10,6 +10,7 @@ pub mod cause;
 pub mod fileio;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod nbd;
 pub mod point;
 pub mod pool;

@@ -13,6 +13,7 @@ have qemu-io  || need+=(qemu-utils)
 have qemu-img || need+=(qemu-utils)
 have qemu-storage-daemon || need+=(qemu-utils)   # the bench's replicating peer
 have fio      || need+=(fio)
+have promtool || need+=(prometheus)   # `promtool check metrics` on both endpoints
 have taskset  || need+=(util-linux)
 have mkfs.ext4 || need+=(e2fsprogs)
 have fusermount3 || need+=(fuse3)

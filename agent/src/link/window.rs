@@ -205,6 +205,10 @@ pub(super) fn send_window(
             .spool
             .get(seq)?
             .ok_or_else(|| anyhow!("batch {seq} of group {} is missing from the spool", g.name))?;
+        g.sent_batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        g.sent_bytes
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         sends.spawn(send_batch(conn.clone(), bytes));
     }
     Ok(())

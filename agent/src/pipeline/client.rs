@@ -87,6 +87,10 @@ impl Group {
                     .map_err(blocking_err)??
             };
             place.complete(Recorded::Write(&encoded, records));
+            group
+                .volume(volume)
+                .written_bytes
+                .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
             if fua {
                 group.flush_volume(volume).await
             } else {

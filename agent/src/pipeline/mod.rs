@@ -79,6 +79,8 @@ pub struct Volume {
     pub sync_started_ns: AtomicI64,
     /// Bytes of resync records pushed (dirty-chunk and hash-compare resyncs).
     pub resync_bytes_sent: AtomicU64,
+    /// Bytes the NBD clients wrote (writes, not zero-writes or trims) since the start.
+    pub written_bytes: AtomicU64,
     /// Set when a running initial sync must stop and start again from the beginning (the
     /// replica lost what it had received of it).
     pub restart_sync: AtomicBool,
@@ -96,6 +98,7 @@ impl Volume {
             syncing: AtomicBool::new(false),
             sync_started_ns: AtomicI64::new(0),
             resync_bytes_sent: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
             restart_sync: AtomicBool::new(false),
         }
     }
@@ -258,6 +261,9 @@ pub struct Group {
     pub wake: watch::Sender<u64>,
     /// Records pushed, for status.
     pub records_total: AtomicU64,
+    /// Batches and bytes handed to the link's streams (resends included), since the start.
+    pub sent_batches: AtomicU64,
+    pub sent_bytes: AtomicU64,
     pending: Mutex<Pending>,
 }
 
@@ -460,6 +466,8 @@ impl Group {
             acked,
             wake,
             records_total: AtomicU64::new(0),
+            sent_batches: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
         });
         Ok((group, recovery))
@@ -513,6 +521,11 @@ impl Group {
         .min()
         .map(|t| (now.saturating_sub(t).max(0) / 1_000_000) as u64)
         .unwrap_or(0)
+    }
+
+    /// The group's spool cap (bytes).
+    pub fn spool_bytes_max(&self) -> u64 {
+        self.options.spool_bytes_max
     }
 
     /// The group's RPO target in milliseconds.

@@ -91,6 +91,15 @@ struct Entry {
     written: bool,
 }
 
+/// What a spool appended and saw acknowledged since it was opened (for metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpoolTotals {
+    pub appended_batches: u64,
+    pub appended_bytes: u64,
+    pub acked_batches: u64,
+    pub acked_bytes: u64,
+}
+
 struct State {
     entries: BTreeMap<Seq, Entry>,
     /// Segment id (first seq) → bytes, in order.
@@ -98,6 +107,9 @@ struct State {
     cached_bytes: usize,
     /// Bytes of the batches held.
     held_bytes: u64,
+    /// Since the spool was opened: batches and bytes appended, and acknowledged (so that
+    /// `held_bytes` is what was found at the open plus the first less the second).
+    totals: SpoolTotals,
     acked: Seq,
     /// The newest acknowledged batch and its header hash, once acknowledged batches have been
     /// forgotten: the writer saves it in `trimmed` before it deletes their segments.
@@ -651,6 +663,7 @@ impl Spool {
                 segments,
                 cached_bytes: 0,
                 held_bytes,
+                totals: SpoolTotals::default(),
                 acked: trimmed_seq,
                 trim_to: None,
                 failed: None,
@@ -684,6 +697,8 @@ impl Spool {
             let mut st = self.lock();
             st.cached_bytes += batch.bytes.len();
             st.held_bytes += batch.bytes.len() as u64;
+            st.totals.appended_batches += 1;
+            st.totals.appended_bytes += batch.bytes.len() as u64;
             st.entries.insert(
                 batch.seq,
                 Entry {
@@ -750,12 +765,14 @@ impl Spool {
             let (mut freed_cached, mut freed_held) = (0, 0);
             for (_, e) in std::mem::replace(&mut st.entries, keep) {
                 freed_held += e.len;
+                st.totals.acked_batches += 1;
                 if let Some(b) = e.cached {
                     freed_cached += b.len();
                 }
             }
             st.cached_bytes -= freed_cached;
             st.held_bytes -= freed_held;
+            st.totals.acked_bytes += freed_held;
             st.acked = acked_seq;
             st.trim_to = Some((acked_seq, acked_hash));
             acked_seq
@@ -813,6 +830,11 @@ impl Spool {
     pub fn held(&self) -> (u64, u64) {
         let st = self.lock();
         (st.entries.len() as u64, st.held_bytes)
+    }
+
+    /// Batches and bytes appended and acknowledged since the spool was opened.
+    pub fn totals(&self) -> SpoolTotals {
+        self.lock().totals
     }
 
     /// Bytes held (not yet acknowledged).
@@ -1049,6 +1071,17 @@ mod tests {
             assert_eq!(
                 spool.held(),
                 ((20 - acked) as u64, lens[acked..].iter().sum()),
+                "after an ack of seq {seq}"
+            );
+            // The metrics' totals, recomputed: appended less acknowledged is what is held.
+            let t = spool.totals();
+            assert_eq!(
+                (t.appended_batches, t.appended_bytes),
+                (20, lens.iter().sum())
+            );
+            assert_eq!(
+                (t.acked_batches, t.acked_bytes),
+                (acked as u64, lens[..acked].iter().sum()),
                 "after an ack of seq {seq}"
             );
         }

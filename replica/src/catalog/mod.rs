@@ -47,7 +47,9 @@ pub use journal_index::{CommitRows, PointsFilter};
 pub use pins::{NewPin, PinRow};
 pub use trim::TrimDone;
 pub(crate) use trim::TrimReads;
-pub use verifier::{MismatchRow, NewVerifyResult, RepairRow, RunRow, VerifyCounts, VerifyOutcome};
+pub use verifier::{
+    COVERAGE_PERIOD, MismatchRow, NewVerifyResult, RepairRow, RunRow, VerifyCounts, VerifyOutcome,
+};
 
 /// The migrations this build applies (and requires of a catalog it opens).
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

@@ -17,6 +17,9 @@ pub enum VerifyOutcome {
     Timeout,
 }
 
+/// The period of a volume's verification coverage: the share of its chunks compared in it.
+pub const COVERAGE_PERIOD: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 impl VerifyOutcome {
     pub fn as_str(self) -> &'static str {
         match self {

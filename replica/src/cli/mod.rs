@@ -15,4 +15,13 @@ pub(crate) enum CliError {
     Replica(#[from] ReplicaError),
     #[error("{0}")]
     Usage(String),
+    /// A failure outside the library (the HTTP listener), one sentence.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    pub(crate) fn msg(reason: String) -> CliError {
+        CliError::Failed(reason)
+    }
 }

@@ -6,10 +6,27 @@ use std::path::PathBuf;
 
 use super::CliError;
 
-pub(crate) async fn serve(data: PathBuf, listen: Option<SocketAddr>) -> Result<(), CliError> {
+pub(crate) async fn serve(
+    data: PathBuf,
+    listen: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+) -> Result<(), CliError> {
     let listen = match listen {
         Some(l) => l,
         None => cdp_replica::configured_listen(&data)?,
+    };
+    let http = match http {
+        Some(h) => Some(h),
+        None => cdp_replica::configured_http(&data)?,
+    };
+    // Bound first, so that a taken port stops `serve` before it starts anything.
+    let http_listener = match http {
+        Some(addr) => Some(
+            cdp_shared::metrics::bind(addr)
+                .await
+                .map_err(CliError::msg)?,
+        ),
+        None => None,
     };
     let handle = cdp_replica::Server::start(&data, listen).await?;
     cdp_shared::outln!(
@@ -18,6 +35,17 @@ pub(crate) async fn serve(data: PathBuf, listen: Option<SocketAddr>) -> Result<(
         handle.fingerprint()
     );
     let token = handle.token();
+    if let Some((listener, addr)) = http_listener {
+        let recorder = cdp_shared::metrics::recorder().map_err(CliError::msg)?;
+        cdp_replica::metrics::describe();
+        let root = data.clone();
+        let router = cdp_shared::metrics::router(recorder, move || {
+            let root = root.clone();
+            async move { cdp_replica::metrics::refresh(&root).await }
+        });
+        tokio::spawn(cdp_shared::metrics::serve(listener, router, token.clone()));
+        cdp_shared::outln!("metrics on http://{addr}/metrics");
+    }
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("stopping");

@@ -463,6 +463,11 @@ impl GroupIngest {
             }
             Err(e) => return Err(e),
         };
+        let bytes: usize = chosen.iter().map(|(r, _)| r.batch.bytes().len()).sum();
+        metrics::counter!("cdp_replica_ingested_batches_total", "group" => self.name.clone())
+            .increment(chosen.len() as u64);
+        metrics::counter!("cdp_replica_ingested_bytes_total", "group" => self.name.clone())
+            .increment(bytes as u64);
         self.advance_and_ack(rows, &chosen, out).await?;
         Ok(true)
     }

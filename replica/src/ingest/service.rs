@@ -145,6 +145,7 @@ impl IngestService {
         lag_ms: Option<u64>,
         rpo_target_ms: Option<u64>,
     ) {
+        crate::metrics::observe_lag(group, lag_ms);
         self.inner.board.set_head(
             group,
             crate::pause_board::Head {

@@ -194,6 +194,12 @@ async fn record(
             run_id,
         })
         .await?;
+    metrics::counter!(
+        "cdp_replica_verify_checks_total",
+        "volume" => t.volume.name.clone(),
+        "outcome" => check.outcome.as_str()
+    )
+    .increment(1);
     match check.outcome {
         VerifyOutcome::Mismatch => {}
         VerifyOutcome::Skipped | VerifyOutcome::Timeout => {

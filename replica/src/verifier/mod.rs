@@ -177,8 +177,8 @@ pub const RESULTS_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const RESULTS_PER_VOLUME_MAX: u64 = 1_000_000;
 /// How often old results are deleted.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
-/// The period of `coverage`.
-pub const COVERAGE_PERIOD: Duration = Duration::from_secs(24 * 3600);
+/// The period of `coverage` (kept with the verifier's tables, where metrics read it too).
+pub use crate::catalog::COVERAGE_PERIOD;
 /// The holder name of the verifier's pins.
 pub const PIN_HOLDER: &str = "verifier";
 

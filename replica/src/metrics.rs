@@ -1,0 +1,221 @@
+//! `cdp-replica serve --http ADDR` (or `http = "ADDR"` in `replica.toml`): `/metrics` in the
+//! Prometheus text format (see [`cdp_shared::metrics`]). Each scrape brings the gauges up to
+//! date from what `status` shows ([`crate::status::status`]) and the verifier's coverage; the
+//! counters are kept where things happen (ingest commits, trimmer rounds, verifier checks)
+//! and are no-ops in a process that serves no metrics. Each agent head report goes into the
+//! RPO lag histogram ([`observe_lag`]).
+//!
+//! Labels: `group`, and `volume` on what is per volume; `cause` on the cause gauges, which
+//! hold 1 for every cause that holds and 0 for the others.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cdp_shared::cause::Cause;
+use cdp_shared::metrics::seconds_of_ms;
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+
+use crate::catalog::{Catalog, OpenMode};
+use crate::clock::now_ns;
+use crate::datadir::DataDir;
+use crate::error::Result;
+
+/// HELP and TYPE of every metric (before the first scrape).
+pub fn describe() {
+    describe_gauge!(
+        "cdp_replica_volume_cause",
+        "1 for every named cause that holds for the volume (README, Causes), 0 for the others."
+    );
+    describe_gauge!(
+        "cdp_replica_connected",
+        "1 while the group's agent link is up, else 0."
+    );
+    describe_gauge!(
+        "cdp_replica_rpo_lag_seconds",
+        Unit::Seconds,
+        "RPO lag as the replica vouches for it: the agent's reported lag plus the report's age (NaN during the initial sync or without a report)."
+    );
+    describe_histogram!(
+        "cdp_replica_rpo_lag_observed_seconds",
+        Unit::Seconds,
+        "The RPO lag each agent head report (every second) gives for the group."
+    );
+    describe_gauge!(
+        "cdp_replica_rpo_target_seconds",
+        Unit::Seconds,
+        "The group's RPO target as its agent reports it (30 before a report)."
+    );
+    describe_gauge!(
+        "cdp_replica_volume_size_bytes",
+        Unit::Bytes,
+        "Size of the volume."
+    );
+    describe_gauge!(
+        "cdp_replica_head_seq",
+        "The group's last durable batch seq."
+    );
+    describe_gauge!(
+        "cdp_replica_journal_bytes",
+        Unit::Bytes,
+        "Bytes of the group's batches in journal segments."
+    );
+    describe_gauge!(
+        "cdp_replica_journal_cap_bytes",
+        Unit::Bytes,
+        "The group's journal cap (NaN: none)."
+    );
+    describe_gauge!(
+        "cdp_replica_retention_seconds",
+        Unit::Seconds,
+        "The group's configured window."
+    );
+    describe_gauge!(
+        "cdp_replica_window_first_timestamp_seconds",
+        Unit::Seconds,
+        "Agent time of the window's first point (Unix seconds; NaN before the initial sync ends)."
+    );
+    describe_gauge!(
+        "cdp_replica_window_last_timestamp_seconds",
+        Unit::Seconds,
+        "Agent time of the window's last point (Unix seconds; NaN before the initial sync ends)."
+    );
+    describe_gauge!(
+        "cdp_replica_window_seconds",
+        Unit::Seconds,
+        "Agent time from the window's first point to its last (0 before the initial sync ends)."
+    );
+    describe_gauge!(
+        "cdp_replica_pins",
+        "Live pins (readers holding points) of the group."
+    );
+    describe_gauge!(
+        "cdp_replica_paused",
+        "1 while ingest of the group is paused (its disk is full), else 0."
+    );
+    describe_gauge!(
+        "cdp_replica_verify_open_mismatches",
+        "Chunks the verifier found different and that are not repaired yet."
+    );
+    describe_gauge!(
+        "cdp_replica_verify_coverage_ratio",
+        "Share of the volume's chunks the verifier compared in the last 24 hours."
+    );
+    describe_gauge!(
+        "cdp_replica_verify_last_full_pass_timestamp_seconds",
+        Unit::Seconds,
+        "When the volume's last full verify pass ended (Unix seconds; NaN: never)."
+    );
+    describe_counter!(
+        "cdp_replica_verify_checks_total",
+        "Verifier checks of the volume since serve started, by outcome (match, mismatch, skipped, timeout)."
+    );
+    describe_counter!(
+        "cdp_replica_ingested_batches_total",
+        "Batches of the group committed since serve started."
+    );
+    describe_counter!(
+        "cdp_replica_ingested_bytes_total",
+        Unit::Bytes,
+        "Bytes of the group's batches committed since serve started."
+    );
+    describe_counter!(
+        "cdp_replica_trimmer_runs_total",
+        "Trimmer rounds of the group since serve started."
+    );
+}
+
+/// Records an agent's head report's RPO lag into the histogram.
+pub fn observe_lag(group: &str, lag_ms: Option<u64>) {
+    if let Some(ms) = lag_ms {
+        histogram!("cdp_replica_rpo_lag_observed_seconds", "group" => group.to_owned())
+            .record(seconds_of_ms(ms));
+    }
+}
+
+fn unix_seconds(t: &chrono::DateTime<chrono::Utc>) -> f64 {
+    t.timestamp_millis() as f64 / 1000.0
+}
+
+/// Brings every gauge up to date from the data directory `root` (per scrape). An error is
+/// logged and leaves the last values (the scrape still answers).
+pub async fn refresh(root: &Path) {
+    match tokio::time::timeout(REFRESH_TIMEOUT, try_refresh(root)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("could not bring the metrics up to date: {e}"),
+        Err(_) => tracing::warn!(
+            "bringing the metrics up to date took more than {REFRESH_TIMEOUT:?}; the scrape gets the last values"
+        ),
+    }
+}
+
+async fn try_refresh(root: &Path) -> Result<()> {
+    let report = crate::status::status(root).await?;
+    for v in &report.volumes {
+        let labels = [("group", v.group.clone()), ("volume", v.volume.clone())];
+        let group = [("group", v.group.clone())];
+        for &c in Cause::ALL {
+            let on = v.causes.contains(&c);
+            let mut l = labels.to_vec();
+            l.push(("cause", c.as_str().to_owned()));
+            gauge!("cdp_replica_volume_cause", &l).set(f64::from(u8::from(on)));
+        }
+        gauge!("cdp_replica_connected", &group).set(f64::from(u8::from(v.connected)));
+        gauge!("cdp_replica_rpo_lag_seconds", &labels)
+            .set(v.rpo_lag_ms.map_or(f64::NAN, seconds_of_ms));
+        gauge!("cdp_replica_rpo_target_seconds", &group).set(seconds_of_ms(
+            v.rpo_target_ms
+                .unwrap_or(crate::status::RPO_TARGET_DEFAULT_MS),
+        ));
+        gauge!("cdp_replica_volume_size_bytes", &labels).set(v.size as f64);
+        gauge!("cdp_replica_head_seq", &group).set(v.head_seq.0 as f64);
+        gauge!("cdp_replica_journal_bytes", &group).set(v.journal_bytes as f64);
+        gauge!("cdp_replica_journal_cap_bytes", &group)
+            .set(v.retention.max_journal_bytes.map_or(f64::NAN, |b| b as f64));
+        gauge!("cdp_replica_retention_seconds", &group).set(v.retention.window_s as f64);
+        let first = v.window_first.as_ref().map(|p| unix_seconds(&p.time));
+        let last = v.window_last.as_ref().map(|p| unix_seconds(&p.time));
+        gauge!("cdp_replica_window_first_timestamp_seconds", &labels)
+            .set(first.unwrap_or(f64::NAN));
+        gauge!("cdp_replica_window_last_timestamp_seconds", &labels).set(last.unwrap_or(f64::NAN));
+        gauge!("cdp_replica_window_seconds", &labels).set(match (first, last) {
+            (Some(f), Some(l)) => (l - f).max(0.0),
+            _ => 0.0,
+        });
+        gauge!("cdp_replica_pins", &group).set(v.pins.count as f64);
+        gauge!("cdp_replica_paused", &group).set(f64::from(u8::from(v.ingest_reason.is_some())));
+        gauge!("cdp_replica_verify_open_mismatches", &labels)
+            .set(v.degraded.as_ref().map_or(0, |d| d.mismatches) as f64);
+    }
+    // The verifier's coverage, as `verify report` reckons it.
+    let dir = DataDir::existing(root)?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
+    let result = async {
+        let period = i64::try_from(crate::catalog::COVERAGE_PERIOD.as_nanos()).unwrap_or(i64::MAX);
+        for v in catalog.volumes().await? {
+            let g = catalog.group_by_id(v.group_id).await?;
+            let labels = [("group", g.name.clone()), ("volume", v.name.clone())];
+            let chunks = v.size.div_ceil(cdp_shared::types::CHUNK_BYTES);
+            let covered = catalog
+                .chunks_compared_since(v.id, now_ns().saturating_sub(period))
+                .await?;
+            gauge!("cdp_replica_verify_coverage_ratio", &labels).set(if chunks == 0 {
+                0.0
+            } else {
+                covered as f64 / chunks as f64
+            });
+            let full = catalog.last_full_pass(v.id).await?;
+            gauge!(
+                "cdp_replica_verify_last_full_pass_timestamp_seconds",
+                &labels
+            )
+            .set(full.map_or(f64::NAN, |ns| ns as f64 / 1e9));
+        }
+        Ok::<_, crate::error::ReplicaError>(())
+    }
+    .await;
+    catalog.close().await;
+    result
+}
+
+/// How long a scrape waits for the catalog at most before it answers with the last values.
+pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
