@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build release deps test lint demo bench soak clean
+.PHONY: all build release deps test lint demo bench soak clean install install-files
 
 all: build
 
@@ -40,6 +40,44 @@ bench: deps release
 # Longer runs of the randomized and fault tests (counts raised).
 soak: deps release
 	CDP_TEST_DEADLINE_S=14400 CDP_VERIFY_SECS=600 CDP_ORACLE_OPS=20000 CDP_REPLICA_KILLS=200 CDP_AGENT_KILLS=200 CDP_UNSPOOLED_KILLS=50 CDP_CRASH_ROUNDS=100 CDP_REPAIR_ROUNDS=100 CDP_OVERFLOW_ROUNDS=100 $(CARGO) test --workspace --release --locked -- --test-threads=1
+
+# Installs the binaries, the systemd units, the example configurations, the man pages and
+# the shell completions under $(DESTDIR)$(PREFIX) (packagers set DESTDIR; the units' ExecStart
+# points at $(PREFIX)/bin). The man pages and completions come from the binaries themselves.
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+MANDIR ?= $(PREFIX)/share/man
+DOCDIR ?= $(PREFIX)/share/doc/cdp
+GENERATED := target/generated
+install: release install-files
+
+# What `install` copies, from binaries already built (the packaging test runs it).
+install-files:
+	rm -rf $(GENERATED)
+	target/release/cdp-agent generate --out $(GENERATED)
+	target/release/cdp-replica generate --out $(GENERATED)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(MANDIR)/man1 \
+		$(DESTDIR)$(DOCDIR)/examples \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions \
+		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+	install -m 0755 target/release/cdp-agent target/release/cdp-replica $(DESTDIR)$(BINDIR)/
+	for u in cdp-agent cdp-replica; do \
+		sed 's#^ExecStart=/usr/bin/#ExecStart=$(BINDIR)/#' packaging/systemd/$$u.service \
+			> $(DESTDIR)$(UNITDIR)/$$u.service && chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.service; \
+	done
+	install -m 0644 packaging/examples/agent.toml packaging/examples/replica.toml \
+		$(DESTDIR)$(DOCDIR)/examples/
+	install -m 0644 $(GENERATED)/man/man1/*.1 $(DESTDIR)$(MANDIR)/man1/
+	for b in cdp-agent cdp-replica; do \
+		install -m 0644 $(GENERATED)/completions/$$b.bash \
+			$(DESTDIR)$(PREFIX)/share/bash-completion/completions/$$b && \
+		install -m 0644 $(GENERATED)/completions/_$$b $(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/ && \
+		install -m 0644 $(GENERATED)/completions/$$b.fish \
+			$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/; \
+	done
 
 clean:
 	$(CARGO) clean

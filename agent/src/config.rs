@@ -501,6 +501,44 @@ id = 0
         assert_eq!(c.batch_age_max, Duration::from_secs(90));
     }
 
+    /// The example file with every commented key (and table header) uncommented.
+    fn uncommented(text: &str) -> String {
+        text.lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with('[')
+                        || rest.split_once(" = ").is_some_and(|(k, _)| {
+                            !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        }) =>
+                {
+                    rest.to_owned()
+                }
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The example `agent.toml` that `make install` installs is valid as it is and with
+    /// every key uncommented (so its keys and values are ones the agent takes).
+    #[test]
+    fn the_example_file_is_valid_with_and_without_its_comments() {
+        let text = fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../packaging/examples/agent.toml"
+        ))
+        .expect("read the example");
+        let all = uncommented(&text);
+        assert!(
+            all.contains("\nrpo_target = ") && all.contains("\n[[volume]]"),
+            "{all}"
+        );
+        for t in [text.clone(), all] {
+            let f: AgentConfigFile = toml::from_str(&t).unwrap_or_else(|e| panic!("{e}\n{t}"));
+            f.validate().unwrap_or_else(|e| panic!("{e}\n{t}"));
+        }
+    }
+
     #[test]
     fn rpo_targets_default_to_30s_and_a_group_can_have_its_own() {
         let base = "replica = \"h:1\"\nreplica_fingerprint = \"x\"\n";

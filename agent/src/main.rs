@@ -14,11 +14,11 @@ use cdp_agent::state;
 use cdp_agent::status;
 use cdp_shared::identity::{Fingerprint, Identity};
 use cdp_shared::types::check_name;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// cdp-agent: protects block devices by recording every write and shipping it to a replica.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(name = "cdp-agent", version, about)]
 struct Cli {
     /// Log lines as text (the default) or as JSON objects, one per line (on standard error).
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -81,6 +81,12 @@ enum Command {
         /// bind a loopback address unless a firewall guards it).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<SocketAddr>,
+    },
+    /// Write the man pages and shell completions into DIR (what `make install` installs).
+    #[command(hide = true)]
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Seal a named consistent point in every group of the running agent.
     Bookmark {
@@ -178,6 +184,8 @@ async fn dispatch(command: Command) -> Result<()> {
             listen,
             metrics,
         } => run(&data, socket, listen, metrics).await,
+        Command::Generate { out } => cdp_shared::packaging::generate(Cli::command(), &out)
+            .with_context(|| format!("write the man pages and completions into {}", out.display())),
         Command::Bookmark { data, name, wait } => bookmark(&data, &name, wait).await,
         Command::Status { data, json } => show_status(&data, json).await,
         Command::Resync { data, volume } => resync(&data, volume).await,
@@ -310,11 +318,14 @@ async fn run(
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install the SIGTERM handler")?;
+    // Serving, with the signals caught: ready for systemd (`Type=notify`).
+    cdp_shared::notify::ready("serving NBD; shipping to the replica");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
     tracing::info!("stopping");
+    cdp_shared::notify::stopping();
     agent.stop().await
 }
 

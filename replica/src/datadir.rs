@@ -431,6 +431,45 @@ impl ServeLock {
 mod tests {
     use super::*;
 
+    /// The example file with every commented key (and table header) uncommented.
+    fn uncommented(text: &str) -> String {
+        text.lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with('[')
+                        || rest.split_once(" = ").is_some_and(|(k, _)| {
+                            !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        }) =>
+                {
+                    rest.to_owned()
+                }
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The example `replica.toml` that `make install` installs is valid as it is and with
+    /// every key uncommented.
+    #[test]
+    fn the_example_file_is_valid_with_and_without_its_comments() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../packaging/examples/replica.toml"
+        ));
+        let text = fs::read_to_string(path).expect("read the example");
+        let all = uncommented(&text);
+        assert!(
+            all.contains("\nhttp = ") && all.contains("\nauto_repair = "),
+            "{all}"
+        );
+        for t in [text.clone(), all] {
+            let c: ConfigToml = toml::from_str(&t).unwrap_or_else(|e| panic!("{e}\n{t}"));
+            c.parse_and_validate(path)
+                .unwrap_or_else(|e| panic!("{e}\n{t}"));
+        }
+    }
+
     #[test]
     fn config_defaults_and_validation() {
         let p = Path::new("/x/replica.toml");

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::cli::{CliError, admin, recover, serve, verify};
 
@@ -133,6 +133,12 @@ enum Command {
         /// bind a loopback address, or put a reverse proxy with authentication in front).
         #[arg(long, value_name = "ADDR")]
         http: Option<SocketAddr>,
+    },
+    /// Write the man pages and shell completions into DIR (what `make install` installs).
+    #[command(hide = true)]
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Show every volume: state, size, window and journal size.
     Status {
@@ -370,6 +376,14 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Agents { data, json } => admin::agents(data, json).await,
         Command::Serve { data, listen, http } => serve::serve(data, listen, http).await,
         Command::Status { data, json } => admin::status(data, json).await,
+        Command::Generate { out } => {
+            cdp_shared::packaging::generate(Cli::command(), &out).map_err(|e| {
+                CliError::msg(format!(
+                    "could not write the man pages and completions into {}: {e}",
+                    out.display()
+                ))
+            })
+        }
         Command::Points {
             data,
             volume,

@@ -12,6 +12,8 @@ pub mod identity;
 pub mod logging;
 pub mod metrics;
 pub mod nbd;
+pub mod notify;
+pub mod packaging;
 pub mod point;
 pub mod pool;
 pub mod stdout;

@@ -46,11 +46,15 @@ pub(crate) async fn serve(
         tokio::spawn(cdp_shared::metrics::serve(listener, router, token.clone()));
         cdp_shared::outln!("metrics on http://{addr}/metrics");
     }
+    let signals = signal_waiter();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.await;
         tracing::info!("stopping");
+        cdp_shared::notify::stopping();
         token.cancel();
     });
+    // Listening, with the signals caught: ready for systemd (`Type=notify`).
+    cdp_shared::notify::ready("serving agents");
     handle.wait().await?;
     Ok(())
 }
