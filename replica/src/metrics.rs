@@ -159,6 +159,14 @@ async fn try_refresh(root: &Path) -> Result<()> {
             l.push(("cause", c.as_str().to_owned()));
             gauge!("cdp_replica_volume_cause", &l).set(f64::from(u8::from(on)));
         }
+        // Counters exist at 0 from the group's first scrape (absent would read "no data").
+        for name in [
+            "cdp_replica_ingested_batches_total",
+            "cdp_replica_ingested_bytes_total",
+            "cdp_replica_trimmer_runs_total",
+        ] {
+            metrics::counter!(name, &group).increment(0);
+        }
         gauge!("cdp_replica_connected", &group).set(f64::from(u8::from(v.connected)));
         gauge!("cdp_replica_rpo_lag_seconds", &labels)
             .set(v.rpo_lag_ms.map_or(f64::NAN, seconds_of_ms));
