@@ -20,7 +20,7 @@ const REPLICA: &[&[&str]] = &[
     ],
     &["failover", "metrics"],
     &["forget", "ingest", "verifier"],
-    &["server"],
+    &["server", "console"],
     &["serve"],
 ];
 

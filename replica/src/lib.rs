@@ -227,6 +227,7 @@ pub mod agents;
 pub mod apply;
 pub mod catalog;
 pub mod clock;
+pub mod console;
 pub mod datadir;
 pub mod diff;
 pub mod error;

@@ -129,8 +129,9 @@ enum Command {
         /// UDP address to listen on (default: the one in replica.toml).
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// Serve Prometheus metrics at http://ADDR/metrics (over `http` in replica.toml;
-        /// bind a loopback address, or put a reverse proxy with authentication in front).
+        /// Serve Prometheus metrics at http://ADDR/metrics and the read-only web console at
+        /// http://ADDR/ (over `http` in replica.toml; bind a loopback address, or put a
+        /// reverse proxy with authentication in front).
         #[arg(long, value_name = "ADDR")]
         http: Option<SocketAddr>,
     },

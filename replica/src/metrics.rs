@@ -8,7 +8,9 @@
 //! Labels: `group`, and `volume` on what is per volume; `cause` on the cause gauges, which
 //! hold 1 for every cause that holds and 0 for the others.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use cdp_shared::cause::Cause;
@@ -124,12 +126,50 @@ pub fn describe() {
     );
 }
 
-/// Records an agent's head report's RPO lag into the histogram.
+/// How far back the console's lag history goes ([`lag_history`]).
+pub const LAG_HISTORY: Duration = Duration::from_secs(3600);
+
+/// At most this many reports kept per group (one a second for [`LAG_HISTORY`], with room).
+const LAG_HISTORY_REPORTS_MAX: usize = 4096;
+
+/// One head report's lag, for the console: when it came (Unix ms) and the lag it gave
+/// (`None` during the initial sync).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LagSample {
+    pub at_ms: i64,
+    pub lag_ms: Option<u64>,
+}
+
+/// The head reports of the last [`LAG_HISTORY`] per group, oldest first (process-wide, like
+/// the recorder: the reports come in on the ingest service, the console reads them).
+static LAGS: Mutex<BTreeMap<String, VecDeque<LagSample>>> = Mutex::new(BTreeMap::new());
+
+/// Records an agent's head report's RPO lag into the histogram and the console's history.
 pub fn observe_lag(group: &str, lag_ms: Option<u64>) {
     if let Some(ms) = lag_ms {
         histogram!("cdp_replica_rpo_lag_observed_seconds", "group" => group.to_owned())
             .record(seconds_of_ms(ms));
     }
+    let at_ms = now_ns() / 1_000_000;
+    let mut lags = LAGS.lock().unwrap_or_else(|e| e.into_inner());
+    let ring = lags.entry(group.to_owned()).or_default();
+    ring.push_back(LagSample { at_ms, lag_ms });
+    let oldest = at_ms.saturating_sub(LAG_HISTORY.as_millis() as i64);
+    while ring.len() > LAG_HISTORY_REPORTS_MAX || ring.front().is_some_and(|s| s.at_ms < oldest) {
+        ring.pop_front();
+    }
+}
+
+/// The head reports of the last [`LAG_HISTORY`] by group, oldest first.
+pub fn lag_history() -> BTreeMap<String, Vec<LagSample>> {
+    let oldest = (now_ns() / 1_000_000).saturating_sub(LAG_HISTORY.as_millis() as i64);
+    let lags = LAGS.lock().unwrap_or_else(|e| e.into_inner());
+    lags.iter()
+        .map(|(g, ring)| {
+            let kept = ring.iter().filter(|s| s.at_ms >= oldest).copied().collect();
+            (g.clone(), kept)
+        })
+        .collect()
 }
 
 fn unix_seconds(t: &chrono::DateTime<chrono::Utc>) -> f64 {
@@ -194,31 +234,60 @@ async fn try_refresh(root: &Path) -> Result<()> {
         gauge!("cdp_replica_verify_open_mismatches", &labels)
             .set(v.degraded.as_ref().map_or(0, |d| d.mismatches) as f64);
     }
-    // The verifier's coverage, as `verify report` reckons it.
+    for c in coverage(root).await? {
+        let labels = [("group", c.group), ("volume", c.volume)];
+        gauge!("cdp_replica_verify_coverage_ratio", &labels).set(c.ratio);
+        gauge!(
+            "cdp_replica_verify_last_full_pass_timestamp_seconds",
+            &labels
+        )
+        .set(c.last_full_pass_ns.map_or(f64::NAN, |ns| ns as f64 / 1e9));
+    }
+    Ok(())
+}
+
+/// The verifier's coverage of one volume, as `verify report` reckons it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Coverage {
+    pub group: String,
+    pub volume: String,
+    /// Chunks of the volume.
+    pub chunks: u64,
+    /// Chunks compared in the last [`crate::catalog::COVERAGE_PERIOD`].
+    pub covered: u64,
+    /// `covered / chunks` (0 for an empty volume).
+    pub ratio: f64,
+    /// When the last full pass ended (Unix ns), null if none did.
+    pub last_full_pass_ns: Option<i64>,
+}
+
+/// The verifier's coverage of every volume of the data directory `root`.
+pub async fn coverage(root: &Path) -> Result<Vec<Coverage>> {
     let dir = DataDir::existing(root)?;
     let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
     let result = async {
         let period = i64::try_from(crate::catalog::COVERAGE_PERIOD.as_nanos()).unwrap_or(i64::MAX);
+        let mut out = Vec::new();
         for v in catalog.volumes().await? {
             let g = catalog.group_by_id(v.group_id).await?;
-            let labels = [("group", g.name.clone()), ("volume", v.name.clone())];
             let chunks = v.size.div_ceil(cdp_shared::types::CHUNK_BYTES);
             let covered = catalog
                 .chunks_compared_since(v.id, now_ns().saturating_sub(period))
                 .await?;
-            gauge!("cdp_replica_verify_coverage_ratio", &labels).set(if chunks == 0 {
-                0.0
-            } else {
-                covered as f64 / chunks as f64
+            out.push(Coverage {
+                group: g.name.clone(),
+                volume: v.name.clone(),
+                chunks,
+                covered,
+                ratio: if chunks == 0 {
+                    0.0
+                } else {
+                    covered as f64 / chunks as f64
+                },
+                last_full_pass_ns: catalog.last_full_pass(v.id).await?,
             });
-            let full = catalog.last_full_pass(v.id).await?;
-            gauge!(
-                "cdp_replica_verify_last_full_pass_timestamp_seconds",
-                &labels
-            )
-            .set(full.map_or(f64::NAN, |ns| ns as f64 / 1e9));
         }
-        Ok::<_, crate::error::ReplicaError>(())
+        Ok::<_, crate::error::ReplicaError>(out)
     }
     .await;
     catalog.close().await;

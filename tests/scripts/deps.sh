@@ -14,6 +14,7 @@ have qemu-img || need+=(qemu-utils)
 have qemu-storage-daemon || need+=(qemu-utils)   # the bench's replicating peer
 have fio      || need+=(fio)
 have promtool || need+=(prometheus)   # `promtool check metrics` on both endpoints
+have chromium || need+=(chromium)     # the replica's console, rendered headless
 have systemd-analyze || need+=(systemd)   # `systemd-analyze verify` on the units
 have man      || need+=(man-db)           # verify checks the units' man pages
 have taskset  || need+=(util-linux)

@@ -27,6 +27,16 @@ pub struct AgentSeenRow {
     pub last_address: String,
 }
 
+/// One row of the events table (`events_recent`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EventRow {
+    pub time_ns: i64,
+    pub level: String,
+    pub group: Option<String>,
+    pub volume: Option<String>,
+    pub message: String,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventLevel {
     Info,
@@ -341,6 +351,28 @@ impl Catalog {
         .fetch_all(&self.pool)
         .await
         .map_err(ReplicaError::catalog("read events"))
+    }
+
+    /// The latest `limit` events of every group, newest first.
+    pub async fn events_recent(&self, limit: u32) -> Result<Vec<EventRow>> {
+        type Tuple = (i64, String, Option<String>, Option<String>, String);
+        let rows: Vec<Tuple> = sqlx::query_as(
+            "SELECT time_ns, level, group_name, volume, message FROM events ORDER BY time_ns DESC, id DESC LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read events"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(time_ns, level, group, volume, message)| EventRow {
+                time_ns,
+                level,
+                group,
+                volume,
+                message,
+            })
+            .collect())
     }
 
     /// Sets a group's retention (picked up by a running `serve` at its trimmer's next round).

@@ -41,7 +41,7 @@ mod verifier;
 
 pub use failover::{FailoverCommitDone, FailoverRow, FailoverState};
 pub use forget::{ForgetRequestRow, ForgetRows};
-pub use groups::{AgentSeenRow, EventLevel, LinkRow};
+pub use groups::{AgentSeenRow, EventLevel, EventRow, LinkRow};
 pub(crate) use journal_index::PointReads;
 pub use journal_index::{CommitRows, PointsFilter};
 pub use pins::{NewPin, PinRow};

@@ -42,9 +42,11 @@ pub(crate) async fn serve(
         let router = cdp_shared::metrics::router(recorder, move || {
             let root = root.clone();
             async move { cdp_replica::metrics::refresh(&root).await }
-        });
+        })
+        .merge(cdp_replica::console::router(data.clone()));
         tokio::spawn(cdp_shared::metrics::serve(listener, router, token.clone()));
         cdp_shared::outln!("metrics on http://{addr}/metrics");
+        cdp_shared::outln!("console on http://{addr}/");
     }
     let signals = signal_waiter();
     tokio::spawn(async move {
