@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,20 +15,10 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// `GET http://addr{path}`: (status line, body). HTTP/1.0, so the server closes.
+/// `GET http://addr{path}`: (status line, body).
 fn get(addr: &str, path: &str) -> (String, String) {
-    let mut s =
-        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
+    let (head, body) = http_get(addr, path);
+    (head.lines().next().unwrap_or("").to_owned(), body)
 }
 
 /// `GET` of a JSON API path that must answer 200.
@@ -84,13 +73,11 @@ fn the_console_shows_volumes_causes_lag_bookmarks_and_events() {
     c.start_agent();
     c.wait_protecting("v", Duration::from_secs(120));
     c.wait_caught_up("v", Duration::from_secs(60));
-    let log = c.replica.as_ref().expect("replica").log_text();
-    let marker = "console on http://";
-    let at = log
-        .find(marker)
-        .expect("the replica prints its console address")
-        + marker.len();
-    let addr = log[at..][..log[at..].find('/').expect("an address")].to_owned();
+    let addr = address_in(
+        &c.replica.as_ref().expect("replica").log_text(),
+        "console on http://",
+    )
+    .expect("the replica prints its console address");
 
     // A write, then a bookmark through the CLI.
     let mut nbd = NbdDriver::connect(&c.nbd_uri("v"));

@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -16,16 +16,9 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// `GET http://addr/metrics`: the body (HTTP/1.0, so the server closes the connection).
+/// `GET http://addr/metrics`: the body, which must be the text exposition format.
 fn scrape(addr: &str) -> String {
-    let mut s =
-        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let (head, body) = http_get(addr, "/metrics");
     assert!(
         head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
         "{head}"
@@ -35,7 +28,7 @@ fn scrape(addr: &str) -> String {
             .contains("content-type: text/plain; version=0.0.4"),
         "{head}"
     );
-    body.to_owned()
+    body
 }
 
 /// Every sample of the exposition: `name{labels}` → value.
@@ -83,13 +76,6 @@ fn promtool_check(what: &str, body: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// The address after `marker` in `log` (`… http://ADDR/metrics`).
-fn address_in(log: &str, marker: &str) -> Option<String> {
-    let at = log.find(marker)? + marker.len();
-    let rest = &log[at..];
-    Some(rest[..rest.find("/metrics")?].to_owned())
 }
 
 #[test]

@@ -90,7 +90,22 @@ async fn api_events(State(root): State<Arc<PathBuf>>) -> Response {
 /// The newest [`BOOKMARKS_MAX`] bookmarks in each group's window (one volume's window
 /// stands for its group's: a group's points are shared by its volumes).
 async fn bookmarks(root: &std::path::Path) -> Result<BTreeMap<String, Vec<PointInfo>>> {
-    let report = crate::status::status(root).await?;
+    let mut first = BTreeMap::new();
+    {
+        let dir = DataDir::existing(root)?;
+        let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
+        let listed = async {
+            for v in catalog.volumes().await? {
+                if let std::collections::btree_map::Entry::Vacant(e) = first.entry(v.group_id) {
+                    e.insert((catalog.group_by_id(v.group_id).await?.name, v.name));
+                }
+            }
+            Ok::<_, crate::error::ReplicaError>(())
+        }
+        .await;
+        catalog.close().await;
+        listed?;
+    }
     let filter = PointsFilter {
         bookmarks_only: true,
         newest_first: true,
@@ -98,12 +113,9 @@ async fn bookmarks(root: &std::path::Path) -> Result<BTreeMap<String, Vec<PointI
         ..PointsFilter::default()
     };
     let mut out = BTreeMap::new();
-    for v in &report.volumes {
-        if out.contains_key(&v.group) {
-            continue;
-        }
-        let points = crate::points::points_filtered(root, &v.volume, &filter).await?;
-        out.insert(v.group.clone(), points);
+    for (group, volume) in first.into_values() {
+        let points = crate::points::points_filtered(root, &volume, &filter).await?;
+        out.insert(group, points);
     }
     Ok(out)
 }
@@ -111,7 +123,7 @@ async fn bookmarks(root: &std::path::Path) -> Result<BTreeMap<String, Vec<PointI
 async fn events(root: &std::path::Path) -> Result<Vec<EventRow>> {
     let dir = DataDir::existing(root)?;
     let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
-    let rows = catalog.events_recent(EVENTS_MAX).await;
+    let rows = catalog.events(None, EVENTS_MAX).await;
     catalog.close().await;
     rows
 }

@@ -458,8 +458,8 @@ async fn a_full_disk_pauses_ingest_and_it_resumes_when_space_returns() {
     assert_journal_ends_at_its_commit(&dir, &catalog, "g", &g)
         .await
         .expect("journaled");
-    let events = catalog.events("g", 50).await.expect("events");
-    let count = |needle: &str| events.iter().filter(|(_, m)| m.contains(needle)).count();
+    let events = catalog.events(Some("g"), 50).await.expect("events");
+    let count = |needle: &str| events.iter().filter(|e| e.message.contains(needle)).count();
     assert_eq!(count("ingest paused"), 4, "{events:?}");
     assert_eq!(count("ingest resumed"), 4, "{events:?}");
     catalog.close().await;

@@ -880,7 +880,7 @@ async fn rows_left(data: &Path, gid: i64, vid: i64) -> Vec<(String, u64)> {
             left.push((table.to_owned(), n));
         }
     }
-    let events = catalog.events("web", 100).await.expect("events");
+    let events = catalog.events(Some("web"), 100).await.expect("events");
     if !events.is_empty() {
         left.push(("events".to_owned(), events.len() as u64));
     }

@@ -114,6 +114,26 @@ pub fn require_python_nbd() -> bool {
     ok
 }
 
+/// `GET http://addr{path}` over HTTP/1.0 (so the server closes the connection): the
+/// response's head (status line and headers) and body.
+pub fn http_get(addr: &str, path: &str) -> (String, String) {
+    let mut s =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.to_owned(), body.to_owned())
+}
+
+/// The `ADDR` after `marker` in `log` (a line like `… http://ADDR/…`).
+pub fn address_in(log: &str, marker: &str) -> Option<String> {
+    let rest = &log[log.find(marker)? + marker.len()..];
+    Some(rest[..rest.find('/')?].to_owned())
+}
+
 /// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

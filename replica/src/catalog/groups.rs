@@ -27,7 +27,7 @@ pub struct AgentSeenRow {
     pub last_address: String,
 }
 
-/// One row of the events table (`events_recent`).
+/// One row of the events table ([`Catalog::events`]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct EventRow {
     pub time_ns: i64,
@@ -341,24 +341,14 @@ impl Catalog {
         Ok(())
     }
 
-    /// The latest `limit` events of a group, newest first: (level, message).
-    pub async fn events(&self, group: &str, limit: u32) -> Result<Vec<(String, String)>> {
-        sqlx::query_as(
-            "SELECT level, message FROM events WHERE group_name = ? ORDER BY time_ns DESC, id DESC LIMIT ?",
-        )
-        .bind(group)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(ReplicaError::catalog("read events"))
-    }
-
-    /// The latest `limit` events of every group, newest first.
-    pub async fn events_recent(&self, limit: u32) -> Result<Vec<EventRow>> {
+    /// The latest `limit` events, newest first: of `group`, or of every group (`None`).
+    pub async fn events(&self, group: Option<&str>, limit: u32) -> Result<Vec<EventRow>> {
         type Tuple = (i64, String, Option<String>, Option<String>, String);
         let rows: Vec<Tuple> = sqlx::query_as(
-            "SELECT time_ns, level, group_name, volume, message FROM events ORDER BY time_ns DESC, id DESC LIMIT ?",
+            "SELECT time_ns, level, group_name, volume, message FROM events \
+             WHERE ?1 IS NULL OR group_name = ?1 ORDER BY time_ns DESC, id DESC LIMIT ?2",
         )
+        .bind(group)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await
