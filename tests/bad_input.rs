@@ -207,7 +207,9 @@ fn unauthorized_and_mispinned_agents_are_refused_and_nothing_crashes() {
             .args(["run", "--data"])
             .arg(&intruder_dir)
             .arg("--socket")
-            .arg(c.path("intruder.sock")),
+            .arg(c.path("intruder.sock"))
+            .args(["--metrics", "127.0.0.1:0"])
+            .env("RUST_LOG", "info"),
         &c.path("intruder.log"),
     );
     wait_until(
@@ -227,6 +229,14 @@ fn unauthorized_and_mispinned_agents_are_refused_and_nothing_crashes() {
                     .as_array()
                     .is_some_and(|cs| cs.iter().any(|x| x == "disconnected/unauthorized"))
         },
+    );
+    wait_named(
+        Side::Agent,
+        &intruder_dir,
+        &c.path("intruder.log"),
+        "stolen",
+        &["disconnected/unauthorized"],
+        Duration::from_secs(30),
     );
     let replica_log = c.replica.as_ref().expect("replica").log_text();
     assert!(
@@ -261,7 +271,9 @@ fn unauthorized_and_mispinned_agents_are_refused_and_nothing_crashes() {
             .args(["run", "--data"])
             .arg(&wrong_dir)
             .arg("--socket")
-            .arg(c.path("wrong.sock")),
+            .arg(c.path("wrong.sock"))
+            .args(["--metrics", "127.0.0.1:0"])
+            .env("RUST_LOG", "info"),
         &c.path("wrong.log"),
     );
     wait_until(
@@ -277,6 +289,14 @@ fn unauthorized_and_mispinned_agents_are_refused_and_nothing_crashes() {
                 .is_some_and(|e| e.contains(&replica_fp) && e.contains("pinned"))
                 && st["link_cause"] == "disconnected/replica-mismatch"
         },
+    );
+    wait_named(
+        Side::Agent,
+        &wrong_dir,
+        &c.path("wrong.log"),
+        "w",
+        &["disconnected/replica-mismatch"],
+        Duration::from_secs(30),
     );
 
     // Nobody crashed, and the authorized agent still replicates.

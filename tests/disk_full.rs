@@ -131,6 +131,8 @@ fn a_full_replica_disk_pauses_ingest_and_recovers_by_itself() {
                 && has(&r["volumes"][0]["causes"], "rpo-breach")
         },
     );
+    c.wait_agent_names("v", &["paused/replica-disk-full", "rpo-breach"]);
+    c.wait_replica_names("v", &["paused/replica-disk-full", "rpo-breach"]);
     let replica = c.replica.as_mut().expect("replica");
     assert!(
         replica.child.try_wait().expect("wait").is_none(),

@@ -78,6 +78,8 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
     );
     let rv = &c.replica_status()["volumes"][0];
     assert_eq!(rv["cause"], "failed-over/active", "{rv}");
+    c.wait_agent_names("v", &["disconnected/fenced-by-failover"]);
+    c.wait_replica_names("v", &["failed-over/active"]);
     // Client writes go on while the agent is fenced.
     write_random(&mut nbd, &mut rng, 40);
     assert_eq!(
@@ -181,6 +183,8 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
     );
     let rv = &c.replica_status()["volumes"][0];
     assert_eq!(rv["cause"], "failed-over/committed", "{rv}");
+    c.wait_agent_names("v", &["disconnected/fenced-by-failover"]);
+    c.wait_replica_names("v", &["failed-over/committed"]);
     write_random(&mut nbd, &mut rng, 5);
     assert_same_image(
         "the committed volume is not overwritten by the fenced agent",

@@ -107,8 +107,8 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
     let mut c = Cluster::new();
     let dev = c.make_device("dev", 32 * MIB, 32 * MIB, test_seed());
     c.protect("v", &dev, None);
-    // A slow initial sync (about 8 s), so that status sees it under way.
-    c.set_agent_config("sync_bytes_per_sec_max", "\"4MiB\"");
+    // A slow initial sync (about 16 s), so that status sees it under way.
+    c.set_agent_config("sync_bytes_per_sec_max", "\"2MiB\"");
     // A tight RPO target, so that the replica names the breach once the agent is gone.
     c.set_agent_config("rpo_target", "\"2s\"");
     c.start_replica();
@@ -132,6 +132,9 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
     assert_eq!(seen["rpo_target_ms"], 2000, "{seen}");
     let p = seen["sync_progress"].as_f64().expect("progress");
     assert!(p > 0.0 && p < 1.0, "{seen}");
+    // Named on every surface: both statuses, both /metrics, the console's API.
+    c.wait_agent_names("v", &["syncing/initial"]);
+    c.wait_replica_names("v", &["syncing/initial"]);
     let text = run_ok(&mut c.agent_cmd(&["status"]));
     assert!(
         text.contains("not protected yet") && text.contains("ETA"),
@@ -192,8 +195,58 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
                 == serde_json::json!(["disconnected/link-down", "rpo-breach"])
         },
     );
+    c.wait_replica_names("v", &["disconnected/link-down", "rpo-breach"]);
     let text = run_ok(&mut c.replica_cmd(&["status"]));
     assert!(text.contains("disconnected/link-down rpo-breach"), "{text}");
     let v = c.volume_status("v");
     assert_eq!(v["cause"], "stopped/not-running", "the agent is gone: {v}");
+}
+
+/// A journal cap that cannot hold the group's retention: once the trimmer has had to drop
+/// points to keep the cap, the replica names `history-short` in its status, on /metrics and
+/// in the console's API.
+#[test]
+fn a_journal_cap_below_the_retention_is_named_history_short() {
+    if !require_python_nbd() {
+        return;
+    }
+    let mut c = Cluster::new();
+    let dev = c.make_device("dev", 16 * MIB, 2 * MIB, test_seed());
+    c.protect("v", &dev, None);
+    // Small segments, so that the trimmer can drop whole ones under a small cap.
+    let toml = c.replica_dir.join("replica.toml");
+    let text = std::fs::read_to_string(&toml).expect("replica.toml");
+    let line = "segment_size = \"256MiB\"";
+    assert!(text.contains(line), "{text}");
+    std::fs::write(&toml, text.replace(line, "segment_size = \"1MiB\"")).expect("write");
+    c.start_replica();
+    c.start_agent();
+    c.wait_protecting("v", Duration::from_secs(120));
+    run_ok(&mut c.replica_cmd(&[
+        "retention",
+        "--group",
+        "v",
+        "--window",
+        "24h",
+        "--max-journal",
+        "2MiB",
+        "--yes",
+    ]));
+    let mut w = NbdDriver::connect(&c.nbd_uri("v"));
+    let mut rng = Lcg(test_seed());
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..12 {
+        rng.fill(&mut buf);
+        w.write((i % 8) * MIB, &buf, false).expect("write");
+        w.flush().expect("flush");
+    }
+    c.wait_caught_up("v", Duration::from_secs(60));
+    c.wait_replica_names("v", &["history-short"]);
+    let rv = c.replica_status()["volumes"][0].clone();
+    assert!(
+        rv["window_short"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("journal cap of 2MiB")),
+        "{rv}"
+    );
 }

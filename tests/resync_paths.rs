@@ -110,6 +110,7 @@ fn crash_unflushed_writes_are_resynced_in_the_same_run() {
                             ])
                 },
             );
+            c.wait_agent_names("v", &["resyncing/after-crash", "disconnected/link-down"]);
             c.agent.as_mut().expect("agent").kill9();
             c.start_replica();
         }
@@ -224,6 +225,7 @@ fn repair_of_a_damaged_journal_record_closes_the_mismatch() {
             !out.status.success() && text.contains("(full pass): 1 mismatch"),
             "round {round}: the full verify finds chunk {chunk}: {text}"
         );
+        c.wait_replica_names("v", &["degraded/verify-mismatch"]);
         let out = verify(&c, &["repair", "--volume", "v", "--timeout", "120s"]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
@@ -311,6 +313,15 @@ fn spool_overflow_dirty_regions_are_resynced_and_the_group_is_consistent_again()
                         "disconnected/link-down"
                     ])
             },
+        );
+        // On the agent's /metrics too (the replica, killed, serves nothing).
+        c.wait_agent_names(
+            "v",
+            &[
+                "overflow/spool-full",
+                "resyncing/overflow",
+                "disconnected/link-down",
+            ],
         );
         assert!(
             v["dirty_regions"].as_u64().unwrap_or(0) > 0,

@@ -485,8 +485,11 @@ impl Cluster {
     pub fn start_replica(&mut self) {
         let log = self.path("replica.log");
         let mut cmd = Command::new(bin("cdp-replica"));
+        // The metrics and the console on a free port (the log says which), so that a test
+        // can check what they say.
         cmd.args(["serve", "--data"])
             .arg(&self.replica_dir)
+            .args(["--http", "127.0.0.1:0"])
             .env("RUST_LOG", "info");
         let mut p = Proc::spawn("replica", &mut cmd, &log);
         wait_until("the replica to listen", Duration::from_secs(60), || {
@@ -507,6 +510,7 @@ impl Cluster {
         let mut cmd = Command::new(bin("cdp-agent"));
         cmd.args(["run", "--data"])
             .arg(&self.agent_dir)
+            .args(["--metrics", "127.0.0.1:0"])
             .env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
@@ -992,4 +996,146 @@ pub fn test_seed() -> u64 {
         });
     eprintln!("seed: {seed} (replay with CDP_TEST_SEED={seed})");
     seed
+}
+
+/// A side of the pair, for [`wait_named`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Agent,
+    Replica,
+}
+
+/// The JSON of one volume in a `status --json` (`name` on the agent, `volume` on the replica).
+fn volume_in(status: &serde_json::Value, volume: &str) -> serde_json::Value {
+    status["volumes"]
+        .as_array()
+        .and_then(|vs| {
+            vs.iter()
+                .find(|v| v["name"] == volume || v["volume"] == volume)
+        })
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Whether `causes` (a `causes` array) holds every one of `want`.
+fn holds_all(causes: &serde_json::Value, want: &[&str]) -> bool {
+    want.iter().all(|w| {
+        causes
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c == w))
+    })
+}
+
+/// Whether the exposition `body` has `name{…volume="V"…cause="C"…} 1` for every `C` of `want`.
+fn metric_names_all(body: &str, name: &str, volume: &str, want: &[&str]) -> bool {
+    want.iter().all(|cause| {
+        body.lines().any(|l| {
+            l.starts_with(&format!("{name}{{"))
+                && l.contains(&format!("volume=\"{volume}\""))
+                && l.contains(&format!("cause=\"{cause}\""))
+                && l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()) == Some(1.0)
+        })
+    })
+}
+
+/// Waits until every surface of `side` names each of `causes` for `volume`: `status --json`
+/// (run on `data`), `/metrics` (its `cdp_agent_volume_cause` / `cdp_replica_volume_cause`
+/// gauge at 1) and, on the replica, the console's `/api/status`. The HTTP address is the one
+/// the running process logged in `log` (the cluster starts both with port 0); panics with
+/// what each surface last said when they do not all name them in `timeout`.
+pub fn wait_named(
+    side: Side,
+    data: &Path,
+    log: &Path,
+    volume: &str,
+    causes: &[&str],
+    timeout: Duration,
+) {
+    let (binary, marker, gauge) = match side {
+        Side::Agent => (
+            "cdp-agent",
+            "serving metrics on http://",
+            "cdp_agent_volume_cause",
+        ),
+        Side::Replica => (
+            "cdp-replica",
+            "metrics on http://",
+            "cdp_replica_volume_cause",
+        ),
+    };
+    let deadline = Instant::now() + timeout;
+    let mut last = Vec::new();
+    loop {
+        last.clear();
+        let out = run(Command::new(bin(binary))
+            .args(["status", "--json", "--data"])
+            .arg(data));
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let v = volume_in(&status, volume);
+        let mut ok = holds_all(&v["causes"], causes);
+        last.push(format!("status --json: {}", v["causes"]));
+        match address_in(&std::fs::read_to_string(log).unwrap_or_default(), marker) {
+            None => {
+                ok = false;
+                last.push(format!("no {marker} in {}", log.display()));
+            }
+            Some(addr) => {
+                let (_, body) = http_get(&addr, "/metrics");
+                let named = metric_names_all(&body, gauge, volume, causes);
+                ok &= named;
+                if !named {
+                    let lines: Vec<&str> = body
+                        .lines()
+                        .filter(|l| l.starts_with(gauge) && l.ends_with(" 1"))
+                        .collect();
+                    last.push(format!("/metrics: {lines:?}"));
+                }
+                if side == Side::Replica {
+                    let (_, body) = http_get(&addr, "/api/status");
+                    let api: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    let a = volume_in(&api, volume);
+                    ok &= holds_all(&a["causes"], causes);
+                    last.push(format!("/api/status: {}", a["causes"]));
+                }
+            }
+        }
+        if ok {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for every surface of the {side:?} to name {causes:?} for volume {volume}:\n{}",
+                last.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Cluster {
+    /// [`wait_named`] on the cluster's agent (which must be running).
+    pub fn wait_agent_names(&self, volume: &str, causes: &[&str]) {
+        let log = &self.agent.as_ref().expect("agent running").log;
+        wait_named(
+            Side::Agent,
+            &self.agent_dir,
+            log,
+            volume,
+            causes,
+            Duration::from_secs(30),
+        );
+    }
+
+    /// [`wait_named`] on the cluster's replica (which must be serving).
+    pub fn wait_replica_names(&self, volume: &str, causes: &[&str]) {
+        let log = &self.replica.as_ref().expect("replica serving").log;
+        wait_named(
+            Side::Replica,
+            &self.replica_dir,
+            log,
+            volume,
+            causes,
+            Duration::from_secs(30),
+        );
+    }
 }
