@@ -225,6 +225,28 @@ fn both_endpoints_pass_promtool_and_move_with_the_writes() {
     // The histograms fill every second (agent) and at every head report (replica).
     assert!(get(&a1, "cdp_agent_rpo_lag_observed_seconds_count", &grp) >= 1.0);
     assert!(get(&r1, "cdp_replica_rpo_lag_observed_seconds_count", &grp) >= 1.0);
+    // Restores and exports run in processes of their own and are counted all the same.
+    let restores = |s: &BTreeMap<String, f64>, outcome: &str| {
+        get(
+            s,
+            "cdp_replica_restores_total",
+            &[("volume", "v"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(restores(&r1, "done"), 0.0);
+    assert_eq!(get(&r1, "cdp_replica_exports_total", &vol), 0.0);
+    c.restore("v", "latest").expect("restore");
+    let _ = c
+        .restore("v", "seq:999999")
+        .expect_err("a point past the head");
+    let sock = c.path("export.sock");
+    let mut export = c.start_export("v", "latest", &sock, &[]);
+    export.stop(Duration::from_secs(10));
+    let r2 = samples(&scrape(&replica_addr));
+    assert_eq!(restores(&r2, "done"), 1.0, "{r2:?}");
+    // The refused point never pinned anything: not a restore.
+    assert_eq!(restores(&r2, "failed"), 0.0);
+    assert_eq!(get(&r2, "cdp_replica_exports_total", &vol), 1.0);
     promtool_check("agent", &scrape(&agent_addr));
     promtool_check("replica", &scrape(&replica_addr));
 }

@@ -250,3 +250,83 @@ fn a_journal_cap_below_the_retention_is_named_history_short() {
         "{rv}"
     );
 }
+
+/// Long work shows its progress with a rate and the time left (issue 13, scope 7): a full
+/// verification pass in `status` (text and JSON) while it runs and as a bar on a terminal,
+/// and a restore's bar on a terminal.
+#[test]
+fn long_work_shows_progress_with_rate_and_eta() {
+    if !require_python_nbd() || !require_tool("script") {
+        return;
+    }
+    let mut c = Cluster::new();
+    let dev = c.make_device("dev", 32 * MIB, 32 * MIB, test_seed());
+    c.protect("v", &dev, None);
+    c.start_replica();
+    c.start_agent();
+    c.wait_protecting("v", Duration::from_secs(120));
+    c.wait_caught_up("v", Duration::from_secs(60));
+
+    // A full pass at 4 chunks a second: 32 chunks, about 8 s.
+    let mut verify = Command::new(bin("cdp-replica"));
+    verify
+        .args(["verify", "run", "--data"])
+        .arg(&c.replica_dir)
+        .args(["--volume", "v", "--full", "--rate", "4"]);
+    let pass = std::thread::spawn(move || on_terminal(&verify, Duration::from_secs(120)));
+    let mut seen = serde_json::Value::Null;
+    wait_until(
+        "status to show the full pass under way with a rate and a time left",
+        Duration::from_secs(60),
+        || {
+            let v = c.replica_status()["volumes"][0].clone();
+            seen = v["work"].clone();
+            v["work"].as_array().is_some_and(|ws| {
+                ws.iter().any(|w| {
+                    w["kind"] == "verify-full"
+                        && w["done"].as_u64().is_some_and(|d| d > 0 && d < 32)
+                        && w["rate_per_s"].is_u64()
+                        && w["eta_s"].is_u64()
+                })
+            })
+        },
+    );
+    let w = seen
+        .as_array()
+        .and_then(|ws| ws.iter().find(|w| w["kind"] == "verify-full"))
+        .cloned()
+        .expect("the pass");
+    assert_eq!(
+        (w["unit"].as_str(), w["total"].as_u64()),
+        (Some("chunks"), Some(32)),
+        "{w}"
+    );
+    let text = run_ok(&mut c.replica_cmd(&["status"]));
+    assert!(
+        text.contains("volume v: full verify pass:")
+            && text.contains("chunks/s")
+            && text.contains("ETA"),
+        "{text}"
+    );
+    let (status, screen) = pass.join().expect("the pass");
+    assert!(status.success(), "{screen}");
+    assert!(
+        screen.contains("verifying") && screen.contains("/s, eta "),
+        "the bar shows the rate and the time left: {screen}"
+    );
+    assert!(
+        screen.contains("verified 32 of 32 chunks (full pass): 0 mismatches"),
+        "{screen}"
+    );
+    let v = c.replica_status()["volumes"][0].clone();
+    assert_eq!(v["work"], serde_json::json!([]), "the pass is over: {v}");
+
+    // A restore on a terminal draws its bar: bytes, rate, time left.
+    let out = c.path("restored.img");
+    let mut restore = c.replica_cmd(&["restore", "--volume", "v", "--at", "latest", "--out"]);
+    restore.arg(&out);
+    let (status, screen) = on_terminal(&restore, Duration::from_secs(120));
+    assert!(status.success(), "{screen}");
+    assert!(screen.contains("/s eta "), "the restore's bar: {screen}");
+    assert_same_image("the restore", &read_file(&out), &read_file(&dev));
+}

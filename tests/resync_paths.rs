@@ -226,12 +226,20 @@ fn repair_of_a_damaged_journal_record_closes_the_mismatch() {
             "round {round}: the full verify finds chunk {chunk}: {text}"
         );
         c.wait_replica_names("v", &["degraded/verify-mismatch"]);
-        let out = verify(&c, &["repair", "--volume", "v", "--timeout", "120s"]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
+        // On a terminal, so that its progress bar is drawn too.
+        let mut repair = std::process::Command::new(bin("cdp-replica"));
+        repair
+            .args(["verify", "repair", "--data"])
+            .arg(&c.replica_dir)
+            .args(["--volume", "v", "--timeout", "120s"]);
+        let (status, text) = on_terminal(&repair, Duration::from_secs(180));
         assert!(
-            out.status.success() && text.contains("repaired 1 of 1"),
+            status.success() && text.contains("repaired 1 of 1"),
             "round {round}: the repair of chunk {chunk} completes: {text}"
+        );
+        assert!(
+            text.contains("repairing "),
+            "round {round}: its bar: {text}"
         );
         let out = verify(&c, &["report", "--volume", "v", "--json"]);
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report JSON");

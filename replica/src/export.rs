@@ -210,8 +210,15 @@ pub async fn start(
         Endpoint::Tcp(a) => format!("export on {a}"),
     };
     let (point, pin) = pin_point(dir.root(), volume, at, &holder).await?;
+    let (catalog, volume_id) = (pin.catalog().clone(), pin.volume_row().id);
     match serve(&dir, volume, point, pin, endpoint, writable).await {
-        Ok(h) => Ok(h),
+        Ok(h) => {
+            // Counted for /metrics (best effort: the export serves whether or not).
+            if let Err(e) = catalog.count_reader(volume_id, "export", "started").await {
+                tracing::debug!("could not count an export: {e}");
+            }
+            Ok(h)
+        }
         Err((e, pin)) => {
             let _ = pin.release().await;
             Err(e)

@@ -693,6 +693,8 @@ mod tests {
             pid_ns: None,
             created_ns: 0,
             expires_ns,
+            done_bytes: 0,
+            total_bytes: None,
         }
     }
 

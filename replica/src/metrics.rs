@@ -2,7 +2,8 @@
 //! Prometheus text format (see [`cdp_shared::metrics`]). Each scrape brings the gauges up to
 //! date from what `status` shows ([`crate::status::status`]) and the verifier's coverage; the
 //! counters are kept where things happen (ingest commits, trimmer rounds, verifier checks)
-//! and are no-ops in a process that serves no metrics. Each agent head report goes into the
+//! and are no-ops in a process that serves no metrics; restores and exports, which other
+//! processes run, are counted in the catalog (`reader_totals`) and read at each scrape. Each agent head report goes into the
 //! RPO lag histogram ([`observe_lag`]).
 //!
 //! Labels: `group`, and `volume` on what is per volume; `cause` on the cause gauges, which
@@ -124,6 +125,14 @@ pub fn describe() {
         "cdp_replica_trimmer_runs_total",
         "Trimmer rounds of the group since serve started."
     );
+    describe_counter!(
+        "cdp_replica_restores_total",
+        "Restores of the volume that pinned their point, by outcome (done, failed); kept in the catalog."
+    );
+    describe_counter!(
+        "cdp_replica_exports_total",
+        "Exports of the volume that started serving; kept in the catalog."
+    );
 }
 
 /// How far back the console's lag history goes ([`lag_history`]).
@@ -234,6 +243,26 @@ async fn try_refresh(root: &Path) -> Result<()> {
         gauge!("cdp_replica_verify_open_mismatches", &labels)
             .set(v.degraded.as_ref().map_or(0, |d| d.mismatches) as f64);
     }
+    // Restores and exports (other processes) count themselves in the catalog.
+    for v in &report.volumes {
+        let labels = [("group", v.group.clone()), ("volume", v.volume.clone())];
+        for outcome in ["done", "failed"] {
+            let mut l = labels.to_vec();
+            l.push(("outcome", outcome.to_owned()));
+            metrics::counter!("cdp_replica_restores_total", &l).increment(0);
+        }
+        metrics::counter!("cdp_replica_exports_total", &labels).increment(0);
+    }
+    for (group, volume, kind, outcome, n) in reader_totals(root).await? {
+        let mut l = vec![("group", group), ("volume", volume)];
+        match kind.as_str() {
+            "restore" => {
+                l.push(("outcome", outcome));
+                metrics::counter!("cdp_replica_restores_total", &l).absolute(n);
+            }
+            _ => metrics::counter!("cdp_replica_exports_total", &l).absolute(n),
+        }
+    }
     for c in coverage(root).await? {
         let labels = [("group", c.group), ("volume", c.volume)];
         gauge!("cdp_replica_verify_coverage_ratio", &labels).set(c.ratio);
@@ -244,6 +273,15 @@ async fn try_refresh(root: &Path) -> Result<()> {
         .set(c.last_full_pass_ns.map_or(f64::NAN, |ns| ns as f64 / 1e9));
     }
     Ok(())
+}
+
+/// The counts of restores and exports of every volume (see `Catalog::reader_totals`).
+async fn reader_totals(root: &Path) -> Result<Vec<(String, String, String, String, u64)>> {
+    let dir = DataDir::existing(root)?;
+    let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
+    let totals = catalog.reader_totals().await;
+    catalog.close().await;
+    totals
 }
 
 /// The verifier's coverage of one volume, as `verify report` reckons it.

@@ -45,7 +45,7 @@ use cdp_shared::types::Seq;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use cdp_shared::point::PointSpec;
@@ -65,11 +65,43 @@ use crate::reconstruct::{ImageReader, Plan, RecordRef};
 pub const PIN_TTL: Duration = Duration::from_secs(30);
 /// How often a holder renews its pin.
 pub const PIN_RENEW_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a holder writes its progress ([`PinGuard::progress`]) to its pin's row.
+pub const PIN_PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Pins a group may hold at once (readers beyond are refused with a clear error).
 pub const PINS_PER_GROUP_MAX: usize = 1024;
 
 // A holder renews at least twice per TTL, so one late renewal does not lose its pin.
 const _: () = assert!(PIN_RENEW_INTERVAL.as_millis() * 2 < PIN_TTL.as_millis());
+
+/// How far a pin's holder has read its image, in bytes: `status` shows it with a rate and the
+/// time left. The holder counts; the guard writes it to the pin's row about every second.
+#[derive(Debug, Default)]
+pub struct PinProgress {
+    done: AtomicU64,
+    /// 0: not known (a reader without an end).
+    total: AtomicU64,
+}
+
+impl PinProgress {
+    /// The bytes the holder reads in all.
+    pub fn set_total(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+    }
+
+    /// `n` more bytes read.
+    pub fn add(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes read, and of how many (None: not known).
+    pub fn get(&self) -> (u64, Option<u64>) {
+        let total = self.total.load(Ordering::Relaxed);
+        (
+            self.done.load(Ordering::Relaxed),
+            (total > 0).then_some(total),
+        )
+    }
+}
 
 /// The TTL and renewal interval of the pins this process takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,6 +326,7 @@ pub(crate) async fn pin_in(
         catalog: catalog.clone(),
         owns_catalog,
         lost: Arc::new(AtomicBool::new(false)),
+        progress: Arc::new(PinProgress::default()),
         stop: CancellationToken::new(),
         renewer: None,
         timing,
@@ -326,6 +359,7 @@ struct PinInner {
     owns_catalog: bool,
     /// Set when a renewal found the pin gone.
     lost: Arc<AtomicBool>,
+    progress: Arc<PinProgress>,
     stop: CancellationToken,
     renewer: Option<JoinHandle<()>>,
     timing: PinTiming,
@@ -359,13 +393,30 @@ impl PinGuard {
             inner.stop.clone(),
             inner.timing,
         );
+        let progress = inner.progress.clone();
         let volume = inner.volume.name.clone();
         inner.renewer = Some(tokio::spawn(async move {
+            let tick = PIN_PROGRESS_INTERVAL.min(timing.renew);
+            let mut renew_at = tokio::time::Instant::now() + timing.renew;
+            let mut written = (0, None);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(timing.renew) => {}
+                    _ = tokio::time::sleep(tick) => {}
                 }
+                let now = progress.get();
+                if now != written {
+                    match catalog.pin_progress(id, now.0, now.1).await {
+                        Ok(_) => written = now,
+                        Err(e) => {
+                            tracing::debug!(volume, "could not record a reader's progress: {e}")
+                        }
+                    }
+                }
+                if tokio::time::Instant::now() < renew_at {
+                    continue;
+                }
+                renew_at = tokio::time::Instant::now() + timing.renew;
                 match catalog
                     .renew_pin(id, now_ns().saturating_add(ns_of(timing.ttl)))
                     .await
@@ -406,6 +457,11 @@ impl PinGuard {
     /// The pin's row id in the catalog.
     pub fn id(&self) -> i64 {
         self.inner().id
+    }
+
+    /// The holder's progress through the image (see [`PinProgress`]).
+    pub fn progress(&self) -> Arc<PinProgress> {
+        self.inner().progress.clone()
     }
 
     /// False once a renewal found the pin gone (see [`PinGuard::check_held`]).
@@ -564,6 +620,8 @@ mod tests {
             pid_ns: pid_ns.map(str::to_owned),
             created_ns: 0,
             expires_ns,
+            done_bytes: 0,
+            total_bytes: None,
         }
     }
 

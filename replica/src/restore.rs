@@ -5,7 +5,8 @@
 //! device is written in place, every byte including zeros (a device's old contents are not
 //! known to be zero, and holes mean nothing there), then fsynced; it must be at least as
 //! large as the volume. A progress bar (bytes, rate, time left) is drawn on stderr when
-//! stderr is a terminal, and nothing otherwise.
+//! stderr is a terminal, and nothing otherwise; `status` shows the same progress from the
+//! restore's pin ([`crate::pins::PinProgress`]).
 //!
 //! Every reader of an image pins its point first ([`crate::pins`]): [`restore`] pins before it
 //! plans, and releases the pin once its output is complete (after checking it held all
@@ -23,7 +24,7 @@ use serde::Serialize;
 
 use crate::datadir::sync_dir;
 use crate::error::{ReplicaError, Result};
-use crate::pins::{PinGuard, pin_point};
+use crate::pins::{PinGuard, PinProgress, pin_point};
 use crate::points::ChosenPoint;
 use crate::reconstruct::ImageReader;
 
@@ -117,6 +118,9 @@ pub async fn restore(
     }
     eprintln!("restoring volume {volume} at {point}");
     let bytes = reader.size();
+    // `status` shows how far it is, with the rate and the time left.
+    let progress = pin.progress();
+    progress.set_total(bytes);
     let out_path = out.to_path_buf();
     let name = volume.to_owned();
     let partial = match &output {
@@ -124,7 +128,7 @@ pub async fn restore(
         Output::Device => None,
     };
     let written = tokio::task::spawn_blocking(move || {
-        let records = write_image(reader, &name, &out_path, &output)?;
+        let records = write_image(reader, &name, &out_path, &output, &progress)?;
         Ok::<_, ReplicaError>((records, output))
     })
     .await
@@ -137,6 +141,7 @@ pub async fn restore(
             if let Some(p) = &partial {
                 let _ = fs::remove_file(p);
             }
+            count(&pin, "failed").await;
             let _ = pin.release().await;
             return Err(e);
         }
@@ -146,10 +151,12 @@ pub async fn restore(
         if let Output::File { partial } = &output {
             let _ = fs::remove_file(partial);
         }
+        count(&pin, "failed").await;
         let _ = pin.release().await;
         return Err(e);
     }
     let finished = finish_output(&output, out);
+    count(&pin, if finished.is_ok() { "done" } else { "failed" }).await;
     if let Err(e) = pin.release().await {
         // The output is complete; the pin just expires by itself.
         tracing::warn!(volume, "could not remove the restore's pin: {e}");
@@ -162,6 +169,17 @@ pub async fn restore(
         bytes,
         records_applied,
     })
+}
+
+/// Counts the restore's outcome for /metrics (best effort: a restore does not fail for it).
+async fn count(pin: &PinGuard, outcome: &str) {
+    if let Err(e) = pin
+        .catalog()
+        .count_reader(pin.volume_row().id, "restore", outcome)
+        .await
+    {
+        tracing::debug!("could not count a restore: {e}");
+    }
 }
 
 fn progress(size: u64) -> ProgressBar {
@@ -179,7 +197,13 @@ fn progress(size: u64) -> ProgressBar {
 
 /// Streams the image chunk by chunk into `out` (a new file's `.partial` first) and fsyncs it;
 /// returns the records read from the journal.
-fn write_image(mut reader: ImageReader, volume: &str, out: &Path, output: &Output) -> Result<u64> {
+fn write_image(
+    mut reader: ImageReader,
+    volume: &str,
+    out: &Path,
+    output: &Output,
+    done: &PinProgress,
+) -> Result<u64> {
     let size = reader.size();
     let bar = progress(size);
     let (file, path) = match output {
@@ -253,6 +277,7 @@ fn write_image(mut reader: ImageReader, volume: &str, out: &Path, output: &Outpu
             }
             offset += n as u64;
             bar.inc(n as u64);
+            done.add(n as u64);
         }
         drop(to_writer);
         let write = writer

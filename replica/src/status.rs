@@ -92,6 +92,142 @@ pub struct VolumeStatus {
     /// already trimmed away (the journal cap, not the group's youth, limits it); null
     /// otherwise.
     pub window_short: Option<WindowShort>,
+    /// Long work under way on the volume: restores, exports and diffs reading its points, a
+    /// requested verification run, a repair; each with its progress, rate and time left.
+    pub work: Vec<Work>,
+}
+
+/// Long work under way on a volume in `status` (see [`VolumeStatus::work`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Work {
+    /// `restore`, `export`, `diff`, `verify` (a requested run), `verify-full` (a requested
+    /// full pass) or `repair`.
+    pub kind: String,
+    /// One line for people: what it is and where it stands.
+    pub what: String,
+    /// When it started, RFC 3339.
+    pub started: String,
+    /// What `done` and `total` count: `bytes` or `chunks`.
+    pub unit: &'static str,
+    pub done: u64,
+    /// Null: work without an end (an export).
+    pub total: Option<u64>,
+    /// `unit`s per second since it started; null before there is anything to go by.
+    pub rate_per_s: Option<u64>,
+    /// Seconds left at that rate; null without an end or a rate.
+    pub eta_s: Option<u64>,
+}
+
+/// The rate since `started_ns` and the seconds left at it (sans-IO): none before a tenth of a
+/// second has passed or anything is done.
+pub fn rate_and_eta(
+    done: u64,
+    total: Option<u64>,
+    started_ns: i64,
+    now_ns: i64,
+) -> (Option<u64>, Option<u64>) {
+    let elapsed = now_ns.saturating_sub(started_ns);
+    if elapsed < 100_000_000 || done == 0 {
+        return (None, None);
+    }
+    let rate = done as f64 * 1e9 / elapsed as f64;
+    let eta = total.map(|t| (t.saturating_sub(done) as f64 / rate).ceil() as u64);
+    (Some(rate.round() as u64), eta)
+}
+
+/// The work of volume `v` (see [`VolumeStatus::work`]).
+fn work_of(
+    v: &crate::catalog::VolumeRow,
+    pins: &[crate::catalog::PinRow],
+    runs: &[crate::catalog::RunRow],
+    repairs: &[crate::catalog::RepairRow],
+    now: i64,
+) -> Vec<Work> {
+    let mut work = Vec::new();
+    let since = |ns: i64| rfc3339(&time_of(ns));
+    for p in pins.iter().filter(|p| p.volume_id == v.id) {
+        let kind = p.holder.split_whitespace().next().unwrap_or_default();
+        if !matches!(kind, "restore" | "export" | "diff") {
+            continue; // the verifier's and the hash service's pins come and go within seconds
+        }
+        let (rate, eta) = rate_and_eta(p.done_bytes, p.total_bytes, p.created_ns, now);
+        let what = match p.total_bytes {
+            Some(t) => format!(
+                "{} at seq {}: {} of {}",
+                p.holder,
+                p.seq,
+                cdp_shared::types::human_bytes(p.done_bytes),
+                cdp_shared::types::human_bytes(t)
+            ),
+            None => format!("{} at seq {}", p.holder, p.seq),
+        };
+        work.push(Work {
+            kind: kind.to_owned(),
+            what,
+            started: since(p.created_ns),
+            unit: "bytes",
+            done: p.done_bytes,
+            total: p.total_bytes,
+            rate_per_s: rate,
+            eta_s: eta,
+        });
+    }
+    for r in runs.iter().filter(|r| r.volume_id == v.id) {
+        let started = r.started_ns.unwrap_or(r.requested_ns);
+        let (rate, eta) = rate_and_eta(r.chunks_done, Some(r.chunks_total), started, now);
+        work.push(Work {
+            kind: if r.full { "verify-full" } else { "verify" }.to_owned(),
+            what: format!(
+                "{}: {} of {} chunks checked, {} mismatch{}",
+                if r.full {
+                    "full verify pass"
+                } else {
+                    "verify run"
+                },
+                r.chunks_done,
+                r.chunks_total,
+                r.mismatches,
+                if r.mismatches == 1 { "" } else { "es" }
+            ),
+            started: since(started),
+            unit: "chunks",
+            done: r.chunks_done,
+            total: Some(r.chunks_total),
+            rate_per_s: rate,
+            eta_s: eta,
+        });
+    }
+    for r in repairs.iter().filter(|r| r.volume_id == v.id) {
+        let started = r.started_ns.unwrap_or(r.requested_ns);
+        let checking = r.phase.as_deref() == Some("checking");
+        let (rate, eta) = if checking {
+            rate_and_eta(r.chunks_done, Some(r.chunks_total), started, now)
+        } else {
+            (None, None)
+        };
+        let phase = match r.phase.as_deref() {
+            Some("asking") => "asking the agent to resend",
+            Some("resending") => "the agent resends",
+            Some("checking") => "checking again",
+            _ => "starting",
+        };
+        work.push(Work {
+            kind: "repair".to_owned(),
+            what: format!(
+                "repair of {} mismatched chunk{}: {phase}, {} checked again",
+                r.chunks_total,
+                if r.chunks_total == 1 { "" } else { "s" },
+                r.chunks_done
+            ),
+            started: since(started),
+            unit: "chunks",
+            done: r.chunks_done,
+            total: Some(r.chunks_total),
+            rate_per_s: rate,
+            eta_s: eta,
+        });
+    }
+    work
 }
 
 /// A window cut shorter than its retention in `status` (see [`VolumeStatus::window_short`]).
@@ -207,6 +343,8 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
         pause_board::Board::default()
     };
     let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
+    let runs = catalog.verify_runs_in_state("running").await?;
+    let repairs = catalog.repair_requests_in_state("running").await?;
     let mut volumes = Vec::new();
     for v in catalog.volumes().await? {
         let group = catalog.group_by_id(v.group_id).await?;
@@ -341,6 +479,7 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             }),
             degraded,
             window_short: short,
+            work: work_of(&v, &pins, &runs, &repairs, crate::clock::now_ns()),
         });
     }
     catalog.close().await;
@@ -351,6 +490,97 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn rate_and_eta_come_from_the_work_done_since_it_started() {
+        const S: i64 = 1_000_000_000;
+        // Nothing done yet, or too soon to say.
+        assert_eq!(rate_and_eta(0, Some(100), 0, 10 * S), (None, None));
+        assert_eq!(rate_and_eta(5, Some(100), 0, S / 20), (None, None));
+        // 25 of 100 in 5 s: 5 a second, 15 s left.
+        assert_eq!(rate_and_eta(25, Some(100), S, 6 * S), (Some(5), Some(15)));
+        // Without an end, a rate only; done is done.
+        assert_eq!(rate_and_eta(30, None, 0, 3 * S), (Some(10), None));
+        assert_eq!(rate_and_eta(100, Some(100), 0, 4 * S), (Some(25), Some(0)));
+        // A partial second left rounds up: work is not done before it is.
+        assert_eq!(rate_and_eta(3, Some(4), 0, 3 * S), (Some(1), Some(1)));
+    }
+
+    #[test]
+    fn work_lists_requested_runs_and_repairs_of_the_volume_only() {
+        use crate::catalog::{RepairRow, RunRow, VolumeRow};
+        const S: i64 = 1_000_000_000;
+        let v = VolumeRow {
+            id: 7,
+            group_id: 1,
+            agent_volume_id: 0,
+            name: "v".into(),
+            size: 32 << 20,
+            state: VolumeState::Protecting,
+            sync_done_seq: None,
+        };
+        let run = |volume_id, full| RunRow {
+            id: 1,
+            volume_id,
+            full,
+            rate_per_sec: None,
+            state: "running".into(),
+            requested_ns: 0,
+            started_ns: Some(10 * S),
+            ended_ns: None,
+            chunks_total: 32,
+            chunks_done: 8,
+            mismatches: 1,
+            skipped: 0,
+            error: None,
+        };
+        let repair = |phase: &str, done| RepairRow {
+            id: 2,
+            volume_id: 7,
+            state: "running".into(),
+            requested_ns: 0,
+            ended_ns: None,
+            message: None,
+            started_ns: Some(12 * S),
+            phase: Some(phase.into()),
+            chunks_done: done,
+            chunks_total: 4,
+        };
+        let w = work_of(
+            &v,
+            &[],
+            &[run(7, true), run(8, false)],
+            &[repair("checking", 2)],
+            14 * S,
+        );
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert_eq!(
+            (
+                w[0].kind.as_str(),
+                w[0].done,
+                w[0].total,
+                w[0].rate_per_s,
+                w[0].eta_s
+            ),
+            ("verify-full", 8, Some(32), Some(2), Some(12))
+        );
+        assert_eq!(
+            w[0].what,
+            "full verify pass: 8 of 32 chunks checked, 1 mismatch"
+        );
+        assert_eq!(
+            (w[1].kind.as_str(), w[1].rate_per_s, w[1].eta_s),
+            ("repair", Some(1), Some(2))
+        );
+        assert_eq!(
+            w[1].what,
+            "repair of 4 mismatched chunks: checking again, 2 checked again"
+        );
+        // Before it checks, a repair has no rate to go by.
+        let w = work_of(&v, &[], &[], &[repair("resending", 0)], 14 * S);
+        assert_eq!((w[0].rate_per_s, w[0].eta_s), (None, None));
+        assert!(w[0].what.contains("the agent resends"), "{}", w[0].what);
+    }
 
     #[test]
     fn a_window_is_short_only_when_trimmed_and_shorter_than_configured() {

@@ -928,3 +928,55 @@ async fn a_damaged_record_is_left_out_by_the_trimmer_which_goes_on() {
     rig.ingest(None).await;
     rig.h.shutdown().await;
 }
+
+/// A reader's progress (a restore's bytes) reaches `status` through its pin, with a rate and
+/// the time left; internal readers are not listed, and a released reader is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readers_progress_shows_in_status_as_work() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("replica");
+    let retention = Retention {
+        window: Duration::from_secs(3600),
+        journal_bytes_max: None,
+    };
+    let mut rig = Rig::start(&root, retention, true, 3).await;
+    let head = rig.ingest(None).await;
+    let (_, restore) =
+        cdp_replica::pin_point(&root, VOL.1, &PointSpec::Seq(head), "restore to /x.img")
+            .await
+            .expect("pin");
+    let (_, other) = cdp_replica::pin_point(&root, VOL.1, &PointSpec::Seq(head), "window test")
+        .await
+        .expect("pin");
+    let progress = restore.progress();
+    progress.set_total(1000);
+    progress.add(250);
+    let deadline = Instant::now() + DEADLINE;
+    let work = loop {
+        let s = cdp_replica::status(&root).await.expect("status");
+        let work = s.volumes[0].work.clone();
+        if work.iter().any(|w| w.done == 250) {
+            break work;
+        }
+        assert!(Instant::now() < deadline, "no progress in status: {work:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(work.len(), 1, "only the restore is listed: {work:?}");
+    let w = &work[0];
+    assert_eq!(
+        (w.kind.as_str(), w.unit, w.total),
+        ("restore", "bytes", Some(1000))
+    );
+    assert!(
+        w.what.contains("restore to /x.img") && w.what.contains(&format!("at seq {head}")),
+        "{w:?}"
+    );
+    let rate = w.rate_per_s.expect("a rate");
+    let eta = w.eta_s.expect("a time left");
+    assert!(rate > 0 && eta >= 750 / rate, "{w:?}");
+    restore.release().await.expect("release");
+    other.release().await.expect("release");
+    let s = cdp_replica::status(&root).await.expect("status");
+    assert!(s.volumes[0].work.is_empty(), "{:?}", s.volumes[0].work);
+    rig.h.shutdown().await;
+}

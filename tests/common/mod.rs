@@ -1139,3 +1139,29 @@ impl Cluster {
         );
     }
 }
+
+/// `cmd` run on a terminal (`script` from util-linux gives it a pseudo-terminal), so that it
+/// draws what it draws for people (progress bars); returns its exit status and everything it
+/// wrote to the terminal, escape sequences included.
+pub fn on_terminal(cmd: &Command, limit: Duration) -> (std::process::ExitStatus, String) {
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| shell_quote(&a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = run_within(
+        Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("TERM", "xterm"),
+        limit,
+    );
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `s` quoted for `sh`.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}

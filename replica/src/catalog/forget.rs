@@ -175,6 +175,7 @@ impl WriteLock {
                 "repair_requests",
                 "pins",
                 "failovers",
+                "reader_totals",
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "DELETE FROM {table} WHERE volume_id = ?"

@@ -19,6 +19,10 @@ pub struct PinRow {
     pub pid_ns: Option<String>,
     pub created_ns: i64,
     pub expires_ns: i64,
+    /// Bytes of the image the holder has read (restore), and of how many (None: a reader
+    /// without an end).
+    pub done_bytes: u64,
+    pub total_bytes: Option<u64>,
 }
 
 type PinTuple = (
@@ -32,9 +36,10 @@ type PinTuple = (
     Option<String>,
     i64,
     i64,
+    i64,
+    Option<i64>,
 );
-const PIN_COLUMNS: &str =
-    "id, group_id, volume_id, seq, segment_min, holder, pid, pid_ns, created_ns, expires_ns";
+const PIN_COLUMNS: &str = "id, group_id, volume_id, seq, segment_min, holder, pid, pid_ns, created_ns, expires_ns, done_bytes, total_bytes";
 
 fn pin_of(t: PinTuple) -> PinRow {
     PinRow {
@@ -48,6 +53,8 @@ fn pin_of(t: PinTuple) -> PinRow {
         pid_ns: t.7,
         created_ns: t.8,
         expires_ns: t.9,
+        done_bytes: t.10.max(0) as u64,
+        total_bytes: t.11.map(|n| n.max(0) as u64),
     }
 }
 
@@ -81,6 +88,45 @@ impl Catalog {
             .map_err(ReplicaError::catalog("renew a pin"))?
             .rows_affected();
         Ok(n == 1)
+    }
+
+    /// Records how far the pin's holder has read; false when the pin is gone.
+    pub async fn pin_progress(&self, id: i64, done: u64, total: Option<u64>) -> Result<bool> {
+        let n = sqlx::query("UPDATE pins SET done_bytes = ?, total_bytes = ? WHERE id = ?")
+            .bind(i64::try_from(done).unwrap_or(i64::MAX))
+            .bind(total.map(|t| i64::try_from(t).unwrap_or(i64::MAX)))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("record a reader's progress"))?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Counts one restore (`done`, `failed`) or export (`started`) of a volume.
+    pub async fn count_reader(&self, volume_id: i64, kind: &str, outcome: &str) -> Result<()> {
+        sqlx::query("INSERT INTO reader_totals (volume_id, kind, outcome, count) VALUES (?, ?, ?, 1) ON CONFLICT (volume_id, kind, outcome) DO UPDATE SET count = count + 1")
+            .bind(volume_id)
+            .bind(kind)
+            .bind(outcome)
+            .execute(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("count a restore or an export"))?;
+        Ok(())
+    }
+
+    /// Every count of restores and exports: (group, volume, kind, outcome, count).
+    pub async fn reader_totals(&self) -> Result<Vec<(String, String, String, String, u64)>> {
+        let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(
+            "SELECT g.name, v.name, t.kind, t.outcome, t.count FROM reader_totals t JOIN volumes v ON v.id = t.volume_id JOIN groups g ON g.id = v.group_id ORDER BY g.name, v.name, t.kind, t.outcome",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(ReplicaError::catalog("read the counts of restores and exports"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(g, v, k, o, n)| (g, v, k, o, n.max(0) as u64))
+            .collect())
     }
 
     /// Removes a pin; false when it was already gone.

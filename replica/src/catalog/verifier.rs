@@ -154,9 +154,28 @@ pub struct RepairRow {
     pub requested_ns: i64,
     pub ended_ns: Option<i64>,
     pub message: Option<String>,
+    /// When serve took it (None while requested).
+    pub started_ns: Option<i64>,
+    /// `asking`, `resending` or `checking` while running (see the migration).
+    pub phase: Option<String>,
+    /// Chunks checked again, of the chunks to repair.
+    pub chunks_done: u64,
+    pub chunks_total: u64,
 }
 
-type RepairTuple = (i64, i64, String, i64, Option<i64>, Option<String>);
+type RepairTuple = (
+    i64,
+    i64,
+    String,
+    i64,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    i64,
+    i64,
+);
+const REPAIR_COLUMNS: &str = "id, volume_id, state, requested_ns, ended_ns, message, started_ns, phase, chunks_done, chunks_total";
 
 fn repair_of(t: RepairTuple) -> RepairRow {
     RepairRow {
@@ -166,6 +185,10 @@ fn repair_of(t: RepairTuple) -> RepairRow {
         requested_ns: t.3,
         ended_ns: t.4,
         message: t.5,
+        started_ns: t.6,
+        phase: t.7,
+        chunks_done: t.8.max(0) as u64,
+        chunks_total: t.9.max(0) as u64,
     }
 }
 
@@ -547,9 +570,9 @@ impl Catalog {
     }
 
     pub async fn repair_request(&self, id: i64) -> Result<Option<RepairRow>> {
-        let row: Option<RepairTuple> = sqlx::query_as(
-            "SELECT id, volume_id, state, requested_ns, ended_ns, message FROM repair_requests WHERE id = ?",
-        )
+        let row: Option<RepairTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {REPAIR_COLUMNS} FROM repair_requests WHERE id = ?"
+        )))
         .bind(id)
         .fetch_optional(&self.pool)
         .await
@@ -559,9 +582,9 @@ impl Catalog {
 
     /// Repair requests in `state`, oldest first.
     pub async fn repair_requests_in_state(&self, state: &str) -> Result<Vec<RepairRow>> {
-        let rows: Vec<RepairTuple> = sqlx::query_as(
-            "SELECT id, volume_id, state, requested_ns, ended_ns, message FROM repair_requests WHERE state = ? ORDER BY id",
-        )
+        let rows: Vec<RepairTuple> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {REPAIR_COLUMNS} FROM repair_requests WHERE state = ? ORDER BY id"
+        )))
         .bind(state)
         .fetch_all(&self.pool)
         .await
@@ -578,14 +601,35 @@ impl Catalog {
         now_ns: i64,
     ) -> Result<()> {
         let ended = (state != "running").then_some(now_ns);
-        sqlx::query("UPDATE repair_requests SET state = ?, message = ?, ended_ns = ? WHERE id = ?")
+        let started = (state == "running").then_some(now_ns);
+        sqlx::query("UPDATE repair_requests SET state = ?, message = ?, ended_ns = ?, started_ns = COALESCE(?, started_ns) WHERE id = ?")
             .bind(state)
             .bind(message)
             .bind(ended)
+            .bind(started)
             .bind(id)
             .execute(&self.pool)
             .await
             .map_err(ReplicaError::catalog("update a repair request"))?;
+        Ok(())
+    }
+
+    /// Records a running repair's phase and the chunks checked again of how many.
+    pub async fn set_repair_progress(
+        &self,
+        id: i64,
+        phase: &str,
+        chunks_done: u64,
+        chunks_total: u64,
+    ) -> Result<()> {
+        sqlx::query("UPDATE repair_requests SET phase = ?, chunks_done = ?, chunks_total = ? WHERE id = ? AND state = 'running'")
+            .bind(phase)
+            .bind(i64::try_from(chunks_done).unwrap_or(i64::MAX))
+            .bind(i64::try_from(chunks_total).unwrap_or(i64::MAX))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(ReplicaError::catalog("record a repair's progress"))?;
         Ok(())
     }
 

@@ -76,6 +76,28 @@ pub(crate) async fn retention(
     Ok(())
 }
 
+/// One line of long work for `status`: what, and its rate and time left when known.
+fn work_line(w: &cdp_replica::status::Work) -> String {
+    let mut line = w.what.clone();
+    if let Some(rate) = w.rate_per_s {
+        match w.unit {
+            "bytes" => line += &format!(", {}/s", cdp_shared::types::human_bytes(rate)),
+            unit => line += &format!(", {rate} {unit}/s"),
+        }
+    }
+    if let Some(eta) = w.eta_s {
+        line += &format!(
+            ", ETA {}",
+            cdp_replica::retention::format_span(
+                i64::try_from(eta)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1_000_000_000)
+            )
+        );
+    }
+    line
+}
+
 pub(crate) fn fingerprint(data: PathBuf) -> Result<(), CliError> {
     cdp_shared::outln!("{}", cdp_replica::fingerprint(&data)?);
     Ok(())
@@ -271,6 +293,9 @@ fn print_status(report: &StatusReport) {
         }
         if let Some(w) = &v.window_short {
             cdp_shared::outln!("volume {}: WINDOW SHORT: {}", v.volume, w.reason);
+        }
+        for w in &v.work {
+            cdp_shared::outln!("volume {}: {}", v.volume, work_line(w));
         }
     }
     let mut told = std::collections::HashSet::new();

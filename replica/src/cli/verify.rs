@@ -43,8 +43,28 @@ pub(crate) async fn verify(command: VerifyCommand) -> Result<(), CliError> {
         } => {
             let timeout =
                 parse_duration(&timeout).map_err(|e| CliError::Usage(format!("--timeout: {e}")))?;
-            let msg = cdp_replica::verifier::repair(&data, &volume, timeout).await?;
-            cdp_shared::outln!("{msg}");
+            let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                let b = indicatif::ProgressBar::new(0);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "repairing {bar:40} {pos}/{len} chunks checked again, {per_sec}, eta {eta}, {msg} ({elapsed})",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                b
+            });
+            let msg = cdp_replica::verifier::repair(&data, &volume, timeout, |row| {
+                if let Some(b) = &bar {
+                    b.set_length(row.chunks_total);
+                    b.set_position(row.chunks_done);
+                    b.set_message(repair_phase(row.phase.as_deref()).to_owned());
+                }
+            })
+            .await;
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            cdp_shared::outln!("{}", msg?);
         }
     }
     Ok(())
@@ -73,7 +93,7 @@ async fn run(
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
             indicatif::ProgressStyle::with_template(
-                "verifying {bar:40} {pos}/{len} chunks, {msg} ({elapsed})",
+                "verifying {bar:40} {pos}/{len} chunks, {per_sec}, eta {eta}, {msg} ({elapsed})",
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
@@ -138,6 +158,16 @@ async fn run(
         )));
     }
     Ok(())
+}
+
+/// What a running repair does, for people.
+pub(crate) fn repair_phase(phase: Option<&str>) -> &'static str {
+    match phase {
+        Some("asking") => "asking the agent to resend the chunks",
+        Some("resending") => "waiting for the agent's resend to be durable",
+        Some("checking") => "checking the chunks again",
+        _ => "waiting for serve to take the request",
+    }
 }
 
 fn print_verify_report(report: &cdp_replica::verifier::VerifyReport) {

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::{REQUEST_POLL_INTERVAL, SAMPLE_RUN_CHUNKS};
 use crate::catalog::OpenMode;
-use crate::catalog::{Catalog, VolumeRow, VolumeState};
+use crate::catalog::{Catalog, RepairRow, VolumeRow, VolumeState};
 use crate::clock::now_ns;
 use crate::datadir::{DataDir, ServeLock};
 use crate::error::{ReplicaError, Result};
@@ -178,8 +178,14 @@ pub async fn run(
 
 /// `verify repair`: asks the running serve to resend the open mismatched chunks of `volume`
 /// from the agent and verify them again; waits at most `timeout`. Returns the sentence that
-/// says what happened; a repair that failed is an error.
-pub async fn repair(root: &Path, volume: &str, timeout: Duration) -> Result<String> {
+/// says what happened; a repair that failed is an error. `on_progress` gets the request's row
+/// at every poll (its phase and the chunks checked again).
+pub async fn repair(
+    root: &Path,
+    volume: &str,
+    timeout: Duration,
+    mut on_progress: impl FnMut(&RepairRow),
+) -> Result<String> {
     let dir = DataDir::existing(root)?;
     serving(&dir, "verify repair")?;
     let catalog = Catalog::open(&dir.catalog(), OpenMode::Existing).await?;
@@ -196,6 +202,7 @@ pub async fn repair(root: &Path, volume: &str, timeout: Duration) -> Result<Stri
             let row = catalog.repair_request(id).await?.ok_or_else(|| {
                 ReplicaError::Verify(format!("the repair request {id} disappeared"))
             })?;
+            on_progress(&row);
             match row.state.as_str() {
                 "done" => return Ok(row.message.unwrap_or_default()),
                 "failed" => {

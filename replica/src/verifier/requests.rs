@@ -212,7 +212,7 @@ pub(super) async fn repair_requests(ctx: Arc<Ctx>) {
                 tracing::warn!("could not start a repair: {e}");
                 continue;
             }
-            let (state, message) = match do_repair(&ctx, req.volume_id).await {
+            let (state, message) = match do_repair(&ctx, req.id, req.volume_id).await {
                 Ok(Repair::Done(m)) => ("done", m),
                 Ok(Repair::Failed(m)) => ("failed", m),
                 Err(e) => ("failed", e.to_string()),
@@ -250,7 +250,7 @@ enum Repair {
 
 // Over 120 lines: the repair protocol (ask, wait for the resync, check again) reads best in order.
 /// One repair (see the module docs).
-async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<Repair> {
+async fn do_repair(ctx: &Arc<Ctx>, id: i64, volume_id: i64) -> Result<Repair> {
     let Some((t, _)) = target_of(&ctx.catalog, volume_id).await? else {
         return Ok(Repair::Failed("the volume no longer exists".into()));
     };
@@ -261,6 +261,20 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<Repair> {
             t.volume.name
         )));
     }
+    // `status` and `verify repair` show where it is (best effort: a repair does not fail for
+    // want of a progress row).
+    let progress = |phase: &'static str, done: usize| {
+        let (catalog, total) = (ctx.catalog.clone(), open.len() as u64);
+        async move {
+            if let Err(e) = catalog
+                .set_repair_progress(id, phase, done as u64, total)
+                .await
+            {
+                tracing::debug!("could not record a repair's progress: {e}");
+            }
+        }
+    };
+    progress("asking", 0).await;
     let deadline = Instant::now() + REPAIR_WAIT_TIMEOUT;
     let chunks: Vec<u64> = open
         .iter()
@@ -318,6 +332,7 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<Repair> {
         }
     }
     tracing::info!(volume = %t.volume.name, chunks = chunks.len(), after = started.0, "the agent resends the mismatched chunks");
+    progress("resending", 0).await;
     // The resync is durable once a consistent batch after R is: looked for again at every
     // commit of the group (ingest publishes its head).
     let mut heads = ctx.heads.clone();
@@ -351,7 +366,8 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<Repair> {
     // Check each chunk again.
     let t = Arc::new(t);
     let mut still = Vec::new();
-    for m in &open {
+    progress("checking", 0).await;
+    for (i, m) in open.iter().enumerate() {
         let outcome = loop {
             let check = check_and_record(ctx.clone(), t.clone(), m.chunk, None, true).await?;
             match check {
@@ -380,6 +396,7 @@ async fn do_repair(ctx: &Arc<Ctx>, volume_id: i64) -> Result<Repair> {
                     .unwrap_or(outcome.outcome.as_str())
             ));
         }
+        progress("checking", i + 1).await;
     }
     let repaired = open.len() - still.len();
     let msg = format!(
