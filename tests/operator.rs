@@ -135,9 +135,17 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
     // Named on every surface: both statuses, both /metrics, the console's API.
     c.wait_agent_names("v", &["syncing/initial"]);
     c.wait_replica_names("v", &["syncing/initial"]);
+    // The rate and the time left agree: what is left, at that rate.
+    let rate = seen["sync_rate_bytes_per_s"].as_u64().expect("a rate") as f64;
+    let eta = seen["sync_eta_s"].as_u64().expect("eta") as f64;
+    let left = (1.0 - seen["sync_progress"].as_f64().expect("progress")) * (32 * MIB) as f64;
+    assert!(
+        rate > 0.0 && (eta - left / rate).abs() <= 1.0 + 0.1 * eta,
+        "{seen}"
+    );
     let text = run_ok(&mut c.agent_cmd(&["status"]));
     assert!(
-        text.contains("not protected yet") && text.contains("ETA"),
+        text.contains("not protected yet") && text.contains("MiB/s, ETA"),
         "{text}"
     );
     let rv = &c.replica_status()["volumes"][0];
@@ -161,6 +169,7 @@ fn rpo_lag_is_null_while_syncing_and_zero_when_idle() {
     let v = c.volume_status("v");
     assert_eq!(v["rpo_lag_ms"], 0, "idle for 1.5 s: {v}");
     assert!(v["sync_eta_s"].is_null(), "{v}");
+    assert!(v["sync_rate_bytes_per_s"].is_null(), "{v}");
     assert_eq!(v["causes"], serde_json::json!(["protecting/ok"]), "{v}");
 
     // The replica shows the lag the agent reports (every second, on the control stream).

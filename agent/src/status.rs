@@ -51,6 +51,10 @@ pub struct VolumeStatus {
     /// first chunk, or when none runs).
     #[serde(default)]
     pub sync_eta_s: Option<u64>,
+    /// Bytes a second the running sync or resync has gone through so far (None before its
+    /// first chunk, or when none runs).
+    #[serde(default)]
+    pub sync_rate_bytes_per_s: Option<u64>,
     /// The last seq sealed in the group (None when the agent is stopped).
     pub last_seq: Option<u64>,
     /// The last seq the replica acknowledged as durable.
@@ -88,6 +92,13 @@ fn eta_s(elapsed_ns: i64, done: u64, total: u64) -> u64 {
     let left = u128::from(total.saturating_sub(done));
     let ns = elapsed_ns.max(0) as u128 * left / u128::from(done.max(1));
     u64::try_from(ns / 1_000_000_000).unwrap_or(u64::MAX)
+}
+
+/// Bytes a second of a sync that did `done` chunks in `elapsed_ns`.
+fn rate_bytes_per_s(elapsed_ns: i64, done: u64) -> u64 {
+    let bytes = u128::from(done) * u128::from(cdp_shared::types::CHUNK_BYTES);
+    let rate = bytes * 1_000_000_000 / elapsed_ns.max(1) as u128;
+    u64::try_from(rate).unwrap_or(u64::MAX)
 }
 
 /// The status of a running agent.
@@ -154,6 +165,7 @@ pub fn collect(
             let eta = progress
                 .filter(|_| done > 0 && elapsed_ns > 0)
                 .map(|_| eta_s(elapsed_ns, done, total));
+            let rate = eta.map(|_| rate_bytes_per_s(elapsed_ns, done));
             volumes.push(VolumeStatus {
                 name: v.name.clone(),
                 group: g.name.clone(),
@@ -164,6 +176,7 @@ pub fn collect(
                 causes,
                 sync_progress: progress,
                 sync_eta_s: eta,
+                sync_rate_bytes_per_s: rate,
                 last_seq: Some(last),
                 acked_seq: Some(acked),
                 spool_batches: Some(batches),
@@ -268,8 +281,11 @@ pub fn render(s: &AgentStatus) -> String {
             .join(" ");
         let state = match (v.sync_progress, v.sync_eta_s) {
             (Some(p), Some(eta)) => format!(
-                "{causes} {:.0}% (ETA {})",
+                "{causes} {:.0}% ({}ETA {})",
                 p * 100.0,
+                v.sync_rate_bytes_per_s
+                    .map(|r| format!("{}/s, ", cdp_shared::types::human_bytes(r)))
+                    .unwrap_or_default(),
                 cdp_shared::units::format_duration(std::time::Duration::from_secs(eta))
             ),
             (Some(p), None) => format!("{causes} {:.0}%", p * 100.0),
@@ -318,4 +334,19 @@ pub fn render(s: &AgentStatus) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+
+    #[test]
+    fn the_sync_rate_is_the_chunks_done_over_the_time_taken() {
+        let chunk = cdp_shared::types::CHUNK_BYTES;
+        assert_eq!(rate_bytes_per_s(2_000_000_000, 8), 4 * chunk);
+        assert_eq!(rate_bytes_per_s(500_000_000, 1), 2 * chunk);
+        // No time yet is not a division by zero.
+        assert_eq!(rate_bytes_per_s(0, 1), chunk * 1_000_000_000);
+        assert_eq!(eta_s(2_000_000_000, 8, 24), 4);
+    }
 }
