@@ -223,11 +223,7 @@ fn a_journal_cap_below_the_retention_is_named_history_short() {
     let dev = c.make_device("dev", 16 * MIB, 2 * MIB, test_seed());
     c.protect("v", &dev, None);
     // Small segments, so that the trimmer can drop whole ones under a small cap.
-    let toml = c.replica_dir.join("replica.toml");
-    let text = std::fs::read_to_string(&toml).expect("replica.toml");
-    let line = "segment_size = \"256MiB\"";
-    assert!(text.contains(line), "{text}");
-    std::fs::write(&toml, text.replace(line, "segment_size = \"1MiB\"")).expect("write");
+    set_segment_size(&c, "1MiB");
     c.start_replica();
     c.start_agent();
     c.wait_protecting("v", Duration::from_secs(120));

@@ -135,6 +135,16 @@ pub fn rate_and_eta(
     (Some(rate.round() as u64), eta)
 }
 
+/// What a running repair does, for people (`status` and `verify repair`'s bar).
+pub fn repair_phase(phase: Option<&str>) -> &'static str {
+    match phase {
+        Some("asking") => "asking the agent to resend the chunks",
+        Some("resending") => "waiting for the agent's resend to be durable",
+        Some("checking") => "checking the chunks again",
+        _ => "waiting for serve to take the request",
+    }
+}
+
 /// The work of volume `v` (see [`VolumeStatus::work`]).
 fn work_of(
     v: &crate::catalog::VolumeRow,
@@ -205,12 +215,7 @@ fn work_of(
         } else {
             (None, None)
         };
-        let phase = match r.phase.as_deref() {
-            Some("asking") => "asking the agent to resend",
-            Some("resending") => "the agent resends",
-            Some("checking") => "checking again",
-            _ => "starting",
-        };
+        let phase = repair_phase(r.phase.as_deref());
         work.push(Work {
             kind: "repair".to_owned(),
             what: format!(
@@ -574,12 +579,12 @@ mod tests {
         );
         assert_eq!(
             w[1].what,
-            "repair of 4 mismatched chunks: checking again, 2 checked again"
+            "repair of 4 mismatched chunks: checking the chunks again, 2 checked again"
         );
         // Before it checks, a repair has no rate to go by.
         let w = work_of(&v, &[], &[], &[repair("resending", 0)], 14 * S);
         assert_eq!((w[0].rate_per_s, w[0].eta_s), (None, None));
-        assert!(w[0].what.contains("the agent resends"), "{}", w[0].what);
+        assert!(w[0].what.contains("the agent's resend"), "{}", w[0].what);
     }
 
     #[test]

@@ -485,12 +485,15 @@ impl Cluster {
     pub fn start_replica(&mut self) {
         let log = self.path("replica.log");
         let mut cmd = Command::new(bin("cdp-replica"));
-        // The metrics and the console on a free port (the log says which), so that a test
-        // can check what they say.
         cmd.args(["serve", "--data"])
             .arg(&self.replica_dir)
-            .args(["--http", "127.0.0.1:0"])
             .env("RUST_LOG", "info");
+        // The metrics and the console on a free port (the log says which), so that a test
+        // can check what they say; not over a test's own `http` in replica.toml (which the
+        // flag would override, leaving the config key untested).
+        if !config_sets(&self.replica_dir.join("replica.toml"), "http") {
+            cmd.args(["--http", "127.0.0.1:0"]);
+        }
         let mut p = Proc::spawn("replica", &mut cmd, &log);
         wait_until("the replica to listen", Duration::from_secs(60), || {
             if let Ok(Some(st)) = p.child.try_wait() {
@@ -510,8 +513,10 @@ impl Cluster {
         let mut cmd = Command::new(bin("cdp-agent"));
         cmd.args(["run", "--data"])
             .arg(&self.agent_dir)
-            .args(["--metrics", "127.0.0.1:0"])
             .env("RUST_LOG", "info");
+        if !config_sets(&self.agent_dir.join("agent.toml"), "metrics") {
+            cmd.args(["--metrics", "127.0.0.1:0"]);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -954,6 +959,27 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Whether the TOML file `path` sets `key` on a line of its own (`key = …`).
+fn config_sets(path: &Path, key: &str) -> bool {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split('=').next().map(str::trim) == Some(key))
+}
+
+/// Sets `[journal] segment_size` in the replica's replica.toml (read when `serve` starts).
+pub fn set_segment_size(c: &Cluster, size: &str) {
+    let path = c.replica_dir.join("replica.toml");
+    let text = std::fs::read_to_string(&path).expect("replica.toml");
+    let line = "segment_size = \"256MiB\"";
+    assert!(text.contains(line), "init writes {line}: {text}");
+    std::fs::write(
+        &path,
+        text.replace(line, &format!("segment_size = \"{size}\"")),
+    )
+    .expect("write replica.toml");
 }
 
 /// Sets `[verifier] chunks_per_sec` in the replica's replica.toml (before `serve` starts).

@@ -57,7 +57,9 @@ pub(crate) async fn verify(command: VerifyCommand) -> Result<(), CliError> {
                 if let Some(b) = &bar {
                     b.set_length(row.chunks_total);
                     b.set_position(row.chunks_done);
-                    b.set_message(repair_phase(row.phase.as_deref()).to_owned());
+                    b.set_message(
+                        cdp_replica::status::repair_phase(row.phase.as_deref()).to_owned(),
+                    );
                 }
             })
             .await;
@@ -158,16 +160,6 @@ async fn run(
         )));
     }
     Ok(())
-}
-
-/// What a running repair does, for people.
-pub(crate) fn repair_phase(phase: Option<&str>) -> &'static str {
-    match phase {
-        Some("asking") => "asking the agent to resend the chunks",
-        Some("resending") => "waiting for the agent's resend to be durable",
-        Some("checking") => "checking the chunks again",
-        _ => "waiting for serve to take the request",
-    }
 }
 
 fn print_verify_report(report: &cdp_replica::verifier::VerifyReport) {
