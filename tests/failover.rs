@@ -1,10 +1,11 @@
-//! Failover with the real agent (issue 5): while `serve` runs and the agent keeps writing, the
-//! volume is failed over at a bookmark; the agent is fenced (refused with a sentence naming
-//! the failover, its client writes never fail, it spools), the failover volume takes writes
-//! through NBD and reads them back; `--undo` then lets the agent back in: it catches up from
-//! its spool, `latest` equals the device, and the bookmark restores exactly as before.
-//! Finally a second failover is committed (with `serve` stopped): `latest` is then the
-//! failover image with its writes, and the agent stays refused.
+//! Failover with the real agent (issues 5 and 14): while `serve` runs and the agent keeps
+//! writing, the volume is failed over at a bookmark; its group is fenced (refused with a
+//! sentence naming the failover, the link stays up, its client writes never fail, it spools),
+//! the failover volume takes writes through NBD and reads them back; `--undo` then lets the
+//! group back in: it catches up from its spool, `latest` equals the device, and the bookmark
+//! restores exactly as before. A second failover is committed (with `serve` stopped): `latest`
+//! is then the failover image with its writes, and the group stays refused. A group of two
+//! volumes fails over whole while the agent's other group replicates on the same connection.
 
 mod common;
 
@@ -72,7 +73,7 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
         || {
             let st = c.agent_status();
             st.to_string().contains("failed over")
-                && st["link_cause"] == "disconnected/fenced-by-failover"
+                && st["link_connected"] == true
                 && st["volumes"][0]["cause"] == "disconnected/fenced-by-failover"
         },
     );
@@ -178,7 +179,7 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
         || {
             let st = c.agent_status();
             st.to_string().contains("committed")
-                && st["link_cause"] == "disconnected/fenced-by-failover"
+                && st["volumes"][0]["cause"] == "disconnected/fenced-by-failover"
         },
     );
     let rv = &c.replica_status()["volumes"][0];
@@ -190,5 +191,165 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
         "the committed volume is not overwritten by the fenced agent",
         &c.restore("v", "latest").expect("restore"),
         &expected,
+    );
+}
+
+/// Group failover with the real agent: group `ga` of two volumes fails over at a bookmark
+/// (one socket, an export per volume, each the bookmark's image) while group `gb` of the same
+/// agent keeps replicating on the same connection (acknowledged in every round, its link never
+/// dropped); the agent reports `ga` fenced and `gb` protecting; writes through both exports
+/// read back; `--undo --group` lets `ga` back in on the open connection and it catches up
+/// from its spool.
+#[test]
+fn a_group_fails_over_whole_while_the_agents_other_group_replicates() {
+    if !require_python_nbd() {
+        return;
+    }
+    let seed = test_seed();
+    let mut rng = Lcg(seed);
+    let mut c = Cluster::new();
+    for (v, g) in [("a1", "ga"), ("a2", "ga"), ("b", "gb")] {
+        let dev = c.make_device(&format!("{v}.img"), VOLUME_BYTES, 2 * MIB, seed);
+        c.protect(v, &dev, Some(g));
+    }
+    c.start_replica();
+    c.start_agent();
+    for v in ["a1", "a2", "b"] {
+        c.wait_protecting(v, Duration::from_secs(120));
+    }
+    for v in ["a1", "a2", "b"] {
+        c.wait_in_step(v, Duration::from_secs(120));
+    }
+    let mut nbd: Vec<NbdDriver> = ["a1", "a2", "b"]
+        .iter()
+        .map(|v| NbdDriver::connect(&c.nbd_uri(v)))
+        .collect();
+    for d in nbd.iter_mut() {
+        write_random(d, &mut rng, 20);
+    }
+    c.bookmark("before-failover", true);
+    let images: Vec<Vec<u8>> = ["a1", "a2"]
+        .iter()
+        .map(|v| c.restore(v, "bookmark:before-failover").expect("restore"))
+        .collect();
+    assert_same_image(
+        "a1 at the bookmark",
+        &images[0],
+        &read_file(&c.path("a1.img")),
+    );
+
+    let mut fo = Proc::spawn(
+        "failover",
+        &mut c.replica_cmd(&[
+            "failover",
+            "--group",
+            "ga",
+            "--at",
+            "bookmark:before-failover",
+        ]),
+        &c.path("failover.log"),
+    );
+    let sock = c.replica_dir.join("failover-ga.sock");
+    wait_until(
+        "the group failover to serve",
+        Duration::from_secs(30),
+        || {
+            if let Ok(Some(st)) = fo.child.try_wait() {
+                panic!("failover exited ({st}): {}", fo.log_text());
+            }
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        },
+    );
+    // The agent reports ga fenced and gb protecting, on a link that stays up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = c.agent_status();
+        let cause = |v: &str| {
+            st["volumes"]
+                .as_array()
+                .and_then(|vs| vs.iter().find(|x| x["name"] == v))
+                .map(|x| x["cause"].clone())
+        };
+        if st["link_connected"] == true
+            && cause("a1") == Some("disconnected/fenced-by-failover".into())
+            && cause("a2") == Some("disconnected/fenced-by-failover".into())
+            && cause("b") == Some("protecting/ok".into())
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent does not report ga fenced and gb protecting: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for v in ["a1", "a2"] {
+        c.wait_agent_names(v, &["disconnected/fenced-by-failover"]);
+        c.wait_replica_names(v, &["failed-over/active"]);
+    }
+    let st = c.volume_status("a1");
+    assert!(
+        st["replica_refused"]
+            .as_str()
+            .is_some_and(|r| r.contains("group ga is failed over on the replica")),
+        "{st}"
+    );
+    let text = run_ok(&mut c.agent_cmd(&["status"]));
+    assert!(text.contains("replica refuses group ga: "), "{text}");
+
+    // Group gb replicates throughout; ga's client writes go on and are spooled.
+    let head_a = c.replica_head("a1");
+    for _ in 0..3 {
+        write_random(&mut nbd[2], &mut rng, 10);
+        write_random(&mut nbd[0], &mut rng, 5);
+        c.wait_caught_up("b", Duration::from_secs(60));
+        let b = c.volume_status("b");
+        assert_eq!(b["cause"], "protecting/ok", "{b}");
+    }
+    assert_eq!(
+        c.replica_head("a1"),
+        head_a,
+        "nothing of ga is journaled while failed over"
+    );
+
+    // Each failover export is the bookmark's image of its volume, read-write.
+    for (i, v) in ["a1", "a2"].iter().enumerate() {
+        let mut f = NbdDriver::connect(&format!("nbd+unix:///{v}?socket={}", sock.display()));
+        assert_same_image(
+            &format!("the failover export of {v}"),
+            &f.read(0, VOLUME_BYTES).expect("read"),
+            &images[i],
+        );
+        let data = vec![0x70 + i as u8; 128 << 10];
+        f.write(MIB, &data, false).expect("failover write");
+        f.flush().expect("failover flush");
+        assert_eq!(f.read(MIB, data.len() as u64).expect("read"), data);
+    }
+    assert!(
+        fo.stop(Duration::from_secs(10)),
+        "failover exits 0 on SIGTERM"
+    );
+
+    // Undo: ga joins again on the open connection and catches up.
+    run_ok(&mut c.replica_cmd(&["failover", "--group", "ga", "--undo"]));
+    for v in ["a1", "a2"] {
+        c.wait_in_step(v, Duration::from_secs(120));
+        assert_same_image(
+            &format!("{v}: latest after the undo equals the device"),
+            &c.restore(v, "latest").expect("restore"),
+            &read_file(&c.path(&format!("{v}.img"))),
+        );
+    }
+    let log = c.agent.as_ref().expect("agent").log_text();
+    assert_eq!(
+        log.matches("connected to the replica").count(),
+        1,
+        "the agent's connection stayed up through the failover and its undo:\n{}",
+        tail(&log, 40)
+    );
+    assert!(
+        log.contains("group ga replicates again"),
+        "{}",
+        tail(&log, 40)
     );
 }

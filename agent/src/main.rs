@@ -88,13 +88,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Seal a named consistent point in every group of the running agent.
+    /// Seal a named consistent point in every group of the running agent (or in one).
     Bookmark {
         /// The agent's data directory.
         #[arg(long, env = "CDP_AGENT_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
         /// Name of the bookmark.
         name: String,
+        /// Only in this group (default: every group; a group the replica refuses, e.g.
+        /// because it is failed over there, makes `--wait` wait until it is accepted again).
+        #[arg(long)]
+        group: Option<String>,
         /// Return only once the replica has made the bookmark durable.
         #[arg(long)]
         wait: bool,
@@ -186,7 +190,12 @@ async fn dispatch(command: Command) -> Result<()> {
         } => run(&data, socket, listen, metrics).await,
         Command::Generate { out } => cdp_shared::packaging::generate(Cli::command(), &out)
             .with_context(|| format!("write the man pages and completions into {}", out.display())),
-        Command::Bookmark { data, name, wait } => bookmark(&data, &name, wait).await,
+        Command::Bookmark {
+            data,
+            name,
+            group,
+            wait,
+        } => bookmark(&data, &name, group, wait).await,
         Command::Status { data, json } => show_status(&data, json).await,
         Command::Resync { data, volume } => resync(&data, volume).await,
         Command::Unprotect {
@@ -337,14 +346,14 @@ fn not_running(data: &Path) -> anyhow::Error {
     )
 }
 
-async fn bookmark(data: &Path, name: &str, wait: bool) -> Result<()> {
+async fn bookmark(data: &Path, name: &str, group: Option<String>, wait: bool) -> Result<()> {
     AgentConfig::load(data)?;
     check_name("bookmark", name).map_err(anyhow::Error::msg)?;
     let reply = control::request(
         data,
         &Request::Bookmark {
             name: name.to_owned(),
-            group: None,
+            group,
             wait,
         },
         None,

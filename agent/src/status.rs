@@ -85,6 +85,9 @@ pub struct VolumeStatus {
     pub consistent: Option<bool>,
     /// Why the replica paused ingest of the group (e.g. its disk is full), if it did.
     pub replica_paused: Option<String>,
+    /// Why the replica refuses the group on the open connection (it is failed over there),
+    /// if it does; the agent's other groups replicate meanwhile.
+    pub replica_refused: Option<String>,
 }
 
 /// Seconds left of a sync that did `done` of `total` chunks in `elapsed_ns`, at that rate.
@@ -118,6 +121,7 @@ pub fn collect(
         let lag_ms = g.lag_ms_at(&gs, now);
         let compare: Vec<_> = g.pending().compare.iter().copied().collect();
         let paused = l.paused.get(&g.name).cloned();
+        let refused = l.refused.get(&g.name).cloned();
         let rpo_target_ms = g.rpo_target_ms();
         for v in &g.volumes {
             let dirty = gs.dirty_chunks.get(v.id as usize).copied().unwrap_or(0);
@@ -140,6 +144,8 @@ pub fn collect(
                 Cause::ResyncingHashCompare
             } else if !l.connected {
                 link_cause
+            } else if let Some((_, c)) = &refused {
+                *c
             } else if paused.is_some() {
                 Cause::PausedReplicaDiskFull
             } else {
@@ -152,6 +158,7 @@ pub fn collect(
                     (dirty > 0 && cause.state() != "resyncing").then_some(dirty_cause),
                     comparing.then_some(Cause::ResyncingHashCompare),
                     (!l.connected).then_some(link_cause),
+                    refused.as_ref().map(|(_, c)| *c),
                     paused.is_some().then_some(Cause::PausedReplicaDiskFull),
                     breach.then_some(Cause::RpoBreach),
                 ]
@@ -190,6 +197,7 @@ pub fn collect(
                 rpo_target_ms: Some(rpo_target_ms),
                 consistent: Some(!gs.inconsistent),
                 replica_paused: paused.clone(),
+                replica_refused: refused.as_ref().map(|(r, _)| r.clone()),
             });
         }
     }
@@ -325,6 +333,9 @@ pub fn render(s: &AgentStatus) -> String {
         ]);
         if let Some(reason) = &v.replica_paused {
             paused.push(format!("replica paused group {}: {reason}", v.group));
+        }
+        if let Some(reason) = &v.replica_refused {
+            paused.push(format!("replica refuses group {}: {reason}", v.group));
         }
     }
     out.push_str(&cdp_shared::table::render(&rows));

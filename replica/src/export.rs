@@ -67,6 +67,17 @@ pub enum Endpoint {
     Tcp(SocketAddr),
 }
 
+impl Endpoint {
+    /// The NBD URI of export `name` here: `nbd+unix:///<name>?socket=<path>` or
+    /// `nbd://<addr>/<name>`.
+    pub fn uri(&self, name: &str) -> String {
+        match self {
+            Endpoint::Unix(path) => format!("nbd+unix:///{name}?socket={}", path.display()),
+            Endpoint::Tcp(addr) => format!("nbd://{addr}/{name}"),
+        }
+    }
+}
+
 /// The default socket of an export of `volume`: `DIR/export-<volume>.sock`.
 pub fn default_socket(root: &Path, volume: &str) -> PathBuf {
     root.join(format!("export-{volume}.sock"))
@@ -104,10 +115,12 @@ impl std::fmt::Display for ExportInfo {
 /// A running export; [`ExportHandle::wait`] for it after cancelling its token.
 pub struct ExportHandle {
     info: ExportInfo,
+    /// Every export of the listener, `info` first (a group's failover serves several).
+    infos: Vec<ExportInfo>,
     token: CancellationToken,
     server: JoinHandle<()>,
-    writer: Option<JoinHandle<()>>,
-    export: Option<Arc<PointExport>>,
+    writers: Vec<JoinHandle<()>>,
+    exports: Vec<Arc<PointExport>>,
     pin: Option<Arc<PinGuard>>,
 }
 
@@ -145,6 +158,11 @@ impl ExportHandle {
         &self.info
     }
 
+    /// Every export served on the listener (one, but for a group's failover).
+    pub fn infos(&self) -> &[ExportInfo] {
+        &self.infos
+    }
+
     /// Cancelling it stops the export.
     pub fn token(&self) -> CancellationToken {
         self.token.clone()
@@ -155,9 +173,9 @@ impl ExportHandle {
     /// the pin was lost while serving (reads were refused from then on).
     pub async fn wait(mut self) -> Result<()> {
         let _ = (&mut self.server).await;
-        // The server is done with the export; dropping it closes the writer's channel.
-        self.export = None;
-        if let Some(w) = self.writer.take() {
+        // The server is done with the exports; dropping them closes the writers' channels.
+        self.exports.clear();
+        for w in self.writers.drain(..) {
             let _ = w.await;
         }
         if let Endpoint::Unix(path) = &self.info.endpoint
@@ -252,86 +270,98 @@ async fn serve(
         Err(e) => return Err((e, pin)),
     };
     let pin = Arc::new(pin);
-    let mut handle = serve_image(
-        Served {
+    let mut handle = serve_images(
+        vec![Served {
             name: volume.to_owned(),
             point,
             image,
             hold: Hold::Pin(pin.clone()),
             overlay,
             durable: false,
-        },
+        }],
         listener,
     );
     handle.pin = Some(pin);
-    handle.info.writable = writable;
     Ok(handle)
 }
 
-/// Serves `s` on `listener` (steps 3–4 of the module docs, once the image is open).
-pub(crate) fn serve_image(s: Served, listener: Listener) -> ExportHandle {
+/// Serves `served` on `listener`, each image as an export named after its volume (steps 3–4
+/// of the module docs, once the images are open). One image is also selected by the empty
+/// name; several (a group's failover) only by their names.
+pub(crate) fn serve_images(served: Vec<Served>, listener: Listener) -> ExportHandle {
     let token = CancellationToken::new();
-    let writable = s.overlay.is_some();
-    let (writes, writer) = match &s.overlay {
-        Some(o) => {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let w = tokio::spawn(run_writer(
-                s.image.clone(),
-                o.clone(),
-                s.hold.clone(),
-                s.durable,
-                rx,
-            ));
-            (Some(tx), Some(w))
-        }
-        None => (None, None),
-    };
-    let volume = s.name.as_str();
-    let export = Arc::new(PointExport {
-        image: s.image,
-        hold: s.hold,
-        overlay: s.overlay,
-        writes,
-    });
+    let mut writers = Vec::new();
+    let mut exports = Vec::new();
+    let mut named = Vec::new();
+    for s in served {
+        let writes = match &s.overlay {
+            Some(o) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                writers.push(tokio::spawn(run_writer(
+                    s.image.clone(),
+                    o.clone(),
+                    s.hold.clone(),
+                    s.durable,
+                    rx,
+                )));
+                Some(tx)
+            }
+            None => None,
+        };
+        let writable = s.overlay.is_some();
+        let export = Arc::new(PointExport {
+            image: s.image,
+            hold: s.hold,
+            overlay: s.overlay,
+            writes,
+        });
+        exports.push(export.clone());
+        named.push((s.name, s.point, writable, export));
+    }
     let set = Arc::new(PointExports {
-        name: volume.to_owned(),
-        export: export.clone(),
+        exports: named
+            .iter()
+            .map(|(name, _, _, e)| (name.clone(), e.clone()))
+            .collect(),
     });
     let t = token.clone();
-    let (server, endpoint, uri) = match listener {
+    let (server, endpoint) = match listener {
         Listener::Unix(l, path) => {
-            let uri = format!("nbd+unix:///{volume}?socket={}", path.display());
             let server = tokio::spawn(cdp_shared::nbd::server::serve_unix(
                 l,
                 set,
                 t,
                 ServerLimits::default(),
             ));
-            (server, Endpoint::Unix(path), uri)
+            (server, Endpoint::Unix(path))
         }
         Listener::Tcp(l, local) => {
-            let uri = format!("nbd://{local}/{volume}");
             let server = tokio::spawn(cdp_shared::nbd::server::serve_tcp(
                 l,
                 set,
                 t,
                 ServerLimits::default(),
             ));
-            (server, Endpoint::Tcp(local), uri)
+            (server, Endpoint::Tcp(local))
         }
     };
-    ExportHandle {
-        info: ExportInfo {
-            volume: volume.to_owned(),
-            point: s.point,
+    let infos: Vec<ExportInfo> = named
+        .into_iter()
+        .map(|(volume, point, writable, _)| ExportInfo {
+            uri: endpoint.uri(&volume),
+            volume,
+            point,
             writable,
-            uri,
-            endpoint,
-        },
+            endpoint: endpoint.clone(),
+        })
+        .collect();
+    ExportHandle {
+        info: infos[0].clone(),
+        infos,
         token,
         server,
-        writer,
-        export: Some(export),
+        writers,
+        exports,
         pin: None,
     }
 }
@@ -388,19 +418,25 @@ pub(crate) fn clear_stale_socket(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The one export of an [`ExportHandle`], by the volume's name.
+/// The exports of an [`ExportHandle`], by volume name (the empty name selects the only one).
 struct PointExports {
-    name: String,
-    export: Arc<PointExport>,
+    exports: Vec<(String, Arc<PointExport>)>,
 }
 
 impl ExportSet for PointExports {
     type Export = PointExport;
     fn get(&self, name: &str) -> Option<Arc<PointExport>> {
-        (name.is_empty() || name == self.name).then(|| self.export.clone())
+        match (name, self.exports.as_slice()) {
+            ("", [(_, only)]) => Some(only.clone()),
+            _ => self
+                .exports
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, e)| e.clone()),
+        }
     }
     fn names(&self) -> Vec<String> {
-        vec![self.name.clone()]
+        self.exports.iter().map(|(n, _)| n.clone()).collect()
     }
 }
 

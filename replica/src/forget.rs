@@ -330,25 +330,21 @@ pub fn hold(
 ) -> Option<String> {
     let what = what(plan);
     if let Some(f) = failover {
-        let volume = plan
-            .volumes
-            .iter()
-            .find(|v| v.id == f.volume_id)
-            .map(|v| v.name.as_str());
-        match (f.state, volume) {
-            (FailoverState::Active, Some(v)) => {
+        let group = &plan.group.name;
+        match f.state {
+            FailoverState::Active => {
                 return Some(format!(
-                    "{what} is held by its failover at seq {} (cdp-replica failover): end it first with `cdp-replica failover --volume {v} --undo` (or `--commit`), then run forget again",
+                    "{what} is held by its group's failover at seq {} (cdp-replica failover): end it first with `cdp-replica failover --group {group} --undo` (or `--commit`), then run forget again",
                     f.seq
                 ));
             }
-            (FailoverState::Committing, Some(v)) => {
+            FailoverState::Committing => {
                 return Some(format!(
-                    "{what} is held by a failover commit at seq {} that has not completed: complete it with `cdp-replica failover --volume {v} --commit`, then run forget again",
+                    "{what} is held by a failover commit at seq {} that has not completed: complete it with `cdp-replica failover --group {group} --commit`, then run forget again",
                     f.seq
                 ));
             }
-            _ => {}
+            FailoverState::Committed => {}
         }
     }
     let live: Vec<&PinRow> = pins_of_group
@@ -449,11 +445,15 @@ pub async fn delete_rows(catalog: &Catalog, dir: &DataDir, plan: &ForgetPlan) ->
             files.push(relative(dir, volume_dir));
         }
         let fo = FailoverFiles::of(dir, &v.name);
-        for p in [&fo.overlay, &fo.map, &fo.lock] {
+        for p in [&fo.overlay, &fo.map] {
             files.push(relative(dir, p));
         }
     }
     if plan.whole_group {
+        files.push(relative(
+            dir,
+            &crate::failover::group_lock(dir, &group.name),
+        ));
         files.push(relative(dir, &dir.journal(&group.name)));
     }
     let names: Vec<&str> = plan.volumes.iter().map(|v| v.name.as_str()).collect();
@@ -711,7 +711,6 @@ mod tests {
         );
         let mut f = FailoverRow {
             group_id: 1,
-            volume_id: 7,
             seq: Seq(4),
             segment_min: None,
             state: FailoverState::Active,
@@ -720,7 +719,7 @@ mod tests {
         };
         let why = hold(&p, &[], Some(&f), 100).expect("held");
         assert!(
-            why.contains("failover at seq 4") && why.contains("--undo"),
+            why.contains("failover at seq 4") && why.contains("failover --group g --undo"),
             "{why}"
         );
         f.state = FailoverState::Committing;

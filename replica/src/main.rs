@@ -218,21 +218,27 @@ enum Command {
         #[arg(long)]
         writable: bool,
     },
-    /// Make the image of a volume at a point the live volume, served read-write over NBD until
-    /// interrupted (Ctrl-C or SIGTERM); the volume's agent is refused meanwhile. End it with
-    /// --undo (everything as before) or --commit (the volume continues from the failover).
+    /// Make the image of a consistency group at a point its live volumes, each served
+    /// read-write as its own NBD export until interrupted (Ctrl-C or SIGTERM); the group is
+    /// refused to its agent meanwhile (the agent's other groups replicate as usual). End it
+    /// with --undo (everything as before) or --commit (the group continues from the failover).
     Failover {
         /// Data directory of the replica.
         #[arg(long, env = "CDP_REPLICA_DATA", default_value = DATA_DEFAULT)]
         data: PathBuf,
-        /// Name of the volume (also the NBD export name).
+        /// Name of the volume of a group of one (also the NBD export name).
+        #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+        volume: Option<String>,
+        /// Name of the consistency group: every volume fails over at the same point, each
+        /// exported under its own name.
         #[arg(long)]
-        volume: String,
+        group: Option<String>,
         /// The point: `latest`, `seq:N`, `bookmark:NAME` or an RFC 3339 time. Without it, the
         /// active failover of the volume is served again (its writes kept).
         #[arg(long, conflicts_with_all = ["undo", "commit"])]
         at: Option<String>,
-        /// Unix socket to serve on (default: DIR/failover-VOLUME.sock).
+        /// Unix socket to serve on (default: DIR/failover-VOLUME.sock for a group of one
+        /// volume, DIR/failover-GROUP.sock for a larger group).
         #[arg(long, conflicts_with_all = ["listen", "undo", "commit"])]
         socket: Option<PathBuf>,
         /// TCP address to serve on instead of a Unix socket (port 0: any free port).
@@ -419,23 +425,29 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Failover {
             data,
             volume,
+            group,
             undo: true,
             ..
-        } => recover::failover_undo(data, volume).await,
+        } => recover::failover_undo(data, recover::failover_target(volume, group)?).await,
         Command::Failover {
             data,
             volume,
+            group,
             commit: true,
             ..
-        } => recover::failover_commit(data, volume).await,
+        } => recover::failover_commit(data, recover::failover_target(volume, group)?).await,
         Command::Failover {
             data,
             volume,
+            group,
             at,
             socket,
             listen,
             ..
-        } => recover::failover(data, volume, at, socket, listen).await,
+        } => {
+            let target = recover::failover_target(volume, group)?;
+            recover::failover(data, target, at, socket, listen).await
+        }
         Command::Verify { command } => verify::verify(command).await,
         Command::Diff {
             data,

@@ -24,6 +24,14 @@
 //! Each Hello and each end of a connection is recorded in the catalog (`agents`: when the
 //! agent was last seen).
 //!
+//! # Fences
+//! A group with a failover row (see `failover`) is fenced alone: its Hello is answered in the
+//! Welcome's `refused` list (the agent's other groups are welcomed), a served group that is
+//! failed over later is told `Fenced` within [`FENCE_CHECK_INTERVAL`] (its link and port
+//! released), and a refused group whose failover ended is told `Rejoin`, to which the agent
+//! answers `Join` (admitted like a Hello, answered `Joined`). The connection stays up
+//! throughout, so the agent's other groups keep replicating.
+//!
 //! # Forget
 //! A connection holds its groups' links ([`crate::agent_ports::Links`]) from its Welcome to
 //! its end: the forget service of `serve` refuses a forget while the group's agent holds one.
@@ -71,7 +79,7 @@ const CONTROL_READ_BYTES: usize = 64 << 10;
 pub const FENCE_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// The QUIC application close codes (the reason, one sentence, goes with them): its agent was
 /// deauthorized, one of its groups was failed over or forgotten (`forget`) after its Welcome.
-pub use cdp_shared::wire::{CLOSE_DEAUTHORIZED, CLOSE_FENCED, CLOSE_FORGOTTEN};
+pub use cdp_shared::wire::{CLOSE_DEAUTHORIZED, CLOSE_FORGOTTEN};
 /// Hash requests of one connection answered at once (each reads up to
 /// `HASHES_PER_MESSAGE_MAX` MiB of image), so that they never starve ingest.
 pub const HASH_REQUESTS_PER_CONNECTION_MAX: usize = 2;
@@ -303,6 +311,8 @@ struct Welcomed {
     buf: Vec<u8>,
     agent_name: String,
     welcomes: Vec<wire::GroupWelcome>,
+    /// The groups of the Hello refused on this connection (fenced), by name.
+    refused: Vec<String>,
     /// The group names the Hello announced.
     announced: Arc<HashSet<String>>,
 }
@@ -369,8 +379,8 @@ async fn welcome(
         )
         .await);
     };
-    let welcomes = match shared.ingest.hello(agent, protocol, &groups).await {
-        Ok(Ok(w)) => w,
+    let admitted = match shared.ingest.hello(agent, protocol, &groups).await {
+        Ok(Ok(a)) => a,
         Ok(Err(refusal)) => return Err(refuse(&mut send, agent, refusal).await),
         Err(e) => {
             tracing::error!(%agent, "could not admit the agent's groups: {e}");
@@ -382,11 +392,15 @@ async fn welcome(
             .await);
         }
     };
+    for r in &admitted.refused {
+        tracing::warn!(%agent, group = %r.name, "refused a group of the agent: {}", r.reason);
+    }
     write_frame(
         &mut send,
         &Control::Welcome {
             protocol: wire::PROTOCOL_VERSION,
-            groups: welcomes.clone(),
+            groups: admitted.welcomes.clone(),
+            refused: admitted.refused.clone(),
         },
     )
     .await?;
@@ -397,14 +411,31 @@ async fn welcome(
         decoder,
         buf,
         agent_name,
-        welcomes,
+        welcomes: admitted.welcomes,
+        refused: admitted.refused.into_iter().map(|r| r.name).collect(),
         announced,
     }))
 }
 
+/// The groups a welcomed connection serves, and those of its Hello it refuses (fenced).
+struct Joined {
+    /// Catalog id, name and forget epoch of each group served.
+    served: Vec<(i64, String, u64)>,
+    /// Groups of the Hello refused on this connection, each with whether the agent was told
+    /// that it may join again (`Rejoin`).
+    refused: std::collections::BTreeMap<String, bool>,
+}
+
+impl Joined {
+    fn group_ids(&self) -> Vec<i64> {
+        self.served.iter().map(|(gid, _, _)| *gid).collect()
+    }
+}
+
 /// A welcomed connection: its links held, its port registered and its groups attached for
 /// their news, then batch streams, hash requests and answers taken until it ends; every
-/// [`FENCE_CHECK_INTERVAL`] the connection checks that it may go on ([`must_close`]).
+/// [`FENCE_CHECK_INTERVAL`] the connection checks that it may go on ([`must_close`]) and
+/// whether one of its groups was failed over or its failover ended ([`check_fences`]).
 async fn session(
     conn: &quinn::Connection,
     agent: Fingerprint,
@@ -419,20 +450,22 @@ async fn session(
         mut buf,
         agent_name,
         welcomes,
+        refused,
         announced,
     } = w;
-    let mut group_ids = Vec::new();
+    let mut joined = Joined {
+        served: Vec::new(),
+        refused: refused.into_iter().map(|n| (n, false)).collect(),
+    };
     for w in &welcomes {
         if let Some(gid) = shared.ingest.group_id(&w.name).await {
-            group_ids.push(gid);
+            joined
+                .served
+                .push((gid, w.name.clone(), shared.ingest.forget_epoch(&w.name)));
         }
     }
-    set_links(shared, &group_ids, id, true, &agent).await;
-    let forget_epochs: Vec<(String, u64)> = welcomes
-        .iter()
-        .map(|w| (w.name.clone(), shared.ingest.forget_epoch(&w.name)))
-        .collect();
-    tracing::info!(%agent, groups = ?welcomes.iter().map(|w| (&w.name, w.durable)).collect::<Vec<_>>(), "welcomed the agent");
+    set_links(shared, &joined.group_ids(), id, true, &agent).await;
+    tracing::info!(%agent, groups = ?welcomes.iter().map(|w| (&w.name, w.durable)).collect::<Vec<_>>(), refused = ?joined.refused.keys().collect::<Vec<_>>(), "welcomed the agent");
 
     let (outbox, mut outbox_rx) = mpsc::channel::<Control>(CONTROL_OUTBOX_MAX);
     let writer = tokio::spawn(async move {
@@ -446,7 +479,7 @@ async fn session(
         shared.ingest.attach(&w.name, &outbox).await;
     }
     let port = AgentPort::new(id, outbox.clone());
-    shared.ports.register(&group_ids, &port);
+    shared.ports.register(&joined.group_ids(), &port);
     let streams = TaskTracker::new();
     let mut hash_jobs: JoinSet<()> = JoinSet::new();
     let mut control_open = true;
@@ -456,9 +489,10 @@ async fn session(
         tokio::select! {
             _ = shared.token.cancelled() => break Ok(()),
             _ = fence_check.tick() => {
-                if let Some(end) = must_close(conn, &agent, &agent_name, shared, &forget_epochs, &group_ids).await {
+                if let Some(end) = must_close(conn, &agent, &agent_name, shared, &joined).await {
                     break end;
                 }
+                check_fences(shared, &agent, id, &outbox, &mut joined).await;
             }
             s = conn.accept_uni() => match s {
                 Ok(stream) => {
@@ -482,6 +516,9 @@ async fn session(
                         shared.ingest.report_head(&group, seq, lag_ms, rpo_target_ms);
                     }
                 }
+                Ok(Some(Control::Join { group })) => {
+                    join(shared, &agent, id, &port, &outbox, &mut joined, group).await;
+                }
                 Ok(Some(msg)) => route_answer(&port, &agent, msg),
                 Ok(None) => control_open = false,
                 Err(e) => break Err(e),
@@ -490,6 +527,7 @@ async fn session(
         }
     };
     hash_jobs.abort_all();
+    let group_ids = joined.group_ids();
     shared.ports.unregister(&group_ids, id);
     // Askers still waiting learn that the connection is gone.
     port.hang_up();
@@ -502,15 +540,15 @@ async fn session(
 }
 
 /// Whether a welcomed connection must close now, and how its session ends: its agent was
-/// deauthorized, one of its groups was forgotten or failed over since its Welcome. The
-/// connection is closed here with the code and reason the agent logs.
+/// deauthorized, or one of its groups was forgotten since its Welcome. The connection is
+/// closed here with the code and reason the agent logs. (A failed-over group is fenced alone:
+/// [`check_fences`].)
 async fn must_close(
     conn: &quinn::Connection,
     agent: &Fingerprint,
     agent_name: &str,
     shared: &Arc<Shared>,
-    forget_epochs: &[(String, u64)],
-    group_ids: &[i64],
+    joined: &Joined,
 ) -> Option<std::result::Result<(), String>> {
     if let Some(reason) = deauthorized(shared, agent) {
         tracing::warn!(%agent, name = %agent_name, "closing the connection of agent {agent_name:?} ({agent}): it was deauthorized");
@@ -518,9 +556,10 @@ async fn must_close(
         // Said above; the end of the connection is logged as usual.
         return Some(Ok(()));
     }
-    if let Some((group, _)) = forget_epochs
+    if let Some((_, group, _)) = joined
+        .served
         .iter()
-        .find(|(g, e)| shared.ingest.forget_epoch(g) != *e)
+        .find(|(_, g, e)| shared.ingest.forget_epoch(g) != *e)
     {
         let reason = format!(
             "group {group} was forgotten on the replica (cdp-replica forget); the next connection starts it afresh"
@@ -529,12 +568,116 @@ async fn must_close(
         conn.close(CLOSE_FORGOTTEN.into(), reason.as_bytes());
         return Some(Err(reason));
     }
-    if let Some(reason) = fenced(shared, group_ids).await {
-        tracing::warn!(%agent, "closing the agent's connection: {reason}");
-        conn.close(CLOSE_FENCED.into(), reason.as_bytes());
-        return Some(Err(format!("fenced: {reason}")));
-    }
     None
+}
+
+/// The per-group fence of a connection (see `failover`): a served group that was failed over
+/// since is refused from now on (`Fenced`: its link released, its port unregistered; ingest
+/// commits none of its batches anyway), and a refused group whose failover ended is told it
+/// may join again (`Rejoin`, once). The connection's other groups go on untouched.
+async fn check_fences(
+    shared: &Arc<Shared>,
+    agent: &Fingerprint,
+    id: u64,
+    outbox: &mpsc::Sender<Control>,
+    joined: &mut Joined,
+) {
+    let mut i = 0;
+    while i < joined.served.len() {
+        let (gid, name) = (joined.served[i].0, joined.served[i].1.clone());
+        match crate::ingest::fence_of(&shared.catalog, &name).await {
+            Ok(Some(refused)) => {
+                tracing::warn!(%agent, group = %name, "fencing a group of the agent: {}", refused.reason);
+                joined.served.remove(i);
+                joined.refused.insert(name, false);
+                shared.ports.unregister(&[gid], id);
+                set_links(shared, &[gid], id, false, agent).await;
+                let _ = outbox.send(Control::Fenced(refused)).await;
+            }
+            Ok(None) => i += 1,
+            Err(e) => {
+                tracing::debug!("could not check the fence of group {name}: {e}");
+                i += 1;
+            }
+        }
+    }
+    for (name, told) in joined.refused.iter_mut().filter(|(_, told)| !**told) {
+        if let Ok(None) = crate::ingest::fence_of(&shared.catalog, name).await {
+            tracing::info!(%agent, group = %name, "a refused group of the agent may replicate again: asking it to join");
+            *told = true;
+            let _ = outbox
+                .send(Control::Rejoin {
+                    group: name.clone(),
+                })
+                .await;
+        }
+    }
+}
+
+/// The agent's `Join` of a group this connection refused: admitted by ingest (`Joined`, and
+/// the group served from now on) or refused again (`Fenced`). A Join of a group the
+/// connection does not refuse is ignored.
+async fn join(
+    shared: &Arc<Shared>,
+    agent: &Fingerprint,
+    id: u64,
+    port: &AgentPort,
+    outbox: &mpsc::Sender<Control>,
+    joined: &mut Joined,
+    gh: wire::GroupHello,
+) {
+    if joined.refused.get(&gh.name) != Some(&true) {
+        tracing::debug!(%agent, group = %gh.name, "ignored a Join of a group not asked to join");
+        return;
+    }
+    let name = gh.name.clone();
+    let refused_again = |reason: String, cause| {
+        Control::Fenced(wire::GroupRefused {
+            name: name.clone(),
+            reason,
+            cause,
+        })
+    };
+    let answer = match shared.ingest.join(agent, &gh).await {
+        Ok(Ok(Ok(w))) => match shared.ingest.group_id(&name).await {
+            Some(gid) => {
+                joined.refused.remove(&name);
+                joined
+                    .served
+                    .push((gid, name.clone(), shared.ingest.forget_epoch(&name)));
+                set_links(shared, &[gid], id, true, agent).await;
+                shared.ingest.attach(&name, outbox).await;
+                shared.ports.register(&[gid], port);
+                tracing::info!(%agent, group = %name, durable = w.durable.0, "the agent's group joined again");
+                Control::Joined { group: w }
+            }
+            None => refused_again(
+                format!("group {name} is not running on the replica"),
+                cdp_shared::cause::Cause::DisconnectedRefused,
+            ),
+        },
+        Ok(Ok(Err(refused))) => {
+            // Fenced again before it could join: asked again once the fence goes.
+            joined.refused.insert(name.clone(), false);
+            Control::Fenced(refused)
+        }
+        Ok(Err(Refusal(reason, cause))) => {
+            tracing::warn!(%agent, group = %name, "refused the agent's group: {reason}");
+            refused_again(
+                reason,
+                cause.unwrap_or(cdp_shared::cause::Cause::DisconnectedRefused),
+            )
+        }
+        Err(e) => {
+            tracing::error!(%agent, group = %name, "could not admit the agent's group: {e}");
+            joined.refused.insert(name.clone(), false);
+            refused_again(
+                format!("the replica could not admit the group: {e}"),
+                cdp_shared::cause::Cause::DisconnectedRefused,
+            )
+        }
+    };
+    let _ = outbox.send(answer).await;
 }
 
 /// One batch stream: read whole and submitted to ingest (which answers on `outbox`), or
@@ -581,29 +724,6 @@ fn route_answer(port: &AgentPort, agent: &Fingerprint, msg: Control) {
     if !port.answer(id, msg) {
         tracing::debug!(%agent, id, "ignored an answer nobody waits for");
     }
-}
-
-/// The refusal sentence of the first of `group_ids` that is failed over, if any.
-async fn fenced(shared: &Arc<Shared>, group_ids: &[i64]) -> Option<String> {
-    for &gid in group_ids {
-        match shared.catalog.failover(gid).await {
-            Ok(Some(f)) => {
-                let group = shared.catalog.group_by_id(gid).await.ok()?;
-                let volume = shared
-                    .catalog
-                    .volumes_of_group(gid)
-                    .await
-                    .ok()?
-                    .into_iter()
-                    .find(|v| v.id == f.volume_id)
-                    .map_or_else(|| "?".to_owned(), |v| v.name);
-                return Some(f.refusal(&group.name, &volume));
-            }
-            Ok(None) => {}
-            Err(e) => tracing::debug!("could not check the fence of group {gid}: {e}"),
-        }
-    }
-    None
 }
 
 /// The answer to one `HashRequest`: `HashReply`, or `HashError` with one sentence.

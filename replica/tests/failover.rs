@@ -1,12 +1,14 @@
 //! `cdp-replica failover` (the real binary, driven by a small NBD client written here): a
 //! failover serves the image at its point read-write with a persistent overlay (kept across
 //! stops, SIGKILL included, for flushed writes); `--undo` gives back every point as it was;
-//! the agent is fenced while a failover exists (refused at Hello, its connection closed, its
-//! batches not committed) and accepted again after `--undo`; the trimmer never moves the base
+//! the failed-over group alone is fenced while a failover exists (refused in the Welcome, told
+//! `Fenced` on an open connection that stays up for the agent's other group, its batches not
+//! committed) and joins again after `--undo` (`Rejoin`, `Join`, `Joined`); a group of two
+//! volumes fails over at one point, each volume its own export; the trimmer never moves the base
 //! past an active failover's point, even with nothing serving it; and `--commit` makes the
 //! failover image (point + writes) the volume, drops the later points, survives a `serve`
 //! start and keeps the agent refused. Refusals: commit while served or while `serve` runs, a
-//! second failover at another point, a group of several volumes.
+//! second failover at another point, `--volume` for a volume of a larger group.
 
 mod common;
 
@@ -34,6 +36,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_cdp-replica");
 const GROUP: &str = "fg";
 /// Two chunks and a bit: writes span chunks, the last block is short.
 const VOL: (u32, &str, u64) = (0, "fo-disk", 2 * CHUNK_BYTES + 8192 + 100);
+/// The volume of a second group of the same agent.
+const OTHER_BYTES: u64 = 256 << 10;
 
 // ---------------------------------------------------------------------------------------------
 // The failover as a child process, and the other commands.
@@ -102,7 +106,7 @@ fn overlay_files(root: &Path) -> Vec<String> {
         Ok(d) => {
             let mut names: Vec<String> = d
                 .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.ends_with(".lock"))
+                .filter(|n| !n.ends_with("lock"))
                 .collect();
             names.sort();
             names
@@ -120,6 +124,15 @@ const WRITES: Mix = Mix {
 
 fn random_ops(rng: &mut StdRng) -> Vec<Op> {
     WRITES.ops(rng, VOL.2)
+}
+
+/// Random writes (as [`random_ops`]) to volume `vol` of `size` bytes.
+fn random_ops_in(rng: &mut StdRng, vol: u32, size: u64) -> Vec<Op> {
+    WRITES
+        .writes(rng, size, |rng| rng.random())
+        .iter()
+        .map(|w| w.op(vol))
+        .collect()
 }
 
 /// A replica with the volume synced (from a random image) and `batches` more batches through
@@ -339,26 +352,13 @@ async fn the_trimmer_stops_at_an_active_failover() {
     catalog.close().await;
 }
 
-async fn connect(
-    identity: &Identity,
-    server: &cdp_replica::ServerHandle,
-    sim: &AgentSim,
-) -> (QuicAgent, Control) {
-    let mut q = QuicAgent::connect(identity, server.fingerprint(), server.local_addr())
-        .await
-        .expect("connect");
-    let answer = q
-        .hello(vec![sim.hello()])
-        .await
-        .expect("an answer to hello");
-    (q, answer)
-}
-
-/// A running `serve` fences the agent while a failover exists: its connection is closed, its
-/// batches are not committed, a new hello is refused; after `--undo` it is welcomed and its
-/// batches are committed.
+/// A running `serve` fences the failed-over group alone, on the open connection: the
+/// connection is told `Fenced` and stays up, the group's batches are not committed while the
+/// agent's other group is acknowledged throughout, a new Hello is welcomed for the other group
+/// and refuses the fenced one with its reason; after `--undo` the open connection is told
+/// `Rejoin`, the group joins again (`Join` / `Joined`) and its batches are committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failover_fences_the_agent_until_undone() {
+async fn a_failover_fences_its_group_alone_until_undone() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
     init_replica(root).await;
@@ -368,16 +368,34 @@ async fn a_failover_fences_the_agent_until_undone() {
         .await
         .expect("serve");
     let mut sim = AgentSim::new(GROUP, &[VOL]);
+    let mut other = AgentSim::new("other", &[(0, "other-disk", OTHER_BYTES)]);
     let mut rng = StdRng::seed_from_u64(13);
     sim.images.insert(0, pattern(rng.random(), VOL.2 as usize));
-    let (mut q, answer) = connect(&agent, &server, &sim).await;
-    assert!(matches!(answer, Control::Welcome { .. }), "{answer:?}");
+    other
+        .images
+        .insert(0, pattern(rng.random(), OTHER_BYTES as usize));
+    let mut q = QuicAgent::connect(&agent, server.fingerprint(), server.local_addr())
+        .await
+        .expect("connect");
+    let answer = q
+        .hello(vec![sim.hello(), other.hello()])
+        .await
+        .expect("an answer to hello");
+    assert!(
+        matches!(&answer, Control::Welcome { groups, refused, .. } if groups.len() == 2 && refused.is_empty()),
+        "{answer:?}"
+    );
     let mut out = Vec::new();
     let synced = sim.sync_volume(0, &mut out);
-    for (_, b) in out {
+    for (_, b) in out.drain(..) {
         q.send_batch(&b).await.expect("send");
     }
     q.wait_ack(GROUP, synced).await;
+    let other_synced = other.sync_volume(0, &mut out);
+    for (_, b) in out.drain(..) {
+        q.send_batch(&b).await.expect("send");
+    }
+    q.wait_ack("other", other_synced).await;
     for _ in 0..3 {
         let (seq, b) = sim.batch(&random_ops(&mut rng), BatchFlags::FLUSH, None);
         q.send_batch(&b).await.expect("send");
@@ -387,32 +405,66 @@ async fn a_failover_fences_the_agent_until_undone() {
 
     let f = start_failover(root, Some("latest"));
     assert!(f.line.contains(&format!("at seq {s} (")), "{}", f.line);
-    // A batch sent now is not committed, and the connection is closed.
-    let (next, b) = sim.batch(&random_ops(&mut rng), BatchFlags::FLUSH, None);
-    let _ = q.send_batch(&b).await;
-    let ended = loop {
-        match q.next_control().await {
-            Ok(Control::Ack { durable, .. }) => {
-                assert!(
-                    durable.0 < next,
-                    "batch {next} was committed after the failover"
-                )
-            }
-            Ok(other) => panic!("unexpected {other:?}"),
-            Err(e) => break e,
+    // The connection is told that the group is fenced, and stays up.
+    let fenced = loop {
+        match q.next_control().await.expect("a control message") {
+            Control::Fenced(r) => break r,
+            Control::Ack { group, .. } if group == "other" => {}
+            other => panic!("expected Fenced, got {other:?}"),
         }
     };
-    assert!(!ended.contains("no control message in time"), "{ended}");
-    let (_q2, answer) = connect(&agent, &server, &sim).await;
-    match answer {
-        Control::Refused { reason, .. } => assert!(
-            reason.starts_with(&format!(
-                "volume fo-disk (group {GROUP}) is failed over on the replica at seq {s} since "
-            )) && reason.contains("`cdp-replica failover --volume fo-disk --undo`"),
-            "{reason}"
-        ),
-        other => panic!("expected Refused, got {other:?}"),
+    assert_eq!(fenced.name, GROUP);
+    assert_eq!(
+        fenced.cause,
+        cdp_shared::cause::Cause::DisconnectedFencedByFailover
+    );
+    assert!(
+        fenced.reason.starts_with(&format!(
+            "group {GROUP} is failed over on the replica at seq {s} since "
+        )) && fenced
+            .reason
+            .contains(&format!("`cdp-replica failover --group {GROUP} --undo`")),
+        "{}",
+        fenced.reason
+    );
+    // A batch of the fenced group is not committed; the other group's are, on the same
+    // connection.
+    let (next, b) = sim.batch(&random_ops(&mut rng), BatchFlags::FLUSH, None);
+    q.send_batch(&b).await.expect("send");
+    for _ in 0..3 {
+        let (seq, b) = other.batch(
+            &random_ops_in(&mut rng, 0, OTHER_BYTES),
+            BatchFlags::FLUSH,
+            None,
+        );
+        q.send_batch(&b)
+            .await
+            .expect("send the other group's batch");
+        q.wait_ack("other", seq).await;
     }
+    // A second connection of the agent: the other group welcomed, the fenced one refused.
+    let mut q2 = QuicAgent::connect(&agent, server.fingerprint(), server.local_addr())
+        .await
+        .expect("connect");
+    match q2
+        .hello(vec![sim.hello(), other.hello()])
+        .await
+        .expect("answer")
+    {
+        Control::Welcome {
+            groups, refused, ..
+        } => {
+            assert_eq!(
+                groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(),
+                vec!["other"]
+            );
+            assert_eq!(refused.len(), 1, "{refused:?}");
+            assert_eq!(refused[0].name, GROUP);
+            assert_eq!(refused[0].reason, fenced.reason);
+        }
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    drop(q2);
     let catalog = Catalog::open(
         &DataDir::existing(root).expect("dir").catalog(),
         OpenMode::Existing,
@@ -432,11 +484,26 @@ async fn a_failover_fences_the_agent_until_undone() {
     );
     f.stop();
 
+    // Undo: the open connection is asked to join the group again.
     cli_ok(root, &["--undo"]);
-    let (mut q, answer) = connect(&agent, &server, &sim).await;
-    match answer {
-        Control::Welcome { groups, .. } => assert_eq!(groups[0].durable.0, s),
-        other => panic!("expected Welcome, got {other:?}"),
+    loop {
+        match q.next_control().await.expect("a control message") {
+            Control::Rejoin { group } => {
+                assert_eq!(group, GROUP);
+                break;
+            }
+            Control::Ack { group, .. } if group == "other" => {}
+            other => panic!("expected Rejoin, got {other:?}"),
+        }
+    }
+    q.send_control(&Control::Join { group: sim.hello() })
+        .await
+        .expect("join");
+    match q.next_control().await.expect("an answer to join") {
+        Control::Joined { group } => {
+            assert_eq!((group.name.as_str(), group.durable.0), (GROUP, s));
+        }
+        other => panic!("expected Joined, got {other:?}"),
     }
     q.send_batch(&sim.batches[&next].clone())
         .await
@@ -454,7 +521,7 @@ async fn a_failover_fences_the_agent_until_undone() {
 
 /// `--commit` makes the failover image the volume: `restore latest` gives it, the later points
 /// are gone, `serve` starts on the directory and keeps the agent refused. Refused while `serve`
-/// runs; a group of two volumes cannot fail over.
+/// runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committed_failover_is_the_volume() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -521,25 +588,182 @@ async fn a_committed_failover_is_the_volume() {
     }
     h.shutdown().await;
     assert_eq!(restore_at(root, PointSpec::Latest).await, model);
+}
 
-    // A group of two volumes.
-    let tmp2 = tempfile::tempdir().expect("tempdir");
-    let root2 = tmp2.path();
-    init_replica(root2).await;
-    let mut h = Harness::open(root2).await;
-    let mut sim2 = AgentSim::new("two", &[(0, "fo-disk", 8192), (1, "fo-other", 8192)]);
-    h.hello(vec![sim2.hello()]).await.expect("welcome");
-    let mut out = Vec::new();
-    sim2.sync_volume(0, &mut out);
-    let last = sim2.sync_volume(1, &mut out);
-    for (_, b) in out {
+/// A group of two volumes fails over at one point: `--volume` names a group of one only (the
+/// refusal names the group); `failover --group` serves both volumes on one socket, each under
+/// its own name, at the same seq; their writes persist across a stop and a resumption;
+/// `--commit --group` makes both target disks the failover images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_two_fails_over_at_one_point() {
+    const SIZE: u64 = CHUNK_BYTES + 8192;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    init_replica(root).await;
+    let mut h = Harness::open(root).await;
+    let mut sim = AgentSim::new("two", &[(0, "fo-a", SIZE), (1, "fo-b", SIZE)]);
+    let mut rng = StdRng::seed_from_u64(17);
+    sim.images.insert(0, pattern(rng.random(), SIZE as usize));
+    sim.images.insert(1, pattern(rng.random(), SIZE as usize));
+    h.hello(vec![sim.hello()]).await.expect("welcome");
+    h.sync(&mut sim, 0).await;
+    h.sync(&mut sim, 1).await;
+    for i in 0..8u32 {
+        let ops = random_ops_in(&mut rng, i % 2, SIZE);
+        let (seq, b) = sim.batch(&ops, BatchFlags::FLUSH, None);
         h.submit(b).await;
+        h.wait_ack("two", seq).await;
     }
-    h.wait_ack("two", last).await;
+    let mid = sim.seq - 3;
     h.shutdown().await;
-    cli_fails(
-        root2,
-        &["--at", "latest"],
-        "a failover of a group of more than one volume is not supported yet",
+
+    let group_cli = |extra: &[&str]| {
+        let mut args = vec!["failover".to_owned(), "--data".into()];
+        args.push(root.display().to_string());
+        args.extend(["--group".to_owned(), "two".to_owned()]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Command::new(BIN)
+            .args(&args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run cdp-replica failover --group")
+    };
+    let refused = Command::new(BIN)
+        .args(command_args("failover", root, "fo-a", &["--at", "latest"]))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && err.contains("volume fo-a belongs to group two of 2 volumes (fo-a, fo-b)")
+            && err.contains("`cdp-replica failover --group two`"),
+        "{err}"
     );
+
+    let f = GroupFailover::start(root, "two", &["--at", &format!("seq:{mid}")], 2);
+    assert!(
+        f.lines[0].starts_with(&format!("failover of group two (2 volumes) at seq {mid} (")),
+        "{:?}",
+        f.lines
+    );
+    assert_eq!(f.socket, root.join("failover-two.sock"));
+    let mut models = Vec::new();
+    for (vol, name) in [(0u32, "fo-a"), (1, "fo-b")] {
+        assert!(
+            f.lines[1 + vol as usize].starts_with(&format!("  {name}: nbd+unix:///{name}?socket=")),
+            "{:?}",
+            f.lines
+        );
+        let mut nbd = Nbd::connect(&f.socket, name);
+        let mut model = sim.image_at(mid, vol).to_vec();
+        assert_eq!(nbd.read_all(64 << 10), model, "{name} reads as seq {mid}");
+        write_some(&mut nbd, &mut model, 100 + u64::from(vol));
+        nbd.disconnect();
+        models.push(model);
+    }
+    f.stop();
+    // Served again: the writes of both volumes are kept.
+    let f = GroupFailover::start(root, "two", &[], 2);
+    assert!(
+        f.lines[0].contains("(served again, earlier writes kept)"),
+        "{:?}",
+        f.lines
+    );
+    for (vol, name) in [(0usize, "fo-a"), (1, "fo-b")] {
+        let mut nbd = Nbd::connect(&f.socket, name);
+        assert_eq!(nbd.read_all(64 << 10), models[vol], "{name} after a stop");
+        nbd.disconnect();
+    }
+    f.stop();
+
+    let out = group_cli(&["--commit"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with(&format!("failover of group two at seq {mid} committed")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for (vol, name) in [(0usize, "fo-a"), (1, "fo-b")] {
+        let (image, _) = restore_bytes(root, name, &PointSpec::Latest)
+            .await
+            .expect("restore");
+        assert_eq!(image, models[vol], "{name}: latest is the failover image");
+    }
+    assert_eq!(overlay_files(root), Vec::<String>::new());
+}
+
+/// `cdp-replica failover --group G ARGS…` as a child process, up once it printed its lines
+/// (one for the group, one per volume).
+struct GroupFailover {
+    child: std::process::Child,
+    lines: Vec<String>,
+    socket: std::path::PathBuf,
+}
+
+impl GroupFailover {
+    fn start(root: &Path, group: &str, args: &[&str], volumes: usize) -> GroupFailover {
+        use std::io::BufRead;
+        let mut child = Command::new(BIN)
+            .arg("failover")
+            .arg("--data")
+            .arg(root)
+            .args(["--group", group])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("spawn cdp-replica failover --group");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(out);
+            let mut lines = Vec::new();
+            for _ in 0..=volumes {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                lines.push(line.trim_end().to_owned());
+            }
+            let _ = tx.send(lines);
+        });
+        let lines = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("failover prints its lines");
+        assert_eq!(lines.len(), volumes + 1, "failover exited: {lines:?}");
+        let socket = std::path::PathBuf::from(
+            lines[1]
+                .rsplit_once("?socket=")
+                .unwrap_or_else(|| panic!("no socket in {lines:?}"))
+                .1,
+        );
+        GroupFailover {
+            child,
+            lines,
+            socket,
+        }
+    }
+
+    /// SIGTERM, then a clean exit.
+    fn stop(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("signal");
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "failover exited with {status}");
+    }
+}
+
+impl Drop for GroupFailover {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

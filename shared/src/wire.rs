@@ -19,12 +19,16 @@ use crate::types::{Seq, VolumeId};
 /// 2: seqs are [`Seq`], a volume's state in a Welcome is a [`VolumeState`] (unknown states are
 /// malformed frames), and a Nack that names no batch has `group: null` instead of `""`.
 /// 3: the agent sends [`Control::Head`] every [`HEAD_INTERVAL`].
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: fences are per group: a Welcome lists the groups it refuses ([`GroupRefused`]), a
+/// connection is told when one of its groups is fenced ([`Control::Fenced`]) or may replicate
+/// again ([`Control::Rejoin`], answered by [`Control::Join`] and [`Control::Joined`]), instead
+/// of the whole connection being refused or closed.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The application close code of a connection the replica closed because its agent was
 /// deauthorized.
 pub const CLOSE_DEAUTHORIZED: u32 = 3;
-/// The close code of a connection closed because one of its groups was failed over.
-pub const CLOSE_FENCED: u32 = 2;
+// Close code 2 closed a connection one of whose groups was failed over, before protocol 4
+// made fences per group ([`Control::Fenced`]); it is not reused.
 /// The close code of a connection closed because one of its groups was forgotten.
 pub const CLOSE_FORGOTTEN: u32 = 4;
 /// Largest control frame body.
@@ -75,6 +79,17 @@ pub struct GroupWelcome {
     /// resyncs only what its activity log names, instead of comparing every chunk.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub agent_head_on_chain: bool,
+}
+
+/// A group of the Hello (or of a [`Control::Join`]) that the replica does not take on this
+/// connection, with why; the agent's other groups are welcomed as usual.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRefused {
+    pub name: String,
+    /// One sentence for the operator.
+    pub reason: String,
+    /// The named cause (e.g. `disconnected/fenced-by-failover`).
+    pub cause: Cause,
 }
 
 /// A volume's state on the replica, in [`GroupWelcome`].
@@ -128,7 +143,21 @@ pub enum Control {
     Welcome {
         protocol: u32,
         groups: Vec<GroupWelcome>,
+        /// Groups of the Hello refused on this connection (e.g. failed over), each with why.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        refused: Vec<GroupRefused>,
     },
+    /// Replica to agent: this group of the connection is refused from now on (it was failed
+    /// over); its batches are not taken. The agent stops sending them and keeps spooling.
+    Fenced(GroupRefused),
+    /// Replica to agent: a refused group of the connection may replicate again (its failover
+    /// was undone); the agent answers with [`Control::Join`].
+    Rejoin { group: String },
+    /// Agent to replica: the group's Hello again, to be admitted on this connection.
+    Join { group: GroupHello },
+    /// Replica to agent: the answer to a Join (the group's Welcome); a Join refused again is
+    /// answered with [`Control::Fenced`].
+    Joined { group: GroupWelcome },
     /// The replica will not serve this agent; `reason` is one sentence for the operator, and
     /// `cause` names the refusal when it is one the agent reports apart (a fence); absent from
     /// replicas before it, so a `Refused` still decodes the same in every version.

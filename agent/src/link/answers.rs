@@ -9,17 +9,18 @@ use std::sync::Arc;
 use anyhow::{Result, anyhow, bail};
 use cdp_shared::Seq;
 use cdp_shared::types::VolumeId;
-use cdp_shared::wire::Control;
+use cdp_shared::wire::{Control, GroupRefused, GroupWelcome};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::window::{NackAction, SendWindow, send_batch};
-use super::{HashWaiters, SharedLink, parse_hash};
+use super::{HashWaiters, SharedLink, group_hello, join_window, parse_hash, set_refused};
 use crate::pipeline::Group;
 
 pub(super) struct Ctx<'a> {
     pub(super) window: &'a mut SendWindow,
-    /// The groups of the connection, by name (the window's groups).
+    /// The groups of the connection, by name: the window's, and those the replica refuses
+    /// (fenced: out of the window until they join again).
     pub(super) groups: &'a BTreeMap<String, Arc<Group>>,
     pub(super) conn: &'a quinn::Connection,
     pub(super) sends: &'a mut JoinSet<Result<()>>,
@@ -87,12 +88,79 @@ impl Ctx<'_> {
                 volume,
                 chunks,
             } => self.handle_repair_request(id, &group, volume, chunks),
+            Control::Fenced(refused) => self.handle_fenced(refused),
+            Control::Rejoin { group } => self.handle_rejoin(&group),
+            Control::Joined { group } => self.handle_joined(&group)?,
             other => bail!("unexpected message from the replica: {other:?}"),
         }
         Ok(())
     }
 
+    /// The replica refuses `refused.name` from now on (it was failed over there): the group
+    /// leaves the window and keeps spooling; its other groups go on.
+    fn handle_fenced(&mut self, refused: GroupRefused) {
+        if !self.groups.contains_key(&refused.name) {
+            tracing::debug!(group = %refused.name, "ignored a fence of a group not on this connection");
+            return;
+        }
+        self.window.remove_group(&refused.name);
+        set_refused(self.link, std::slice::from_ref(&refused));
+    }
+
+    /// The replica says a refused group may replicate again: it is announced once more
+    /// (`Join`, written by the connection loop).
+    fn handle_rejoin(&mut self, group: &str) {
+        let Some(g) = self.groups.get(group) else {
+            tracing::debug!(group, "ignored a rejoin of a group not on this connection");
+            return;
+        };
+        if self.window.has_group(group) {
+            return;
+        }
+        tracing::info!(
+            group,
+            "the replica accepts group {group} again: announcing it"
+        );
+        let _ = self.replies.try_send(Control::Join {
+            group: group_hello(g),
+        });
+    }
+
+    /// The replica admitted a group again: it catches up like at a Welcome and rejoins the
+    /// window.
+    fn handle_joined(&mut self, w: &GroupWelcome) -> Result<()> {
+        let g = self.group(&w.name)?.clone();
+        if self.window.has_group(&w.name) {
+            bail!("the replica admitted group {} twice", w.name);
+        }
+        join_window(self.window, &g, w)?;
+        self.link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused
+            .remove(&w.name);
+        tracing::info!(
+            group = %w.name,
+            durable = w.durable.0,
+            "group {} replicates again, from seq {}",
+            w.name,
+            w.durable.next()
+        );
+        g.wake.send_modify(|v| *v += 1);
+        g.bump();
+        Ok(())
+    }
+
     fn handle_ack(&mut self, group: &str, durable: Seq) -> Result<()> {
+        if !self.window.has_group(group) && self.groups.contains_key(group) {
+            // Committed before the group was fenced; its Join's Welcome says it again.
+            tracing::debug!(
+                group,
+                durable = durable.0,
+                "ignored an ack of a fenced group"
+            );
+            return Ok(());
+        }
         if let Some(free) = self.window.handle_ack(group, durable)? {
             let g = self.group(group)?;
             // The spool forgets the batches before the waiters hear of the ack: a
@@ -107,6 +175,17 @@ impl Ctx<'_> {
     fn handle_nack(&mut self, group: Option<&str>, seq: Seq, reason: &str) -> Result<()> {
         // A nack the replica could not attribute (its header was unreadable) ends
         // the connection: the next one sends every unacknowledged batch again.
+        if let Some(group) = group
+            && !self.window.has_group(group)
+            && self.groups.contains_key(group)
+        {
+            tracing::debug!(
+                group,
+                seq = seq.0,
+                "ignored a nack of a fenced group: {reason}"
+            );
+            return Ok(());
+        }
         if let Some(group) = group
             && self.window.has_group(group)
         {

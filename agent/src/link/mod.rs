@@ -25,7 +25,9 @@ use cdp_shared::cause::Cause;
 use cdp_shared::identity::{self, Fingerprint, Identity};
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::VolumeId;
-use cdp_shared::wire::{self, Control, FrameDecoder, GroupHello, GroupWelcome, VolumeInfo};
+use cdp_shared::wire::{
+    self, Control, FrameDecoder, GroupHello, GroupRefused, GroupWelcome, VolumeInfo,
+};
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -59,6 +61,9 @@ pub struct LinkState {
     pub since_ns: i64,
     /// Groups whose ingest the replica paused, with its reason (e.g. its disk is full).
     pub paused: BTreeMap<String, String>,
+    /// Groups the replica refuses on the open connection (failed over there), with its
+    /// reason and cause; the other groups replicate.
+    pub refused: BTreeMap<String, (String, Cause)>,
 }
 
 pub type SharedLink = Arc<Mutex<LinkState>>;
@@ -141,6 +146,7 @@ fn set_link(link: &SharedLink, connected: bool, error: Option<(String, Cause)>) 
         l.cause = None;
     } else {
         l.paused.clear();
+        l.refused.clear();
         if let Some((e, cause)) = error {
             l.last_error = Some(e);
             l.cause = Some(cause);
@@ -184,9 +190,6 @@ fn link_cause(e: &anyhow::Error) -> Cause {
         let code = a.error_code.into_inner();
         if code == u64::from(wire::CLOSE_DEAUTHORIZED) {
             return Cause::DisconnectedUnauthorized;
-        }
-        if code == u64::from(wire::CLOSE_FENCED) {
-            return Cause::DisconnectedFencedByFailover;
         }
         if code == u64::from(wire::CLOSE_FORGOTTEN) {
             return Cause::DisconnectedRefused;
@@ -318,47 +321,48 @@ fn parse_hash(hex: &str) -> Option<[u8; 32]> {
     Some(h)
 }
 
-/// The hello that opens a connection: each group's volumes, head and first seq held.
-fn hello(groups: &[Arc<Group>]) -> Control {
-    Control::Hello {
-        protocol: wire::PROTOCOL_VERSION,
-        groups: groups
+/// What the agent says of one group in a Hello (or a Join): its volumes, head and first seq
+/// held.
+fn group_hello(g: &Group) -> GroupHello {
+    let (head, head_hash) = g.head();
+    GroupHello {
+        name: g.name.clone(),
+        volumes: g
+            .volumes
             .iter()
-            .map(|g| {
-                let (head, head_hash) = g.head();
-                GroupHello {
-                    name: g.name.clone(),
-                    volumes: g
-                        .volumes
-                        .iter()
-                        .map(|v| VolumeInfo {
-                            id: v.id,
-                            name: v.name.clone(),
-                            size: v.size,
-                        })
-                        .collect(),
-                    head,
-                    first_held: g.spool.first_held().unwrap_or(head.next()),
-                    head_hash: if head.0 == 0 {
-                        String::new()
-                    } else {
-                        blake3::Hash::from_bytes(head_hash).to_hex().to_string()
-                    },
-                }
+            .map(|v| VolumeInfo {
+                id: v.id,
+                name: v.name.clone(),
+                size: v.size,
             })
             .collect(),
+        head,
+        first_held: g.spool.first_held().unwrap_or(head.next()),
+        head_hash: if head.0 == 0 {
+            String::new()
+        } else {
+            blake3::Hash::from_bytes(head_hash).to_hex().to_string()
+        },
     }
 }
 
-/// Sends the hello and reads the replica's welcome; returns what it says of each group.
-/// `decoder` keeps what followed the welcome.
+/// The hello that opens a connection: each group's [`group_hello`].
+fn hello(groups: &[Arc<Group>]) -> Control {
+    Control::Hello {
+        protocol: wire::PROTOCOL_VERSION,
+        groups: groups.iter().map(|g| group_hello(g)).collect(),
+    }
+}
+
+/// Sends the hello and reads the replica's welcome; returns what it says of each group it
+/// takes, and the groups it refuses. `decoder` keeps what followed the welcome.
 async fn handshake(
     groups: &[Arc<Group>],
     ctl_send: &mut quinn::SendStream,
     ctl_recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
     buf: &mut [u8],
-) -> Result<Vec<GroupWelcome>> {
+) -> Result<(Vec<GroupWelcome>, Vec<GroupRefused>)> {
     ctl_send
         .write_all(&wire::encode(&hello(groups)))
         .await
@@ -377,7 +381,11 @@ async fn handshake(
         }
     };
     match welcome {
-        Control::Welcome { protocol, groups } if protocol == wire::PROTOCOL_VERSION => Ok(groups),
+        Control::Welcome {
+            protocol,
+            groups,
+            refused,
+        } if protocol == wire::PROTOCOL_VERSION => Ok((groups, refused)),
         Control::Welcome { protocol, .. } => bail!(
             "the replica speaks control protocol {protocol}, this agent {}",
             wire::PROTOCOL_VERSION
@@ -387,27 +395,53 @@ async fn handshake(
     }
 }
 
-/// Catches every group up with the replica's welcome and opens the send window over them,
-/// each from what the replica holds durably; returns the window and the groups by name.
+/// Catches every welcomed group up with the replica's welcome and opens the send window
+/// over them, each from what the replica holds durably (a refused group stays out of the
+/// window, spooling); returns the window and every group of the connection by name.
 fn catch_up_groups(
     groups: &[Arc<Group>],
     welcome_groups: &[GroupWelcome],
+    refused: &[GroupRefused],
     window: usize,
 ) -> Result<(SendWindow, BTreeMap<String, Arc<Group>>)> {
     let mut window = SendWindow::new(window);
     let mut by_name: BTreeMap<String, Arc<Group>> = BTreeMap::new();
     for g in groups {
+        by_name.insert(g.name.clone(), g.clone());
+        if refused.iter().any(|r| r.name == g.name) {
+            continue;
+        }
         let w = welcome_groups
             .iter()
             .find(|w| w.name == g.name)
             .ok_or_else(|| anyhow!("the replica did not answer for group {}", g.name))?;
-        let durable = catch_up(g, w)?;
-        g.spool.ack(durable);
-        g.acked.send_replace(durable);
-        window.add_group(&g.name, durable);
-        by_name.insert(g.name.clone(), g.clone());
+        join_window(&mut window, g, w)?;
     }
     Ok((window, by_name))
+}
+
+/// Catches group `g` up with its Welcome `w` and adds it to the send window.
+fn join_window(window: &mut SendWindow, g: &Arc<Group>, w: &GroupWelcome) -> Result<()> {
+    let durable = catch_up(g, w)?;
+    g.spool.ack(durable);
+    g.acked.send_replace(durable);
+    window.add_group(&g.name, durable);
+    Ok(())
+}
+
+/// Records the groups the replica refuses on this connection, each said once.
+fn set_refused(link: &SharedLink, refused: &[GroupRefused]) {
+    let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
+    for r in refused {
+        tracing::warn!(
+            group = %r.name,
+            "the replica refuses group {}: {}; its writes stay in the spool, and the agent's other groups replicate",
+            r.name,
+            r.reason
+        );
+        l.refused
+            .insert(r.name.clone(), (r.reason.clone(), r.cause));
+    }
 }
 
 /// A notify woken whenever any group's spool grows, and the tasks that watch the spools
@@ -438,10 +472,11 @@ async fn serve_connection(
     let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.context("open the control stream")?;
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 << 10];
-    let welcome_groups =
+    let (welcome_groups, refused) =
         handshake(groups, &mut ctl_send, &mut ctl_recv, &mut decoder, &mut buf).await?;
-    let (mut window, by_name) = catch_up_groups(groups, &welcome_groups, config.window)?;
+    let (mut window, by_name) = catch_up_groups(groups, &welcome_groups, &refused, config.window)?;
     set_link(link, true, None);
+    set_refused(link, &refused);
     *backoff = BACKOFF_MIN;
     tracing::info!(replica = %config.replica, "connected to the replica");
     for g in groups {

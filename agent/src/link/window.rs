@@ -98,6 +98,12 @@ impl SendWindow {
         );
     }
 
+    /// Takes `group` out of the window (the replica refuses it now): nothing more of it is
+    /// sent, and acks of it are not expected.
+    pub(super) fn remove_group(&mut self, group: &str) {
+        self.groups.remove(group);
+    }
+
     /// Whether `group` is one of the window's.
     pub(super) fn has_group(&self, group: &str) -> bool {
         self.groups.contains_key(group)

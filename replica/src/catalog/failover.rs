@@ -49,7 +49,6 @@ impl FromStr for FailoverState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FailoverRow {
     pub group_id: i64,
-    pub volume_id: i64,
     pub seq: Seq,
     /// The lowest journal segment the image at `seq` may read.
     pub segment_min: Option<u64>,
@@ -58,35 +57,32 @@ pub struct FailoverRow {
     pub committed_ns: Option<i64>,
 }
 
-type FailoverTuple = (i64, i64, i64, Option<i64>, String, i64, Option<i64>);
-const FAILOVER_COLUMNS: &str =
-    "group_id, volume_id, seq, segment_min, state, started_ns, committed_ns";
+type FailoverTuple = (i64, i64, Option<i64>, String, i64, Option<i64>);
+const FAILOVER_COLUMNS: &str = "group_id, seq, segment_min, state, started_ns, committed_ns";
 
 fn failover_of(t: FailoverTuple) -> Result<FailoverRow> {
     Ok(FailoverRow {
         group_id: t.0,
-        volume_id: t.1,
-        seq: Seq(t.2 as u64),
-        segment_min: t.3.map(|n| n as u64),
-        state: t.4.parse()?,
-        started_ns: t.5,
-        committed_ns: t.6,
+        seq: Seq(t.1 as u64),
+        segment_min: t.2.map(|n| n as u64),
+        state: t.3.parse()?,
+        started_ns: t.4,
+        committed_ns: t.5,
     })
 }
 
 impl FailoverRow {
-    /// The sentence with which `serve` refuses the agent of the failed-over group `group`
-    /// (`volume` is the failed-over volume's name).
-    pub fn refusal(&self, group: &str, volume: &str) -> String {
+    /// The sentence with which `serve` refuses the failed-over group `group` to its agent.
+    pub fn refusal(&self, group: &str) -> String {
         let f = self;
         match f.state {
             FailoverState::Active => format!(
-                "volume {volume} (group {group}) is failed over on the replica at seq {} since {}: protection resumes after `cdp-replica failover --volume {volume} --undo` on the replica (this agent keeps spooling until then)",
+                "group {group} is failed over on the replica at seq {} since {}: its protection resumes after `cdp-replica failover --group {group} --undo` on the replica (this agent keeps spooling it until then; its other groups replicate as usual)",
                 f.seq,
                 rfc3339(&time_of(f.started_ns))
             ),
             FailoverState::Committing | FailoverState::Committed => format!(
-                "volume {volume} (group {group}) was failed over on the replica at seq {} and that failover was committed{}: this agent's device is no longer the volume's history, and failback is not built yet, so group {group} stays refused",
+                "group {group} was failed over on the replica at seq {} and that failover was committed{}: this agent's devices are no longer the group's history, and failback is not built yet, so group {group} stays refused",
                 f.seq,
                 f.committed_ns
                     .map(|ns| format!(" on {}", rfc3339(&time_of(ns))))
@@ -164,9 +160,8 @@ impl WriteLock {
 
     /// Records a group's failover (state `active`).
     pub async fn insert_failover(&mut self, f: &FailoverRow) -> Result<()> {
-        sqlx::query("INSERT INTO failovers (group_id, volume_id, seq, segment_min, state, started_ns, committed_ns) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO failovers (group_id, seq, segment_min, state, started_ns, committed_ns) VALUES (?, ?, ?, ?, ?, ?)")
             .bind(f.group_id)
-            .bind(f.volume_id)
             .bind(f.seq.0 as i64)
             .bind(f.segment_min.map(|n| n as i64))
             .bind(f.state.as_str())
@@ -261,19 +256,23 @@ mod tests {
     fn refusal_sentences_name_the_volume_and_the_remedy() {
         let mut f = FailoverRow {
             group_id: 1,
-            volume_id: 1,
             seq: Seq(123),
             segment_min: None,
             state: FailoverState::Active,
             started_ns: 1_700_000_000_000_000_000,
             committed_ns: None,
         };
-        let r = f.refusal("g", "db");
-        assert!(r.starts_with("volume db (group g) is failed over on the replica at seq 123 since 2023-11-14T22:13:20"), "{r}");
-        assert!(r.contains("failover --volume db --undo"), "{r}");
+        let r = f.refusal("g");
+        assert!(
+            r.starts_with(
+                "group g is failed over on the replica at seq 123 since 2023-11-14T22:13:20"
+            ),
+            "{r}"
+        );
+        assert!(r.contains("failover --group g --undo"), "{r}");
         f.state = FailoverState::Committed;
         f.committed_ns = Some(f.started_ns);
-        let r = f.refusal("g", "db");
+        let r = f.refusal("g");
         assert!(r.contains("committed on 2023-11-14T22:13:20"), "{r}");
         assert!(r.contains("failback is not built yet"), "{r}");
     }

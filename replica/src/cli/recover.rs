@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use cdp_replica::failover::FailoverTarget;
 use cdp_replica::{DiffReport, Endpoint, PointInfo, PointSpec, PointsFilter};
 
 use super::CliError;
@@ -116,20 +117,43 @@ pub(crate) async fn export(
     Ok(())
 }
 
+/// What `failover` acts on, from `--volume` or `--group` (clap requires exactly one).
+pub(crate) fn failover_target(
+    volume: Option<String>,
+    group: Option<String>,
+) -> Result<FailoverTarget, CliError> {
+    match (volume, group) {
+        (Some(v), None) => Ok(FailoverTarget::Volume(v)),
+        (None, Some(g)) => Ok(FailoverTarget::Group(g)),
+        _ => Err(CliError::Usage(
+            "name either --volume (a group of one) or --group".into(),
+        )),
+    }
+}
+
+fn target_text(t: &FailoverTarget) -> String {
+    match t {
+        FailoverTarget::Volume(v) => format!("volume {v}"),
+        FailoverTarget::Group(g) => format!("group {g}"),
+    }
+}
+
 /// `failover --undo`.
-pub(crate) async fn failover_undo(data: PathBuf, volume: String) -> Result<(), CliError> {
-    let seq = cdp_replica::failover::undo(&data, &volume).await?;
+pub(crate) async fn failover_undo(data: PathBuf, target: FailoverTarget) -> Result<(), CliError> {
+    let seq = cdp_replica::failover::undo(&data, &target).await?;
     cdp_shared::outln!(
-        "failover of volume {volume} at seq {seq} undone: its writes are discarded, the journal and every point are as before, and the agent is accepted again"
+        "failover of {} at seq {seq} undone: its writes are discarded, the journal and every point are as before, and the group is accepted from its agent again",
+        target_text(&target)
     );
     Ok(())
 }
 
 /// `failover --commit`.
-pub(crate) async fn failover_commit(data: PathBuf, volume: String) -> Result<(), CliError> {
-    let s = cdp_replica::failover::commit(&data, &volume).await?;
+pub(crate) async fn failover_commit(data: PathBuf, target: FailoverTarget) -> Result<(), CliError> {
+    let s = cdp_replica::failover::commit(&data, &target).await?;
     cdp_shared::outln!(
-        "failover of volume {volume} at seq {} committed: the volume continues from it ({} written through the failover); {} batch rows and {} journal segments removed; the agent stays refused (failback is not built yet)",
+        "failover of {} at seq {} committed: the group continues from it ({} written through the failover); {} batch rows and {} journal segments removed; the agent stays refused for the group (failback is not built yet)",
+        target_text(&target),
         s.seq,
         cdp_shared::types::human_bytes(s.overlay_bytes),
         s.batches_removed,
@@ -141,7 +165,7 @@ pub(crate) async fn failover_commit(data: PathBuf, volume: String) -> Result<(),
 /// `failover` (started, or served again): serves until interrupted.
 pub(crate) async fn failover(
     data: PathBuf,
-    volume: String,
+    target: FailoverTarget,
     at: Option<String>,
     socket: Option<PathBuf>,
     listen: Option<SocketAddr>,
@@ -157,11 +181,11 @@ pub(crate) async fn failover(
     // Signals are caught from before the line is printed: a SIGTERM right after it
     // stops serving cleanly (the overlay synced once more).
     let stop = signal_waiter();
-    let handle = cdp_replica::failover::start(&data, &volume, at.as_ref(), endpoint).await?;
+    let handle = cdp_replica::failover::start(&data, &target, at.as_ref(), endpoint).await?;
     let info = handle.info();
     if !info.point.consistent {
         tracing::warn!(
-            volume,
+            group = %info.group,
             "seq {} is not a crash-consistent point (it lies inside a sync); failing over to it because it was asked for",
             info.point.seq
         );

@@ -6,26 +6,36 @@ use cdp_shared::cause::Cause;
 use cdp_shared::identity::Fingerprint;
 use cdp_shared::types::Seq;
 use cdp_shared::types::check_name;
-use cdp_shared::wire::{GroupHello, GroupWelcome, PROTOCOL_VERSION, VolumeWelcome};
+use cdp_shared::wire::{GroupHello, GroupRefused, GroupWelcome, PROTOCOL_VERSION, VolumeWelcome};
 use tokio::sync::oneshot;
 
 use super::IngestService;
 use super::group::GroupMsg;
 use super::service::GroupSlot;
-use crate::catalog::EventLevel;
+use crate::catalog::{Catalog, EventLevel};
 use crate::clock::now_ns;
-use crate::error::{Decided, Refusal, ReplicaError, Result};
+use crate::error::{Decided, ReplicaError, Result};
 use crate::target::TargetFile;
+
+/// What a Hello admits: the Welcome of each group taken on the connection, and the groups
+/// refused one by one (a fence), with why.
+#[derive(Clone, Debug, Default)]
+pub struct Admitted {
+    pub welcomes: Vec<GroupWelcome>,
+    pub refused: Vec<GroupRefused>,
+}
 
 impl IngestService {
     /// Admits an agent's groups (the reply to its Hello). The outer error is the replica's own
-    /// failure; the inner one a refusal sentence for the agent.
+    /// failure; the inner one a refusal of the whole Hello for the agent (a malformed or
+    /// conflicting announcement). A failed-over group is refused alone ([`Admitted::refused`]):
+    /// the agent's other groups are welcomed.
     pub async fn hello(
         &self,
         agent: &Fingerprint,
         protocol: u32,
         hello: &[GroupHello],
-    ) -> Decided<Vec<GroupWelcome>> {
+    ) -> Decided<Admitted> {
         if protocol != PROTOCOL_VERSION {
             return Ok(Err(format!(
                 "this replica speaks control protocol version {PROTOCOL_VERSION}, not {protocol}; upgrade the older side"
@@ -37,12 +47,36 @@ impl IngestService {
         if let Err(why) = self.check_hello(&owner, hello).await? {
             return Ok(Err(why));
         }
-        // Pass 2: create what is new.
-        let mut welcomes = Vec::new();
+        // Pass 2: create what is new, but for fenced groups.
+        let mut admitted = Admitted::default();
         for gh in hello {
-            welcomes.push(self.admit_group(&owner, gh, &mut groups).await?);
+            match fence_of(&self.inner.catalog, &gh.name).await? {
+                Some(refused) => admitted.refused.push(refused),
+                None => admitted
+                    .welcomes
+                    .push(self.admit_group(&owner, gh, &mut groups).await?),
+            }
         }
-        Ok(Ok(welcomes))
+        Ok(Ok(admitted))
+    }
+
+    /// Admits one group on a connection already welcomed (the agent's `Join`, after the
+    /// replica said the group may replicate again): the same checks and creation as in a
+    /// Hello. `Ok(Ok(Err))` is the group refused again (still fenced).
+    pub async fn join(
+        &self,
+        agent: &Fingerprint,
+        gh: &GroupHello,
+    ) -> Decided<std::result::Result<GroupWelcome, GroupRefused>> {
+        let owner = agent.to_string();
+        let mut groups = self.inner.groups.lock().await;
+        if let Err(why) = self.check_hello(&owner, std::slice::from_ref(gh)).await? {
+            return Ok(Err(why));
+        }
+        if let Some(refused) = fence_of(&self.inner.catalog, &gh.name).await? {
+            return Ok(Ok(Err(refused)));
+        }
+        Ok(Ok(Ok(self.admit_group(&owner, gh, &mut groups).await?)))
     }
 
     /// Pass 1 of a Hello: every check, before anything is changed. `Ok(Err)` is the refusal.
@@ -98,16 +132,6 @@ impl IngestService {
                     ).into()));
                 }
                 let known = catalog.volumes_of_group(g.id).await?;
-                if let Some(f) = catalog.failover(g.id).await? {
-                    let volume = known
-                        .iter()
-                        .find(|k| k.id == f.volume_id)
-                        .map_or("?", |k| k.name.as_str());
-                    return Ok(Err(Refusal(
-                        f.refusal(&gh.name, volume),
-                        Some(Cause::DisconnectedFencedByFailover),
-                    )));
-                }
                 for v in &gh.volumes {
                     if let Some(k) = known.iter().find(|k| k.agent_volume_id == v.id)
                         && (k.name != v.name || k.size != v.size)
@@ -251,6 +275,18 @@ impl IngestService {
             agent_head_on_chain,
         })
     }
+}
+
+/// The refusal of group `name` while it has a failover row (see `failover`), if it has one.
+pub(crate) async fn fence_of(catalog: &Catalog, name: &str) -> Result<Option<GroupRefused>> {
+    let Some(g) = catalog.group_by_name(name).await? else {
+        return Ok(None);
+    };
+    Ok(catalog.failover(g.id).await?.map(|f| GroupRefused {
+        name: g.name.clone(),
+        reason: f.refusal(&g.name),
+        cause: Cause::DisconnectedFencedByFailover,
+    }))
 }
 
 /// Whether this replica, durable up to `head_seq`, is past the agent's head and holds batch

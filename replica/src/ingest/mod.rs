@@ -31,6 +31,8 @@ mod pause;
 mod plan;
 mod service;
 
+pub use admission::Admitted;
+pub(crate) use admission::fence_of;
 pub use group::{GroupIngest, Received};
 pub use plan::{BatchPlan, PlannedRow, StateChange, TargetOp, plan_batch};
 pub use service::IngestService;

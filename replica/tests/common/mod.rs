@@ -407,20 +407,24 @@ impl Harness {
         }
     }
 
-    /// Says hello, and attaches the reply channel to the groups welcomed.
+    /// Says hello, and attaches the reply channel to the groups welcomed. A group refused
+    /// alone (fenced) is an `Err` with its reason too, after the others are attached.
     pub async fn hello(&mut self, groups: Vec<GroupHello>) -> Result<Vec<GroupWelcome>, String> {
         for g in &groups {
             self.announced.insert(g.name.clone());
         }
-        let welcomes = self
+        let admitted = self
             .service
             .hello(&self.agent, PROTOCOL_VERSION, &groups)
             .await
             .expect("hello")?;
-        for w in &welcomes {
+        for w in &admitted.welcomes {
             self.service.attach(&w.name, &self.reply).await;
         }
-        Ok(welcomes)
+        match admitted.refused.first() {
+            Some(r) => Err(r.reason.clone()),
+            None => Ok(admitted.welcomes),
+        }
     }
 
     /// The initial sync of `vol` of `sim` (see [`AgentSim::sync_volume`]), every batch
