@@ -81,8 +81,23 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
     assert_eq!(rv["cause"], "failed-over/active", "{rv}");
     c.wait_agent_names("v", &["disconnected/fenced-by-failover"]);
     c.wait_replica_names("v", &["failed-over/active"]);
-    // Client writes go on while the agent is fenced.
-    write_random(&mut nbd, &mut rng, 40);
+    // The replica is primary for the group: the agent serves it read-only, to the connection
+    // already open too (EPERM), and says so.
+    let refused = nbd.write(0, &[1u8; 4096], false);
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("Operation not permitted")),
+        "a write while the replica is primary: {refused:?}"
+    );
+    let v = c.volume_status("v");
+    assert_eq!(v["primary"], "replica (failed over)", "{v}");
+    assert_eq!(
+        c.replica_status()["volumes"][0]["primary"],
+        "replica (failed over)"
+    );
+    let text = run_ok(&mut c.agent_cmd(&["status"]));
+    assert!(text.contains("replica (failed over)"), "{text}");
     assert_eq!(
         c.replica_head("v"),
         bm,
@@ -112,8 +127,15 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
         "failover exits 0 on SIGTERM"
     );
 
-    // Undo: the agent is let back in and catches up; nothing before was changed.
+    // Undo: the agent is let back in and catches up; nothing before was changed; it is
+    // primary again and serves the volume read-write.
     run_ok(&mut c.replica_cmd(&["failover", "--volume", "v", "--undo"]));
+    wait_until(
+        "the agent to be primary again",
+        Duration::from_secs(30),
+        || c.volume_status("v")["primary"] == "agent",
+    );
+    assert_eq!(c.replica_status()["volumes"][0]["primary"], "agent");
     write_random(&mut nbd, &mut rng, 10);
     c.bookmark("after-undo", true);
     let latest = c.restore("v", "latest").expect("restore latest");
@@ -186,7 +208,13 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
     assert_eq!(rv["cause"], "failed-over/committed", "{rv}");
     c.wait_agent_names("v", &["disconnected/fenced-by-failover"]);
     c.wait_replica_names("v", &["failed-over/committed"]);
-    write_random(&mut nbd, &mut rng, 5);
+    let refused = nbd.write(0, &[1u8; 4096], false);
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("Operation not permitted")),
+        "a write after the commit: {refused:?}"
+    );
     assert_same_image(
         "the committed volume is not overwritten by the fenced agent",
         &c.restore("v", "latest").expect("restore"),
@@ -297,11 +325,38 @@ fn a_group_fails_over_whole_while_the_agents_other_group_replicates() {
     let text = run_ok(&mut c.agent_cmd(&["status"]));
     assert!(text.contains("replica refuses group ga: "), "{text}");
 
-    // Group gb replicates throughout; ga's client writes go on and are spooled.
+    // Group gb replicates throughout; ga is served read-only by the agent (the replica is its
+    // primary), gb read-write.
     let head_a = c.replica_head("a1");
+    for v in ["a1", "a2"] {
+        assert_eq!(c.volume_status(v)["primary"], "replica (failed over)");
+    }
+    assert_eq!(c.volume_status("b")["primary"], "agent");
+    let (agent_metrics, replica_metrics) = (c.metrics(Side::Agent), c.metrics(Side::Replica));
+    for (body, name) in [
+        (&agent_metrics, "cdp_agent_group_primary"),
+        (&replica_metrics, "cdp_replica_group_primary"),
+    ] {
+        for (group, side) in [("ga", "replica"), ("gb", "agent")] {
+            let sample = format!("{name}{{group=\"{group}\",side=\"{side}\"}}");
+            assert!(
+                metric_is_one(body, &sample),
+                "{sample} is not 1:\n{}",
+                body.lines()
+                    .filter(|l| l.starts_with(name))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    assert!(
+        nbd[1]
+            .write(0, &[1u8; 4096], false)
+            .is_err_and(|e| e.contains("Operation not permitted")),
+        "a2 is read-only on the agent"
+    );
     for _ in 0..3 {
         write_random(&mut nbd[2], &mut rng, 10);
-        write_random(&mut nbd[0], &mut rng, 5);
         c.wait_caught_up("b", Duration::from_secs(60));
         let b = c.volume_status("b");
         assert_eq!(b["cause"], "protecting/ok", "{b}");
@@ -330,8 +385,19 @@ fn a_group_fails_over_whole_while_the_agents_other_group_replicates() {
         "failover exits 0 on SIGTERM"
     );
 
-    // Undo: ga joins again on the open connection and catches up.
+    // Undo: ga joins again on the open connection, the agent is its primary again (its
+    // volumes writable), and it catches up.
     run_ok(&mut c.replica_cmd(&["failover", "--group", "ga", "--undo"]));
+    wait_until(
+        "the agent to be ga's primary again",
+        Duration::from_secs(30),
+        || {
+            c.volume_status("a1")["primary"] == "agent"
+                && c.volume_status("a2")["primary"] == "agent"
+        },
+    );
+    write_random(&mut nbd[0], &mut rng, 5);
+    write_random(&mut nbd[1], &mut rng, 5);
     for v in ["a1", "a2"] {
         c.wait_in_step(v, Duration::from_secs(120));
         assert_same_image(

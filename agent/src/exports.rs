@@ -1,5 +1,7 @@
 //! The protected volumes as NBD exports: each request is handed to the group's write
-//! pipeline, which admits it in arrival order (see `pipeline`).
+//! pipeline, which admits it in arrival order (see `pipeline`). While the replica is primary
+//! for a group (it is failed over there), its exports are read-only: every request is checked
+//! against it, so writes, trims and zero-writes of connections already open get EPERM too.
 //!
 //! An export holds its group weakly and can be *retired* (`cdp-agent unprotect`): from then on
 //! it is not listed or found by new clients, and every request of a connection still open
@@ -11,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 
 use cdp_shared::batch::RecordKind;
+use cdp_shared::cause::Primary;
 use cdp_shared::nbd::{Export, ExportError, ExportResult, ExportSet};
 use cdp_shared::types::VolumeId;
 use tokio_util::either::Either;
@@ -44,8 +47,11 @@ impl Export for VolumeExport {
     fn size(&self) -> u64 {
         self.size
     }
+    /// Read-only while the replica is primary for the group (it is failed over there).
     fn read_only(&self) -> bool {
-        false
+        self.group
+            .upgrade()
+            .is_some_and(|g| g.primary() == Primary::Replica)
     }
     fn read(
         &self,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use cdp_shared::cause::Cause;
+use cdp_shared::cause::{Cause, Primary};
 use cdp_shared::metrics::seconds_of_ms;
 use cdp_shared::types::CHUNK_BYTES;
 use metrics::{
@@ -135,6 +135,10 @@ pub fn describe() {
         "cdp_agent_replica_paused",
         "1 while the replica has paused the group's ingest (its disk is full), else 0."
     );
+    describe_gauge!(
+        "cdp_agent_group_primary",
+        "1 for the side that is primary for the group (side=agent|replica: the replica while the group is failed over there, its volumes then served read-only here), else 0."
+    );
 }
 
 /// Brings every metric up to date from the running agent's state (per scrape).
@@ -192,6 +196,11 @@ pub fn refresh(groups: &[Arc<Group>], link: &SharedLink) {
             .iter()
             .any(|v| v.group == g.name && v.replica_paused.is_some());
         gauge!("cdp_agent_replica_paused", &labels).set(f64::from(u8::from(paused)));
+        let primary = g.primary();
+        for &side in Primary::ALL {
+            let l = [("group", g.name.clone()), ("side", side.label().to_owned())];
+            gauge!("cdp_agent_group_primary", &l).set(f64::from(u8::from(primary == side)));
+        }
     }
 }
 

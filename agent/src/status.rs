@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use cdp_shared::cause::{self, Cause};
+use cdp_shared::cause::{self, Cause, Primary};
 
 use crate::config::AgentConfig;
 use crate::link::SharedLink;
@@ -88,6 +88,9 @@ pub struct VolumeStatus {
     /// Why the replica refuses the group on the open connection (it is failed over there),
     /// if it does; the agent's other groups replicate meanwhile.
     pub replica_refused: Option<String>,
+    /// Which side is primary for the group: `agent`, or `replica (failed over)` (the volume
+    /// is then served read-only here).
+    pub primary: Primary,
 }
 
 /// Seconds left of a sync that did `done` of `total` chunks in `elapsed_ns`, at that rate.
@@ -198,6 +201,7 @@ pub fn collect(
                 consistent: Some(!gs.inconsistent),
                 replica_paused: paused.clone(),
                 replica_refused: refused.as_ref().map(|(r, _)| r.clone()),
+                primary: g.primary(),
             });
         }
     }
@@ -266,6 +270,7 @@ pub fn render(s: &AgentStatus) -> String {
         [
             "VOLUME",
             "GROUP",
+            "PRIMARY",
             "STATE",
             "SIZE",
             "LAST SEQ",
@@ -306,6 +311,7 @@ pub fn render(s: &AgentStatus) -> String {
         rows.push(vec![
             v.name.clone(),
             v.group.clone(),
+            v.primary.to_string(),
             state,
             cdp_shared::types::human_bytes(v.size),
             opt(v.last_seq),

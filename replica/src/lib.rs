@@ -26,8 +26,9 @@
 //!   (`export`, `diff`), and why the trimmer cannot disturb it.
 //! * [`export`] — `export`: a point served over NBD, read-only or with a throw-away
 //!   copy-on-write [`overlay`].
-//! * [`failover`] — `failover`: the image at a point made the live volume, served read-write
-//!   with a persistent overlay, the group fenced, ended by `--undo` or `--commit`.
+//! * [`failover`] — `failover`: the image of a group at a point made its live volumes, each
+//!   served read-write with a persistent overlay, the group fenced (alone), ended by `--undo`
+//!   or `--commit`.
 //! * [`diff`](mod@diff) — `diff`: the chunks whose bytes differ between two points.
 //! * [`forget`] — `forget`: a group or a volume removed with its journal, target files and
 //!   catalog rows (crash-safe; carried out by `serve` when it runs).
@@ -46,7 +47,10 @@
 //! hash (hex) of that batch (empty when `durable` is 0, or for a group rebased before its first
 //! batch), and every volume of the group with its state (`new`, `syncing`, `protecting`).
 //! An agent whose spool no longer holds what follows `durable` is welcomed too: it continues
-//! its chain after `durable` (with `head_hash`) and resyncs.
+//! its chain after `durable` (with `head_hash`) and resyncs. A failed-over group is not
+//! welcomed but listed in the Welcome's `refused` (with its reason and cause); the connection
+//! tells the agent `Fenced` for a group failed over later and `Rejoin` once its failover ends,
+//! which the agent answers with the group's `Join` (answered `Joined`, the group's Welcome).
 //!
 //! # The commit protocol (what makes a batch acknowledged)
 //! A batch arrives alone on its own QUIC stream.

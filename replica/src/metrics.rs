@@ -30,6 +30,10 @@ pub fn describe() {
         "1 for every named cause that holds for the volume (README, Causes), 0 for the others."
     );
     describe_gauge!(
+        "cdp_replica_group_primary",
+        "1 for the side that is primary for the group (side=agent|replica: the replica while the group is failed over), else 0."
+    );
+    describe_gauge!(
         "cdp_replica_connected",
         "1 while the group's agent link is up, else 0."
     );
@@ -207,6 +211,13 @@ async fn try_refresh(root: &Path) -> Result<()> {
             let mut l = labels.to_vec();
             l.push(("cause", c.as_str().to_owned()));
             gauge!("cdp_replica_volume_cause", &l).set(f64::from(u8::from(on)));
+        }
+        for &side in cdp_shared::cause::Primary::ALL {
+            let l = [
+                ("group", v.group.clone()),
+                ("side", side.label().to_owned()),
+            ];
+            gauge!("cdp_replica_group_primary", &l).set(f64::from(u8::from(v.primary == side)));
         }
         // Counters exist at 0 from the group's first scrape (absent would read "no data").
         for name in [

@@ -5,7 +5,7 @@
 //! until they are repaired), and whether the window is shorter than the group's retention
 //! although points were trimmed (`window_short`: the journal cap limits it).
 
-use cdp_shared::cause::{self, Cause};
+use cdp_shared::cause::{self, Cause, Primary};
 use cdp_shared::types::Seq;
 use std::path::Path;
 
@@ -86,6 +86,9 @@ pub struct VolumeStatus {
     pub paused_since: Option<String>,
     /// The group's failover (see `failover`), null when there is none.
     pub failover: Option<FailoverStatus>,
+    /// Which side is primary for the group: `agent`, or `replica (failed over)` while it has
+    /// a failover (active, committing or committed).
+    pub primary: Primary,
     /// Open verification mismatches (null when there is none).
     pub degraded: Option<Degraded>,
     /// The window is shorter than the group's configured window although points were
@@ -477,6 +480,11 @@ pub async fn status(root: &Path) -> Result<StatusReport> {
             },
             ingest_reason: pause.map(|p| p.reason.clone()),
             paused_since: pause.map(|p| rfc3339(&time_of(p.since_ns))),
+            primary: if failover.is_some() {
+                Primary::Replica
+            } else {
+                Primary::Agent
+            },
             failover: failover.map(|f| FailoverStatus {
                 seq: f.seq,
                 state: f.state.as_str().to_owned(),

@@ -131,6 +131,62 @@ impl<'de> Deserialize<'de> for Cause {
     }
 }
 
+/// Which side is primary for a group: whose copy takes the group's writes (issue 14). Said
+/// by `status` on both sides (text and JSON) and by the metrics; an agent serves a group
+/// read-only while the replica is primary for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Primary {
+    /// The agent's devices (protection runs agent → replica).
+    #[default]
+    Agent,
+    /// The replica: the group is failed over there (active, committing or committed).
+    Replica,
+}
+
+impl Primary {
+    /// Every side, in the metrics' order.
+    pub const ALL: &'static [Primary] = &[Primary::Agent, Primary::Replica];
+
+    /// As `status` writes it: `agent`, `replica (failed over)`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Primary::Agent => "agent",
+            Primary::Replica => "replica (failed over)",
+        }
+    }
+
+    /// The metrics' label value: `agent`, `replica`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Primary::Agent => "agent",
+            Primary::Replica => "replica",
+        }
+    }
+}
+
+impl std::fmt::Display for Primary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Primary {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Primary {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Primary, D::Error> {
+        let s = String::deserialize(d)?;
+        Primary::ALL
+            .iter()
+            .copied()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown primary side {s:?}")))
+    }
+}
+
 /// The causes that hold, the deciding one first and no cause twice.
 pub fn ordered(first: Cause, rest: impl IntoIterator<Item = Cause>) -> Vec<Cause> {
     let mut out = vec![first];
@@ -145,6 +201,18 @@ pub fn ordered(first: Cause, rest: impl IntoIterator<Item = Cause>) -> Vec<Cause
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_primary_side_reads_and_round_trips_as_status_writes_it() {
+        for &p in Primary::ALL {
+            let json = serde_json::to_string(&p).expect("serialize");
+            assert_eq!(json, format!("\"{p}\""));
+            assert_eq!(serde_json::from_str::<Primary>(&json).expect("parse"), p);
+        }
+        assert_eq!(Primary::Replica.to_string(), "replica (failed over)");
+        assert_eq!(Primary::Replica.label(), "replica");
+        assert!(serde_json::from_str::<Primary>("\"nobody\"").is_err());
+    }
 
     #[test]
     fn names_are_unique_round_trip_and_their_state_is_the_prefix() {

@@ -1164,6 +1164,26 @@ impl Cluster {
             Duration::from_secs(30),
         );
     }
+
+    /// The `/metrics` exposition of the running agent or serving replica (its address from
+    /// its log).
+    pub fn metrics(&self, side: Side) -> String {
+        let (proc, marker) = match side {
+            Side::Agent => (self.agent.as_ref(), "serving metrics on http://"),
+            Side::Replica => (self.replica.as_ref(), "metrics on http://"),
+        };
+        let log = proc.expect("the process runs").log_text();
+        let addr = address_in(&log, marker).unwrap_or_else(|| panic!("no {marker} in its log"));
+        http_get(&addr, "/metrics").1
+    }
+}
+
+/// Whether the exposition `body` has the sample `line` (name and labels, as written) at 1.
+pub fn metric_is_one(body: &str, line: &str) -> bool {
+    body.lines().any(|l| {
+        l.strip_prefix(line)
+            .is_some_and(|v| v.trim().parse::<f64>().ok() == Some(1.0))
+    })
 }
 
 /// `cmd` run on a terminal (`script` from util-linux gives it a pseudo-terminal), so that it

@@ -14,8 +14,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::window::{NackAction, SendWindow, send_batch};
-use super::{HashWaiters, SharedLink, group_hello, join_window, parse_hash, set_refused};
+use super::{
+    HashWaiters, SharedLink, group_hello, join_window, parse_hash, primary_of, set_refused,
+};
 use crate::pipeline::Group;
+use cdp_shared::cause::Primary;
 
 pub(super) struct Ctx<'a> {
     pub(super) window: &'a mut SendWindow,
@@ -104,6 +107,9 @@ impl Ctx<'_> {
             return;
         }
         self.window.remove_group(&refused.name);
+        if let Some(g) = self.groups.get(&refused.name) {
+            g.set_primary(primary_of(Some(&refused)));
+        }
         set_refused(self.link, std::slice::from_ref(&refused));
     }
 
@@ -134,6 +140,7 @@ impl Ctx<'_> {
             bail!("the replica admitted group {} twice", w.name);
         }
         join_window(self.window, &g, w)?;
+        g.set_primary(Primary::Agent);
         self.link
             .lock()
             .unwrap_or_else(|p| p.into_inner())

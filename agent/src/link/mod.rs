@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use cdp_shared::cause::Cause;
+use cdp_shared::cause::{Cause, Primary};
 use cdp_shared::identity::{self, Fingerprint, Identity};
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::VolumeId;
@@ -429,6 +429,15 @@ fn join_window(window: &mut SendWindow, g: &Arc<Group>, w: &GroupWelcome) -> Res
     Ok(())
 }
 
+/// Which side is primary for a group the replica welcomed (`None`) or refused: the replica
+/// when it refuses the group because it is failed over there.
+fn primary_of(refused: Option<&GroupRefused>) -> Primary {
+    match refused {
+        Some(r) if r.cause == Cause::DisconnectedFencedByFailover => Primary::Replica,
+        _ => Primary::Agent,
+    }
+}
+
 /// Records the groups the replica refuses on this connection, each said once.
 fn set_refused(link: &SharedLink, refused: &[GroupRefused]) {
     let mut l = link.lock().unwrap_or_else(|p| p.into_inner());
@@ -477,6 +486,9 @@ async fn serve_connection(
     let (mut window, by_name) = catch_up_groups(groups, &welcome_groups, &refused, config.window)?;
     set_link(link, true, None);
     set_refused(link, &refused);
+    for g in groups {
+        g.set_primary(primary_of(refused.iter().find(|r| r.name == g.name)));
+    }
     *backoff = BACKOFF_MIN;
     tracing::info!(replica = %config.replica, "connected to the replica");
     for g in groups {

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use cdp_shared::batch::{self, RecordEncoder};
-use cdp_shared::cause::Cause;
+use cdp_shared::cause::{Cause, Primary};
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::{CHUNK_BYTES, Seq, VolumeId};
 use tokio::sync::{Notify, watch};
@@ -265,6 +265,10 @@ pub struct Group {
     pub sent_batches: AtomicU64,
     pub sent_bytes: AtomicU64,
     pending: Mutex<Pending>,
+    /// The replica is primary for the group (it is failed over there, as the link last heard):
+    /// the group's exports are read-only meanwhile. In memory only: a restarted agent learns
+    /// it again at its Hello.
+    replica_primary: AtomicBool,
 }
 
 /// An admitted operation's place in its range lock; released on drop so that an operation
@@ -469,8 +473,36 @@ impl Group {
             sent_batches: AtomicU64::new(0),
             sent_bytes: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
+            replica_primary: AtomicBool::new(false),
         });
         Ok((group, recovery))
+    }
+
+    /// Which side is primary for the group, as the link last heard from the replica.
+    pub fn primary(&self) -> Primary {
+        if self.replica_primary.load(Ordering::Acquire) {
+            Primary::Replica
+        } else {
+            Primary::Agent
+        }
+    }
+
+    /// Records which side is primary (the link, from the replica's Welcome, Fenced and
+    /// Joined); said once in the log when it changes. While the replica is, the group's
+    /// exports refuse writes, trims and zero-writes (EPERM) and say they are read-only.
+    pub fn set_primary(&self, primary: Primary) {
+        let replica = primary == Primary::Replica;
+        if self.replica_primary.swap(replica, Ordering::AcqRel) != replica {
+            if replica {
+                tracing::warn!(
+                    group = %self.name,
+                    "the replica is primary for group {} (it is failed over there): its volumes are served read-only until the replica gives the group back",
+                    self.name
+                );
+            } else {
+                tracing::info!(group = %self.name, "this agent is primary for group {} again: its volumes are served read-write", self.name);
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

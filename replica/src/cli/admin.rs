@@ -240,6 +240,7 @@ fn print_status(report: &StatusReport) {
         [
             "GROUP",
             "VOLUME",
+            "PRIMARY",
             "STATE",
             "SIZE",
             "WINDOW FIRST",
@@ -265,6 +266,7 @@ fn print_status(report: &StatusReport) {
         rows.push(vec![
             v.group.clone(),
             v.volume.clone(),
+            v.primary.to_string(),
             state.join(" "),
             cdp_shared::types::human_bytes(v.size),
             point(&v.window_first),
