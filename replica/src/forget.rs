@@ -445,7 +445,9 @@ pub async fn delete_rows(catalog: &Catalog, dir: &DataDir, plan: &ForgetPlan) ->
             files.push(relative(dir, volume_dir));
         }
         let fo = FailoverFiles::of(dir, &v.name);
-        for p in [&fo.overlay, &fo.map] {
+        // `<volume>.lock`: the per-volume lock of replicas before group failover.
+        let old_lock = fo.map.with_extension("lock");
+        for p in [&fo.overlay, &fo.map, &old_lock] {
             files.push(relative(dir, p));
         }
     }
