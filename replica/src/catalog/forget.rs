@@ -174,7 +174,6 @@ impl WriteLock {
                 "verify_sweep",
                 "repair_requests",
                 "pins",
-                "failovers",
                 "reader_totals",
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
