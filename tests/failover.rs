@@ -27,6 +27,21 @@ fn write_random(nbd: &mut NbdDriver, rng: &mut Lcg, n: usize) {
     nbd.flush().expect("client flush");
 }
 
+/// Starts `cdp-replica failover ARGS…` (its log in `log`) and waits until it serves on
+/// `socket`; panics with its log if it exits first.
+fn start_failover(c: &Cluster, args: &[&str], socket: &std::path::Path, log: &str) -> Proc {
+    let mut cmd = c.replica_cmd(&["failover"]);
+    cmd.args(args);
+    let mut fo = Proc::spawn("failover", &mut cmd, &c.path(log));
+    wait_until("the failover to serve", Duration::from_secs(30), || {
+        if let Ok(Some(st)) = fo.child.try_wait() {
+            panic!("failover exited ({st}): {}", fo.log_text());
+        }
+        std::os::unix::net::UnixStream::connect(socket).is_ok()
+    });
+    fo
+}
+
 #[test]
 fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() {
     if !require_python_nbd() {
@@ -48,25 +63,20 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
 
     // Fail over at the bookmark while serve runs and the agent keeps writing.
     let sock = c.path("failover.sock");
-    let mut fo = Proc::spawn(
-        "failover",
-        c.replica_cmd(&[
-            "failover",
+    let sock_arg = sock.display().to_string();
+    let mut fo = start_failover(
+        &c,
+        &[
             "--volume",
             "v",
             "--at",
             "bookmark:before-failover",
-        ])
-        .arg("--socket")
-        .arg(&sock),
-        &c.path("failover.log"),
+            "--socket",
+            &sock_arg,
+        ],
+        &sock,
+        "failover.log",
     );
-    wait_until("the failover to serve", Duration::from_secs(30), || {
-        if let Ok(Some(st)) = fo.child.try_wait() {
-            panic!("failover exited ({st}): {}", fo.log_text());
-        }
-        std::os::unix::net::UnixStream::connect(&sock).is_ok()
-    });
     wait_until(
         "the agent to be refused for the failover",
         Duration::from_secs(60),
@@ -155,22 +165,19 @@ fn failover_fences_the_agent_undo_resumes_and_commit_continues_from_the_point() 
     let point = c.bookmark("commit-point", true);
     let point_image = c.restore("v", "bookmark:commit-point").expect("restore");
     let sock2 = c.path("failover2.sock");
-    let mut fo = Proc::spawn(
-        "failover",
-        c.replica_cmd(&["failover", "--volume", "v", "--at", &format!("seq:{point}")])
-            .arg("--socket")
-            .arg(&sock2),
-        &c.path("failover2.log"),
-    );
-    wait_until(
-        "the second failover to serve",
-        Duration::from_secs(30),
-        || {
-            if let Ok(Some(st)) = fo.child.try_wait() {
-                panic!("failover exited ({st}): {}", fo.log_text());
-            }
-            std::os::unix::net::UnixStream::connect(&sock2).is_ok()
-        },
+    let sock2_arg = sock2.display().to_string();
+    let mut fo = start_failover(
+        &c,
+        &[
+            "--volume",
+            "v",
+            "--at",
+            &format!("seq:{point}"),
+            "--socket",
+            &sock2_arg,
+        ],
+        &sock2,
+        "failover2.log",
     );
     let mut fnbd = NbdDriver::connect(&format!("nbd+unix:///v?socket={}", sock2.display()));
     let mut expected = point_image.clone();
@@ -266,27 +273,12 @@ fn a_group_fails_over_whole_while_the_agents_other_group_replicates() {
         &read_file(&c.path("a1.img")),
     );
 
-    let mut fo = Proc::spawn(
-        "failover",
-        &mut c.replica_cmd(&[
-            "failover",
-            "--group",
-            "ga",
-            "--at",
-            "bookmark:before-failover",
-        ]),
-        &c.path("failover.log"),
-    );
     let sock = c.replica_dir.join("failover-ga.sock");
-    wait_until(
-        "the group failover to serve",
-        Duration::from_secs(30),
-        || {
-            if let Ok(Some(st)) = fo.child.try_wait() {
-                panic!("failover exited ({st}): {}", fo.log_text());
-            }
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        },
+    let mut fo = start_failover(
+        &c,
+        &["--group", "ga", "--at", "bookmark:before-failover"],
+        &sock,
+        "failover.log",
     );
     // The agent reports ga fenced and gb protecting, on a link that stays up.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -12,10 +12,9 @@ pub type Result<T, E = ReplicaError> = std::result::Result<T, E>;
 
 /// A request the replica declines, with the one sentence that says why (to the operator or
 /// the agent): nothing was changed. Unlike a [`ReplicaError`], the replica itself is fine.
-/// `.1` names the refusal when the agent reports it apart (a fence: see
-/// [`cdp_shared::cause`]).
+/// (A fence refuses one group, with its cause, in the Welcome: `wire::GroupRefused`.)
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal(pub String, pub Option<cdp_shared::cause::Cause>);
+pub struct Refusal(pub String);
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -25,7 +24,7 @@ impl std::fmt::Display for Refusal {
 
 impl From<String> for Refusal {
     fn from(reason: String) -> Refusal {
-        Refusal(reason, None)
+        Refusal(reason)
     }
 }
 

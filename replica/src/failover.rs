@@ -120,7 +120,7 @@ pub enum FailoverTarget {
 
 impl FailoverTarget {
     /// How the target reads in a sentence: `volume V` or `group G`.
-    fn what(&self) -> String {
+    pub fn what(&self) -> String {
         match self {
             FailoverTarget::Volume(v) => format!("volume {v}"),
             FailoverTarget::Group(g) => format!("group {g}"),
@@ -390,13 +390,6 @@ pub struct FailoverInfo {
     /// The failover existed already (served again, overlays kept).
     pub resumed: bool,
     pub endpoint: Endpoint,
-}
-
-impl FailoverInfo {
-    /// The URI of the first volume (the only one of a group of one).
-    pub fn uri(&self) -> &str {
-        self.volumes.first().map_or("", |v| v.uri.as_str())
-    }
 }
 
 impl std::fmt::Display for FailoverInfo {

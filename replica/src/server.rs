@@ -267,13 +267,13 @@ async fn refuse(
     agent: &Fingerprint,
     refusal: impl Into<Refusal>,
 ) -> String {
-    let Refusal(reason, cause) = refusal.into();
+    let Refusal(reason) = refusal.into();
     tracing::warn!(%agent, "refused the agent: {reason}");
     if let Err(e) = write_frame(
         send,
         &Control::Refused {
             reason: reason.clone(),
-            cause,
+            cause: None,
         },
     )
     .await
@@ -585,7 +585,7 @@ async fn check_fences(
     let mut i = 0;
     while i < joined.served.len() {
         let (gid, name) = (joined.served[i].0, joined.served[i].1.clone());
-        match crate::ingest::fence_of(&shared.catalog, &name).await {
+        match crate::ingest::fence_of_group(&shared.catalog, gid, &name).await {
             Ok(Some(refused)) => {
                 tracing::warn!(%agent, group = %name, "fencing a group of the agent: {}", refused.reason);
                 joined.served.remove(i);
@@ -631,11 +631,11 @@ async fn join(
         return;
     }
     let name = gh.name.clone();
-    let refused_again = |reason: String, cause| {
+    let refused_again = |reason: String| {
         Control::Fenced(wire::GroupRefused {
             name: name.clone(),
             reason,
-            cause,
+            cause: cdp_shared::cause::Cause::DisconnectedRefused,
         })
     };
     let answer = match shared.ingest.join(agent, &gh).await {
@@ -651,30 +651,21 @@ async fn join(
                 tracing::info!(%agent, group = %name, durable = w.durable.0, "the agent's group joined again");
                 Control::Joined { group: w }
             }
-            None => refused_again(
-                format!("group {name} is not running on the replica"),
-                cdp_shared::cause::Cause::DisconnectedRefused,
-            ),
+            None => refused_again(format!("group {name} is not running on the replica")),
         },
         Ok(Ok(Err(refused))) => {
             // Fenced again before it could join: asked again once the fence goes.
             joined.refused.insert(name.clone(), false);
             Control::Fenced(refused)
         }
-        Ok(Err(Refusal(reason, cause))) => {
+        Ok(Err(Refusal(reason))) => {
             tracing::warn!(%agent, group = %name, "refused the agent's group: {reason}");
-            refused_again(
-                reason,
-                cause.unwrap_or(cdp_shared::cause::Cause::DisconnectedRefused),
-            )
+            refused_again(reason)
         }
         Err(e) => {
             tracing::error!(%agent, group = %name, "could not admit the agent's group: {e}");
             joined.refused.insert(name.clone(), false);
-            refused_again(
-                format!("the replica could not admit the group: {e}"),
-                cdp_shared::cause::Cause::DisconnectedRefused,
-            )
+            refused_again(format!("the replica could not admit the group: {e}"))
         }
     };
     let _ = outbox.send(answer).await;

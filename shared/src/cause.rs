@@ -134,12 +134,14 @@ impl<'de> Deserialize<'de> for Cause {
 /// Which side is primary for a group: whose copy takes the group's writes (issue 14). Said
 /// by `status` on both sides (text and JSON) and by the metrics; an agent serves a group
 /// read-only while the replica is primary for it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Primary {
     /// The agent's devices (protection runs agent → replica).
     #[default]
+    #[serde(rename = "agent")]
     Agent,
     /// The replica: the group is failed over there (active, committing or committed).
+    #[serde(rename = "replica (failed over)")]
     Replica,
 }
 
@@ -167,23 +169,6 @@ impl Primary {
 impl std::fmt::Display for Primary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-impl Serialize for Primary {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for Primary {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Primary, D::Error> {
-        let s = String::deserialize(d)?;
-        Primary::ALL
-            .iter()
-            .copied()
-            .find(|p| p.as_str() == s)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown primary side {s:?}")))
     }
 }
 

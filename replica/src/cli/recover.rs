@@ -131,19 +131,12 @@ pub(crate) fn failover_target(
     }
 }
 
-fn target_text(t: &FailoverTarget) -> String {
-    match t {
-        FailoverTarget::Volume(v) => format!("volume {v}"),
-        FailoverTarget::Group(g) => format!("group {g}"),
-    }
-}
-
 /// `failover --undo`.
 pub(crate) async fn failover_undo(data: PathBuf, target: FailoverTarget) -> Result<(), CliError> {
     let seq = cdp_replica::failover::undo(&data, &target).await?;
     cdp_shared::outln!(
         "failover of {} at seq {seq} undone: its writes are discarded, the journal and every point are as before, and the group is accepted from its agent again",
-        target_text(&target)
+        target.what()
     );
     Ok(())
 }
@@ -153,7 +146,7 @@ pub(crate) async fn failover_commit(data: PathBuf, target: FailoverTarget) -> Re
     let s = cdp_replica::failover::commit(&data, &target).await?;
     cdp_shared::outln!(
         "failover of {} at seq {} committed: the group continues from it ({} written through the failover); {} batch rows and {} journal segments removed; the agent stays refused for the group (failback is not built yet)",
-        target_text(&target),
+        target.what(),
         s.seq,
         cdp_shared::types::human_bytes(s.overlay_bytes),
         s.batches_removed,

@@ -279,12 +279,21 @@ impl IngestService {
 
 /// The refusal of group `name` while it has a failover row (see `failover`), if it has one.
 pub(crate) async fn fence_of(catalog: &Catalog, name: &str) -> Result<Option<GroupRefused>> {
-    let Some(g) = catalog.group_by_name(name).await? else {
-        return Ok(None);
-    };
-    Ok(catalog.failover(g.id).await?.map(|f| GroupRefused {
-        name: g.name.clone(),
-        reason: f.refusal(&g.name),
+    match catalog.group_by_name(name).await? {
+        Some(g) => fence_of_group(catalog, g.id, &g.name).await,
+        None => Ok(None),
+    }
+}
+
+/// [`fence_of`] for a group whose catalog id is known (one query).
+pub(crate) async fn fence_of_group(
+    catalog: &Catalog,
+    group_id: i64,
+    name: &str,
+) -> Result<Option<GroupRefused>> {
+    Ok(catalog.failover(group_id).await?.map(|f| GroupRefused {
+        name: name.to_owned(),
+        reason: f.refusal(name),
         cause: Cause::DisconnectedFencedByFailover,
     }))
 }

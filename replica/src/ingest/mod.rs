@@ -32,7 +32,7 @@ mod plan;
 mod service;
 
 pub use admission::Admitted;
-pub(crate) use admission::fence_of;
+pub(crate) use admission::{fence_of, fence_of_group};
 pub use group::{GroupIngest, Received};
 pub use plan::{BatchPlan, PlannedRow, StateChange, TargetOp, plan_batch};
 pub use service::IngestService;
