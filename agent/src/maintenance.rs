@@ -80,11 +80,18 @@ impl Maintenance {
         if let Some(v) = next_sync {
             let name = g.volumes[v as usize].name.clone();
             tracing::info!(volume = %name, "initial sync started");
-            let seq = g
+            let done = g
                 .initial_sync(v, BACKLOG_BATCHES, self.sync_bytes_per_sec_max)
                 .await
                 .map_err(|e| format!("initial sync of volume {name} failed: {e}"))?;
-            g.pending().initial_sync.remove(&v);
+            if !done_unless_rebased(g, done.rebases, |p| {
+                p.initial_sync.remove(&v);
+            }) {
+                return Err(format!(
+                    "the initial sync of volume {name} starts again: the log was rebased as it ended"
+                ));
+            }
+            let seq = done.result;
             let st = VolumeStateFile {
                 state: VolumeState::Protecting,
                 sync_done_seq: Some(seq.0),
@@ -102,7 +109,7 @@ impl Maintenance {
             tracing::info!(volume = %name, "hash-compare resync started");
             let link = self.link.clone();
             let group_name = g.name.clone();
-            let (compared, sent) = g
+            let done = g
                 .resync_by_hash(v, BACKLOG_BATCHES, move |first, count| {
                     let link = link.clone();
                     let group_name = group_name.clone();
@@ -110,16 +117,22 @@ impl Maintenance {
                 })
                 .await
                 .map_err(|e| format!("hash-compare resync of volume {name} failed: {e}"))?;
+            let (compared, sent) = done.result;
             let bytes = g.volumes[v as usize]
                 .resync_bytes_sent
                 .load(Ordering::Relaxed);
             tracing::info!(volume = %name, compared, sent, "hash-compare resync complete: {sent} of {compared} chunks differed ({bytes} bytes of records sent by resyncs so far)");
-            let mut p = g.pending();
-            p.compare.remove(&v);
-            p.compares_done += 1;
-            p.last_compare = Some((v, compared, sent));
-            drop(p);
+            let ended = done_unless_rebased(g, done.rebases, |p| {
+                p.compare.remove(&v);
+                p.compares_done += 1;
+                p.last_compare = Some((v, compared, sent));
+            });
             g.bump();
+            if !ended {
+                return Err(format!(
+                    "the hash-compare resync of volume {name} starts again: the log was rebased as it ended"
+                ));
+            }
             return Ok(true);
         }
         if g.dirty_total() > 0 {
@@ -130,5 +143,49 @@ impl Maintenance {
             return Ok(sent > 0);
         }
         Ok(false)
+    }
+}
+
+/// Marks a sync or resync that began at the group's rebase count `began` done (`mark`, on the
+/// maintenance queue), unless the group rebased since: its records may then be gone with the
+/// old chain, and the rebase queued it again (or the resyncs that cover it). Checked under
+/// the queue's lock, which a rebase holds from queueing its resyncs until it is counted, so a
+/// rebase is either seen here or comes after the mark and queues the work again. Returns
+/// whether it was marked.
+fn done_unless_rebased(
+    g: &Group,
+    began: u64,
+    mark: impl FnOnce(&mut crate::pipeline::Pending),
+) -> bool {
+    let mut p = g.pending();
+    if g.rebases() != began {
+        return false;
+    }
+    mark(&mut p);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sync that ended before a rebase whose queueing it did not see (the rebase queued it
+    /// again) must stay queued: marking it done would lose the volume's image on the replica.
+    #[tokio::test]
+    async fn a_sync_is_marked_done_only_if_the_group_did_not_rebase_since_it_began() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let g = crate::pipeline::test_group(dir.path(), 1 << 20);
+        g.pending().initial_sync.insert(0);
+        let began = g.rebases();
+        g.rebase(cdp_shared::types::Seq(0), [0; 32])
+            .expect("rebase");
+        assert!(!done_unless_rebased(&g, began, |p| {
+            p.initial_sync.remove(&0);
+        }));
+        assert!(g.pending().initial_sync.contains(&0), "still queued");
+        assert!(done_unless_rebased(&g, g.rebases(), |p| {
+            p.initial_sync.remove(&0);
+        }));
+        assert!(g.pending().initial_sync.is_empty());
     }
 }

@@ -298,15 +298,14 @@ fn rebase(g: &Arc<Group>, w: &wire::GroupWelcome, view: &GroupView, r: &Rebase) 
             pending.compare.remove(&v.id);
             pending.initial_sync.insert(v.id);
             g.await_initial_sync([v.id]);
-            if v.syncing.load(std::sync::atomic::Ordering::Relaxed) {
-                v.restart_sync
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-            }
         }
     }
-    drop(pending);
-    // After the flags above: a sync that sees its restart flag never reaches SyncEnd.
+    // Counted with the queue still locked: a sync or resync running now sees the new count
+    // (it is void: its records may be gone with the old chain) and stays queued, and one that
+    // ends first is marked done before the queue above takes it again (see
+    // `maintenance::done_unless_rebased`).
     g.rebase(durable, r.hash).context("reset the spool")?;
+    drop(pending);
     Ok(())
 }
 
@@ -637,31 +636,8 @@ mod tests {
     /// the bookmark lost, not durable.
     #[tokio::test]
     async fn a_rebase_is_counted_before_its_seq_is_acknowledged() {
-        use crate::device::FileDev;
-        use crate::pipeline::{GroupOptions, Volume};
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("vol0");
-        std::fs::File::create(&path)
-            .and_then(|f| f.set_len(1 << 20))
-            .expect("device");
-        let vol = Volume::new(0, "vol0", Arc::new(FileDev::open(&path).expect("open")));
-        let (spool, rec) = crate::spool::Spool::open(&dir.path().join("spool")).expect("spool");
-        let options = GroupOptions {
-            batcher: crate::batcher::BatcherConfig::default(),
-            spool_bytes_max: 1 << 30,
-            al_capacity: 64,
-            state_dir: dir.path().join("state"),
-            rpo_target: std::time::Duration::from_secs(30),
-        };
-        let (g, _) = Group::new(
-            "g",
-            vec![Arc::new(vol)],
-            spool,
-            options,
-            rec.last_seq,
-            rec.last_hash,
-        )
-        .expect("group");
+        let g = crate::pipeline::test_group(dir.path(), 1 << 20);
         let first = welcome(0, "gen-a", &["protecting"]);
         assert_eq!(catch_up(&g, &first).expect("first catch-up"), Seq(0));
         let crate::pipeline::Cut { seq, rebases, .. } = g.bookmark("b").await.expect("bookmark");

@@ -9,7 +9,7 @@ use cdp_shared::batch::{self, BatchFlags, RecordKind};
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::{Seq, VolumeId, split_at_chunks};
 
-use super::{Cut, ENCODER, Group, Recorded, blocking_err, io_err};
+use super::{Cut, Durable, ENCODER, Group, Recorded, blocking_err, io_err};
 use crate::clock::now_ns;
 use crate::device::BlockDev;
 use crate::range_lock::wait_all;
@@ -189,10 +189,17 @@ impl Group {
             .iter()
             .map(|v| self.volume(*v).dev.clone())
             .collect();
-        let (synced, durable) =
-            tokio::join!(self.sync_devices(devices), self.spool_durable(cut.seq));
+        let (synced, durable) = tokio::join!(
+            self.sync_devices(devices),
+            self.spool_durable(cut.seq, cut.rebases)
+        );
         synced?;
-        durable?;
+        if durable? == Durable::Rebased {
+            // The cut's batch went with the old chain; the writes are durable on their
+            // devices, and the rebase's resyncs send them. Their epochs stay open (their
+            // chunks in the activity logs) until a later cut is durable.
+            return Ok(());
+        }
         let ended: Vec<_> = volumes
             .iter()
             .copied()

@@ -58,6 +58,7 @@ mod sync;
 mod verify;
 
 pub use client::INLINE_WRITE_BYTES_MAX;
+pub use sync::SyncDone;
 
 thread_local! {
     static ENCODER: RefCell<RecordEncoder> = RefCell::new(RecordEncoder::new());
@@ -81,9 +82,6 @@ pub struct Volume {
     pub resync_bytes_sent: AtomicU64,
     /// Bytes the NBD clients wrote (writes, not zero-writes or trims) since the start.
     pub written_bytes: AtomicU64,
-    /// Set when a running initial sync must stop and start again from the beginning (the
-    /// replica lost what it had received of it).
-    pub restart_sync: AtomicBool,
 }
 
 impl Volume {
@@ -99,7 +97,6 @@ impl Volume {
             sync_started_ns: AtomicI64::new(0),
             resync_bytes_sent: AtomicU64::new(0),
             written_bytes: AtomicU64::new(0),
-            restart_sync: AtomicBool::new(false),
         }
     }
 
@@ -168,10 +165,6 @@ struct Inner {
     syncing: usize,
     /// Since when the spool is over its cap (writes go to the dirty maps).
     overflow_since: Option<i64>,
-    /// Times the group continued after the replica's head (`rebase`): a batch sealed before
-    /// one may have been dropped from the spool, so a wait for its seq must not trust acks
-    /// that come after.
-    rebases: u64,
 }
 
 impl Inner {
@@ -245,6 +238,16 @@ pub struct Cut {
     pub rebases: u64,
 }
 
+/// How a wait for a seq to be durable in the spool ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durable {
+    /// The seq's batch is durable in the spool.
+    Reached,
+    /// The group rebased meanwhile ([`Group::rebase`]): the seq's batch was dropped with the
+    /// old chain, and what it held is sent again by the resyncs the rebase queued.
+    Rebased,
+}
+
 /// One consistency group: its volumes, its log and its spool.
 pub struct Group {
     pub name: String,
@@ -265,6 +268,12 @@ pub struct Group {
     pub sent_batches: AtomicU64,
     pub sent_bytes: AtomicU64,
     pending: Mutex<Pending>,
+    /// Times the group continued after the replica's head ([`Group::rebase`]), changed only
+    /// under the group's lock: a batch sealed before a rebase may have been dropped from the
+    /// spool, and the new chain may never reach its seq, so whoever waits for a seq (a flush,
+    /// a sync's end, `bookmark --wait`) also watches this, and a sync or resync that saw one
+    /// is void (its records may be gone) and runs again.
+    rebased: watch::Sender<u64>,
     /// The replica is primary for the group (it is failed over there, as the link last heard):
     /// the group's exports are read-only meanwhile. In memory only: a restarted agent learns
     /// it again at its Hello.
@@ -461,7 +470,6 @@ impl Group {
                 batcher: Batcher::new(name, options.batcher.clone(), last_seq, last_hash),
                 syncing: 0,
                 overflow_since: None,
-                rebases: 0,
             }),
             spool,
             options,
@@ -473,6 +481,7 @@ impl Group {
             sent_batches: AtomicU64::new(0),
             sent_bytes: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
+            rebased: watch::channel(0).0,
             replica_primary: AtomicBool::new(false),
         });
         Ok((group, recovery))
@@ -613,7 +622,7 @@ impl Group {
 
     /// How many times the group continued after the replica's head (see [`Group::rebase`]).
     pub fn rebases(&self) -> u64 {
-        self.lock().rebases
+        *self.rebased.borrow()
     }
 
     /// Dirty chunks over all volumes, each map's count checked against its bits: a count that
@@ -696,7 +705,7 @@ impl Group {
             seq: inner.batcher.last_sealed(),
             consistent: !inconsistent,
             ended,
-            rebases: inner.rebases,
+            rebases: *self.rebased.borrow(),
         }
     }
 
@@ -712,7 +721,7 @@ impl Group {
             seq: inner.batcher.last_sealed(),
             consistent: !inconsistent,
             ended: Vec::new(),
-            rebases: inner.rebases,
+            rebases: *self.rebased.borrow(),
         }
     }
 
@@ -760,19 +769,39 @@ impl Group {
     /// Everything up to `seq` durable in the spool and the dirty maps saved; then the ended
     /// epochs are durable (for cuts whose devices need no sync; a flush uses
     /// `client::flush_cut`).
-    async fn make_durable(&self, seq: Seq, ended: &[(VolumeId, u64)]) -> ExportResult<()> {
-        self.spool_durable(seq).await?;
-        self.end_epochs(ended);
-        Ok(())
+    async fn make_durable(
+        &self,
+        seq: Seq,
+        rebases: u64,
+        ended: &[(VolumeId, u64)],
+    ) -> ExportResult<Durable> {
+        let durable = self.spool_durable(seq, rebases).await?;
+        if durable == Durable::Reached {
+            self.end_epochs(ended);
+        }
+        Ok(durable)
     }
 
-    /// Everything up to `seq` durable in the spool, and the dirty maps saved.
-    async fn spool_durable(&self, seq: Seq) -> ExportResult<()> {
-        self.spool
-            .wait_durable(seq)
-            .await
-            .map_err(|e| ExportError::Io(e.to_string()))?;
-        self.save_dirty_maps().await
+    /// Everything up to `seq` durable in the spool, and the dirty maps saved; or the group
+    /// rebased since `rebases` (sampled under the group's lock with `seq`), and `seq`'s batch
+    /// belongs to a chain the spool dropped: the wait ends then too, as [`Durable::Rebased`].
+    async fn spool_durable(&self, seq: Seq, rebases: u64) -> ExportResult<Durable> {
+        let mut rebased = self.rebased.subscribe();
+        let durable = tokio::select! {
+            r = self.spool.wait_durable(seq) => {
+                r.map_err(|e| ExportError::Io(e.to_string()))?;
+                Durable::Reached
+            }
+            _ = rebased.wait_for(|n| *n != rebases) => Durable::Rebased,
+        };
+        // A rebase racing a durable wait: the seq reached may be the new chain's.
+        let durable = if self.rebases() != rebases {
+            Durable::Rebased
+        } else {
+            durable
+        };
+        self.save_dirty_maps().await?;
+        Ok(durable)
     }
 
     /// The ended epochs of a cut are durable: their chunks may leave the activity logs.
@@ -783,4 +812,34 @@ impl Group {
             vs.durable_epoch = vs.durable_epoch.max(*e);
         }
     }
+}
+
+/// A group of one file-backed volume of `size` bytes in `dir` (spool and state included), for
+/// the unit tests of the pipeline and of the tasks that drive it.
+#[cfg(test)]
+pub(crate) fn test_group(dir: &std::path::Path, size: u64) -> Arc<Group> {
+    use crate::device::FileDev;
+    let path = dir.join("vol0");
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(size))
+        .expect("device");
+    let vol = Volume::new(0, "vol0", Arc::new(FileDev::open(&path).expect("open")));
+    let (spool, rec) = Spool::open(&dir.join("spool")).expect("spool");
+    let options = GroupOptions {
+        batcher: BatcherConfig::default(),
+        spool_bytes_max: 1 << 30,
+        al_capacity: 64,
+        state_dir: dir.join("state"),
+        rpo_target: std::time::Duration::from_secs(30),
+    };
+    let (g, _) = Group::new(
+        "g",
+        vec![Arc::new(vol)],
+        spool,
+        options,
+        rec.last_seq,
+        rec.last_hash,
+    )
+    .expect("group");
+    g
 }

@@ -12,7 +12,7 @@ use cdp_shared::cause::Cause;
 use cdp_shared::nbd::{ExportError, ExportResult};
 use cdp_shared::types::{CHUNK_BYTES, Seq, VolumeId};
 
-use super::{Cut, ENCODER, Group, Inner, Recorded, blocking_err};
+use super::{Cut, Durable, ENCODER, Group, Inner, Recorded, blocking_err};
 use crate::clock::now_ns;
 use crate::range_lock::wait_all;
 
@@ -35,6 +35,15 @@ fn encode_chunk(volume: VolumeId, start: u64, buf: &[u8]) -> Vec<u8> {
         });
     }
     out
+}
+
+/// What an initial sync or a hash-compare resync did, and the group's rebase count when it
+/// began: the caller marks it done only if the group has not rebased since (under the
+/// maintenance queue's lock, which a rebase holds while it queues resyncs and counts itself).
+#[derive(Debug)]
+pub struct SyncDone<T> {
+    pub result: T,
+    pub rebases: u64,
 }
 
 impl Group {
@@ -183,13 +192,12 @@ impl Group {
         volume: VolumeId,
         backlog_max: u64,
         bytes_per_sec_max: u64,
-    ) -> ExportResult<Seq> {
+    ) -> ExportResult<SyncDone<Seq>> {
         let vol = self.volume(volume).clone();
         vol.start_progress(vol.chunks());
         vol.syncing.store(true, Ordering::Relaxed);
-        vol.restart_sync.store(false, Ordering::Relaxed);
         self.wait_for_room(backlog_max).await?;
-        {
+        let began = {
             let mut inner = self.lock();
             inner.syncing += 1;
             self.push_sync_marker(&mut inner, volume, RecordKind::SyncBegin);
@@ -200,7 +208,14 @@ impl Group {
                 v.dirty.clear_all();
                 v.dirty_changed = true;
             }
-        }
+            self.rebases()
+        };
+        let restart = || {
+            ExportError::Io(format!(
+                "the initial sync of volume {} starts again: the log was rebased while it ran (its records may be gone with the old chain)",
+                vol.name
+            ))
+        };
         let started = tokio::time::Instant::now();
         let mut bytes_read = 0u64;
         for chunk in 0..vol.chunks() {
@@ -213,13 +228,10 @@ impl Group {
             }
             // Bound the backlog: the sync must not fill the spool with the whole device.
             self.wait_for_room(backlog_max).await?;
-            if vol.restart_sync.swap(false, Ordering::Relaxed) {
+            if self.rebases() != began {
                 self.lock().syncing -= 1;
                 vol.syncing.store(false, Ordering::Relaxed);
-                return Err(ExportError::Io(format!(
-                    "the initial sync of volume {} starts again: the replica lost what it had received of it",
-                    vol.name
-                )));
+                return Err(restart());
             }
             self.sync_chunk(volume, chunk, true, |_| true).await?;
             bytes_read += vol.chunk_len(chunk);
@@ -229,13 +241,10 @@ impl Group {
         self.wait_for_room(backlog_max).await?;
         let seq = {
             let mut inner = self.lock();
-            if vol.restart_sync.swap(false, Ordering::Relaxed) {
+            if self.rebases() != began {
                 inner.syncing -= 1;
                 vol.syncing.store(false, Ordering::Relaxed);
-                return Err(ExportError::Io(format!(
-                    "the initial sync of volume {} starts again: the replica lost what it had received of it",
-                    vol.name
-                )));
+                return Err(restart());
             }
             // The records so far belong to the sync: their batch is not consistent. `SyncEnd`
             // then goes alone into a fresh batch, which is consistent when nothing else of
@@ -248,9 +257,14 @@ impl Group {
             inner.batcher.last_sealed()
         };
         vol.syncing.store(false, Ordering::Relaxed);
-        self.make_durable(seq, &[]).await?;
+        if self.make_durable(seq, began, &[]).await? == Durable::Rebased {
+            return Err(restart());
+        }
         self.bump();
-        Ok(seq)
+        Ok(SyncDone {
+            result: seq,
+            rebases: began,
+        })
     }
 
     /// Ends an overflow once the spool has room again (at most half its cap).
@@ -304,9 +318,16 @@ impl Group {
             return Ok(0);
         }
         let Cut {
-            seq, consistent, ..
+            seq,
+            consistent,
+            rebases,
+            ..
         } = self.cut_point();
-        self.make_durable(seq, &[]).await?;
+        if self.make_durable(seq, rebases, &[]).await? == Durable::Rebased {
+            // The resync's records may be gone with the old chain: the rebase queued the
+            // resyncs that send them again.
+            return Ok(sent);
+        }
         if consistent {
             tracing::info!(group = %self.name, seq = seq.0, "resync complete: seq {seq} is consistent again");
         }
@@ -321,7 +342,7 @@ impl Group {
         volume: VolumeId,
         backlog_max: u64,
         mut hashes: F,
-    ) -> ExportResult<(u64, u64)>
+    ) -> ExportResult<SyncDone<(u64, u64)>>
     where
         F: FnMut(u64, u32) -> Fut,
         Fut: Future<Output = ExportResult<Vec<[u8; 32]>>>,
@@ -330,7 +351,17 @@ impl Group {
         let vol = self.volume(volume).clone();
         let chunks = vol.chunks();
         vol.start_progress(chunks);
-        self.lock().syncing += 1;
+        let began = {
+            let mut inner = self.lock();
+            inner.syncing += 1;
+            self.rebases()
+        };
+        let rebased = || {
+            ExportError::Io(format!(
+                "the hash-compare resync of volume {} starts again: the log was rebased while it ran (its records may be gone with the old chain)",
+                vol.name
+            ))
+        };
         let result = async {
             let (mut compared, mut sent) = (0, 0);
             let mut first = 0;
@@ -345,6 +376,9 @@ impl Group {
                 }
                 for (i, their) in theirs.into_iter().enumerate() {
                     self.wait_for_room(backlog_max).await?;
+                    if self.rebases() != began {
+                        return Err(rebased());
+                    }
                     let chunk = first + i as u64;
                     let n = self
                         .sync_chunk(volume, chunk, true, move |buf| {
@@ -363,13 +397,20 @@ impl Group {
             Ok((compared, sent))
         }
         .await;
-        let seq = {
+        let Cut { seq, rebases, .. } = {
             self.lock().syncing -= 1;
-            self.cut_point().seq
+            self.cut_point()
         };
-        self.make_durable(seq, &[]).await?;
+        let durable = self.make_durable(seq, rebases, &[]).await?;
         self.bump();
-        result
+        let done = result?;
+        if durable == Durable::Rebased || rebases != began {
+            return Err(rebased());
+        }
+        Ok(SyncDone {
+            result: done,
+            rebases: began,
+        })
     }
 
     /// Continues the log after the replica's `seq` (header hash `hash`), forgetting the spool:
@@ -383,9 +424,92 @@ impl Group {
         let mut inner = self.lock();
         self.spool.reset_blocking(seq, hash)?;
         inner.batcher.rebase(seq, hash);
-        inner.rebases += 1;
+        // Counted before the new ack is seen (a `bookmark --wait` that sees the ack sees the
+        // rebase too) and under the group's lock (a cut samples the count with its seq).
+        self.rebased.send_modify(|n| *n += 1);
         self.acked.send_replace(seq);
         tracing::warn!(group = %self.name, seq = seq.0, "the spool cannot bring the replica up to date: continuing after the replica's seq {seq} with a resync");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::test_group;
+    use std::time::Duration;
+
+    const DEADLINE: Duration = Duration::from_secs(20);
+
+    /// The fault CI found: a wait for a seq sealed before a rebase (the spool's durable seq
+    /// falls back to the replica's) waited for the new chain to reach that seq, which an idle
+    /// group never does; the maintenance task hung in an initial sync's last wait.
+    #[tokio::test]
+    async fn a_wait_for_a_seq_sealed_before_a_rebase_ends_at_the_rebase() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let g = test_group(dir.path(), 1 << 20);
+        let before = g.cut_point();
+        let durable = tokio::time::timeout(DEADLINE, g.spool_durable(before.seq, before.rebases))
+            .await
+            .expect("durable before the rebase")
+            .expect("durable");
+        assert_eq!(durable, Durable::Reached);
+        let sealed = g.cut_point();
+        g.cut_point();
+        assert!(sealed.seq > Seq(0));
+        g.rebase(Seq(0), [0; 32]).expect("rebase");
+        let waited = tokio::time::timeout(DEADLINE, g.spool_durable(sealed.seq, sealed.rebases))
+            .await
+            .expect("the wait must end at the rebase")
+            .expect("no error");
+        assert_eq!(waited, Durable::Rebased);
+        // A cut of the new chain waits for the new chain.
+        let after = g.cut_point();
+        assert_eq!(after.seq, Seq(1));
+        let durable = tokio::time::timeout(DEADLINE, g.spool_durable(after.seq, after.rebases))
+            .await
+            .expect("durable after the rebase")
+            .expect("durable");
+        assert_eq!(durable, Durable::Reached);
+    }
+
+    /// An initial sync running when the group rebases is void (its records went with the old
+    /// chain): it ends with an error that says it starts again, instead of completing (or
+    /// waiting for a seq of the old chain).
+    #[tokio::test]
+    async fn an_initial_sync_running_across_a_rebase_starts_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let g = test_group(dir.path(), 8 * CHUNK_BYTES);
+        // 2 chunks a second: four seconds for the whole volume.
+        let sync = tokio::spawn({
+            let g = g.clone();
+            async move { g.initial_sync(0, 64, 2 * CHUNK_BYTES).await }
+        });
+        let vol = g.volume(0).clone();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while vol.sync_chunks_done.load(Ordering::Relaxed) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the sync never began"
+            );
+            let mut wake = g.wake.subscribe();
+            let _ = tokio::time::timeout(Duration::from_millis(20), wake.changed()).await;
+        }
+        g.rebase(Seq(0), [0; 32]).expect("rebase");
+        let ended = tokio::time::timeout(DEADLINE, sync)
+            .await
+            .expect("the sync must end")
+            .expect("task");
+        let err = ended.expect_err("a sync across a rebase must not complete");
+        assert!(err.to_string().contains("starts again"), "{err}");
+        assert!(!vol.syncing.load(Ordering::Relaxed));
+        assert_eq!(g.lock().syncing, 0);
+        // Run again, it completes on the new chain.
+        let done = tokio::time::timeout(DEADLINE, g.initial_sync(0, 64, 0))
+            .await
+            .expect("the second sync must end")
+            .expect("the second sync completes");
+        assert_eq!(done.rebases, g.rebases());
+        assert!(done.result > Seq(0));
     }
 }
