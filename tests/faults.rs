@@ -365,3 +365,89 @@ fn agent_killed_with_acknowledged_batches_never_spooled_loses_nothing() {
         "no restart found the replica past its head: the spool wrote every batch"
     );
 }
+
+/// The agent stops with batches the replica acknowledged but its spool never wrote, and
+/// comes back while the replica is down: it takes flushed writes, sealing batches whose seqs
+/// the replica already holds with other contents, past the replica's head. When the replica
+/// returns, the agent's chain has forked from the replica's at the first batch it never
+/// spooled; it must notice (not resume from its spool into batches the replica refuses for
+/// ever) and bring the replica to the device, losing no flushed write.
+#[test]
+fn agent_restarted_while_the_replica_is_down_after_unspooled_acks_loses_nothing() {
+    if !require_python_nbd() {
+        return;
+    }
+    let seed = test_seed();
+    let (mut c, dev, mut model) = started(16 * MIB, 4 * MIB, seed);
+    let mut rng = Lcg(seed ^ 0xf0_4c);
+    let mut w = Writer::new(&c.nbd_uri("v"), 16 * MIB, seed.wrapping_add(77));
+    ops_with_one_flush(&mut w, &mut model, 40, 10, 0);
+    let mut block = vec![0u8; 4096];
+    let mut tries = 0;
+    let mut last = serde_json::Value::Null;
+    wait_until(
+        "the replica to acknowledge batches the spool never wrote",
+        Duration::from_secs(120),
+        || {
+            last = c.volume_status("v");
+            let acked = last["acked_seq"].as_u64().unwrap_or(0);
+            if last["last_seq"].as_u64() == Some(acked)
+                && last["spool_written_seq"]
+                    .as_u64()
+                    .is_some_and(|s| s < acked)
+            {
+                return true;
+            }
+            tries += 1;
+            if tries % 10 == 1 {
+                rng.fill(&mut block);
+                let at = rng.below(16 * MIB / 4096) * 4096;
+                w.nbd.write(at, &block, false).expect("plain write");
+                model[at as usize..at as usize + 4096].copy_from_slice(&block);
+            }
+            false
+        },
+    );
+    let acked = last["acked_seq"].as_u64().expect("acked");
+    let written = last["spool_written_seq"].as_u64().expect("written");
+    c.agent.as_mut().expect("agent").kill9();
+    drop(w);
+    assert!(
+        c.replica
+            .as_mut()
+            .expect("replica")
+            .stop(Duration::from_secs(30)),
+        "the replica stops"
+    );
+    c.start_agent();
+    // Past the replica's head, one flushed batch per write: the agent's seqs written+1..
+    // now name other batches than the replica's.
+    let mut w = Writer::new(&c.nbd_uri("v"), 16 * MIB, seed.wrapping_add(78));
+    for _ in 0..(acked - written + 8) {
+        rng.fill(&mut block);
+        let at = rng.below(16 * MIB / 4096) * 4096;
+        w.nbd.write(at, &block, false).expect("write");
+        model[at as usize..at as usize + 4096].copy_from_slice(&block);
+        w.nbd.flush().expect("flush");
+    }
+    let head = c.agent_last_seq("v");
+    assert!(
+        head > acked,
+        "the agent's head {head} passes the replica's {acked} (spool written to {written})"
+    );
+    drop(w);
+    c.start_replica();
+    c.wait_in_step("v", Duration::from_secs(120));
+    assert_same_image("the device", &read_file(&dev), &model);
+    assert_eq!(
+        restore_hash(&c, "v", "latest"),
+        hash(&model),
+        "latest equals the device (replica acked {acked}, spool written to {written}, agent head {head})"
+    );
+    let log = c.agent.as_ref().expect("agent").log_text();
+    assert!(
+        log.contains("the chains forked there") && log.contains("hash-compare resync complete"),
+        "the agent found the fork and compared: {}",
+        tail(&log, 30)
+    );
+}

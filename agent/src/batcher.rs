@@ -94,14 +94,33 @@ impl Batcher {
     }
 
     /// Continues the chain after `seq` (header hash `hash`), dropping what is open: used when
-    /// the agent must continue after the replica's head instead of its own.
-    pub fn rebase(&mut self, seq: Seq, hash: Hash) {
+    /// the agent must continue after the replica's head instead of its own. Returns the
+    /// `(volume, offset, length)` of the dropped records that change bytes, for the caller to
+    /// send again.
+    pub fn rebase(&mut self, seq: Seq, hash: Hash) -> Vec<(cdp_shared::types::VolumeId, u64, u32)> {
+        let payload = &self.buf[HEADER_ROOM..];
+        let mut dropped = Vec::new();
+        let mut pos = 0;
+        let mut index = 0;
+        while pos < payload.len() {
+            // The batcher encoded these records itself: a failure would be its own fault,
+            // and stops the walk (the caller's full resyncs cover the rest).
+            let Ok(r) = RecordHeader::decode(&payload[pos..], index) else {
+                break;
+            };
+            if r.kind.changes_bytes() {
+                dropped.push((r.volume, r.offset, r.length));
+            }
+            pos += r.total_len();
+            index += 1;
+        }
         self.next_seq = seq.next();
         self.prev_hash = hash;
         self.buf.truncate(HEADER_ROOM);
         self.record_count = 0;
         self.has_sync_records = false;
         self.opened_at = None;
+        dropped
     }
 
     /// The last sealed seq.
@@ -284,6 +303,28 @@ mod tests {
         let mut v = Vec::new();
         encode_marker(0, RecordKind::Zero, 0, 4096, 0, &mut v);
         v
+    }
+
+    #[test]
+    fn a_rebase_returns_the_open_records_that_change_bytes_and_continues_after_its_seq() {
+        let mut b = Batcher::new("g", BatcherConfig::default(), Seq(0), [0; 32]);
+        let t0 = Instant::now();
+        let mut recs = Vec::new();
+        encode_marker(0, RecordKind::SyncBegin, 0, 0, 0, &mut recs);
+        encode_marker(1, RecordKind::Zero, 8192, 4096, 0, &mut recs);
+        encode_marker(0, RecordKind::Trim, 1 << 20, 512, 0, &mut recs);
+        assert!(b.push(&recs, 3, false, false, t0, 1).is_empty());
+        let dropped = b.rebase(Seq(41), [5; 32]);
+        assert_eq!(dropped, vec![(1, 8192, 4096), (0, 1 << 20, 512)]);
+        assert!(b.is_empty());
+        assert_eq!(b.last_sealed(), Seq(41));
+        let sealed = b.push(&marker(), 1, false, false, t0, 2);
+        assert!(sealed.is_empty());
+        let s = b.seal(BatchFlags::FLUSH, None, false, 2).expect("sealed");
+        assert_eq!(s.seq, Seq(42));
+        let view = batch::decode(&s.bytes).expect("decodes");
+        assert_eq!(view.header.prev_hash, [5; 32]);
+        assert!(b.rebase(Seq(42), s.header_hash).is_empty(), "nothing open");
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub(super) struct GroupView {
     pub(super) head: Seq,
     /// The oldest seq the spool still holds; `head + 1` when it holds none.
     pub(super) first_held: Seq,
+    /// The header hash of this agent's batch at the welcome's durable seq, if the spool knows
+    /// it (it holds that batch, or it is the newest acknowledged one).
+    pub(super) durable_hash: Option<Hash>,
     pub(super) volumes: Vec<VolumeView>,
 }
 
@@ -73,6 +76,11 @@ pub(super) enum RebaseReason {
     /// The spool no longer holds the batch after the replica's seq (it overflowed, was lost
     /// or damaged).
     SpoolGap,
+    /// The replica's batch at its seq is not this agent's (another header hash): the chains
+    /// forked there. The agent stopped with batches the replica had acknowledged before the
+    /// spool wrote them, then sealed new batches under the same seqs before it reconnected
+    /// (the replica was away); resuming would send batches the replica refuses for ever.
+    Forked,
 }
 
 /// A decision to continue the group's chain after the replica's head.
@@ -186,6 +194,11 @@ pub(super) fn decide(
         RebaseReason::ReplicaAhead
     } else if durable.next() < view.first_held {
         RebaseReason::SpoolGap
+    } else if durable.0 > 0
+        && let (Some(ours), Some(theirs)) = (view.durable_hash, parse_hash(&w.head_hash))
+        && ours != theirs
+    {
+        RebaseReason::Forked
     } else {
         return Ok(CatchUp::Resume {
             durable,
@@ -222,7 +235,7 @@ fn generation_path(g: &Group) -> std::path::PathBuf {
 }
 
 /// What the agent holds of `g` now.
-fn view_of(g: &Group) -> GroupView {
+fn view_of(g: &Group, durable: Seq) -> GroupView {
     let head = g.last_sealed();
     let first_held = g.spool.first_held().unwrap_or(head.next());
     let queued = g.pending().initial_sync.clone();
@@ -230,6 +243,7 @@ fn view_of(g: &Group) -> GroupView {
         name: g.name.clone(),
         head,
         first_held,
+        durable_hash: g.spool.hash_of(durable),
         volumes: g
             .volumes
             .iter()
@@ -246,7 +260,7 @@ fn view_of(g: &Group) -> GroupView {
 /// resyncs, the rebase, the generation file). Returns the replica's durable seq, which the
 /// caller acknowledges.
 pub(super) fn catch_up(g: &Arc<Group>, w: &wire::GroupWelcome) -> Result<Seq> {
-    let view = view_of(g);
+    let view = view_of(g, w.durable);
     let gen_path = generation_path(g);
     let known_generation = std::fs::read_to_string(&gen_path)
         .ok()
@@ -278,6 +292,12 @@ fn rebase(g: &Arc<Group>, w: &wire::GroupWelcome, view: &GroupView, r: &Rebase) 
             tracing::info!(
                 group = %g.name,
                 "the replica is at seq {durable}, past this agent's head {head}, on this agent's chain (batches acknowledged before they were spooled): the agent continues after seq {durable} and resyncs the chunks its activity log names"
+            );
+        }
+        RebaseReason::Forked => {
+            tracing::warn!(
+                group = %g.name,
+                "the replica's batch {durable} is not this agent's: the chains forked there (the agent stopped with batches the replica had acknowledged before its spool wrote them, and sealed others under their seqs before it reconnected); the agent continues after seq {durable} and compares every chunk"
             );
         }
         RebaseReason::ImagesLost(_) | RebaseReason::ReplicaAhead | RebaseReason::SpoolGap => {
@@ -330,6 +350,7 @@ mod tests {
             name: "g".into(),
             head: Seq(head),
             first_held: Seq(first_held),
+            durable_hash: None,
             volumes: (0..volumes)
                 .map(|id| VolumeView {
                     id,
@@ -442,6 +463,33 @@ mod tests {
                 record_generation: false,
             }
         );
+    }
+
+    /// The fault a restart while the replica was away produced: the spool holds the batch at
+    /// the replica's seq, but another one than the replica's (the chains forked). Resuming
+    /// sent batches the replica refused for ever; the agent rebases and compares instead.
+    #[test]
+    fn a_replica_whose_batch_at_its_seq_is_not_the_agents_rebases_and_compares() {
+        let w = welcome(7, "gen-a", &["protecting", "protecting"]);
+        let mut v = view(17, 6, 2);
+        v.durable_hash = Some(hash());
+        match decide(&v, &w, Some("gen-a")).expect("decide") {
+            CatchUp::Resume { durable, .. } => assert_eq!(durable, Seq(7)),
+            other => panic!("the same batch resumes, got {other:?}"),
+        }
+        v.durable_hash = Some([9u8; 32]);
+        let r = rebase_of(decide(&v, &w, Some("gen-a")).expect("decide"));
+        assert_eq!(r.reason, RebaseReason::Forked);
+        assert_eq!(r.after, Seq(7));
+        assert_eq!(r.hash, hash());
+        assert_eq!(r.compare, vec![0, 1]);
+        assert!(r.initial_sync.is_empty());
+        // Not known (the spool no longer holds it): the replica's nacks are the only judge.
+        v.durable_hash = None;
+        assert!(matches!(
+            decide(&v, &w, Some("gen-a")).expect("decide"),
+            CatchUp::Resume { .. }
+        ));
     }
 
     #[test]

@@ -413,17 +413,35 @@ impl Group {
         })
     }
 
-    /// Continues the log after the replica's `seq` (header hash `hash`), forgetting the spool:
-    /// for when the spool cannot bring the replica up to date. Every volume then needs a
-    /// hash-compare resync (the caller starts it).
     pub fn state_dir(&self) -> &std::path::Path {
         &self.options.state_dir
     }
 
+    /// Continues the log after the replica's `seq` (header hash `hash`), forgetting the spool:
+    /// for when the spool cannot bring the replica up to date. The caller queues the resyncs
+    /// (hash compares, initial syncs). The records of the open batch, dropped here, become
+    /// dirty: a rebase that compares nothing (the replica past the head on the agent's own
+    /// chain) would otherwise never send them, and their epochs have not ended, so the
+    /// activity log covers them until the dirty map is saved.
     pub fn rebase(&self, seq: Seq, hash: batch::Hash) -> Result<(), crate::spool::SpoolError> {
         let mut inner = self.lock();
         self.spool.reset_blocking(seq, hash)?;
-        inner.batcher.rebase(seq, hash);
+        let dropped = inner.batcher.rebase(seq, hash);
+        for (volume, offset, length) in dropped {
+            let Some(vol) = self.volumes.get(volume as usize) else {
+                continue;
+            };
+            if offset >= vol.size {
+                continue;
+            }
+            let v = &mut inner.vols[volume as usize];
+            v.note_dirty_cause(Cause::ResyncingAfterCrash);
+            let last = (offset + u64::from(length).max(1) - 1).min(vol.size - 1);
+            for c in offset / CHUNK_BYTES..=last / CHUNK_BYTES {
+                v.dirty.set(c);
+            }
+            v.dirty_changed = true;
+        }
         // Counted before the new ack is seen (a `bookmark --wait` that sees the ack sees the
         // rebase too) and under the group's lock (a cut samples the count with its seq).
         self.rebased.send_modify(|n| *n += 1);
@@ -471,6 +489,39 @@ mod tests {
             .expect("durable after the rebase")
             .expect("durable");
         assert_eq!(durable, Durable::Reached);
+    }
+
+    /// A rebase drops the open batch; its records become dirty, so that a rebase that
+    /// compares nothing still sends them.
+    #[tokio::test]
+    async fn the_records_a_rebase_drops_become_dirty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let g = test_group(dir.path(), 8 * CHUNK_BYTES);
+        let mut rec = Vec::new();
+        batch::encode_marker(
+            0,
+            RecordKind::Zero,
+            3 * CHUNK_BYTES + 4096,
+            4096,
+            0,
+            &mut rec,
+        );
+        batch::encode_marker(0, RecordKind::Zero, 5 * CHUNK_BYTES, 1024, 0, &mut rec);
+        {
+            let mut inner = g.lock();
+            let sealed = inner
+                .batcher
+                .push(&rec, 2, false, false, Instant::now(), now_ns());
+            assert!(sealed.is_empty(), "the records stay open");
+            assert_eq!(inner.vols[0].dirty.recount(), 0);
+        }
+        g.rebase(Seq(0), [0; 32]).expect("rebase");
+        let mut inner = g.lock();
+        let v = &mut inner.vols[0];
+        assert_eq!(v.dirty.recount(), 2);
+        assert_eq!(v.dirty.next_set(0), Some(3));
+        assert_eq!(v.dirty.next_set(4), Some(5));
+        assert!(v.dirty_changed);
     }
 
     /// An initial sync running when the group rebases is void (its records went with the old

@@ -111,6 +111,8 @@ struct State {
     /// `held_bytes` is what was found at the open plus the first less the second).
     totals: SpoolTotals,
     acked: Seq,
+    /// The header hash of batch `acked` (zeros for seq 0).
+    acked_hash: Hash,
     /// The newest acknowledged batch and its header hash, once acknowledged batches have been
     /// forgotten: the writer saves it in `trimmed` before it deletes their segments.
     trim_to: Option<(Seq, Hash)>,
@@ -449,6 +451,7 @@ fn segment_ids(dir: &Path) -> Result<Vec<u64>, SpoolError> {
 struct Scan {
     /// The newest trimmed batch: batches up to it are not held again.
     trimmed_seq: Seq,
+    trimmed_hash: Hash,
     entries: BTreeMap<Seq, Entry>,
     /// Each segment's good length.
     segments: BTreeMap<u64, u64>,
@@ -463,6 +466,7 @@ impl Scan {
     fn new(trimmed_seq: Seq, trimmed_hash: Hash) -> Scan {
         Scan {
             trimmed_seq,
+            trimmed_hash,
             entries: BTreeMap::new(),
             segments: BTreeMap::new(),
             truncated_bytes: 0,
@@ -644,6 +648,7 @@ impl Spool {
     fn start(dir: &Path, scan: Scan) -> Result<(Spool, Recovered), SpoolError> {
         let Scan {
             trimmed_seq,
+            trimmed_hash,
             entries,
             segments,
             truncated_bytes,
@@ -665,6 +670,7 @@ impl Spool {
                 held_bytes,
                 totals: SpoolTotals::default(),
                 acked: trimmed_seq,
+                acked_hash: trimmed_hash,
                 trim_to: None,
                 failed: None,
             }),
@@ -774,6 +780,7 @@ impl Spool {
             st.held_bytes -= freed_held;
             st.totals.acked_bytes += freed_held;
             st.acked = acked_seq;
+            st.acked_hash = acked_hash;
             st.trim_to = Some((acked_seq, acked_hash));
             acked_seq
         };
@@ -864,6 +871,16 @@ impl Spool {
         }
     }
 
+    /// The header hash of batch `seq`, if the spool knows it: a batch it holds, or the
+    /// newest acknowledged one.
+    pub fn hash_of(&self, seq: Seq) -> Option<Hash> {
+        let st = self.lock();
+        match st.entries.get(&seq) {
+            Some(e) => Some(e.hash),
+            None => (seq == st.acked).then_some(st.acked_hash),
+        }
+    }
+
     /// The oldest seq still held, if any.
     pub fn first_held(&self) -> Option<Seq> {
         self.lock().entries.keys().next().copied()
@@ -886,6 +903,35 @@ mod tests {
         encode_marker(0, RecordKind::Zero, 0, 512, 0, &mut rec);
         b.push(&rec, 1, false, false, Instant::now(), 0);
         b.seal(BatchFlags::FLUSH, None, false, 0).expect("sealed")
+    }
+
+    /// The catch-up asks the spool for its batch at the replica's seq: held batches and the
+    /// newest acknowledged one are known (also after a reopen and a reset), older ones not.
+    #[tokio::test]
+    async fn the_hash_of_a_held_or_the_newest_acknowledged_batch_is_known() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut b = Batcher::new("g", BatcherConfig::default(), Seq(0), [0; 32]);
+        let (spool, _) = Spool::open(dir.path()).expect("open");
+        assert_eq!(spool.hash_of(Seq(0)), Some([0; 32]));
+        let mut hashes = Vec::new();
+        for _ in 0..4 {
+            let s = make(&mut b);
+            hashes.push(s.header_hash);
+            spool.append(s);
+        }
+        assert_eq!(spool.hash_of(Seq(3)), Some(hashes[2]));
+        assert_eq!(spool.hash_of(Seq(5)), None);
+        spool.ack(Seq(2));
+        assert_eq!(spool.hash_of(Seq(2)), Some(hashes[1]));
+        assert_eq!(spool.hash_of(Seq(1)), None);
+        spool.wait_durable(Seq(4)).await.expect("durable");
+        drop(spool);
+        let (spool, _) = Spool::open(dir.path()).expect("reopen");
+        assert_eq!(spool.hash_of(Seq(2)), Some(hashes[1]));
+        assert_eq!(spool.hash_of(Seq(4)), Some(hashes[3]));
+        spool.reset_blocking(Seq(9), [7; 32]).expect("reset");
+        assert_eq!(spool.hash_of(Seq(9)), Some([7; 32]));
+        assert_eq!(spool.hash_of(Seq(4)), None);
     }
 
     #[tokio::test]

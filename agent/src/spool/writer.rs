@@ -217,6 +217,7 @@ impl Writer {
         st.cached_bytes = 0;
         st.held_bytes = 0;
         st.acked = seq;
+        st.acked_hash = *hash;
         st.trim_to = None;
         drop(st);
         self.synced = true;
