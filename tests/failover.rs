@@ -317,6 +317,33 @@ fn a_group_fails_over_whole_while_the_agents_other_group_replicates() {
     let text = run_ok(&mut c.agent_cmd(&["status"]));
     assert!(text.contains("replica refuses group ga: "), "{text}");
 
+    // A bookmark of every group takes gb's (durable: --wait returns) and names ga skipped;
+    // one of ga alone is refused: its history is written on the replica now.
+    let out = run(&mut c.agent_cmd(&["bookmark", "during-failover", "--wait"]));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("bookmark during-failover: group gb seq ")
+            && stdout.contains("durable on the replica")
+            && !stdout.contains("group ga"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("group ga skipped: group ga is failed over on the replica"),
+        "{stderr}"
+    );
+    let out = run(&mut c.agent_cmd(&["bookmark", "ga-only", "--group", "ga", "--wait"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr
+                .contains("bookmark ga-only not taken: group ga is failed over on the replica"),
+        "{stderr}"
+    );
+
     // Group gb replicates throughout; ga is served read-only by the agent (the replica is its
     // primary), gb read-write.
     let head_a = c.replica_head("a1");

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
+use cdp_shared::cause::Primary;
 use cdp_shared::types::check_name;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -62,6 +63,9 @@ pub enum Reply {
     Bookmarked {
         points: Vec<BookmarkPoint>,
         durable: bool,
+        /// Groups not bookmarked (the replica is their primary: they are failed over there).
+        #[serde(default)]
+        skipped: Vec<SkippedGroup>,
     },
     Resynced {
         volumes: Vec<ResyncResult>,
@@ -80,6 +84,13 @@ pub struct BookmarkPoint {
     /// False when the group was syncing or resyncing: the point is recorded but is not a
     /// consistent recovery point.
     pub consistent: bool,
+}
+
+/// A group a bookmark of every group left out, and why.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SkippedGroup {
+    pub group: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -224,6 +235,25 @@ async fn bookmark(
             ),
         };
     }
+    // A group failed over on the replica writes its history there: a bookmark cut here
+    // would sit in the spool, on a chain the replica does not follow while it is primary
+    // (and that a commit of the failover discards).
+    let (groups, failed_over): (Vec<_>, Vec<_>) = groups
+        .into_iter()
+        .partition(|g| g.primary() == Primary::Agent);
+    let skipped: Vec<SkippedGroup> = failed_over
+        .iter()
+        .map(|g| SkippedGroup {
+            group: g.name.clone(),
+            reason: failed_over_reason(&g.name),
+        })
+        .collect();
+    if groups.is_empty() {
+        let reasons: Vec<_> = skipped.iter().map(|s| s.reason.as_str()).collect();
+        return Reply::Error {
+            message: format!("bookmark {name} not taken: {}", reasons.join("; ")),
+        };
+    }
     let mut points = Vec::new();
     for g in &groups {
         match g.bookmark(name).await {
@@ -238,12 +268,18 @@ async fn bookmark(
     if wait {
         for (g, seq, _, rebases) in &points {
             let mut acked = g.acked.subscribe();
+            let mut wake = g.wake.subscribe();
             // A rebase ends the wait too: the bookmark's batch may be gone, and the new
-            // chain may never reach its seq.
+            // chain may never reach its seq. So does a failover of the group on the replica
+            // (it acknowledges nothing of the group meanwhile).
             let done = async {
-                while *acked.borrow_and_update() < *seq && g.rebases() == *rebases {
-                    if acked.changed().await.is_err() {
-                        return false;
+                while *acked.borrow_and_update() < *seq
+                    && g.rebases() == *rebases
+                    && g.primary() == Primary::Agent
+                {
+                    tokio::select! {
+                        r = acked.changed() => if r.is_err() { return false },
+                        r = wake.changed() => if r.is_err() { return false },
                     }
                 }
                 true
@@ -253,6 +289,15 @@ async fn bookmark(
                 return Reply::Error {
                     message: format!(
                         "the agent stopped before the replica made bookmark {name} durable"
+                    ),
+                };
+            }
+            if *acked.borrow() < *seq && g.primary() == Primary::Replica {
+                return Reply::Error {
+                    message: format!(
+                        "bookmark {name} of group {} is not durable on the replica: {}; it stays in the agent's spool, and reaches the replica only if the failover is undone",
+                        g.name,
+                        failed_over_reason(&g.name)
                     ),
                 };
             }
@@ -278,7 +323,14 @@ async fn bookmark(
             })
             .collect(),
         durable: wait,
+        skipped,
     }
+}
+
+fn failed_over_reason(group: &str) -> String {
+    format!(
+        "group {group} is failed over on the replica (the replica is its primary, and its history is written there)"
+    )
 }
 
 async fn resync(ctx: &ControlContext, volume: Option<&str>, shutdown: &CancellationToken) -> Reply {

@@ -361,7 +361,14 @@ async fn bookmark(data: &Path, name: &str, group: Option<String>, wait: bool) ->
     .await?
     .ok_or_else(|| not_running(data))?;
     match reply {
-        Reply::Bookmarked { points, durable } => {
+        Reply::Bookmarked {
+            points,
+            durable,
+            skipped,
+        } => {
+            for s in &skipped {
+                eprintln!("bookmark {name}: group {} skipped: {}", s.group, s.reason);
+            }
             for p in points {
                 let how = if durable {
                     "durable on the replica"

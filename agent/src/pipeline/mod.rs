@@ -511,6 +511,8 @@ impl Group {
             } else {
                 tracing::info!(group = %self.name, "this agent is primary for group {} again: its volumes are served read-write", self.name);
             }
+            // Whoever waits for the group's acks (a `bookmark --wait`) looks again.
+            self.bump();
         }
     }
 
