@@ -121,3 +121,43 @@ fn agent_and_replica_restarts_lose_nothing() {
         || c.agent_status()["volumes"][0]["spool_batches"].as_u64() == Some(0),
     );
 }
+
+/// A new volume's initial sync taken while the replica is away goes to the spool and is
+/// delivered from it when the replica comes: not taken for an image the replica lost and
+/// synced again (the replica lists the volume `new` until the sync's batches arrive).
+#[test]
+fn an_initial_sync_taken_while_the_replica_is_away_is_delivered_from_the_spool() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let mut c = Cluster::new();
+    let dev = c.make_device("v.img", 8 * MIB, 4 * MIB, 12);
+    c.protect("v", &dev, None);
+    c.start_agent();
+    let agent_log = |c: &Cluster| c.agent.as_ref().expect("agent").log_text();
+    wait_until(
+        "the initial sync to end in the spool",
+        Duration::from_secs(60),
+        || agent_log(&c).contains("initial sync complete"),
+    );
+    qemu_write(&c, &["write -P 0x5a 1M 64k", "flush"]);
+    c.start_replica();
+    c.wait_in_step("v", Duration::from_secs(120));
+    let log = agent_log(&c);
+    assert_eq!(
+        log.matches("initial sync started").count(),
+        1,
+        "the sync ran once: {}",
+        tail(&log, 30)
+    );
+    assert!(
+        !log.contains("synced again from the start") && !log.contains("the agent continues after"),
+        "the agent resumed from its spool: {}",
+        tail(&log, 30)
+    );
+    assert_same_image(
+        "latest after the spooled sync",
+        &c.restore("v", "latest").expect("restore"),
+        &read_file(&dev),
+    );
+}

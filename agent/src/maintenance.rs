@@ -86,6 +86,9 @@ impl Maintenance {
                 .map_err(|e| format!("initial sync of volume {name} failed: {e}"))?;
             if !done_unless_rebased(g, done.rebases, |p| {
                 p.initial_sync.remove(&v);
+                g.volumes[v as usize]
+                    .synced_at
+                    .store(done.result.0, Ordering::Relaxed);
             }) {
                 return Err(format!(
                     "the initial sync of volume {name} starts again: the log was rebased as it ended"

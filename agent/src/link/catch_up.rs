@@ -39,6 +39,10 @@ pub(super) struct VolumeView {
     pub(super) syncing: bool,
     /// An initial sync of it is queued (or running: the queue keeps it until it ends).
     pub(super) initial_sync_queued: bool,
+    /// Its initial sync ended in this run, in a batch after the welcome's durable seq: the
+    /// spool holds it whole (a replica that lists the volume `new` has not received it yet,
+    /// e.g. it was away while the sync ran), and resuming delivers it.
+    pub(super) sync_in_spool: bool,
 }
 
 /// How a group catches up with the replica, as [`decide`] finds it.
@@ -179,7 +183,12 @@ pub(super) fn decide(
     let lost: Vec<VolumeId> = view
         .volumes
         .iter()
-        .filter(|v| on_replica(w, v.id) == OnReplica::New && !v.initial_sync_queued && !v.syncing)
+        .filter(|v| {
+            on_replica(w, v.id) == OnReplica::New
+                && !v.initial_sync_queued
+                && !v.syncing
+                && !v.sync_in_spool
+        })
         .map(|v| v.id)
         .collect();
     let reason = if let Some(known) = replaced {
@@ -251,6 +260,7 @@ fn view_of(g: &Group, durable: Seq) -> GroupView {
                 id: v.id,
                 syncing: v.syncing.load(std::sync::atomic::Ordering::Relaxed),
                 initial_sync_queued: queued.contains(&v.id),
+                sync_in_spool: v.synced_at.load(std::sync::atomic::Ordering::Relaxed) > durable.0,
             })
             .collect(),
     }
@@ -356,6 +366,7 @@ mod tests {
                     id,
                     syncing: false,
                     initial_sync_queued: false,
+                    sync_in_spool: false,
                 })
                 .collect(),
         }
@@ -586,6 +597,27 @@ mod tests {
                 record_generation: false,
             }
         );
+    }
+
+    /// The fault behind a hung CI run: the agent ran initial syncs while its link was still
+    /// coming up, so the replica (at seq 0) listed the volumes `new`; the catch-up took the
+    /// finished one for lost, rebased, and synced it again. Its sync is in the spool after
+    /// the replica's seq: resuming delivers it.
+    #[test]
+    fn a_new_volume_whose_initial_sync_ended_in_the_spool_after_durable_resumes() {
+        let w = welcome(0, "gen-a", &["new", "new"]);
+        let mut v = view(4, 1, 2);
+        v.volumes[0].sync_in_spool = true;
+        v.volumes[1].initial_sync_queued = true;
+        match decide(&v, &w, None).expect("decide") {
+            CatchUp::Resume { durable, .. } => assert_eq!(durable, Seq(0)),
+            other => panic!("expected a resume, got {other:?}"),
+        }
+        // Without it, the finished volume is lost.
+        v.volumes[0].sync_in_spool = false;
+        let r = rebase_of(decide(&v, &w, None).expect("decide"));
+        assert_eq!(r.reason, RebaseReason::ImagesLost(vec![0]));
+        assert_eq!(r.initial_sync, vec![0, 1]);
     }
 
     #[test]

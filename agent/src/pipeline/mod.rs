@@ -82,6 +82,10 @@ pub struct Volume {
     pub resync_bytes_sent: AtomicU64,
     /// Bytes the NBD clients wrote (writes, not zero-writes or trims) since the start.
     pub written_bytes: AtomicU64,
+    /// The seq of the batch that ended this volume's initial sync in this run; 0 when none
+    /// did, or a rebase came after it (its seqs then name another chain). Set and cleared
+    /// under the maintenance queue's lock.
+    pub synced_at: AtomicU64,
 }
 
 impl Volume {
@@ -97,6 +101,7 @@ impl Volume {
             sync_started_ns: AtomicI64::new(0),
             resync_bytes_sent: AtomicU64::new(0),
             written_bytes: AtomicU64::new(0),
+            synced_at: AtomicU64::new(0),
         }
     }
 

@@ -427,6 +427,9 @@ impl Group {
         let mut inner = self.lock();
         self.spool.reset_blocking(seq, hash)?;
         let dropped = inner.batcher.rebase(seq, hash);
+        for vol in &self.volumes {
+            vol.synced_at.store(0, Ordering::Relaxed);
+        }
         for (volume, offset, length) in dropped {
             let Some(vol) = self.volumes.get(volume as usize) else {
                 continue;
