@@ -239,6 +239,47 @@ fn ops_with_one_flush(w: &mut Writer, model: &mut [u8], ops: u64, flush_at: u64,
     }
 }
 
+/// Waits until every batch of volume `v` is acknowledged and the last ones were never written
+/// to the spool: the writer lags behind the sender and skips what the replica acknowledged
+/// first. A flush (or a FUA write) has the spool write everything queued, and an ack slower
+/// than the writer's lag lets it write too: plain writes (kept in `model`) follow until the
+/// state is reached. Returns the volume's status then.
+fn wait_unspooled_acks(
+    c: &Cluster,
+    w: &mut Writer,
+    model: &mut [u8],
+    rng: &mut Lcg,
+    what: &str,
+) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let mut block = vec![0u8; 4096];
+    let mut tries = 0;
+    wait_until(
+        &format!("{what}: the replica to acknowledge batches the spool never wrote"),
+        Duration::from_secs(120),
+        || {
+            last = c.volume_status("v");
+            let acked = last["acked_seq"].as_u64().unwrap_or(0);
+            if last["last_seq"].as_u64() == Some(acked)
+                && last["spool_written_seq"]
+                    .as_u64()
+                    .is_some_and(|s| s < acked)
+            {
+                return true;
+            }
+            tries += 1;
+            if tries % 10 == 1 {
+                rng.fill(&mut block);
+                let at = rng.below(16 * MIB / 4096) * 4096;
+                w.nbd.write(at, &block, false).expect("plain write");
+                model[at as usize..at as usize + 4096].copy_from_slice(&block);
+            }
+            false
+        },
+    );
+    last
+}
+
 /// Kills the agent with SIGKILL, checks that the device holds every replied write, starts it
 /// again and checks that, once in step, `latest` on the replica is the device.
 fn kill_and_restart(
@@ -309,36 +350,7 @@ fn agent_killed_with_acknowledged_batches_never_spooled_loses_nothing() {
         );
         let ops = 10 + rng.below(60);
         ops_with_one_flush(&mut w, &mut model, ops, rng.below(ops), k);
-        // Every batch acknowledged, and the last ones never written to the spool: the writer
-        // lags behind the sender and skips what the replica acknowledged first. A flush (or
-        // a FUA write) has the spool write everything queued, and an ack slower than the
-        // writer's lag lets it write too: plain writes follow until the state is reached.
-        let mut last = serde_json::Value::Null;
-        let mut block = vec![0u8; 4096];
-        let mut tries = 0;
-        wait_until(
-            &format!("round {k}: the replica to acknowledge batches the spool never wrote"),
-            Duration::from_secs(120),
-            || {
-                last = c.volume_status("v");
-                let acked = last["acked_seq"].as_u64().unwrap_or(0);
-                if last["last_seq"].as_u64() == Some(acked)
-                    && last["spool_written_seq"]
-                        .as_u64()
-                        .is_some_and(|s| s < acked)
-                {
-                    return true;
-                }
-                tries += 1;
-                if tries % 10 == 1 {
-                    rng.fill(&mut block);
-                    let at = rng.below(16 * MIB / 4096) * 4096;
-                    w.nbd.write(at, &block, false).expect("plain write");
-                    model[at as usize..at as usize + 4096].copy_from_slice(&block);
-                }
-                false
-            },
-        );
+        let last = wait_unspooled_acks(&c, &mut w, &mut model, &mut rng, &format!("round {k}"));
         kill_and_restart(
             &mut c,
             &dev,
@@ -382,32 +394,8 @@ fn agent_restarted_while_the_replica_is_down_after_unspooled_acks_loses_nothing(
     let mut rng = Lcg(seed ^ 0xf0_4c);
     let mut w = Writer::new(&c.nbd_uri("v"), 16 * MIB, seed.wrapping_add(77));
     ops_with_one_flush(&mut w, &mut model, 40, 10, 0);
+    let last = wait_unspooled_acks(&c, &mut w, &mut model, &mut rng, "before the kill");
     let mut block = vec![0u8; 4096];
-    let mut tries = 0;
-    let mut last = serde_json::Value::Null;
-    wait_until(
-        "the replica to acknowledge batches the spool never wrote",
-        Duration::from_secs(120),
-        || {
-            last = c.volume_status("v");
-            let acked = last["acked_seq"].as_u64().unwrap_or(0);
-            if last["last_seq"].as_u64() == Some(acked)
-                && last["spool_written_seq"]
-                    .as_u64()
-                    .is_some_and(|s| s < acked)
-            {
-                return true;
-            }
-            tries += 1;
-            if tries % 10 == 1 {
-                rng.fill(&mut block);
-                let at = rng.below(16 * MIB / 4096) * 4096;
-                w.nbd.write(at, &block, false).expect("plain write");
-                model[at as usize..at as usize + 4096].copy_from_slice(&block);
-            }
-            false
-        },
-    );
     let acked = last["acked_seq"].as_u64().expect("acked");
     let written = last["spool_written_seq"].as_u64().expect("written");
     c.agent.as_mut().expect("agent").kill9();

@@ -154,6 +154,20 @@ struct VolState {
 }
 
 impl VolState {
+    /// Marks dirty the chunks of `length` bytes at `offset` (a zero length names its chunk),
+    /// within a volume of `size` bytes; nothing past its end. Returns whether any bit was new.
+    fn mark_extent(&mut self, size: u64, offset: u64, length: u32) -> bool {
+        if offset >= size {
+            return false;
+        }
+        let last = (offset + u64::from(length).max(1) - 1).min(size - 1);
+        let mut new = false;
+        for c in offset / CHUNK_BYTES..=last / CHUNK_BYTES {
+            new |= self.dirty.set(c);
+        }
+        new
+    }
+
     /// Chunks are about to be marked dirty for `cause`: it becomes the map's cause if the
     /// map is empty (a map keeps the first cause until its resync empties it).
     fn note_dirty_cause(&mut self, cause: Cause) {

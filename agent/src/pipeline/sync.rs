@@ -63,11 +63,8 @@ impl Group {
                 v.dirty.set_all();
             } else {
                 for (volume, offset, length) in &lost.extents {
-                    if *volume as usize == i && *offset < vol.size {
-                        let last = (offset + u64::from(*length).max(1) - 1).min(vol.size - 1);
-                        for c in offset / CHUNK_BYTES..=last / CHUNK_BYTES {
-                            v.dirty.set(c);
-                        }
+                    if *volume as usize == i {
+                        v.mark_extent(vol.size, *offset, *length);
                     }
                 }
             }
@@ -325,7 +322,7 @@ impl Group {
         } = self.cut_point();
         if self.make_durable(seq, rebases, &[]).await? == Durable::Rebased {
             // The resync's records may be gone with the old chain: the rebase queued the
-            // resyncs that send them again.
+            // compares that send them again, or marked its dropped open records dirty.
             return Ok(sent);
         }
         if consistent {
@@ -431,19 +428,16 @@ impl Group {
             vol.synced_at.store(0, Ordering::Relaxed);
         }
         for (volume, offset, length) in dropped {
-            let Some(vol) = self.volumes.get(volume as usize) else {
+            let (Some(vol), Some(v)) = (
+                self.volumes.get(volume as usize),
+                inner.vols.get_mut(volume as usize),
+            ) else {
                 continue;
             };
-            if offset >= vol.size {
-                continue;
-            }
-            let v = &mut inner.vols[volume as usize];
             v.note_dirty_cause(Cause::ResyncingAfterCrash);
-            let last = (offset + u64::from(length).max(1) - 1).min(vol.size - 1);
-            for c in offset / CHUNK_BYTES..=last / CHUNK_BYTES {
-                v.dirty.set(c);
+            if v.mark_extent(vol.size, offset, length) {
+                v.dirty_changed = true;
             }
-            v.dirty_changed = true;
         }
         // Counted before the new ack is seen (a `bookmark --wait` that sees the ack sees the
         // rebase too) and under the group's lock (a cut samples the count with its seq).
@@ -462,6 +456,14 @@ mod tests {
 
     const DEADLINE: Duration = Duration::from_secs(20);
 
+    /// How the wait for `cut` to be durable ends, within [`DEADLINE`].
+    async fn durable_within(g: &Group, cut: &Cut, what: &str) -> Durable {
+        tokio::time::timeout(DEADLINE, g.spool_durable(cut.seq, cut.rebases))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the wait did not end"))
+            .expect("no error")
+    }
+
     /// The fault CI found: a wait for a seq sealed before a rebase (the spool's durable seq
     /// falls back to the replica's) waited for the new chain to reach that seq, which an idle
     /// group never does; the maintenance task hung in an initial sync's last wait.
@@ -470,28 +472,25 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let g = test_group(dir.path(), 1 << 20);
         let before = g.cut_point();
-        let durable = tokio::time::timeout(DEADLINE, g.spool_durable(before.seq, before.rebases))
-            .await
-            .expect("durable before the rebase")
-            .expect("durable");
-        assert_eq!(durable, Durable::Reached);
+        assert_eq!(
+            durable_within(&g, &before, "before the rebase").await,
+            Durable::Reached
+        );
         let sealed = g.cut_point();
         g.cut_point();
         assert!(sealed.seq > Seq(0));
         g.rebase(Seq(0), [0; 32]).expect("rebase");
-        let waited = tokio::time::timeout(DEADLINE, g.spool_durable(sealed.seq, sealed.rebases))
-            .await
-            .expect("the wait must end at the rebase")
-            .expect("no error");
-        assert_eq!(waited, Durable::Rebased);
+        assert_eq!(
+            durable_within(&g, &sealed, "across the rebase").await,
+            Durable::Rebased
+        );
         // A cut of the new chain waits for the new chain.
         let after = g.cut_point();
         assert_eq!(after.seq, Seq(1));
-        let durable = tokio::time::timeout(DEADLINE, g.spool_durable(after.seq, after.rebases))
-            .await
-            .expect("durable after the rebase")
-            .expect("durable");
-        assert_eq!(durable, Durable::Reached);
+        assert_eq!(
+            durable_within(&g, &after, "after the rebase").await,
+            Durable::Reached
+        );
     }
 
     /// A rebase drops the open batch; its records become dirty, so that a rebase that
